@@ -1,0 +1,61 @@
+# hostagent: build, run and test. Every target installs what it needs first;
+# the install steps are idempotent (a second run only checks, in well under 1 s).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+STATE_DIR ?= var
+PORT ?= 54321
+
+# Debian packages: what the agent drives at run time, and what the test tiers
+# add (a target daemon, an NFS server and the User-Mode Linux lab guest).
+RUN_DEBS := lvm2 qemu-utils xfsprogs e2fsprogs util-linux nfs-common open-iscsi \
+	multipath-tools sanlock
+TEST_DEBS := $(RUN_DEBS) tgt python3-sanlock nfs-kernel-server libiscsi-bin \
+	user-mode-linux busybox-static gcc libc6-dev fuse3 libfuse3-dev
+
+.PHONY: all venv deps-run deps-test run test test-unit test-host test-lab lint bench clean
+
+all: venv
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 \
+		| grep -v 'is ignored: it is neither' || true
+	@$(BIN)/python -c 'import agent, rpc, aiohttp, jsonrpcserver, pytest_asyncio'
+	@touch $@
+
+venv: $(STAMP)
+
+deps-run:
+	@bash tests/install-debs.sh $(RUN_DEBS)
+
+deps-test:
+	@bash tests/install-debs.sh $(TEST_DEBS)
+	@bash tests/lab/vm/install.sh
+
+run: venv deps-run
+	$(BIN)/hostagentd --dev --state-dir $(STATE_DIR) --port $(PORT)
+
+test: venv deps-test
+	@bash tests/run-tiers.sh unit host lab
+
+test-unit: venv
+	@bash tests/run-tiers.sh unit
+
+test-host: venv deps-test
+	@bash tests/run-tiers.sh host
+
+test-lab: venv deps-test
+	@bash tests/run-tiers.sh lab
+
+lint: venv
+	$(BIN)/ruff check agent rpc storage ovfstore tests
+	$(BIN)/mypy
+
+bench: venv deps-test
+	$(BIN)/python -m tests.bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,211 @@
+"""Typed configuration: defaults, a TOML file, conf.d/*.toml drop-ins.
+
+Loaded once in main() and passed down; nothing reads configuration at import
+time. Unknown sections or keys and wrong types are errors naming the key, so
+a typo in /etc/hostagent/hostagent.toml stops the agent instead of being
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_FILE = Path("/etc/hostagent/hostagent.toml")
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass
+class ServerConfig:
+    host: str = "0.0.0.0"  # noqa: S104 - the engine reaches the agent over the network
+    port: int = 54321
+    # Plain HTTP is allowed only when this is false and host is a loopback address.
+    tls: bool = True
+    ca_file: str = "/etc/pki/hostagent/ca.pem"
+    cert_file: str = "/etc/pki/hostagent/server.pem"
+    key_file: str = "/etc/pki/hostagent/server.key"
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_ws_clients: int = 2000
+    # Outgoing notifications queued per WebSocket client before it is dropped
+    # as too slow.
+    ws_queue_size: int = 1000
+    shutdown_timeout: float = 5.0
+
+
+@dataclass
+class JobsConfig:
+    max_running: int = 10
+    # Ended jobs are forgotten this long after they end (clearJob forgets at once).
+    keep_ended_seconds: float = 3600.0
+    # On SIGTERM running jobs get this long to finish before they are cancelled.
+    shutdown_grace_seconds: float = 10.0
+    # Progress notifications per job are sent at most this often.
+    progress_interval: float = 1.0
+
+
+@dataclass
+class StorageConfig:
+    state_dir: str = "/var/lib/hostagent"
+    # Mount points and links of storage connections live under this directory.
+    storage_root: str = "/var/lib/hostagent/storage"
+    command_timeout: float = 120.0
+
+
+@dataclass
+class LoggingConfig:
+    level: str = "INFO"
+    # Extra per-logger levels, e.g. {"storage.commands" = "DEBUG"}.
+    levels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class DebugConfig:
+    # Verbs that exist only to test the agent itself (a stepped job, a verb
+    # that raises). Never enable in production.
+    test_verbs: bool = False
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    dev: bool = False
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.storage.state_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The effective configuration, as a TOML document."""
+        lines: list[str] = []
+        data = self.to_dict()
+        for key, value in data.items():
+            if not isinstance(value, dict):
+                lines.append(f"{key} = {_toml_value(value)}")
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                continue
+            lines.append(f"\n[{section}]")
+            for key, value in values.items():
+                lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    def validate(self) -> None:
+        s = self.server
+        if not 0 < s.port < 65536:
+            raise ConfigError(f"server.port: {s.port} is not a port number")
+        if not s.tls and not is_loopback(s.host):
+            raise ConfigError(
+                f"server.tls is false but server.host {s.host!r} is not a loopback "
+                "address: plain HTTP is allowed only on loopback")
+        if s.max_body_bytes < 1024:
+            raise ConfigError("server.max_body_bytes: must be at least 1024")
+        if self.jobs.max_running < 1:
+            raise ConfigError("jobs.max_running: must be at least 1")
+        if self.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"logging.level: unknown level {self.logging.level!r}")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}"
+                               for k, v in value.items()) + "}"
+    return json.dumps(str(value))
+
+
+def _apply(obj: Any, data: dict[str, Any], where: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        name = f"{where}{key}"
+        if key not in fields:
+            raise ConfigError(f"{name}: unknown setting")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}: expected a table")
+            _apply(current, value, f"{name}.")
+            continue
+        expected = type(current)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if expected is dict:
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                raise ConfigError(f"{name}: expected a table of strings")
+        elif type(value) is not expected:
+            raise ConfigError(f"{name}: expected {expected.__name__}, got {type(value).__name__}")
+        setattr(obj, key, value)
+
+
+def config_files(path: Path) -> list[Path]:
+    """The main file (if it exists) and its conf.d/*.toml drop-ins, sorted."""
+    files = [path] if path.exists() else []
+    dropins = path.parent / "conf.d"
+    if dropins.is_dir():
+        files.extend(sorted(dropins.glob("*.toml")))
+    return files
+
+
+def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the file, then each drop-in, then `overrides`."""
+    config = Config()
+    for f in config_files(path or DEFAULT_CONFIG_FILE):
+        try:
+            data = tomllib.loads(f.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{f}: {e}") from e
+        try:
+            _apply(config, data, "")
+        except ConfigError as e:
+            raise ConfigError(f"{f}: {e}") from e
+    if overrides:
+        _apply(config, overrides, "")
+    config.validate()
+    return config
+
+
+def dev_overrides(state_dir: Path, port: int) -> dict[str, Any]:
+    """Dev mode: loopback listener with mTLS, everything under state_dir."""
+    state = state_dir.resolve()
+    pki = state / "pki"
+    return {
+        "dev": True,
+        "server": {
+            "host": "127.0.0.1",
+            "port": port,
+            "tls": True,
+            "ca_file": str(pki / "ca.pem"),
+            "cert_file": str(pki / "server.pem"),
+            "key_file": str(pki / "server.key"),
+        },
+        "storage": {
+            "state_dir": str(state),
+            "storage_root": str(state / "storage"),
+        },
+    }

@@ -1,0 +1,141 @@
+"""hostagentd: the agent process.
+
+    hostagentd [--config FILE] [--show-config]
+    hostagentd --dev --state-dir DIR [--port N]
+
+Start-up: configuration, logging, (dev) PKI, the agent's services, the
+listener; READY=1 once it is bound. SIGTERM/SIGINT: STOPPING=1, stop
+accepting, give running jobs the grace period, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from agent import __version__, logs
+from agent import config as configmod
+from agent.context import Agent
+from agent.pki import ensure_dev_pki
+from agent.sdnotify import Notifier
+
+log = logging.getLogger("agent.daemon")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="hostagentd", description="hostagent storage agent")
+    p.add_argument("--config", type=Path, default=configmod.DEFAULT_CONFIG_FILE,
+                   help="configuration file (conf.d/*.toml beside it are drop-ins)")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the effective configuration and exit")
+    p.add_argument("--dev", action="store_true",
+                   help="dev mode: 127.0.0.1, generated dev CA and certificates, "
+                        "state under --state-dir")
+    p.add_argument("--state-dir", type=Path, help="dev mode: state and storage directory")
+    p.add_argument("--port", type=int, help="listening port (default 54321)")
+    p.add_argument("--enable-test-verbs", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--version", action="version", version=f"hostagentd {__version__}")
+    args = p.parse_args(argv)
+    if args.dev and args.state_dir is None:
+        p.error("--dev needs --state-dir DIR")
+    if args.state_dir is not None and not args.dev:
+        p.error("--state-dir is for --dev; set storage.state_dir in the configuration")
+    return args
+
+
+def load_config(args: argparse.Namespace) -> configmod.Config:
+    overrides: dict[str, Any] = {}
+    if args.dev:
+        overrides = configmod.dev_overrides(args.state_dir, args.port or 54321)
+    elif args.port is not None:
+        overrides = {"server": {"port": args.port}}
+    if args.enable_test_verbs:
+        overrides["debug"] = {"test_verbs": True}
+    # In dev mode the system config file is not read unless named explicitly:
+    # a developer's agent must not pick up a production host's settings.
+    path = args.config
+    if args.dev and path == configmod.DEFAULT_CONFIG_FILE:
+        path = args.state_dir / "hostagent.toml"
+    return configmod.load(path, overrides)
+
+
+async def serve(config: configmod.Config, notifier: Notifier) -> None:
+    # Imported here: the verb table pulls in every storage module.
+    import rpc.verbs  # noqa: F401
+    from rpc.dispatch import Dispatcher
+    from rpc.server import make_app, ssl_context
+    from rpc.table import TABLE
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    agent = Agent.create(config)
+    await agent.start()
+    dispatcher = Dispatcher(agent, TABLE.enabled(config))
+    app = make_app(agent, dispatcher)
+    runner = web.AppRunner(app, access_log=None,
+                           shutdown_timeout=config.server.shutdown_timeout)
+    await runner.setup()
+    server = config.server
+    tls = ssl_context(server) if server.tls else None
+    site = web.TCPSite(runner, server.host, server.port, ssl_context=tls, backlog=1024,
+                       reuse_address=True)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        await agent.stop()
+        raise SystemExit(f"hostagentd: cannot listen on {server.host}:{server.port}: {e}") \
+            from None
+    scheme = "https" if tls else "http"
+    log.info("hostagent %s listening on %s://%s:%d (%d verbs)", __version__, scheme,
+             server.host, server.port, len(dispatcher.verbs))
+    notifier.notify("READY=1", f"STATUS=listening on {server.host}:{server.port}")
+    watchdog = asyncio.create_task(notifier.watchdog(), name="watchdog")
+
+    await stop.wait()
+    log.info("Stopping")
+    notifier.notify("STOPPING=1")
+    # Stop accepting first, then let jobs finish (or cancel them), then close
+    # what remains of the connections.
+    await site.stop()
+    await agent.stop()
+    watchdog.cancel()
+    await runner.cleanup()
+    log.info("Stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args)
+    except configmod.ConfigError as e:
+        print(f"hostagentd: configuration error: {e}", file=sys.stderr)
+        return 2
+    if args.show_config:
+        print(config.to_toml(), end="")
+        return 0
+    logs.setup(config.logging.level, config.logging.levels)
+    if config.dev:
+        pki = config.state_dir / "pki"
+        if ensure_dev_pki(pki):
+            log.info("Created the dev CA and certificates in %s", pki)
+    try:
+        asyncio.run(serve(config, Notifier()))
+    except (FileNotFoundError, PermissionError) as e:
+        log.error("Cannot start: %s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Server notifications: a bus that fans events out to WebSocket clients.
+
+Each subscriber has a bounded queue. A client that does not read fast enough
+is dropped (its queue overflows) rather than letting memory grow: the engine
+reconnects and re-reads state with getJobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+log = logging.getLogger("agent.events")
+
+
+class Subscriber:
+    def __init__(self, maxsize: int) -> None:
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize)
+        self.overflowed = asyncio.Event()
+
+
+class EventBus:
+    def __init__(self, queue_size: int = 1000) -> None:
+        self.queue_size = queue_size
+        self._subscribers: set[Subscriber] = set()
+
+    def subscribe(self) -> Subscriber:
+        sub = Subscriber(self.queue_size)
+        self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self._subscribers.discard(sub)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def publish(self, method: str, params: dict[str, Any]) -> None:
+        """Queue a JSON-RPC notification for every subscriber; never blocks."""
+        message = {"jsonrpc": "2.0", "method": method, "params": params}
+        for sub in list(self._subscribers):
+            try:
+                sub.queue.put_nowait(message)
+            except asyncio.QueueFull:
+                log.warning("Dropping a slow event subscriber (%d events queued)",
+                            sub.queue.qsize())
+                self._subscribers.discard(sub)
+                sub.overflowed.set()

@@ -1,0 +1,336 @@
+"""Jobs: long operations with a client-chosen id, progress, abort, records.
+
+A job runs its work as an asyncio task; abort cancels that task, and the
+cancellation reaches whatever it awaits, child processes included (the
+command runner kills them). Each record is written to the state dir on every
+status change, so after a crash the agent still knows the job: a job that
+was pending or running is then reported `failed` as interrupted, and the
+operation that owns its type gets a recovery hook to clean what it left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent import logs
+from agent.config import JobsConfig
+from agent.events import EventBus
+from agent.metrics import Metrics
+from storage.errors import (
+    GeneralException,
+    HostAgentError,
+    JobAlreadyExists,
+    JobInterrupted,
+    JobNotEnded,
+    OperationAborted,
+    UnknownTask,
+)
+
+log = logging.getLogger("agent.jobs")
+
+PENDING, RUNNING, DONE, FAILED, ABORTED = "pending", "running", "done", "failed", "aborted"
+STATES = (PENDING, RUNNING, DONE, FAILED, ABORTED)
+ENDED = (DONE, FAILED, ABORTED)
+
+
+@dataclass
+class Job:
+    job_uuid: str
+    type: str
+    description: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    status: str = PENDING
+    progress: int = 0
+    error: dict[str, Any] | None = None
+    result: Any = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    ended: float | None = None
+    # Runtime only, never persisted.
+    task: asyncio.Task[None] | None = field(default=None, repr=False, compare=False)
+    abort_requested: bool = field(default=False, repr=False, compare=False)
+    last_sent: float = field(default=0.0, repr=False, compare=False)
+
+    @property
+    def is_ended(self) -> bool:
+        return self.status in ENDED
+
+    def info(self) -> dict[str, Any]:
+        info = {"jobUUID": self.job_uuid, "type": self.type, "status": self.status,
+                "progress": self.progress, "error": self.error,
+                "description": self.description, "started": self.started,
+                "ended": self.ended}
+        if self.result is not None:
+            info["result"] = self.result
+        return info
+
+    def record(self) -> dict[str, Any]:
+        return {**self.info(), "params": self.params, "created": self.created,
+                "result": self.result}
+
+    @classmethod
+    def from_record(cls, r: dict[str, Any]) -> Job:
+        return cls(job_uuid=r["jobUUID"], type=r["type"], description=r.get("description", ""),
+                   params=r.get("params") or {}, status=r["status"],
+                   progress=int(r.get("progress", 0)), error=r.get("error"),
+                   result=r.get("result"), created=r.get("created", time.time()),
+                   started=r.get("started"), ended=r.get("ended"))
+
+
+class JobContext:
+    """What a job's work sees: its record and a progress callback."""
+
+    def __init__(self, registry: JobRegistry, job: Job) -> None:
+        self._registry = registry
+        self.job = job
+
+    @property
+    def job_uuid(self) -> str:
+        return self.job.job_uuid
+
+    def progress(self, percent: float) -> None:
+        self._registry._set_progress(self.job, percent)
+
+
+Work = Callable[[JobContext], Awaitable[Any]]
+RecoveryHook = Callable[[Job], Awaitable[None]]
+
+
+class JobRegistry:
+    def __init__(self, config: JobsConfig, state_dir: Path, events: EventBus,
+                 metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.dir = state_dir / "jobs"
+        self.events = events
+        self.metrics = metrics
+        self._jobs: dict[str, Job] = {}
+        self._slots = asyncio.Semaphore(config.max_running)
+        self._recovery: dict[str, RecoveryHook] = {}
+        self._dirty: dict[str, Job | None] = {}
+        self._dirty_event = asyncio.Event()
+        self._flush_lock = threading.Lock()
+        self._writer: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ---------------------------------------------------------
+
+    def register_recovery(self, job_type: str, hook: RecoveryHook) -> None:
+        """`hook(job)` runs at start-up for each job of this type that the
+        agent found interrupted, to clean what the job left behind."""
+        self._recovery[job_type] = hook
+
+    async def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        interrupted = []
+        for path in sorted(self.dir.glob("*.json")):
+            try:
+                job = Job.from_record(json.loads(path.read_text()))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.error("Ignoring unreadable job record %s: %s", path, e)
+                continue
+            if not job.is_ended:
+                job.status = FAILED
+                job.error = JobInterrupted(jobUUID=job.job_uuid).to_dict()
+                job.ended = time.time()
+                interrupted.append(job)
+            self._jobs[job.job_uuid] = job
+        self._writer = asyncio.create_task(self._write_records(), name="job-records")
+        self._sweeper = asyncio.create_task(self._sweep(), name="job-sweeper")
+        for job in interrupted:
+            log.warning("Job %s (%s) was interrupted by an agent stop", job.job_uuid, job.type)
+            self._save(job)
+            hook = self._recovery.get(job.type)
+            if hook is not None:
+                try:
+                    await hook(job)
+                except Exception:
+                    log.exception("Recovery of interrupted job %s failed", job.job_uuid)
+        self._update_metrics()
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Let running jobs finish within `grace`, cancel the rest (they are
+        recorded failed as interrupted), then flush the records."""
+        grace = self.config.shutdown_grace_seconds if grace is None else grace
+        tasks = [j.task for j in self._jobs.values() if j.task and not j.task.done()]
+        if tasks:
+            log.info("Waiting up to %.0f s for %d running job(s)", grace, len(tasks))
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=max(grace, 5.0))
+        for bg in (self._sweeper, self._writer):
+            if bg is not None:
+                bg.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await bg
+        await asyncio.to_thread(self._flush)
+
+    # ---- verbs -------------------------------------------------------------
+
+    def submit(self, job_uuid: str, job_type: str, work: Work, *, description: str = "",
+               params: dict[str, Any] | None = None) -> Job:
+        """Start `work` as job `job_uuid`; the same id again returns the
+        existing job and starts nothing."""
+        existing = self._jobs.get(job_uuid)
+        if existing is not None:
+            if existing.type != job_type:
+                raise JobAlreadyExists(jobUUID=job_uuid)
+            return existing
+        job = Job(job_uuid=job_uuid, type=job_type, description=description,
+                  params=params or {})
+        self._jobs[job_uuid] = job
+        self._save(job)
+        job.task = asyncio.create_task(self._run(job, work), name=f"job-{job_uuid}")
+        self._changed(job)
+        return job
+
+    def get(self, job_uuid: str) -> Job:
+        try:
+            return self._jobs[job_uuid]
+        except KeyError:
+            raise UnknownTask(jobUUID=job_uuid) from None
+
+    def info(self, job_uuids: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        if job_uuids is None:
+            return {u: j.info() for u, j in self._jobs.items()}
+        return {u: self._jobs[u].info() for u in job_uuids if u in self._jobs}
+
+    async def abort(self, job_uuid: str) -> Job:
+        """Cancel a pending or running job and wait until its work has
+        cleaned up; an ended job is returned as it is."""
+        job = self.get(job_uuid)
+        if job.is_ended or job.task is None:
+            return job
+        job.abort_requested = True
+        job.task.cancel()
+        # shield: the caller's own cancellation must not cut the job's cleanup
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(job.task)
+        return job
+
+    def clear(self, job_uuid: str) -> None:
+        job = self.get(job_uuid)
+        if not job.is_ended:
+            raise JobNotEnded(jobUUID=job_uuid, status=job.status)
+        self._forget(job)
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for job in self._jobs.values():
+            counts[job.status] += 1
+        return counts
+
+    # ---- internals ---------------------------------------------------------
+
+    async def _run(self, job: Job, work: Work) -> None:
+        logs.job_id.set(job.job_uuid)
+        logs.request_id.set("")
+        try:
+            async with self._slots:
+                job.status, job.started = RUNNING, time.time()
+                self._changed(job)
+                log.info("Job %s (%s) started", job.job_uuid, job.type)
+                result = await work(JobContext(self, job))
+        except asyncio.CancelledError:
+            if job.abort_requested:
+                job.status, job.error = ABORTED, OperationAborted().to_dict()
+            else:
+                job.status = FAILED
+                job.error = JobInterrupted(jobUUID=job.job_uuid).to_dict()
+        except HostAgentError as e:
+            job.status, job.error = FAILED, e.to_dict()
+        except Exception:
+            log.exception("Job %s (%s) failed unexpectedly", job.job_uuid, job.type)
+            job.status = FAILED
+            job.error = GeneralException(reason="unexpected error, see the agent log").to_dict()
+        else:
+            job.status, job.progress, job.result = DONE, 100, result
+        job.ended = time.time()
+        log.info("Job %s (%s) %s%s", job.job_uuid, job.type, job.status,
+                 f": {job.error['message']}" if job.error else "")
+        self._changed(job)
+
+    def _set_progress(self, job: Job, percent: float) -> None:
+        value = max(job.progress, min(100, int(percent)))
+        if value == job.progress:
+            return
+        job.progress = value
+        now = time.monotonic()
+        if now - job.last_sent >= self.config.progress_interval:
+            job.last_sent = now
+            self.events.publish("job.status", job.info())
+
+    def _changed(self, job: Job) -> None:
+        job.last_sent = time.monotonic()
+        self.events.publish("job.status", job.info())
+        self._save(job)
+        self._update_metrics()
+
+    def _forget(self, job: Job) -> None:
+        del self._jobs[job.job_uuid]
+        self._dirty[job.job_uuid] = None
+        self._dirty_event.set()
+        self._update_metrics()
+
+    def _update_metrics(self) -> None:
+        if self.metrics is not None:
+            for state, n in self.counts().items():
+                self.metrics.jobs.labels(state).set(n)
+
+    def _save(self, job: Job) -> None:
+        self._dirty[job.job_uuid] = job
+        self._dirty_event.set()
+
+    async def _write_records(self) -> None:
+        """One writer for every record: file I/O off the loop, latest state wins."""
+        while True:
+            await self._dirty_event.wait()
+            self._dirty_event.clear()
+            await asyncio.to_thread(self._flush)
+
+    def _flush(self) -> None:
+        with self._flush_lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        while self._dirty:
+            job_uuid, job = self._dirty.popitem()
+            path = self.dir / f"{job_uuid}.json"
+            try:
+                if job is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    _atomic_write(path, json.dumps(job.record()).encode())
+            except (OSError, TypeError, ValueError) as e:
+                log.error("Cannot write job record %s: %s", path, e)
+
+    async def _sweep(self) -> None:
+        keep = self.config.keep_ended_seconds
+        while True:
+            await asyncio.sleep(min(60.0, max(1.0, keep / 4)))
+            cutoff = time.time() - keep
+            for job in list(self._jobs.values()):
+                if job.is_ended and (job.ended or 0) < cutoff:
+                    self._forget(job)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""The per-domain OVF store: validated, streamed, atomic tar uploads."""

@@ -1,0 +1,123 @@
+"""JSON-RPC dispatch (jsonrpcserver) with the one error translator.
+
+Every verb of the table becomes a jsonrpcserver method that validates its
+named params with the verb's schema, runs the handler with a request id in
+the log context, and turns errors into JSON-RPC error objects:
+InvalidParams -> -32602 naming the field, HostAgentError -> its code and
+fields, anything unexpected -> 100 with a generic message (the traceback
+goes to the log with the request id, never to the client).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+from jsonrpcserver import Error, Result, Success, async_dispatch
+
+from agent import __version__, logs
+from agent.context import Agent
+from rpc.schema import InvalidParams, field_schema, redact
+from rpc.table import Verb
+from storage.errors import HostAgentError, error_table
+
+log = logging.getLogger("rpc.dispatch")
+
+GENERIC_MESSAGE = "General exception: unexpected error, see the agent log"
+
+
+def _error(err: dict[str, Any]) -> Result:
+    return Error(err["code"], err["message"], err.get("data"))
+
+
+class Dispatcher:
+    def __init__(self, agent: Agent, verbs: dict[str, Verb]) -> None:
+        self.agent = agent
+        self.verbs = verbs
+        self.methods: dict[str, Any] = {name: self._method(v) for name, v in verbs.items()}
+        self.methods["rpc.discover"] = self._discover
+        self.openrpc = openrpc_document(verbs)
+
+    async def dispatch(self, body: str, peer: str = "") -> str:
+        """A request or batch in, the response text out ("" for notifications)."""
+        return await async_dispatch(body, methods=self.methods, context=peer,
+                                    deserializer=_loads)
+
+    async def _discover(self, peer: str) -> Result:
+        return Success(self.openrpc)
+
+    def _method(self, verb: Verb) -> Any:
+        metrics = self.agent.metrics
+        agent = self.agent
+
+        async def method(peer: str, *args: Any, **params: Any) -> Result:
+            rid = secrets.token_hex(4)
+            logs.request_id.set(rid)
+            start = time.perf_counter()
+            outcome = "ok"
+            try:
+                if args:
+                    raise InvalidParams("params", "params must be an object (named params)")
+                values = verb.validate(params)
+                log.debug("%s %s from %s", verb.name, redact(verb.params, values), peer)
+                result = await verb.handler(agent, **values)
+                return Success(result)
+            except InvalidParams as e:
+                outcome = "invalid"
+                log.info("%s refused: %s", verb.name, e)
+                return _error(e.to_dict())
+            except HostAgentError as e:
+                outcome = e.name
+                log.info("%s failed: %s (%d)", verb.name, e.message, e.code)
+                return _error(e.to_dict())
+            except Exception:
+                outcome = "unexpected"
+                log.exception("%s failed unexpectedly (request %s)", verb.name, rid)
+                return Error(100, GENERIC_MESSAGE, {"name": "GeneralException",
+                                                    "requestId": rid})
+            finally:
+                elapsed = time.perf_counter() - start
+                metrics.calls.labels(verb.name, outcome).inc()
+                metrics.latency.labels(verb.name).observe(elapsed)
+                logs.request_id.set("")
+
+        method.__name__ = verb.name
+        return method
+
+
+def _loads(text: str) -> Any:
+    # json.loads raises RecursionError on absurd nesting: report it as a
+    # parse error like any other undecodable body.
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def openrpc_document(verbs: dict[str, Verb]) -> dict[str, Any]:
+    methods = []
+    for verb in verbs.values():
+        methods.append({
+            "name": verb.name,
+            "summary": verb.summary,
+            "paramStructure": "by-name",
+            "params": [{"name": f.name, "required": f.required, "schema": field_schema(f),
+                        **({"description": f.description} if f.description else {})}
+                       for f in verb.params],
+            "result": {"name": "result", "schema": verb.result or {}},
+            **({"tags": [{"name": t} for t in (*verb.tags, *(("job",) if verb.job else ()))]}
+               if verb.tags or verb.job else {}),
+        })
+    methods.append({"name": "rpc.discover", "summary": "This OpenRPC document.",
+                    "params": [], "result": {"name": "OpenRPC document",
+                                             "schema": {"type": "object"}}})
+    return {
+        "openrpc": "1.2.6",
+        "info": {"title": "hostagent", "version": __version__,
+                 "description": "Storage agent of a virtualization host."},
+        "methods": methods,
+        "components": {"x-errors": error_table()},
+    }

@@ -1,0 +1,1 @@
+"""Storage: connections, domains, images, volumes, leases and the tool wrappers."""

@@ -1,0 +1,55 @@
+import tomllib
+
+import pytest
+
+from agent import config as cfg
+
+
+def test_defaults_validate():
+    c = cfg.load(cfg.Path("/nonexistent/hostagent.toml"))
+    assert c.server.port == 54321 and c.server.tls
+    assert c.server.host == "0.0.0.0"
+
+
+def test_file_and_dropins_in_order(tmp_path):
+    main = tmp_path / "hostagent.toml"
+    main.write_text('[server]\nport = 1234\n[jobs]\nmax_running = 3\n')
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "20-b.toml").write_text("[server]\nport = 3000\n")
+    (tmp_path / "conf.d" / "10-a.toml").write_text("[server]\nport = 2000\n"
+                                                   "[logging]\nlevel = 'DEBUG'\n")
+    c = cfg.load(main)
+    assert c.server.port == 3000          # 20-b after 10-a after the main file
+    assert c.jobs.max_running == 3
+    assert c.logging.level == "DEBUG"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[server]\nprot = 1\n", "server.prot: unknown setting"),
+    ("[nosuch]\nx = 1\n", "nosuch: unknown setting"),
+    ("[server]\nport = '1'\n", "server.port: expected int, got str"),
+    ("[server]\nport = 70000\n", "server.port"),
+    ("[server]\ntls = false\n", "plain HTTP is allowed only on loopback"),
+    ("[server\n", "hostagent.toml"),
+])
+def test_bad_config_names_the_key(tmp_path, text, message):
+    path = tmp_path / "hostagent.toml"
+    path.write_text(text)
+    with pytest.raises(cfg.ConfigError, match=message.replace(".", r"\.")):
+        cfg.load(path)
+
+
+def test_plain_http_on_loopback_allowed(tmp_path):
+    path = tmp_path / "hostagent.toml"
+    path.write_text("[server]\ntls = false\nhost = '127.0.0.1'\n")
+    assert cfg.load(path).server.tls is False
+
+
+def test_show_config_is_toml_that_loads_back(tmp_path):
+    c = cfg.load(tmp_path / "none.toml", cfg.dev_overrides(tmp_path / "state", 5555))
+    text = c.to_toml()
+    data = tomllib.loads(text)
+    assert data["server"]["port"] == 5555
+    path = tmp_path / "again.toml"
+    path.write_text(text)
+    assert cfg.load(path) == c

@@ -1,0 +1,232 @@
+import asyncio
+import json
+import uuid
+
+import pytest
+
+from agent.config import JobsConfig
+from agent.events import EventBus
+from agent.jobs import JobRegistry
+from storage.errors import JobAlreadyExists, JobNotEnded, UnknownTask, VolumeDoesNotExist
+
+
+def new_id():
+    return str(uuid.uuid4())
+
+
+@pytest.fixture
+async def registry(tmp_path):
+    bus = EventBus()
+    reg = JobRegistry(JobsConfig(progress_interval=0.05), tmp_path, bus)
+    await reg.start()
+    yield reg
+    await reg.shutdown(grace=1)
+
+
+async def wait_ended(reg, job_uuid, timeout=5):
+    async with asyncio.timeout(timeout):
+        while not reg.get(job_uuid).is_ended:
+            await asyncio.sleep(0.01)
+    return reg.get(job_uuid)
+
+
+async def test_job_runs_to_done_with_progress_events(registry):
+    sub = registry.events.subscribe()
+
+    async def work(ctx):
+        for i in range(1, 5):
+            await asyncio.sleep(0.06)
+            ctx.progress(i * 25)
+        return {"answer": 42}
+
+    jid = new_id()
+    registry.submit(jid, "test", work, description="four steps")
+    job = await wait_ended(registry, jid)
+    assert job.status == "done" and job.progress == 100 and job.result == {"answer": 42}
+    events = []
+    while not sub.queue.empty():
+        events.append(sub.queue.get_nowait()["params"])
+    statuses = [e["status"] for e in events]
+    assert statuses[0] == "pending" and statuses[-1] == "done"
+    progress = [e["progress"] for e in events if e["status"] == "running"]
+    assert progress == sorted(progress) and len(progress) >= 3
+
+
+async def test_progress_is_throttled(tmp_path):
+    bus = EventBus()
+    reg = JobRegistry(JobsConfig(progress_interval=10), tmp_path, bus)
+    await reg.start()
+    sub = bus.subscribe()
+
+    async def work(ctx):
+        for i in range(100):
+            ctx.progress(i)
+            await asyncio.sleep(0)
+
+    jid = new_id()
+    reg.submit(jid, "test", work)
+    await wait_ended(reg, jid)
+    running = [m for m in (sub.queue.get_nowait() for _ in range(sub.queue.qsize()))
+               if m["params"]["status"] == "running"]
+    # only the status change itself: no progress event within the interval
+    assert len(running) == 1
+    await reg.shutdown(1)
+
+
+async def test_same_uuid_returns_existing_job(registry):
+    started = 0
+
+    async def work(ctx):
+        nonlocal started
+        started += 1
+        await asyncio.sleep(0.1)
+
+    jid = new_id()
+    a = registry.submit(jid, "test", work)
+    b = registry.submit(jid, "test", work)
+    assert a is b
+    await wait_ended(registry, jid)
+    registry.submit(jid, "test", work)
+    await asyncio.sleep(0.15)
+    assert started == 1
+    with pytest.raises(JobAlreadyExists):
+        registry.submit(jid, "other", work)
+
+
+async def test_abort_cancels_and_reports_aborted(registry):
+    cleaned = asyncio.Event()
+
+    async def work(ctx):
+        try:
+            await asyncio.sleep(60)
+        finally:
+            cleaned.set()
+
+    jid = new_id()
+    registry.submit(jid, "test", work)
+    await asyncio.sleep(0.05)
+    job = await registry.abort(jid)
+    assert job.status == "aborted" and cleaned.is_set()
+    assert job.error["code"] == 2007
+
+
+async def test_failures_carry_error_objects(registry):
+    async def expected(ctx):
+        raise VolumeDoesNotExist(volUUID="v1")
+
+    async def unexpected(ctx):
+        raise RuntimeError("secret internals")
+
+    a, b = new_id(), new_id()
+    registry.submit(a, "test", expected)
+    registry.submit(b, "test", unexpected)
+    ja, jb = await wait_ended(registry, a), await wait_ended(registry, b)
+    assert ja.error == {"code": 201, "message": "Volume does not exist: v1",
+                        "data": {"name": "VolumeDoesNotExist", "volUUID": "v1"}}
+    assert jb.error["code"] == 100 and "secret" not in json.dumps(jb.error)
+
+
+async def test_clear_and_unknown(registry):
+    async def work(ctx):
+        await asyncio.sleep(0.2)
+
+    jid = new_id()
+    registry.submit(jid, "test", work)
+    with pytest.raises(JobNotEnded):
+        registry.clear(jid)
+    await wait_ended(registry, jid)
+    registry.clear(jid)
+    with pytest.raises(UnknownTask):
+        registry.get(jid)
+    assert registry.info([jid]) == {}
+
+
+async def test_pending_until_a_slot_is_free(tmp_path):
+    reg = JobRegistry(JobsConfig(max_running=1), tmp_path, EventBus())
+    await reg.start()
+    gate = asyncio.Event()
+
+    async def work(ctx):
+        await gate.wait()
+
+    a, b = new_id(), new_id()
+    reg.submit(a, "test", work)
+    reg.submit(b, "test", work)
+    await asyncio.sleep(0.05)
+    assert reg.get(a).status == "running" and reg.get(b).status == "pending"
+    gate.set()
+    await wait_ended(reg, b)
+    await reg.shutdown(1)
+
+
+async def test_records_survive_restart_and_interrupted_jobs_recover(tmp_path):
+    reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
+    await reg.start()
+
+    async def forever(ctx):
+        await asyncio.sleep(3600)
+
+    async def quick(ctx):
+        return 1
+
+    running, done = new_id(), new_id()
+    reg.submit(running, "copy", forever, params={"dst": "x"})
+    reg.submit(done, "copy", quick)
+    await wait_ended(reg, done)
+    await asyncio.sleep(0.1)
+    # Simulate a crash: records on disk, nothing shut down cleanly.
+    reg._writer.cancel()
+    reg._sweeper.cancel()
+    reg.get(running).task.cancel()
+    reg._flush()
+    record = json.loads((tmp_path / "jobs" / f"{running}.json").read_text())
+    assert record["status"] == "running" and record["params"] == {"dst": "x"}
+
+    recovered = []
+
+    async def hook(job):
+        recovered.append((job.job_uuid, job.params))
+
+    reg2 = JobRegistry(JobsConfig(), tmp_path, EventBus())
+    reg2.register_recovery("copy", hook)
+    await reg2.start()
+    job = reg2.get(running)
+    assert job.status == "failed" and job.error["data"]["name"] == "JobInterrupted"
+    assert recovered == [(running, {"dst": "x"})]
+    assert reg2.get(done).status == "done"
+    await reg2.shutdown(1)
+
+
+async def test_shutdown_cancels_after_grace(tmp_path):
+    reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
+    await reg.start()
+
+    async def forever(ctx):
+        await asyncio.sleep(3600)
+
+    jid = new_id()
+    reg.submit(jid, "test", forever)
+    await asyncio.sleep(0.05)
+    await reg.shutdown(grace=0.1)
+    assert reg.get(jid).status == "failed"
+    record = json.loads((tmp_path / "jobs" / f"{jid}.json").read_text())
+    assert record["status"] == "failed"
+    assert record["error"]["data"]["name"] == "JobInterrupted"
+
+
+async def test_ended_jobs_are_swept(tmp_path):
+    reg = JobRegistry(JobsConfig(keep_ended_seconds=0.5), tmp_path, EventBus())
+    await reg.start()
+
+    async def quick(ctx):
+        return None
+
+    jid = new_id()
+    reg.submit(jid, "test", quick)
+    await wait_ended(reg, jid)
+    # the sweeper runs every max(1, keep/4) s
+    async with asyncio.timeout(3):
+        while reg.info([jid]):
+            await asyncio.sleep(0.05)
+    await reg.shutdown(1)
+    assert not (tmp_path / "jobs" / f"{jid}.json").exists()

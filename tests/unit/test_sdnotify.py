@@ -1,0 +1,50 @@
+import asyncio
+import os
+import socket
+
+from agent.sdnotify import Notifier
+
+
+def test_notify_reaches_socket(tmp_path):
+    path = str(tmp_path / "n.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(path)
+        Notifier({"NOTIFY_SOCKET": path}).notify("READY=1", "STATUS=ok")
+        assert s.recv(100) == b"READY=1\nSTATUS=ok"
+
+
+def test_abstract_socket():
+    name = f"hostagent-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind("\0" + name)
+        Notifier({"NOTIFY_SOCKET": "@" + name}).notify("STOPPING=1")
+        assert s.recv(100) == b"STOPPING=1"
+
+
+def test_disabled_without_socket():
+    n = Notifier({})
+    assert not n.enabled
+    n.notify("READY=1")  # no error
+
+
+async def test_watchdog_pings(tmp_path):
+    path = str(tmp_path / "w.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(path)
+        s.setblocking(False)
+        n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"})
+        task = asyncio.create_task(n.watchdog())
+        await asyncio.sleep(0.18)
+        task.cancel()
+        pings = []
+        while True:
+            try:
+                pings.append(s.recv(100))
+            except BlockingIOError:
+                break
+        assert pings.count(b"WATCHDOG=1") >= 3
+
+
+def test_watchdog_for_another_pid_is_ignored():
+    n = Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})
+    assert n.watchdog_usec == 0
