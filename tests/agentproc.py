@@ -62,7 +62,7 @@ class AgentProcess:
         env["NOTIFY_SOCKET"] = path
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - kept for the process lifetime
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv(), env=env, cwd=ROOT, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         log.close()

@@ -203,7 +203,7 @@ async def test_abort_ends_job_and_kills_child(agent, client):
     info = await client.call("abortJob", jobUUID=jid)
     assert info["status"] == "aborted"
     assert info["error"]["data"]["name"] == "OperationAborted"
-    gone, alive = psutil.wait_procs(children, timeout=5)
+    _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive, "the job's child process survived the abort"
     jobs = await client.call("getJobs", jobUUIDs=[jid])
     assert jobs[jid]["status"] == "aborted"
