@@ -9,6 +9,7 @@ from agent.config import Config
 from agent.events import EventBus
 from agent.host import Host
 from agent.jobs import JobRegistry
+from agent.locks import LockManager
 from agent.metrics import Metrics
 
 
@@ -19,6 +20,7 @@ class Agent:
     metrics: Metrics
     jobs: JobRegistry
     host: Host
+    locks: LockManager
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -27,7 +29,8 @@ class Agent:
         metrics = Metrics()
         jobs = JobRegistry(config.jobs, config.state_dir, events, metrics)
         host = Host(config.state_dir)
-        return cls(config=config, events=events, metrics=metrics, jobs=jobs, host=host)
+        return cls(config=config, events=events, metrics=metrics, jobs=jobs, host=host,
+                   locks=LockManager())
 
     async def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
