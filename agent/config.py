@@ -57,6 +57,12 @@ class StorageConfig:
     # Mount points and links of storage connections live under this directory.
     storage_root: str = "/var/lib/hostagent/storage"
     command_timeout: float = 120.0
+    # mount/umount and iSCSI logins: bounded, a dead server fails the call.
+    mount_timeout: float = 120.0
+    # One small I/O check on storage (access tests, monitoring reads).
+    io_timeout: float = 30.0
+    # How often each active domain's metadata is read back (monitoring).
+    monitor_interval: float = 10.0
 
 
 @dataclass

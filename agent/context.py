@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from agent.config import Config
 from agent.events import EventBus
@@ -11,6 +12,8 @@ from agent.host import Host
 from agent.jobs import JobRegistry
 from agent.locks import LockManager
 from agent.metrics import Metrics
+from storage.connections import ConnectionManager
+from storage.domains import DomainManager
 
 
 @dataclass
@@ -21,6 +24,8 @@ class Agent:
     jobs: JobRegistry
     host: Host
     locks: LockManager
+    connections: ConnectionManager
+    domains: DomainManager
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -29,13 +34,30 @@ class Agent:
         metrics = Metrics()
         jobs = JobRegistry(config.jobs, config.state_dir, events, metrics)
         host = Host(config.state_dir)
+        locks = LockManager()
+        storage = config.storage
+        connections = ConnectionManager(config.state_dir, Path(storage.storage_root), locks,
+                                        mount_timeout=storage.mount_timeout,
+                                        io_timeout=storage.io_timeout)
+        domains = DomainManager(config.state_dir, connections, locks,
+                                io_timeout=storage.io_timeout,
+                                monitor_interval=storage.monitor_interval)
+        # What an interrupted createVolume or deleteImage left is CREATING or
+        # REMOVING on storage: the domain's garbage collection removes it.
+        for job_type in ("createVolume", "deleteImage"):
+            jobs.register_recovery(job_type, lambda job: domains.collect_garbage(
+                str(job.params.get("sdUUID", ""))))
         return cls(config=config, events=events, metrics=metrics, jobs=jobs, host=host,
-                   locks=LockManager())
+                   locks=locks, connections=connections, domains=domains)
 
     async def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.host.load()
+        # Storage first: the recovery hooks of interrupted jobs use it.
+        await self.connections.start()
+        await self.domains.start()
         await self.jobs.start()
 
     async def stop(self) -> None:
         await self.jobs.shutdown()
+        await self.domains.stop()

@@ -89,6 +89,11 @@ class StorageDomainDoesNotExist(HostAgentError):
     template = "Storage domain does not exist: {sdUUID}"
 
 
+class StorageDomainAlreadyExists(HostAgentError):
+    code = 365
+    template = "Storage domain already exists: {sdUUID}"
+
+
 class StorageDomainFSNotMounted(HostAgentError):
     code = 360
     template = "Storage domain file system is not mounted: {path}"
@@ -192,6 +197,16 @@ class JobNotEnded(HostAgentError):
 class JobInterrupted(HostAgentError):
     code = 2006
     template = "Job {jobUUID} was interrupted: the agent stopped while it ran"
+
+
+class StorageDomainNotActive(HostAgentError):
+    code = 2008
+    template = "Storage domain {sdUUID} is not active on this host"
+
+
+class StorageDomainFailing(HostAgentError):
+    code = 2009
+    template = "Storage domain {sdUUID} is failing: {reason}"
 
 
 class OperationAborted(HostAgentError):

@@ -1,0 +1,85 @@
+"""Storage domain verbs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.context import Agent
+from rpc.schema import UUID, Bool, Enum, Field, Int, List, Str
+from rpc.table import TABLE, one_of
+from rpc.verbs.common import SD_UUID
+from rpc.verbs.connections import DOM_TYPE
+
+INFO = {"type": "object", "required": ["uuid", "name", "type", "class", "version", "backup",
+                                       "state"]}
+
+
+@TABLE.verb("createStorageDomain", "Create a file domain on a connected nfs/posixfs/localfs "
+            "connection, or a block domain (an LVM volume group) on LUN devices. Everything "
+            "about the domain is kept on the domain itself. The domain is active on this host "
+            "afterwards.",
+            [SD_UUID, DOM_TYPE,
+             Field("name", Str(max_len=200), description="Human name of the domain"),
+             Field("domClass", Enum(["data", "backup"]), required=False, default="data"),
+             Field("connectionId", UUID(), required=False,
+                   description="File domains: the connection holding the domain"),
+             Field("devices", List(Str(max_len=255, safe_arg=True), min_items=1, max_items=64),
+                   required=False, description="Block domains: LUN GUIDs from getDeviceList"),
+             Field("version", Int(5, 5), required=False, default=5),
+             Field("ovfStore", Bool(), required=False, default=True,
+                   description="Create the domain's OVF store volume")],
+            check=one_of("connectionId", "devices"), result=INFO, tags=["domains"])
+async def create_storage_domain(agent: Agent, sdUUID: str, domType: str, name: str,
+                                domClass: str, connectionId: str | None,
+                                devices: list[str] | None, version: int,
+                                ovfStore: bool) -> dict[str, Any]:
+    return await agent.domains.create(sdUUID, domType, name, domClass,
+                                      connection_id=connectionId, devices=devices,
+                                      version=version)
+
+
+@TABLE.verb("getStorageDomainInfo", "A domain's identity, class, backup flag, state on this "
+            "host and its monitoring.", [SD_UUID], result=INFO, tags=["domains"])
+async def get_storage_domain_info(agent: Agent, sdUUID: str) -> dict[str, Any]:
+    return await agent.domains.info(sdUUID)
+
+
+@TABLE.verb("getStorageDomainStats", "Space and volume count of a domain.", [SD_UUID],
+            result={"type": "object", "required": ["capacity", "free", "used", "volumes"]},
+            tags=["domains"])
+async def get_storage_domain_stats(agent: Agent, sdUUID: str) -> dict[str, Any]:
+    return await agent.domains.stats(sdUUID)
+
+
+@TABLE.verb("getStorageDomainsList", "Every domain found on the storage this host is "
+            "connected to.", result={"type": "array", "items": {"type": "string"}},
+            tags=["domains"])
+async def get_storage_domains_list(agent: Agent) -> list[str]:
+    return await agent.domains.list_domains()
+
+
+@TABLE.verb("activateStorageDomain", "Activate a domain on this host: clean what a crash "
+            "left, start monitoring.", [SD_UUID], result=INFO, tags=["domains"])
+async def activate_storage_domain(agent: Agent, sdUUID: str) -> dict[str, Any]:
+    return await agent.domains.activate(sdUUID)
+
+
+@TABLE.verb("deactivateStorageDomain", "Put a domain in maintenance on this host; refused "
+            "while volumes are prepared.", [SD_UUID], result=INFO, tags=["domains"])
+async def deactivate_storage_domain(agent: Agent, sdUUID: str) -> dict[str, Any]:
+    return await agent.domains.deactivate(sdUUID)
+
+
+@TABLE.verb("setStorageDomainBackup", "Mark or unmark a backup domain (stored on the "
+            "domain); refused while a volume is prepared for a running VM.",
+            [SD_UUID, Field("backup", Bool())], result=INFO, tags=["domains"])
+async def set_storage_domain_backup(agent: Agent, sdUUID: str,
+                                    backup: bool) -> dict[str, Any]:
+    return await agent.domains.set_backup(sdUUID, backup)
+
+
+@TABLE.verb("formatStorageDomain", "Remove a domain and everything on it; refused while "
+            "volumes are prepared.", [SD_UUID], result={"type": "object"}, tags=["domains"])
+async def format_storage_domain(agent: Agent, sdUUID: str) -> dict[str, Any]:
+    await agent.domains.format(sdUUID)
+    return {}

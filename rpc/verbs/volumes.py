@@ -1,0 +1,124 @@
+"""Image and volume verbs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.context import Agent
+from agent.jobs import JobContext
+from rpc.schema import UUID, Enum, Field, Int, InvalidParams, Str
+from rpc.table import TABLE
+from rpc.verbs.common import IMG_UUID, JOB_RESULT, JOB_UUID, SD_UUID, VOL_UUID
+from storage.domains import VolumeSpec
+
+SIZE = Int(512, 1 << 50, multiple_of=512)
+VOLUME_INFO = {"type": "object", "required": [
+    "uuid", "image", "domain", "parent", "format", "type", "voltype", "capacity",
+    "apparentSize", "trueSize", "legality", "generation", "description", "diskType", "ctime"]}
+
+
+def _check_create(values: dict[str, Any], path: str) -> None:
+    if values["parentVolUUID"] == values["volUUID"]:
+        raise InvalidParams("parentVolUUID", "a volume cannot be its own parent")
+    if values["parentVolUUID"] and values["format"] != "cow":
+        raise InvalidParams("format", "a snapshot layer (parentVolUUID) must be cow")
+    if values["initialSize"] is not None and values["format"] != "cow":
+        raise InvalidParams("initialSize", "only for cow volumes")
+
+
+@TABLE.verb("createVolume", "Create a volume (a job): raw or cow, sparse or preallocated; "
+            "with parentVolUUID a cow snapshot layer on that volume (same domain; a "
+            "template's volume may be in another image). ILLEGAL until complete.",
+            [JOB_UUID, SD_UUID, IMG_UUID, VOL_UUID,
+             Field("size", SIZE, description="Virtual size in bytes, a multiple of 512"),
+             Field("format", Enum(["raw", "cow"])),
+             Field("preallocate", Enum(["sparse", "preallocated"])),
+             Field("parentVolUUID", UUID(), required=False),
+             Field("description", Str(min_len=0, max_len=1000), required=False, default=""),
+             Field("diskType", Str(max_len=32, pattern=r"[A-Za-z0-9_]+"), required=False,
+                   default="DATA"),
+             Field("initialSize", SIZE, required=False,
+                   description="cow on block domains: initial LV size")],
+            check=_check_create, result=JOB_RESULT, job=True, tags=["volumes"])
+async def create_volume(agent: Agent, jobUUID: str, sdUUID: str, imgUUID: str, volUUID: str,
+                        size: int, format: str, preallocate: str, parentVolUUID: str | None,
+                        description: str, diskType: str,
+                        initialSize: int | None) -> dict[str, Any]:
+    spec = VolumeSpec(img=imgUUID, vol=volUUID, size=size, format=format,
+                      preallocate=preallocate, parent=parentVolUUID,
+                      description=description, disk_type=diskType, initial_size=initialSize)
+
+    async def work(ctx: JobContext) -> dict[str, Any]:
+        return await agent.domains.create_volume(sdUUID, spec, ctx.progress)
+
+    job = agent.jobs.submit(jobUUID, "createVolume", work,
+                            description=f"create volume {volUUID}",
+                            params={"sdUUID": sdUUID, "imgUUID": imgUUID, "volUUID": volUUID})
+    return {"jobUUID": job.job_uuid}
+
+
+@TABLE.verb("getVolumeInfo", "A volume's metadata and sizes.", [SD_UUID, IMG_UUID, VOL_UUID],
+            result=VOLUME_INFO, tags=["volumes"])
+async def get_volume_info(agent: Agent, sdUUID: str, imgUUID: str,
+                          volUUID: str) -> dict[str, Any]:
+    return await agent.domains.volume_info(sdUUID, imgUUID, volUUID)
+
+
+@TABLE.verb("getVolumesList", "Volumes of a domain, or of one image.",
+            [SD_UUID, Field("imgUUID", UUID(), required=False)],
+            result={"type": "array", "items": {"type": "string"}}, tags=["volumes"])
+async def get_volumes_list(agent: Agent, sdUUID: str, imgUUID: str | None) -> list[str]:
+    return await agent.domains.volumes_list(sdUUID, imgUUID)
+
+
+@TABLE.verb("getImagesList", "Images of a domain.", [SD_UUID],
+            result={"type": "array", "items": {"type": "string"}}, tags=["volumes"])
+async def get_images_list(agent: Agent, sdUUID: str) -> list[str]:
+    return await agent.domains.images_list(sdUUID)
+
+
+@TABLE.verb("extendVolumeSize", "Grow a volume's virtual size.",
+            [SD_UUID, IMG_UUID, VOL_UUID, Field("newSize", SIZE)], result=VOLUME_INFO,
+            tags=["volumes"])
+async def extend_volume_size(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,
+                             newSize: int) -> dict[str, Any]:
+    return await agent.domains.extend_volume(sdUUID, imgUUID, volUUID, newSize)
+
+
+@TABLE.verb("deleteVolume", "Delete a volume that has no children and is not prepared.",
+            [SD_UUID, IMG_UUID, VOL_UUID], result={"type": "object"}, tags=["volumes"])
+async def delete_volume(agent: Agent, sdUUID: str, imgUUID: str,
+                        volUUID: str) -> dict[str, Any]:
+    await agent.domains.delete_volume(sdUUID, imgUUID, volUUID)
+    return {}
+
+
+@TABLE.verb("deleteImage", "Delete an image and all its volumes (a job).",
+            [JOB_UUID, SD_UUID, IMG_UUID], result=JOB_RESULT, job=True, tags=["volumes"])
+async def delete_image(agent: Agent, jobUUID: str, sdUUID: str,
+                       imgUUID: str) -> dict[str, Any]:
+    async def work(ctx: JobContext) -> None:
+        await agent.domains.delete_image(sdUUID, imgUUID, ctx.progress)
+
+    job = agent.jobs.submit(jobUUID, "deleteImage", work, description=f"delete image {imgUUID}",
+                            params={"sdUUID": sdUUID, "imgUUID": imgUUID})
+    return {"jobUUID": job.job_uuid}
+
+
+@TABLE.verb("prepareImage", "Make a volume and its chain usable on this host; returns the "
+            "path and the chain (base first). ILLEGAL volumes cannot be prepared; a backup "
+            "domain's volume cannot be prepared for a VM.",
+            [SD_UUID, IMG_UUID, VOL_UUID, Field("purpose", Enum(["vm", "read", "copy"]))],
+            result={"type": "object", "required": ["path", "chain"]}, tags=["volumes"])
+async def prepare_image(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,
+                        purpose: str) -> dict[str, Any]:
+    return await agent.domains.prepare(sdUUID, imgUUID, volUUID, purpose)
+
+
+@TABLE.verb("teardownImage", "Undo one prepareImage of a volume (or of every prepared volume "
+            "of the image).", [SD_UUID, IMG_UUID, Field("volUUID", UUID(), required=False)],
+            result={"type": "object"}, tags=["volumes"])
+async def teardown_image(agent: Agent, sdUUID: str, imgUUID: str,
+                         volUUID: str | None) -> dict[str, Any]:
+    await agent.domains.teardown(sdUUID, imgUUID, volUUID)
+    return {}

@@ -1,0 +1,489 @@
+"""The one runner for external tools: argv lists, a deadline, typed errors.
+
+Every tool wrapper (lvm, qemuimg, iscsiadm, multipath, mount, sanlock, udev)
+runs its commands through `run()`, or through a `Runner` it was given so tests
+can swap in a fake. A command runs in its own process group; on timeout,
+cancellation or any other error the whole group is killed and the child
+reaped before the exception leaves `run()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import shlex
+import signal
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from storage.errors import GeneralException, InvalidParameter, ResourceTimeout
+
+log = logging.getLogger("storage.commands")
+
+MiB = 1024 * 1024
+
+# Per stream. qemu-img map of a large fragmented image or lvs of a big VG stay
+# well below this; a tool that writes more is broken and gets killed.
+DEFAULT_OUTPUT_LIMIT = 16 * MiB
+
+# Between SIGTERM and SIGKILL to the process group.
+KILL_GRACE = 2.0
+
+REDACTED = "****"
+
+_READ_SIZE = 64 * 1024
+# A line callback never sees more than this; longer runs are split.
+_MAX_LINE = 64 * 1024
+# How many stderr lines str(CommandError) shows, and at most how many chars.
+_ERR_TAIL_LINES = 5
+_ERR_TAIL_CHARS = 1000
+
+_LINE_SPLIT = re.compile(rb"[\r\n]")
+
+LineCallback = Callable[[str], None]
+ProgressCallback = Callable[[float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """What a command did. `argv` is redacted; `out` and `err` are raw."""
+
+    argv: tuple[str, ...]
+    rc: int
+    out: bytes
+    err: bytes
+    duration: float = 0.0
+
+    @property
+    def text(self) -> str:
+        """stdout decoded (tools run with LC_ALL=C; bad bytes are replaced)."""
+        return self.out.decode("utf-8", "replace")
+
+    @property
+    def err_text(self) -> str:
+        return self.err.decode("utf-8", "replace")
+
+    def lines(self) -> list[str]:
+        """Non-empty stdout lines, stripped."""
+        return [line.strip() for line in self.text.splitlines() if line.strip()]
+
+
+def _redact_str(value: str, redact: Sequence[str]) -> str:
+    for secret in redact:
+        if secret:
+            value = value.replace(secret, REDACTED)
+    return value
+
+
+def _redact_bytes(value: bytes, redact: Sequence[str]) -> bytes:
+    for secret in redact:
+        if secret:
+            value = value.replace(secret.encode("utf-8", "surrogateescape"),
+                                  REDACTED.encode())
+    return value
+
+
+def redact_argv(argv: Sequence[str], redact: Sequence[str]) -> tuple[str, ...]:
+    """argv with every occurrence of a secret replaced by `****`."""
+    return tuple(_redact_str(arg, redact) for arg in argv)
+
+
+def _tail(data: bytes) -> str:
+    lines = [ln.strip() for ln in data.decode("utf-8", "replace").splitlines() if ln.strip()]
+    text = " | ".join(lines[-_ERR_TAIL_LINES:])
+    if len(text) > _ERR_TAIL_CHARS:
+        text = "..." + text[-_ERR_TAIL_CHARS:]
+    return text
+
+
+class CommandError(GeneralException):
+    """A command exited with an rc its caller did not accept.
+
+    `argv`, `out` and `err` are already redacted, so the error can be logged
+    or shown as is. `rc_name` is the caller's name for the exit code, if it
+    gave one (`run(..., rc_names={5: "no-such-vg"})`); wrappers branch on it
+    or turn the error into a domain error.
+    """
+
+    template = "Command {cmd} failed ({status}): {stderr}"
+
+    def __init__(self, argv: Sequence[str], rc: int, out: bytes, err: bytes, *,
+                 rc_names: Mapping[int, str] | None = None,
+                 redact: Sequence[str] = (),
+                 stderr: str | None = None) -> None:
+        self.argv = redact_argv(argv, redact)
+        self.rc = rc
+        self.out = _redact_bytes(out, redact)
+        self.err = _redact_bytes(err, redact)
+        self.rc_name = (rc_names or {}).get(rc)
+        status = f"rc={rc}"
+        if self.rc_name:
+            status += f" {self.rc_name}"
+        elif rc < 0:
+            status += f" killed by {_signal_name(-rc)}"
+        if stderr is None:
+            # Some tools (iscsiadm, multipath) report errors on stdout.
+            stderr = _tail(self.err) or _tail(self.out) or "no output"
+        super().__init__(cmd=shlex.join(self.argv), rc=rc, status=status, stderr=stderr)
+
+    @property
+    def err_text(self) -> str:
+        return self.err.decode("utf-8", "replace")
+
+
+class CommandNotFound(CommandError):
+    """The program could not be started (not installed, not executable)."""
+
+    def __init__(self, argv: Sequence[str], reason: str, *, redact: Sequence[str] = ()) -> None:
+        # 127 is what a shell reports for a missing program.
+        super().__init__(argv, 127, b"", reason.encode(), redact=redact)
+
+
+class CommandOutputTooLarge(CommandError):
+    """The command wrote more than the limit to one stream and was killed."""
+
+    def __init__(self, argv: Sequence[str], rc: int, out: bytes, err: bytes, *,
+                 stream: str, limit: int, redact: Sequence[str] = ()) -> None:
+        self.stream = stream
+        self.limit = limit
+        super().__init__(argv, rc, out, err, redact=redact,
+                         stderr=f"more than {limit} bytes on {stream}; killed")
+
+
+class CommandTimeout(ResourceTimeout):
+    """The command did not finish in time; its process group was killed.
+
+    A ResourceTimeout, so the RPC edge reports code 851.
+    """
+
+    def __init__(self, argv: Sequence[str], timeout: float, *,
+                 redact: Sequence[str] = ()) -> None:
+        self.argv = redact_argv(argv, redact)
+        self.timeout = timeout
+        cmd = shlex.join(self.argv)
+        super().__init__(cmd=cmd, timeout=timeout,
+                         reason=f"command {cmd} did not finish within {timeout:g} s")
+
+
+def _signal_name(signo: int) -> str:
+    try:
+        return signal.Signals(signo).name
+    except ValueError:
+        return f"signal {signo}"
+
+
+def check_arg(value: str, field: str) -> str:
+    """Return `value` if it is safe as one argument of a command, else raise.
+
+    For values that come from a request (path, iqn, mount option...): one
+    starting with `-` would be read as an option, and a newline, CR or NUL can
+    smuggle a second record into tools that read line based input.
+    """
+    if not isinstance(value, str):
+        raise InvalidParameter(field=field, reason="must be a string")
+    if not value:
+        raise InvalidParameter(field=field, reason="must not be empty")
+    if value.startswith("-"):
+        raise InvalidParameter(field=field, reason="must not start with '-'")
+    for char, name in (("\n", "newline"), ("\r", "carriage return"), ("\0", "NUL")):
+        if char in value:
+            raise InvalidParameter(field=field, reason=f"must not contain a {name}")
+    return value
+
+
+class Runner(Protocol):
+    """The signature of `run()`. Wrappers take `runner: Runner = run`; tests
+    pass a fake instead. A fake may be `async def fake(argv, **kwargs: Any)`."""
+
+    async def __call__(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        check: bool = True,
+        ok_rcs: Collection[int] = (0,),
+        rc_names: Mapping[int, str] | None = None,
+        redact: Sequence[str] = (),
+        output_limit: int = DEFAULT_OUTPUT_LIMIT,
+        on_stdout_line: LineCallback | None = None,
+        on_stderr_line: LineCallback | None = None,
+    ) -> CommandResult: ...
+
+
+class _StreamFailed(Exception):
+    """Raised inside a reader task to stop the command; run() replaces it."""
+
+
+class _Collector:
+    """Collects one output stream up to a limit and feeds a line callback.
+
+    Lines are split on both "\\n" and "\\r": qemu-img -p rewrites its progress
+    line with "\\r" and prints "\\n" only at the end.
+    """
+
+    def __init__(self, name: str, limit: int, on_line: LineCallback | None) -> None:
+        self.name = name
+        self.limit = limit
+        self.on_line = on_line
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.overflow = False
+        self.callback_error: BaseException | None = None
+        self._partial = b""
+
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+    async def drain(self, stream: asyncio.StreamReader | None) -> None:
+        if stream is None:
+            return
+        while chunk := await stream.read(_READ_SIZE):
+            self._feed(chunk)
+        if self._partial:
+            self._emit(self._partial)
+            self._partial = b""
+
+    def _feed(self, chunk: bytes) -> None:
+        room = self.limit - self.size
+        if len(chunk) > room:
+            self.chunks.append(chunk[:room])
+            self.size += room
+            self.overflow = True
+            raise _StreamFailed(self.name)
+        self.chunks.append(chunk)
+        self.size += len(chunk)
+        if self.on_line is None:
+            return
+        *lines, self._partial = _LINE_SPLIT.split(self._partial + chunk)
+        for line in lines:
+            self._emit(line)
+        while len(self._partial) > _MAX_LINE:
+            self._emit(self._partial[:_MAX_LINE])
+            self._partial = self._partial[_MAX_LINE:]
+
+    def _emit(self, line: bytes) -> None:
+        if self.on_line is None or not line.strip():
+            return
+        try:
+            self.on_line(line.decode("utf-8", "replace"))
+        except Exception as e:
+            # A broken callback stops the command; run() re-raises this error.
+            self.callback_error = e
+            raise _StreamFailed(self.name) from e
+
+
+async def _write_input(stream: asyncio.StreamWriter | None, data: bytes) -> None:
+    if stream is None:
+        return
+    try:
+        stream.write(data)
+        await stream.drain()
+        stream.close()
+        await stream.wait_closed()
+    except (BrokenPipeError, ConnectionResetError):
+        # The tool exited or closed stdin without reading it all; its rc says
+        # whether that was a failure.
+        pass
+
+
+def _signal_group(pgid: int, signo: int) -> None:
+    try:
+        os.killpg(pgid, signo)
+    except ProcessLookupError:
+        pass
+
+
+async def _terminate(proc: asyncio.subprocess.Process) -> None:
+    """Kill the child's process group and reap the child.
+
+    SIGTERM first so a tool like lvm can release its locks, SIGKILL after the
+    grace period. SIGKILL goes to the group even when the child died of
+    SIGTERM: a grandchild may ignore SIGTERM and would be left an orphan.
+    """
+    pgid = proc.pid  # start_new_session: the child leads its own group
+    _signal_group(pgid, signal.SIGTERM)
+    try:
+        try:
+            async with asyncio.timeout(KILL_GRACE):
+                await proc.wait()
+        except TimeoutError:
+            pass
+        _signal_group(pgid, signal.SIGKILL)
+        await proc.wait()
+    except asyncio.CancelledError:
+        # Cancelled again while cleaning up: still never leave the group alive.
+        # The event loop's child watcher reaps the child once it dies.
+        _signal_group(pgid, signal.SIGKILL)
+        raise
+
+
+async def _discard_output(proc: asyncio.subprocess.Process) -> None:
+    """Read the pipes of a killed command to EOF so asyncio closes them.
+
+    A process outside the group (a daemon that called setsid but kept our
+    stdout) can hold a pipe open: after a short wait the transport is closed
+    by force, through asyncio's private attribute (there is no public way).
+    """
+    streams = [s for s in (proc.stdout, proc.stderr) if s is not None]
+    try:
+        async with asyncio.timeout(KILL_GRACE):
+            for stream in streams:
+                while await stream.read(_READ_SIZE):
+                    pass
+    except TimeoutError:
+        pass
+    finally:
+        if not all(s.at_eof() for s in streams):
+            transport = getattr(proc, "_transport", None)
+            if transport is not None:
+                transport.close()
+
+
+def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    merged = dict(os.environ)
+    if env:
+        merged.update(env)
+    # Tools' messages and number formats are parsed; never localised.
+    merged["LC_ALL"] = "C"
+    return merged
+
+
+async def run(
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    input: bytes | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    check: bool = True,
+    ok_rcs: Collection[int] = (0,),
+    rc_names: Mapping[int, str] | None = None,
+    redact: Sequence[str] = (),
+    output_limit: int = DEFAULT_OUTPUT_LIMIT,
+    on_stdout_line: LineCallback | None = None,
+    on_stderr_line: LineCallback | None = None,
+) -> CommandResult:
+    """Run `argv` (no shell) and return its result.
+
+    timeout: seconds for the whole command, output included; then the process
+        group is killed and CommandTimeout (a ResourceTimeout, 851) raised.
+    input: bytes for stdin; without it stdin is /dev/null.
+    env: added to the agent's environment; LC_ALL=C always wins.
+    check: raise CommandError when rc is not in `ok_rcs`.
+    rc_names: names for known exit codes, shown in the error as `rc_name`.
+    redact: secrets (CHAP passwords...) replaced by `****` in the logged and
+        raised argv, out and err. The returned result's out and err are raw.
+    output_limit: bytes per stream; beyond it the command is killed and
+        CommandOutputTooLarge raised.
+    on_stdout_line, on_stderr_line: called with each non-empty line as it
+        arrives (split on "\\n" and "\\r"); an exception from one kills the
+        command and is re-raised.
+
+    Cancelling the calling task kills the process group, reaps the child and
+    re-raises CancelledError. After a normal exit the group is left alone
+    (daemons call setsid anyway), but run() waits for EOF on stdout and
+    stderr: a descendant that keeps them open counts against the timeout.
+    """
+    if isinstance(argv, (str, bytes)):
+        raise TypeError("argv must be a sequence of arguments, not a string")
+    argv = tuple(argv)
+    if not argv:
+        raise ValueError("argv is empty")
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive, not {timeout}")
+    shown = redact_argv(argv, redact)
+    cmd = shlex.join(shown)
+
+    start = time.monotonic()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL if input is None else asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=_child_env(env),
+            cwd=cwd,
+            start_new_session=True,
+        )
+    except (FileNotFoundError, PermissionError) as e:
+        log.debug("%s: cannot start: %s", cmd, e.strerror)
+        raise CommandNotFound(argv, f"cannot run {argv[0]}: {e.strerror}", redact=redact) from e
+
+    log.debug("%s: started, pid %d", cmd, proc.pid)
+    out = _Collector("stdout", output_limit, on_stdout_line)
+    err = _Collector("stderr", output_limit, on_stderr_line)
+    deadline = asyncio.timeout(timeout)
+    try:
+        async with deadline:
+            async with asyncio.TaskGroup() as tasks:
+                if input is not None:
+                    tasks.create_task(_write_input(proc.stdin, input))
+                tasks.create_task(out.drain(proc.stdout))
+                tasks.create_task(err.drain(proc.stderr))
+            rc = await proc.wait()
+    except BaseException as e:
+        try:
+            await _terminate(proc)
+        finally:
+            await _discard_output(proc)
+        elapsed = time.monotonic() - start
+        rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
+        if isinstance(e, TimeoutError) and deadline.expired():
+            log.warning("%s: timed out after %.3f s, killed", cmd, elapsed)
+            raise CommandTimeout(argv, timeout, redact=redact) from None
+        for stream in (out, err):
+            if stream.callback_error is not None:
+                log.debug("%s: %s callback failed, killed", cmd, stream.name)
+                raise stream.callback_error from None
+            if stream.overflow:
+                log.warning("%s: more than %d bytes on %s, killed", cmd, output_limit,
+                            stream.name)
+                raise CommandOutputTooLarge(argv, rc, out.data(), err.data(),
+                                            stream=stream.name, limit=output_limit,
+                                            redact=redact) from None
+        log.debug("%s: interrupted (%s) after %.3f s, killed", cmd, type(e).__name__, elapsed)
+        raise
+
+    elapsed = time.monotonic() - start
+    log.debug("%s: rc=%d in %.3f s", cmd, rc, elapsed)
+    result = CommandResult(shown, rc, out.data(), err.data(), elapsed)
+    if check and rc not in ok_rcs:
+        raise CommandError(argv, rc, result.out, result.err, rc_names=rc_names, redact=redact)
+    return result
+
+
+# qemu-img -p writes "    (12.34/100%)" and rewrites it with "\r".
+_QEMU_PROGRESS = re.compile(r"\(\s*(\d+(?:\.\d+)?)/100%\)")
+
+
+def qemu_progress_parser(progress: ProgressCallback) -> LineCallback:
+    """A line callback that feeds qemu-img -p percentages (0..100) to `progress`."""
+
+    def on_line(line: str) -> None:
+        for match in _QEMU_PROGRESS.finditer(line):
+            progress(float(match.group(1)))
+
+    return on_line
+
+
+async def run_with_progress(
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    progress: ProgressCallback,
+    runner: Runner = run,
+    **kwargs: Any,
+) -> CommandResult:
+    """Run a qemu-img command that was given `-p`, reporting its percentage.
+
+    Other keyword arguments go to the runner unchanged.
+    """
+    return await runner(argv, timeout=timeout, on_stdout_line=qemu_progress_parser(progress),
+                        **kwargs)

@@ -1,0 +1,105 @@
+"""A storage connection, its on-host record, and what each type implements."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+# Parameters never shown in results, logs or errors.
+SECRET_PARAMS = frozenset({"password"})
+MASK = "********"
+
+CONNECTED, DISCONNECTED, FAILED = "connected", "disconnected", "failed"
+
+
+@dataclass
+class Connection:
+    id: str
+    type: str
+    params: dict[str, Any]
+    state: str = DISCONNECTED
+    message: str = ""
+    # What this agent did to establish it, so that disconnect undoes exactly
+    # that and nothing it did not do (e.g. a mount the admin made).
+    owned: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def secrets(self) -> list[str]:
+        return [str(v) for k, v in self.params.items() if k in SECRET_PARAMS and v]
+
+    def public(self) -> dict[str, Any]:
+        params = {k: (MASK if k in SECRET_PARAMS and v else v) for k, v in self.params.items()
+                  if v is not None}
+        return {"id": self.id, "type": self.type, "params": params, "state": self.state,
+                "message": self.message, **({"details": self.owned.get("details")}
+                                            if self.owned.get("details") else {})}
+
+    def record(self) -> dict[str, Any]:
+        return {"id": self.id, "type": self.type, "params": self.params, "owned": self.owned}
+
+    @classmethod
+    def from_record(cls, r: dict[str, Any]) -> Connection:
+        return cls(id=r["id"], type=r["type"], params=r["params"], owned=r.get("owned") or {})
+
+
+class Backend(Protocol):
+    """What a connection type implements. Each method gets its own timeout
+    budget from the manager and raises storage errors (451, 477, ...)."""
+
+    def target_key(self, params: dict[str, Any]) -> str:
+        """Identity of the storage target: two connections with the same key
+        are duplicates."""
+
+    async def connect(self, conn: Connection, save: Callable[[], None]) -> None:
+        """Establish the connection. Before each step that changes the host,
+        record the intent in conn.owned and call save(), so that after a
+        crash the agent knows what it did (and undoes only that)."""
+
+    async def disconnect(self, conn: Connection) -> None:
+        """Undo what connect did (only that)."""
+
+    async def check(self, conn: Connection) -> None:
+        """Raise if an established connection no longer works."""
+
+    async def test(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Reachability and access, changing nothing on the host:
+        {reachable, message, details}."""
+
+    def local_path(self, conn: Connection) -> Path | None:
+        """Where the storage appears on this host (file types), else None."""
+
+
+class RecordStore:
+    """One JSON file per connection in the state dir, written atomically,
+    readable by root only (it holds CHAP passwords)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def load(self) -> list[Connection]:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        conns = []
+        for path in sorted(self.dir.glob("*.json")):
+            try:
+                conns.append(Connection.from_record(json.loads(path.read_text())))
+            except (OSError, ValueError, KeyError) as e:
+                raise RuntimeError(f"unreadable connection record {path}: {e}") from e
+        return conns
+
+    def save(self, conn: Connection) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.dir / f"{conn.id}.json"
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(conn.record(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def remove(self, conn_id: str) -> None:
+        (self.dir / f"{conn_id}.json").unlink(missing_ok=True)

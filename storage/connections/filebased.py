@@ -1,0 +1,250 @@
+"""File connections: NFS and posixfs mounts, localfs directories.
+
+Mount points live under the storage root, named from the remote spec as
+VDSM names them ('_' doubled, '/' turned into '_'), so the same export is
+always mounted at the same place. Only mounts this agent made are ever
+unmounted: what connect did is recorded before it does it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from storage import commands, fileaccess, mount
+from storage.connections.base import Connection
+from storage.errors import (
+    HostAgentError,
+    InvalidParameter,
+    MountError,
+    StorageServerConnectionError,
+    StorageServerDisconnectionError,
+)
+
+NFS_DEFAULT_TIMEO = 600  # deciseconds, as VDSM: 60 s per try
+NFS_DEFAULT_RETRANS = 6
+NFS_VERSIONS = {"3": "3", "4": "4", "4.0": "4.0", "4.1": "4.1", "4.2": "4.2"}
+# Options the agent sets for NFS itself; a user option may not override them.
+NFS_MANAGED = {"vers", "nfsvers", "timeo", "retrans", "soft", "hard", "nosharecache",
+               "sharecache"}
+
+
+def escape_spec(spec: str) -> str:
+    return spec.replace("_", "__").replace("/", "_")
+
+
+def normalize_remote(spec: str) -> str:
+    """'server:/a//b/' -> 'server:/a/b' so one export has one identity."""
+    server, sep, path = spec.partition(":")
+    if sep and path.startswith("/"):
+        norm = posixpath.normpath(path)
+        norm = "/" + norm.lstrip("/")
+        return f"{server}:{norm}"
+    return spec.rstrip("/") if len(spec) > 1 else spec
+
+
+class FileBackend:
+    """Shared by the three file types."""
+
+    vfs_type = ""
+
+    def __init__(self, storage_root: Path, tmp_dir: Path, *, mount_timeout: float,
+                 io_timeout: float, runner: commands.Runner = commands.run) -> None:
+        self.root = storage_root
+        self.tmp_dir = tmp_dir
+        self.mount_timeout = mount_timeout
+        self.io_timeout = io_timeout
+        self.runner = runner
+
+    def spec(self, params: dict[str, Any]) -> str:
+        return normalize_remote(str(params["connection"]))
+
+    def target_key(self, params: dict[str, Any]) -> str:
+        # The mount point identifies the target across nfs and posixfs.
+        return "file:" + escape_spec(self.spec(params))
+
+    def local_path(self, conn: Connection) -> Path:
+        return self.root / escape_spec(self.spec(conn.params))
+
+
+class MountBackend(FileBackend):
+    """posixfs; NFS adds its options on top."""
+
+    def fstype(self, params: dict[str, Any]) -> str:
+        return str(params["vfs_type"])
+
+    def options(self, params: dict[str, Any]) -> list[str]:
+        return mount.split_options(params.get("mnt_options") or "")
+
+    async def connect(self, conn: Connection, save: Callable[[], None]) -> None:
+        mnt = self.local_path(conn)
+        entry = mount.find(mnt)
+        if entry is not None and not conn.owned.get("mounted"):
+            # Mounted by someone else (the admin, another tool): use it, never unmount it.
+            conn.owned = {"mount_point": str(mnt), "mounted": False}
+            await self._check_access(conn, mnt)
+            return
+        conn.owned = {"mount_point": str(mnt), "mounted": True}
+        save()
+        mnt.mkdir(parents=True, exist_ok=True)
+        if entry is None:
+            await mount.mount(self.spec(conn.params), mnt, self.fstype(conn.params),
+                              self.options(conn.params), timeout=self.mount_timeout,
+                              runner=self.runner)
+        conn.owned = {"mount_point": str(mnt), "mounted": True,
+                      "details": self._details(mnt)}
+        try:
+            await self._check_access(conn, mnt)
+        except BaseException:
+            with contextlib.suppress(HostAgentError):
+                await self._unmount(mnt)
+            raise
+
+    async def _check_access(self, conn: Connection, mnt: Path) -> None:
+        await fileaccess.check_read_write(mnt, timeout=self.io_timeout, runner=self.runner)
+
+    def _details(self, mnt: Path) -> dict[str, Any]:
+        entry = mount.find(mnt)
+        if entry is None:
+            return {}
+        return {"source": entry.source, "fstype": entry.fstype, "options": entry.options}
+
+    async def _unmount(self, mnt: Path) -> None:
+        if mount.find(mnt) is not None:
+            try:
+                await mount.umount(mnt, timeout=self.mount_timeout, runner=self.runner)
+            except MountError as e:
+                raise StorageServerDisconnectionError(reason=e.fields["reason"]) from None
+        with contextlib.suppress(OSError):
+            mnt.rmdir()  # noqa: ASYNC240 - the mount point dir is local, not on storage
+
+    async def disconnect(self, conn: Connection) -> None:
+        mnt = self.local_path(conn)
+        if conn.owned.get("mounted"):
+            await self._unmount(mnt)
+
+    async def check(self, conn: Connection) -> None:
+        mnt = self.local_path(conn)
+        if mount.find(mnt) is None:
+            raise StorageServerConnectionError(reason=f"{mnt} is not mounted")
+        await self._check_access(conn, mnt)
+
+    async def test(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A trial mount in a private temporary directory, always removed;
+        an existing mount of the same target is only checked."""
+        existing = self.root / escape_spec(self.spec(params))
+        if mount.find(existing) is not None:
+            await fileaccess.check_read_write(existing, timeout=self.io_timeout,
+                                              runner=self.runner)
+            return {"reachable": True, "message": "connected; read and write work",
+                    "details": self._details(existing)}
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        trial = Path(tempfile.mkdtemp(prefix="test-", dir=self.tmp_dir))
+        try:
+            await mount.mount(self.spec(params), trial, self.fstype(params),
+                              self.options(params), timeout=self.mount_timeout,
+                              runner=self.runner)
+            try:
+                details = self._details(trial)
+                await fileaccess.check_read_write(trial, timeout=self.io_timeout,
+                                                  runner=self.runner)
+            finally:
+                await mount.umount(trial, timeout=self.mount_timeout, runner=self.runner)
+        except HostAgentError as e:
+            return {"reachable": False, "message": e.message,
+                    "details": {"code": e.code, "name": e.name}}
+        finally:
+            if mount.find(trial) is None:
+                with contextlib.suppress(OSError):
+                    trial.rmdir()  # noqa: ASYNC240 - local, not on storage
+        return {"reachable": True, "message": "mounted; read and write work",
+                "details": details}
+
+
+class PosixfsBackend(MountBackend):
+    pass
+
+
+class NfsBackend(MountBackend):
+    def fstype(self, params: dict[str, Any]) -> str:
+        return "nfs"
+
+    def options(self, params: dict[str, Any]) -> list[str]:
+        user = mount.split_options(params.get("mnt_options") or "")
+        for opt in user:
+            if opt.split("=", 1)[0] in NFS_MANAGED:
+                raise InvalidParameter(
+                    field="mnt_options",
+                    reason=f"{opt!r} is set by the agent; use protocol_version, timeout, "
+                           "retrans")
+        timeo = params.get("timeout") or NFS_DEFAULT_TIMEO
+        retrans = params.get("retrans") or NFS_DEFAULT_RETRANS
+        # soft with bounded timeo/retrans: a dead server fails I/O in bounded
+        # time instead of hanging it forever; nosharecache: each export keeps
+        # its own options even when the server is mounted twice.
+        opts = ["soft", "nosharecache", f"timeo={timeo}", f"retrans={retrans}"]
+        version = params.get("protocol_version") or "auto"
+        if version != "auto":
+            opts.append(f"vers={NFS_VERSIONS[version]}")
+        return opts + user
+
+    def _details(self, mnt: Path) -> dict[str, Any]:
+        details = super()._details(mnt)
+        m = re.search(r"(?:^|,)vers=([0-9.]+)", details.get("options", ""))
+        if m:
+            details["version"] = m.group(1)
+        return details
+
+
+class LocalfsBackend(FileBackend):
+    """A local directory, linked in under the storage root."""
+
+    def spec(self, params: dict[str, Any]) -> str:
+        return posixpath.normpath(str(params["connection"]))
+
+    async def connect(self, conn: Connection, save: Callable[[], None]) -> None:
+        path = self.spec(conn.params)
+        await fileaccess.check_directory(path, timeout=self.io_timeout, runner=self.runner)
+        await fileaccess.check_read_write(path, timeout=self.io_timeout, runner=self.runner)
+        link = self.local_path(conn)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():
+            if os.readlink(link) != path:
+                link.unlink()
+        elif link.exists():
+            raise StorageServerConnectionError(reason=f"{link} exists and is not a link")
+        conn.owned = {"link": str(link)}
+        save()
+        if not link.is_symlink():
+            link.symlink_to(path)
+
+    async def disconnect(self, conn: Connection) -> None:
+        link = self.local_path(conn)
+        if link.is_symlink():
+            link.unlink()
+
+    async def check(self, conn: Connection) -> None:
+        link = self.local_path(conn)
+        if not link.is_symlink():
+            raise StorageServerConnectionError(reason=f"{link} is missing")
+        await fileaccess.check_read_write(self.spec(conn.params), timeout=self.io_timeout,
+                                          runner=self.runner)
+
+    async def test(self, params: dict[str, Any]) -> dict[str, Any]:
+        path = self.spec(params)
+        try:
+            await fileaccess.check_directory(path, timeout=self.io_timeout,
+                                             runner=self.runner)
+            await fileaccess.check_read_write(path, timeout=self.io_timeout,
+                                              runner=self.runner)
+        except HostAgentError as e:
+            return {"reachable": False, "message": e.message,
+                    "details": {"code": e.code, "name": e.name}}
+        return {"reachable": True, "message": "directory exists; read and write work",
+                "details": {"path": path}}

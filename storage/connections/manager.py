@@ -1,0 +1,241 @@
+"""The host's storage connections: connect, disconnect, edit, test, list.
+
+Each connection is handled on its own (one failing does not stop the
+others), under two locks: its id and its target, so concurrent add, edit
+and remove of the same connection or target never interleave. Records live
+in the state dir; at start-up every recorded connection is checked and
+re-established.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.locks import LockManager, request
+from storage import commands
+from storage.connections.base import (
+    CONNECTED,
+    FAILED,
+    Backend,
+    Connection,
+    RecordStore,
+)
+from storage.connections.filebased import LocalfsBackend, NfsBackend, PosixfsBackend
+from storage.errors import (
+    DuplicateConnection,
+    HostAgentError,
+    InvalidParameter,
+    ResourceInUse,
+    StorageServerConnectionError,
+)
+
+log = logging.getLogger("storage.connections")
+
+# Called with a connection id: True if a domain on it has prepared volumes.
+InUse = Callable[[str], bool]
+
+
+class ConnectionManager:
+    def __init__(self, state_dir: Path, storage_root: Path, locks: LockManager, *,
+                 mount_timeout: float = 120.0, io_timeout: float = 30.0,
+                 backends: dict[str, Backend] | None = None,
+                 runner: commands.Runner = commands.run) -> None:
+        self.storage_root = storage_root
+        self.locks = locks
+        self.store = RecordStore(state_dir / "connections")
+        self.conns: dict[str, Connection] = {}
+        tmp = state_dir / "tmp"
+        kw: dict[str, Any] = {"mount_timeout": mount_timeout, "io_timeout": io_timeout,
+                              "runner": runner}
+        self.backends: dict[str, Backend] = {
+            "nfs": NfsBackend(storage_root, tmp, **kw),
+            "posixfs": PosixfsBackend(storage_root, tmp, **kw),
+            "localfs": LocalfsBackend(storage_root, tmp, **kw),
+        }
+        if backends:
+            self.backends.update(backends)
+        self.in_use: InUse = lambda conn_id: False
+
+    # ---- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the records, then verify or re-establish every connection."""
+        self.storage_root.mkdir(parents=True, exist_ok=True)
+        for conn in self.store.load():
+            self.conns[conn.id] = conn
+        await asyncio.gather(*(self._recover(c) for c in list(self.conns.values())))
+
+    async def _recover(self, conn: Connection) -> None:
+        backend = self._backend(conn.type)
+        async with self._hold(conn.id, backend.target_key(conn.params)):
+            try:
+                await backend.check(conn)
+                conn.state, conn.message = CONNECTED, ""
+                log.info("Connection %s (%s) is up", conn.id, conn.type)
+                return
+            except HostAgentError as e:
+                log.info("Connection %s (%s) is down (%s); re-establishing", conn.id,
+                         conn.type, e.message)
+            try:
+                await backend.connect(conn, lambda: self.store.save(conn))
+                conn.state, conn.message = CONNECTED, ""
+                self.store.save(conn)
+                log.info("Connection %s (%s) re-established", conn.id, conn.type)
+            except HostAgentError as e:
+                conn.state, conn.message = FAILED, e.message
+                log.error("Connection %s (%s) cannot be re-established: %s", conn.id,
+                          conn.type, e.message)
+
+    # ---- verbs -------------------------------------------------------------
+
+    async def connect(self, dom_type: str, params_list: list[dict[str, Any]]
+                      ) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(self._one(self._connect_one, dom_type, p)
+                                           for p in params_list)))
+
+    async def disconnect(self, dom_type: str, params_list: list[dict[str, Any]]
+                         ) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(self._one(self._disconnect_one, dom_type, p)
+                                           for p in params_list)))
+
+    def list(self) -> list[dict[str, Any]]:
+        return [c.public() for c in sorted(self.conns.values(), key=lambda c: c.id)]
+
+    def get(self, conn_id: str) -> Connection | None:
+        return self.conns.get(conn_id)
+
+    def local_path(self, conn_id: str) -> Path | None:
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            return None
+        return self._backend(conn.type).local_path(conn)
+
+    async def update(self, dom_type: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Switch a connection to new parameters, keeping its id; if the new
+        target fails, the old one is restored."""
+        conn_id = params["id"]
+        backend = self._backend(dom_type)
+        old = self.conns.get(conn_id)
+        if old is None:
+            raise StorageServerConnectionError(reason=f"no connection {conn_id} on this host")
+        if old.type != dom_type:
+            raise InvalidParameter(field="domType",
+                                   reason=f"connection {conn_id} is {old.type}; the type "
+                                          "cannot change")
+        new = Connection(id=conn_id, type=dom_type, params=self._params(params))
+        old_key = backend.target_key(old.params)
+        new_key = backend.target_key(new.params)
+        async with self._hold(conn_id, old_key, new_key):
+            if self.in_use(conn_id):
+                raise ResourceInUse(resource=f"connection {conn_id}",
+                                    reason="a domain on it has prepared volumes")
+            self._check_duplicate(new, new_key)
+            if new.params == old.params and old.state == CONNECTED:
+                return new.public()
+            await backend.disconnect(old)
+            try:
+                await backend.connect(new, lambda: self.store.save(new))
+            except BaseException:
+                log.warning("Connection %s: new target failed, restoring the old one",
+                            conn_id)
+                try:
+                    await backend.connect(old, lambda: self.store.save(old))
+                    old.state, old.message = CONNECTED, ""
+                except HostAgentError as e:
+                    old.state, old.message = FAILED, e.message
+                self.store.save(old)
+                raise
+            new.state = CONNECTED
+            self.conns[conn_id] = new
+            self.store.save(new)
+            log.info("Connection %s updated", conn_id)
+            return new.public()
+
+    async def test(self, dom_type: str, params: dict[str, Any]) -> dict[str, Any]:
+        return await self._backend(dom_type).test(self._params(params))
+
+    # ---- internals ---------------------------------------------------------
+
+    def _backend(self, dom_type: str) -> Backend:
+        try:
+            return self.backends[dom_type]
+        except KeyError:
+            raise InvalidParameter(field="domType",
+                                   reason=f"{dom_type} connections are not supported "
+                                          "on this host") from None
+
+    @staticmethod
+    def _params(params: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in params.items() if k != "id" and v is not None}
+
+    def _hold(self, conn_id: str, *target_keys: str) -> Any:
+        return self.locks.hold(request("connection", conn_id),
+                               *(request("target", k) for k in target_keys))
+
+    async def _one(self, fn: Callable[[str, dict[str, Any]], Any], dom_type: str,
+                   params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            await fn(dom_type, params)
+        except HostAgentError as e:
+            return {"id": params.get("id"), "status": e.code, "message": e.message}
+        return {"id": params.get("id"), "status": 0, "message": "OK"}
+
+    def _check_duplicate(self, conn: Connection, key: str) -> None:
+        backend = self._backend(conn.type)
+        for other in self.conns.values():
+            if other.id == conn.id or other.type not in self.backends:
+                continue
+            if self._backend(other.type).target_key(other.params) == key:
+                raise DuplicateConnection(id=conn.id, existing=other.id)
+        del backend
+
+    async def _connect_one(self, dom_type: str, params: dict[str, Any]) -> None:
+        backend = self._backend(dom_type)
+        conn = Connection(id=params["id"], type=dom_type, params=self._params(params))
+        key = backend.target_key(conn.params)
+        async with self._hold(conn.id, key):
+            existing = self.conns.get(conn.id)
+            if existing is not None:
+                if existing.type != conn.type or existing.params != conn.params:
+                    raise InvalidParameter(
+                        field="id", reason=f"connection {conn.id} exists with other "
+                                           "parameters; use updateStorageConnection")
+                try:
+                    await backend.check(existing)
+                    existing.state, existing.message = CONNECTED, ""
+                    return
+                except HostAgentError:
+                    conn = existing
+            self._check_duplicate(conn, key)
+            try:
+                # The backend saves the record before each step it takes: a
+                # crash must not leave a mount or a session the agent no longer
+                # knows it made.
+                await backend.connect(conn, lambda: self.store.save(conn))
+            except BaseException:
+                if existing is None:
+                    self.store.remove(conn.id)
+                raise
+            conn.state, conn.message = CONNECTED, ""
+            self.conns[conn.id] = conn
+            self.store.save(conn)
+            log.info("Connected %s %s", dom_type, conn.id)
+
+    async def _disconnect_one(self, dom_type: str, params: dict[str, Any]) -> None:
+        conn_id = params["id"]
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            return  # nothing to do: disconnecting is idempotent
+        backend = self._backend(conn.type)
+        async with self._hold(conn_id, backend.target_key(conn.params)):
+            if self.in_use(conn_id):
+                raise ResourceInUse(resource=f"connection {conn_id}",
+                                    reason="a domain on it has prepared volumes")
+            await backend.disconnect(conn)
+            del self.conns[conn_id]
+            self.store.remove(conn_id)
+            log.info("Disconnected %s %s", conn.type, conn_id)

@@ -1,0 +1,417 @@
+"""What every storage domain offers, whatever holds it (a directory on a
+mount, an LVM volume group), and the volume flows built on it.
+
+The flows keep storage crash-safe: a volume is born ILLEGAL with state
+CREATING, its data is made, then LEGAL + READY + a new generation are
+written in one metadata write. Removal writes REMOVING first. Whatever a
+crash leaves CREATING or REMOVING is removed by `collect_garbage` at
+start-up and on activate; a volume is never LEGAL unless complete.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from storage import qemuimg
+from storage.errors import (
+    HostAgentError,
+    ImageDoesNotExistInSD,
+    InvalidParameter,
+    ResourceInUse,
+    VolumeAlreadyExists,
+    VolumeCreationError,
+    VolumeDoesNotExist,
+)
+from storage.fileio import IOPool
+from storage.metadata import (
+    ALLOCATIONS,
+    BLANK_UUID,
+    CREATING,
+    FORMATS,
+    ILLEGAL,
+    INTERNAL,
+    LEAF,
+    LEGAL,
+    READY,
+    REMOVING,
+    SHARED,
+    DomainMetadata,
+    MetadataError,
+    VolumeMetadata,
+)
+
+log = logging.getLogger("storage.domains")
+
+Progress = Callable[[float], None]
+
+
+def _no_progress(_: float) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    img: str
+    vol: str
+    size: int
+    format: str             # raw, cow
+    preallocate: str        # sparse, preallocated
+    parent: str | None = None
+    description: str = ""
+    disk_type: str = "DATA"
+    initial_size: int | None = None
+
+
+class Domain(abc.ABC):
+    """A storage domain as this host sees it."""
+
+    def __init__(self, md: DomainMetadata, io: IOPool) -> None:
+        self.md = md
+        self.io = io
+
+    @property
+    def uuid(self) -> str:
+        return self.md.uuid
+
+    # ---- primitives each kind implements ------------------------------------
+
+    @abc.abstractmethod
+    async def write_domain_md(self, md: DomainMetadata) -> None: ...
+
+    @abc.abstractmethod
+    async def read_domain_md(self) -> DomainMetadata: ...
+
+    @abc.abstractmethod
+    async def image_ids(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def volume_ids(self, img: str) -> list[str]:
+        """Volumes of an image, including CREATING/REMOVING ones."""
+
+    @abc.abstractmethod
+    async def read_volume_md(self, img: str, vol: str) -> VolumeMetadata:
+        """Raises VolumeDoesNotExist, or MetadataError if it is damaged."""
+
+    @abc.abstractmethod
+    async def write_volume_md(self, md: VolumeMetadata) -> None:
+        """One atomic write of the volume's metadata."""
+
+    @abc.abstractmethod
+    async def create_volume_data(self, md: VolumeMetadata, parent: VolumeMetadata | None,
+                                 initial_size: int | None) -> None:
+        """Make the data of a volume whose metadata (CREATING) exists."""
+
+    @abc.abstractmethod
+    async def remove_volume_data(self, img: str, vol: str) -> None:
+        """Remove data and metadata of a volume; missing parts are fine."""
+
+    @abc.abstractmethod
+    async def extend_volume_data(self, md: VolumeMetadata, new_size: int) -> None: ...
+
+    @abc.abstractmethod
+    def volume_path(self, img: str, vol: str) -> str:
+        """Where the volume's data is when prepared."""
+
+    @abc.abstractmethod
+    async def volume_sizes(self, img: str, vol: str) -> tuple[int, int]:
+        """(apparent size, allocated size) in bytes."""
+
+    @abc.abstractmethod
+    async def activate_volumes(self, vols: list[VolumeMetadata]) -> None: ...
+
+    @abc.abstractmethod
+    async def deactivate_volumes(self, vols: list[VolumeMetadata]) -> None: ...
+
+    @abc.abstractmethod
+    async def space(self) -> dict[str, int]:
+        """{capacity, free, used} in bytes."""
+
+    @abc.abstractmethod
+    async def remove_image_dir(self, img: str) -> None:
+        """Drop what is left of an image once its volumes are gone."""
+
+    @abc.abstractmethod
+    async def remove_all(self) -> None:
+        """Remove the whole domain from storage (format)."""
+
+    @abc.abstractmethod
+    async def health_check(self, timeout: float) -> None:
+        """Read the domain metadata from storage bypassing caches; raises if
+        storage does not answer in time."""
+
+    # ---- queries ---------------------------------------------------------------
+
+    async def volume(self, img: str, vol: str) -> VolumeMetadata:
+        try:
+            md = await self.read_volume_md(img, vol)
+        except MetadataError as e:
+            raise VolumeDoesNotExist(volUUID=vol, reason=f"damaged metadata: {e}") from None
+        if md.state == REMOVING or md.image != img:
+            raise VolumeDoesNotExist(volUUID=vol)
+        return md
+
+    async def image_volumes(self, img: str) -> list[VolumeMetadata]:
+        """READY and CREATING volumes of an image (CREATING ones are ILLEGAL)."""
+        if img not in await self.image_ids():
+            raise ImageDoesNotExistInSD(imgUUID=img, sdUUID=self.uuid)
+        out = []
+        for vol in await self.volume_ids(img):
+            try:
+                md = await self.read_volume_md(img, vol)
+            except (VolumeDoesNotExist, MetadataError):
+                continue
+            if md.state != REMOVING:
+                out.append(md)
+        return out
+
+    async def all_volumes(self) -> list[VolumeMetadata]:
+        out = []
+        for img in await self.image_ids():
+            try:
+                out.extend(await self.image_volumes(img))
+            except ImageDoesNotExistInSD:
+                continue
+        return out
+
+    async def volume_info(self, img: str, vol: str) -> dict[str, Any]:
+        md = await self.volume(img, vol)
+        apparent, true = await self.volume_sizes(img, vol)
+        return volume_info(md, apparent, true)
+
+    async def chain(self, img: str, vol: str) -> list[VolumeMetadata]:
+        """The volume and its parents, base first (parents may be in other
+        images of this domain: templates)."""
+        chain = []
+        md = await self.volume(img, vol)
+        seen = set()
+        while True:
+            chain.append(md)
+            seen.add(md.uuid)
+            if not md.has_parent:
+                break
+            if md.parent in seen:
+                raise VolumeDoesNotExist(volUUID=md.parent, reason="parent loop")
+            md = await self.find_volume(md.parent, prefer_image=md.image)
+        return list(reversed(chain))
+
+    async def find_volume(self, vol: str, prefer_image: str | None = None) -> VolumeMetadata:
+        """A volume by id anywhere in the domain."""
+        if prefer_image is not None:
+            try:
+                return await self.volume(prefer_image, vol)
+            except VolumeDoesNotExist:
+                pass
+        for img in await self.image_ids():
+            if vol in await self.volume_ids(img):
+                return await self.volume(img, vol)
+        raise VolumeDoesNotExist(volUUID=vol)
+
+    async def children(self, md: VolumeMetadata) -> list[VolumeMetadata]:
+        return [v for v in await self.all_volumes() if v.parent == md.uuid]
+
+    # ---- volume flows ------------------------------------------------------------
+
+    async def create_volume(self, spec: VolumeSpec,
+                            progress: Progress = _no_progress) -> VolumeMetadata:
+        parent: VolumeMetadata | None = None
+        if spec.parent and spec.parent != BLANK_UUID:
+            parent = await self._parent_for(spec)
+        if spec.vol in await self._all_volume_ids():
+            raise VolumeAlreadyExists(volUUID=spec.vol)
+        if parent is not None and spec.size < parent.capacity:
+            raise InvalidParameter(field="size", reason=f"smaller than the parent's capacity "
+                                                        f"{parent.capacity}")
+        if spec.format == "raw" and parent is not None:
+            raise InvalidParameter(field="format", reason="a snapshot layer must be cow")
+        md = VolumeMetadata(domain=self.uuid, image=spec.img, uuid=spec.vol,
+                            parent=parent.uuid if parent else BLANK_UUID,
+                            format=FORMATS[spec.format],
+                            allocation=ALLOCATIONS[spec.preallocate], voltype=LEAF,
+                            capacity=spec.size, legality=ILLEGAL, generation=0,
+                            description=spec.description, disk_type=spec.disk_type,
+                            state=CREATING)
+        await self.write_volume_md(md)
+        progress(10)
+        try:
+            await self.create_volume_data(md, parent, spec.initial_size)
+            progress(90)
+            done = replace(md, legality=LEGAL, state=READY, generation=md.generation + 1)
+            await self.write_volume_md(done)
+        except BaseException as e:
+            log.warning("Creating volume %s failed (%s); removing it", spec.vol,
+                        type(e).__name__)
+            # Also on cancellation (an aborted job): the half-made volume goes.
+            # If this is cut short too, start-up removes the CREATING volume.
+            await self._discard(md)
+            if isinstance(e, HostAgentError) or not isinstance(e, Exception):
+                raise
+            raise VolumeCreationError(volUUID=spec.vol, reason=str(e)) from e
+        if parent is not None and parent.voltype == LEAF:
+            await self.write_volume_md(replace(parent, voltype=INTERNAL))
+        elif parent is not None and parent.image != spec.img and parent.voltype != SHARED:
+            await self.write_volume_md(replace(parent, voltype=SHARED))
+        log.info("Created volume %s/%s/%s (%s, %s, %d bytes)", self.uuid, spec.img,
+                 spec.vol, spec.format, spec.preallocate, spec.size)
+        return done
+
+    async def _parent_for(self, spec: VolumeSpec) -> VolumeMetadata:
+        try:
+            parent = await self.find_volume(spec.parent or "", prefer_image=spec.img)
+        except VolumeDoesNotExist:
+            raise VolumeDoesNotExist(volUUID=spec.parent,
+                                     reason=f"parent not in domain {self.uuid}") from None
+        if parent.legality != LEGAL or parent.state != READY:
+            raise InvalidParameter(field="parentVolUUID",
+                                   reason=f"parent {parent.uuid} is not LEGAL")
+        if parent.image != spec.img and parent.voltype not in (SHARED, INTERNAL, LEAF):
+            raise InvalidParameter(field="parentVolUUID", reason="parent cannot be shared")
+        if parent.image == spec.img:
+            leaves = [v for v in await self.image_volumes(spec.img)
+                      if v.parent == parent.uuid]
+            if leaves:
+                raise InvalidParameter(field="parentVolUUID",
+                                       reason=f"parent {parent.uuid} already has a child "
+                                              "in this image")
+        return parent
+
+    async def _all_volume_ids(self) -> set[str]:
+        ids: set[str] = set()
+        for img in await self.image_ids():
+            ids.update(await self.volume_ids(img))
+        return ids
+
+    async def _discard(self, md: VolumeMetadata) -> None:
+        try:
+            await self.write_volume_md(replace(md, state=REMOVING, legality=ILLEGAL))
+        except HostAgentError:
+            pass
+        await self.remove_volume_data(md.image, md.uuid)
+        if not await self.volume_ids(md.image):
+            await self.remove_image_dir(md.image)
+
+    async def delete_volume(self, img: str, vol: str) -> None:
+        md = await self.volume(img, vol)
+        kids = await self.children(md)
+        if kids:
+            raise ResourceInUse(resource=f"volume {vol}",
+                                reason=f"it has {len(kids)} child volume(s)")
+        await self.write_volume_md(replace(md, state=REMOVING, legality=ILLEGAL))
+        await self.remove_volume_data(img, vol)
+        if md.has_parent:
+            parent = await self.find_volume(md.parent, prefer_image=img)
+            if parent.voltype == INTERNAL and not await self.children(parent):
+                await self.write_volume_md(replace(parent, voltype=LEAF))
+        if not await self.volume_ids(img):
+            await self.remove_image_dir(img)
+        log.info("Deleted volume %s/%s/%s", self.uuid, img, vol)
+
+    async def delete_image(self, img: str, progress: Progress = _no_progress) -> None:
+        vols = await self.image_volumes(img)
+        ids = {v.uuid for v in vols}
+        outside = [v for v in await self.all_volumes()
+                   if v.image != img and v.parent in ids]
+        if outside:
+            raise ResourceInUse(resource=f"image {img}",
+                                reason=f"volume {outside[0].parent} is the parent of volumes "
+                                       "in other images")
+        await self.remove_image_volumes(img, vols, progress)
+        # A template parent in another image may now be a leaf again.
+        for v in vols:
+            if v.has_parent and v.parent not in ids:
+                try:
+                    parent = await self.find_volume(v.parent)
+                except VolumeDoesNotExist:
+                    continue
+                if parent.voltype == INTERNAL and not await self.children(parent):
+                    await self.write_volume_md(replace(parent, voltype=LEAF))
+        log.info("Deleted image %s/%s (%d volumes)", self.uuid, img, len(vols))
+
+    async def remove_image_volumes(self, img: str, vols: list[VolumeMetadata],
+                                   progress: Progress) -> None:
+        """Remove every volume of an image so that a crash at any point
+        leaves a valid (shorter) chain or nothing: mark leaf first, then
+        remove leaf first. File domains do better: one atomic rename."""
+        ordered = leaf_first(vols)
+        for v in ordered:
+            await self.write_volume_md(replace(v, state=REMOVING, legality=ILLEGAL))
+        for i, v in enumerate(ordered):
+            await self.remove_volume_data(img, v.uuid)
+            progress(100 * (i + 1) / max(1, len(ordered)))
+        await self.remove_image_dir(img)
+
+    async def extend_volume(self, img: str, vol: str, new_size: int) -> VolumeMetadata:
+        md = await self.volume(img, vol)
+        if md.legality != LEGAL:
+            raise InvalidParameter(field="volUUID", reason="volume is not LEGAL")
+        if new_size < md.capacity:
+            raise InvalidParameter(field="newSize",
+                                   reason=f"smaller than the capacity {md.capacity}")
+        if new_size == md.capacity:
+            return md
+        await self.extend_volume_data(md, new_size)
+        done = replace(md, capacity=new_size, generation=md.generation + 1)
+        await self.write_volume_md(done)
+        return done
+
+    async def collect_garbage(self) -> dict[str, list[str]]:
+        """Remove what a crash left half-made or half-removed; report volumes
+        whose metadata cannot be read (they are left alone)."""
+        removed: list[str] = []
+        damaged: list[str] = []
+        for img in await self.image_ids():
+            for vol in await self.volume_ids(img):
+                try:
+                    md = await self.read_volume_md(img, vol)
+                except VolumeDoesNotExist:
+                    continue
+                except MetadataError as e:
+                    damaged.append(f"{img}/{vol}: {e}")
+                    continue
+                if md.state in (CREATING, REMOVING):
+                    await self.remove_volume_data(img, vol)
+                    removed.append(f"{img}/{vol}")
+            if not await self.volume_ids(img):
+                await self.remove_image_dir(img)
+        if removed:
+            log.warning("Domain %s: removed half-made or half-removed volumes: %s", self.uuid,
+                        ", ".join(removed))
+        if damaged:
+            log.error("Domain %s: volumes with unreadable metadata: %s", self.uuid,
+                      ", ".join(damaged))
+        return {"removed": removed, "damaged": damaged}
+
+    async def verify_image_file(self, md: VolumeMetadata) -> qemuimg.ImageInfo:
+        [info] = await qemuimg.info(self.volume_path(md.image, md.uuid),
+                                    fmt="qcow2" if md.format == "COW" else "raw")
+        return info
+
+
+def leaf_first(vols: list[VolumeMetadata]) -> list[VolumeMetadata]:
+    """The volumes of one image ordered children before parents."""
+    ids = {v.uuid for v in vols}
+    depth: dict[str, int] = {}
+    by_id = {v.uuid: v for v in vols}
+
+    def level(v: VolumeMetadata) -> int:
+        if v.uuid not in depth:
+            depth[v.uuid] = 0  # guards against loops
+            depth[v.uuid] = 1 + level(by_id[v.parent]) if v.parent in ids else 0
+        return depth[v.uuid]
+
+    return sorted(vols, key=lambda v: (-level(v), v.uuid))
+
+
+def volume_info(md: VolumeMetadata, apparent: int, true: int) -> dict[str, Any]:
+    return {
+        "uuid": md.uuid, "image": md.image, "domain": md.domain,
+        "parent": md.parent, "format": md.format.lower(),
+        "type": md.allocation.lower(), "voltype": md.voltype,
+        "capacity": md.capacity, "apparentSize": apparent, "trueSize": true,
+        "legality": md.legality, "generation": md.generation,
+        "description": md.description, "diskType": md.disk_type, "ctime": md.ctime,
+        "status": "OK" if md.state == READY else md.state,
+    }

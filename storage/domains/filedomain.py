@@ -1,0 +1,325 @@
+"""File domains: a directory on a connected file storage (nfs, posixfs, localfs).
+
+    <mount>/<sdUUID>/dom_md/metadata      domain metadata (atomic replace)
+    <mount>/<sdUUID>/dom_md/ids, leases   lease areas (hosts sharing the domain)
+    <mount>/<sdUUID>/images/<img>/<vol>        volume data (raw or qcow2)
+    <mount>/<sdUUID>/images/<img>/<vol>.meta   volume metadata (atomic replace)
+
+Every file operation on the mount goes through the domain's IOPool, so a
+hung server costs deadlines, not the event loop. A new domain is built in
+`<sdUUID>.creating` and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from storage import commands, qemuimg
+from storage.domains.base import Domain, Progress
+from storage.errors import (
+    StorageDomainAlreadyExists,
+    StorageDomainFailing,
+    VolumeDoesNotExist,
+)
+from storage.fileio import IOPool, atomic_write, fsync_dir, read_direct
+from storage.ids import is_uuid
+from storage.metadata import DomainMetadata, MetadataError, VolumeMetadata
+
+LEASE_AREA_SIZE = 1024 * 1024
+META_SUFFIX = ".meta"
+REMOVE_PREFIX = "_remove_"
+
+
+def probe_block_size(directory: Path) -> int:
+    """The smallest O_DIRECT write size the file system takes (512 or 4096);
+    512 where it has no O_DIRECT at all (tmpfs on older kernels)."""
+    path = directory / f".probe-{uuid.uuid4().hex}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    try:
+        for size in (512, 4096):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    return 512
+                raise
+            buf = mmap.mmap(-1, size)
+            try:
+                os.write(fd, buf)
+                return size
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+            finally:
+                buf.close()
+                os.close(fd)
+        return 4096
+    finally:
+        path.unlink()
+
+
+class FileDomain(Domain):
+    def __init__(self, md: DomainMetadata, root: Path, io: IOPool,
+                 runner: commands.Runner = commands.run) -> None:
+        super().__init__(md, io)
+        self.root = root
+        self.runner = runner
+
+    @property
+    def md_path(self) -> Path:
+        return self.root / "dom_md" / "metadata"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    # ---- creation, discovery ---------------------------------------------------
+
+    @classmethod
+    async def create(cls, mount: Path, md: DomainMetadata, io: IOPool,
+                     runner: commands.Runner = commands.run) -> FileDomain:
+        root = mount / md.uuid
+        staging = mount / f"{md.uuid}.creating"
+
+        def build() -> int:
+            if root.exists():
+                raise StorageDomainAlreadyExists(sdUUID=md.uuid)
+            if staging.exists():
+                shutil.rmtree(staging)
+            (staging / "dom_md").mkdir(parents=True)
+            (staging / "images").mkdir()
+            block_size = probe_block_size(staging / "dom_md")
+            for name in ("ids", "leases"):
+                with open(staging / "dom_md" / name, "wb") as f:
+                    f.truncate(LEASE_AREA_SIZE)
+                    os.fsync(f.fileno())
+            return block_size
+
+        block_size = await io.call(build)
+        md.block_size = block_size
+        await io.call(atomic_write, staging / "dom_md" / "metadata", md.encode())
+
+        def publish() -> None:
+            os.rename(staging, root)
+            fsync_dir(mount)
+
+        await io.call(publish)
+        return cls(md, root, io, runner)
+
+    @classmethod
+    async def open(cls, root: Path, io: IOPool,
+                   runner: commands.Runner = commands.run) -> FileDomain:
+        data = await io.call(read_direct, root / "dom_md" / "metadata", 8192)
+        md = DomainMetadata.decode(data)
+        if md.uuid != root.name:
+            raise MetadataError(f"metadata of {md.uuid} found in {root}")
+        return cls(md, root, io, runner)
+
+    @staticmethod
+    def candidates(mount: Path) -> list[Path]:
+        """Domain directories under a mount (blocking: run it in an IOPool)."""
+        try:
+            names = os.listdir(mount)
+        except FileNotFoundError:
+            return []
+        return [mount / n for n in names
+                if is_uuid(n) and (mount / n / "dom_md" / "metadata").exists()]
+
+    # ---- domain metadata --------------------------------------------------------
+
+    async def write_domain_md(self, md: DomainMetadata) -> None:
+        await self.io.call(atomic_write, self.md_path, md.encode())
+        self.md = md
+
+    async def read_domain_md(self) -> DomainMetadata:
+        data = await self.io.call(read_direct, self.md_path, 8192)
+        return DomainMetadata.decode(data)
+
+    # ---- images and volumes -------------------------------------------------------
+
+    async def image_ids(self) -> list[str]:
+        def listing() -> list[str]:
+            try:
+                return sorted(n for n in os.listdir(self.images) if is_uuid(n))
+            except FileNotFoundError:
+                return []
+        return await self.io.call(listing)
+
+    async def volume_ids(self, img: str) -> list[str]:
+        def listing() -> list[str]:
+            try:
+                names = os.listdir(self.images / img)
+            except FileNotFoundError:
+                return []
+            return sorted(n[:-len(META_SUFFIX)] for n in names
+                          if n.endswith(META_SUFFIX) and is_uuid(n[:-len(META_SUFFIX)]))
+        return await self.io.call(listing)
+
+    def _meta(self, img: str, vol: str) -> Path:
+        return self.images / img / f"{vol}{META_SUFFIX}"
+
+    async def read_volume_md(self, img: str, vol: str) -> VolumeMetadata:
+        def read() -> bytes:
+            try:
+                with open(self._meta(img, vol), "rb") as f:
+                    return f.read(65536)
+            except FileNotFoundError:
+                raise VolumeDoesNotExist(volUUID=vol) from None
+        return VolumeMetadata.decode(await self.io.call(read))
+
+    async def write_volume_md(self, md: VolumeMetadata) -> None:
+        def write() -> None:
+            (self.images / md.image).mkdir(exist_ok=True)
+            atomic_write(self._meta(md.image, md.uuid), md.encode(), 0o660)
+        await self.io.call(write)
+
+    def volume_path(self, img: str, vol: str) -> str:
+        return str(self.images / img / vol)
+
+    async def create_volume_data(self, md: VolumeMetadata, parent: VolumeMetadata | None,
+                                 initial_size: int | None) -> None:
+        path = self.volume_path(md.image, md.uuid)
+        prealloc = "falloc" if md.allocation == "PREALLOCATED" else None
+        if md.format == "RAW":
+            await qemuimg.create(path, "raw", md.capacity, preallocation=prealloc,
+                                 runner=self.runner)
+        else:
+            backing = None
+            backing_fmt = None
+            if parent is not None:
+                # Relative, so the chain survives another mount point.
+                backing = parent.uuid if parent.image == md.image \
+                    else f"../{parent.image}/{parent.uuid}"
+                backing_fmt = "qcow2" if parent.format == "COW" else "raw"
+            await qemuimg.create(path, "qcow2", md.capacity, backing=backing,
+                                 backing_fmt=backing_fmt, preallocation=prealloc,
+                                 runner=self.runner)
+        await self.io.call(os.chmod, path, 0o660)
+
+    async def remove_volume_data(self, img: str, vol: str) -> None:
+        def remove() -> None:
+            for p in (self.images / img / vol, self.images / img / f"{vol}.lease",
+                      self._meta(img, vol)):
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
+        await self.io.call(remove)
+
+    async def extend_volume_data(self, md: VolumeMetadata, new_size: int) -> None:
+        path = self.volume_path(md.image, md.uuid)
+        if md.format == "RAW":
+            prealloc = "falloc" if md.allocation == "PREALLOCATED" else None
+            await qemuimg.resize(path, new_size, fmt="raw", preallocation=prealloc,
+                                 runner=self.runner)
+        else:
+            await qemuimg.resize(path, new_size, fmt="qcow2", runner=self.runner)
+
+    async def volume_sizes(self, img: str, vol: str) -> tuple[int, int]:
+        def sizes() -> tuple[int, int]:
+            try:
+                st = os.stat(self.images / img / vol)
+            except FileNotFoundError:
+                return 0, 0
+            return st.st_size, st.st_blocks * 512
+        return await self.io.call(sizes)
+
+    async def activate_volumes(self, vols: list[VolumeMetadata]) -> None:
+        return None
+
+    async def deactivate_volumes(self, vols: list[VolumeMetadata]) -> None:
+        return None
+
+    async def space(self) -> dict[str, int]:
+        st = await self.io.call(os.statvfs, self.root)
+        capacity = st.f_blocks * st.f_frsize
+        free = st.f_bavail * st.f_frsize
+        return {"capacity": capacity, "free": free, "used": capacity - free}
+
+    async def remove_image_dir(self, img: str) -> None:
+        def remove() -> None:
+            try:
+                (self.images / img).rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                if e.errno != errno.ENOTEMPTY:
+                    raise
+        await self.io.call(remove)
+
+    async def remove_image_volumes(self, img: str, vols: list[VolumeMetadata],
+                                   progress: Progress) -> None:
+        """One rename takes the whole image away at once (for every host);
+        what follows only frees space, and start-up finishes it after a crash."""
+        doomed = self.images / f"{REMOVE_PREFIX}{img}"
+
+        def rename() -> None:
+            os.rename(self.images / img, doomed)
+            fsync_dir(self.images)
+
+        await self.io.call(rename)
+        progress(50)
+        await self.io.call(shutil.rmtree, doomed, True, timeout=max(self.io.timeout, 600))
+        progress(100)
+
+    async def collect_garbage(self) -> dict[str, list[str]]:
+        def doomed() -> list[Path]:
+            """Images being removed, and temp files of interrupted atomic writes."""
+            try:
+                names = os.listdir(self.images)
+            except FileNotFoundError:
+                return []
+            found = [self.images / n for n in names
+                     if n.startswith(REMOVE_PREFIX) or n.startswith(".")]
+            for n in names:
+                if is_uuid(n):
+                    found += [self.images / n / f for f in os.listdir(self.images / n)
+                              if f.startswith(".") and f.endswith(".tmp")]
+            return found
+
+        def remove(path: Path) -> None:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        leftovers = await self.io.call(doomed)
+        for path in leftovers:
+            await self.io.call(remove, path, timeout=max(self.io.timeout, 600))
+        report = await super().collect_garbage()
+        report["removed"] += [p.name for p in leftovers]
+        return report
+
+    async def remove_all(self) -> None:
+        doomed = self.root.parent / f"{REMOVE_PREFIX}{self.uuid}"
+
+        def remove() -> None:
+            # The rename makes the domain vanish at once for every host; the
+            # slow removal after it can be finished by anyone who finds it.
+            if self.root.exists():
+                os.rename(self.root, doomed)
+                fsync_dir(self.root.parent)
+            shutil.rmtree(doomed, ignore_errors=True)
+        await self.io.call(remove, timeout=max(self.io.timeout, 600))
+
+    async def health_check(self, timeout: float) -> None:
+        argv = ["dd", f"if={self.md_path}", "of=/dev/null", "bs=4096", "count=1",
+                "iflag=direct", "status=none"]
+        try:
+            r = await self.runner(argv, timeout=timeout, check=False)
+            if r.rc != 0 and b"Invalid argument" in r.err:
+                # no O_DIRECT on this file system: a plain read in a child process
+                r = await self.runner([*argv[:-2], "status=none"], timeout=timeout,
+                                      check=False)
+        except commands.CommandTimeout:
+            raise StorageDomainFailing(sdUUID=self.uuid,
+                                       reason=f"metadata read took more than {timeout:g} s") \
+                from None
+        if r.rc != 0:
+            raise StorageDomainFailing(sdUUID=self.uuid,
+                                       reason=r.err_text.strip() or f"dd rc={r.rc}")

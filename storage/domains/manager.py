@@ -1,0 +1,436 @@
+"""The storage domains this host sees: found on connected storage, created,
+activated (monitored), deactivated, formatted; and the volume operations,
+each under its resource locks.
+
+Everything about a domain is read from the domain itself, so a second host
+(or this one with a fresh state dir) that connects the storage finds every
+domain and volume. The host's own state is small: which domains are active
+here and which volumes are prepared (state_dir/domains.json, prepared.json).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from agent.locks import SHARED, LockManager, request
+from storage import commands
+from storage.connections import ConnectionManager
+from storage.connections.base import CONNECTED
+from storage.domains.base import Domain, Progress, VolumeSpec, volume_info
+from storage.domains.filedomain import FileDomain
+from storage.errors import (
+    BackupDomainRestricted,
+    HostAgentError,
+    InvalidParameter,
+    PrepareIllegalVolumeError,
+    ResourceInUse,
+    StorageDomainAlreadyExists,
+    StorageDomainDoesNotExist,
+    StorageDomainNotActive,
+    StorageServerConnectionError,
+)
+from storage.fileio import IOPool
+from storage.metadata import LEGAL, READY, DomainMetadata, MetadataError
+
+log = logging.getLogger("storage.domains")
+
+FILE_TYPES = ("nfs", "posixfs", "localfs")
+PURPOSES = ("vm", "read", "copy")
+
+
+@dataclass
+class Monitor:
+    state: str = "unknown"        # unknown, ok, failing
+    last_check: float | None = None
+    delay: float | None = None
+    error: str = ""
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def info(self) -> dict[str, Any]:
+        return {"state": self.state, "lastCheck": self.last_check, "delay": self.delay,
+                "error": self.error}
+
+
+@dataclass
+class Entry:
+    domain: Domain
+    conn_id: str | None
+    active: bool = False
+    monitor: Monitor = field(default_factory=Monitor)
+
+
+class DomainManager:
+    def __init__(self, state_dir: Path, connections: ConnectionManager, locks: LockManager, *,
+                 io_timeout: float = 30.0, monitor_interval: float = 10.0,
+                 runner: commands.Runner = commands.run) -> None:
+        self.state_dir = state_dir
+        self.connections = connections
+        self.locks = locks
+        self.io_timeout = io_timeout
+        self.monitor_interval = monitor_interval
+        self.runner = runner
+        self.entries: dict[str, Entry] = {}
+        self.pools: dict[str, IOPool] = {}
+        self.active: set[str] = set()
+        # "sd/img/vol" -> {purpose: count}
+        self.prepared: dict[str, dict[str, int]] = {}
+        connections.in_use = self.connection_in_use
+
+    # ---- host state --------------------------------------------------------------
+
+    def _load_state(self) -> None:
+        try:
+            self.active = set(json.loads((self.state_dir / "domains.json").read_text())
+                              .get("active", []))
+        except FileNotFoundError:
+            self.active = set()
+        try:
+            self.prepared = json.loads((self.state_dir / "prepared.json").read_text())
+        except FileNotFoundError:
+            self.prepared = {}
+
+    def _save(self, name: str, data: Any) -> None:
+        path = self.state_dir / name
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        os.replace(tmp, path)
+
+    def _save_active(self) -> None:
+        self._save("domains.json", {"active": sorted(self.active)})
+
+    def _save_prepared(self) -> None:
+        self._save("prepared.json", self.prepared)
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._load_state()
+        await self.scan()
+        for sd in sorted(self.active):
+            entry = self.entries.get(sd)
+            if entry is None:
+                log.warning("Active domain %s not found on connected storage", sd)
+                continue
+            await self._activate(entry)
+
+    async def stop(self) -> None:
+        for entry in self.entries.values():
+            await self._stop_monitor(entry)
+        for pool in self.pools.values():
+            pool.close()
+
+    def _pool(self, conn_id: str) -> IOPool:
+        pool = self.pools.get(conn_id)
+        if pool is None:
+            pool = self.pools[conn_id] = IOPool(conn_id[:8], timeout=self.io_timeout)
+        return pool
+
+    async def scan(self) -> None:
+        """Find file domains on every connected file connection."""
+        for conn in list(self.connections.conns.values()):
+            if conn.type not in FILE_TYPES or conn.state != CONNECTED:
+                continue
+            mount = self.connections.local_path(conn.id)
+            if mount is None:
+                continue
+            pool = self._pool(conn.id)
+            try:
+                roots = await pool.call(FileDomain.candidates, mount)
+            except (HostAgentError, OSError) as e:
+                log.warning("Cannot scan %s for domains: %s", mount, e)
+                continue
+            for root in roots:
+                if root.name in self.entries:
+                    continue
+                try:
+                    domain = await FileDomain.open(root, pool, self.runner)
+                except (HostAgentError, OSError, MetadataError) as e:
+                    log.warning("Ignoring domain at %s: %s", root, e)
+                    continue
+                self.entries[domain.uuid] = Entry(domain=domain, conn_id=conn.id)
+
+    async def entry(self, sd: str) -> Entry:
+        if sd not in self.entries:
+            await self.scan()
+        try:
+            return self.entries[sd]
+        except KeyError:
+            raise StorageDomainDoesNotExist(sdUUID=sd) from None
+
+    async def domain(self, sd: str) -> Domain:
+        return (await self.entry(sd)).domain
+
+    async def active_domain(self, sd: str) -> Domain:
+        entry = await self.entry(sd)
+        if not entry.active:
+            raise StorageDomainNotActive(sdUUID=sd)
+        return entry.domain
+
+    # ---- domain verbs -------------------------------------------------------------------
+
+    async def create(self, sd: str, dom_type: str, name: str, dom_class: str, *,
+                     connection_id: str | None, devices: list[str] | None,
+                     version: int) -> dict[str, Any]:
+        async with self.locks.hold(request("domain", sd)):
+            if sd in self.entries:
+                raise StorageDomainAlreadyExists(sdUUID=sd)
+            if dom_type not in FILE_TYPES:
+                raise InvalidParameter(field="domType",
+                                       reason="block domains (iscsi, fcp) are not supported "
+                                              "by this agent yet")
+            if connection_id is None:
+                raise InvalidParameter(field="connectionId",
+                                       reason=f"a {dom_type} domain needs a connection")
+            conn = self.connections.get(connection_id)
+            if conn is None or conn.state != CONNECTED:
+                raise StorageServerConnectionError(
+                    reason=f"connection {connection_id} is not connected on this host")
+            if conn.type != dom_type:
+                raise InvalidParameter(field="connectionId",
+                                       reason=f"connection {connection_id} is {conn.type}, "
+                                              f"not {dom_type}")
+            mount = self.connections.local_path(connection_id)
+            assert mount is not None
+            md = DomainMetadata(uuid=sd, name=name, dom_type=dom_type, dom_class=dom_class,
+                                version=version, backup=dom_class == "backup")
+            domain = await FileDomain.create(mount, md, self._pool(connection_id),
+                                             self.runner)
+            entry = self.entries[sd] = Entry(domain=domain, conn_id=connection_id)
+            await self._activate(entry)
+            log.info("Created %s domain %s (%s) on %s", dom_type, sd, name, mount)
+            return await self.info(sd)
+
+    async def info(self, sd: str) -> dict[str, Any]:
+        entry = await self.entry(sd)
+        md = entry.domain.md
+        info = {"uuid": md.uuid, "name": md.name, "type": md.dom_type,
+                "class": md.dom_class, "version": md.version, "backup": md.backup,
+                "state": "active" if entry.active else "inactive",
+                "blockSize": md.block_size, "alignment": md.alignment,
+                "lockPolicy": md.lock_policy, "created": md.created,
+                "connectionId": entry.conn_id, "monitoring": entry.monitor.info()}
+        if isinstance(entry.domain, FileDomain):
+            info["path"] = str(entry.domain.root)
+        return info
+
+    async def stats(self, sd: str) -> dict[str, Any]:
+        entry = await self.entry(sd)
+        space = await entry.domain.space()
+        vols = await entry.domain.all_volumes()
+        return {**space, "volumes": len(vols), "images": len({v.image for v in vols}),
+                "state": "active" if entry.active else "inactive",
+                "monitoring": entry.monitor.info()}
+
+    async def list_domains(self) -> list[str]:
+        await self.scan()
+        return sorted(self.entries)
+
+    async def activate(self, sd: str) -> dict[str, Any]:
+        async with self.locks.hold(request("domain", sd)):
+            entry = await self.entry(sd)
+            # Re-read: another host may have changed the domain while it was
+            # inactive here.
+            entry.domain.md = await entry.domain.read_domain_md()
+            await self._activate(entry)
+        return await self.info(sd)
+
+    async def _activate(self, entry: Entry) -> None:
+        report = await entry.domain.collect_garbage()
+        if report["damaged"]:
+            log.error("Domain %s has damaged volumes: %s", entry.domain.uuid,
+                      report["damaged"])
+        entry.active = True
+        self.active.add(entry.domain.uuid)
+        self._save_active()
+        if entry.monitor.task is None:
+            entry.monitor.task = asyncio.create_task(self._monitor(entry),
+                                                     name=f"monitor-{entry.domain.uuid}")
+
+    async def deactivate(self, sd: str) -> dict[str, Any]:
+        async with self.locks.hold(request("domain", sd)):
+            entry = await self.entry(sd)
+            if self._prepared_on(sd):
+                raise ResourceInUse(resource=f"domain {sd}", reason="volumes are prepared")
+            entry.active = False
+            self.active.discard(sd)
+            self._save_active()
+            await self._stop_monitor(entry)
+        return await self.info(sd)
+
+    async def _stop_monitor(self, entry: Entry) -> None:
+        task = entry.monitor.task
+        entry.monitor.task = None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        entry.monitor.state = "unknown"
+
+    async def _monitor(self, entry: Entry) -> None:
+        while True:
+            start = time.monotonic()
+            try:
+                await entry.domain.health_check(self.io_timeout)
+                if entry.monitor.state == "failing":
+                    log.info("Domain %s recovered", entry.domain.uuid)
+                entry.monitor.state, entry.monitor.error = "ok", ""
+            except HostAgentError as e:
+                if entry.monitor.state != "failing":
+                    log.error("Domain %s is failing: %s", entry.domain.uuid, e.message)
+                entry.monitor.state, entry.monitor.error = "failing", e.message
+            entry.monitor.last_check = time.time()
+            entry.monitor.delay = time.monotonic() - start
+            await asyncio.sleep(self.monitor_interval)
+
+    async def format(self, sd: str) -> None:
+        async with self.locks.hold(request("domain", sd)):
+            entry = await self.entry(sd)
+            if self._prepared_on(sd):
+                raise ResourceInUse(resource=f"domain {sd}", reason="volumes are prepared")
+            await self._stop_monitor(entry)
+            await entry.domain.remove_all()
+            del self.entries[sd]
+            self.active.discard(sd)
+            self._save_active()
+            log.info("Formatted domain %s", sd)
+
+    async def set_backup(self, sd: str, backup: bool) -> dict[str, Any]:
+        async with self.locks.hold(request("domain", sd)):
+            domain = await self.active_domain(sd)
+            if backup and self._prepared_on(sd, purpose="vm"):
+                raise ResourceInUse(resource=f"domain {sd}",
+                                    reason="volumes are prepared for running VMs")
+            md = replace(await domain.read_domain_md(), backup=backup,
+                         dom_class="backup" if backup else "data")
+            await domain.write_domain_md(md)
+        return await self.info(sd)
+
+    def summary(self) -> dict[str, Any]:
+        return {sd: {"state": "active" if e.active else "inactive",
+                     "monitoring": e.monitor.info()} for sd, e in self.entries.items()}
+
+    # ---- volumes ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _volume_locks(self, sd: str, img: str, *vols: str,
+                            parent: str | None = None) -> AsyncIterator[None]:
+        reqs = [request("domain", sd, SHARED), request("image", f"{sd}/{img}")]
+        reqs += [request("volume", f"{sd}/{v}") for v in vols]
+        if parent:
+            reqs.append(request("volume", f"{sd}/{parent}", SHARED))
+        async with self.locks.hold(*reqs):
+            yield
+
+    async def create_volume(self, sd: str, spec: VolumeSpec,
+                            progress: Progress) -> dict[str, Any]:
+        async with self._volume_locks(sd, spec.img, spec.vol, parent=spec.parent):
+            domain = await self.active_domain(sd)
+            md = await domain.create_volume(spec, progress)
+            apparent, true = await domain.volume_sizes(md.image, md.uuid)
+            return volume_info(md, apparent, true)
+
+    async def volume_info(self, sd: str, img: str, vol: str) -> dict[str, Any]:
+        domain = await self.domain(sd)
+        return await domain.volume_info(img, vol)
+
+    async def volumes_list(self, sd: str, img: str | None) -> list[str]:
+        domain = await self.domain(sd)
+        if img is not None:
+            return [v.uuid for v in await domain.image_volumes(img)]
+        return [v.uuid for v in await domain.all_volumes()]
+
+    async def images_list(self, sd: str) -> list[str]:
+        domain = await self.domain(sd)
+        return await domain.image_ids()
+
+    async def extend_volume(self, sd: str, img: str, vol: str,
+                            new_size: int) -> dict[str, Any]:
+        async with self._volume_locks(sd, img, vol):
+            domain = await self.active_domain(sd)
+            md = await domain.extend_volume(img, vol, new_size)
+            apparent, true = await domain.volume_sizes(img, vol)
+            return volume_info(md, apparent, true)
+
+    async def delete_volume(self, sd: str, img: str, vol: str) -> None:
+        async with self._volume_locks(sd, img, vol):
+            domain = await self.active_domain(sd)
+            if self._prepared_key(sd, img, vol) in self.prepared:
+                raise ResourceInUse(resource=f"volume {vol}", reason="it is prepared")
+            await domain.delete_volume(img, vol)
+
+    async def delete_image(self, sd: str, img: str, progress: Progress) -> None:
+        async with self._volume_locks(sd, img):
+            domain = await self.active_domain(sd)
+            if any(k.startswith(f"{sd}/{img}/") for k in self.prepared):
+                raise ResourceInUse(resource=f"image {img}", reason="volumes are prepared")
+            await domain.delete_image(img, progress)
+
+    async def collect_garbage(self, sd: str) -> None:
+        entry = self.entries.get(sd)
+        if entry is not None:
+            async with self.locks.hold(request("domain", sd)):
+                await entry.domain.collect_garbage()
+
+    # ---- prepare / teardown -----------------------------------------------------------------
+
+    @staticmethod
+    def _prepared_key(sd: str, img: str, vol: str) -> str:
+        return f"{sd}/{img}/{vol}"
+
+    def _prepared_on(self, sd: str, purpose: str | None = None) -> bool:
+        return any(k.startswith(f"{sd}/") and (purpose is None or v.get(purpose))
+                   for k, v in self.prepared.items())
+
+    def connection_in_use(self, conn_id: str) -> bool:
+        return any(e.conn_id == conn_id and self._prepared_on(sd)
+                   for sd, e in self.entries.items())
+
+    async def prepare(self, sd: str, img: str, vol: str, purpose: str) -> dict[str, Any]:
+        async with self._volume_locks(sd, img):
+            domain = await self.active_domain(sd)
+            if purpose == "vm" and domain.md.backup:
+                raise BackupDomainRestricted(sdUUID=sd, reason="its volumes cannot be "
+                                                               "prepared for a running VM")
+            chain = await domain.chain(img, vol)
+            for md in chain:
+                if md.legality != LEGAL or md.state != READY:
+                    raise PrepareIllegalVolumeError(volUUID=md.uuid)
+            await domain.activate_volumes(chain)
+            key = self._prepared_key(sd, img, vol)
+            counts = self.prepared.setdefault(key, {})
+            counts[purpose] = counts.get(purpose, 0) + 1
+            self._save_prepared()
+            return {"path": domain.volume_path(img, vol),
+                    "chain": [{"volUUID": m.uuid, "imgUUID": m.image,
+                               "path": domain.volume_path(m.image, m.uuid),
+                               "format": m.format.lower()} for m in chain]}
+
+    async def teardown(self, sd: str, img: str, vol: str | None) -> None:
+        async with self._volume_locks(sd, img):
+            domain = await self.domain(sd)
+            keys = [k for k in self.prepared
+                    if k.startswith(f"{sd}/{img}/") and (vol is None or k.endswith(f"/{vol}"))]
+            for key in keys:
+                counts = self.prepared[key]
+                # one teardown undoes one prepare (the most privileged purpose first)
+                for purpose in PURPOSES:
+                    if counts.get(purpose):
+                        counts[purpose] -= 1
+                        if not counts[purpose]:
+                            del counts[purpose]
+                        break
+                if not counts:
+                    del self.prepared[key]
+                    _, _, v = key.split("/")
+                    with contextlib.suppress(HostAgentError):
+                        await domain.deactivate_volumes(await domain.chain(img, v))
+            self._save_prepared()
