@@ -90,14 +90,22 @@ class Client:
         return self._session
 
     async def close(self) -> None:
-        if self._ws is not None:
-            await self._ws.close()
+        # Stop our reader first: closing a WebSocket that another task is
+        # reading can return before its connection is released, which leaks
+        # the socket.
         if self._ws_reader is not None:
             self._ws_reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ws_reader
+        if self._ws is not None:
+            with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
+                await self._ws.close()
         if self._session is not None:
             await self._session.close()
+            # Aborted TLS transports close their sockets in a callback on the
+            # following loop iterations: let them run before the caller's loop ends,
+            # or the socket leaks (aiohttp's documented graceful shutdown).
+            await asyncio.sleep(0.05)
         self._session = self._ws = self._ws_reader = None
 
     # ---- HTTP ----------------------------------------------------------------

@@ -154,28 +154,27 @@ class Domain(abc.ABC):
             raise VolumeDoesNotExist(volUUID=vol)
         return md
 
-    async def image_volumes(self, img: str) -> list[VolumeMetadata]:
-        """READY and CREATING volumes of an image (CREATING ones are ILLEGAL)."""
-        if img not in await self.image_ids():
-            raise ImageDoesNotExistInSD(imgUUID=img, sdUUID=self.uuid)
+    async def scan(self, img: str | None = None) -> list[VolumeMetadata]:
+        """Metadata of every volume (of one image, or of the domain) whose
+        metadata reads; kinds override this with one batched read."""
         out = []
-        for vol in await self.volume_ids(img):
-            try:
-                md = await self.read_volume_md(img, vol)
-            except (VolumeDoesNotExist, MetadataError):
-                continue
-            if md.state != REMOVING:
-                out.append(md)
+        for image in [img] if img else await self.image_ids():
+            for vol in await self.volume_ids(image):
+                try:
+                    out.append(await self.read_volume_md(image, vol))
+                except (VolumeDoesNotExist, MetadataError):
+                    continue
         return out
 
+    async def image_volumes(self, img: str) -> list[VolumeMetadata]:
+        """READY and CREATING volumes of an image (CREATING ones are ILLEGAL)."""
+        vols = [v for v in await self.scan(img) if v.state != REMOVING]
+        if not vols and img not in await self.image_ids():
+            raise ImageDoesNotExistInSD(imgUUID=img, sdUUID=self.uuid)
+        return vols
+
     async def all_volumes(self) -> list[VolumeMetadata]:
-        out = []
-        for img in await self.image_ids():
-            try:
-                out.extend(await self.image_volumes(img))
-            except ImageDoesNotExistInSD:
-                continue
-        return out
+        return [v for v in await self.scan() if v.state != REMOVING]
 
     async def volume_info(self, img: str, vol: str) -> dict[str, Any]:
         md = await self.volume(img, vol)

@@ -161,6 +161,31 @@ class FileDomain(Domain):
                           if n.endswith(META_SUFFIX) and is_uuid(n[:-len(META_SUFFIX)]))
         return await self.io.call(listing)
 
+    async def scan(self, img: str | None = None) -> list[VolumeMetadata]:
+        """All metadata in one executor call: one listing and one read per
+        volume, with no event loop round trip in between."""
+        def read_all() -> list[VolumeMetadata]:
+            try:
+                images = [img] if img else [n for n in os.listdir(self.images) if is_uuid(n)]
+            except FileNotFoundError:
+                return []
+            out = []
+            for image in sorted(images):
+                try:
+                    names = os.listdir(self.images / image)
+                except FileNotFoundError:
+                    continue
+                for name in sorted(names):
+                    if not name.endswith(META_SUFFIX) or not is_uuid(name[:-len(META_SUFFIX)]):
+                        continue
+                    try:
+                        with open(self.images / image / name, "rb") as f:
+                            out.append(VolumeMetadata.decode(f.read(65536)))
+                    except (FileNotFoundError, MetadataError):
+                        continue
+            return out
+        return await self.io.call(read_all, timeout=max(self.io.timeout, 120))
+
     def _meta(self, img: str, vol: str) -> Path:
         return self.images / img / f"{vol}{META_SUFFIX}"
 

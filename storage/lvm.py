@@ -1,0 +1,633 @@
+"""LVM wrapper: PV/VG/LV commands limited to given devices, cached reports.
+
+One `LVM` object serves one set of devices (a block storage domain's LUNs,
+or loop devices in tests). Every command it runs carries the same
+`--config` string: a devices filter accepting exactly those paths and
+rejecting everything else (so other VGs of the host and other domains' LUNs
+are never scanned), no devices file, no hints, no cache file, and
+`global {activation=0}` when the object was made with activation=False
+(the host tier has no device-mapper; metadata-only commands still work).
+LVM 2.03 has no lvmetad and no locking_type, so neither is set.
+
+Locking: commands that change a VG's metadata (vgcreate, vgremove,
+vgchange --addtag/--deltag, lvcreate, lvremove, lvrename, lvextend,
+lvchange --addtag/--deltag) hold an `asyncio.Lock` for that VG name, one
+lock per VG per LVM object: concurrent changes to one VG run one after the
+other, changes to different VGs run in parallel. Activation, refresh and
+reports take no lock (LVM's own file locks cover other processes).
+
+Cache: `vgs(vg)`, `lvs(vg)` and `pvs(vg)` of one VG are cached per VG for at
+most `cache_ttl` seconds. Every command of this object that can change what
+they report (the metadata changes above, plus activation, deactivation and
+refresh, which change lv_attr) drops that VG's entries when it finishes,
+failed or not, and a report that was running while the VG changed is not
+stored. Changes made elsewhere (another host, the lvm CLI) are only seen
+after `invalidate(vg)` or `invalidate()` or when the entry expires. Reports
+of every VG (no VG given) are never cached.
+
+Errors: a failed command raises `LVMCommandError` (code 621) whose reason
+is the useful part of LVM's stderr; `LVMNotFound` (also 621) when LVM says
+the VG or LV does not exist; lvcreate raises `CannotCreateLogicalVolume`
+(550). Names, tags, devices and other request values are checked before they
+reach the command line (`InvalidParameter`, 1000).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from storage import commands
+from storage.errors import CannotCreateLogicalVolume, InvalidParameter, LVMCommandError
+
+LVM_TOOL = "lvm"
+DEFAULT_TIMEOUT = 120.0
+DEFAULT_CACHE_TTL = 60.0
+
+ENV = {"LVM_SUPPRESS_FD_WARNINGS": "1"}
+
+# lvm's exit codes (tools/errors.h).
+RC_NAMES: Mapping[int, str] = {
+    1: "processed",
+    2: "no-such-command",
+    3: "invalid-command-line",
+    5: "command-failed",
+}
+
+MAX_TAG_LEN = 1024
+_TAG = re.compile(r"^[A-Za-z0-9_+.\-/=!:&#]+$")
+# LVM accepts these in VG and LV names; "." and ".." and a leading "-" are refused.
+_NAME = re.compile(r"^[A-Za-z0-9_+.\-]+$")
+MAX_NAME_LEN = 127
+# Device paths that may go into the filter: no '|' (the regex delimiter), no
+# quotes, no backslash, nothing the config parser would read specially.
+_DEVICE = re.compile(r"^/[A-Za-z0-9_.:+/\-]+$")
+# Regex metacharacters a device path may contain; each becomes a one-char class.
+_REGEX_SPECIAL = ".+"
+
+SECTOR = 512
+
+_PV_FIELDS = ("pv_name", "pv_uuid", "vg_name", "vg_uuid", "pv_size", "pv_free", "pe_start",
+              "dev_size", "pv_pe_count", "pv_pe_alloc_count", "pv_mda_count", "pv_mda_size",
+              "pv_mda_free", "pv_tags")
+_VG_FIELDS = ("vg_name", "vg_uuid", "vg_attr", "vg_size", "vg_free", "vg_extent_size",
+              "vg_extent_count", "vg_free_count", "vg_tags", "pv_count", "lv_count",
+              "vg_mda_size", "vg_mda_free")
+_LV_FIELDS = ("lv_name", "vg_name", "lv_uuid", "lv_size", "lv_tags", "lv_attr", "lv_active",
+              "lv_path")
+
+# Lines on stderr that never explain a failure.
+_NOISE = (
+    re.compile(r"^WARNING: Activation disabled"),
+    re.compile(r"^WARNING: Logical volume .* not zeroed"),
+    re.compile(r"^File descriptor \d+ .* leaked"),
+    re.compile(r"^Run `\S+ --help' for more information"),
+)
+_NOT_FOUND = re.compile(r"not found|Failed to find", re.IGNORECASE)
+_MAX_REASON = 500
+
+
+class LVMNotFound(LVMCommandError):
+    """LVM said the VG, LV or PV named in the command does not exist."""
+
+
+# --- checks ------------------------------------------------------------------------------
+
+
+def check_name(value: str, field: str) -> str:
+    """A VG or LV name LVM accepts, safe on a command line."""
+    commands.check_arg(value, field)
+    if value in (".", "..") or len(value) > MAX_NAME_LEN or not _NAME.match(value):
+        raise InvalidParameter(field=field, reason=f"invalid LVM name {value!r}")
+    return value
+
+
+def check_tag(value: str, field: str = "tag") -> str:
+    """An LVM tag: 1..1024 characters of [A-Za-z0-9_+.-/=!:&#]."""
+    commands.check_arg(value, field)
+    if len(value) > MAX_TAG_LEN:
+        raise InvalidParameter(field=field, reason=f"longer than {MAX_TAG_LEN} characters")
+    if not _TAG.match(value):
+        raise InvalidParameter(field=field, reason=f"invalid LVM tag {value!r}")
+    return value
+
+
+def check_device(value: str, field: str = "device") -> str:
+    """An absolute device path that can be put into the devices filter."""
+    commands.check_arg(value, field)
+    if not _DEVICE.match(value) or "/../" in value or value.endswith("/.."):
+        raise InvalidParameter(field=field, reason=f"invalid device path {value!r}")
+    return value
+
+
+def _check_size(value: int, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidParameter(field=field, reason="must be a positive integer (bytes)")
+    if value % SECTOR:
+        raise InvalidParameter(field=field, reason=f"must be a multiple of {SECTOR} bytes")
+    return value
+
+
+def _bytes(value: int) -> str:
+    return f"{value}b"
+
+
+def _tags(values: Iterable[str], field: str) -> list[str]:
+    if isinstance(values, str):
+        raise InvalidParameter(field=field, reason="must be a list of tags")
+    return [check_tag(t, field) for t in values]
+
+
+# --- config --------------------------------------------------------------------------
+
+
+def _filter_regex(device: str) -> str:
+    escaped = "".join(f"[{c}]" if c in _REGEX_SPECIAL else c for c in device)
+    return f"^{escaped}$"
+
+
+def build_config(devices: Sequence[str] | None, *, activation: bool) -> str:
+    """The --config string for every command (see the module docstring)."""
+    devs = [
+        # multipath maps have dm-N and by-id aliases; prefer the map's name
+        'preferred_names=["^/dev/mapper/"]',
+        "ignore_suspended_devices=1",
+        "write_cache_state=0",
+        "disable_after_error_count=3",
+        "obtain_device_list_from_udev=0",
+        "use_devicesfile=0",
+        'hints="none"',
+    ]
+    if devices is not None:
+        rules = [f'"a|{_filter_regex(d)}|"' for d in devices]
+        rules.append('"r|.*|"')
+        devs.append(f"filter=[{','.join(rules)}]")
+    glob = ["prioritise_write_locks=1", "wait_for_locks=1"]
+    if not activation:
+        glob.append("activation=0")
+    return (f"devices {{ {' '.join(devs)} }} global {{ {' '.join(glob)} }} "
+            "backup { retain_min=50 retain_days=0 }")
+
+
+# --- reports -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PV:
+    name: str
+    uuid: str
+    vg_name: str
+    vg_uuid: str
+    size: int
+    free: int
+    pe_start: int
+    dev_size: int
+    pe_count: int
+    pe_alloc_count: int
+    mda_count: int
+    mda_size: int
+    mda_free: int
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class VG:
+    name: str
+    uuid: str
+    attr: str
+    size: int
+    free: int
+    extent_size: int
+    extent_count: int
+    free_count: int
+    tags: tuple[str, ...]
+    pv_count: int
+    lv_count: int
+    mda_size: int
+    mda_free: int
+
+    @property
+    def partial(self) -> bool:
+        """A PV of the VG is missing."""
+        return len(self.attr) > 3 and self.attr[3] == "p"
+
+
+@dataclass(frozen=True, slots=True)
+class LV:
+    name: str
+    vg_name: str
+    uuid: str
+    size: int
+    tags: tuple[str, ...]
+    attr: str
+    # None when LVM cannot tell (activation=0: attr is "-wi-XX----")
+    active: bool | None
+    opened: bool | None
+    path: str
+
+
+def _split_tags(value: str) -> tuple[str, ...]:
+    return tuple(t for t in value.split(",") if t)
+
+
+def _attr_flag(attr: str, index: int, on: str) -> bool | None:
+    if len(attr) <= index or attr[index] == "X":
+        return None
+    return attr[index] == on
+
+
+def _parse_pv(r: Mapping[str, str]) -> PV:
+    return PV(name=r["pv_name"], uuid=r["pv_uuid"], vg_name=r["vg_name"], vg_uuid=r["vg_uuid"],
+              size=int(r["pv_size"]), free=int(r["pv_free"]), pe_start=int(r["pe_start"]),
+              dev_size=int(r["dev_size"]), pe_count=int(r["pv_pe_count"]),
+              pe_alloc_count=int(r["pv_pe_alloc_count"]), mda_count=int(r["pv_mda_count"]),
+              mda_size=int(r["pv_mda_size"] or 0), mda_free=int(r["pv_mda_free"] or 0),
+              tags=_split_tags(r["pv_tags"]))
+
+
+def _parse_vg(r: Mapping[str, str]) -> VG:
+    return VG(name=r["vg_name"], uuid=r["vg_uuid"], attr=r["vg_attr"], size=int(r["vg_size"]),
+              free=int(r["vg_free"]), extent_size=int(r["vg_extent_size"]),
+              extent_count=int(r["vg_extent_count"]), free_count=int(r["vg_free_count"]),
+              tags=_split_tags(r["vg_tags"]), pv_count=int(r["pv_count"]),
+              lv_count=int(r["lv_count"]), mda_size=int(r["vg_mda_size"]),
+              mda_free=int(r["vg_mda_free"]))
+
+
+def _parse_lv(r: Mapping[str, str]) -> LV:
+    attr = r["lv_attr"]
+    if r["lv_active"] == "unknown":
+        active: bool | None = None
+    else:
+        active = _attr_flag(attr, 4, "a")
+    return LV(name=r["lv_name"], vg_name=r["vg_name"], uuid=r["lv_uuid"], size=int(r["lv_size"]),
+              tags=_split_tags(r["lv_tags"]), attr=attr, active=active,
+              opened=_attr_flag(attr, 5, "o"), path=r["lv_path"])
+
+
+T = TypeVar("T")
+
+
+def parse_report(out: bytes | str, kind: str, parse: Callable[[Mapping[str, str]], T]) -> list[T]:
+    """Rows of `lvm {kind}s --reportformat json` parsed with `parse`."""
+    try:
+        reports = json.loads(out)["report"]
+        if not isinstance(reports, list):
+            raise TypeError("'report' is not a list")
+        rows = [row for report in reports for row in report[kind]]
+        return [parse(row) for row in rows]
+    except (ValueError, KeyError, TypeError) as e:
+        raise LVMCommandError(reason=f"unexpected {kind}s output: {e!r}") from None
+
+
+def parse_pvs(out: bytes | str) -> list[PV]:
+    return parse_report(out, "pv", _parse_pv)
+
+
+def parse_vgs(out: bytes | str) -> list[VG]:
+    return parse_report(out, "vg", _parse_vg)
+
+
+def parse_lvs(out: bytes | str) -> list[LV]:
+    return parse_report(out, "lv", _parse_lv)
+
+
+# --- errors --------------------------------------------------------------------------
+
+
+def error_reason(err: bytes | str) -> str:
+    """The lines of LVM's stderr that explain a failure, without the noise."""
+    text = err.decode("utf-8", "replace") if isinstance(err, bytes) else err
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not any(p.search(ln) for p in _NOISE)]
+    reason = "; ".join(useful or lines[-1:]) or "no error message"
+    if len(reason) > _MAX_REASON:
+        reason = reason[:_MAX_REASON] + "..."
+    return reason
+
+
+def _lvm_error(e: commands.CommandError, op: str) -> LVMCommandError:
+    reason = error_reason(e.err)
+    status = f"rc={e.rc}" + (f" {e.rc_name}" if e.rc_name else "")
+    cls = LVMNotFound if e.rc == 5 and _NOT_FOUND.search(reason) else LVMCommandError
+    return cls(reason=f"{op}: {reason}", op=op, rc=e.rc, status=status)
+
+
+# --- the wrapper ---------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    time: float
+    value: Any
+
+
+class LVM:
+    """LVM commands on `devices` (None: the host's own lvm.conf filter; an empty
+    list: no device at all). See the module docstring for locking and caching."""
+
+    def __init__(self, runner: commands.Runner = commands.run, *,
+                 devices: Sequence[str] | None = None, activation: bool = True,
+                 timeout: float = DEFAULT_TIMEOUT, cache_ttl: float = DEFAULT_CACHE_TTL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._runner = runner
+        self.activation = activation
+        self.timeout = timeout
+        self.cache_ttl = cache_ttl
+        self._clock = clock
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._cache: dict[tuple[str, str], _Entry] = {}
+        # Bumped when a VG changes or is invalidated: a report that ran
+        # across a bump is not stored.
+        self._generation: dict[str, int] = {}
+        self._devices: tuple[str, ...] | None = None
+        self._config = ""
+        self.set_devices(devices)
+
+    # -- configuration
+
+    @property
+    def devices(self) -> tuple[str, ...] | None:
+        return self._devices
+
+    @property
+    def config(self) -> str:
+        return self._config
+
+    def set_devices(self, devices: Sequence[str] | None) -> None:
+        """Change the devices filter (e.g. a LUN was added); drops the whole cache."""
+        if isinstance(devices, str):
+            raise InvalidParameter(field="devices", reason="must be a list of paths")
+        if devices is not None:
+            devices = tuple(dict.fromkeys(check_device(d, "devices") for d in devices))
+        self._devices = devices
+        self._config = build_config(devices, activation=self.activation)
+        self.invalidate()
+
+    # -- cache and locks
+
+    def lock(self, vg: str) -> asyncio.Lock:
+        """The lock this object holds while it changes `vg`'s metadata."""
+        return self._locks.setdefault(vg, asyncio.Lock())
+
+    def invalidate(self, vg: str | None = None) -> None:
+        """Forget cached reports of `vg` (of every VG when None), e.g. after
+        another host changed it."""
+        names: Iterable[str] = ([vg] if vg is not None
+                                 else {k[1] for k in self._cache} | set(self._generation))
+        for name in names:
+            self._generation[name] = self._generation.get(name, 0) + 1
+            for kind in ("pv", "vg", "lv"):
+                self._cache.pop((kind, name), None)
+
+    def _cached(self, kind: str, vg: str) -> Any:
+        entry = self._cache.get((kind, vg))
+        if entry is None:
+            return None
+        if self._clock() - entry.time > self.cache_ttl:
+            del self._cache[(kind, vg)]
+            return None
+        return entry.value
+
+    # -- running
+
+    async def _run(self, op: str, args: Sequence[str]) -> commands.CommandResult:
+        argv = [LVM_TOOL, op, "--config", self._config, *args]
+        try:
+            return await self._runner(argv, timeout=self.timeout, env=ENV, rc_names=RC_NAMES)
+        except commands.CommandError as e:
+            raise _lvm_error(e, op) from None
+
+    async def _change(self, vg: str, op: str, args: Sequence[str]) -> commands.CommandResult:
+        """Run a metadata change of `vg` under its lock; drop its cache after."""
+        async with self.lock(vg):
+            self.invalidate(vg)
+            try:
+                return await self._run(op, args)
+            finally:
+                self.invalidate(vg)
+
+    async def _report(self, kind: str, vg: str | None, args: Sequence[str],
+                      parse: Callable[[bytes], list[T]]) -> list[T]:
+        generation = 0
+        if vg is not None:
+            hit = self._cached(kind, vg)
+            if hit is not None:
+                return list(hit)
+            generation = self._generation.get(vg, 0)
+        result = await self._run(f"{kind}s", ["--reportformat", "json", "--units", "b",
+                                               "--nosuffix", *args])
+        rows = parse(result.out)
+        if vg is not None and self._generation.get(vg, 0) == generation:
+            self._cache[(kind, vg)] = _Entry(self._clock(), tuple(rows))
+        return rows
+
+    # -- reports
+
+    async def pvs(self, vg: str | None = None) -> list[PV]:
+        """PVs seen through the filter; only those of `vg` if given."""
+        if vg is not None:
+            check_name(vg, "vg_name")
+        pvs = await self._report("pv", vg, ["-o", ",".join(_PV_FIELDS)], parse_pvs)
+        return pvs if vg is None else [pv for pv in pvs if pv.vg_name == vg]
+
+    async def vgs(self, vg: str | None = None) -> list[VG]:
+        """Every VG seen through the filter, or just `vg` (LVMNotFound if missing)."""
+        args = ["-o", ",".join(_VG_FIELDS)]
+        if vg is not None:
+            args.append(check_name(vg, "vg_name"))
+        return await self._report("vg", vg, args, parse_vgs)
+
+    async def vg(self, vg: str) -> VG:
+        found = await self.vgs(vg)
+        if len(found) != 1:
+            raise LVMCommandError(reason=f"vgs {vg}: {len(found)} VGs reported")
+        return found[0]
+
+    async def lvs(self, vg: str | None = None) -> list[LV]:
+        """LVs of every VG seen through the filter, or of `vg`."""
+        args = ["-o", ",".join(_LV_FIELDS)]
+        if vg is not None:
+            args.append(check_name(vg, "vg_name"))
+        return await self._report("lv", vg, args, parse_lvs)
+
+    async def lv(self, vg: str, lv: str) -> LV:
+        """One LV, from the (cached) report of its VG."""
+        check_name(lv, "lv_name")
+        for found in await self.lvs(vg):
+            if found.name == lv:
+                return found
+        raise LVMNotFound(reason=f"lvs: logical volume {vg}/{lv} not found", op="lvs")
+
+    # -- PVs and VGs
+
+    async def pvcreate(self, devices: Sequence[str], *, metadata_size: int | None = None,
+                       data_alignment: int | None = None, force: bool = False) -> None:
+        """Initialise `devices` as PVs. force: also over other signatures
+        (`--yes --force`); a PV of a VG is still refused."""
+        devs = self._known_devices(devices)
+        args = []
+        if metadata_size is not None:
+            args += ["--metadatasize", _bytes(_check_size(metadata_size, "metadata_size"))]
+        if data_alignment is not None:
+            args += ["--dataalignment", _bytes(_check_size(data_alignment, "data_alignment"))]
+        if force:
+            args += ["--yes", "--force"]
+        await self._run("pvcreate", [*args, *devs])
+
+    async def pvremove(self, devices: Sequence[str]) -> None:
+        await self._run("pvremove", self._known_devices(devices))
+
+    async def vgcreate(self, vg: str, devices: Sequence[str], *,
+                       extent_size: int | None = None, tags: Iterable[str] = ()) -> None:
+        check_name(vg, "vg_name")
+        devs = self._known_devices(devices)
+        args = []
+        if extent_size is not None:
+            args += ["--physicalextentsize", _bytes(_check_size(extent_size, "extent_size"))]
+        for tag in _tags(tags, "tags"):
+            args += ["--addtag", tag]
+        await self._change(vg, "vgcreate", [*args, vg, *devs])
+
+    async def vgremove(self, vg: str) -> None:
+        """Remove `vg` and all its LVs (they must be inactive)."""
+        check_name(vg, "vg_name")
+        await self._change(vg, "vgremove", ["--force", vg])
+
+    async def vgchange_tags(self, vg: str, *, add: Iterable[str] = (),
+                            remove: Iterable[str] = ()) -> None:
+        """Add and remove VG tags in one metadata change."""
+        check_name(vg, "vg_name")
+        await self._change(vg, "vgchange", [*_tag_args(add, remove), vg])
+
+    async def vgck(self, vg: str) -> None:
+        """Check `vg`'s metadata; LVMCommandError if it is inconsistent."""
+        check_name(vg, "vg_name")
+        await self._run("vgck", [vg])
+
+    # -- LVs
+
+    async def lvcreate(self, vg: str, lv: str, size: int, *, tags: Iterable[str] = (),
+                       activate: bool = False, zero: bool = False,
+                       contiguous: bool = False) -> None:
+        """Create `vg/lv` of at least `size` bytes (LVM rounds up to extents)."""
+        check_name(vg, "vg_name")
+        check_name(lv, "lv_name")
+        _check_size(size, "size")
+        args = ["--name", lv, "--size", _bytes(size), "--activate", "y" if activate else "n",
+                "--zero", "y" if zero else "n"]
+        if contiguous:
+            args += ["--contiguous", "y"]
+        for tag in _tags(tags, "tags"):
+            args += ["--addtag", tag]
+        if activate:
+            self._check_activation()
+        try:
+            await self._change(vg, "lvcreate", [*args, vg])
+        except LVMCommandError as e:
+            raise CannotCreateLogicalVolume(lvName=lv, vgName=vg,
+                                            reason=e.fields.get("reason", str(e))) from None
+
+    async def lvremove(self, vg: str, lvs: Sequence[str]) -> None:
+        """Remove LVs of `vg` in one command (they must be inactive or unused)."""
+        await self._change(vg, "lvremove", ["--force", *self._lv_paths(vg, lvs)])
+
+    async def lvrename(self, vg: str, lv: str, new_name: str) -> None:
+        check_name(vg, "vg_name")
+        check_name(lv, "lv_name")
+        check_name(new_name, "new_name")
+        await self._change(vg, "lvrename", [vg, lv, new_name])
+
+    async def lvextend(self, vg: str, lv: str, size: int) -> None:
+        """Grow `vg/lv` to at least `size` bytes. Asking for the size it has
+        already is not an error; asking for less is."""
+        check_name(vg, "vg_name")
+        check_name(lv, "lv_name")
+        _check_size(size, "size")
+        try:
+            await self._change(vg, "lvextend", ["--size", _bytes(size), f"{vg}/{lv}"])
+        except LVMCommandError as e:
+            if "matches existing size" not in str(e):
+                raise
+
+    async def lvchange_tags(self, vg: str, lv: str, *, add: Iterable[str] = (),
+                            remove: Iterable[str] = ()) -> None:
+        """Add and remove tags of `vg/lv` in one command: one atomic metadata change."""
+        check_name(vg, "vg_name")
+        check_name(lv, "lv_name")
+        await self._change(vg, "lvchange", [*_tag_args(add, remove), f"{vg}/{lv}"])
+
+    async def activate(self, vg: str, lvs: Sequence[str]) -> None:
+        """Activate LVs of `vg` in one command; /dev/<vg>/<lv> appear."""
+        await self._set_active(vg, lvs, "y")
+
+    async def deactivate(self, vg: str, lvs: Sequence[str]) -> None:
+        """Deactivate LVs of `vg` in one command (fails for an LV in use)."""
+        await self._set_active(vg, lvs, "n")
+
+    async def refresh(self, vg: str, lvs: Sequence[str]) -> None:
+        """Reload active LVs' mappings from metadata (another host extended them)."""
+        self._check_activation()
+        paths = self._lv_paths(vg, lvs)
+        try:
+            await self._run("lvchange", ["--refresh", *paths])
+        finally:
+            self.invalidate(vg)
+
+    async def _set_active(self, vg: str, lvs: Sequence[str], flag: str) -> None:
+        self._check_activation()
+        paths = self._lv_paths(vg, lvs)
+        try:
+            await self._run("lvchange", ["--activate", flag, *paths])
+        finally:
+            self.invalidate(vg)
+
+    # -- helpers
+
+    def _check_activation(self) -> None:
+        # With activation=0 `lvchange -ay` exits 0 and activates nothing.
+        if not self.activation:
+            raise LVMCommandError(reason="activation is disabled for this LVM object")
+
+    def _lv_paths(self, vg: str, lvs: Sequence[str]) -> list[str]:
+        check_name(vg, "vg_name")
+        if isinstance(lvs, str):
+            raise InvalidParameter(field="lvs", reason="must be a list of LV names")
+        if not lvs:
+            raise InvalidParameter(field="lvs", reason="must not be empty")
+        return [f"{vg}/{check_name(lv, 'lv_name')}" for lv in lvs]
+
+    def _known_devices(self, devices: Sequence[str]) -> list[str]:
+        if isinstance(devices, str):
+            raise InvalidParameter(field="devices", reason="must be a list of paths")
+        if not devices:
+            raise InvalidParameter(field="devices", reason="must not be empty")
+        devs = [check_device(d, "devices") for d in devices]
+        if self._devices is not None:
+            unknown = [d for d in devs if d not in self._devices]
+            if unknown:
+                raise InvalidParameter(field="devices",
+                                       reason=f"not in this LVM's filter: {unknown}")
+        return devs
+
+
+def _tag_args(add: Iterable[str], remove: Iterable[str]) -> list[str]:
+    added = _tags(add, "add_tags")
+    removed = _tags(remove, "remove_tags")
+    if not added and not removed:
+        raise InvalidParameter(field="tags", reason="nothing to add or remove")
+    both = set(added) & set(removed)
+    if both:
+        # LVM would apply --deltag last and drop the tag: refuse the ambiguity.
+        raise InvalidParameter(field="tags", reason=f"added and removed at once: {sorted(both)}")
+    args = []
+    for tag in removed:
+        args += ["--deltag", tag]
+    for tag in added:
+        args += ["--addtag", tag]
+    return args
