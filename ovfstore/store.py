@@ -1,0 +1,224 @@
+"""The OVF store volume: two slots and a header that says which is current.
+
+    offset 0         header, copy A (4 KiB)
+    offset 4 KiB     header, copy B
+    offset 1 MiB     slot 0
+    1 MiB + S        slot 1                    (S = slot size)
+
+An upload streams into the slot that is not current, through one fixed
+buffer (never the whole tar in memory), checking the tar as it passes; once
+the data is durable (fsync), the header switch is one small write of copy A
+and then of copy B. A reader takes the first copy with a valid checksum, so
+at any crash point it sees the old tar or the new one, never a mix. Data is
+read and written with O_DIRECT where the storage allows, so another host's
+update is not hidden by this host's page cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import mmap
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ovfstore.tarcheck import Member, TarChecker, TarRejected
+from storage.fileio import IOPool
+from storage.metadata import MetadataError, decode, encode
+
+HEADER_SIZE = 4096
+DATA_OFFSET = 1 << 20
+BUFFER_SIZE = 1 << 20
+ALIGN = 4096
+
+
+class UploadError(Exception):
+    """The upload is refused; the stored tar is unchanged."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Header:
+    generation: int = 0
+    slot: int = 0
+    size: int = 0
+    sha256: str = ""
+    updated: float = 0.0
+    entries: int = 0
+
+    def encode(self) -> bytes:
+        data = encode({"GEN": self.generation, "SLOT": self.slot, "SIZE": self.size,
+                       "SHA256": self.sha256, "UPDATED": f"{self.updated:.3f}",
+                       "ENTRIES": self.entries})
+        return data + b"\0" * (HEADER_SIZE - len(data))
+
+    @classmethod
+    def decode(cls, data: bytes) -> Header:
+        v = decode(data)
+        try:
+            return cls(generation=int(v["GEN"]), slot=int(v["SLOT"]), size=int(v["SIZE"]),
+                       sha256=v["SHA256"], updated=float(v["UPDATED"]),
+                       entries=int(v["ENTRIES"]))
+        except (KeyError, ValueError) as e:
+            raise MetadataError(f"bad OVF store header: {e}") from None
+
+
+def volume_size(slot_size: int) -> int:
+    return DATA_OFFSET + 2 * slot_size
+
+
+def _aligned(size: int) -> mmap.mmap:
+    return mmap.mmap(-1, size)
+
+
+def _release(buf: mmap.mmap) -> None:
+    """Unmap a buffer unless something still uses it: a slice handed to a
+    storage call, or a thread still blocked in one after a deadline. Then
+    the mapping goes when the last user lets it go."""
+    gc.collect(0)
+    with contextlib.suppress(BufferError):
+        buf.close()
+
+
+def _open(path: Path, flags: int) -> int:
+    try:
+        return os.open(path, flags | os.O_DIRECT)
+    except OSError:
+        return os.open(path, flags)
+
+
+class OvfStore:
+    def __init__(self, path: Path, slot_size: int, io: IOPool) -> None:
+        self.path = path
+        self.slot_size = slot_size
+        self.io = io
+
+    # ---- header ---------------------------------------------------------------
+
+    def _read_header_sync(self) -> Header:
+        fd = _open(self.path, os.O_RDONLY)
+        buf = _aligned(2 * HEADER_SIZE)
+        try:
+            n = os.preadv(fd, [buf], 0)
+            for copy in (0, 1):
+                chunk = bytes(buf[copy * HEADER_SIZE:(copy + 1) * HEADER_SIZE])
+                if n >= (copy + 1) * HEADER_SIZE and any(chunk):
+                    try:
+                        return Header.decode(chunk)
+                    except MetadataError:
+                        continue
+            return Header()
+        finally:
+            buf.close()
+            os.close(fd)
+
+    def _write_header_sync(self, header: Header) -> None:
+        fd = _open(self.path, os.O_WRONLY)
+        buf = _aligned(HEADER_SIZE)
+        try:
+            buf.write(header.encode())
+            for copy in (0, 1):
+                os.pwritev(fd, [buf], copy * HEADER_SIZE)
+                os.fsync(fd)
+        finally:
+            buf.close()
+            os.close(fd)
+
+    async def header(self) -> Header:
+        return await self.io.call(self._read_header_sync)
+
+    # ---- write ----------------------------------------------------------------
+
+    async def write(self, chunks: AsyncIterator[bytes], size: int, *, member_limit: int,
+                    sha256: str | None = None) -> tuple[Header, list[Member]]:
+        """Stream `size` bytes of tar from `chunks` into the free slot and make
+        it current. Raises UploadError (stored tar unchanged) if the body is
+        short or long, the tar is refused, or the checksum differs."""
+        if size > self.slot_size:
+            raise UploadError(f"{size} bytes do not fit the store ({self.slot_size} max)")
+        current = await self.header()
+        slot = 1 - current.slot if current.generation else 0
+        base = DATA_OFFSET + slot * self.slot_size
+        checker = TarChecker(member_limit=member_limit, total_limit=self.slot_size)
+        digest = hashlib.sha256()
+        fd = await self.io.call(_open, self.path, os.O_WRONLY)
+        buf = _aligned(BUFFER_SIZE)
+        try:
+            used = 0
+            written = 0
+            received = 0
+            async for chunk in chunks:
+                received += len(chunk)
+                if received > size:
+                    raise UploadError(f"body longer than Content-Length {size}")
+                try:
+                    checker.feed(chunk)
+                except TarRejected as e:
+                    raise UploadError(e.reason) from None
+                digest.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    take = min(BUFFER_SIZE - used, len(view))
+                    buf[used:used + take] = view[:take]
+                    used += take
+                    view = view[take:]
+                    if used == BUFFER_SIZE:
+                        await self.io.call(os.pwritev, fd, [buf], base + written)
+                        written += used
+                        used = 0
+            if received != size:
+                raise UploadError(f"body ended after {received} of {size} bytes")
+            if used:
+                # O_DIRECT wants whole blocks: pad the tail with zeros (the
+                # header records the real size).
+                padded = (used + ALIGN - 1) // ALIGN * ALIGN
+                buf[used:padded] = b"\0" * (padded - used)
+                await self.io.call(os.pwritev, fd, [memoryview(buf)[:padded]],
+                                   base + written)
+            try:
+                members = checker.close()
+            except TarRejected as e:
+                raise UploadError(e.reason) from None
+            if sha256 is not None and digest.hexdigest() != sha256.lower():
+                raise UploadError("sha256 of the body does not match")
+            await self.io.call(os.fsync, fd)
+        finally:
+            _release(buf)
+            await self.io.call(os.close, fd)
+        header = Header(generation=current.generation + 1, slot=slot, size=size,
+                        sha256=digest.hexdigest(), updated=time.time(), entries=len(members))
+        await self.io.call(self._write_header_sync, header)
+        return header, members
+
+    # ---- read -------------------------------------------------------------------
+
+    async def read(self, start: int = 0, end: int | None = None,
+                   header: Header | None = None) -> AsyncIterator[bytes]:
+        """The current tar's bytes [start, end), in chunks of up to 1 MiB."""
+        header = header or await self.header()
+        end = header.size if end is None else min(end, header.size)
+        base = DATA_OFFSET + header.slot * self.slot_size
+        fd = await self.io.call(_open, self.path, os.O_RDONLY)
+        buf = _aligned(BUFFER_SIZE)
+        try:
+            pos = start
+            while pos < end:
+                aligned = pos // ALIGN * ALIGN
+                length = min(BUFFER_SIZE, (end - aligned + ALIGN - 1) // ALIGN * ALIGN)
+                n = await self.io.call(os.preadv, fd, [memoryview(buf)[:length]],
+                                       base + aligned)
+                if n <= pos - aligned:
+                    raise OSError(f"short read of {self.path}")
+                stop = min(n, end - aligned)
+                yield bytes(buf[pos - aligned:stop])
+                pos = aligned + stop
+        finally:
+            _release(buf)
+            await self.io.call(os.close, fd)
