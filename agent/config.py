@@ -33,6 +33,9 @@ class ServerConfig:
     cert_file: str = "/etc/pki/hostagent/server.pem"
     key_file: str = "/etc/pki/hostagent/server.key"
     max_body_bytes: int = 4 * 1024 * 1024
+    # Host name put in URLs the agent hands out (OVF upload tickets); empty:
+    # the listening address, or this host's name when listening on all.
+    public_host: str = ""
     max_ws_clients: int = 2000
     # Outgoing notifications queued per WebSocket client before it is dropped
     # as too slow.
@@ -66,6 +69,17 @@ class StorageConfig:
 
 
 @dataclass
+class OvfConfig:
+    # Largest OVF tar a domain's store takes. The store volume holds two
+    # slots of this size (sparse on file domains).
+    max_tar_size: int = 1024 * 1024 * 1024
+    # Largest single member (one OVF) of a tar.
+    max_member_size: int = 64 * 1024 * 1024
+    # An upload ticket is good for one upload within this many seconds.
+    ticket_ttl: float = 300.0
+
+
+@dataclass
 class LoggingConfig:
     level: str = "INFO"
     # Extra per-logger levels, e.g. {"storage.commands" = "DEBUG"}.
@@ -84,6 +98,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    ovf: OvfConfig = field(default_factory=OvfConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     dev: bool = False

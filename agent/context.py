@@ -12,6 +12,8 @@ from agent.host import Host
 from agent.jobs import JobRegistry
 from agent.locks import LockManager
 from agent.metrics import Metrics
+from ovfstore.service import OvfService
+from ovfstore.store import volume_size
 from storage.connections import ConnectionManager
 from storage.domains import DomainManager
 
@@ -26,6 +28,7 @@ class Agent:
     locks: LockManager
     connections: ConnectionManager
     domains: DomainManager
+    ovf: OvfService
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -41,14 +44,18 @@ class Agent:
                                         io_timeout=storage.io_timeout)
         domains = DomainManager(config.state_dir, connections, locks,
                                 io_timeout=storage.io_timeout,
-                                monitor_interval=storage.monitor_interval)
+                                monitor_interval=storage.monitor_interval,
+                                ovf_store_size=volume_size(config.ovf.max_tar_size))
+        ovf = OvfService(domains, locks, slot_size=config.ovf.max_tar_size,
+                         member_limit=config.ovf.max_member_size,
+                         ticket_ttl=config.ovf.ticket_ttl)
         # What an interrupted createVolume or deleteImage left is CREATING or
         # REMOVING on storage: the domain's garbage collection removes it.
         for job_type in ("createVolume", "deleteImage"):
             jobs.register_recovery(job_type, lambda job: domains.collect_garbage(
                 str(job.params.get("sdUUID", ""))))
         return cls(config=config, events=events, metrics=metrics, jobs=jobs, host=host,
-                   locks=locks, connections=connections, domains=domains)
+                   locks=locks, connections=connections, domains=domains, ovf=ovf)
 
     async def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)

@@ -69,6 +69,7 @@ def load_config(args: argparse.Namespace) -> configmod.Config:
 async def serve(config: configmod.Config, notifier: Notifier) -> None:
     # Imported here: the verb table pulls in every storage module.
     import rpc.verbs  # noqa: F401
+    from rpc import ovfroutes
     from rpc.dispatch import Dispatcher
     from rpc.server import make_app, ssl_context
     from rpc.table import TABLE
@@ -81,7 +82,7 @@ async def serve(config: configmod.Config, notifier: Notifier) -> None:
     agent = Agent.create(config)
     await agent.start()
     dispatcher = Dispatcher(agent, TABLE.enabled(config))
-    app = make_app(agent, dispatcher)
+    app = make_app(agent, dispatcher, ovfroutes.routes())
     runner = web.AppRunner(app, access_log=None,
                            shutdown_timeout=config.server.shutdown_timeout)
     await runner.setup()

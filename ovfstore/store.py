@@ -222,3 +222,65 @@ class OvfStore:
         finally:
             _release(buf)
             await self.io.call(os.close, fd)
+
+
+class _SlotReader:
+    """A read-only file object over the current tar (blocking; for a thread),
+    reading aligned 1 MiB blocks with O_DIRECT."""
+
+    def __init__(self, path: Path, base: int, size: int) -> None:
+        self.fd = _open(path, os.O_RDONLY)
+        self.base = base
+        self.size = size
+        self.pos = 0
+        self.buf = _aligned(BUFFER_SIZE)
+        self.buf_start = -1
+        self.buf_len = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            n = self.size - self.pos
+        n = min(n, self.size - self.pos)
+        out = bytearray()
+        while n > 0:
+            if not self.buf_start <= self.pos < self.buf_start + self.buf_len:
+                aligned = self.pos // ALIGN * ALIGN
+                self.buf_len = os.preadv(self.fd, [self.buf], self.base + aligned)
+                self.buf_start = aligned
+                if self.buf_len <= self.pos - aligned:
+                    raise OSError("short read of the OVF store")
+            off = self.pos - self.buf_start
+            take = min(n, self.buf_len - off)
+            out += self.buf[off:off + take]
+            self.pos += take
+            n -= take
+        return bytes(out)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        _release(self.buf)
+
+
+def read_members(path: Path, slot_size: int, header: Header, member_limit: int,
+                 suffix: str = ".ovf") -> list[tuple[str, bytes]]:
+    """(name, data) of each member whose name ends with `suffix` (blocking).
+    The tar was validated when it was stored; sizes are checked again."""
+    import tarfile
+
+    if not header.generation:
+        return []
+    reader = _SlotReader(path, DATA_OFFSET + header.slot * slot_size, header.size)
+    out = []
+    try:
+        with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+            for info in tar:
+                if not info.isreg() or not info.name.endswith(suffix):
+                    continue
+                if info.size > member_limit:
+                    raise OSError(f"member {info.name} is over the limit")
+                f = tar.extractfile(info)
+                if f is not None:
+                    out.append((info.name, f.read()))
+    finally:
+        reader.close()
+    return out

@@ -209,6 +209,16 @@ class StorageDomainFailing(HostAgentError):
     template = "Storage domain {sdUUID} is failing: {reason}"
 
 
+class OvfStoreError(HostAgentError):
+    code = 2010
+    template = "OVF store upload refused: {reason}"
+
+
+class OvfTicketError(HostAgentError):
+    code = 2011
+    template = "OVF store ticket refused: {reason}"
+
+
 class OperationAborted(HostAgentError):
     code = 2007
     template = "Operation aborted"

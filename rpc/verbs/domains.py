@@ -35,7 +35,7 @@ async def create_storage_domain(agent: Agent, sdUUID: str, domType: str, name: s
                                 ovfStore: bool) -> dict[str, Any]:
     return await agent.domains.create(sdUUID, domType, name, domClass,
                                       connection_id=connectionId, devices=devices,
-                                      version=version)
+                                      version=version, ovf_store=ovfStore)
 
 
 @TABLE.verb("getStorageDomainInfo", "A domain's identity, class, backup flag, state on this "

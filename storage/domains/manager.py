@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -71,7 +72,10 @@ class Entry:
 class DomainManager:
     def __init__(self, state_dir: Path, connections: ConnectionManager, locks: LockManager, *,
                  io_timeout: float = 30.0, monitor_interval: float = 10.0,
+                 ovf_store_size: int = 0,
                  runner: commands.Runner = commands.run) -> None:
+        # Size of the OVF store volume made with each new domain.
+        self.ovf_store_size = ovf_store_size
         self.state_dir = state_dir
         self.connections = connections
         self.locks = locks
@@ -179,7 +183,25 @@ class DomainManager:
 
     async def create(self, sd: str, dom_type: str, name: str, dom_class: str, *,
                      connection_id: str | None, devices: list[str] | None,
-                     version: int) -> dict[str, Any]:
+                     version: int, ovf_store: bool = True) -> dict[str, Any]:
+        info = await self._create(sd, dom_type, name, dom_class, connection_id=connection_id,
+                                  devices=devices, version=version)
+        if ovf_store:
+            spec = VolumeSpec(img=str(uuid.uuid4()), vol=str(uuid.uuid4()),
+                              size=self.ovf_store_size, format="raw", preallocate="sparse",
+                              description="OVF_STORE", disk_type="OVFS")
+            try:
+                await self.create_volume(sd, spec, lambda _: None)
+            except BaseException:
+                # All or nothing: a domain without its OVF store is removed.
+                with contextlib.suppress(HostAgentError):
+                    await self.format(sd)
+                raise
+        return info
+
+    async def _create(self, sd: str, dom_type: str, name: str, dom_class: str, *,
+                      connection_id: str | None, devices: list[str] | None,
+                      version: int) -> dict[str, Any]:
         async with self.locks.hold(request("domain", sd)):
             if sd in self.entries:
                 raise StorageDomainAlreadyExists(sdUUID=sd)

@@ -63,7 +63,7 @@ async def test_kill9_during_create_volume(fs_mount: FsMount, agent_factory, tmp_
         await c.call("connectStorageServer", domType="localfs",
                      connectionParams=[{"id": cid, "connection": str(data)}])
         info = await c.call("createStorageDomain", sdUUID=sd, domType="localfs", name="crash",
-                            connectionId=cid)
+                            connectionId=cid, ovfStore=False)
     root = Path(info["path"])
     outcomes = {"complete": 0, "absent": 0}
     base = None
@@ -115,7 +115,7 @@ async def test_kill9_during_delete_image(fs_mount: FsMount, agent_factory, tmp_p
         await c.call("connectStorageServer", domType="localfs",
                      connectionParams=[{"id": cid, "connection": str(data)}])
         info = await c.call("createStorageDomain", sdUUID=sd, domType="localfs", name="crash",
-                            connectionId=cid)
+                            connectionId=cid, ovfStore=False)
     root = Path(info["path"])
     outcomes = {"kept": 0, "gone": 0}
     for _trial in range(TRIALS):

@@ -65,6 +65,8 @@ class Storage:
         assert st["status"] == 0, st
 
     async def create_domain(self, name: str = "test domain", **kw: Any) -> dict[str, Any]:
+        # The OVF store volume is tested on its own (test_ovfstore.py).
+        kw.setdefault("ovfStore", False)
         return dict(await self.c.call("createStorageDomain", sdUUID=self.sd,
                                       domType=self.dom_type, name=name,
                                       connectionId=self.conn_id, **kw))

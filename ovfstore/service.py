@@ -1,0 +1,165 @@
+"""The OVF store of every domain: upload tickets, streamed uploads, reads,
+info and the entities described by the stored OVFs.
+
+The store is a volume of the domain (disk type OVFS) created with it. One
+upload per domain at a time: a second one is refused at once (651), never
+queued. A ticket is single use and expires.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.locks import LockManager, request
+from ovfstore import ovf
+from ovfstore.store import Header, OvfStore, UploadError, read_members
+from storage.domains import Domain, DomainManager
+from storage.errors import (
+    AcquireLockFailure,
+    HostAgentError,
+    InvalidParameter,
+    OvfStoreError,
+    OvfTicketError,
+    VolumeDoesNotExist,
+)
+from storage.metadata import LEGAL, READY, VolumeMetadata
+
+log = logging.getLogger("ovfstore")
+
+OVF_DISK_TYPE = "OVFS"
+
+
+@dataclass
+class Ticket:
+    id: str
+    sd: str
+    size: int
+    sha256: str | None
+    expires: float
+    used: bool = False
+
+
+class OvfService:
+    def __init__(self, domains: DomainManager, locks: LockManager, *, slot_size: int,
+                 member_limit: int, ticket_ttl: float) -> None:
+        self.domains = domains
+        self.locks = locks
+        self.slot_size = slot_size
+        self.member_limit = member_limit
+        self.ticket_ttl = ticket_ttl
+        self.tickets: dict[str, Ticket] = {}
+
+    async def store_of(self, sd: str) -> tuple[Domain, VolumeMetadata, OvfStore]:
+        domain = await self.domains.domain(sd)
+        for md in await domain.all_volumes():
+            if md.disk_type == OVF_DISK_TYPE and md.legality == LEGAL and md.state == READY:
+                path = Path(domain.volume_path(md.image, md.uuid))
+                slot = (md.capacity - (1 << 20)) // 2
+                return domain, md, OvfStore(path, slot, domain.io)
+        raise VolumeDoesNotExist(volUUID="OVF store", reason=f"domain {sd} has no OVF store")
+
+    # ---- upload --------------------------------------------------------------------
+
+    def new_ticket(self, sd: str, size: int, sha256: str | None) -> Ticket:
+        self._expire()
+        ticket = Ticket(id=secrets.token_urlsafe(24), sd=sd, size=size, sha256=sha256,
+                        expires=time.time() + self.ticket_ttl)
+        self.tickets[ticket.id] = ticket
+        return ticket
+
+    async def issue(self, sd: str, size: int, sha256: str | None) -> Ticket:
+        _, _, store = await self.store_of(sd)
+        if size > store.slot_size:
+            raise InvalidParameter(field="size", reason=f"over the OVF store limit of "
+                                                        f"{store.slot_size} bytes")
+        return self.new_ticket(sd, size, sha256)
+
+    def _expire(self) -> None:
+        now = time.time()
+        for key in [k for k, t in self.tickets.items() if t.expires < now]:
+            del self.tickets[key]
+
+    def take(self, ticket_id: str) -> Ticket:
+        """Consume a ticket: it is good for one upload attempt only."""
+        ticket = self.tickets.pop(ticket_id, None)
+        if ticket is None or ticket.used:
+            raise OvfTicketError(reason="unknown, used or expired ticket")
+        ticket.used = True
+        if ticket.expires < time.time():
+            raise OvfTicketError(reason="the ticket expired")
+        return ticket
+
+    async def upload(self, ticket: Ticket, content_length: int | None,
+                     chunks: AsyncIterator[bytes]) -> dict[str, Any]:
+        if content_length is None:
+            raise OvfStoreError(reason="Content-Length is required")
+        if content_length != ticket.size:
+            raise OvfStoreError(reason=f"Content-Length {content_length} is not the size "
+                                       f"{ticket.size} given to uploadOvfTar")
+        try:
+            async with self.locks.hold(request("ovfstore", ticket.sd), nowait=True):
+                domain, md, store = await self.store_of(ticket.sd)
+                await domain.activate_volumes([md])
+                try:
+                    header, members = await store.write(
+                        chunks, ticket.size, member_limit=self.member_limit,
+                        sha256=ticket.sha256)
+                finally:
+                    await domain.deactivate_volumes([md])
+        except AcquireLockFailure:
+            raise AcquireLockFailure(resource=f"OVF store of {ticket.sd}",
+                                     reason="another upload is in progress") from None
+        except UploadError as e:
+            raise OvfStoreError(reason=e.reason) from None
+        log.info("OVF store of %s: generation %d, %d bytes, %d members", ticket.sd,
+                 header.generation, header.size, len(members))
+        return {"generation": header.generation, "size": header.size,
+                "sha256": header.sha256}
+
+    # ---- reads -------------------------------------------------------------------------
+
+    async def header(self, sd: str) -> tuple[Header, OvfStore]:
+        _, _, store = await self.store_of(sd)
+        return await store.header(), store
+
+    async def info(self, sd: str) -> dict[str, Any]:
+        header, _ = await self.header(sd)
+        return {"generation": header.generation, "size": header.size,
+                "sha256": header.sha256, "updated": header.updated or None,
+                "entries": header.entries}
+
+    async def entities(self, sd: str) -> list[dict[str, Any]]:
+        domain, _, store = await self.store_of(sd)
+        header = await store.header()
+        members = await domain.io.call(read_members, store.path, store.slot_size, header,
+                                       self.member_limit,
+                                       timeout=max(domain.io.timeout, 300))
+        images = await self._image_locations()
+        out = []
+        for name, data in members:
+            try:
+                entity = ovf.parse(name[:-len(".ovf")], data)
+            except ovf.OvfError as e:
+                log.warning("OVF store of %s: %s", sd, e)
+                continue
+            out.append({"id": entity.id, "kind": entity.kind, "name": entity.name,
+                        "disks": [{**d, "sdUUID": images.get(d["imgUUID"])}
+                                  for d in entity.disks]})
+        return out
+
+    async def _image_locations(self) -> dict[str, str]:
+        """imgUUID -> sdUUID over every domain this host sees."""
+        found: dict[str, str] = {}
+        for sd in await self.domains.list_domains():
+            try:
+                for img in await (await self.domains.domain(sd)).image_ids():
+                    found.setdefault(img, sd)
+            except HostAgentError as e:
+                log.warning("Cannot list images of %s: %s", sd, e.message)
+        return found

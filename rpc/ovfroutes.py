@@ -1,0 +1,107 @@
+"""HTTP streams of the OVF store: PUT /ovfstore/{ticket}, GET /ovfstore/{sdUUID}.
+
+Behind the same mutual TLS as the JSON-RPC edge. Errors answer with an HTTP
+status and the same error object as JSON-RPC: {"error": {code, message, data}}.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+
+import aiohttp
+import aiohttp.http_exceptions
+from aiohttp import web
+
+from rpc.schema import UUID_RE
+from rpc.server import AGENT_KEY
+from storage.errors import (
+    AcquireLockFailure,
+    HostAgentError,
+    OvfStoreError,
+    OvfTicketError,
+    StorageDomainDoesNotExist,
+    VolumeDoesNotExist,
+)
+
+log = logging.getLogger("rpc.ovfstore")
+
+CHUNK = 1 << 20
+RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+STATUS = {OvfTicketError: 403, AcquireLockFailure: 409, OvfStoreError: 400,
+          StorageDomainDoesNotExist: 404, VolumeDoesNotExist: 404}
+
+
+def _error(e: HostAgentError) -> web.Response:
+    status = next((s for cls, s in STATUS.items() if isinstance(e, cls)), 500)
+    return web.json_response({"error": e.to_dict()}, status=status)
+
+
+async def put_ovf(request: web.Request) -> web.StreamResponse:
+    agent = request.app[AGENT_KEY]
+    try:
+        ticket = agent.ovf.take(request.match_info["ticket"])
+    except HostAgentError as e:
+        return _error(e)
+    if request.content_length is None:
+        e = OvfStoreError(reason="Content-Length is required")
+        return web.json_response({"error": e.to_dict()}, status=411)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        async for chunk in request.content.iter_chunked(CHUNK):
+            yield chunk
+
+    try:
+        result = await agent.ovf.upload(ticket, request.content_length, chunks())
+    except HostAgentError as e:
+        log.info("OVF upload to %s refused: %s", ticket.sd, e.message)
+        return _error(e)
+    except (OSError, aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError):
+        # The body broke off: nothing was switched, the stored tar is unchanged.
+        log.info("OVF upload to %s interrupted", ticket.sd)
+        return _error(OvfStoreError(reason="the body ended before Content-Length"))
+    return web.json_response(result)
+
+
+async def get_ovf(request: web.Request) -> web.StreamResponse:
+    agent = request.app[AGENT_KEY]
+    sd = request.match_info["sdUUID"]
+    if not UUID_RE.match(sd):
+        return web.json_response({"error": {"code": -32602, "message": "not a UUID",
+                                            "data": {"name": "InvalidParams",
+                                                     "field": "sdUUID"}}}, status=400)
+    try:
+        header, store = await agent.ovf.header(sd)
+    except HostAgentError as e:
+        return _error(e)
+    start, end = 0, header.size
+    status = 200
+    rng = request.headers.get("Range")
+    if rng:
+        m = RANGE_RE.match(rng.strip())
+        if not m or (not m.group(1) and not m.group(2)):
+            return web.Response(status=416, headers={"Content-Range": f"bytes */{header.size}"})
+        if m.group(1):
+            start = int(m.group(1))
+            end = min(header.size, int(m.group(2)) + 1) if m.group(2) else header.size
+        else:
+            start = max(0, header.size - int(m.group(2)))
+        if start >= end:
+            return web.Response(status=416, headers={"Content-Range": f"bytes */{header.size}"})
+        status = 206
+    response = web.StreamResponse(status=status, headers={
+        "Content-Type": "application/x-tar", "Accept-Ranges": "bytes",
+        "ETag": f'"{header.sha256}"', "X-OVF-Generation": str(header.generation)})
+    response.content_length = end - start
+    if status == 206:
+        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{header.size}"
+    await response.prepare(request)
+    async for chunk in store.read(start, end, header):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+def routes() -> list[web.RouteDef]:
+    return [web.put("/ovfstore/{ticket}", put_ovf), web.get("/ovfstore/{sdUUID}", get_ovf)]

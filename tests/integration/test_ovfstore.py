@@ -1,0 +1,338 @@
+"""The OVF store of file domains through the real agent: streamed uploads
+over mTLS, downloads with Range, info and entities, hostile tars, tickets,
+concurrency, and kill -9 in the middle of uploads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import random
+import ssl
+import tarfile
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from rpc.client import Client, RpcError
+from tests.agentproc import AgentProcess
+
+MiB = 1024**2
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+OVF = """<?xml version="1.0" encoding="UTF-8"?>
+<ovf:Envelope xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1/"
+  xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
+  <References>{files}</References>
+  <Section xsi:type="ovf:DiskSection_Type"><Info>disks</Info></Section>
+  <Content ovf:id="out" xsi:type="ovf:VirtualSystem_Type">
+    <Name>{name}</Name>
+    <TemplateId>{template}</TemplateId>
+  </Content>
+</ovf:Envelope>
+"""
+
+
+def ovf_xml(name: str, template: str, disks: list[tuple[str, str]]) -> bytes:
+    files = "".join(f'<File ovf:href="{i}/{v}" ovf:id="{v}" ovf:size="1"/>' for i, v in disks)
+    return OVF.format(files=files, name=name, template=template).encode()
+
+
+def make_tar(members: list[Any]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for m in members:
+            if isinstance(m, tarfile.TarInfo):
+                tar.addfile(m, io.BytesIO(b"x" * m.size) if m.isreg() else None)
+            else:
+                info = tarfile.TarInfo(m[0])
+                info.size = len(m[1])
+                tar.addfile(info, io.BytesIO(m[1]))
+    return buf.getvalue()
+
+
+def ssl_ctx(agent: AgentProcess, cert: bool = True) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(agent.pki / "ca.pem"))
+    if cert:
+        ctx.load_cert_chain(str(agent.pki / "client.pem"), str(agent.pki / "client.key"))
+    return ctx
+
+
+async def put(agent: AgentProcess, path: str, body: bytes, *, content_length: int | None = None,
+              chunk: int = 256 * 1024, cert: bool = True) -> tuple[int, Any]:
+    async def gen() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), chunk):
+            yield body[i:i + chunk]
+            await asyncio.sleep(0)
+
+    headers = {"Content-Length": str(len(body) if content_length is None else content_length)}
+    conn = aiohttp.TCPConnector(ssl=ssl_ctx(agent, cert))
+    async with aiohttp.ClientSession(connector=conn) as s:
+        async with s.put(f"{agent.url}{path}", data=gen(), headers=headers) as r:
+            return r.status, await r.json(content_type=None)
+
+
+async def get(agent: AgentProcess, sd: str, rng: str | None = None) -> tuple[int, bytes]:
+    conn = aiohttp.TCPConnector(ssl=ssl_ctx(agent))
+    async with aiohttp.ClientSession(connector=conn) as s:
+        headers = {"Range": rng} if rng else {}
+        async with s.get(f"{agent.url}/ovfstore/{sd}", headers=headers) as r:
+            return r.status, await r.read()
+
+
+async def upload(c: Client, agent: AgentProcess, sd: str, body: bytes,
+                 **kw: Any) -> tuple[int, Any]:
+    t = await c.call("uploadOvfTar", sdUUID=sd, size=len(body),
+                     sha256=hashlib.sha256(body).hexdigest())
+    assert t["url"].endswith(t["path"])
+    return await put(agent, t["path"], body, **kw)
+
+
+class Domain:
+    def __init__(self, c: Client, root: Path) -> None:
+        self.c = c
+        self.root = root
+        self.conn = new_id()
+        self.sd = new_id()
+
+    async def create(self) -> Domain:
+        self.root.mkdir(parents=True, exist_ok=True)
+        [st] = await self.c.call("connectStorageServer", domType="localfs",
+                                 connectionParams=[{"id": self.conn,
+                                                    "connection": str(self.root)}])
+        assert st["status"] == 0
+        await self.c.call("createStorageDomain", sdUUID=self.sd, domType="localfs",
+                          name="ovf", connectionId=self.conn)
+        return self
+
+    async def destroy(self) -> None:
+        await self.c.call("formatStorageDomain", sdUUID=self.sd)
+        await self.c.call("disconnectStorageServer", domType="localfs",
+                          connectionParams=[{"id": self.conn, "connection": str(self.root)}])
+
+
+@pytest.fixture
+def ovf_agent(agent_factory, tmp_path):
+    conf = tmp_path / "state" / "hostagent.toml"
+    conf.parent.mkdir()
+    conf.write_text("[ovf]\nmax_tar_size = 67108864\nmax_member_size = 1048576\n"
+                    "ticket_ttl = 2.0\n")
+    return agent_factory(tmp_path / "state")
+
+
+@pytest.fixture
+async def dom(ovf_agent, tmp_path) -> AsyncIterator[tuple[AgentProcess, Client, Domain]]:
+    async with ovf_agent.client() as c:
+        d = await Domain(c, tmp_path / "data").create()
+        yield ovf_agent, c, d
+        await d.destroy()
+
+
+async def test_upload_download_info_entities_replace(dom):
+    agent, c, d = dom
+    info = await c.call("getOvfStoreInfo", sdUUID=d.sd)
+    assert info["generation"] == 0 and info["size"] == 0
+    vols = [await c.call("getVolumeInfo", sdUUID=d.sd, imgUUID=i, volUUID=v)
+            for i in await c.call("getImagesList", sdUUID=d.sd)
+            for v in await c.call("getVolumesList", sdUUID=d.sd, imgUUID=i)]
+    assert [v["diskType"] for v in vols] == ["OVFS"]
+
+    # a disk of the VM exists on this domain; the template's disk is nowhere
+    img, vol = new_id(), new_id()
+    job = new_id()
+    await c.call("createVolume", jobUUID=job, sdUUID=d.sd, imgUUID=img, volUUID=vol,
+                 size=MiB, format="cow", preallocate="sparse")
+    assert (await c.wait_job(job, timeout=30))["status"] == "done"
+    vm, tpl = new_id(), new_id()
+    missing_img, missing_vol = new_id(), new_id()
+    body = make_tar([(f"{vm}.ovf", ovf_xml("web01", tpl, [(img, vol)])),
+                     (f"{tpl}.ovf", ovf_xml("base-template", tpl,
+                                            [(missing_img, missing_vol)])),
+                     ("metadata.json", b'{"version": 1}')])
+    status, result = await upload(c, agent, d.sd, body)
+    assert status == 200, result
+    assert result == {"generation": 1, "size": len(body),
+                      "sha256": hashlib.sha256(body).hexdigest()}
+    status, data = await get(agent, d.sd)
+    assert status == 200 and data == body
+    status, part = await get(agent, d.sd, "bytes=100-5099")
+    assert status == 206 and part == body[100:5100]
+    status, tail = await get(agent, d.sd, "bytes=-10")
+    assert status == 206 and tail == body[-10:]
+    status, _ = await get(agent, d.sd, f"bytes={len(body)}-")
+    assert status == 416
+    info = await c.call("getOvfStoreInfo", sdUUID=d.sd)
+    assert info["generation"] == 1 and info["entries"] == 3 and info["updated"]
+    entities = {e["id"]: e for e in await c.call("listOvfEntities", sdUUID=d.sd)}
+    assert entities[vm] == {"id": vm, "kind": "vm", "name": "web01",
+                            "disks": [{"imgUUID": img, "volUUID": vol, "sdUUID": d.sd}]}
+    assert entities[tpl]["kind"] == "template"
+    assert entities[tpl]["disks"] == [{"imgUUID": missing_img, "volUUID": missing_vol,
+                                       "sdUUID": None}]
+    # replace
+    body2 = make_tar([(f"{vm}.ovf", ovf_xml("web01-renamed", tpl, []))])
+    status, result = await upload(c, agent, d.sd, body2)
+    assert status == 200 and result["generation"] == 2
+    assert (await get(agent, d.sd))[1] == body2
+    [e] = await c.call("listOvfEntities", sdUUID=d.sd)
+    assert e["name"] == "web01-renamed"
+
+
+def special(name: str, kind: bytes, **kw: Any) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    for k, v in kw.items():
+        setattr(info, k, v)
+    return info
+
+
+U = "abcdef01-2345-4789-abcd-ef0123456789"
+BAD_TARS = {
+    "symlink": [special(f"{U}.ovf", tarfile.SYMTYPE, linkname="/etc/shadow")],
+    "hardlink": [special(f"{U}.ovf", tarfile.LNKTYPE, linkname="x")],
+    "device": [special(f"{U}.ovf", tarfile.BLKTYPE, devmajor=8, devminor=0)],
+    "dotdot": [("../x.ovf", b"x")],
+    "absolute": [("/etc/x.ovf", b"x")],
+    "not-uuid": [("vm1.ovf", b"x")],
+    "too-big-member": [(f"{U}.ovf", b"x" * (MiB + 1))],
+}
+
+
+async def test_hostile_and_broken_uploads_leave_old_tar(dom):
+    agent, c, d = dom
+    good = make_tar([(f"{new_id()}.ovf", b"<ovf/>")])
+    assert (await upload(c, agent, d.sd, good))[0] == 200
+
+    async def refused(body: bytes, expect: int = 400, **kw: Any) -> dict[str, Any]:
+        status, result = await upload(c, agent, d.sd, body, **kw)
+        assert status == expect, (status, result)
+        assert (await get(agent, d.sd))[1] == good
+        return dict(result["error"])
+
+    for name, members in BAD_TARS.items():
+        err = await refused(make_tar([(f"{new_id()}.ovf", b"<ovf/>"), *members]))
+        assert err["code"] == 2010, (name, err)
+    full = make_tar([(f"{new_id()}.ovf", b"y" * 20000)])
+    assert "truncated" in (await refused(full[:8000]))["message"]
+    # body shorter than Content-Length: the client goes away mid-body
+    t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(full))
+    reader, writer = await asyncio.open_connection("127.0.0.1", agent.port,
+                                                   ssl=ssl_ctx(agent))
+    writer.write(f"PUT {t['path']} HTTP/1.1\r\nHost: x\r\n"
+                 f"Content-Length: {len(full)}\r\n\r\n".encode() + full[:len(full) // 2])
+    await writer.drain()
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
+    await asyncio.sleep(0.5)   # the agent notices the closed connection
+    assert (await get(agent, d.sd))[1] == good
+    # Content-Length other than the size given for the ticket (longer body)
+    t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(full))
+    status, result = await put(agent, t["path"], full + b"\0" * 512)
+    assert status == 400 and "Content-Length" in result["error"]["message"]
+    # wrong sha256
+    t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(full), sha256="0" * 64)
+    status, result = await put(agent, t["path"], full)
+    assert status == 400 and "sha256" in result["error"]["message"]
+    # reused ticket, expired ticket
+    t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(full))
+    assert (await put(agent, t["path"], full))[0] == 200
+    good = full
+    status, result = await put(agent, t["path"], full)
+    assert status == 403 and result["error"]["code"] == 2011
+    t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(full))
+    await asyncio.sleep(2.2)
+    status, _ = await put(agent, t["path"], full)
+    assert status == 403
+    # no client certificate: refused at the TLS handshake
+    t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(full))
+    with pytest.raises((aiohttp.ClientError, ssl.SSLError)):
+        await put(agent, t["path"], full, cert=False)
+    assert (await get(agent, d.sd))[1] == good
+    # params refused before any ticket
+    with pytest.raises(RpcError) as e:
+        await c.call("uploadOvfTar", sdUUID=d.sd, size=1 << 30)
+    assert e.value.code == 1000 and e.value.data["field"] == "size"
+    with pytest.raises(RpcError) as e:
+        await c.call("uploadOvfTar", sdUUID=d.sd, size=4096, sha256="xyz")
+    assert e.value.code == -32602
+
+
+async def test_concurrent_uploads(dom, tmp_path):
+    agent, c, d = dom
+    big = make_tar([(f"{new_id()}.ovf", bytes(random.Random(1).randbytes(900_000)))
+                    for _ in range(20)])
+    t1 = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(big))
+    t2 = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(big))
+    r1, r2 = await asyncio.gather(put(agent, t1["path"], big, chunk=64 * 1024),
+                                  put(agent, t2["path"], big, chunk=64 * 1024))
+    statuses = sorted([r1[0], r2[0]])
+    assert statuses == [200, 409], (r1, r2)
+    refused = r1 if r1[0] == 409 else r2
+    assert refused[1]["error"]["code"] == 651
+    # three domains at once: all succeed
+    others = [await Domain(c, tmp_path / f"d{i}").create() for i in range(2)]
+    try:
+        bodies = [make_tar([(f"{new_id()}.ovf", f"<ovf n='{i}'/>".encode())])
+                  for i in range(3)]
+        results = await asyncio.gather(*(upload(c, agent, dd.sd, b)
+                                         for dd, b in zip([d, *others], bodies, strict=True)))
+        assert [r[0] for r in results] == [200, 200, 200]
+        for dd, b in zip([d, *others], bodies, strict=True):
+            assert (await get(agent, dd.sd))[1] == b
+    finally:
+        for o in others:
+            await o.destroy()
+
+
+@pytest.mark.slow
+async def test_kill9_during_uploads(ovf_agent, agent_factory, tmp_path):
+    rng = random.Random(99)
+    agent = ovf_agent
+    state = agent.state_dir
+    async with agent.client() as c:
+        d = await Domain(c, tmp_path / "data").create()
+    sizes: dict[str, int] = {}
+    outcomes = {"old": 0, "new": 0}
+    current = make_tar([(f"{new_id()}.ovf", b"<first/>")])
+    async with agent.client() as c:
+        assert (await upload(c, agent, d.sd, current))[0] == 200
+    for _ in range(30):
+        new = make_tar([(f"{new_id()}.ovf", rng.randbytes(rng.choice([1, 4, 12]) * 100_000))])
+        sizes[hashlib.sha256(new).hexdigest()] = len(new)
+        async with agent.client() as c:
+            t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(new),
+                             sha256=hashlib.sha256(new).hexdigest())
+        task = asyncio.create_task(put(agent, t["path"], new, chunk=32 * 1024))
+        await asyncio.sleep(rng.uniform(0, 0.15))
+        agent.kill()
+        try:
+            await task      # done before the kill, or cut by it
+        except (aiohttp.ClientError, OSError):
+            pass
+        agent = agent_factory(state, port=agent.port)
+        async with agent.client() as c:
+            info = await c.call("getOvfStoreInfo", sdUUID=d.sd)
+        status, data = await get(agent, d.sd)
+        assert status == 200 and hashlib.sha256(data).hexdigest() == info["sha256"]
+        assert len(data) == info["size"]
+        if data == new:
+            outcomes["new"] += 1
+            current = new
+        else:
+            assert data == current
+            outcomes["old"] += 1
+    async with agent.client() as c:
+        d.c = c
+        await d.destroy()
+    assert outcomes["old"] + outcomes["new"] == 30
+    assert outcomes["old"] and outcomes["new"], outcomes   # both ends were hit
