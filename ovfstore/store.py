@@ -16,6 +16,7 @@ update is not hidden by this host's page cache.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import hashlib
@@ -32,7 +33,7 @@ from storage.metadata import MetadataError, decode, encode
 
 HEADER_SIZE = 4096
 DATA_OFFSET = 1 << 20
-BUFFER_SIZE = 1 << 20
+BUFFER_SIZE = 4 << 20
 ALIGN = 4096
 
 
@@ -149,11 +150,23 @@ class OvfStore:
         checker = TarChecker(member_limit=member_limit, total_limit=self.slot_size)
         digest = hashlib.sha256()
         fd = await self.io.call(_open, self.path, os.O_WRONLY)
-        buf = _aligned(BUFFER_SIZE)
+        # Two buffers: while one is hashed and written by the writer thread
+        # (both release the GIL), the loop receives into the other.
+        writer = IOPool(f"{self.io.name}-ovf", workers=1, timeout=self.io.timeout)
+        bufs = [_aligned(BUFFER_SIZE), _aligned(BUFFER_SIZE)]
+        pending: list[asyncio.Future[None] | None] = [None, None]
+
+        def flush(buf: mmap.mmap, length: int, offset: int) -> None:
+            digest.update(memoryview(buf)[:length])
+            padded = (length + ALIGN - 1) // ALIGN * ALIGN
+            if padded != length:
+                # O_DIRECT wants whole blocks: pad the tail with zeros (the
+                # header records the real size).
+                buf[length:padded] = b"\0" * (padded - length)
+            os.pwritev(fd, [memoryview(buf)[:padded]], offset)
+
         try:
-            used = 0
-            written = 0
-            received = 0
+            cur = used = written = received = 0
             async for chunk in chunks:
                 received += len(chunk)
                 if received > size:
@@ -162,26 +175,30 @@ class OvfStore:
                     checker.feed(chunk)
                 except TarRejected as e:
                     raise UploadError(e.reason) from None
-                digest.update(chunk)
                 view = memoryview(chunk)
                 while view:
+                    last = pending[cur]
+                    if used == 0 and last is not None:
+                        await last      # this buffer's previous write is done
+                        pending[cur] = None
                     take = min(BUFFER_SIZE - used, len(view))
-                    buf[used:used + take] = view[:take]
+                    bufs[cur][used:used + take] = view[:take]
                     used += take
                     view = view[take:]
                     if used == BUFFER_SIZE:
-                        await self.io.call(os.pwritev, fd, [buf], base + written)
+                        pending[cur] = asyncio.ensure_future(
+                            writer.call(flush, bufs[cur], used, base + written))
                         written += used
                         used = 0
+                        cur = 1 - cur
             if received != size:
                 raise UploadError(f"body ended after {received} of {size} bytes")
+            for p in pending:
+                if p is not None:
+                    await p
+            pending = [None, None]
             if used:
-                # O_DIRECT wants whole blocks: pad the tail with zeros (the
-                # header records the real size).
-                padded = (used + ALIGN - 1) // ALIGN * ALIGN
-                buf[used:padded] = b"\0" * (padded - used)
-                await self.io.call(os.pwritev, fd, [memoryview(buf)[:padded]],
-                                   base + written)
+                await writer.call(flush, bufs[cur], used, base + written)
             try:
                 members = checker.close()
             except TarRejected as e:
@@ -190,7 +207,13 @@ class OvfStore:
                 raise UploadError("sha256 of the body does not match")
             await self.io.call(os.fsync, fd)
         finally:
-            _release(buf)
+            for p in pending:
+                if p is not None:
+                    with contextlib.suppress(Exception):
+                        await p
+            writer.close()
+            for b in bufs:
+                _release(b)
             await self.io.call(os.close, fd)
         header = Header(generation=current.generation + 1, slot=slot, size=size,
                         sha256=digest.hexdigest(), updated=time.time(), entries=len(members))

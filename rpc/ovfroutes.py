@@ -45,8 +45,8 @@ async def put_ovf(request: web.Request) -> web.StreamResponse:
     except HostAgentError as e:
         return _error(e)
     if request.content_length is None:
-        e = OvfStoreError(reason="Content-Length is required")
-        return web.json_response({"error": e.to_dict()}, status=411)
+        missing = OvfStoreError(reason="Content-Length is required")
+        return web.json_response({"error": missing.to_dict()}, status=411)
 
     async def chunks() -> AsyncIterator[bytes]:
         async for chunk in request.content.iter_chunked(CHUNK):

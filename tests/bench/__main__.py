@@ -9,7 +9,7 @@ import importlib
 import sys
 import time
 
-BENCHMARKS = ["ping"]
+BENCHMARKS = ["ping", "volumes", "ovf"]
 
 
 def main(names: list[str]) -> int:

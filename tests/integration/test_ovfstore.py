@@ -225,7 +225,7 @@ async def test_hostile_and_broken_uploads_leave_old_tar(dom):
     assert "truncated" in (await refused(full[:8000]))["message"]
     # body shorter than Content-Length: the client goes away mid-body
     t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(full))
-    reader, writer = await asyncio.open_connection("127.0.0.1", agent.port,
+    _, writer = await asyncio.open_connection("127.0.0.1", agent.port,
                                                    ssl=ssl_ctx(agent))
     writer.write(f"PUT {t['path']} HTTP/1.1\r\nHost: x\r\n"
                  f"Content-Length: {len(full)}\r\n\r\n".encode() + full[:len(full) // 2])

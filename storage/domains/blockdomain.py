@@ -1,0 +1,561 @@
+"""Block domains: an LVM volume group on LUNs, self-contained on storage.
+
+    VG <sdUUID>, tagged HOSTAGENT_SD
+      LV metadata   slot 0: domain metadata; slot n: metadata of the volume
+                    whose LV has the tag MD_<n>
+      LV ids, leases  lease areas (hosts sharing the domain, sanlock later)
+      LV <volUUID>  volume data (raw or qcow2), tags IU_<img>, PU_<parent>, MD_<slot>
+
+A slot holds two copies of the same metadata, A then B, each written with
+O_DIRECT and fsync'd before the next: a crash tears at most one copy, and a
+reader takes A when its checksum is good, else B; so it sees the old
+metadata or the new, never a mix. A volume's LV is created tagged
+INITIALIZING, its slot written, then the tag dropped in one lvchange; an LV
+still INITIALIZING is a crash leftover that `collect_garbage` removes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from storage import commands, lvm, qemuimg
+from storage.domains.base import Domain
+from storage.errors import (
+    HostAgentError,
+    InvalidParameter,
+    NoSpaceLeftOnDomain,
+    StorageDomainAlreadyExists,
+    StorageDomainDoesNotExist,
+    StorageDomainFailing,
+    VolumeDoesNotExist,
+)
+from storage.fileio import IOPool
+from storage.ids import is_uuid
+from storage.metadata import BLANK_UUID, DomainMetadata, MetadataError, VolumeMetadata
+
+log = logging.getLogger("storage.domains")
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+VG_TAG = "HOSTAGENT_SD"
+INITIALIZING = "INITIALIZING"
+IMAGE_PREFIX = "IU_"
+PARENT_PREFIX = "PU_"
+SLOT_PREFIX = "MD_"
+
+METADATA_LV = "metadata"
+IDS_LV = "ids"
+LEASES_LV = "leases"
+SPECIAL_LVS = (METADATA_LV, IDS_LV, LEASES_LV)
+
+DEFAULT_EXTENT_SIZE = 128 * MiB
+DEFAULT_METADATA_SIZE = 128 * MiB
+
+# One slot: copy A in the first half, copy B in the second. 4 KiB copies are
+# aligned for 512 and 4096 byte sectors alike.
+SLOT_SIZE = 8192
+COPY_SIZE = SLOT_SIZE // 2
+DOMAIN_SLOT = 0
+
+# Zeroing the metadata LV at creation, one executor call per chunk.
+_ZERO_CHUNK = 4 * MiB
+
+R = TypeVar("R")
+
+
+# ---- pure helpers (unit tested) ------------------------------------------------------
+
+def round_up(size: int, unit: int) -> int:
+    return (size + unit - 1) // unit * unit
+
+
+def encode_copy(data: bytes) -> bytes:
+    """One copy of a slot: the metadata padded with zeros to COPY_SIZE."""
+    if len(data) > COPY_SIZE:
+        raise InvalidParameter(field="metadata",
+                               reason=f"{len(data)} bytes do not fit a {COPY_SIZE} byte slot")
+    return data.ljust(COPY_SIZE, b"\0")
+
+
+def decode_slot(slot: bytes, parse: Callable[[bytes], R]) -> R:
+    """The metadata of a slot: copy A if it parses, else copy B (a crash tore
+    A while it was written, so B still holds the previous metadata)."""
+    errors = []
+    for name, start in (("A", 0), ("B", COPY_SIZE)):
+        try:
+            return parse(slot[start:start + COPY_SIZE])
+        except MetadataError as e:
+            errors.append(f"copy {name}: {e}")
+    raise MetadataError("; ".join(errors))
+
+
+def parse_tags(tags: Iterable[str]) -> dict[str, str]:
+    """{IU_, PU_, MD_: value} of an LV's tags, and INITIALIZING if tagged so."""
+    out = {}
+    for tag in tags:
+        if tag == INITIALIZING:
+            out[INITIALIZING] = ""
+            continue
+        for prefix in (IMAGE_PREFIX, PARENT_PREFIX, SLOT_PREFIX):
+            if tag.startswith(prefix):
+                out[prefix] = tag[len(prefix):]
+    return out
+
+
+def slot_of(tags: Iterable[str]) -> int | None:
+    value = parse_tags(tags).get(SLOT_PREFIX)
+    if value is None or not value.isdigit():
+        return None
+    return int(value)
+
+
+def free_slot(tag_lists: Iterable[Iterable[str]], slots: int) -> int | None:
+    """The lowest volume slot (1..slots-1) no LV's MD_ tag refers to; None
+    when all are taken."""
+    used = {s for tags in tag_lists if (s := slot_of(tags)) is not None}
+    for n in range(DOMAIN_SLOT + 1, slots):
+        if n not in used:
+            return n
+    return None
+
+
+def volume_tags(md: VolumeMetadata, slot: int) -> list[str]:
+    return [f"{IMAGE_PREFIX}{md.image}", f"{PARENT_PREFIX}{md.parent or BLANK_UUID}",
+            f"{SLOT_PREFIX}{slot}"]
+
+
+def initial_lv_size(md: VolumeMetadata, extent: int) -> int:
+    """The LV of a new volume: raw holds its whole capacity; a qcow2 starts
+    with one extent and `create_volume_data` grows it as asked."""
+    if md.format == "RAW":
+        return round_up(md.capacity, extent)
+    return extent
+
+
+@dataclass(frozen=True)
+class VolumeLV:
+    """A volume's LV as the VG report shows it."""
+
+    name: str
+    image: str
+    parent: str
+    slot: int | None
+    initializing: bool
+    size: int
+    active: bool | None
+
+    @classmethod
+    def from_lv(cls, lv: lvm.LV) -> VolumeLV | None:
+        """None for LVs that are not volumes (special or foreign ones)."""
+        if lv.name in SPECIAL_LVS or not is_uuid(lv.name):
+            return None
+        tags = parse_tags(lv.tags)
+        if IMAGE_PREFIX not in tags:
+            return None
+        return cls(name=lv.name, image=tags[IMAGE_PREFIX],
+                   parent=tags.get(PARENT_PREFIX, BLANK_UUID), slot=slot_of(lv.tags),
+                   initializing=INITIALIZING in tags, size=lv.size, active=lv.active)
+
+
+# ---- blocking I/O on the metadata LV, run through IOPool.call ------------------------
+
+def _read_slots(path: str, slots: Sequence[int]) -> dict[int, bytes]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, SLOT_SIZE)   # page aligned, as O_DIRECT wants
+        try:
+            out = {}
+            for slot in slots:
+                n = os.preadv(fd, [buf], slot * SLOT_SIZE)
+                out[slot] = bytes(buf[:n])
+            return out
+        finally:
+            buf.close()
+    finally:
+        os.close(fd)
+
+
+def _write_slot(path: str, slot: int, copy: bytes) -> None:
+    """Copy A, fsync, copy B, fsync: at most one copy is torn by a crash."""
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, COPY_SIZE)
+        try:
+            buf[:] = copy
+            for offset in (slot * SLOT_SIZE, slot * SLOT_SIZE + COPY_SIZE):
+                if os.pwritev(fd, [buf], offset) != COPY_SIZE:
+                    raise OSError(f"short write to {path} at {offset}")
+                os.fsync(fd)
+        finally:
+            buf.close()
+    finally:
+        os.close(fd)
+
+
+def _zero(path: str, offset: int, length: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, min(length, _ZERO_CHUNK))
+        try:
+            end = offset + length
+            while offset < end:
+                n = os.pwritev(fd, [memoryview(buf)[:min(len(buf), end - offset)]], offset)
+                offset += n
+            os.fsync(fd)
+        finally:
+            buf.close()
+    finally:
+        os.close(fd)
+
+
+# ---- the domain -----------------------------------------------------------------------
+
+class BlockDomain(Domain):
+    def __init__(self, md: DomainMetadata, lvm_: lvm.LVM, io: IOPool,
+                 runner: commands.Runner = commands.run, *, extent_size: int,
+                 slots: int) -> None:
+        super().__init__(md, io)
+        self.lvm = lvm_
+        self.runner = runner
+        self.extent_size = extent_size
+        self.slots = slots
+        # Slot allocation (lvs, lvcreate with MD_<n>) and slot clearing after
+        # lvremove run one at a time, so a freed slot is never zeroed after
+        # someone took it.
+        self._slot_lock = asyncio.Lock()
+
+    @property
+    def vg(self) -> str:
+        return self.md.uuid
+
+    @property
+    def md_path(self) -> str:
+        return f"/dev/{self.vg}/{METADATA_LV}"
+
+    # ---- creation, discovery ---------------------------------------------------
+
+    @classmethod
+    async def create(cls, devices: list[str], md: DomainMetadata, lvm_: lvm.LVM, io: IOPool,
+                     runner: commands.Runner = commands.run, *,
+                     extent_size: int = DEFAULT_EXTENT_SIZE,
+                     metadata_size: int = DEFAULT_METADATA_SIZE,
+                     lease_size: int | None = None, force: bool = False) -> BlockDomain:
+        """A new domain on `devices` (blank LUNs; force: over other signatures).
+        The VG is tagged INITIALIZING until the domain metadata is written, so
+        a creation cut short is recognised and redone by the next create."""
+        vg = lvm.check_name(md.uuid, "sdUUID")
+        if not devices:
+            raise InvalidParameter(field="devices", reason="must not be empty")
+        for found in await lvm_.vgs():
+            if found.name != vg:
+                continue
+            if INITIALIZING not in found.tags:
+                raise StorageDomainAlreadyExists(sdUUID=vg)
+            log.warning("Removing domain %s left half-made by an earlier create", vg)
+            await _remove_vg(lvm_, vg)
+        block_size = max([await _sector_size(d, runner) for d in devices])
+        if COPY_SIZE % block_size:
+            raise InvalidParameter(field="devices", reason=f"sector size {block_size}")
+        md.block_size = block_size
+        await lvm_.pvcreate(devices, force=force)
+        await lvm_.vgcreate(vg, devices, extent_size=extent_size,
+                            tags=[VG_TAG, INITIALIZING])
+        lease_size = lease_size or extent_size
+        await lvm_.lvcreate(vg, METADATA_LV, metadata_size)
+        await lvm_.lvcreate(vg, IDS_LV, lease_size)
+        await lvm_.lvcreate(vg, LEASES_LV, lease_size)
+        await lvm_.activate(vg, [METADATA_LV])
+        md_lv = await lvm_.lv(vg, METADATA_LV)
+        domain = cls(md, lvm_, io, runner, extent_size=extent_size,
+                     slots=md_lv.size // SLOT_SIZE)
+        # Stale slots of an earlier domain on these LUNs must not read as valid.
+        for offset in range(0, md_lv.size, _ZERO_CHUNK):
+            await io.call(_zero, domain.md_path, offset, min(_ZERO_CHUNK, md_lv.size - offset))
+        await domain.write_domain_md(md)
+        await lvm_.vgchange_tags(vg, remove=[INITIALIZING])
+        log.info("Created block domain %s on %s", vg, ", ".join(devices))
+        return domain
+
+    @classmethod
+    async def open(cls, vg_name: str, lvm_: lvm.LVM, io: IOPool,
+                   runner: commands.Runner = commands.run) -> BlockDomain:
+        """The domain of VG `vg_name`, from storage alone; leaves its metadata
+        LV active (see `close`)."""
+        try:
+            vg = await lvm_.vg(vg_name)
+        except lvm.LVMNotFound:
+            raise StorageDomainDoesNotExist(sdUUID=vg_name) from None
+        if VG_TAG not in vg.tags:
+            raise MetadataError(f"VG {vg_name} is not a storage domain (no {VG_TAG} tag)")
+        if INITIALIZING in vg.tags:
+            raise MetadataError(f"creation of domain {vg_name} did not finish")
+        await lvm_.activate(vg_name, [METADATA_LV])
+        md_lv = await lvm_.lv(vg_name, METADATA_LV)
+        path = f"/dev/{vg_name}/{METADATA_LV}"
+        data = (await io.call(_read_slots, path, [DOMAIN_SLOT]))[DOMAIN_SLOT]
+        md = decode_slot(data, DomainMetadata.decode)
+        if md.uuid != vg_name:
+            raise MetadataError(f"metadata of {md.uuid} found in VG {vg_name}")
+        return cls(md, lvm_, io, runner, extent_size=vg.extent_size,
+                   slots=md_lv.size // SLOT_SIZE)
+
+    async def close(self) -> None:
+        """Deactivate the metadata LV (volumes are the callers' to tear down)."""
+        await self.lvm.deactivate(self.vg, [METADATA_LV])
+
+    # ---- metadata slots ---------------------------------------------------------
+
+    async def _read_slot(self, slot: int) -> bytes:
+        return (await self.io.call(_read_slots, self.md_path, [slot]))[slot]
+
+    async def _write_slot(self, slot: int, data: bytes) -> None:
+        await self.io.call(_write_slot, self.md_path, slot, encode_copy(data))
+
+    async def _clear_slot(self, slot: int) -> None:
+        await self.io.call(_zero, self.md_path, slot * SLOT_SIZE, SLOT_SIZE)
+
+    async def write_domain_md(self, md: DomainMetadata) -> None:
+        await self._write_slot(DOMAIN_SLOT, md.encode())
+        self.md = md
+
+    async def read_domain_md(self) -> DomainMetadata:
+        return decode_slot(await self._read_slot(DOMAIN_SLOT), DomainMetadata.decode)
+
+    # ---- images and volumes -------------------------------------------------------
+
+    async def _volume_lvs(self) -> list[VolumeLV]:
+        return [v for lv in await self.lvm.lvs(self.vg) if (v := VolumeLV.from_lv(lv))]
+
+    async def _volume_lv(self, vol: str) -> VolumeLV | None:
+        for v in await self._volume_lvs():
+            if v.name == vol:
+                return v
+        return None
+
+    async def image_ids(self) -> list[str]:
+        return sorted({v.image for v in await self._volume_lvs()})
+
+    async def volume_ids(self, img: str) -> list[str]:
+        return sorted(v.name for v in await self._volume_lvs() if v.image == img)
+
+    def _decode_volume(self, v: VolumeLV, slot: bytes) -> VolumeMetadata:
+        md = decode_slot(slot, VolumeMetadata.decode)
+        # A slot reused after a crash may still hold its previous volume.
+        if md.uuid != v.name or md.domain != self.uuid:
+            raise MetadataError(f"slot {v.slot} holds metadata of {md.domain}/{md.uuid}")
+        return md
+
+    async def read_volume_md(self, img: str, vol: str) -> VolumeMetadata:
+        v = await self._volume_lv(vol)
+        if v is None or v.image != img or v.initializing:
+            raise VolumeDoesNotExist(volUUID=vol)
+        if v.slot is None:
+            raise MetadataError(f"LV {vol} has no {SLOT_PREFIX} tag")
+        return self._decode_volume(v, await self._read_slot(v.slot))
+
+    async def scan(self, img: str | None = None) -> list[VolumeMetadata]:
+        """One lvs and one executor call reading every slot."""
+        vols = sorted(((v, v.slot) for v in await self._volume_lvs()
+                       if not v.initializing and v.slot is not None
+                       and (img is None or v.image == img)),
+                      key=lambda p: (p[0].image, p[0].name))
+        data = await self.io.call(_read_slots, self.md_path, [s for _, s in vols],
+                                  timeout=max(self.io.timeout, 120))
+        out = []
+        for v, slot in vols:
+            try:
+                out.append(self._decode_volume(v, data[slot]))
+            except MetadataError:
+                continue
+        return out
+
+    async def write_volume_md(self, md: VolumeMetadata) -> None:
+        data = md.encode()
+        encode_copy(data)   # refuse metadata too large before making anything
+        v = await self._volume_lv(md.uuid)
+        if v is not None:
+            if v.image != md.image or v.slot is None:
+                raise InvalidParameter(field="volUUID",
+                                       reason=f"LV {md.uuid} belongs to image {v.image}")
+            await self._write_slot(v.slot, data)
+            if v.parent != md.parent:
+                await self.lvm.lvchange_tags(self.vg, md.uuid,
+                                             add=[f"{PARENT_PREFIX}{md.parent}"],
+                                             remove=[f"{PARENT_PREFIX}{v.parent}"])
+            return
+        await self._create_lv(md, data)
+
+    async def _create_lv(self, md: VolumeMetadata, data: bytes) -> None:
+        lvm.check_name(md.uuid, "volUUID")
+        async with self._slot_lock:
+            self.lvm.invalidate(self.vg)
+            slot = free_slot((lv.tags for lv in await self.lvm.lvs(self.vg)), self.slots)
+            if slot is None:
+                raise NoSpaceLeftOnDomain(sdUUID=self.uuid)
+            await self.lvm.lvcreate(self.vg, md.uuid, initial_lv_size(md, self.extent_size),
+                                    tags=[*volume_tags(md, slot), INITIALIZING])
+        try:
+            await self._write_slot(slot, data)
+            await self.lvm.lvchange_tags(self.vg, md.uuid, remove=[INITIALIZING])
+        except BaseException:
+            try:
+                await self._remove_lv(md.uuid, slot)
+            except HostAgentError as e:
+                # Still INITIALIZING: collect_garbage removes it later.
+                log.warning("Cannot remove LV %s/%s: %s", self.vg, md.uuid, e)
+            raise
+
+    async def _remove_lv(self, vol: str, slot: int | None) -> None:
+        async with self._slot_lock:
+            try:
+                await self.lvm.deactivate(self.vg, [vol])
+            except lvm.LVMNotFound:
+                return
+            await self.lvm.lvremove(self.vg, [vol])
+            if slot is not None:
+                await self._clear_slot(slot)
+
+    def volume_path(self, img: str, vol: str) -> str:
+        return f"/dev/{self.vg}/{vol}"
+
+    async def create_volume_data(self, md: VolumeMetadata, parent: VolumeMetadata | None,
+                                 initial_size: int | None) -> None:
+        path = self.volume_path(md.image, md.uuid)
+        if md.format == "COW":
+            if initial_size:
+                size = initial_size
+            elif md.allocation == "PREALLOCATED":
+                size = (await qemuimg.measure(size=md.capacity,
+                                              runner=self.runner))["fully-allocated"]
+            else:
+                size = self.extent_size
+            # The LV is as write_volume_md made it: no lvs needed to know its size.
+            size = round_up(size, self.extent_size)
+            if size > initial_lv_size(md, self.extent_size):
+                await self.lvm.lvextend(self.vg, md.uuid, size)
+        await self.lvm.activate(self.vg, [md.uuid])
+        try:
+            if md.format == "RAW":
+                # Extents of deleted volumes are reused: no stale header here.
+                await self.io.call(_zero, path, 0, min(MiB, round_up(md.capacity, 4096)))
+            else:
+                # -u: the parent need not be active; relative, so the chain
+                # resolves in /dev/<sdUUID>/ wherever the volumes live.
+                await qemuimg.create(
+                    path, "qcow2", md.capacity,
+                    backing=parent.uuid if parent is not None else None,
+                    backing_fmt=("qcow2" if parent.format == "COW" else "raw")
+                    if parent is not None else None,
+                    unsafe=parent is not None, runner=self.runner)
+        finally:
+            await self.lvm.deactivate(self.vg, [md.uuid])
+
+    async def remove_volume_data(self, img: str, vol: str) -> None:
+        v = await self._volume_lv(vol)
+        if v is None or v.image != img:
+            return
+        await self._remove_lv(vol, v.slot)
+
+    async def extend_volume_data(self, md: VolumeMetadata, new_size: int) -> None:
+        if md.format == "RAW":
+            # The virtual size of a raw volume is its LV's size.
+            v = await self._volume_lv(md.uuid)
+            size = round_up(new_size, self.extent_size)
+            if v is None or size > v.size:
+                await self.lvm.lvextend(self.vg, md.uuid, size)
+            return
+        # qemu-img resize opens the backing chain: activate all of it.
+        chain = await self.chain(md.image, md.uuid)
+        by_name = {v.name: v for v in await self._volume_lvs()}
+        inactive = [c for c in chain if by_name[c.uuid].active is not True]
+        if inactive:
+            await self.activate_volumes(inactive)
+        try:
+            await qemuimg.resize(self.volume_path(md.image, md.uuid), new_size, fmt="qcow2",
+                                 runner=self.runner)
+        finally:
+            if inactive:
+                await self.deactivate_volumes(inactive)
+
+    async def volume_sizes(self, img: str, vol: str) -> tuple[int, int]:
+        v = await self._volume_lv(vol)
+        if v is None or v.image != img:
+            return 0, 0
+        return v.size, v.size
+
+    async def activate_volumes(self, vols: list[VolumeMetadata]) -> None:
+        if vols:
+            await self.lvm.activate(self.vg, [v.uuid for v in vols])
+
+    async def deactivate_volumes(self, vols: list[VolumeMetadata]) -> None:
+        existing = {v.name for v in await self._volume_lvs()}
+        names = [v.uuid for v in vols if v.uuid in existing]
+        if names:
+            await self.lvm.deactivate(self.vg, names)
+
+    async def space(self) -> dict[str, int]:
+        vg = await self.lvm.vg(self.vg)
+        return {"capacity": vg.size, "free": vg.free, "used": vg.size - vg.free}
+
+    async def remove_image_dir(self, img: str) -> None:
+        return None   # an image is only the IU_ tags of its volumes
+
+    async def collect_garbage(self) -> dict[str, list[str]]:
+        """Also remove LVs left INITIALIZING (a crash between lvcreate and the
+        slot write): their metadata was never complete."""
+        self.lvm.invalidate(self.vg)
+        leftovers = [v for v in await self._volume_lvs() if v.initializing]
+        for v in leftovers:
+            await self._remove_lv(v.name, v.slot)
+        report = await super().collect_garbage()
+        report["removed"] += [f"{v.image}/{v.name}" for v in leftovers]
+        if leftovers:
+            log.warning("Domain %s: removed LVs left INITIALIZING: %s", self.uuid,
+                        ", ".join(v.name for v in leftovers))
+        return report
+
+    async def remove_all(self) -> None:
+        await _remove_vg(self.lvm, self.vg)
+
+    async def health_check(self, timeout: float) -> None:
+        argv = ["dd", f"if={self.md_path}", "of=/dev/null", "bs=4096", "count=1",
+                "iflag=direct", "status=none"]
+        try:
+            r = await self.runner(argv, timeout=timeout, check=False)
+        except commands.CommandTimeout:
+            raise StorageDomainFailing(sdUUID=self.uuid,
+                                       reason=f"metadata read took more than {timeout:g} s") \
+                from None
+        if r.rc != 0:
+            raise StorageDomainFailing(sdUUID=self.uuid,
+                                       reason=r.err_text.strip() or f"dd rc={r.rc}")
+
+
+async def _sector_size(device: str, runner: commands.Runner) -> int:
+    lvm.check_device(device)
+    r = await runner(["blockdev", "--getss", device], timeout=30)
+    try:
+        return int(r.text.strip())
+    except ValueError:
+        raise InvalidParameter(field="devices",
+                               reason=f"blockdev --getss {device}: {r.text.strip()!r}") from None
+
+
+async def _remove_vg(lvm_: lvm.LVM, vg: str) -> None:
+    """Deactivate every LV of `vg`, remove it and its PVs' labels."""
+    lvm_.invalidate(vg)
+    pvs = [pv.name for pv in await lvm_.pvs(vg)]
+    names = [lv.name for lv in await lvm_.lvs(vg)]
+    if names:
+        await lvm_.deactivate(vg, names)
+    await lvm_.vgremove(vg)
+    if pvs:
+        await lvm_.pvremove(pvs)
+

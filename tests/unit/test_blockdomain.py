@@ -1,0 +1,237 @@
+"""Block domain pieces without root: slot copies (torn A, B wins), slot
+allocation from MD_ tags, sizes rounded to extents, and the LV/slot sequence
+of a new volume against a fake LVM (the metadata "LV" a plain file)."""
+
+from __future__ import annotations
+
+import errno
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage import commands, lvm
+from storage.domains import blockdomain as bd
+from storage.errors import InvalidParameter
+from storage.fileio import IOPool
+from storage.metadata import BLANK_UUID, DomainMetadata, MetadataError, VolumeMetadata
+
+SD = "1b4e28ba-2fa1-4d3b-a3f5-ef19b5a7633b"
+IMG = "6f1c2d1e-5a4b-4c3d-9e8f-0a1b2c3d4e5f"
+V1 = "0d3c8d7e-1111-4c3d-9e8f-0a1b2c3d4e5f"
+V2 = "0d3c8d7e-2222-4c3d-9e8f-0a1b2c3d4e5f"
+MiB = 1 << 20
+
+
+def vol(uuid: str = V1, **kw: Any) -> VolumeMetadata:
+    base: dict[str, Any] = dict(domain=SD, image=IMG, uuid=uuid, parent=BLANK_UUID,
+                                format="RAW", allocation="SPARSE", voltype="LEAF",
+                                capacity=10 * MiB, legality="ILLEGAL", ctime=1700000000)
+    base.update(kw)
+    return VolumeMetadata(**base)
+
+
+# ---- two copies per slot ----------------------------------------------------------------
+
+def test_both_valid_a_wins() -> None:
+    old, new = vol(generation=1), vol(generation=2)
+    data = bd.encode_copy(new.encode()) + bd.encode_copy(old.encode())
+    assert bd.decode_slot(data, VolumeMetadata.decode) == new
+
+
+def test_torn_a_b_wins() -> None:
+    old, new = vol(generation=1), vol(generation=2, description="x" * 300)
+    a_old, a_new = bd.encode_copy(old.encode()), bd.encode_copy(new.encode())
+    # a crash after the first 512 byte sector of copy A reached the disk
+    torn = a_new[:512] + a_old[512:]
+    assert bd.decode_slot(torn + a_old, VolumeMetadata.decode) == old
+    # a torn copy A that is all zeros past the sector
+    assert bd.decode_slot(a_new[:512].ljust(bd.COPY_SIZE, b"\0") + a_old,
+                          VolumeMetadata.decode) == old
+
+
+def test_neither_valid() -> None:
+    with pytest.raises(MetadataError, match=r"copy A.*copy B"):
+        bd.decode_slot(bytes(bd.SLOT_SIZE), VolumeMetadata.decode)
+    garbage = b"\xff" * bd.SLOT_SIZE
+    with pytest.raises(MetadataError):
+        bd.decode_slot(garbage, DomainMetadata.decode)
+
+
+def test_copy_too_large() -> None:
+    with pytest.raises(InvalidParameter):
+        bd.encode_copy(b"x" * (bd.COPY_SIZE + 1))
+    assert len(bd.encode_copy(b"abc")) == bd.COPY_SIZE
+
+
+def test_write_read_slot_file(tmp_path: Path) -> None:
+    path = tmp_path / "metadata"
+    path.write_bytes(bytes(4 * bd.SLOT_SIZE))
+    try:
+        bd._write_slot(str(path), 2, bd.encode_copy(vol().encode()))
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            pytest.skip("no O_DIRECT on this file system")
+        raise
+    raw = path.read_bytes()
+    assert raw[2 * bd.SLOT_SIZE:2 * bd.SLOT_SIZE + bd.COPY_SIZE] == \
+        raw[2 * bd.SLOT_SIZE + bd.COPY_SIZE:3 * bd.SLOT_SIZE]
+    slots = bd._read_slots(str(path), [1, 2])
+    assert bd.decode_slot(slots[2], VolumeMetadata.decode) == vol()
+    with pytest.raises(MetadataError):
+        bd.decode_slot(slots[1], VolumeMetadata.decode)
+
+
+# ---- tags, slots, sizes ------------------------------------------------------------------
+
+def test_free_slot_lowest_unreferenced() -> None:
+    assert bd.free_slot([], 10) == 1
+    tags = [["IU_a", "MD_1"], ["MD_3", "PU_x"], ["MD_bad"], []]
+    assert bd.free_slot(tags, 10) == 2
+    assert bd.free_slot([["MD_1"], ["MD_2"]], 3) is None
+
+
+def test_parse_tags_and_volume_lv() -> None:
+    def lv(name: str, tags: tuple[str, ...]) -> lvm.LV:
+        return lvm.LV(name=name, vg_name=SD, uuid="u", size=MiB, tags=tags, attr="-wi-------",
+                      active=False, opened=False, path=f"/dev/{SD}/{name}")
+
+    v = bd.VolumeLV.from_lv(lv(V1, (f"IU_{IMG}", f"PU_{V2}", "MD_7", "INITIALIZING")))
+    assert v is not None
+    assert (v.image, v.parent, v.slot, v.initializing) == (IMG, V2, 7, True)
+    assert bd.VolumeLV.from_lv(lv("metadata", ("IU_x",))) is None
+    assert bd.VolumeLV.from_lv(lv(V1, ("OTHER",))) is None
+    assert bd.VolumeLV.from_lv(lv("foreign", (f"IU_{IMG}",))) is None
+
+
+def test_sizes_round_to_extents() -> None:
+    ext = 128 * MiB
+    assert bd.round_up(1, ext) == ext
+    assert bd.round_up(ext, ext) == ext
+    assert bd.initial_lv_size(vol(capacity=ext + 1), ext) == 2 * ext
+    assert bd.initial_lv_size(vol(format="COW", capacity=10 * ext), ext) == ext
+    assert bd.volume_tags(vol(parent=V2), 5) == [f"IU_{IMG}", f"PU_{V2}", "MD_5"]
+
+
+# ---- the LV and slot sequence against a fake LVM ----------------------------------------
+
+class FakeLVM:
+    """Answers lvm lvs/lvcreate/lvchange/lvremove from an in-memory VG."""
+
+    def __init__(self) -> None:
+        self.lvs: dict[str, dict[str, Any]] = {}
+        self.ops: list[str] = []
+        self.fail: str | None = None
+
+    async def __call__(self, argv: Sequence[str], *, timeout: float,
+                       check: bool = True, **kwargs: Any) -> commands.CommandResult:
+        argv = list(argv)
+        if argv[0] != "lvm":
+            return commands.CommandResult(tuple(argv), 0, b"", b"")
+        op, args = argv[1], argv[4:]
+        if op == "lvchange":
+            op += " " + " ".join(a for a in args if a in ("--addtag", "--deltag", "--activate"))
+        self.ops.append(op)
+        if op == self.fail:
+            raise commands.CommandError(argv, 5, b"", b"boom")
+        out = b""
+        if op == "lvs":
+            rows = [{"lv_name": n, "vg_name": SD, "lv_uuid": n, "lv_size": str(lv["size"]),
+                     "lv_tags": ",".join(lv["tags"]), "lv_attr": "-wi-------",
+                     "lv_active": "", "lv_path": f"/dev/{SD}/{n}"}
+                    for n, lv in self.lvs.items()]
+            out = json.dumps({"report": [{"lv": rows}]}).encode()
+        elif op == "lvcreate":
+            name = args[args.index("--name") + 1]
+            tags = [args[i + 1] for i, a in enumerate(args) if a == "--addtag"]
+            size = int(args[args.index("--size") + 1].rstrip("b"))
+            self.lvs[name] = {"size": size, "tags": tags}
+        elif op.startswith("lvchange") and "--activate" not in args:
+            lv = self.lvs[args[-1].split("/")[1]]
+            for i, a in enumerate(args):
+                if a == "--deltag":
+                    lv["tags"].remove(args[i + 1])
+                elif a == "--addtag":
+                    lv["tags"].append(args[i + 1])
+        elif op == "lvremove":
+            for path in args[1:]:
+                del self.lvs[path.split("/")[1]]
+        return commands.CommandResult(tuple(argv), 0, out, b"")
+
+
+class FileBlockDomain(bd.BlockDomain):
+    """The metadata LV is a file here."""
+
+    md_file = ""
+
+    @property
+    def md_path(self) -> str:
+        return self.md_file
+
+
+@pytest.fixture
+def domain(tmp_path: Path) -> Iterator[FileBlockDomain]:
+    path = tmp_path / "metadata"
+    path.write_bytes(bytes(16 * bd.SLOT_SIZE))
+    try:
+        bd._write_slot(str(path), 0, bd.encode_copy(b""))
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            pytest.skip("no O_DIRECT on this file system")
+        raise
+    fake = FakeLVM()
+    md = DomainMetadata(uuid=SD, name="d", dom_type="iscsi", dom_class="data")
+    d = FileBlockDomain(md, lvm.LVM(fake, devices=["/dev/mapper/x"]), IOPool("t"), fake,
+                        extent_size=4 * MiB, slots=16)
+    d.md_file = str(path)
+    try:
+        yield d
+    finally:
+        d.io.close()
+
+
+async def test_new_volume_sequence(domain: FileBlockDomain) -> None:
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    await domain.write_volume_md(vol(V1))
+    await domain.write_volume_md(vol(V2, format="COW"))
+    assert fake.lvs[V1]["tags"] == [f"IU_{IMG}", f"PU_{BLANK_UUID}", "MD_1"]
+    assert fake.lvs[V1]["size"] == 12 * MiB           # 10 MiB rounded to extents
+    assert fake.lvs[V2]["tags"][-1] == "MD_2" and fake.lvs[V2]["size"] == 4 * MiB
+    assert [o for o in fake.ops if o != "lvs"] == [
+        "lvcreate", "lvchange --deltag", "lvcreate", "lvchange --deltag"]
+    assert await domain.read_volume_md(IMG, V1) == vol(V1)
+    assert [v.uuid for v in await domain.scan()] == [V1, V2]
+
+    # an update rewrites the slot in place; a new parent moves the PU_ tag
+    await domain.write_volume_md(vol(V2, format="COW", parent=V1, generation=1))
+    assert (await domain.read_volume_md(IMG, V2)).generation == 1
+    assert f"PU_{V1}" in fake.lvs[V2]["tags"]
+
+    # removal frees the slot: the next volume takes the lowest one again
+    await domain.remove_volume_data(IMG, V1)
+    assert V1 not in fake.lvs
+    await domain.write_volume_md(vol(V1, generation=3))
+    assert "MD_1" in fake.lvs[V1]["tags"]
+
+
+async def test_failed_slot_write_removes_lv(domain: FileBlockDomain) -> None:
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    fake.fail = "lvchange --deltag"
+    with pytest.raises(Exception, match="boom"):
+        await domain.write_volume_md(vol(V1))
+    fake.fail = None
+    assert fake.lvs == {}
+
+
+async def test_initializing_lv_collected(domain: FileBlockDomain) -> None:
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    # a crash between lvcreate and the slot write: the slot holds nothing valid
+    fake.lvs[V1] = {"size": 4 * MiB, "tags": [f"IU_{IMG}", "MD_1", "INITIALIZING"]}
+    assert await domain.volume_ids(IMG) == [V1]
+    assert await domain.scan() == []
+    report = await domain.collect_garbage()
+    assert report["removed"] == [f"{IMG}/{V1}"]
+    assert fake.lvs == {}
+    assert bd._read_slots(domain.md_path, [1])[1] == bytes(bd.SLOT_SIZE)
