@@ -25,6 +25,8 @@ INSPECT_CPU_SECONDS = 30
 
 QCOW2_OPTIONS = ("compat=1.1",)
 
+ProgressFn = Callable[[float], None]
+
 
 class QemuImgError(GeneralException):
     template = "qemu-img {op} failed: {reason}"
@@ -33,6 +35,20 @@ class QemuImgError(GeneralException):
 def _fail(op: str, e: commands.CommandError) -> QemuImgError:
     return QemuImgError(op=op, reason=e.err_text.strip().splitlines()[-1] if e.err_text.strip()
                         else f"rc={e.rc}")
+
+
+async def _run_long(op: str, argv: list[str], timeout: float, progress: ProgressFn | None,
+                    runner: commands.Runner) -> None:
+    """A command that copies data: with `progress`, it was given -p and its
+    percentage is reported."""
+    try:
+        if progress is not None:
+            await commands.run_with_progress(argv, timeout=timeout, progress=progress,
+                                             runner=runner)
+        else:
+            await runner(argv, timeout=timeout)
+    except commands.CommandError as e:
+        raise _fail(op, e) from None
 
 
 def _limited(argv: list[str]) -> list[str]:
@@ -162,9 +178,6 @@ async def check(path: str | Path, *, fmt: str = "qcow2", timeout: float = 600,
     return data
 
 
-ProgressFn = Callable[[float], None]
-
-
 async def convert(src: str | Path, dst: str | Path, *, src_fmt: str, dst_fmt: str,
                   src_cache: str = "none", dst_cache: str = "none", create: bool = True,
                   target_is_zero: bool = False, unordered: bool = False,
@@ -197,14 +210,7 @@ async def convert(src: str | Path, dst: str | Path, *, src_fmt: str, dst_fmt: st
     if backing:
         argv += ["-B", backing, "-F", backing_fmt or "qcow2"]
     argv += [str(src), str(dst)]
-    try:
-        if progress is not None:
-            await commands.run_with_progress(argv, timeout=timeout, progress=progress,
-                                             runner=runner)
-        else:
-            await runner(argv, timeout=timeout)
-    except commands.CommandError as e:
-        raise _fail("convert", e) from None
+    await _run_long("convert", argv, timeout, progress, runner)
 
 
 async def commit(top: str | Path, *, base: str | Path | None = None, fmt: str = "qcow2",
@@ -218,14 +224,7 @@ async def commit(top: str | Path, *, base: str | Path | None = None, fmt: str = 
     if progress is not None:
         argv.append("-p")
     argv.append(str(top))
-    try:
-        if progress is not None:
-            await commands.run_with_progress(argv, timeout=timeout, progress=progress,
-                                             runner=runner)
-        else:
-            await runner(argv, timeout=timeout)
-    except commands.CommandError as e:
-        raise _fail("commit", e) from None
+    await _run_long("commit", argv, timeout, progress, runner)
 
 
 async def rebase(path: str | Path, backing: str, *, backing_fmt: str = "qcow2",

@@ -16,12 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from storage import qemuimg
+from storage import commands, qemuimg
 from storage.errors import (
     HostAgentError,
     ImageDoesNotExistInSD,
     InvalidParameter,
     ResourceInUse,
+    StorageDomainFailing,
     VolumeAlreadyExists,
     VolumeCreationError,
     VolumeDoesNotExist,
@@ -387,6 +388,25 @@ class Domain(abc.ABC):
         [info] = await qemuimg.info(self.volume_path(md.image, md.uuid),
                                     fmt="qcow2" if md.format == "COW" else "raw")
         return info
+
+
+async def read_check(runner: commands.Runner, sd: str, path: str, timeout: float, *,
+                     buffered_fallback: bool = False) -> None:
+    """Read one block of `path` with O_DIRECT in a child process with a
+    deadline: hung storage costs the deadline, never the agent. With
+    `buffered_fallback`, a file system without O_DIRECT is read plainly."""
+    argv = ["dd", f"if={path}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct",
+            "status=none"]
+    try:
+        r = await runner(argv, timeout=timeout, check=False)
+        if buffered_fallback and r.rc != 0 and b"Invalid argument" in r.err:
+            r = await runner([*argv[:-2], "status=none"], timeout=timeout, check=False)
+    except commands.CommandTimeout:
+        raise StorageDomainFailing(sdUUID=sd,
+                                   reason=f"metadata read took more than {timeout:g} s") \
+            from None
+    if r.rc != 0:
+        raise StorageDomainFailing(sdUUID=sd, reason=r.err_text.strip() or f"dd rc={r.rc}")
 
 
 def leaf_first(vols: list[VolumeMetadata]) -> list[VolumeMetadata]:

@@ -25,14 +25,13 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from storage import commands, lvm, qemuimg
-from storage.domains.base import Domain
+from storage.domains.base import Domain, read_check
 from storage.errors import (
     HostAgentError,
     InvalidParameter,
     NoSpaceLeftOnDomain,
     StorageDomainAlreadyExists,
     StorageDomainDoesNotExist,
-    StorageDomainFailing,
     VolumeDoesNotExist,
 )
 from storage.fileio import IOPool
@@ -525,17 +524,7 @@ class BlockDomain(Domain):
         await _remove_vg(self.lvm, self.vg)
 
     async def health_check(self, timeout: float) -> None:
-        argv = ["dd", f"if={self.md_path}", "of=/dev/null", "bs=4096", "count=1",
-                "iflag=direct", "status=none"]
-        try:
-            r = await self.runner(argv, timeout=timeout, check=False)
-        except commands.CommandTimeout:
-            raise StorageDomainFailing(sdUUID=self.uuid,
-                                       reason=f"metadata read took more than {timeout:g} s") \
-                from None
-        if r.rc != 0:
-            raise StorageDomainFailing(sdUUID=self.uuid,
-                                       reason=r.err_text.strip() or f"dd rc={r.rc}")
+        await read_check(self.runner, self.uuid, str(self.md_path), timeout)
 
 
 async def _sector_size(device: str, runner: commands.Runner) -> int:

@@ -20,10 +20,9 @@ import uuid
 from pathlib import Path
 
 from storage import commands, qemuimg
-from storage.domains.base import Domain, Progress
+from storage.domains.base import Domain, Progress, read_check
 from storage.errors import (
     StorageDomainAlreadyExists,
-    StorageDomainFailing,
     VolumeDoesNotExist,
 )
 from storage.fileio import IOPool, atomic_write, fsync_dir, read_direct
@@ -333,18 +332,5 @@ class FileDomain(Domain):
         await self.io.call(remove, timeout=max(self.io.timeout, 600))
 
     async def health_check(self, timeout: float) -> None:
-        argv = ["dd", f"if={self.md_path}", "of=/dev/null", "bs=4096", "count=1",
-                "iflag=direct", "status=none"]
-        try:
-            r = await self.runner(argv, timeout=timeout, check=False)
-            if r.rc != 0 and b"Invalid argument" in r.err:
-                # no O_DIRECT on this file system: a plain read in a child process
-                r = await self.runner([*argv[:-2], "status=none"], timeout=timeout,
-                                      check=False)
-        except commands.CommandTimeout:
-            raise StorageDomainFailing(sdUUID=self.uuid,
-                                       reason=f"metadata read took more than {timeout:g} s") \
-                from None
-        if r.rc != 0:
-            raise StorageDomainFailing(sdUUID=self.uuid,
-                                       reason=r.err_text.strip() or f"dd rc={r.rc}")
+        await read_check(self.runner, self.uuid, str(self.md_path), timeout,
+                         buffered_fallback=True)
