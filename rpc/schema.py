@@ -279,7 +279,22 @@ def validate_fields(fields: Sequence[Field], values: dict[str, Any], path: str =
     return out
 
 
+# Keys masked wherever they appear, however deep (connectionParams[].password).
+SECRET_KEYS = frozenset({"password"})
+
+
 def redact(fields: Sequence[Field], values: dict[str, Any]) -> dict[str, Any]:
-    """A copy of values with secret fields masked, for logs and records."""
-    secret = {f.name for f in fields if f.secret}
-    return {k: ("********" if k in secret and v is not None else v) for k, v in values.items()}
+    """A copy of values with secret fields masked, at any depth, for logs
+    and records."""
+    secret = {f.name for f in fields if f.secret} | SECRET_KEYS
+
+    def mask(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: ("********" if k in secret and v is not None else mask(v))
+                    for k, v in value.items()}
+        if isinstance(value, list):
+            return [mask(v) for v in value]
+        return value
+
+    result: dict[str, Any] = mask(values)
+    return result

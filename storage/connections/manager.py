@@ -24,7 +24,9 @@ from storage.connections.base import (
     Connection,
     RecordStore,
 )
+from storage.connections.fcp import FcpBackend
 from storage.connections.filebased import LocalfsBackend, NfsBackend, PosixfsBackend
+from storage.connections.iscsi import IscsiBackend
 from storage.errors import (
     DuplicateConnection,
     HostAgentError,
@@ -55,6 +57,13 @@ class ConnectionManager:
             "nfs": NfsBackend(storage_root, tmp, **kw),
             "posixfs": PosixfsBackend(storage_root, tmp, **kw),
             "localfs": LocalfsBackend(storage_root, tmp, **kw),
+            # iSCSI asks for the other connections: a session or iface another
+            # connection still uses is never logged out or deleted
+            "iscsi": IscsiBackend(login_timeout=mount_timeout, command_timeout=io_timeout,
+                                  device_timeout=io_timeout, runner=runner,
+                                  connections=lambda: list(self.conns.values())),
+            "fcp": FcpBackend(scan_timeout=mount_timeout, command_timeout=io_timeout,
+                              runner=runner),
         }
         if backends:
             self.backends.update(backends)

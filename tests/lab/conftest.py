@@ -7,7 +7,8 @@ session; every fixture cleans up after itself even when its test failed.
 
     target_server      tgtd on 127.0.0.1:3260 and 127.0.0.2:3260
     iscsi_initiator    iscsid (open-iscsi)
-    make_target        factory: make_target(name, lun_sizes, chap=None) -> Target
+    make_target        factory: make_target(name, lun_sizes, chap=None) -> Target;
+                       make_target.replica(target) -> a copy with the same WWIDs
     multipathd         multipathd with a test multipath.conf
     make_mpath         factory: make_mpath(name, size) -> MultipathDevice (2 active paths)
     mpath_device       session MultipathDevice of a 1 GiB LUN over two iSCSI sessions
@@ -147,9 +148,20 @@ class TargetFactory:
         self.made.append(target)
         return target
 
+    def replica(self, source: g.Target, name: str = "replica") -> g.Target:
+        """A copy of source's LUNs under the same WWIDs, in a new target."""
+        target = self.server.create_replica(f"{name}-{uuid.uuid4().hex[:6]}", source)
+        self.made.append(target)
+        return target
+
     def release(self, target: g.Target) -> None:
         steps = g.Cleanup()
         steps.push(f"delete target {target.iqn}", lambda: self.server.delete_target(target))
+        # sessions someone else made (the agent under test, when a test failed
+        # before it disconnected): never leave them to a deleted target
+        steps.push(f"log out of other sessions to {target.iqn}", lambda: [
+            g.run_ok("iscsiadm", "-m", "session", "-r", str(s.sid), "-u")
+            for s in self.initiator.sessions(target)])
         steps.push(f"log out of {target.iqn}", lambda: self.initiator.forget(target))
         disks = {d for s in self.initiator.sessions(target) for d in s.disks}
         if disks and g.run_ok("multipathd", "show", "daemon"):

@@ -305,6 +305,43 @@ class TargetServer:
         self.tgtadm("--op", "bind", "--mode", "target", "--tid", str(tid), "-I", "ALL")
         return target
 
+    def lun_scsi_id(self, tid: int, lun: int) -> str:
+        """The SCSI ID tgtd gives a LUN ('IET     00010001'): the NAA WWID the
+        initiator sees is derived from it."""
+        out = self.tgtadm("--op", "show", "--mode", "target")
+        target = lun_no = None
+        for line in out.splitlines():
+            if line.startswith("Target "):
+                target = int(line.split()[1].rstrip(":"))
+            elif line.strip().startswith("LUN:"):
+                lun_no = int(line.split(":")[1])
+            elif line.strip().startswith("SCSI ID:") and (target, lun_no) == (tid, lun):
+                return line.split(":", 1)[1].lstrip(" ")
+        raise KeyError(f"no LUN {lun} in target {tid}")
+
+    def create_replica(self, name: str, source: Target) -> Target:
+        """A new target exporting copies of source's LUN files under the same
+        SCSI ids and serials, so its LUNs have the same WWIDs: what a host sees
+        of a replicated array (the fail-over target of an edited connection).
+        Copy while nothing writes to the source."""
+        tid = self._next_tid
+        self._next_tid += 1
+        target = Target(tid, f"{IQN_BASE}:{name}", [], None)
+        self.tgtadm("--op", "new", "--mode", "target", "--tid", str(tid), "-T", target.iqn)
+        self.targets[tid] = target
+        for lun in source.luns:
+            path = self.lun_dir / f"t{tid}-lun{lun.number}.img"
+            run("cp", "--sparse=always", lun.path, path)
+            self.tgtadm("--op", "new", "--mode", "logicalunit", "--tid", str(tid),
+                        "--lun", str(lun.number), "-b", str(path))
+            scsi_id = self.lun_scsi_id(source.tid, lun.number)
+            self.tgtadm("--op", "update", "--mode", "logicalunit", "--tid", str(tid),
+                        "--lun", str(lun.number), "--params",
+                        f"scsi_id={scsi_id},scsi_sn=LAB{source.tid:04d}{lun.number:04d}")
+            target.luns.append(Lun(lun.number, path, lun.size))
+        self.tgtadm("--op", "bind", "--mode", "target", "--tid", str(tid), "-I", "ALL")
+        return target
+
     def _add_account(self, tid: int, user: str, password: str, outgoing: bool = False) -> None:
         self.tgtadm("--op", "new", "--mode", "account", "--user", user, "--password", password)
         self.tgtadm("--op", "bind", "--mode", "account", "--tid", str(tid), "--user", user,

@@ -77,6 +77,9 @@ def test_nullable_and_redact():
     assert validate_fields(FIELDS, good(parent=None))["parent"] is None
     assert redact(FIELDS, {"password": "s3cret", "size": 1}) == {"password": "********",
                                                                   "size": 1}
+    nested = {"connectionParams": [{"id": "x", "password": "s3cret"}]}
+    assert redact(FIELDS, nested) == {"connectionParams": [{"id": "x",
+                                                            "password": "********"}]}
 
 
 def test_json_schema_shape():

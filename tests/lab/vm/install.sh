@@ -39,9 +39,9 @@ for m in fs/overlayfs/overlay drivers/md/dm-multipath drivers/scsi/iscsi_tcp fs/
          drivers/block/loop; do
     [ -f "/usr/lib/uml/modules/$KVER/kernel/$m.ko" ] || fail "UML module $m.ko missing"
 done
-/bin/busybox --list 2>/dev/null | grep -qx insmod \
+grep -qx insmod <(/bin/busybox --list 2>/dev/null) \
     || fail "/bin/busybox without insmod: the guest init needs busybox-static"
-{ LC_ALL=C ldd /bin/busybox 2>&1 || true; } | grep -q 'not a dynamic executable' \
+grep -q 'not a dynamic executable' <(LC_ALL=C ldd /bin/busybox 2>&1 || true) \
     || fail "/bin/busybox is not static (package busybox-static)"
 for t in tgtd tgtadm iscsid iscsiadm multipathd multipath lvm sanlock rpc.nfsd exportfs \
          rpc.mountd rpcbind rpc.statd mkfs.ext4 losetup /lib/udev/scsi_id \

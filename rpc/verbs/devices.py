@@ -1,0 +1,57 @@
+"""Block device verbs: iSCSI SendTargets discovery and the LUN list.
+
+Portal fields are those of the iSCSI connection schema (rpc/verbs/connections.py),
+so discovery accepts exactly the addresses and ports a connection would.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.context import Agent
+from rpc.schema import Bool, Field, List, Str
+from rpc.table import TABLE
+from rpc.verbs.connections import CONNECTION_TYPES
+from storage import devices
+from storage.connections import iscsi
+
+_ISCSI = {f.name: f for f in CONNECTION_TYPES["iscsi"].fields}
+
+# multipath WWIDs as udev's scsi_id makes them: a type digit and hex (NAA,
+# EUI-64), or a T10 vendor id with underscores
+GUID = Str(max_len=128, safe_arg=True, pattern=r"[A-Za-z0-9][A-Za-z0-9_.:-]*",
+           pattern_doc="must be a device WWID like 36001405...")
+
+
+@TABLE.verb("discoverSendTargets", "iSCSI SendTargets discovery on a portal: the targets it "
+            "offers, each with its portal and portal group tag. Leaves no node record on "
+            "the host.",
+            [_ISCSI["connection"], _ISCSI["port"]],
+            result={"type": "array", "items": {
+                "type": "object", "required": ["iqn", "portal", "tpgt"],
+                "properties": {"iqn": {"type": "string"}, "portal": {"type": "string"},
+                               "tpgt": {"type": ["integer", "null"]},
+                               "connection": {"type": "string"},
+                               "port": {"type": "integer"}}}},
+            tags=["devices", "connections"])
+async def discover_send_targets(agent: Agent, connection: str, port: int) -> list[dict[str, Any]]:
+    return await iscsi.discover_send_targets(connection, port,
+                                             timeout=agent.config.storage.io_timeout)
+
+
+@TABLE.verb("getDeviceList", "The LUNs this host sees through multipath, with their paths "
+            "and paths' states, the iSCSI sessions behind them, their LVM PV/VG and whether "
+            "they are free. checkStatus also probes each LUN for data signatures and "
+            "exclusive users (slower).",
+            [Field("guids", List(GUID, max_items=4096), required=False,
+                   description="Only these LUNs (multipath WWIDs)"),
+             Field("checkStatus", Bool(), required=False, default=False)],
+            result={"type": "array", "items": {
+                "type": "object",
+                "required": ["guid", "capacity", "vendorID", "productID", "serial", "pathlist",
+                             "pathstatus", "pvUUID", "vgUUID", "status"]}},
+            tags=["devices"])
+async def get_device_list(agent: Agent, guids: list[str] | None,
+                          checkStatus: bool) -> list[dict[str, Any]]:
+    return await devices.device_list(guids, checkStatus,
+                                     timeout=agent.config.storage.command_timeout)

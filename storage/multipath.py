@@ -1,0 +1,187 @@
+"""multipathd(8)/multipath(8) wrapper: maps and paths as the daemon sees them,
+flushing a map, waiting for a map to have its paths, resizing.
+
+Listings use `multipathd show ... raw format` with '|' between the fields:
+one line per map or path, no headers, no padding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+
+from storage import commands
+from storage.errors import ResourceTimeout, StorageServerDisconnectionError
+
+log = logging.getLogger("storage.multipath")
+
+MULTIPATHD = "multipathd"
+MULTIPATH = "multipath"
+
+# name, WWID, dm device (dm-N), number of paths, dm state
+MAP_FORMAT = "%n|%w|%d|%N|%t"
+# WWID, path device (sdX), dm state, checker state, device state, H:C:T:L,
+# map name ("[orphan]" when in no map), major:minor
+PATH_FORMAT = "%w|%d|%t|%T|%o|%i|%m|%D"
+
+ORPHAN = "[orphan]"
+UNDEF = "[undef]"
+
+
+@dataclass(frozen=True)
+class Map:
+    name: str
+    wwid: str
+    sysfs: str       # dm-N
+    path_count: int
+    dm_state: str    # active / suspend
+
+
+@dataclass(frozen=True)
+class MPath:
+    wwid: str
+    dev: str         # sdX
+    dm_state: str    # active / failed / undef
+    checker: str     # ready / faulty / ghost / i/o pending / ...
+    dev_state: str   # running / offline / ...
+    hctl: str        # H:C:T:L
+    map: str | None  # None: the path is in no map
+    devt: str        # major:minor
+
+    @property
+    def lun(self) -> int | None:
+        try:
+            return int(self.hctl.rsplit(":", 1)[1])
+        except (IndexError, ValueError):
+            return None
+
+    @property
+    def active(self) -> bool:
+        """In use by the map and not known to be bad: a path multipathd has
+        just added reads "i/o pending" until its checker's next tick."""
+        return self.dm_state == "active" and self.checker in ("ready", "i/o pending")
+
+
+def _fields(line: str, count: int) -> list[str] | None:
+    parts = [p.strip() for p in line.split("|")]
+    return parts if len(parts) == count else None
+
+
+def _undef(value: str) -> str:
+    return "" if value in (UNDEF, "undef") else value
+
+
+def parse_maps(text: str) -> list[Map]:
+    maps = []
+    for line in text.splitlines():
+        f = _fields(line, 5)
+        if f is None or not f[0] or not f[1]:
+            continue
+        try:
+            count = int(f[3])
+        except ValueError:
+            count = 0
+        maps.append(Map(name=f[0], wwid=f[1], sysfs=f[2], path_count=count, dm_state=f[4]))
+    return maps
+
+
+def parse_paths(text: str) -> list[MPath]:
+    paths = []
+    for line in text.splitlines():
+        f = _fields(line, 8)
+        if f is None or not f[1]:
+            continue
+        paths.append(MPath(wwid=_undef(f[0]), dev=f[1], dm_state=f[2], checker=f[3],
+                           dev_state=f[4], hctl=f[5],
+                           map=None if f[6] in (ORPHAN, "", UNDEF) else f[6], devt=f[7]))
+    return paths
+
+
+async def is_running(*, timeout: float, runner: commands.Runner = commands.run) -> bool:
+    result = await runner([MULTIPATHD, "show", "daemon"], timeout=timeout, check=False)
+    return result.rc == 0 and "pid" in result.text
+
+
+async def maps(*, timeout: float, runner: commands.Runner = commands.run) -> list[Map]:
+    result = await runner([MULTIPATHD, "show", "maps", "raw", "format", MAP_FORMAT],
+                          timeout=timeout)
+    return parse_maps(result.text)
+
+
+async def paths(*, timeout: float, runner: commands.Runner = commands.run) -> list[MPath]:
+    result = await runner([MULTIPATHD, "show", "paths", "raw", "format", PATH_FORMAT],
+                          timeout=timeout)
+    return parse_paths(result.text)
+
+
+async def flush(name: str, *, timeout: float, runner: commands.Runner = commands.run) -> None:
+    """Remove the map (not its paths). A map that is open (an LV on it, a
+    process holding it) is refused by multipath with "map in use": that is
+    a disconnection error (452); nothing is changed then."""
+    commands.check_arg(name, "map")
+    try:
+        await runner([MULTIPATH, "-f", name], timeout=timeout)
+    except commands.CommandError as e:
+        text = (e.err + e.out).decode("utf-8", "replace")
+        if "in use" in text:
+            raise StorageServerDisconnectionError(
+                reason=f"multipath map {name} is in use") from None
+        if "not a multipath device" in text:
+            return   # already gone
+        raise
+
+
+async def resize(name: str, *, timeout: float, runner: commands.Runner = commands.run) -> None:
+    """Make the map take the new size of its paths (after a LUN was grown and
+    its paths rescanned)."""
+    commands.check_arg(name, "map")
+    await runner([MULTIPATHD, "resize", "map", name], timeout=timeout)
+
+
+async def reload(*, timeout: float, runner: commands.Runner = commands.run) -> None:
+    """Create maps for eligible paths that have none yet (`multipath` with no
+    argument; multipathd keeps running and picks them up)."""
+    await runner([MULTIPATH], timeout=timeout, check=False)
+
+
+async def wait_for_paths(wwid: str, devs: Collection[str], *, timeout: float,
+                         interval: float = 0.2, runner: commands.Runner = commands.run,
+                         command_timeout: float = 10.0,
+                         fetch: Callable[[], Awaitable[list[MPath]]] | None = None) -> str:
+    """Wait until the map of `wwid` exists and each of `devs` is an active
+    path of it; return the map name. multipathd adds a path when udev has
+    processed it, so this polls against a deadline instead of sleeping
+    blindly. `fetch` replaces the `paths()` call (a shared poll). Raises
+    ResourceTimeout (851)."""
+    deadline = time.monotonic() + timeout
+    want = set(devs)
+    last: list[MPath] = []
+    while True:
+        found = await fetch() if fetch else await paths(timeout=command_timeout, runner=runner)
+        last = [p for p in found if p.wwid == wwid]
+        names = {p.map for p in last if p.dev in want and p.active and p.map}
+        have = {p.dev for p in last if p.dev in want and p.active and p.map}
+        if have == want and len(names) == 1:
+            return names.pop()
+        if time.monotonic() >= deadline:
+            state = ", ".join(f"{p.dev}:{p.dm_state}/{p.checker}/{p.map or '-'}" for p in last)
+            raise ResourceTimeout(reason=f"multipath map of {wwid} with paths "
+                                         f"{', '.join(sorted(want))} did not come up within "
+                                         f"{timeout:g} s (paths: {state or 'none'})")
+        await asyncio.sleep(interval)
+
+
+async def wait_map_gone(wwid: str, *, timeout: float, interval: float = 0.2,
+                        runner: commands.Runner = commands.run,
+                        command_timeout: float = 10.0) -> bool:
+    """Wait until no map has `wwid`; False if one is still there at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not any(m.wwid == wwid for m in await maps(timeout=command_timeout, runner=runner)):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval)
