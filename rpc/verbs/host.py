@@ -21,10 +21,12 @@ async def get_capabilities(agent: Agent) -> dict[str, Any]:
     return agent.host.capabilities(features=["jobs", "websocket-events", "openrpc"])
 
 
-@TABLE.verb("getStats", "Host CPU and memory, agent resources, job counts by state.",
+@TABLE.verb("getStats", "Host CPU and memory, agent resources, job counts by state, "
+            "each known domain's state and space as of its last monitoring check.",
             result={"type": "object"})
 async def get_stats(agent: Agent) -> dict[str, Any]:
     stats = agent.host.stats()
     stats["jobs"] = agent.jobs.counts()
+    stats["domains"] = agent.domains.summary()
     stats["eventSubscribers"] = agent.events.subscribers
     return stats

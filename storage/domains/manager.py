@@ -54,6 +54,7 @@ class Monitor:
     last_check: float | None = None
     delay: float | None = None
     error: str = ""
+    space: dict[str, int] = field(default_factory=dict)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def info(self) -> dict[str, Any]:
@@ -302,6 +303,7 @@ class DomainManager:
             start = time.monotonic()
             try:
                 await entry.domain.health_check(self.io_timeout)
+                entry.monitor.space = await entry.domain.space()
                 if entry.monitor.state == "failing":
                     log.info("Domain %s recovered", entry.domain.uuid)
                 entry.monitor.state, entry.monitor.error = "ok", ""
@@ -337,8 +339,11 @@ class DomainManager:
         return await self.info(sd)
 
     def summary(self) -> dict[str, Any]:
+        """State and space of every known domain, as of its last check (no
+        storage I/O here: getStats must answer while storage hangs)."""
         return {sd: {"state": "active" if e.active else "inactive",
-                     "monitoring": e.monitor.info()} for sd, e in self.entries.items()}
+                     "monitoring": e.monitor.info(), **e.monitor.space}
+                for sd, e in self.entries.items()}
 
     # ---- volumes ---------------------------------------------------------------------------
 

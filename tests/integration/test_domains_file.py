@@ -3,6 +3,7 @@ and 4096-byte sectors; localfs and posixfs), through the real agent."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import uuid
@@ -329,9 +330,17 @@ async def test_deactivate_activate_and_prepare_rules(storage: Storage):
     assert e.value.code == 2008
     info = await c.call("activateStorageDomain", sdUUID=storage.sd)
     assert info["state"] == "active"
-    # monitoring reads the metadata back
+    # monitoring reads the metadata back; getStats shows it without storage I/O
     stats = await c.call("getStorageDomainStats", sdUUID=storage.sd)
     assert stats["monitoring"]["state"] in ("ok", "unknown")
+    for _ in range(50):
+        host = await c.call("getStats")
+        if host["domains"][storage.sd]["monitoring"]["state"] == "ok":
+            break
+        await asyncio.sleep(0.1)
+    dom = host["domains"][storage.sd]
+    assert dom["state"] == "active" and dom["monitoring"]["state"] == "ok"
+    assert dom["capacity"] > dom["free"] > 0 and dom["monitoring"]["lastCheck"]
     # an ILLEGAL volume cannot be prepared: damage the legality on storage
     root = Path(info["path"])
     meta = root / "images" / img / f"{vol}.meta"
