@@ -321,6 +321,15 @@ async def test_deactivate_activate_and_prepare_rules(storage: Storage):
     [st] = await c.call("disconnectStorageServer", domType="localfs",
                         connectionParams=[storage.params])
     assert st["status"] == 2002
+    # nor be edited to another target
+    other = Path(storage.params["connection"] + "-moved")
+    other.mkdir()
+    with pytest.raises(RpcError) as e:
+        await c.call("updateStorageConnection", domType="localfs",
+                     connection={"id": storage.conn_id, "connection": str(other)})
+    assert e.value.code == 2002
+    [conn] = await c.call("getStorageConnections")
+    assert conn["params"]["connection"] == storage.params["connection"]
     await c.call("teardownImage", sdUUID=storage.sd, imgUUID=img, volUUID=vol)
     info = await c.call("deactivateStorageDomain", sdUUID=storage.sd)
     assert info["state"] == "inactive"
