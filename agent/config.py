@@ -66,6 +66,8 @@ class StorageConfig:
     io_timeout: float = 30.0
     # How often each active domain's metadata is read back (monitoring).
     monitor_interval: float = 10.0
+    # LVM extent size of new block domains.
+    block_extent_size: int = 128 * 1024 * 1024
 
 
 @dataclass

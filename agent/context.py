@@ -45,7 +45,8 @@ class Agent:
         domains = DomainManager(config.state_dir, connections, locks,
                                 io_timeout=storage.io_timeout,
                                 monitor_interval=storage.monitor_interval,
-                                ovf_store_size=volume_size(config.ovf.max_tar_size))
+                                ovf_store_size=volume_size(config.ovf.max_tar_size),
+                                block_extent_size=storage.block_extent_size)
         ovf = OvfService(domains, locks, slot_size=config.ovf.max_tar_size,
                          member_limit=config.ovf.max_member_size,
                          ticket_ttl=config.ovf.ticket_ttl)

@@ -54,11 +54,18 @@ class OvfService:
         self.member_limit = member_limit
         self.ticket_ttl = ticket_ttl
         self.tickets: dict[str, Ticket] = {}
+        # Store volumes activated on this host (block domains): they stay
+        # active, so concurrent readers and uploads never race a deactivation.
+        self._active: set[str] = set()
 
     async def store_of(self, sd: str) -> tuple[Domain, VolumeMetadata, OvfStore]:
         domain = await self.domains.domain(sd)
         for md in await domain.all_volumes():
             if md.disk_type == OVF_DISK_TYPE and md.legality == LEGAL and md.state == READY:
+                key = f"{sd}/{md.uuid}"
+                if key not in self._active:
+                    await domain.activate_volumes([md])
+                    self._active.add(key)
                 path = Path(domain.volume_path(md.image, md.uuid))
                 slot = (md.capacity - (1 << 20)) // 2
                 return domain, md, OvfStore(path, slot, domain.io)
@@ -104,14 +111,10 @@ class OvfService:
                                        f"{ticket.size} given to uploadOvfTar")
         try:
             async with self.locks.hold(request("ovfstore", ticket.sd), nowait=True):
-                domain, md, store = await self.store_of(ticket.sd)
-                await domain.activate_volumes([md])
-                try:
-                    header, members = await store.write(
-                        chunks, ticket.size, member_limit=self.member_limit,
-                        sha256=ticket.sha256)
-                finally:
-                    await domain.deactivate_volumes([md])
+                _, _, store = await self.store_of(ticket.sd)
+                header, members = await store.write(chunks, ticket.size,
+                                                    member_limit=self.member_limit,
+                                                    sha256=ticket.sha256)
         except AcquireLockFailure:
             raise AcquireLockFailure(resource=f"OVF store of {ticket.sd}",
                                      reason="another upload is in progress") from None

@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from agent.locks import SHARED, LockManager, request
-from storage import commands
+from storage import commands, lvm, multipath
 from storage.connections import ConnectionManager
 from storage.connections.base import CONNECTED
 from storage.domains.base import Domain, Progress, VolumeSpec, volume_info
+from storage.domains.blockdomain import INITIALIZING as VG_INITIALIZING
+from storage.domains.blockdomain import VG_TAG, BlockDomain
 from storage.domains.filedomain import FileDomain
 from storage.errors import (
     BackupDomainRestricted,
@@ -45,6 +47,7 @@ from storage.metadata import LEGAL, READY, DomainMetadata, MetadataError
 log = logging.getLogger("storage.domains")
 
 FILE_TYPES = ("nfs", "posixfs", "localfs")
+BLOCK_TYPES = ("iscsi", "fcp")
 PURPOSES = ("vm", "read", "copy")
 
 
@@ -73,8 +76,9 @@ class Entry:
 class DomainManager:
     def __init__(self, state_dir: Path, connections: ConnectionManager, locks: LockManager, *,
                  io_timeout: float = 30.0, monitor_interval: float = 10.0,
-                 ovf_store_size: int = 0,
+                 ovf_store_size: int = 0, block_extent_size: int = 128 << 20,
                  runner: commands.Runner = commands.run) -> None:
+        self.block_extent_size = block_extent_size
         # Size of the OVF store volume made with each new domain.
         self.ovf_store_size = ovf_store_size
         self.state_dir = state_dir
@@ -129,6 +133,9 @@ class DomainManager:
 
     async def stop(self) -> None:
         for entry in self.entries.values():
+            # Block domains keep their metadata LV active: running VMs' LVs
+            # outlive the agent too, and another agent on this host (tests)
+            # may be using the same LVs.
             await self._stop_monitor(entry)
         for pool in self.pools.values():
             pool.close()
@@ -140,7 +147,9 @@ class DomainManager:
         return pool
 
     async def scan(self) -> None:
-        """Find file domains on every connected file connection."""
+        """Find file domains on every connected file connection and block
+        domains (tagged VGs) on the multipath devices of this host."""
+        await self._scan_block()
         for conn in list(self.connections.conns.values()):
             if conn.type not in FILE_TYPES or conn.state != CONNECTED:
                 continue
@@ -162,6 +171,43 @@ class DomainManager:
                     log.warning("Ignoring domain at %s: %s", root, e)
                     continue
                 self.entries[domain.uuid] = Entry(domain=domain, conn_id=conn.id)
+
+    async def _mpath_devices(self) -> dict[str, str]:
+        """wwid -> /dev/mapper/<map> of every multipath map on this host
+        (nothing, without running multipathd: no dm devices, no LVM calls)."""
+        if not os.path.exists("/dev/mapper/control") or not await multipath.is_running(  # noqa: ASYNC240
+                timeout=self.io_timeout, runner=self.runner):
+            return {}
+        return {m.wwid: f"/dev/mapper/{m.name}"
+                for m in await multipath.maps(timeout=self.io_timeout, runner=self.runner)}
+
+    async def _scan_block(self) -> None:
+        try:
+            devices = await self._mpath_devices()
+        except HostAgentError as e:
+            log.warning("Cannot list multipath devices: %s", e.message)
+            return
+        if not devices:
+            return
+        scanner = lvm.LVM(self.runner, devices=sorted(devices.values()))
+        try:
+            vgs = await scanner.vgs()
+            pvs = await scanner.pvs()
+        except HostAgentError as e:
+            log.warning("Cannot scan LUNs for domains: %s", e.message)
+            return
+        for vg in vgs:
+            if VG_TAG not in vg.tags or VG_INITIALIZING in vg.tags or vg.name in self.entries:
+                continue
+            paths = sorted(p.name for p in pvs if p.vg_name == vg.name)
+            try:
+                domain = await BlockDomain.open(vg.name, lvm.LVM(self.runner, devices=paths),
+                                                IOPool(vg.name[:8], timeout=self.io_timeout),
+                                                self.runner)
+            except (HostAgentError, OSError, MetadataError) as e:
+                log.warning("Ignoring VG %s: %s", vg.name, e)
+                continue
+            self.entries[domain.uuid] = Entry(domain=domain, conn_id=None)
 
     async def entry(self, sd: str) -> Entry:
         if sd not in self.entries:
@@ -206,10 +252,14 @@ class DomainManager:
         async with self.locks.hold(request("domain", sd)):
             if sd in self.entries:
                 raise StorageDomainAlreadyExists(sdUUID=sd)
-            if dom_type not in FILE_TYPES:
-                raise InvalidParameter(field="domType",
-                                       reason="block domains (iscsi, fcp) are not supported "
-                                              "by this agent yet")
+            md = DomainMetadata(uuid=sd, name=name, dom_type=dom_type, dom_class=dom_class,
+                                version=version, backup=dom_class == "backup")
+            if dom_type in BLOCK_TYPES:
+                entry = await self._create_block(md, devices)
+                self.entries[sd] = entry
+                await self._activate(entry)
+                log.info("Created %s domain %s (%s) on %s", dom_type, sd, name, devices)
+                return await self.info(sd)
             if connection_id is None:
                 raise InvalidParameter(field="connectionId",
                                        reason=f"a {dom_type} domain needs a connection")
@@ -223,14 +273,28 @@ class DomainManager:
                                               f"not {dom_type}")
             mount = self.connections.local_path(connection_id)
             assert mount is not None
-            md = DomainMetadata(uuid=sd, name=name, dom_type=dom_type, dom_class=dom_class,
-                                version=version, backup=dom_class == "backup")
             domain = await FileDomain.create(mount, md, self._pool(connection_id),
                                              self.runner)
             entry = self.entries[sd] = Entry(domain=domain, conn_id=connection_id)
             await self._activate(entry)
             log.info("Created %s domain %s (%s) on %s", dom_type, sd, name, mount)
             return await self.info(sd)
+
+    async def _create_block(self, md: DomainMetadata, devices: list[str] | None) -> Entry:
+        if not devices:
+            raise InvalidParameter(field="devices",
+                                   reason=f"a {md.dom_type} domain needs LUN devices")
+        known = await self._mpath_devices()
+        paths = []
+        for guid in devices:
+            if guid not in known:
+                raise InvalidParameter(field="devices",
+                                       reason=f"no multipath device {guid} on this host")
+            paths.append(known[guid])
+        domain = await BlockDomain.create(paths, md, lvm.LVM(self.runner, devices=paths),
+                                          IOPool(md.uuid[:8], timeout=self.io_timeout),
+                                          self.runner, extent_size=self.block_extent_size)
+        return Entry(domain=domain, conn_id=None)
 
     async def info(self, sd: str) -> dict[str, Any]:
         entry = await self.entry(sd)
