@@ -210,15 +210,7 @@ class IscsiBackend:
         elif session is not None:
             log.info("iSCSI %s at %s: leaving session %d logged in (not made by this "
                      "connection)", iqn, p, session.sid)
-        async with self._records:
-            if owned.get("node_created"):
-                await iscsiadm.node_delete(iqn, p, iface, timeout=self.command_timeout,
-                                           runner=self.runner)
-                owned["node_created"] = False
-            if owned.get("iface_created") and not self._iface_used(conn, iface):
-                await iscsiadm.iface_delete(iface, timeout=self.command_timeout,
-                                            runner=self.runner)
-                owned["iface_created"] = False
+        await self._forget_records(conn, iqn, p, iface, owned)
 
     async def check(self, conn: Connection) -> None:
         iqn, p, iface = target_of(conn.params)
@@ -327,15 +319,7 @@ class IscsiBackend:
                                       runner=self.runner)
         owned["logged_in"] = False
         with contextlib.suppress(HostAgentError):
-            async with self._records:
-                if owned.get("node_created"):
-                    await iscsiadm.node_delete(iqn, p, iface, timeout=self.command_timeout,
-                                               runner=self.runner)
-                    owned["node_created"] = False
-                if owned.get("iface_created") and not self._iface_used(conn, iface):
-                    await iscsiadm.iface_delete(iface, timeout=self.command_timeout,
-                                                runner=self.runner)
-                    owned["iface_created"] = False
+            await self._forget_records(conn, iqn, p, iface, owned)
 
     async def _settle(self, session: iscsiadm.Session, *, rescan: bool) -> dict[str, Any]:
         """Scan the session's LUNs, wait for udev to make their disks and for
@@ -412,6 +396,20 @@ class IscsiBackend:
         key = self.target_key(conn.params)
         return any(self.target_key(c.params) == key and c.owned.get("logged_in")
                    for c in self._others(conn))
+
+    async def _forget_records(self, conn: Connection, iqn: str, p: Portal, iface: str,
+                              owned: dict[str, Any]) -> None:
+        """Delete the node record and the iface this connection created, if
+        no other connection uses them."""
+        async with self._records:
+            if owned.get("node_created"):
+                await iscsiadm.node_delete(iqn, p, iface, timeout=self.command_timeout,
+                                           runner=self.runner)
+                owned["node_created"] = False
+            if owned.get("iface_created") and not self._iface_used(conn, iface):
+                await iscsiadm.iface_delete(iface, timeout=self.command_timeout,
+                                            runner=self.runner)
+                owned["iface_created"] = False
 
     def _iface_used(self, conn: Connection, iface: str) -> bool:
         return any(iface_for(c.params) == iface for c in self._others(conn))
