@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from storage import commands
 from storage.errors import ResourceTimeout, StorageServerDisconnectionError
+from storage.udev import lun_of
 
 log = logging.getLogger("storage.multipath")
 
@@ -53,10 +54,7 @@ class MPath:
 
     @property
     def lun(self) -> int | None:
-        try:
-            return int(self.hctl.rsplit(":", 1)[1])
-        except (IndexError, ValueError):
-            return None
+        return lun_of(self.hctl)
 
     @property
     def active(self) -> bool:

@@ -51,15 +51,20 @@ class ScsiDisk:
 
     @property
     def lun(self) -> int | None:
-        try:
-            return int(self.hctl.rsplit(":", 1)[1])
-        except (IndexError, ValueError):
-            return None
+        return lun_of(self.hctl)
 
     @property
     def ready(self) -> bool:
         """udev is done with it: the node exists and its WWID is known."""
         return self.initialized and bool(self.devnode) and bool(self.wwid)
+
+
+def lun_of(hctl: str) -> int | None:
+    """The LUN number of a SCSI address H:C:T:L, or None if it is not one."""
+    try:
+        return int(hctl.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return None
 
 
 def wwid_from_sysfs(text: str) -> str:
