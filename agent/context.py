@@ -15,7 +15,7 @@ from agent.metrics import Metrics
 from ovfstore.service import OvfService
 from ovfstore.store import volume_size
 from storage.connections import ConnectionManager
-from storage.domains import DomainManager
+from storage.domains import DomainManager, imageops
 
 
 @dataclass
@@ -55,6 +55,20 @@ class Agent:
         for job_type in ("createVolume", "deleteImage"):
             jobs.register_recovery(job_type, lambda job: domains.collect_garbage(
                 str(job.params.get("sdUUID", ""))))
+        # A copy or move that did not end leaves no target; a snapshot of
+        # several disks or the hibernation volumes, nothing at all.
+        for job_type in ("copyImage", "moveImage"):
+            jobs.register_recovery(job_type, lambda job: imageops.recover_copy(
+                domains, {**job.params, "started": job.started}))
+        jobs.register_recovery("snapshotImages", lambda job: imageops.recover_new_volumes(
+            domains, [{**d, "volUUID": d["newVolUUID"]} for d in job.params.get("disks", [])],
+            job.started))
+        jobs.register_recovery("createHibernationVolumes",
+                               lambda job: imageops.recover_new_volumes(
+                                   domains, [{**job.params["memory"], "volUUID": v}
+                                             for v in (job.params["memory"]["dumpVolUUID"],
+                                                       job.params["memory"]["metaVolUUID"])],
+                                   job.started))
         return cls(config=config, events=events, metrics=metrics, jobs=jobs, host=host,
                    locks=locks, connections=connections, domains=domains, ovf=ovf)
 

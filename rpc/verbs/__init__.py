@@ -1,3 +1,13 @@
 """Every verb of the API. Importing this package fills rpc.table.TABLE."""
 
-from rpc.verbs import connections, devices, domains, host, jobs, ovf, testing, volumes  # noqa: F401
+from rpc.verbs import (  # noqa: F401
+    connections,
+    devices,
+    domains,
+    host,
+    images,
+    jobs,
+    ovf,
+    testing,
+    volumes,
+)

@@ -11,8 +11,9 @@ start-up and on activate; a volume is never LEGAL unless complete.
 from __future__ import annotations
 
 import abc
+import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,6 +22,7 @@ from storage.errors import (
     HostAgentError,
     ImageDoesNotExistInSD,
     InvalidParameter,
+    NoSpaceLeftOnDomain,
     ResourceInUse,
     StorageDomainFailing,
     VolumeAlreadyExists,
@@ -48,6 +50,7 @@ from storage.metadata import (
 log = logging.getLogger("storage.domains")
 
 Progress = Callable[[float], None]
+Fill = Callable[[VolumeMetadata], Awaitable[None]]
 
 
 def _no_progress(_: float) -> None:
@@ -215,10 +218,20 @@ class Domain(abc.ABC):
 
     # ---- volume flows ------------------------------------------------------------
 
-    async def create_volume(self, spec: VolumeSpec,
-                            progress: Progress = _no_progress) -> VolumeMetadata:
-        parent: VolumeMetadata | None = None
-        if spec.parent and spec.parent != BLANK_UUID:
+    async def create_volume(self, spec: VolumeSpec, progress: Progress = _no_progress, *,
+                            fill: Fill | None = None, parent: VolumeMetadata | None = None,
+                            commit: bool = True) -> VolumeMetadata:
+        """Create a volume: metadata CREATING + ILLEGAL, its data, then (with
+        `commit`) LEGAL + READY in one metadata write.
+
+        `fill(md)` writes the volume's data (a copy) once it exists, before
+        it is committed; the caller makes it reachable (block: activates it).
+        `parent` skips the parent lookup and its checks: the caller (a copy
+        of a chain) passes a parent it is making itself. Without `commit`
+        the volume stays CREATING and the caller commits it with
+        `commit_volume` or removes it with `discard_volume`.
+        """
+        if parent is None and spec.parent and spec.parent != BLANK_UUID:
             parent = await self._parent_for(spec)
         if spec.vol in await self._all_volume_ids():
             raise VolumeAlreadyExists(volUUID=spec.vol)
@@ -234,28 +247,47 @@ class Domain(abc.ABC):
                             capacity=spec.size, legality=ILLEGAL, generation=0,
                             description=spec.description, disk_type=spec.disk_type,
                             state=CREATING)
-        await self.write_volume_md(md)
-        progress(10)
+        try:
+            await self.write_volume_md(md)
+        except OSError as e:
+            raise os_error(e, self.uuid) from None
+        progress(2 if fill else 10)
         try:
             await self.create_volume_data(md, parent, spec.initial_size)
-            progress(90)
-            done = replace(md, legality=LEGAL, state=READY, generation=md.generation + 1)
-            await self.write_volume_md(done)
+            if fill is not None:
+                progress(5)
+                await fill(md)
+            progress(95 if fill else 90)
+            if commit:
+                md = await self.commit_volume(md, parent)
         except BaseException as e:
             log.warning("Creating volume %s failed (%s); removing it", spec.vol,
                         type(e).__name__)
             # Also on cancellation (an aborted job): the half-made volume goes.
             # If this is cut short too, start-up removes the CREATING volume.
-            await self._discard(md)
+            await self.discard_volume(md)
             if isinstance(e, HostAgentError) or not isinstance(e, Exception):
                 raise
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise os_error(e, self.uuid) from None
             raise VolumeCreationError(volUUID=spec.vol, reason=str(e)) from e
-        if parent is not None and parent.voltype == LEAF:
-            await self.write_volume_md(replace(parent, voltype=INTERNAL))
-        elif parent is not None and parent.image != spec.img and parent.voltype != SHARED:
-            await self.write_volume_md(replace(parent, voltype=SHARED))
-        log.info("Created volume %s/%s/%s (%s, %s, %d bytes)", self.uuid, spec.img,
-                 spec.vol, spec.format, spec.preallocate, spec.size)
+        if commit:
+            log.info("Created volume %s/%s/%s (%s, %s, %d bytes)", self.uuid, spec.img,
+                     spec.vol, spec.format, spec.preallocate, spec.size)
+        return md
+
+    async def commit_volume(self, md: VolumeMetadata,
+                            parent: VolumeMetadata | None) -> VolumeMetadata:
+        """The one metadata write that makes a complete volume LEGAL, then
+        its parent's type (internal, or shared by images: a template)."""
+        done = replace(md, legality=LEGAL, state=READY, generation=md.generation + 1)
+        await self.write_volume_md(done)
+        if parent is not None:
+            parent = await self.read_volume_md(parent.image, parent.uuid)
+            if parent.voltype == LEAF:
+                await self.write_volume_md(replace(parent, voltype=INTERNAL))
+            elif parent.image != md.image and parent.voltype != SHARED:
+                await self.write_volume_md(replace(parent, voltype=SHARED))
         return done
 
     async def _parent_for(self, spec: VolumeSpec) -> VolumeMetadata:
@@ -284,7 +316,8 @@ class Domain(abc.ABC):
             ids.update(await self.volume_ids(img))
         return ids
 
-    async def _discard(self, md: VolumeMetadata) -> None:
+    async def discard_volume(self, md: VolumeMetadata) -> None:
+        """Remove a volume being made (marked REMOVING first)."""
         try:
             await self.write_volume_md(replace(md, state=REMOVING, legality=ILLEGAL))
         except HostAgentError:
@@ -407,6 +440,13 @@ async def read_check(runner: commands.Runner, sd: str, path: str, timeout: float
             from None
     if r.rc != 0:
         raise StorageDomainFailing(sdUUID=sd, reason=r.err_text.strip() or f"dd rc={r.rc}")
+
+
+def os_error(e: OSError, sd: str) -> HostAgentError:
+    """A storage error for what the file system answered."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpaceLeftOnDomain(sdUUID=sd)
+    return StorageDomainFailing(sdUUID=sd, reason=f"{e.strerror or e}")
 
 
 def leaf_first(vols: list[VolumeMetadata]) -> list[VolumeMetadata]:

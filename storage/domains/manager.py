@@ -30,6 +30,7 @@ from storage.domains.base import Domain, Progress, VolumeSpec, volume_info
 from storage.domains.blockdomain import INITIALIZING as VG_INITIALIZING
 from storage.domains.blockdomain import VG_TAG, BlockDomain
 from storage.domains.filedomain import FileDomain
+from storage.domains.imageops import ImageOps
 from storage.errors import (
     BackupDomainRestricted,
     HostAgentError,
@@ -38,11 +39,12 @@ from storage.errors import (
     ResourceInUse,
     StorageDomainAlreadyExists,
     StorageDomainDoesNotExist,
+    StorageDomainFailing,
     StorageDomainNotActive,
     StorageServerConnectionError,
 )
 from storage.fileio import IOPool
-from storage.metadata import LEGAL, READY, DomainMetadata, MetadataError
+from storage.metadata import LEGAL, READY, DomainMetadata, MetadataError, VolumeMetadata
 
 log = logging.getLogger("storage.domains")
 
@@ -92,7 +94,12 @@ class DomainManager:
         self.active: set[str] = set()
         # "sd/img/vol" -> {purpose: count}
         self.prepared: dict[str, dict[str, int]] = {}
+        # "sd/vol" -> how many users (prepared chains, running copies) need the
+        # volume active: a template's LV stays active while any clone needs it.
+        self.active_refs: dict[str, int] = {}
+        self._activation: dict[str, asyncio.Lock] = {}
         connections.in_use = self.connection_in_use
+        self.images = ImageOps(self)
 
     # ---- host state --------------------------------------------------------------
 
@@ -130,6 +137,23 @@ class DomainManager:
                 log.warning("Active domain %s not found on connected storage", sd)
                 continue
             await self._activate(entry)
+        await self._count_prepared()
+
+    async def _count_prepared(self) -> None:
+        """What prepared.json says is in use keeps its volumes active."""
+        for key in list(self.prepared):
+            sd, img, vol = key.split("/")
+            entry = self.entries.get(sd)
+            if entry is None:
+                continue
+            try:
+                chain = await entry.domain.chain(img, vol)
+            except HostAgentError as e:
+                log.warning("Prepared volume %s: %s", key, e.message)
+                continue
+            for md in chain:
+                ref = f"{sd}/{md.uuid}"
+                self.active_refs[ref] = self.active_refs.get(ref, 0) + 1
 
     async def stop(self) -> None:
         for entry in self.entries.values():
@@ -485,6 +509,50 @@ class DomainManager:
         return any(e.conn_id == conn_id and self._prepared_on(sd)
                    for sd, e in self.entries.items())
 
+    async def use_volumes(self, domain: Domain, chain: list[VolumeMetadata]) -> None:
+        """Make volumes usable on this host (block: activate their LVs),
+        counting users, so one user's release leaves them active for others."""
+        async with self._activation.setdefault(domain.uuid, asyncio.Lock()):
+            await domain.activate_volumes(chain)
+            for md in chain:
+                ref = f"{domain.uuid}/{md.uuid}"
+                self.active_refs[ref] = self.active_refs.get(ref, 0) + 1
+
+    async def release_volumes(self, domain: Domain, chain: list[VolumeMetadata]) -> None:
+        """Undo one use_volumes; volumes nobody uses any more are deactivated."""
+        async with self._activation.setdefault(domain.uuid, asyncio.Lock()):
+            unused = []
+            for md in chain:
+                ref = f"{domain.uuid}/{md.uuid}"
+                left = self.active_refs.get(ref, 0) - 1
+                if left <= 0:
+                    self.active_refs.pop(ref, None)
+                    unused.append(md)
+                else:
+                    self.active_refs[ref] = left
+            with contextlib.suppress(HostAgentError):
+                await domain.deactivate_volumes(unused)
+
+    @contextlib.asynccontextmanager
+    async def using(self, domain: Domain, chain: list[VolumeMetadata]) -> AsyncIterator[None]:
+        await self.use_volumes(domain, chain)
+        try:
+            yield
+        finally:
+            await self.release_volumes(domain, chain)
+
+    def is_prepared(self, sd: str, img: str, purpose: str | None = None) -> bool:
+        return any(k.startswith(f"{sd}/{img}/") and (purpose is None or v.get(purpose))
+                   for k, v in self.prepared.items())
+
+    def check_writable(self, entry: Entry) -> None:
+        """A domain new data may be written to: active here, not failing."""
+        sd = entry.domain.uuid
+        if not entry.active:
+            raise StorageDomainNotActive(sdUUID=sd)
+        if entry.monitor.state == "failing":
+            raise StorageDomainFailing(sdUUID=sd, reason=entry.monitor.error)
+
     async def prepare(self, sd: str, img: str, vol: str, purpose: str) -> dict[str, Any]:
         async with self._volume_locks(sd, img):
             domain = await self.active_domain(sd)
@@ -495,8 +563,13 @@ class DomainManager:
             for md in chain:
                 if md.legality != LEGAL or md.state != READY:
                     raise PrepareIllegalVolumeError(volUUID=md.uuid)
-            await domain.activate_volumes(chain)
             key = self._prepared_key(sd, img, vol)
+            if key in self.prepared:
+                # Already counted; activating again is harmless (and needed
+                # after a reboot deactivated everything).
+                await domain.activate_volumes(chain)
+            else:
+                await self.use_volumes(domain, chain)
             counts = self.prepared.setdefault(key, {})
             counts[purpose] = counts.get(purpose, 0) + 1
             self._save_prepared()
@@ -523,5 +596,5 @@ class DomainManager:
                     del self.prepared[key]
                     _, _, v = key.split("/")
                     with contextlib.suppress(HostAgentError):
-                        await domain.deactivate_volumes(await domain.chain(img, v))
+                        await self.release_volumes(domain, await domain.chain(img, v))
             self._save_prepared()

@@ -1,0 +1,145 @@
+"""Verbs on a VM's disks across domains: copy, move, snapshot all disks,
+hibernation volumes. Each is a job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.context import Agent
+from agent.jobs import JobContext
+from rpc.schema import UUID, Bool, Enum, Field, InvalidParams, List, Object, Str
+from rpc.table import TABLE
+from rpc.verbs.common import IMG_UUID, JOB_RESULT, JOB_UUID, SD_UUID, VOL_UUID
+from rpc.verbs.volumes import SIZE
+from storage.domains.imageops import VolRef
+from storage.errors import HostAgentError
+
+VOLUME_REF = Object([SD_UUID, IMG_UUID, VOL_UUID])
+
+
+def _check_copy(values: dict[str, Any], path: str) -> None:
+    if not values["collapse"]:
+        for name in ("format", "preallocate"):
+            if values[name] is not None:
+                raise InvalidParams(name, "a chain copied without collapse keeps each "
+                                          "volume's format and allocation")
+    if values["src"] == values["dst"]:
+        raise InvalidParams("dst", "the same volume as src")
+
+
+@TABLE.verb("copyImage", "Copy a volume to any domain (a job): its chain collapsed into one "
+            "volume (default), converted to the format and allocation asked (default: the "
+            "source's); with collapse=false the volumes of the chain in the source's image "
+            "are copied layer by layer (a template parent must already be on the target "
+            "domain). A failed or aborted copy leaves no target.",
+            [JOB_UUID, Field("src", VOLUME_REF), Field("dst", VOLUME_REF),
+             Field("format", Enum(["raw", "cow"]), required=False),
+             Field("preallocate", Enum(["sparse", "preallocated"]), required=False),
+             Field("collapse", Bool(), required=False, default=True)],
+            check=_check_copy, result=JOB_RESULT, job=True, tags=["images"])
+async def copy_image(agent: Agent, jobUUID: str, src: dict[str, str], dst: dict[str, str],
+                     format: str | None, preallocate: str | None,
+                     collapse: bool) -> dict[str, Any]:
+    s, d = VolRef.of(src), VolRef.of(dst)
+
+    async def work(ctx: JobContext) -> dict[str, Any]:
+        return await agent.domains.images.copy(s, d, format, preallocate, collapse,
+                                               ctx.progress)
+
+    job = agent.jobs.submit(jobUUID, "copyImage", work, description=f"copy {s} to {d}",
+                            params={"sdUUID": s.sd, "imgUUID": s.img, "volUUID": s.vol,
+                                    "dstSdUUID": d.sd, "dstImgUUID": d.img,
+                                    "dstVolUUID": d.vol,
+                                    "targets": [d.vol], "collapse": collapse})
+    return {"jobUUID": job.job_uuid}
+
+
+@TABLE.verb("moveImage", "Move a whole image, chain preserved, to another domain (a job); the "
+            "source is removed only after the copy is complete and verified. Refused while "
+            "the image is prepared, and onto a backup domain while a running VM uses it.",
+            [JOB_UUID, SD_UUID, IMG_UUID, Field("dstSdUUID", UUID())],
+            result=JOB_RESULT, job=True, tags=["images"])
+async def move_image(agent: Agent, jobUUID: str, sdUUID: str, imgUUID: str,
+                     dstSdUUID: str) -> dict[str, Any]:
+    if sdUUID == dstSdUUID:
+        raise InvalidParams("dstSdUUID", "the image is already on that domain")
+    # The volumes the job may make on the target: the image's, same ids
+    # (read now, for the recovery of an interrupted move; the move reads
+    # them again under its locks).
+    try:
+        vols = await agent.domains.volumes_list(sdUUID, imgUUID)
+    except HostAgentError:   # the job reports the real error
+        vols = []
+
+    async def work(ctx: JobContext) -> None:
+        await agent.domains.images.move(sdUUID, imgUUID, dstSdUUID, ctx.progress)
+
+    job = agent.jobs.submit(jobUUID, "moveImage", work,
+                            description=f"move image {imgUUID} to {dstSdUUID}",
+                            params={"sdUUID": sdUUID, "imgUUID": imgUUID,
+                                    "dstSdUUID": dstSdUUID, "move": True,
+                                    "targets": vols, "sources": vols})
+    return {"jobUUID": job.job_uuid}
+
+
+SNAPSHOT_DISK = Object([SD_UUID, IMG_UUID, VOL_UUID, Field("newVolUUID", UUID()),
+                        Field("description", Str(min_len=0, max_len=1000), required=False,
+                              default="")])
+
+
+def _check_snapshot(values: dict[str, Any], path: str) -> None:
+    seen: dict[str, int] = {}
+    for i, d in enumerate(values["disks"]):
+        if d["newVolUUID"] == d["volUUID"]:
+            raise InvalidParams(f"disks[{i}].newVolUUID", "the same as volUUID")
+        for key in (f"{d['sdUUID']}/{d['imgUUID']}", f"{d['sdUUID']}/{d['newVolUUID']}"):
+            if key in seen:
+                raise InvalidParams(f"disks[{i}]", f"the same disk or new volume as "
+                                                   f"disks[{seen[key]}]")
+            seen[key] = i
+
+
+@TABLE.verb("snapshotImages", "A new snapshot layer on each disk (a job), disks on any "
+            "domains, all or nothing: if one fails, the layers already made are removed. "
+            "The result lists the new volumes.",
+            [JOB_UUID, Field("disks", List(SNAPSHOT_DISK, min_items=1, max_items=256))],
+            check=_check_snapshot, result=JOB_RESULT, job=True, tags=["images"])
+async def snapshot_images(agent: Agent, jobUUID: str,
+                          disks: list[dict[str, Any]]) -> dict[str, Any]:
+    async def work(ctx: JobContext) -> list[dict[str, Any]]:
+        return await agent.domains.images.snapshot(disks, ctx.progress)
+
+    job = agent.jobs.submit(jobUUID, "snapshotImages", work,
+                            description=f"snapshot {len(disks)} disks",
+                            params={"disks": disks})
+    return {"jobUUID": job.job_uuid}
+
+
+MEMORY = Object([SD_UUID, IMG_UUID, Field("dumpVolUUID", UUID()),
+                 Field("metaVolUUID", UUID()),
+                 Field("size", SIZE, description="Memory dump size in bytes")])
+
+
+def _check_hibernation(values: dict[str, Any], path: str) -> None:
+    m = values["memory"]
+    if m["dumpVolUUID"] == m["metaVolUUID"]:
+        raise InvalidParams("memory.metaVolUUID", "the same as dumpVolUUID")
+
+
+@TABLE.verb("createHibernationVolumes", "Check every disk of a VM can be hibernated (domain "
+            "active and not failing, not a backup domain, volume LEGAL), then create the "
+            "memory dump and metadata volumes (a job); otherwise nothing is made and the error "
+            "names the disk that cannot.",
+            [JOB_UUID, Field("memory", MEMORY),
+             Field("disks", List(VOLUME_REF, min_items=0, max_items=256))],
+            check=_check_hibernation, result=JOB_RESULT, job=True, tags=["images"])
+async def create_hibernation_volumes(agent: Agent, jobUUID: str, memory: dict[str, Any],
+                                     disks: list[dict[str, Any]]) -> dict[str, Any]:
+    async def work(ctx: JobContext) -> dict[str, Any]:
+        return await agent.domains.images.hibernation(memory, disks, ctx.progress)
+
+    job = agent.jobs.submit(jobUUID, "createHibernationVolumes", work,
+                            description="create hibernation volumes",
+                            params={"sdUUID": memory["sdUUID"], "imgUUID": memory["imgUUID"],
+                                    "memory": memory, "disks": disks})
+    return {"jobUUID": job.job_uuid}

@@ -1,0 +1,522 @@
+"""Operations on a VM's disks across storage domains: copy, move, snapshot
+all disks at once, hibernation volumes.
+
+Every disk may live on its own domain; a flow that spans several disks is
+all or nothing. The rules that keep storage safe:
+
+- A copy target is made like any volume (CREATING + ILLEGAL, data written
+  by qemu-img, then LEGAL in one metadata write). A chain copied layer by
+  layer keeps every layer CREATING until all are written, then commits them
+  base first: a crash leaves CREATING volumes (removed at start-up) or, in
+  the last instant, a shorter valid chain that the job's recovery hook
+  removes because the job did not end.
+- A move removes its source only after every target volume is committed
+  and `qemu-img compare` found each leaf equal to its source.
+- Source volumes are locked shared, targets exclusive; the locks of every
+  disk in a flow are taken together, in rank order.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from agent.locks import SHARED, Request, request
+from storage import qemuimg
+from storage.domains.base import Domain, Progress, VolumeSpec, leaf_first, volume_info
+from storage.domains.blockdomain import BlockDomain
+from storage.errors import (
+    BackupDomainRestricted,
+    HostAgentError,
+    InvalidParameter,
+    NoSpaceLeftOnDomain,
+    PrepareIllegalVolumeError,
+    ResourceInUse,
+    VolumeAlreadyExists,
+    VolumeCopyError,
+    VolumeDoesNotExist,
+)
+from storage.metadata import LEGAL, READY, VolumeMetadata
+
+if TYPE_CHECKING:
+    from storage.domains.manager import DomainManager
+
+log = logging.getLogger("storage.images")
+
+MiB = 1 << 20
+# The memory image of a hibernated VM: the dump and the VM's metadata.
+HIBERNATION_META_SIZE = 10 * MiB
+
+
+@dataclass(frozen=True)
+class VolRef:
+    sd: str
+    img: str
+    vol: str
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> VolRef:
+        return cls(d["sdUUID"], d["imgUUID"], d["volUUID"])
+
+    def __str__(self) -> str:
+        return f"{self.sd}/{self.img}/{self.vol}"
+
+
+def qemu_format(md: VolumeMetadata) -> str:
+    return "qcow2" if md.format == "COW" else "raw"
+
+
+def parents_first(vols: list[VolumeMetadata]) -> list[VolumeMetadata]:
+    return list(reversed(leaf_first(vols)))
+
+
+def _span(progress: Progress, start: float, end: float) -> Progress:
+    """A progress callback mapping 0-100 onto start-end of the whole job."""
+    return lambda p: progress(start + (end - start) * max(0.0, min(100.0, p)) / 100)
+
+
+def _no_space(e: HostAgentError, sd: str) -> HostAgentError:
+    if "No space left" in e.message or "ENOSPC" in e.message:
+        return NoSpaceLeftOnDomain(sdUUID=sd)
+    return e
+
+
+class ImageOps:
+    def __init__(self, domains: DomainManager) -> None:
+        self.dm = domains
+
+    # ---- helpers -----------------------------------------------------------------
+
+    async def _writable(self, sd: str) -> Domain:
+        entry = await self.dm.entry(sd)
+        self.dm.check_writable(entry)
+        return entry.domain
+
+    async def _readable(self, sd: str) -> Domain:
+        return await self.dm.active_domain(sd)
+
+    @staticmethod
+    def _legal(chain: list[VolumeMetadata]) -> None:
+        for md in chain:
+            if md.legality != LEGAL or md.state != READY:
+                raise PrepareIllegalVolumeError(volUUID=md.uuid)
+
+    async def _check_space(self, domain: Domain, need: int) -> None:
+        free = (await domain.space())["free"]
+        if need > free:
+            raise NoSpaceLeftOnDomain(sdUUID=domain.uuid,
+                                      reason=f"needs {need} bytes, {free} free")
+
+    async def _convert(self, src: Domain, src_md: VolumeMetadata, dst: Domain,
+                       dst_md: VolumeMetadata, progress: Progress, *,
+                       backing: VolumeMetadata | None = None) -> None:
+        """qemu-img convert into an existing target volume made for it: cache
+        bypassed on both sides, zeros of a fresh target skipped, out-of-order
+        writes where the target is raw. With `backing` the target is one
+        layer of a chain: only what the source layer holds is written."""
+        dst_fmt = qemu_format(dst_md)
+        fresh_zero = not (isinstance(dst, BlockDomain) and dst_md.format == "RAW")
+        try:
+            await qemuimg.convert(
+                src.volume_path(src_md.image, src_md.uuid),
+                dst.volume_path(dst_md.image, dst_md.uuid),
+                src_fmt=qemu_format(src_md), dst_fmt=dst_fmt, create=False,
+                target_is_zero=fresh_zero and backing is None,
+                unordered=dst_fmt == "raw",
+                backing=dst.volume_path(backing.image, backing.uuid) if backing else None,
+                backing_fmt=qemu_format(backing) if backing else None,
+                progress=progress, runner=self.dm.runner)
+        except HostAgentError as e:
+            raise _no_space(e, dst.uuid) from None
+
+    # ---- copyImage -------------------------------------------------------------------
+
+    async def copy(self, src: VolRef, dst: VolRef, fmt: str | None, prealloc: str | None,
+                   collapse: bool, progress: Progress) -> dict[str, Any]:
+        if src.sd == dst.sd and src.vol == dst.vol:
+            raise VolumeAlreadyExists(volUUID=dst.vol, reason="source and target are the same")
+        reqs = [request("domain", src.sd, SHARED), request("image", f"{src.sd}/{src.img}",
+                                                           SHARED),
+                request("domain", dst.sd, SHARED), request("image", f"{dst.sd}/{dst.img}"),
+                request("volume", f"{dst.sd}/{dst.vol}")]
+        async with self.dm.locks.hold(*reqs):
+            sdom = await self._readable(src.sd)
+            ddom = await self._writable(dst.sd)
+            chain = await sdom.chain(src.img, src.vol)
+            self._legal(chain)
+            if collapse:
+                md = await self._copy_collapsed(sdom, chain, ddom, dst, fmt, prealloc,
+                                                progress)
+            else:
+                own = [m for m in chain if m.image == src.img]
+                ids = {m.uuid: m.uuid for m in own}
+                ids[src.vol] = dst.vol
+                [md] = [m for m in await self._copy_volumes(sdom, own, ddom, dst.img, ids,
+                                                            progress)
+                        if m.uuid == dst.vol]
+            apparent, true = await ddom.volume_sizes(md.image, md.uuid)
+            return volume_info(md, apparent, true)
+
+    async def _copy_collapsed(self, sdom: Domain, chain: list[VolumeMetadata], ddom: Domain,
+                              dst: VolRef, fmt: str | None, prealloc: str | None,
+                              progress: Progress) -> VolumeMetadata:
+        top = chain[-1]
+        fmt = fmt or top.format.lower()
+        prealloc = prealloc or top.allocation.lower()
+        async with self.dm.using(sdom, chain):
+            size = await qemuimg.measure(path=sdom.volume_path(top.image, top.uuid),
+                                         src_fmt=qemu_format(top),
+                                         dst_fmt="qcow2" if fmt == "cow" else "raw",
+                                         runner=self.dm.runner)
+            need = size["fully-allocated" if prealloc == "preallocated" else "required"]
+            await self._check_space(ddom, need)
+            initial = None
+            if fmt == "cow" and isinstance(ddom, BlockDomain):
+                # Room for the data and qcow2's tables, rounded up to extents.
+                initial = max(need, MiB) + MiB
+            spec = VolumeSpec(img=dst.img, vol=dst.vol, size=top.capacity, format=fmt,
+                              preallocate=prealloc, description=top.description,
+                              disk_type=top.disk_type, initial_size=initial)
+
+            async def fill(md: VolumeMetadata) -> None:
+                async with self.dm.using(ddom, [md]):
+                    await self._convert(sdom, top, ddom, md, _span(progress, 5, 95))
+
+            md = await ddom.create_volume(spec, progress, fill=fill)
+        log.info("Copied %s/%s/%s (%d volumes, collapsed) to %s/%s/%s", sdom.uuid, top.image,
+                 top.uuid, len(chain), ddom.uuid, dst.img, dst.vol)
+        return md
+
+    async def _copy_volumes(self, sdom: Domain, vols: list[VolumeMetadata], ddom: Domain,
+                            dst_img: str, ids: dict[str, str],
+                            progress: Progress) -> list[VolumeMetadata]:
+        """Copy volumes of one image layer by layer, parents first, keeping
+        the chain: `ids` maps source volume ids to target ids. A parent
+        outside `vols` (a template) must be on the target domain already.
+        All targets are committed at the end, or none is left."""
+        order = parents_first(vols)
+        mine = {m.uuid for m in order}
+        templates: dict[str, VolumeMetadata] = {}
+        for m in order:
+            if m.has_parent and m.parent not in mine and m.parent not in templates:
+                try:
+                    t = await ddom.find_volume(m.parent)
+                except VolumeDoesNotExist:
+                    raise VolumeDoesNotExist(
+                        volUUID=m.parent, reason=f"the template volume is not on the target "
+                                                 f"domain {ddom.uuid}; copy it there first "
+                                                 "or copy collapsed") from None
+                self._legal([t])
+                templates[m.parent] = t
+        existing = await ddom._all_volume_ids()
+        for m in order:
+            if ids[m.uuid] in existing:
+                raise VolumeAlreadyExists(volUUID=ids[m.uuid])
+        sizes = {m.uuid: (await sdom.volume_sizes(m.image, m.uuid))[1] for m in order}
+        await self._check_space(ddom, sum(sizes.values()))
+        total = max(1, sum(sizes.values()))
+        done_bytes = 0
+        made: list[tuple[VolumeMetadata, VolumeMetadata | None]] = []
+        bases = await self._with_templates(ddom, list(templates.values()))
+        # Source chain active for reading; the targets while they are written.
+        async with self.dm.using(sdom, await self._with_templates(sdom, order)):
+            try:
+                for m in order:
+                    parent = None
+                    if m.has_parent:
+                        parent = templates.get(m.parent) or next(
+                            t for t, _ in made if t.uuid == ids[m.parent])
+                    initial = None
+                    if m.format == "COW" and isinstance(ddom, BlockDomain):
+                        initial = sizes[m.uuid] + MiB
+                    spec = VolumeSpec(img=dst_img, vol=ids[m.uuid], size=m.capacity,
+                                      format=m.format.lower(),
+                                      preallocate=m.allocation.lower(),
+                                      description=m.description, disk_type=m.disk_type,
+                                      parent=parent.uuid if parent else None,
+                                      initial_size=initial)
+                    start = 100 * done_bytes / total
+                    end = 100 * (done_bytes + sizes[m.uuid]) / total
+                    step = _span(progress, start * 0.95, end * 0.95)
+
+                    async def fill(md: VolumeMetadata, m: VolumeMetadata = m,
+                                   parent: VolumeMetadata | None = parent,
+                                   step: Progress = step) -> None:
+                        # The target and what it is layered on, active while written.
+                        need = [*bases, *(t for t, _ in made), md]
+                        async with self.dm.using(ddom, need):
+                            await self._convert(sdom, m, ddom, md, step, backing=parent)
+
+                    md = await ddom.create_volume(spec, fill=fill, parent=parent, commit=False)
+                    made.append((md, parent))
+                    done_bytes += sizes[m.uuid]
+                # Base first: a crash in between leaves a valid shorter chain.
+                committed = [await ddom.commit_volume(md, parent) for md, parent in made]
+            except BaseException:
+                for md, _ in reversed(made):
+                    try:
+                        await ddom.discard_volume(md)
+                    except HostAgentError as e:
+                        log.error("Cannot remove copy target %s: %s (start-up removes it)",
+                                  md.uuid, e.message)
+                raise
+        progress(100)
+        log.info("Copied %d volumes of image %s/%s to %s/%s", len(order), sdom.uuid,
+                 order[0].image, ddom.uuid, dst_img)
+        return committed
+
+    async def _with_templates(self, domain: Domain,
+                              vols: list[VolumeMetadata]) -> list[VolumeMetadata]:
+        """The volumes and the chains of their parents outside them
+        (templates), parents first."""
+        out: list[VolumeMetadata] = []
+        have = {m.uuid for m in vols}
+        for m in vols:
+            if m.has_parent and m.parent not in have:
+                parent = await domain.find_volume(m.parent)
+                for p in await domain.chain(parent.image, parent.uuid):
+                    if p.uuid not in have:
+                        out.append(p)
+                        have.add(p.uuid)
+        return out + list(vols)
+
+    # ---- moveImage ---------------------------------------------------------------------
+
+    async def move(self, sd: str, img: str, dst_sd: str, progress: Progress) -> None:
+        if sd == dst_sd:
+            raise InvalidParameter(field="dstSdUUID", reason="the image is already there")
+        reqs = [request("domain", sd, SHARED), request("image", f"{sd}/{img}"),
+                request("domain", dst_sd, SHARED), request("image", f"{dst_sd}/{img}")]
+        async with self.dm.locks.hold(*reqs):
+            sdom = await self._writable(sd)
+            ddom = await self._writable(dst_sd)
+            if ddom.md.backup and self.dm.is_prepared(sd, img, "vm"):
+                raise BackupDomainRestricted(sdUUID=dst_sd,
+                                             reason=f"image {img} is in use by a running VM")
+            if self.dm.is_prepared(sd, img):
+                raise ResourceInUse(resource=f"image {img}", reason="volumes are prepared")
+            vols = await sdom.image_volumes(img)
+            self._legal(vols)
+            ids = {v.uuid for v in vols}
+            outside = [v for v in await sdom.all_volumes() if v.image != img and v.parent in ids]
+            if outside:
+                raise ResourceInUse(resource=f"image {img}",
+                                    reason=f"volume {outside[0].parent} is the parent of "
+                                           "volumes in other images (a template)")
+            copies = await self._copy_volumes(sdom, vols, ddom, img, {i: i for i in ids},
+                                              _span(progress, 0, 90))
+            try:
+                await self._verify(sdom, vols, ddom, copies)
+            except BaseException:
+                for md in leaf_first(copies):
+                    try:
+                        await ddom.delete_volume(md.image, md.uuid)
+                    except HostAgentError as e:
+                        log.error("Cannot remove unverified copy %s: %s", md.uuid, e.message)
+                raise
+            await sdom.delete_image(img, _span(progress, 95, 100))
+        log.info("Moved image %s from %s to %s", img, sd, dst_sd)
+
+    async def _verify(self, sdom: Domain, vols: list[VolumeMetadata], ddom: Domain,
+                      copies: list[VolumeMetadata]) -> None:
+        parents = {v.parent for v in vols}
+        leaves = [v for v in vols if v.uuid not in parents]
+        async with self.dm.using(sdom, await self._with_templates(sdom, vols)), \
+                self.dm.using(ddom, await self._with_templates(ddom, copies)):
+            for leaf in leaves:
+                same = await qemuimg.compare(sdom.volume_path(leaf.image, leaf.uuid),
+                                             ddom.volume_path(leaf.image, leaf.uuid),
+                                             fmt_a=qemu_format(leaf), fmt_b=qemu_format(leaf),
+                                             runner=self.dm.runner)
+                if not same:
+                    raise VolumeCopyError(volUUID=leaf.uuid,
+                                          reason="the copy differs from the source")
+
+    # ---- snapshotImages ------------------------------------------------------------------
+
+    async def snapshot(self, disks: list[dict[str, Any]], progress: Progress) -> list[
+            dict[str, Any]]:
+        reqs: list[Request] = []
+        for d in disks:
+            reqs += [request("domain", d["sdUUID"], SHARED),
+                     request("image", f"{d['sdUUID']}/{d['imgUUID']}"),
+                     request("volume", f"{d['sdUUID']}/{d['newVolUUID']}")]
+        async with self.dm.locks.hold(*reqs):
+            plan: list[tuple[Domain, VolumeMetadata, VolumeSpec]] = []
+            for i, d in enumerate(disks):
+                domain = await self._writable(d["sdUUID"])
+                try:
+                    parent = await domain.volume(d["imgUUID"], d["volUUID"])
+                except VolumeDoesNotExist as e:
+                    raise VolumeDoesNotExist(volUUID=d["volUUID"],
+                                             reason=f"disks[{i}]: {e.message}") from None
+                self._legal([parent])
+                if await domain.children(parent):
+                    raise InvalidParameter(field=f"disks[{i}].volUUID",
+                                           reason=f"volume {parent.uuid} is not the disk's "
+                                                  "top volume")
+                plan.append((domain, parent, VolumeSpec(
+                    img=d["imgUUID"], vol=d["newVolUUID"], size=parent.capacity,
+                    format="cow", preallocate="sparse", parent=parent.uuid,
+                    description=d.get("description", ""), disk_type=parent.disk_type)))
+            made: list[tuple[Domain, VolumeMetadata]] = []
+            try:
+                for i, (domain, _, spec) in enumerate(plan):
+                    try:
+                        md = await domain.create_volume(spec)
+                    except HostAgentError as e:
+                        raise _no_space(e, domain.uuid) from None
+                    made.append((domain, md))
+                    progress(100 * (i + 1) / len(plan))
+            except BaseException:
+                for domain, md in reversed(made):
+                    try:
+                        await domain.delete_volume(md.image, md.uuid)
+                    except HostAgentError as e:
+                        log.error("Cannot roll back snapshot layer %s: %s", md.uuid, e.message)
+                raise
+            out = []
+            for domain, md in made:
+                apparent, true = await domain.volume_sizes(md.image, md.uuid)
+                out.append(volume_info(md, apparent, true))
+            log.info("Snapshot of %d disks: %s", len(made),
+                     ", ".join(f"{d.uuid}/{m.image}/{m.uuid}" for d, m in made))
+            return out
+
+    # ---- createHibernationVolumes ---------------------------------------------------------
+
+    async def hibernation(self, memory: dict[str, Any], disks: list[dict[str, Any]],
+                          progress: Progress) -> dict[str, Any]:
+        sd, img = memory["sdUUID"], memory["imgUUID"]
+        reqs: list[Request] = [request("domain", sd, SHARED), request("image", f"{sd}/{img}"),
+                               request("volume", f"{sd}/{memory['dumpVolUUID']}"),
+                               request("volume", f"{sd}/{memory['metaVolUUID']}")]
+        for d in disks:
+            reqs += [request("domain", d["sdUUID"], SHARED),
+                     request("image", f"{d['sdUUID']}/{d['imgUUID']}", SHARED)]
+        async with self.dm.locks.hold(*reqs):
+            for i, d in enumerate(disks):
+                await self._can_hibernate(d, f"disks[{i}]")
+            domain = await self._writable(sd)
+            if domain.md.backup:
+                raise BackupDomainRestricted(sdUUID=sd, reason="memory: a backup domain "
+                                                               "cannot hold a VM's memory")
+            prealloc = "preallocated" if isinstance(domain, BlockDomain) else "sparse"
+            dump = VolumeSpec(img=img, vol=memory["dumpVolUUID"], size=memory["size"],
+                              format="raw", preallocate=prealloc,
+                              description="memory dump", disk_type="MEMD")
+            meta = VolumeSpec(img=img, vol=memory["metaVolUUID"], size=HIBERNATION_META_SIZE,
+                              format="raw", preallocate=prealloc,
+                              description="memory metadata", disk_type="MEMM")
+            await self._check_space(domain, (memory["size"] + HIBERNATION_META_SIZE)
+                                    if prealloc == "preallocated" else 0)
+            made = []
+            try:
+                for spec in (dump, meta):
+                    made.append(await domain.create_volume(spec))
+                    progress(50 * len(made))
+            except BaseException:
+                for md in made:
+                    try:
+                        await domain.delete_volume(md.image, md.uuid)
+                    except HostAgentError as e:
+                        log.error("Cannot remove memory volume %s: %s", md.uuid, e.message)
+                raise
+            out = {}
+            for key, md in zip(("dump", "meta"), made, strict=True):
+                apparent, true = await domain.volume_sizes(md.image, md.uuid)
+                out[key] = volume_info(md, apparent, true)
+            return out
+
+    async def _can_hibernate(self, d: dict[str, Any], where: str) -> None:
+        entry = await self.dm.entry(d["sdUUID"])
+        try:
+            self.dm.check_writable(entry)
+        except HostAgentError as e:
+            e.fields["disk"] = where
+            raise
+        if entry.domain.md.backup:
+            raise BackupDomainRestricted(sdUUID=d["sdUUID"],
+                                         reason=f"{where}: the disk is on a backup domain")
+        try:
+            md = await entry.domain.volume(d["imgUUID"], d["volUUID"])
+        except VolumeDoesNotExist as e:
+            raise VolumeDoesNotExist(volUUID=d["volUUID"],
+                                     reason=f"{where}: {e.message}") from None
+        if md.legality != LEGAL or md.state != READY:
+            raise PrepareIllegalVolumeError(volUUID=md.uuid, reason=where)
+
+
+# A job's recovery hook: what an interrupted copy or move left behind.
+
+async def recover_copy(dm: DomainManager, params: dict[str, Any]) -> None:
+    """An interrupted copyImage/moveImage: targets still CREATING are removed
+    by the domain's garbage collection; committed targets of a flow that did
+    not end are removed too, unless the source is gone (a move that was
+    removing its source: then the copy is complete and verified, and what
+    is left of the source is removed)."""
+    src_sd, dst_sd = params.get("sdUUID"), params.get("dstSdUUID")
+    src_img, dst_img = params.get("imgUUID"), params.get("dstImgUUID", params.get("imgUUID"))
+    targets: list[str] = list(params.get("targets", []))
+    for sd in {src_sd, dst_sd} - {None}:
+        await dm.collect_garbage(str(sd))
+    if not (src_sd and dst_sd and src_img and dst_img and targets) or \
+            params.get("started") is None:
+        return
+    async with dm.locks.hold(request("image", f"{src_sd}/{src_img}"),
+                             request("image", f"{dst_sd}/{dst_img}")):
+        try:
+            sdom, ddom = await dm.domain(str(src_sd)), await dm.domain(str(dst_sd))
+        except HostAgentError as e:
+            log.warning("Cannot recover interrupted copy: %s", e.message)
+            return
+        sources = list(params.get("sources", []))
+        try:
+            have = {v.uuid for v in await sdom.image_volumes(str(src_img))
+                    if v.state == READY}
+        except HostAgentError:
+            have = set()
+        if params.get("move") and not set(sources) <= have:
+            log.warning("Interrupted move of %s: the source was being removed; finishing",
+                        src_img)
+            if have:
+                await sdom.delete_image(str(src_img))
+            return
+        try:
+            vols = await ddom.image_volumes(str(dst_img))
+        except HostAgentError:
+            return
+        # Only what this job made: a target older than the job is not its own.
+        started = float(params["started"])
+        stale = [v for v in vols if v.uuid in targets and v.ctime >= int(started) - 1]
+        for v in leaf_first(stale):
+            log.warning("Removing target %s/%s/%s of an interrupted copy", dst_sd, dst_img,
+                        v.uuid)
+            await ddom.discard_volume(v)
+
+
+
+async def recover_new_volumes(dm: DomainManager, vols: list[dict[str, Any]],
+                              started: float | None) -> None:
+    """An interrupted snapshotImages or createHibernationVolumes: all or
+    nothing, so the volumes it made (newer than the job) are removed."""
+    for sd in {str(v["sdUUID"]) for v in vols}:
+        await dm.collect_garbage(sd)
+    if started is None:     # it never ran
+        return
+    for v in vols:
+        sd, img, vol = str(v["sdUUID"]), str(v["imgUUID"]), str(v["volUUID"])
+        try:
+            domain = await dm.domain(sd)
+            md = await domain.volume(img, vol)
+        except HostAgentError:
+            continue
+        if md.ctime < int(started) - 1:
+            continue
+        log.warning("Removing volume %s/%s/%s of an interrupted job", sd, img, vol)
+        try:
+            async with dm.locks.hold(request("image", f"{sd}/{img}")):
+                await domain.delete_volume(img, vol)
+        except HostAgentError as e:
+            log.error("Cannot remove %s/%s/%s: %s", sd, img, vol, e.message)

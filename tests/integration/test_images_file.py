@@ -1,0 +1,379 @@
+"""A VM's disks across storage domains (the seed "Design for multiple storage
+domains") through the real agent, on three file domains: posixfs on ext4
+(512-byte sectors), posixfs on xfs (4096-byte sectors) and localfs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rpc.client import Client
+from tests.integration.storagefixtures import FsMount
+from tests.integration.test_domains_file import Storage, create_volume, new_id, qemu_info
+
+MiB = 1024**2
+
+
+@dataclass
+class Disk:
+    sd: str
+    img: str
+    vol: str
+
+    def ref(self) -> dict[str, str]:
+        return {"sdUUID": self.sd, "imgUUID": self.img, "volUUID": self.vol}
+
+
+class Env:
+    def __init__(self, c: Client, storages: list[Storage]) -> None:
+        self.c = c
+        self.storages = storages
+        self.sds = [s.sd for s in storages]
+
+    async def job(self, verb: str, **params: Any) -> dict[str, Any]:
+        jid = new_id()
+        await self.c.call(verb, jobUUID=jid, **params)
+        return dict(await self.c.wait_job(jid, timeout=120))
+
+    async def done(self, verb: str, **params: Any) -> Any:
+        info = await self.job(verb, **params)
+        assert info["status"] == "done", info
+        return info.get("result")
+
+    async def disk(self, sd: str, size: int = 64 * MiB, fmt: str = "raw",
+                   data: int | None = None, **kw: Any) -> Disk:
+        d = Disk(sd, new_id(), new_id())
+        await create_volume(self.c, sd, d.img, d.vol, size=size, fmt=fmt, **kw)
+        if data is not None:
+            await self.write(d, data)
+        return d
+
+    async def path(self, d: Disk, purpose: str = "read") -> str:
+        return str((await self.c.call("prepareImage", **d.ref(), purpose=purpose))["path"])
+
+    async def teardown(self, d: Disk) -> None:
+        await self.c.call("teardownImage", sdUUID=d.sd, imgUUID=d.img, volUUID=d.vol)
+
+    async def write(self, d: Disk, pattern: int, offset: int = 0, length: int = 8 * MiB) -> None:
+        path = await self.path(d, "vm")
+        fmt = qemu_info(path)["format"]
+        subprocess.run(["qemu-io", "-f", fmt, "-c",
+                        f"write -P {pattern} {offset} {length}", path],
+                       check=True, capture_output=True)
+        await self.teardown(d)
+
+    async def digest(self, d: Disk) -> str:
+        """sha256 of what the guest sees (the whole chain, as raw)."""
+        path = await self.path(d)
+        try:
+            fmt = qemu_info(path)["format"]
+            with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+                raw = Path(tmp) / "raw"
+                subprocess.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", path,
+                                str(raw)], check=True, capture_output=True)
+                h = hashlib.sha256()
+                with open(raw, "rb") as f:
+                    while chunk := f.read(4 * MiB):
+                        h.update(chunk)
+        finally:
+            await self.teardown(d)
+        return h.hexdigest()
+
+    async def volumes(self) -> dict[str, list[str]]:
+        return {sd: sorted(await self.c.call("getVolumesList", sdUUID=sd)) for sd in self.sds}
+
+
+def fill(mount: Path) -> list[Path]:
+    """Fill a file system to the last block (files of shrinking sizes, as
+    xfs and ext4 give back preallocated space after a close)."""
+    made = []
+    for i, bs in enumerate(("4M", "64k", "4k", "4k")):
+        f = mount / f"filler{i}"
+        subprocess.run(["dd", "if=/dev/zero", f"of={f}", f"bs={bs}", "status=none"],
+                       capture_output=True)
+        subprocess.run(["sync", "-f", str(mount)], check=True)
+        made.append(f)
+    st = os.statvfs(mount)
+    assert st.f_bavail * st.f_frsize < 64 * 1024, st
+    return made
+
+
+@pytest.fixture
+async def env(make_fs_mount: Callable[..., FsMount], loop_device: Callable[..., Path],
+              agent: Any, client: Client, tmp_path: Path) -> AsyncIterator[Env]:
+    from tests.integration.storagefixtures import make_fs
+    storages = []
+    for fstype, sector in (("ext4", 512), ("xfs", 4096)):
+        dev = loop_device(size=512 * MiB, sector_size=sector)
+        make_fs(dev, fstype)
+        storages.append(Storage(client, "posixfs", {"connection": str(dev),
+                                                    "vfs_type": fstype}))
+    local = tmp_path / "localfs"
+    local.mkdir()
+    storages.append(Storage(client, "localfs", {"connection": str(local)}))
+    for i, s in enumerate(storages):
+        await s.connect()
+        await s.create_domain(name=f"domain {i}")
+    yield Env(client, storages)
+    for s in storages:
+        for img in await client.call("getImagesList", sdUUID=s.sd):
+            await client.call("teardownImage", sdUUID=s.sd, imgUUID=img)
+        await s.disconnect()
+
+
+async def test_three_disks_import_add_move_delete(env: Env) -> None:
+    c = env.c
+    # a VM's three disks, each on a different domain
+    vm = [await env.disk(sd, data=i + 1) for i, sd in enumerate(env.sds)]
+    for d, sd in zip(vm, env.sds, strict=True):
+        assert (await c.call("getVolumeInfo", **d.ref()))["domain"] == sd
+
+    # import: three disks on domain 0 copied onto the three domains
+    src = [await env.disk(env.sds[0], data=0x10 + i, fmt=fmt)
+           for i, fmt in enumerate(("raw", "cow", "raw"))]
+    digests = [await env.digest(d) for d in src]
+    imported = []
+    for d, sd, dig in zip(src, env.sds, digests, strict=True):
+        dst = Disk(sd, new_id(), new_id())
+        info = await env.done("copyImage", src=d.ref(), dst=dst.ref())
+        assert info["legality"] == "LEGAL" and info["domain"] == sd
+        assert await env.digest(dst) == dig
+        imported.append(dst)
+    # converted as asked: raw -> cow preallocated
+    conv = Disk(env.sds[1], new_id(), new_id())
+    info = await env.done("copyImage", src=src[0].ref(), dst=conv.ref(), format="cow",
+                          preallocate="preallocated")
+    assert info["format"] == "cow" and info["type"] == "preallocated"
+    path = await env.path(conv)
+    assert qemu_info(path)["format"] == "qcow2"
+    await env.teardown(conv)
+    assert await env.digest(conv) == digests[0]
+
+    # add a disk on a domain the VM does not use yet (domain 1 now, then domain 2)
+    vm2 = [vm[0], await env.disk(env.sds[1], data=0x21)]
+    extra = await env.disk(env.sds[2], data=0x22)
+    vm2.append(extra)
+    assert {d.sd for d in vm2} == set(env.sds)
+
+    # move a disk with a snapshot chain from one domain to another: data equal,
+    # parents preserved, the source gone
+    d = vm[0]
+    top = new_id()
+    await create_volume(c, d.sd, d.img, top, size=64 * MiB, fmt="cow", parent=d.vol)
+    d_top = Disk(d.sd, d.img, top)
+    await env.write(d_top, 0x33, offset=16 * MiB, length=4 * MiB)
+    before = await env.digest(d_top)
+    await env.done("moveImage", sdUUID=d.sd, imgUUID=d.img, dstSdUUID=env.sds[1])
+    moved = Disk(env.sds[1], d.img, top)
+    assert await env.digest(moved) == before
+    info = await c.call("getVolumeInfo", **moved.ref())
+    assert info["parent"] == d.vol and info["domain"] == env.sds[1]
+    base = await c.call("getVolumeInfo", sdUUID=env.sds[1], imgUUID=d.img, volUUID=d.vol)
+    assert base["voltype"] == "INTERNAL" and base["legality"] == "LEGAL"
+    # only the layer's own data was copied into the top: not the base's 8 MiB
+    path = await env.path(moved)
+    assert qemu_info(path)["actual-size"] < 8 * MiB
+    await env.teardown(moved)
+    assert d.img not in await c.call("getImagesList", sdUUID=d.sd)
+
+    # delete a disk; delete a VM's disks
+    info = await env.job("deleteImage", sdUUID=extra.sd, imgUUID=extra.img)
+    assert info["status"] == "done", info
+    for disk in [moved, *vm[1:], *imported]:
+        assert (await env.job("deleteImage", sdUUID=disk.sd, imgUUID=disk.img))["status"] \
+            == "done"
+    left = await env.volumes()
+    for disk in [moved, *vm[1:], *imported, extra]:
+        assert disk.vol not in left[disk.sd]
+
+
+async def test_bad_copies_change_nothing(env: Env) -> None:
+    c = env.c
+    d = await env.disk(env.sds[0], data=1)
+    other = await env.disk(env.sds[1])
+    before = await env.volumes()
+    # unknown source volume, domain; target exists; same volume
+    cases = [
+        ({"src": {**d.ref(), "volUUID": new_id()}, "dst": Disk(env.sds[1], new_id(),
+                                                              new_id()).ref()}, 201),
+        ({"src": {**d.ref(), "sdUUID": new_id()}, "dst": Disk(env.sds[1], new_id(),
+                                                             new_id()).ref()}, 358),
+        ({"src": d.ref(), "dst": other.ref()}, 212),
+        ({"src": d.ref(), "dst": {**d.ref(), "sdUUID": new_id()}}, 358),
+    ]
+    for params, code in cases:
+        info = await env.job("copyImage", **params)
+        assert info["status"] == "failed" and info["error"]["code"] == code, (params, info)
+    # rejected before a job exists
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"src": d.ref(), "dst": d.ref()}, "dst"),
+        ({"src": d.ref(), "dst": Disk(env.sds[1], new_id(), new_id()).ref(),
+          "collapse": False, "format": "cow"}, "format"),
+        ({"src": {**d.ref(), "volUUID": "nope"}, "dst": other.ref()}, "src.volUUID")]
+    for params, name in bad:
+        with pytest.raises(Exception) as e:
+            await c.call("copyImage", jobUUID=new_id(), **params)
+        assert getattr(e.value, "code", None) == -32602 and name in str(e.value), e.value
+    # moving onto the same domain, or an image that is prepared
+    with pytest.raises(Exception) as e:
+        await c.call("moveImage", jobUUID=new_id(), sdUUID=d.sd, imgUUID=d.img,
+                     dstSdUUID=d.sd)
+    assert getattr(e.value, "code", None) == -32602
+    await env.path(d)
+    info = await env.job("moveImage", sdUUID=d.sd, imgUUID=d.img, dstSdUUID=env.sds[2])
+    assert info["status"] == "failed" and info["error"]["code"] == 2002, info
+    await env.teardown(d)
+    assert await env.volumes() == before
+
+
+async def test_template_clones_thin_and_full(env: Env) -> None:
+    c = env.c
+    # a three-disk template on domain 0
+    template = [await env.disk(env.sds[0], data=0x40 + i, fmt="raw") for i in range(3)]
+    digests = [await env.digest(t) for t in template]
+    # VM: disk 0 thin on the template's domain, disks 1 and 2 cloned elsewhere
+    thin = Disk(env.sds[0], new_id(), new_id())
+    await create_volume(c, thin.sd, thin.img, thin.vol, size=64 * MiB, fmt="cow",
+                        parent=template[0].vol)
+    clones = [Disk(env.sds[1], new_id(), new_id()), Disk(env.sds[2], new_id(), new_id())]
+    for t, dst in zip(template[1:], clones, strict=True):
+        await env.done("copyImage", src=t.ref(), dst=dst.ref(), format="cow")
+    assert await env.digest(thin) == digests[0]
+    for dst, dig in zip(clones, digests[1:], strict=True):
+        assert await env.digest(dst) == dig
+        assert (await c.call("getVolumeInfo", **dst.ref()))["parent"] == \
+            "00000000-0000-0000-0000-000000000000"
+    info = await c.call("getVolumeInfo", **thin.ref())
+    assert info["parent"] == template[0].vol
+    assert (await c.call("getVolumeInfo", **template[0].ref()))["voltype"] in ("SHARED",
+                                                                                "INTERNAL")
+    # the template is busy while a thin clone uses it
+    info = await env.job("deleteImage", sdUUID=template[0].sd, imgUUID=template[0].img)
+    assert info["status"] == "failed" and info["error"]["code"] == 2002
+    # a thin clone copied without collapse needs its template on the target
+    keep = Disk(env.sds[1], new_id(), new_id())
+    info = await env.job("copyImage", src=thin.ref(), dst=keep.ref(), collapse=False)
+    assert info["status"] == "failed" and info["error"]["code"] == 201, info
+    assert template[0].vol in info["error"]["message"]
+    # copy the template there (same volume id), then the thin clone keeps its chain
+    await env.done("copyImage", src=template[0].ref(),
+                   dst={"sdUUID": env.sds[1], "imgUUID": template[0].img,
+                        "volUUID": template[0].vol})
+    await env.done("copyImage", src=thin.ref(), dst=keep.ref(), collapse=False)
+    info = await c.call("getVolumeInfo", **keep.ref())
+    assert info["parent"] == template[0].vol and info["format"] == "cow"
+    assert await env.digest(keep) == digests[0]
+
+
+async def test_snapshot_all_disks_all_or_nothing(env: Env, tmp_path: Path) -> None:
+    c = env.c
+    vm = [await env.disk(sd, data=i + 1) for i, sd in enumerate(env.sds)]
+    layers = [new_id() for _ in vm]
+    result = await env.done("snapshotImages", disks=[
+        {**d.ref(), "newVolUUID": n} for d, n in zip(vm, layers, strict=True)])
+    assert [r["uuid"] for r in result] == layers
+    for d, n in zip(vm, layers, strict=True):
+        info = await c.call("getVolumeInfo", sdUUID=d.sd, imgUUID=d.img, volUUID=n)
+        assert info["parent"] == d.vol and info["legality"] == "LEGAL"
+        assert (await c.call("getVolumeInfo", **d.ref()))["voltype"] == "INTERNAL"
+
+    # the next snapshot fails on the third disk, whose domain is full: the
+    # first two layers are rolled back
+    tops = [Disk(d.sd, d.img, n) for d, n in zip(vm, layers, strict=True)]
+    before = await env.volumes()
+    full = Path((await c.call("getStorageDomainInfo", sdUUID=env.sds[1]))["path"])
+    fillers = fill(full.parent)
+    order = [tops[0], tops[2], tops[1]]
+    info = await env.job("snapshotImages", disks=[{**d.ref(), "newVolUUID": new_id()}
+                                                  for d in order])
+    assert info["status"] == "failed" and info["error"]["code"] == 397, info
+    assert await env.volumes() == before
+    for d in tops:
+        assert (await c.call("getVolumeInfo", **d.ref()))["voltype"] == "LEAF"
+    for f in fillers:
+        f.unlink(missing_ok=True)
+    # bad input: a disk that is not the top volume, a missing one
+    info = await env.job("snapshotImages", disks=[
+        {**tops[0].ref(), "newVolUUID": new_id()},
+        {**vm[1].ref(), "newVolUUID": new_id()}])
+    assert info["status"] == "failed" and info["error"]["code"] == 1000, info
+    assert "disks[1]" in info["error"]["message"]
+    assert await env.volumes() == before
+
+
+async def test_hibernation_refused_on_backup_domain(env: Env) -> None:
+    c = env.c
+    vm = [await env.disk(sd) for sd in env.sds]
+    mem_sd = env.sds[0]
+
+    def memory() -> dict[str, Any]:
+        return {"sdUUID": mem_sd, "imgUUID": new_id(), "dumpVolUUID": new_id(),
+                "metaVolUUID": new_id(), "size": 256 * MiB}
+
+    await c.call("setStorageDomainBackup", sdUUID=env.sds[2], backup=True)
+    before = await env.volumes()
+    m = memory()
+    info = await env.job("createHibernationVolumes", memory=m, disks=[d.ref() for d in vm])
+    assert info["status"] == "failed" and info["error"]["code"] == 2004, info
+    assert "disks[2]" in info["error"]["message"]
+    assert await env.volumes() == before
+    assert m["imgUUID"] not in await c.call("getImagesList", sdUUID=mem_sd)
+
+    await c.call("setStorageDomainBackup", sdUUID=env.sds[2], backup=False)
+    m = memory()
+    result = await env.done("createHibernationVolumes", memory=m, disks=[d.ref() for d in vm])
+    assert result["dump"]["capacity"] == 256 * MiB and result["dump"]["diskType"] == "MEMD"
+    assert result["meta"]["diskType"] == "MEMM"
+    assert sorted(await c.call("getVolumesList", sdUUID=mem_sd, imgUUID=m["imgUUID"])) == \
+        sorted([m["dumpVolUUID"], m["metaVolUUID"]])
+    # the dump is where a VM's memory can be written
+    path = await c.call("prepareImage", sdUUID=mem_sd, imgUUID=m["imgUUID"],
+                        volUUID=m["dumpVolUUID"], purpose="vm")
+    assert qemu_info(path["path"])["virtual-size"] == 256 * MiB
+    await c.call("teardownImage", sdUUID=mem_sd, imgUUID=m["imgUUID"])
+
+
+async def test_abort_copy_removes_target(env: Env, tmp_path: Path) -> None:
+    c = env.c
+    # big enough to take a while: 2 GiB of data on localfs
+    src = await env.disk(env.sds[2], size=2048 * MiB, data=0x5A)
+    await env.write(src, 0x5B, offset=8 * MiB, length=2040 * MiB)
+    before = await env.digest(src)
+    dst = Disk(env.sds[2], new_id(), new_id())
+    jid = new_id()
+    await c.call("copyImage", jobUUID=jid, src=src.ref(), dst=dst.ref())
+    for _ in range(100):
+        job = (await c.call("getJobs", jobUUIDs=[jid]))[jid]
+        if job["status"] == "running":
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)
+    await c.call("abortJob", jobUUID=jid)
+    info = await c.wait_job(jid, timeout=60)
+    assert info["status"] == "aborted", info
+    assert dst.img not in await c.call("getImagesList", sdUUID=dst.sd)
+    assert await env.digest(src) == before
+    root = Path((await c.call("getStorageDomainInfo", sdUUID=dst.sd))["path"])
+    assert not (root / "images" / dst.img).exists()
+
+
+async def test_copy_to_a_full_domain_fails_cleanly(env: Env) -> None:
+    c = env.c
+    # 600 MiB of data does not fit the 512 MiB posixfs domain
+    src = await env.disk(env.sds[2], size=600 * MiB, data=0x11)
+    await env.write(src, 0x12, offset=8 * MiB, length=590 * MiB)
+    dst = Disk(env.sds[0], new_id(), new_id())
+    before = await env.volumes()
+    info = await env.job("copyImage", src=src.ref(), dst=dst.ref())
+    assert info["status"] == "failed" and info["error"]["code"] == 397, info
+    assert await env.volumes() == before
+    assert dst.img not in await c.call("getImagesList", sdUUID=dst.sd)
