@@ -9,7 +9,7 @@ import importlib
 import sys
 import time
 
-BENCHMARKS = ["ping", "connections", "volumes", "ovf"]
+BENCHMARKS = ["ping", "connections", "volumes", "copy", "ovf"]
 
 
 def main(names: list[str]) -> int:
