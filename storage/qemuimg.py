@@ -242,10 +242,10 @@ async def rebase(path: str | Path, backing: str, *, backing_fmt: str = "qcow2",
 
 async def compare(a: str | Path, b: str | Path, *, fmt_a: str | None = None,
                   fmt_b: str | None = None, strict: bool = False, timeout: float = 24 * 3600,
-                  runner: commands.Runner = commands.run) -> bool:
+                  cache: str = "none", runner: commands.Runner = commands.run) -> bool:
     """True if the guest-visible contents are equal (rc 0), False if they
     differ (rc 1); errors raise."""
-    argv = ["qemu-img", "compare", "-q", "-T", "none"]
+    argv = ["qemu-img", "compare", "-q", "-T", cache]
     if fmt_a:
         argv += ["-f", fmt_a]
     if fmt_b:

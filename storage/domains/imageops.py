@@ -18,14 +18,24 @@ all or nothing. The rules that keep storage safe:
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.locks import SHARED, Request, request
 from storage import qemuimg
-from storage.domains.base import Domain, Progress, VolumeSpec, leaf_first, volume_info
+from storage.domains.base import (
+    Domain,
+    Progress,
+    VolumeSpec,
+    leaf_first,
+    os_error,
+    volume_info,
+)
 from storage.domains.blockdomain import BlockDomain
+from storage.domains.filedomain import FileDomain
 from storage.errors import (
     BackupDomainRestricted,
     HostAgentError,
@@ -85,6 +95,7 @@ def _no_space(e: HostAgentError, sd: str) -> HostAgentError:
 class ImageOps:
     def __init__(self, domains: DomainManager) -> None:
         self.dm = domains
+        self._direct: dict[str, bool] = {}
 
     # ---- helpers -----------------------------------------------------------------
 
@@ -121,6 +132,7 @@ class ImageOps:
             await qemuimg.convert(
                 src.volume_path(src_md.image, src_md.uuid),
                 dst.volume_path(dst_md.image, dst_md.uuid),
+                src_cache=await self._cache(src), dst_cache=await self._cache(dst),
                 src_fmt=qemu_format(src_md), dst_fmt=dst_fmt, create=False,
                 target_is_zero=fresh_zero and backing is None,
                 unordered=dst_fmt == "raw",
@@ -129,6 +141,27 @@ class ImageOps:
                 progress=progress, runner=self.dm.runner)
         except HostAgentError as e:
             raise _no_space(e, dst.uuid) from None
+
+    async def _cache(self, domain: Domain) -> str:
+        """qemu-img's cache mode on a domain: "none" (O_DIRECT, the page cache
+        bypassed), or "writeback" on a file system without O_DIRECT (tmpfs
+        before Linux 6.6); qemu-img flushes before it exits either way."""
+        if not isinstance(domain, FileDomain):
+            return "none"
+        if domain.uuid not in self._direct:
+            def probe(path: str) -> bool:
+                try:
+                    os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+                    return True
+                except OSError as e:
+                    if e.errno == errno.EINVAL:
+                        return False
+                    raise
+            try:
+                self._direct[domain.uuid] = await domain.io.call(probe, str(domain.md_path))
+            except OSError as e:
+                raise os_error(e, domain.uuid) from None
+        return "none" if self._direct[domain.uuid] else "writeback"
 
     # ---- copyImage -------------------------------------------------------------------
 
@@ -170,11 +203,14 @@ class ImageOps:
                                          dst_fmt="qcow2" if fmt == "cow" else "raw",
                                          runner=self.dm.runner)
             need = size["fully-allocated" if prealloc == "preallocated" else "required"]
-            await self._check_space(ddom, need)
             initial = None
-            if fmt == "cow" and isinstance(ddom, BlockDomain):
-                # Room for the data and qcow2's tables, rounded up to extents.
-                initial = max(need, MiB) + MiB
+            if isinstance(ddom, BlockDomain):
+                if fmt == "cow":
+                    # Room for the data and qcow2's tables, rounded up to extents.
+                    need = initial = max(need, MiB) + MiB
+                else:
+                    need = top.capacity     # a raw LV holds its whole capacity
+            await self._check_space(ddom, need)
             spec = VolumeSpec(img=dst.img, vol=dst.vol, size=top.capacity, format=fmt,
                               preallocate=prealloc, description=top.description,
                               disk_type=top.disk_type, initial_size=initial)
@@ -214,7 +250,9 @@ class ImageOps:
             if ids[m.uuid] in existing:
                 raise VolumeAlreadyExists(volUUID=ids[m.uuid])
         sizes = {m.uuid: (await sdom.volume_sizes(m.image, m.uuid))[1] for m in order}
-        await self._check_space(ddom, sum(sizes.values()))
+        need = sum(m.capacity if m.format == "RAW" and isinstance(ddom, BlockDomain)
+                   else sizes[m.uuid] for m in order)
+        await self._check_space(ddom, need)
         total = max(1, sum(sizes.values()))
         done_bytes = 0
         made: list[tuple[VolumeMetadata, VolumeMetadata | None]] = []
@@ -322,13 +360,16 @@ class ImageOps:
                       copies: list[VolumeMetadata]) -> None:
         parents = {v.parent for v in vols}
         leaves = [v for v in vols if v.uuid not in parents]
+        # one -T for both images: O_DIRECT only if both domains have it
+        modes = {await self._cache(sdom), await self._cache(ddom)}
+        cache = "none" if modes == {"none"} else "writeback"
         async with self.dm.using(sdom, await self._with_templates(sdom, vols)), \
                 self.dm.using(ddom, await self._with_templates(ddom, copies)):
             for leaf in leaves:
                 same = await qemuimg.compare(sdom.volume_path(leaf.image, leaf.uuid),
                                              ddom.volume_path(leaf.image, leaf.uuid),
                                              fmt_a=qemu_format(leaf), fmt_b=qemu_format(leaf),
-                                             runner=self.dm.runner)
+                                             cache=cache, runner=self.dm.runner)
                 if not same:
                     raise VolumeCopyError(volUUID=leaf.uuid,
                                           reason="the copy differs from the source")
@@ -360,6 +401,14 @@ class ImageOps:
                     img=d["imgUUID"], vol=d["newVolUUID"], size=parent.capacity,
                     format="cow", preallocate="sparse", parent=parent.uuid,
                     description=d.get("description", ""), disk_type=parent.disk_type)))
+            # A new layer takes an extent on a block domain, little on a file
+            # domain: a full domain fails here, before anything is made.
+            need: dict[str, int] = {}
+            for domain, _, _ in plan:
+                need[domain.uuid] = need.get(domain.uuid, 0) + (
+                    domain.extent_size if isinstance(domain, BlockDomain) else MiB)
+            for domain, _, _ in plan:
+                await self._check_space(domain, need[domain.uuid])
             made: list[tuple[Domain, VolumeMetadata]] = []
             try:
                 for i, (domain, _, spec) in enumerate(plan):
