@@ -30,6 +30,10 @@ log = logging.getLogger("rpc.dispatch")
 
 GENERIC_MESSAGE = "General exception: unexpected error, see the agent log"
 
+# Requests in one batch. They run concurrently, so a batch is also a
+# concurrency limit; a larger one is refused whole with -32600.
+MAX_BATCH = 1000
+
 
 def _error(err: dict[str, Any]) -> Result:
     return Error(err["code"], err["message"], err.get("data"))
@@ -45,10 +49,21 @@ class Dispatcher:
 
     async def dispatch(self, body: str, peer: str = "") -> str:
         """A request or batch in, the response text out ("" for notifications)."""
+        try:
+            request = _loads(body)
+        except ValueError as e:
+            return _protocol_error(-32700, "Parse error", str(e))
+        if isinstance(request, list) and len(request) > MAX_BATCH:
+            return _protocol_error(-32600, "Invalid Request",
+                                   f"a batch holds at most {MAX_BATCH} requests")
         return await async_dispatch(body, methods=self.methods, context=peer,
-                                    deserializer=_loads, validator=validate_request)
+                                    deserializer=lambda _text: request,
+                                    validator=validate_request)
 
-    async def _discover(self, peer: str) -> Result:
+    async def _discover(self, peer: str, /, *args: Any, **params: Any) -> Result:
+        if args or params:
+            field = next(iter(params), "params")
+            return _error(InvalidParams(field, "unknown parameter").to_dict())
         return Success(self.openrpc)
 
     def _method(self, verb: Verb) -> Any:
@@ -58,7 +73,9 @@ class Dispatcher:
         calls_ok = metrics.calls.labels(verb.name, "ok")
         latency = metrics.latency.labels(verb.name)
 
-        async def method(peer: str, *args: Any, **params: Any) -> Result:
+        # peer is positional-only: a request param named "peer" lands in
+        # params and is refused as unknown, like any other.
+        async def method(peer: str, /, *args: Any, **params: Any) -> Result:
             rid = secrets.token_hex(4)
             logs.request_id.set(rid)
             start = time.perf_counter()
@@ -130,11 +147,21 @@ def validate_request(request: Any) -> Any:
     return request
 
 
+def _protocol_error(code: int, message: str, data: str) -> str:
+    return json.dumps({"jsonrpc": "2.0", "error": {"code": code, "message": message,
+                                                   "data": data}, "id": None})
+
+
+def _no_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity, which are not JSON.
+    raise ValueError(f"{name} is not JSON")
+
+
 def _loads(text: str) -> Any:
     # json.loads raises RecursionError on absurd nesting: report it as a
     # parse error like any other undecodable body.
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 

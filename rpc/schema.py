@@ -8,14 +8,21 @@ it with -32602.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-# Characters that must never reach a command line or a path from a request.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# \Z, not $: "$" also matches before a trailing newline, and a UUID ending in
+# "\n" would become a file name.
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+# The same for JSON Schema (ECMA regex, whose "$" is an end of input).
+UUID_PATTERN = UUID_RE.pattern.replace("\\Z", "$")
+# Characters that must never reach a command line, a path or a metadata line
+# from a request: C0 and C1 controls, and the Unicode line and paragraph
+# separators (str.splitlines() breaks lines at U+0085, U+2028 and U+2029 too).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class InvalidParams(Exception):
@@ -36,6 +43,16 @@ def _typename(value: Any) -> str:
         return "null"
     return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
             dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _encodable(value: str) -> bool:
+    # JSON lets "\ud800" through as a lone surrogate: Python holds it, but it
+    # cannot be written to a file, a path or a command line.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Type:
@@ -104,6 +121,8 @@ class Number(Type):
     def validate(self, value: Any, path: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidParams(path, f"expected number, got {_typename(value)}")
+        if not math.isfinite(value):
+            raise InvalidParams(path, "must be a finite number")
         if self.minimum is not None and value < self.minimum:
             raise InvalidParams(path, f"must be at least {self.minimum}")
         if self.maximum is not None and value > self.maximum:
@@ -140,6 +159,8 @@ class Str(Type):
                                 else f"must be at least {self.min_len} characters")
         if len(value) > self.max_len:
             raise InvalidParams(path, f"must be at most {self.max_len} characters")
+        if not _encodable(value):
+            raise InvalidParams(path, "must be valid Unicode (no lone surrogates)")
         if not self.allow_control and _CONTROL.search(value):
             raise InvalidParams(path, "must not contain control characters (newline, NUL, ...)")
         if self.safe_arg and value.startswith("-"):
@@ -165,7 +186,7 @@ class UUID(Type):
         return value
 
     def json_schema(self) -> dict[str, Any]:
-        return {"type": "string", "format": "uuid", "pattern": UUID_RE.pattern}
+        return {"type": "string", "format": "uuid", "pattern": UUID_PATTERN}
 
 
 @dataclass

@@ -3,6 +3,11 @@
 Routes: POST /jsonrpc, GET /jsonrpc/ws (JSON-RPC plus server
 notifications), GET /health, GET /metrics. Other modules add routes to the
 same app (the OVF store streams) through `extra_routes`.
+
+Hostile clients are bounded here: connections idle or slow to send their
+request head are closed, a JSON-RPC body must arrive in time and within the
+size limit (a larger Content-Length is refused unread), only JSON is
+accepted, and a WebSocket client has a bounded number of calls running.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from agent import __version__
 from agent.config import ServerConfig
@@ -27,6 +33,20 @@ log = logging.getLogger("rpc.server")
 AGENT_KEY = web.AppKey("agent", Agent)
 DISPATCHER_KEY = web.AppKey("dispatcher", Dispatcher)
 WS_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("websockets")
+BODY_TIMEOUT_KEY = web.AppKey("body_timeout", float)
+
+# A connection that has not sent a complete request (headers) this long after
+# it was accepted or after its last response is closed: slow-loris clients
+# and forgotten keep-alive connections do not hold sockets for aiohttp's
+# default hour. Longer than aiohttp's client keep-alive (15 s), so a client
+# never reuses a connection the agent is closing.
+IDLE_TIMEOUT = 30.0
+# The whole body of a JSON-RPC POST must arrive within this (at most
+# max_body_bytes: 4 MiB in 30 s is 140 KB/s).
+BODY_TIMEOUT = 30.0
+# Calls one WebSocket client may have running at once.
+WS_IN_FLIGHT = 64
+JSON_TYPES = frozenset({"application/json", "application/json-rpc"})
 
 PARSE_ERROR = json.dumps({"jsonrpc": "2.0", "id": None,
                           "error": {"code": -32700, "message": "Parse error",
@@ -56,7 +76,20 @@ def peer_name(request: web.Request) -> str:
 
 async def handle_jsonrpc(request: web.Request) -> web.StreamResponse:
     dispatcher = request.app[DISPATCHER_KEY]
-    raw = await request.read()
+    if request.content_type not in JSON_TYPES:
+        raise web.HTTPUnsupportedMediaType(text="Content-Type must be application/json")
+    # A declared length over the limit is refused before reading any of it
+    # (aiohttp's own check counts the bytes as they arrive).
+    limit = request.app[AGENT_KEY].config.server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit,
+                                            actual_size=request.content_length)
+    try:
+        async with asyncio.timeout(request.app[BODY_TIMEOUT_KEY]):
+            raw = await request.read()
+    except TimeoutError:
+        log.info("%s: request body not received in time, closing", request.remote)
+        raise web.HTTPRequestTimeout(text="request body not received in time") from None
     try:
         body = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -81,6 +114,7 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
     clients.add(ws)
     agent.metrics.ws_clients.set(len(clients))
     calls: set[asyncio.Task[None]] = set()
+    in_flight = asyncio.Semaphore(WS_IN_FLIGHT)
     send_lock = asyncio.Lock()
 
     async def send(text: str) -> None:
@@ -112,9 +146,14 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
+                # At most WS_IN_FLIGHT calls run per client: beyond that the
+                # agent stops reading the socket until one ends (TCP
+                # back-pressure instead of a task per message, unbounded).
+                await in_flight.acquire()
                 task = asyncio.create_task(answer(msg.data))
                 calls.add(task)
                 task.add_done_callback(calls.discard)
+                task.add_done_callback(lambda _t: in_flight.release())
             elif msg.type == WSMsgType.BINARY:
                 await send(PARSE_ERROR)
             elif msg.type == WSMsgType.ERROR:
@@ -158,10 +197,37 @@ async def _close_websockets(app: web.Application) -> None:
             await ws.close(code=1001, message=b"agent shutting down")
 
 
+class _ConnectionLog:
+    """The logger aiohttp's connection handler is given: a request it cannot
+    parse (bad request line, header too long...) is the client's error,
+    logged in one line; anything else keeps its traceback."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    def debug(self, msg: str, *args: Any, **kw: Any) -> None:
+        self.logger.debug(msg, *args, **kw)
+
+    def exception(self, msg: str, *args: Any, exc_info: Any = True, **kw: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            reason = " ".join(str(exc_info.message).split())[:200]
+            self.logger.info(msg + ": %s (HTTP %d)", *args, reason, exc_info.code)
+        else:
+            self.logger.exception(msg, *args, exc_info=exc_info, **kw)
+
+
 def make_app(agent: Agent, dispatcher: Dispatcher,
-             extra_routes: Iterable[web.RouteDef] = ()) -> web.Application:
-    app = web.Application(client_max_size=agent.config.server.max_body_bytes)
+             extra_routes: Iterable[web.RouteDef] = (), *,
+             idle_timeout: float = IDLE_TIMEOUT,
+             body_timeout: float = BODY_TIMEOUT) -> web.Application:
+    # aiohttp's keepalive_timeout runs from the moment a connection is
+    # accepted and after each response, and closes the connection if no
+    # complete request head arrived by then: the idle and header timeout.
+    app = web.Application(client_max_size=agent.config.server.max_body_bytes,
+                          handler_args={"keepalive_timeout": idle_timeout,
+                                        "logger": _ConnectionLog(log)})
     app[AGENT_KEY] = agent
+    app[BODY_TIMEOUT_KEY] = body_timeout
     app[DISPATCHER_KEY] = dispatcher
     app[WS_KEY] = set()
     app.add_routes([

@@ -53,6 +53,10 @@ class VerbTable:
             return handler
         return register
 
+    def all(self) -> dict[str, Verb]:
+        """Every verb declared, test verbs included, by name."""
+        return dict(sorted(self._verbs.items()))
+
     def enabled(self, config: Config) -> dict[str, Verb]:
         """The verbs this agent serves: test verbs only when configured."""
         return {n: v for n, v in sorted(self._verbs.items())

@@ -192,6 +192,11 @@ def check_arg(value: str, field: str) -> str:
     for char, name in (("\n", "newline"), ("\r", "carriage return"), ("\0", "NUL")):
         if char in value:
             raise InvalidParameter(field=field, reason=f"must not contain a {name}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (JSON "\ud800"): exec() cannot encode it.
+        raise InvalidParameter(field=field, reason="must be valid Unicode") from None
     return value
 
 

@@ -20,7 +20,15 @@ MOUNTINFO = Path("/proc/self/mountinfo")
 _OPTION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@+/-]*(=[A-Za-z0-9_.:@+/,=-]*)?$")
 # Options that would change what mount(8) does rather than how it mounts.
 _REFUSED = {"bind", "rbind", "move", "remount", "make-shared", "make-private", "make-slave",
-            "make-rshared", "make-rprivate", "make-rslave", "X-mount.mkdir", "helper"}
+            "make-rshared", "make-rprivate", "make-rslave", "helper", "uhelper"}
+# libmount's own options (X-mount.mkdir, .owner, .mode, .subdir, .idmap...):
+# they make mount(8) change the host, not the file system it mounts.
+_REFUSED_PREFIXES = ("x-mount.",)
+# File system types that make mount(8) run a program named by the request:
+# mount.fuse (and mount.fuse3) runs PROG of type "fuse.PROG" or of a
+# "PROG#spec" source through /bin/sh. Subtypes ("type.sub") exist only for
+# such helpers, so any dotted type is refused too.
+_PROGRAM_TYPE = re.compile(r"fuse|\.")
 
 
 @dataclass(frozen=True)
@@ -79,16 +87,27 @@ def split_options(text: str, field: str = "mnt_options") -> list[str]:
             raise InvalidParameter(field=field, reason="empty option")
         if not _OPTION.match(opt):
             raise InvalidParameter(field=field, reason=f"option {opt!r} is not allowed")
-        if opt.split("=", 1)[0] in _REFUSED:
+        name = opt.split("=", 1)[0]
+        if name in _REFUSED or name.lower().startswith(_REFUSED_PREFIXES):
             raise InvalidParameter(field=field, reason=f"option {opt!r} is not allowed")
         options.append(opt)
     return options
 
 
+def check_fstype(vfstype: str, field: str = "vfs_type") -> str:
+    """Return `vfstype` if mount(8) may be given it, else raise."""
+    commands.check_arg(vfstype, field)
+    if _PROGRAM_TYPE.search(vfstype.lower()):
+        raise InvalidParameter(field=field,
+                               reason=f"{vfstype!r}: FUSE types and subtypes run a program, "
+                                      "not allowed")
+    return vfstype
+
+
 async def mount(spec: str, target: str | Path, vfstype: str, options: Sequence[str] = (), *,
                 timeout: float, runner: commands.Runner = commands.run) -> None:
     commands.check_arg(spec, "connection")
-    commands.check_arg(vfstype, "vfs_type")
+    check_fstype(vfstype)
     argv = ["mount", "-t", vfstype]
     if options:
         argv += ["-o", ",".join(options)]

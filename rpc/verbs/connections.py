@@ -25,6 +25,7 @@ from rpc.schema import (
 )
 from rpc.table import TABLE
 from storage import mount
+from storage.connections import filebased
 from storage.errors import InvalidParameter
 
 DOM_TYPES = ("nfs", "posixfs", "localfs", "iscsi", "fcp")
@@ -54,7 +55,7 @@ CONNECTION_TYPES: dict[str, Object] = {
         ID,
         Field("connection", Str(max_len=1024, safe_arg=True),
               description="Device or remote spec given to mount"),
-        Field("vfs_type", Str(max_len=32, safe_arg=True, pattern=r"[a-z0-9][a-z0-9._]*",
+        Field("vfs_type", Str(max_len=32, safe_arg=True, pattern=r"[a-z0-9][a-z0-9_]*",
                               pattern_doc="must be a file system type name like ext4")),
         MNT_OPTIONS,
     ]),
@@ -87,11 +88,16 @@ CONNECTION_TYPES: dict[str, Object] = {
 def validate_connection(dom_type: str, value: Any, path: str) -> dict[str, Any]:
     """The central validator of one connection dict of type `dom_type`."""
     conn: dict[str, Any] = CONNECTION_TYPES[dom_type].validate(value, path)
-    if conn.get("mnt_options"):
-        try:
-            mount.split_options(conn["mnt_options"])
-        except InvalidParameter as e:
-            raise InvalidParams(f"{path}.mnt_options", e.fields["reason"]) from None
+    try:
+        if conn.get("mnt_options"):
+            if dom_type == "nfs":
+                filebased.nfs_user_options(conn["mnt_options"])
+            else:
+                mount.split_options(conn["mnt_options"])
+        if "vfs_type" in conn:
+            mount.check_fstype(conn["vfs_type"])
+    except InvalidParameter as e:
+        raise InvalidParams(f"{path}.{e.fields['field']}", e.fields["reason"]) from None
     if dom_type == "iscsi" and bool(conn.get("user")) != bool(conn.get("password")):
         raise InvalidParams(f"{path}.{'password' if conn.get('user') else 'user'}",
                             "CHAP needs both user and password")

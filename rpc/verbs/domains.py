@@ -9,6 +9,7 @@ from rpc.schema import UUID, Bool, Enum, Field, Int, List, Str
 from rpc.table import TABLE, one_of
 from rpc.verbs.common import SD_UUID
 from rpc.verbs.connections import DOM_TYPE
+from rpc.verbs.devices import GUID
 
 INFO = {"type": "object", "required": ["uuid", "name", "type", "class", "version", "backup",
                                        "state"]}
@@ -23,7 +24,7 @@ INFO = {"type": "object", "required": ["uuid", "name", "type", "class", "version
              Field("domClass", Enum(["data", "backup"]), required=False, default="data"),
              Field("connectionId", UUID(), required=False,
                    description="File domains: the connection holding the domain"),
-             Field("devices", List(Str(max_len=255, safe_arg=True), min_items=1, max_items=64),
+             Field("devices", List(GUID, min_items=1, max_items=64),
                    required=False, description="Block domains: LUN GUIDs from getDeviceList"),
              Field("version", Int(5, 5), required=False, default=5),
              Field("ovfStore", Bool(), required=False, default=True,

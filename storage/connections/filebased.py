@@ -35,6 +35,17 @@ NFS_MANAGED = {"vers", "nfsvers", "timeo", "retrans", "soft", "hard", "noshareca
                "sharecache"}
 
 
+def nfs_user_options(text: str) -> list[str]:
+    """The user's NFS mount options, checked: none the agent sets itself."""
+    user = mount.split_options(text)
+    for opt in user:
+        if opt.split("=", 1)[0] in NFS_MANAGED:
+            raise InvalidParameter(
+                field="mnt_options",
+                reason=f"{opt!r} is set by the agent; use protocol_version, timeout, retrans")
+    return user
+
+
 def escape_spec(spec: str) -> str:
     return spec.replace("_", "__").replace("/", "_")
 
@@ -176,13 +187,7 @@ class NfsBackend(MountBackend):
         return "nfs"
 
     def options(self, params: dict[str, Any]) -> list[str]:
-        user = mount.split_options(params.get("mnt_options") or "")
-        for opt in user:
-            if opt.split("=", 1)[0] in NFS_MANAGED:
-                raise InvalidParameter(
-                    field="mnt_options",
-                    reason=f"{opt!r} is set by the agent; use protocol_version, timeout, "
-                           "retrans")
+        user = nfs_user_options(params.get("mnt_options") or "")
         timeo = params.get("timeout") or NFS_DEFAULT_TIMEO
         retrans = params.get("retrans") or NFS_DEFAULT_RETRANS
         # soft with bounded timeo/retrans: a dead server fails I/O in bounded
