@@ -266,6 +266,11 @@ class Domain(abc.ABC):
             # Also on cancellation (an aborted job): the half-made volume goes.
             # If this is cut short too, start-up removes the CREATING volume.
             await self.discard_volume(md)
+            if isinstance(e, qemuimg.QemuImgError):
+                # what qemu-img refused (a size the file system cannot hold, ...)
+                if "No space left" in e.message:
+                    raise NoSpaceLeftOnDomain(sdUUID=self.uuid) from None
+                raise VolumeCreationError(volUUID=spec.vol, reason=e.message) from None
             if isinstance(e, HostAgentError) or not isinstance(e, Exception):
                 raise
             if isinstance(e, OSError) and e.errno == errno.ENOSPC:
@@ -385,7 +390,14 @@ class Domain(abc.ABC):
                                    reason=f"smaller than the capacity {md.capacity}")
         if new_size == md.capacity:
             return md
-        await self.extend_volume_data(md, new_size)
+        try:
+            await self.extend_volume_data(md, new_size)
+        except qemuimg.QemuImgError as e:
+            if "No space left" in e.message:
+                raise NoSpaceLeftOnDomain(sdUUID=self.uuid) from None
+            if "too large" in e.message.lower():
+                raise InvalidParameter(field="newSize", reason=e.message) from None
+            raise
         done = replace(md, capacity=new_size, generation=md.generation + 1)
         await self.write_volume_md(done)
         return done
