@@ -41,6 +41,11 @@ class ServerConfig:
     # as too slow.
     ws_queue_size: int = 1000
     shutdown_timeout: float = 5.0
+    # A connection is closed when no complete request head arrives this long
+    # after it opened or after the last response (slow or idle clients).
+    idle_timeout: float = 30.0
+    # A JSON-RPC request body must arrive within this many seconds (408).
+    body_timeout: float = 30.0
 
 
 @dataclass
@@ -137,6 +142,9 @@ class Config:
                 "address: plain HTTP is allowed only on loopback")
         if s.max_body_bytes < 1024:
             raise ConfigError("server.max_body_bytes: must be at least 1024")
+        for name in ("idle_timeout", "body_timeout"):
+            if not getattr(s, name) > 0:
+                raise ConfigError(f"server.{name}: must be more than 0")
         if self.jobs.max_running < 1:
             raise ConfigError("jobs.max_running: must be at least 1")
         if self.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

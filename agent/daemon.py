@@ -82,7 +82,9 @@ async def serve(config: configmod.Config, notifier: Notifier) -> None:
     agent = Agent.create(config)
     await agent.start()
     dispatcher = Dispatcher(agent, TABLE.enabled(config))
-    app = make_app(agent, dispatcher, ovfroutes.routes())
+    app = make_app(agent, dispatcher, ovfroutes.routes(),
+                   idle_timeout=config.server.idle_timeout,
+                   body_timeout=config.server.body_timeout)
     runner = web.AppRunner(app, access_log=None,
                            shutdown_timeout=config.server.shutdown_timeout)
     await runner.setup()
