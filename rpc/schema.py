@@ -264,6 +264,25 @@ class Nullable(Type):
         return {"oneOf": [self.inner.json_schema(), {"type": "null"}]}
 
 
+@dataclass
+class OneOrMany(Type):
+    """One object, or a list of them (a flow over several disks)."""
+    item: Object
+    max_items: int = 256
+
+    def validate(self, value: Any, path: str) -> Any:
+        if isinstance(value, list):
+            return List(self.item, min_items=1, max_items=self.max_items).validate(value, path)
+        if isinstance(value, dict):
+            return self.item.validate(value, path)
+        raise InvalidParams(path, f"expected object or array, got {_typename(value)}")
+
+    def json_schema(self) -> dict[str, Any]:
+        return {"oneOf": [self.item.json_schema(),
+                          {"type": "array", "items": self.item.json_schema(), "minItems": 1,
+                           "maxItems": self.max_items}]}
+
+
 def field_schema(f: Field) -> dict[str, Any]:
     s = f.type.json_schema()
     if f.description:

@@ -7,7 +7,18 @@ from typing import Any
 
 from agent.context import Agent
 from agent.jobs import JobContext
-from rpc.schema import UUID, Bool, Enum, Field, InvalidParams, List, Object, Str
+from rpc.schema import (
+    UUID,
+    Bool,
+    Enum,
+    Field,
+    InvalidParams,
+    List,
+    Nullable,
+    Object,
+    OneOrMany,
+    Str,
+)
 from rpc.table import TABLE
 from rpc.verbs.common import IMG_UUID, JOB_RESULT, JOB_UUID, SD_UUID, VOL_UUID
 from rpc.verbs.volumes import SIZE
@@ -142,4 +153,59 @@ async def create_hibernation_volumes(agent: Agent, jobUUID: str, memory: dict[st
                             description="create hibernation volumes",
                             params={"sdUUID": memory["sdUUID"], "imgUUID": memory["imgUUID"],
                                     "memory": memory, "disks": disks})
+    return {"jobUUID": job.job_uuid}
+
+
+def _pairs(values: dict[str, Any]) -> list[tuple[Any, Any, Any]]:
+    src, dst, inc = values["src"], values["dst"], values["incrementalFrom"]
+    if isinstance(src, dict):
+        src, dst, inc = [src], [dst], [inc]
+    return list(zip(src, dst, inc, strict=True))
+
+
+def _check_backup(values: dict[str, Any], path: str) -> None:
+    src, dst, inc = values["src"], values["dst"], values["incrementalFrom"]
+    if isinstance(src, list) != isinstance(dst, list) or (
+            isinstance(src, list) and len(src) != len(dst)):
+        raise InvalidParams("dst", "must match src: one object, or a list as long as src's")
+    if (inc is not None and isinstance(inc, list) != isinstance(src, list)) or (
+            isinstance(inc, list) and len(inc) != len(src)):
+        raise InvalidParams("incrementalFrom", "must match src: one object (or null), or a "
+                                               "list as long as src's")
+    if isinstance(src, list) and inc is None:
+        values["incrementalFrom"] = [None] * len(src)
+    seen: set[str] = set()
+    for i, (s, d, _) in enumerate(_pairs(values)):
+        where = "" if isinstance(values["src"], dict) else f"[{i}]"
+        for key in (f"src {s['sdUUID']}/{s['imgUUID']}", f"dst {d['sdUUID']}/{d['volUUID']}"):
+            if key in seen:
+                raise InvalidParams(f"{key.split()[0]}{where}", "the same disk or target twice")
+            seen.add(key)
+
+
+@TABLE.verb("backupVolume", "Back up disks to a backup domain at one point in time (a job): "
+            "a snapshot layer on each disk (the disk goes on writing there), the point in time "
+            "copied collapsed onto the backup domain (qcow2), then the layer kept "
+            "(keepSnapshot, default) or merged back. With incrementalFrom (an earlier backup "
+            "of the same disk, in dst's image) only what changed since is copied, as a qcow2 "
+            "layer over it (qcow2 dirty bitmaps). src/dst/incrementalFrom may be lists: "
+            "several disks, all or nothing.",
+            [JOB_UUID, Field("src", OneOrMany(VOLUME_REF)), Field("dst", OneOrMany(VOLUME_REF)),
+             Field("keepSnapshot", Bool(), required=False, default=True),
+             Field("incrementalFrom", Nullable(OneOrMany(Object(
+                 [SD_UUID, IMG_UUID, VOL_UUID]))), required=False)],
+            check=_check_backup, result=JOB_RESULT, job=True, tags=["images", "backup"])
+async def backup_volume(agent: Agent, jobUUID: str, src: Any, dst: Any, keepSnapshot: bool,
+                        incrementalFrom: Any) -> dict[str, Any]:
+    items = [(VolRef.of(s), VolRef.of(d), VolRef.of(i) if i else None)
+             for s, d, i in _pairs({"src": src, "dst": dst, "incrementalFrom": incrementalFrom})]
+
+    async def work(ctx: JobContext) -> Any:
+        out = await agent.domains.images.backup(items, keepSnapshot, ctx.progress)
+        return out if isinstance(src, list) else out[0]
+
+    job = agent.jobs.submit(jobUUID, "backupVolume", work,
+                            description=f"back up {len(items)} disk(s)",
+                            params={"targets": [{"sdUUID": d.sd, "imgUUID": d.img,
+                                                 "volUUID": d.vol} for _, d, _ in items]})
     return {"jobUUID": job.job_uuid}

@@ -32,7 +32,7 @@ API_VERBS_SO_FAR = {
     "setStorageDomainBackup", "formatStorageDomain", "createVolume", "getVolumeInfo",
     "getVolumesList", "getImagesList", "extendVolumeSize", "deleteVolume", "deleteImage",
     "prepareImage", "teardownImage", "uploadOvfTar", "getOvfStoreInfo", "listOvfEntities",
-    "copyImage", "moveImage", "snapshotImages", "createHibernationVolumes",
+    "copyImage", "moveImage", "snapshotImages", "createHibernationVolumes", "backupVolume",
 }
 
 
