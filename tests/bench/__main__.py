@@ -9,7 +9,7 @@ import importlib
 import sys
 import time
 
-BENCHMARKS = ["ping", "connections", "volumes", "copy", "ovf"]
+BENCHMARKS = ["ping", "connections", "volumes", "copy", "backup", "ovf"]
 
 
 def main(names: list[str]) -> int:
