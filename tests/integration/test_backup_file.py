@@ -4,6 +4,7 @@ agent, on the three file domains of test_images_file plus a backup domain."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import ssl
@@ -242,3 +243,47 @@ async def test_three_disk_vm_backed_up_and_imported_elsewhere(
             assert await benv.digest(b) == dig
         await c2.call("deactivateStorageDomain", sdUUID=benv.backup)
         await c2.call("disconnectStorageServer", domType="localfs", connectionParams=[bconn])
+
+
+async def test_backup_of_several_disks_is_all_or_nothing(benv: BackupEnv) -> None:
+    c = benv.c
+    vm = [await benv.disk(sd, data=0x50 + i, fmt="cow") for i, sd in enumerate(benv.sds)]
+    taken = await benv.disk(benv.backup)
+    before = await benv.volumes()
+    # the third disk's target exists already: nothing of the first two stays
+    dst = [Disk(benv.backup, new_id(), new_id()).ref() for _ in vm[:2]] + [taken.ref()]
+    info = await benv.job("backupVolume", src=[d.ref() for d in vm], dst=dst)
+    assert info["status"] == "failed" and info["error"]["code"] == 212, info
+    assert await benv.volumes() == before
+    for d in vm:
+        assert (await c.call("getVolumeInfo", **d.ref()))["voltype"] == "LEAF"
+    # shapes that do not match are refused before a job exists
+    with pytest.raises(Exception) as e:
+        await c.call("backupVolume", jobUUID=new_id(), src=[d.ref() for d in vm],
+                     dst=dst[:2])
+    assert getattr(e.value, "code", None) == -32602 and "dst" in str(e.value)
+
+
+async def test_aborted_backup_of_several_disks_leaves_nothing(benv: BackupEnv) -> None:
+    c = benv.c
+    vm = []
+    for i, sd in enumerate(benv.sds):
+        d = await benv.disk(sd, size=384 * MiB, fmt="cow")
+        await benv.write(d, 0x60 + i, offset=0, length=384 * MiB)
+        vm.append(d)
+    before = await benv.volumes()
+    jid = new_id()
+    await c.call("backupVolume", jobUUID=jid, src=[d.ref() for d in vm],
+                 dst=[Disk(benv.backup, new_id(), new_id()).ref() for _ in vm])
+    # abort once the first disk's copy is done and the second's runs
+    for _ in range(600):
+        job = (await c.call("getJobs", jobUUIDs=[jid]))[jid]
+        if job["progress"] >= 40 or job["status"] != "running":
+            break
+        await asyncio.sleep(0.02)
+    await c.call("abortJob", jobUUID=jid)
+    info = await c.wait_job(jid, timeout=60)
+    assert info["status"] == "aborted", info
+    assert await benv.volumes() == before
+    for d in vm:
+        assert (await c.call("getVolumeInfo", **d.ref()))["voltype"] == "LEAF"
