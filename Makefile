@@ -39,7 +39,7 @@ run: venv deps-run
 	$(BIN)/hostagentd --dev --state-dir $(STATE_DIR) --port $(PORT)
 
 test: venv deps-test
-	@bash tests/run-tiers.sh unit host lab
+	@TIERS_PARALLEL=1 bash tests/run-tiers.sh unit host lab
 
 test-unit: venv
 	@bash tests/run-tiers.sh unit
