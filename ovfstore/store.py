@@ -5,8 +5,8 @@
     offset 1 MiB     slot 0
     1 MiB + S        slot 1                    (S = slot size)
 
-An upload streams into the slot that is not current, through one fixed
-buffer (never the whole tar in memory), checking the tar as it passes; once
+An upload streams into the slot that is not current, through a few fixed
+buffers (never the whole tar in memory), checking the tar as it passes; once
 the data is durable (fsync), the header switch is one small write of copy A
 and then of copy B. A reader takes the first copy with a valid checksum, so
 at any crash point it sees the old tar or the new one, never a mix. Data is
@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ovfstore.tarcheck import Member, TarChecker, TarRejected
 from storage.fileio import IOPool
@@ -34,6 +35,7 @@ from storage.metadata import MetadataError, decode, encode
 HEADER_SIZE = 4096
 DATA_OFFSET = 1 << 20
 BUFFER_SIZE = 4 << 20
+PIPELINE = 4          # upload buffers: one filling, the others hashing and writing
 ALIGN = 4096
 
 
@@ -95,6 +97,89 @@ def _open(path: Path, flags: int) -> int:
         return os.open(path, flags)
 
 
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwritev(fd, [data], offset)
+        data = data[n:]
+        offset += n
+
+
+class _SlotWriter:
+    """The write side of an upload: the loop copies received chunks into
+    fixed page-aligned buffers; each full buffer is hashed by one thread (in
+    order) and written by another at the same time, while the loop fills the
+    next buffer. Both calls release the GIL, so receiving, hashing and
+    writing overlap; memory stays at PIPELINE buffers whatever the tar size.
+    """
+
+    def __init__(self, fd: int, offset: int, io: IOPool) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.digest = hashlib.sha256()
+        self.hasher = IOPool(f"{io.name}-ovf-hash", workers=1, timeout=io.timeout)
+        self.writer = IOPool(f"{io.name}-ovf-write", workers=1, timeout=io.timeout)
+        self.bufs = [_aligned(BUFFER_SIZE) for _ in range(PIPELINE)]
+        self.busy: list[asyncio.Future[Any] | None] = [None] * PIPELINE
+        self.cur = 0
+        self.used = 0
+
+    async def add(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            if self.used == 0:
+                await self._wait(self.cur)     # this buffer's last hash and write
+            take = min(BUFFER_SIZE - self.used, len(view))
+            self.bufs[self.cur][self.used:self.used + take] = view[:take]
+            self.used += take
+            view = view[take:]
+            if self.used == BUFFER_SIZE:
+                self._submit()
+
+    def _submit(self) -> None:
+        buf, length = self.bufs[self.cur], self.used
+        padded = (length + ALIGN - 1) // ALIGN * ALIGN
+        if padded != length:
+            # O_DIRECT wants whole blocks: pad the tail with zeros (the
+            # header records the real size); only the real bytes are hashed.
+            buf[length:padded] = bytes(padded - length)
+        data = memoryview(buf)
+        # gather starts its tasks in creation order, and the hasher has one
+        # thread taking work in order: the buffers are hashed in tar order
+        self.busy[self.cur] = asyncio.gather(
+            self.hasher.call(self.digest.update, data[:length]),
+            self.writer.call(_pwrite_all, self.fd, data[:padded], self.offset))
+        self.offset += padded
+        self.used = 0
+        self.cur = (self.cur + 1) % PIPELINE
+
+    async def _wait(self, i: int) -> None:
+        busy = self.busy[i]
+        if busy is not None:
+            self.busy[i] = None
+            try:
+                await busy
+            except OSError as e:
+                # not to be taken for the client going away (also an OSError)
+                raise UploadError(f"writing the OVF store failed: {e}") from None
+
+    async def finish(self) -> str:
+        """Write what is left; every byte is written and hashed: the sha256."""
+        if self.used:
+            self._submit()
+        for i in range(PIPELINE):
+            await self._wait(i)
+        return self.digest.hexdigest()
+
+    async def close(self) -> None:
+        for i in range(PIPELINE):
+            with contextlib.suppress(Exception):
+                await self._wait(i)
+        self.hasher.close()
+        self.writer.close()
+        for b in self.bufs:
+            _release(b)
+
+
 class OvfStore:
     def __init__(self, path: Path, slot_size: int, io: IOPool) -> None:
         self.path = path
@@ -146,27 +231,11 @@ class OvfStore:
             raise UploadError(f"{size} bytes do not fit the store ({self.slot_size} max)")
         current = await self.header()
         slot = 1 - current.slot if current.generation else 0
-        base = DATA_OFFSET + slot * self.slot_size
         checker = TarChecker(member_limit=member_limit, total_limit=self.slot_size)
-        digest = hashlib.sha256()
         fd = await self.io.call(_open, self.path, os.O_WRONLY)
-        # Two buffers: while one is hashed and written by the writer thread
-        # (both release the GIL), the loop receives into the other.
-        writer = IOPool(f"{self.io.name}-ovf", workers=1, timeout=self.io.timeout)
-        bufs = [_aligned(BUFFER_SIZE), _aligned(BUFFER_SIZE)]
-        pending: list[asyncio.Future[None] | None] = [None, None]
-
-        def flush(buf: mmap.mmap, length: int, offset: int) -> None:
-            digest.update(memoryview(buf)[:length])
-            padded = (length + ALIGN - 1) // ALIGN * ALIGN
-            if padded != length:
-                # O_DIRECT wants whole blocks: pad the tail with zeros (the
-                # header records the real size).
-                buf[length:padded] = b"\0" * (padded - length)
-            os.pwritev(fd, [memoryview(buf)[:padded]], offset)
-
+        sink = _SlotWriter(fd, DATA_OFFSET + slot * self.slot_size, self.io)
         try:
-            cur = used = written = received = 0
+            received = 0
             async for chunk in chunks:
                 received += len(chunk)
                 if received > size:
@@ -175,48 +244,25 @@ class OvfStore:
                     checker.feed(chunk)
                 except TarRejected as e:
                     raise UploadError(e.reason) from None
-                view = memoryview(chunk)
-                while view:
-                    last = pending[cur]
-                    if used == 0 and last is not None:
-                        await last      # this buffer's previous write is done
-                        pending[cur] = None
-                    take = min(BUFFER_SIZE - used, len(view))
-                    bufs[cur][used:used + take] = view[:take]
-                    used += take
-                    view = view[take:]
-                    if used == BUFFER_SIZE:
-                        pending[cur] = asyncio.ensure_future(
-                            writer.call(flush, bufs[cur], used, base + written))
-                        written += used
-                        used = 0
-                        cur = 1 - cur
+                await sink.add(chunk)
             if received != size:
                 raise UploadError(f"body ended after {received} of {size} bytes")
-            for p in pending:
-                if p is not None:
-                    await p
-            pending = [None, None]
-            if used:
-                await writer.call(flush, bufs[cur], used, base + written)
             try:
                 members = checker.close()
             except TarRejected as e:
                 raise UploadError(e.reason) from None
-            if sha256 is not None and digest.hexdigest() != sha256.lower():
+            digest = await sink.finish()
+            if sha256 is not None and digest != sha256.lower():
                 raise UploadError("sha256 of the body does not match")
-            await self.io.call(os.fsync, fd)
+            try:
+                await self.io.call(os.fsync, fd)
+            except OSError as e:
+                raise UploadError(f"writing the OVF store failed: {e}") from None
         finally:
-            for p in pending:
-                if p is not None:
-                    with contextlib.suppress(Exception):
-                        await p
-            writer.close()
-            for b in bufs:
-                _release(b)
+            await sink.close()
             await self.io.call(os.close, fd)
         header = Header(generation=current.generation + 1, slot=slot, size=size,
-                        sha256=digest.hexdigest(), updated=time.time(), entries=len(members))
+                        sha256=digest, updated=time.time(), entries=len(members))
         await self.io.call(self._write_header_sync, header)
         return header, members
 

@@ -47,6 +47,7 @@ class TarChecker:
     member_limit: int
     total_limit: int
     members: list[Member] = field(default_factory=list)
+    _names: set[str] = field(default_factory=set)   # duplicates found in O(1), not O(n)
     _buf: bytearray = field(default_factory=bytearray)
     _skip: int = 0            # payload bytes (plus padding) still to pass
     _pax: bytearray | None = None   # collecting a pax header's payload
@@ -144,8 +145,9 @@ class TarChecker:
         self._total += size
         if self._total > self.total_limit:
             raise TarRejected(f"the members add up to more than {self.total_limit} bytes")
-        if any(m.name == name for m in self.members):
+        if name in self._names:
             raise TarRejected(f"member {name} appears twice")
+        self._names.add(name)
         self.members.append(Member(name=name, size=size))
         self._skip = payload
 

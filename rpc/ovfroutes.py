@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator
 
 import aiohttp
 import aiohttp.http_exceptions
@@ -48,12 +47,11 @@ async def put_ovf(request: web.Request) -> web.StreamResponse:
         missing = OvfStoreError(reason="Content-Length is required")
         return web.json_response({"error": missing.to_dict()}, status=411)
 
-    async def chunks() -> AsyncIterator[bytes]:
-        async for chunk in request.content.iter_chunked(CHUNK):
-            yield chunk
-
+    # Chunks as the transport hands them over (up to CHUNK, usually one TLS
+    # read); the store gathers them into large buffers for hashing and writing.
     try:
-        result = await agent.ovf.upload(ticket, request.content_length, chunks())
+        result = await agent.ovf.upload(ticket, request.content_length,
+                                        request.content.iter_chunked(CHUNK))
     except HostAgentError as e:
         log.info("OVF upload to %s refused: %s", ticket.sd, e.message)
         return _error(e)

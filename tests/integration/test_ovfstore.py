@@ -11,8 +11,9 @@ import io
 import random
 import ssl
 import tarfile
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,10 @@ def make_tar(members: list[Any]) -> bytes:
     return buf.getvalue()
 
 
+def client_of(agent: AgentProcess) -> Client:
+    return Client.for_dev(agent.state_dir, port=agent.port)
+
+
 def ssl_ctx(agent: AgentProcess, cert: bool = True) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(agent.pki / "ca.pem"))
     if cert:
@@ -68,10 +73,14 @@ def ssl_ctx(agent: AgentProcess, cert: bool = True) -> ssl.SSLContext:
 
 
 async def put(agent: AgentProcess, path: str, body: bytes, *, content_length: int | None = None,
-              chunk: int = 256 * 1024, cert: bool = True) -> tuple[int, Any]:
+              chunk: int = 256 * 1024, cert: bool = True,
+              sent: Callable[[int], None] | None = None) -> tuple[int, Any]:
+    """PUT body in chunks; `sent(n)` is called once n bytes were handed over."""
     async def gen() -> AsyncIterator[bytes]:
         for i in range(0, len(body), chunk):
             yield body[i:i + chunk]
+            if sent is not None:
+                sent(min(i + chunk, len(body)))
             await asyncio.sleep(0)
 
     headers = {"Content-Length": str(len(body) if content_length is None else content_length)}
@@ -120,8 +129,11 @@ class Domain:
                           connectionParams=[{"id": self.conn, "connection": str(self.root)}])
 
 
+Dom = tuple[AgentProcess, Client, Domain]
+
+
 @pytest.fixture
-def ovf_agent(agent_factory, tmp_path):
+def ovf_agent(agent_factory: Callable[..., AgentProcess], tmp_path: Path) -> AgentProcess:
     conf = tmp_path / "state" / "hostagent.toml"
     conf.parent.mkdir()
     conf.write_text("[ovf]\nmax_tar_size = 67108864\nmax_member_size = 1048576\n"
@@ -130,14 +142,14 @@ def ovf_agent(agent_factory, tmp_path):
 
 
 @pytest.fixture
-async def dom(ovf_agent, tmp_path) -> AsyncIterator[tuple[AgentProcess, Client, Domain]]:
-    async with ovf_agent.client() as c:
+async def dom(ovf_agent: AgentProcess, tmp_path: Path) -> AsyncIterator[Dom]:
+    async with client_of(ovf_agent) as c:
         d = await Domain(c, tmp_path / "data").create()
         yield ovf_agent, c, d
         await d.destroy()
 
 
-async def test_upload_download_info_entities_replace(dom):
+async def test_upload_download_info_entities_replace(dom: Dom) -> None:
     agent, c, d = dom
     info = await c.call("getOvfStoreInfo", sdUUID=d.sd)
     assert info["generation"] == 0 and info["size"] == 0
@@ -196,7 +208,7 @@ def special(name: str, kind: bytes, **kw: Any) -> tarfile.TarInfo:
 
 
 U = "abcdef01-2345-4789-abcd-ef0123456789"
-BAD_TARS = {
+BAD_TARS: dict[str, list[Any]] = {
     "symlink": [special(f"{U}.ovf", tarfile.SYMTYPE, linkname="/etc/shadow")],
     "hardlink": [special(f"{U}.ovf", tarfile.LNKTYPE, linkname="x")],
     "device": [special(f"{U}.ovf", tarfile.BLKTYPE, devmajor=8, devminor=0)],
@@ -207,15 +219,18 @@ BAD_TARS = {
 }
 
 
-async def test_hostile_and_broken_uploads_leave_old_tar(dom):
-    agent, c, d = dom
+async def check_refusals(agent: AgentProcess, c: Client, sd: str) -> bytes:
+    """Every hostile or broken upload to domain sd is refused and the stored
+    tar stays as it was. The agent's [ovf] section: max_tar_size 64 MiB,
+    max_member_size 1 MiB, ticket_ttl 2 s (as the `ovf_agent` fixture). Also
+    used by the lab tier on a block domain. Returns the tar stored at the end."""
     good = make_tar([(f"{new_id()}.ovf", b"<ovf/>")])
-    assert (await upload(c, agent, d.sd, good))[0] == 200
+    assert (await upload(c, agent, sd, good))[0] == 200
 
     async def refused(body: bytes, expect: int = 400, **kw: Any) -> dict[str, Any]:
-        status, result = await upload(c, agent, d.sd, body, **kw)
+        status, result = await upload(c, agent, sd, body, **kw)
         assert status == expect, (status, result)
-        assert (await get(agent, d.sd))[1] == good
+        assert (await get(agent, sd))[1] == good
         return dict(result["error"])
 
     for name, members in BAD_TARS.items():
@@ -224,9 +239,9 @@ async def test_hostile_and_broken_uploads_leave_old_tar(dom):
     full = make_tar([(f"{new_id()}.ovf", b"y" * 20000)])
     assert "truncated" in (await refused(full[:8000]))["message"]
     # body shorter than Content-Length: the client goes away mid-body
-    t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(full))
+    t = await c.call("uploadOvfTar", sdUUID=sd, size=len(full))
     _, writer = await asyncio.open_connection("127.0.0.1", agent.port,
-                                                   ssl=ssl_ctx(agent))
+                                              ssl=ssl_ctx(agent))
     writer.write(f"PUT {t['path']} HTTP/1.1\r\nHost: x\r\n"
                  f"Content-Length: {len(full)}\r\n\r\n".encode() + full[:len(full) // 2])
     await writer.drain()
@@ -234,40 +249,49 @@ async def test_hostile_and_broken_uploads_leave_old_tar(dom):
     with contextlib.suppress(OSError, ssl.SSLError):
         await writer.wait_closed()
     await asyncio.sleep(0.5)   # the agent notices the closed connection
-    assert (await get(agent, d.sd))[1] == good
+    assert (await get(agent, sd))[1] == good
+    # the ticket of the cut upload was used up
+    assert (await put(agent, t["path"], full))[0] == 403
     # Content-Length other than the size given for the ticket (longer body)
-    t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(full))
+    t = await c.call("uploadOvfTar", sdUUID=sd, size=len(full))
     status, result = await put(agent, t["path"], full + b"\0" * 512)
     assert status == 400 and "Content-Length" in result["error"]["message"]
     # wrong sha256
-    t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(full), sha256="0" * 64)
+    t = await c.call("uploadOvfTar", sdUUID=sd, size=len(full), sha256="0" * 64)
     status, result = await put(agent, t["path"], full)
     assert status == 400 and "sha256" in result["error"]["message"]
+    assert (await get(agent, sd))[1] == good
     # reused ticket, expired ticket
-    t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(full))
+    t = await c.call("uploadOvfTar", sdUUID=sd, size=len(full))
     assert (await put(agent, t["path"], full))[0] == 200
     good = full
     status, result = await put(agent, t["path"], full)
     assert status == 403 and result["error"]["code"] == 2011
-    t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(full))
+    t = await c.call("uploadOvfTar", sdUUID=sd, size=len(full))
     await asyncio.sleep(2.2)
     status, _ = await put(agent, t["path"], full)
     assert status == 403
     # no client certificate: refused at the TLS handshake
-    t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(full))
+    t = await c.call("uploadOvfTar", sdUUID=sd, size=len(full))
     with pytest.raises((aiohttp.ClientError, ssl.SSLError)):
         await put(agent, t["path"], full, cert=False)
-    assert (await get(agent, d.sd))[1] == good
+    assert (await get(agent, sd))[1] == good
     # params refused before any ticket
     with pytest.raises(RpcError) as e:
-        await c.call("uploadOvfTar", sdUUID=d.sd, size=1 << 30)
+        await c.call("uploadOvfTar", sdUUID=sd, size=1 << 30)
     assert e.value.code == 1000 and e.value.data["field"] == "size"
     with pytest.raises(RpcError) as e:
-        await c.call("uploadOvfTar", sdUUID=d.sd, size=4096, sha256="xyz")
+        await c.call("uploadOvfTar", sdUUID=sd, size=4096, sha256="xyz")
     assert e.value.code == -32602
+    return good
 
 
-async def test_concurrent_uploads(dom, tmp_path):
+async def test_hostile_and_broken_uploads_leave_old_tar(dom: Dom) -> None:
+    agent, c, d = dom
+    await check_refusals(agent, c, d.sd)
+
+
+async def test_concurrent_uploads(dom: Dom, tmp_path: Path) -> None:
     agent, c, d = dom
     big = make_tar([(f"{new_id()}.ovf", bytes(random.Random(1).randbytes(900_000)))
                     for _ in range(20)])
@@ -294,45 +318,86 @@ async def test_concurrent_uploads(dom, tmp_path):
             await o.destroy()
 
 
-@pytest.mark.slow
-async def test_kill9_during_uploads(ovf_agent, agent_factory, tmp_path):
-    rng = random.Random(99)
-    agent = ovf_agent
-    state = agent.state_dir
-    async with agent.client() as c:
-        d = await Domain(c, tmp_path / "data").create()
-    sizes: dict[str, int] = {}
+async def kill9_trials(agent: AgentProcess, restart: Callable[[AgentProcess], AgentProcess],
+                       sd: str, trials: int,
+                       rng: random.Random) -> tuple[AgentProcess, dict[str, int]]:
+    """Start an upload to domain sd, kill -9 the agent at a random point of
+    it, restart it (`restart(dead)` -> a started agent on the same state dir
+    and port), and check that a download returns one complete tar, the old
+    one or the new one (the new one if the client got its 200 reply),
+    matching the sha256 the store records. Returns the last agent and how
+    often each side was found.
+
+    Kill points, stratified so that both ends are tried: in the first half
+    of the trials, once a random part of the body was sent (the old tar must
+    stay); in the second half, a random time after the whole body was sent,
+    up to as long as a whole upload took before (mostly the new tar, and the
+    agent's last steps: flush, fsync, header switch)."""
     outcomes = {"old": 0, "new": 0}
-    current = make_tar([(f"{new_id()}.ovf", b"<first/>")])
-    async with agent.client() as c:
-        assert (await upload(c, agent, d.sd, current))[0] == 200
-    for _ in range(30):
-        new = make_tar([(f"{new_id()}.ovf", rng.randbytes(rng.choice([1, 4, 12]) * 100_000))])
-        sizes[hashlib.sha256(new).hexdigest()] = len(new)
-        async with agent.client() as c:
-            t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(new),
+    sizes = [100_000, 400_000, 1_000_000]    # one member each, under 1 MiB
+    whole = 0.0
+    async with client_of(agent) as c:
+        for _ in range(2):
+            current = make_tar([(f"{new_id()}.ovf", rng.randbytes(sizes[-1]))])
+            start = time.monotonic()
+            assert (await upload(c, agent, sd, current, chunk=32 * 1024))[0] == 200
+            whole = max(whole, time.monotonic() - start)
+    for i in range(trials):
+        new = make_tar([(f"{new_id()}.ovf", rng.randbytes(rng.choice(sizes)))])
+        point = 2 * (i + rng.random()) / trials        # in [0, 2)
+        mark = int(min(point, 1.0) * len(new))
+        reached = asyncio.Event()
+
+        def sent(n: int, mark: int = mark, reached: asyncio.Event = reached) -> None:
+            if n >= mark:
+                reached.set()
+
+        async with client_of(agent) as c:
+            t = await c.call("uploadOvfTar", sdUUID=sd, size=len(new),
                              sha256=hashlib.sha256(new).hexdigest())
-        task = asyncio.create_task(put(agent, t["path"], new, chunk=32 * 1024))
-        await asyncio.sleep(rng.uniform(0, 0.15))
+        task = asyncio.create_task(put(agent, t["path"], new, chunk=32 * 1024, sent=sent))
+        waiter = asyncio.ensure_future(reached.wait())
+        await asyncio.wait([waiter, task], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if point > 1:
+            await asyncio.wait([task], timeout=(point - 1) * whole)
         agent.kill()
+        acked = False
         try:
-            await task      # done before the kill, or cut by it
+            status, reply = await task      # done before the kill, or cut by it
+            assert status == 200, reply     # never refused: only the kill may stop it
+            acked = True
         except (aiohttp.ClientError, OSError):
             pass
-        agent = agent_factory(state, port=agent.port)
-        async with agent.client() as c:
-            info = await c.call("getOvfStoreInfo", sdUUID=d.sd)
-        status, data = await get(agent, d.sd)
+        agent = restart(agent)
+        async with client_of(agent) as c:
+            info = await c.call("getOvfStoreInfo", sdUUID=sd)
+        status, data = await get(agent, sd)
         assert status == 200 and hashlib.sha256(data).hexdigest() == info["sha256"]
         assert len(data) == info["size"]
+        assert data == new or not acked     # a 200 reply means the tar was durable
         if data == new:
+            assert point >= 1, f"trial {i}: the new tar stored before all of it was sent"
             outcomes["new"] += 1
             current = new
         else:
-            assert data == current
+            assert data == current, f"trial {i}: neither the old tar nor the new one"
             outcomes["old"] += 1
-    async with agent.client() as c:
+    return agent, outcomes
+
+
+@pytest.mark.slow
+async def test_kill9_during_uploads(ovf_agent: AgentProcess,
+                                    agent_factory: Callable[..., AgentProcess],
+                                    tmp_path: Path) -> None:
+    async with client_of(ovf_agent) as c:
+        d = await Domain(c, tmp_path / "data").create()
+    agent, outcomes = await kill9_trials(
+        ovf_agent, lambda dead: agent_factory(dead.state_dir, port=dead.port), d.sd,
+        trials=30, rng=random.Random(99))
+    async with client_of(agent) as c:
         d.c = c
         await d.destroy()
+    print(f"kill -9 during uploads: {outcomes}")
     assert outcomes["old"] + outcomes["new"] == 30
     assert outcomes["old"] and outcomes["new"], outcomes   # both ends were hit

@@ -6,6 +6,8 @@ import io
 import os
 import tarfile
 import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +17,7 @@ from storage.fileio import IOPool
 SLOT = 4 << 20
 
 
-def make_tar(n=3, size=5000):
+def make_tar(n: int = 3, size: int = 5000) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for _ in range(n):
@@ -26,13 +28,13 @@ def make_tar(n=3, size=5000):
     return buf.getvalue()
 
 
-async def chunks(data, size=65536):
+async def chunks(data: bytes, size: int = 65536) -> AsyncIterator[bytes]:
     for i in range(0, len(data), size):
         yield data[i:i + size]
 
 
 @pytest.fixture
-def store(tmp_path):
+def store(tmp_path: Path) -> Iterator[OvfStore]:
     path = tmp_path / "ovfstore"
     with open(path, "wb") as f:
         f.truncate(volume_size(SLOT))
@@ -41,17 +43,17 @@ def store(tmp_path):
     pool.close()
 
 
-async def read_all(store, start=0, end=None):
+async def read_all(store: OvfStore, start: int = 0, end: int | None = None) -> bytes:
     return b"".join([c async for c in store.read(start, end)])
 
 
-async def test_empty_store(store):
+async def test_empty_store(store: OvfStore) -> None:
     h = await store.header()
     assert h.generation == 0 and h.size == 0
     assert await read_all(store) == b""
 
 
-async def test_upload_replace_and_ranges(store):
+async def test_upload_replace_and_ranges(store: OvfStore) -> None:
     first = make_tar(3, 3 * 1024 * 1024 // 3)   # over the 1 MiB buffer
     h1, members = await store.write(chunks(first), len(first), member_limit=SLOT)
     assert h1.generation == 1 and h1.size == len(first) and len(members) == 3
@@ -71,7 +73,8 @@ async def test_upload_replace_and_ranges(store):
     (lambda d: (d + b"\0" * 512, len(d)), "longer than"),
     (lambda d: (d[:1500], 1500), "truncated"),
 ])
-async def test_refused_upload_keeps_old_tar(store, mangle, reason):
+async def test_refused_upload_keeps_old_tar(
+        store: OvfStore, mangle: Callable[[bytes], tuple[bytes, int]], reason: str) -> None:
     old = make_tar()
     await store.write(chunks(old), len(old), member_limit=SLOT)
     body, size = mangle(make_tar())
@@ -81,7 +84,7 @@ async def test_refused_upload_keeps_old_tar(store, mangle, reason):
     assert h.generation == 1 and await read_all(store) == old
 
 
-async def test_wrong_sha_and_bad_member_keep_old_tar(store):
+async def test_wrong_sha_and_bad_member_keep_old_tar(store: OvfStore) -> None:
     old = make_tar()
     await store.write(chunks(old), len(old), member_limit=SLOT)
     new = make_tar()
@@ -92,7 +95,7 @@ async def test_wrong_sha_and_bad_member_keep_old_tar(store):
     assert await read_all(store) == old
 
 
-async def test_torn_header_copy_falls_back(store):
+async def test_torn_header_copy_falls_back(store: OvfStore) -> None:
     a = make_tar()
     await store.write(chunks(a), len(a), member_limit=SLOT)
     b = make_tar()
@@ -108,7 +111,46 @@ async def test_torn_header_copy_falls_back(store):
     assert (await store.header()).generation == 0
 
 
-async def test_too_large_for_slot(store):
+async def test_too_large_for_slot(store: OvfStore) -> None:
     with pytest.raises(UploadError, match="do not fit"):
         await store.write(chunks(b""), SLOT + 1, member_limit=SLOT)
     assert DATA_OFFSET % 4096 == 0
+
+
+async def test_upload_through_every_buffer_of_the_pipeline(tmp_path: Path) -> None:
+    # more than all the buffers hold, in odd-sized chunks, with an unaligned
+    # tail: each buffer is reused, hashed in order and written at its place
+    from ovfstore.store import BUFFER_SIZE, PIPELINE
+
+    slot = (PIPELINE * 2 + 2) * BUFFER_SIZE
+    path = tmp_path / "ovfstore"
+    with open(path, "wb") as f:
+        f.truncate(volume_size(slot))
+    pool = IOPool("test", timeout=30)
+    try:
+        store = OvfStore(path, slot, pool)
+        body = make_tar(2, PIPELINE * BUFFER_SIZE + 12345)
+        if len(body) % 4096 == 0:
+            body += bytes(512)   # zeros after the end-of-archive marker are allowed
+        assert len(body) % 4096 and len(body) > PIPELINE * BUFFER_SIZE * 2
+        h, _ = await store.write(chunks(body, 100_003), len(body), member_limit=slot,
+                                 sha256=hashlib.sha256(body).hexdigest())
+        assert h.sha256 == hashlib.sha256(body).hexdigest()
+        assert await read_all(store) == body
+        assert await read_all(store, BUFFER_SIZE - 7, 3 * BUFFER_SIZE + 5) == \
+            body[BUFFER_SIZE - 7:3 * BUFFER_SIZE + 5]
+    finally:
+        pool.close()
+
+
+async def test_storage_write_error_is_an_upload_error() -> None:
+    # /dev/full refuses every write (ENOSPC): reported as a failed write,
+    # not taken for a client that went away
+    pool = IOPool("test", timeout=30)
+    try:
+        store = OvfStore(Path("/dev/full"), SLOT, pool)
+        body = make_tar()
+        with pytest.raises(UploadError, match="writing the OVF store failed"):
+            await store.write(chunks(body), len(body), member_limit=SLOT)
+    finally:
+        pool.close()
