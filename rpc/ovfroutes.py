@@ -6,8 +6,10 @@ status and the same error object as JSON-RPC: {"error": {code, message, data}}.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+from collections.abc import AsyncIterator
 
 import aiohttp
 import aiohttp.http_exceptions
@@ -37,6 +39,19 @@ def _error(e: HostAgentError) -> web.Response:
     return web.json_response({"error": e.to_dict()}, status=status)
 
 
+async def _stall_limited(chunks: AsyncIterator[bytes], seconds: float) -> AsyncIterator[bytes]:
+    it = aiter(chunks)
+    while True:
+        try:
+            async with asyncio.timeout(seconds):
+                chunk = await anext(it)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise OvfStoreError(reason=f"no data for {seconds:g} s: upload abandoned") from None
+        yield chunk
+
+
 async def put_ovf(request: web.Request) -> web.StreamResponse:
     agent = request.app[AGENT_KEY]
     try:
@@ -49,9 +64,12 @@ async def put_ovf(request: web.Request) -> web.StreamResponse:
 
     # Chunks as the transport hands them over (up to CHUNK, usually one TLS
     # read); the store gathers them into large buffers for hashing and writing.
+    # A client that stops sending would hold the domain's upload lock: each
+    # read must bring data within server.body_timeout.
+    chunks = _stall_limited(request.content.iter_chunked(CHUNK),
+                            agent.config.server.body_timeout)
     try:
-        result = await agent.ovf.upload(ticket, request.content_length,
-                                        request.content.iter_chunked(CHUNK))
+        result = await agent.ovf.upload(ticket, request.content_length, chunks)
     except HostAgentError as e:
         log.info("OVF upload to %s refused: %s", ticket.sd, e.message)
         return _error(e)

@@ -136,7 +136,8 @@ Dom = tuple[AgentProcess, Client, Domain]
 def ovf_agent(agent_factory: Callable[..., AgentProcess], tmp_path: Path) -> AgentProcess:
     conf = tmp_path / "state" / "hostagent.toml"
     conf.parent.mkdir()
-    conf.write_text("[ovf]\nmax_tar_size = 67108864\nmax_member_size = 1048576\n"
+    conf.write_text("[server]\nbody_timeout = 2.0\n"
+                    "[ovf]\nmax_tar_size = 67108864\nmax_member_size = 1048576\n"
                     "ticket_ttl = 2.0\n")
     return agent_factory(tmp_path / "state")
 
@@ -316,6 +317,43 @@ async def test_concurrent_uploads(dom: Dom, tmp_path: Path) -> None:
     finally:
         for o in others:
             await o.destroy()
+
+
+async def test_stalled_upload_is_abandoned(dom: Dom) -> None:
+    """A client that stops sending mid-body loses the domain's upload lock
+    after server.body_timeout (2 s here), and the stored tar is unchanged."""
+    agent, c, d = dom
+    old = make_tar([(f"{new_id()}.ovf", b"<ovf n='old'/>")])
+    assert (await upload(c, agent, d.sd, old))[0] == 200
+    stalled = make_tar([(f"{new_id()}.ovf", b"<ovf/>" * 20000)])
+    t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(stalled))
+
+    async def trickle() -> Any:
+        async def gen() -> AsyncIterator[bytes]:
+            yield stalled[:4096]
+            await asyncio.sleep(8)
+            yield stalled[4096:]
+        conn = aiohttp.TCPConnector(ssl=ssl_ctx(agent))
+        try:
+            async with aiohttp.ClientSession(connector=conn) as s:
+                async with s.put(f"{agent.url}{t['path']}", data=gen(),
+                                 headers={"Content-Length": str(len(stalled))}) as r:
+                    return r.status
+        except aiohttp.ClientError as e:
+            return e
+
+    task = asyncio.create_task(trickle())
+    await asyncio.sleep(1.0)
+    # while it stalls, the domain is busy
+    busy = make_tar([(f"{new_id()}.ovf", b"<ovf n='busy'/>")])
+    assert (await upload(c, agent, d.sd, busy))[0] == 409
+    assert (await get(agent, d.sd))[1] == old
+    await asyncio.sleep(2.5)
+    new = make_tar([(f"{new_id()}.ovf", b"<ovf n='new'/>")])
+    assert (await upload(c, agent, d.sd, new))[0] == 200
+    assert (await get(agent, d.sd))[1] == new
+    result = await task
+    assert result != 200, result
 
 
 async def kill9_trials(agent: AgentProcess, restart: Callable[[AgentProcess], AgentProcess],
