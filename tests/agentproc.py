@@ -16,6 +16,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rpc.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,7 +144,7 @@ class AgentProcess:
             os.rmdir(self._sock_dir)
             self._sock_dir = None
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self) -> Client:
         """An rpc.client.Client for this agent, with the dev client certificate."""
         from rpc.client import Client
 
