@@ -23,6 +23,9 @@ def main(names: list[str]) -> int:
         result = mod.run()
         print(mod.report(result))
         print(f"({time.monotonic() - start:.0f} s; bench-results/{name}.json)\n", flush=True)
+    from tests.bench import plot
+    for path in plot.write_all():
+        print(f"chart: {path.relative_to(plot.RESULTS.parent)}")
     return 0
 
 
