@@ -348,11 +348,8 @@ class ImageOps:
             try:
                 await self._verify(sdom, vols, ddom, copies)
             except BaseException:
-                for md in leaf_first(copies):
-                    try:
-                        await ddom.delete_volume(md.image, md.uuid)
-                    except HostAgentError as e:
-                        log.error("Cannot remove unverified copy %s: %s", md.uuid, e.message)
+                await _undo([(ddom, md) for md in reversed(leaf_first(copies))],
+                            "unverified copy")
                 raise
             await sdom.delete_image(img, _span(progress, 95, 100))
         log.info("Moved image %s from %s to %s", img, sd, dst_sd)
@@ -420,11 +417,7 @@ class ImageOps:
                     made.append((domain, md))
                     progress(100 * (i + 1) / len(plan))
             except BaseException:
-                for domain, md in reversed(made):
-                    try:
-                        await domain.delete_volume(md.image, md.uuid)
-                    except HostAgentError as e:
-                        log.error("Cannot roll back snapshot layer %s: %s", md.uuid, e.message)
+                await _undo(made, "snapshot layer")
                 raise
             out = []
             for domain, md in made:
@@ -467,11 +460,7 @@ class ImageOps:
                     made.append(await domain.create_volume(spec))
                     progress(50 * len(made))
             except BaseException:
-                for md in made:
-                    try:
-                        await domain.delete_volume(md.image, md.uuid)
-                    except HostAgentError as e:
-                        log.error("Cannot remove memory volume %s: %s", md.uuid, e.message)
+                await _undo([(domain, md) for md in made], "memory volume")
                 raise
             out = {}
             for key, md in zip(("dump", "meta"), made, strict=True):
@@ -536,20 +525,12 @@ class ImageOps:
                         md = await self._copy_incremental(sdom, top, ddom, dst, base, span)
                     made.append((ddom, md))
             except BaseException:
-                for ddom, md in reversed(made):
-                    try:
-                        await ddom.delete_volume(md.image, md.uuid)
-                    except HostAgentError as e:
-                        log.error("Cannot remove backup %s: %s", md.uuid, e.message)
-                for sdom, top, layer in reversed(layers):
-                    # the layer only holds bitmaps so far (nothing writes it
-                    # unless a VM runs on the disk: then it stays)
-                    if not self.dm.is_prepared(sdom.uuid, top.image, "vm"):
-                        try:
-                            await sdom.delete_volume(layer.image, layer.uuid)
-                        except HostAgentError as e:
-                            log.error("Cannot remove snapshot layer %s: %s", layer.uuid,
-                                      e.message)
+                await _undo(made, "backup")
+                # a layer only holds bitmaps so far (nothing writes it unless
+                # a VM runs on the disk: then it stays)
+                await _undo([(sdom, layer) for sdom, top, layer in layers
+                             if not self.dm.is_prepared(sdom.uuid, top.image, "vm")],
+                            "snapshot layer")
                 raise
             out: list[dict[str, Any]] = []
             for (sdom, top, ddom, _, base), (_, _, layer), (_, md) in zip(
@@ -688,6 +669,16 @@ class ImageOps:
         # this leaves a consistent chain with one more layer).
         await sdom.delete_volume(layer.image, layer.uuid)
         return True
+
+
+async def _undo(made: list[tuple[Domain, VolumeMetadata]], what: str) -> None:
+    """Remove the volumes a failed flow made, the last made first; one that
+    cannot be removed is logged (an engine sees it listed)."""
+    for domain, md in reversed(made):
+        try:
+            await domain.delete_volume(md.image, md.uuid)
+        except HostAgentError as e:
+            log.error("Cannot remove %s %s: %s", what, md.uuid, e.message)
 
 
 def bitmap_name(backup_vol: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.agentproc import AgentProcess
-from tests.bench.common import median, save, table
+from tests.bench.common import drop_localfs_domain, localfs_domain, median, save, table
 
 MiB = 1024**2
 GiB = 1024**3
@@ -38,15 +38,10 @@ async def _bench(work: Path, runs: int) -> dict[str, Any]:
                 return info.get("result")
 
             sds, conns = [], []
-            for name, cls in (("data", "data"), ("backup", "backup")):
-                d = work / name
-                d.mkdir()
-                conn = {"id": new_id(), "connection": str(d)}
-                await c.call("connectStorageServer", domType="localfs",
-                             connectionParams=[conn])
-                sd = new_id()
-                await c.call("createStorageDomain", sdUUID=sd, domType="localfs", name=name,
-                             domClass=cls, connectionId=conn["id"], ovfStore=False)
+            for name in ("data", "backup"):
+                (work / name).mkdir()
+                conn, sd, _ = await localfs_domain(c, work / name, name, domClass=name,
+                                                   ovfStore=False)
                 sds.append(sd)
                 conns.append(conn)
             data, backup = sds
@@ -89,9 +84,7 @@ async def _bench(work: Path, runs: int) -> dict[str, Any]:
                 inc_mib.append(res["backup"]["trueSize"] / MiB)
                 await job("deleteImage", sdUUID=backup, imgUUID=bimg)
             for sd, conn in zip(sds, conns, strict=True):
-                await c.call("formatStorageDomain", sdUUID=sd)
-                await c.call("disconnectStorageServer", domType="localfs",
-                             connectionParams=[conn])
+                await drop_localfs_domain(c, conn, sd)
     finally:
         agent.stop()
     return {"full_s": median(full_s), "full_mib": median(full_mib),

@@ -57,3 +57,22 @@ def run_json(argv: list[str], timeout: float) -> dict[str, Any]:
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                          check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+async def localfs_domain(c: Any, path: Path, name: str = "bench",
+                         **kw: Any) -> tuple[dict[str, str], str, Path]:
+    """Connect `path` as localfs and make a domain there: (connection, sdUUID,
+    domain root)."""
+    import uuid
+
+    conn = {"id": str(uuid.uuid4()), "connection": str(path)}
+    await c.call("connectStorageServer", domType="localfs", connectionParams=[conn])
+    sd = str(uuid.uuid4())
+    info = await c.call("createStorageDomain", sdUUID=sd, domType="localfs", name=name,
+                        connectionId=conn["id"], **kw)
+    return conn, sd, Path(info["path"])
+
+
+async def drop_localfs_domain(c: Any, conn: dict[str, str], sd: str) -> None:
+    await c.call("formatStorageDomain", sdUUID=sd)
+    await c.call("disconnectStorageServer", domType="localfs", connectionParams=[conn])

@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 
 from tests.agentproc import AgentProcess
-from tests.bench.common import median, save, table
+from tests.bench.common import drop_localfs_domain, localfs_domain, median, save, table
 
 MiB = 1024**2
 GiB = 1024**3
@@ -52,12 +52,7 @@ async def _bench(work: Path, runs: int) -> dict[str, Any]:
     proc = psutil.Process(agent.proc.pid if agent.proc else 0)
     try:
         async with agent.client() as c:
-            cid, sd = new_id(), new_id()
-            await c.call("connectStorageServer", domType="localfs",
-                         connectionParams=[{"id": cid, "connection": str(data)}])
-            info = await c.call("createStorageDomain", sdUUID=sd, domType="localfs",
-                                name="bench", connectionId=cid, ovfStore=False)
-            root = Path(info["path"])
+            conn, sd, root = await localfs_domain(c, data, ovfStore=False)
 
             async def volume(size: int, chunks: list[tuple[int, int]]) -> dict[str, str]:
                 img, vol, job = new_id(), new_id(), new_id()
@@ -116,9 +111,7 @@ async def _bench(work: Path, runs: int) -> dict[str, Any]:
             stop.set()
             await sampler
             rss_end = proc.memory_info().rss
-            await c.call("formatStorageDomain", sdUUID=sd)
-            await c.call("disconnectStorageServer", domType="localfs",
-                         connectionParams=[{"id": cid, "connection": str(data)}])
+            await drop_localfs_domain(c, conn, sd)
     finally:
         agent.stop()
     a, b = median(agent_s), median(bare_s)

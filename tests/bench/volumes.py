@@ -20,7 +20,7 @@ from typing import Any
 
 from storage.metadata import BLANK_UUID, VolumeMetadata
 from tests.agentproc import AgentProcess
-from tests.bench.common import median, save, table
+from tests.bench.common import drop_localfs_domain, localfs_domain, median, save, table
 
 MiB = 1024**2
 KINDS = [("raw", "sparse"), ("raw", "preallocated"), ("cow", "sparse"), ("cow", "preallocated")]
@@ -56,12 +56,7 @@ async def _bench(work: Path, runs: int, sizes: list[int]) -> dict[str, Any]:
     agent = AgentProcess(work / "state").start()
     try:
         async with agent.client() as c:
-            cid, sd = new_id(), new_id()
-            await c.call("connectStorageServer", domType="localfs",
-                         connectionParams=[{"id": cid, "connection": str(data)}])
-            info = await c.call("createStorageDomain", sdUUID=sd, domType="localfs",
-                                name="bench", connectionId=cid)
-            root = Path(info["path"])
+            conn, sd, root = await localfs_domain(c, data)
             create: dict[str, dict[str, float]] = {}
             bare_dir = data / "bare"
             bare_dir.mkdir()
@@ -94,9 +89,7 @@ async def _bench(work: Path, runs: int, sizes: list[int]) -> dict[str, Any]:
                     times.append(1000 * (time.perf_counter() - t))
                 assert len(vols) == size, (len(vols), size)
                 listing[size] = median(times)
-            await c.call("formatStorageDomain", sdUUID=sd)
-            await c.call("disconnectStorageServer", domType="localfs",
-                         connectionParams=[{"id": cid, "connection": str(data)}])
+            await drop_localfs_domain(c, conn, sd)
     finally:
         agent.stop()
     return {"create": create, "list_ms": listing}

@@ -18,9 +18,8 @@ import pytest
 
 from rpc.client import Client
 from tests.agentproc import AgentProcess
-from tests.integration.storagefixtures import FsMount, make_fs
 from tests.integration.test_domains_file import Storage, new_id, qemu_info
-from tests.integration.test_images_file import Disk, Env
+from tests.integration.test_images_file import Disk, Env, release, three_domains
 
 MiB = 1024**2
 
@@ -40,32 +39,17 @@ class BackupEnv(Env):
 
 
 @pytest.fixture
-async def benv(make_fs_mount: Callable[..., FsMount], loop_device: Callable[..., Path],
-               agent: AgentProcess, client: Client, tmp_path: Path
-               ) -> AsyncIterator[BackupEnv]:
-    storages = []
-    for fstype, sector in (("ext4", 512), ("xfs", 4096)):
-        dev = loop_device(size=512 * MiB, sector_size=sector)
-        make_fs(dev, fstype)
-        storages.append(Storage(client, "posixfs", {"connection": str(dev),
-                                                    "vfs_type": fstype}))
-    local = tmp_path / "localfs"
-    local.mkdir()
-    storages.append(Storage(client, "localfs", {"connection": str(local)}))
+async def benv(loop_device: Callable[..., Path], agent: AgentProcess, client: Client,
+               tmp_path: Path) -> AsyncIterator[BackupEnv]:
+    storages = await three_domains(client, loop_device, tmp_path)
     bdir = tmp_path / "backup"
     bdir.mkdir()
     backup = Storage(client, "localfs", {"connection": str(bdir)})
-    for i, s in enumerate(storages):
-        await s.connect()
-        await s.create_domain(name=f"domain {i}")
     await backup.connect()
     # a backup domain with its OVF store: what an importer needs
     await backup.create_domain(name="backup", domClass="backup", ovfStore=True)
     yield BackupEnv(client, storages, backup, agent)
-    for s in [*storages, backup]:
-        for img in await client.call("getImagesList", sdUUID=s.sd):
-            await client.call("teardownImage", sdUUID=s.sd, imgUUID=img)
-        await s.disconnect()
+    await release(client, [*storages, backup])
 
 
 def allocated(path: str) -> int:

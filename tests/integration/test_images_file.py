@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from rpc.client import Client
-from tests.integration.storagefixtures import FsMount
+from tests.integration.storagefixtures import make_fs
 from tests.integration.test_domains_file import Storage, create_volume, new_id, qemu_info
 
 MiB = 1024**2
@@ -107,10 +107,10 @@ def fill(mount: Path) -> list[Path]:
     return made
 
 
-@pytest.fixture
-async def env(make_fs_mount: Callable[..., FsMount], loop_device: Callable[..., Path],
-              agent: Any, client: Client, tmp_path: Path) -> AsyncIterator[Env]:
-    from tests.integration.storagefixtures import make_fs
+async def three_domains(client: Client, loop_device: Callable[..., Path],
+                        tmp_path: Path) -> list[Storage]:
+    """Connected, each with a domain: posixfs on ext4 (512-byte sectors),
+    posixfs on xfs (4096) and localfs."""
     storages = []
     for fstype, sector in (("ext4", 512), ("xfs", 4096)):
         dev = loop_device(size=512 * MiB, sector_size=sector)
@@ -123,11 +123,22 @@ async def env(make_fs_mount: Callable[..., FsMount], loop_device: Callable[..., 
     for i, s in enumerate(storages):
         await s.connect()
         await s.create_domain(name=f"domain {i}")
-    yield Env(client, storages)
+    return storages
+
+
+async def release(client: Client, storages: list[Storage]) -> None:
     for s in storages:
         for img in await client.call("getImagesList", sdUUID=s.sd):
             await client.call("teardownImage", sdUUID=s.sd, imgUUID=img)
         await s.disconnect()
+
+
+@pytest.fixture
+async def env(loop_device: Callable[..., Path], agent: Any, client: Client,
+              tmp_path: Path) -> AsyncIterator[Env]:
+    storages = await three_domains(client, loop_device, tmp_path)
+    yield Env(client, storages)
+    await release(client, storages)
 
 
 async def test_three_disks_import_add_move_delete(env: Env) -> None:

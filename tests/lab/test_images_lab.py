@@ -12,7 +12,6 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import pytest
 
 from rpc.client import Client
 from tests.agentproc import AgentProcess
+from tests.integration.test_images_file import Disk
 from tests.lab import guestlib as g
 from tests.lab.test_connections_lab import PORTAL1, PORTAL2, disconnect_all, iscsi_params
 
@@ -29,16 +29,6 @@ EXTENT = 8 * MiB
 
 def new_id() -> str:
     return str(uuid.uuid4())
-
-
-@dataclass
-class Disk:
-    sd: str
-    img: str
-    vol: str
-
-    def ref(self) -> dict[str, str]:
-        return {"sdUUID": self.sd, "imgUUID": self.img, "volUUID": self.vol}
 
 
 class Env:
