@@ -224,6 +224,14 @@ class OperationAborted(HostAgentError):
     template = "Operation aborted"
 
 
+class LeaseLost(HostAgentError):
+    """A lease held while work ran was lost (storage gone, lease revoked):
+    the work was stopped."""
+
+    code = 2012
+    template = "Lease on {resource} was lost: {reason}"
+
+
 ALL_ERRORS: tuple[type[HostAgentError], ...] = tuple(
     cls for cls in list(globals().values())
     if isinstance(cls, type) and issubclass(cls, HostAgentError)

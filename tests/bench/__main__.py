@@ -9,7 +9,7 @@ import importlib
 import sys
 import time
 
-BENCHMARKS = ["ping", "connections", "volumes", "copy", "backup", "ovf"]
+BENCHMARKS = ["ping", "connections", "volumes", "copy", "backup", "ovf", "leases"]
 
 
 def main(names: list[str]) -> int:

@@ -1,0 +1,255 @@
+"""The local lock backend: open file description (OFD) byte-range locks.
+
+No daemon and no binding: a host id is a write lock on one byte of the
+domain's `ids` file (the byte where sanlock keeps that host's delta lease),
+a lease a write lock on the first byte of its resource area. OFD locks
+belong to the open file, not the process: they conflict between processes
+and between two opens in one process, go when the file is closed or the
+holder dies (SIGKILL included), and are forwarded to the server on NFSv4
+(so they also hold between hosts there; on NFSv3 through lockd, and on a
+block device only within this host).
+
+Every syscall on the domain runs in the lockspace's IOPool with a deadline.
+A monitor re-checks held locks every `check_interval` from a second open
+file: a lock the kernel no longer shows (an NFSv4 lease that expired and
+was not reclaimed) is lost at once; a check that keeps failing or timing
+out for `fail_after` seconds (storage gone) loses it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+
+from storage.errors import AcquireHostIdFailure, AcquireLockFailure, ResourceTimeout
+from storage.fileio import IOPool
+from storage.leases.base import LeaseBusy, LostCallback
+from storage.leases.layout import Lockspace, Resource
+
+log = logging.getLogger("storage.leases.local")
+
+# struct flock {short l_type; short l_whence; off_t l_start; off_t l_len; pid_t l_pid;}
+# on 64-bit Linux: native alignment pads after l_whence and at the end (32 bytes).
+FLOCK = struct.Struct("@hhqqi4x")
+
+
+def _flock(kind: int, offset: int) -> bytes:
+    # l_pid must be 0 for OFD requests
+    return FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0)
+
+
+def try_lock(path: str, offset: int) -> int | None:
+    """Open path and take a write lock on byte `offset`: the fd, or None
+    when another open file holds a conflicting lock (blocking: IOPool)."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, offset))
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def lock_visible(path: str, offset: int) -> bool:
+    """True if some open file holds a lock on byte `offset` of path, as seen
+    from a new open file (ours conflicts with it, so it shows)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        out = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, offset))
+    finally:
+        os.close(fd)
+    kind = FLOCK.unpack(out)[0]
+    return bool(kind != fcntl.F_UNLCK)
+
+
+@dataclass(eq=False)
+class _Lock:
+    what: str
+    path: str
+    offset: int
+    fd: int | None
+    pool: IOPool
+    on_lost: LostCallback
+    failing_since: float | None = None
+    lost: bool = False
+    checking: bool = False
+
+    async def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            await self.pool.call(os.close, fd)
+
+
+@dataclass(eq=False)
+class _Space:
+    lockspace: Lockspace
+    host_id: int
+    pool: IOPool
+    lock: _Lock
+    leases: set[LocalLease] = field(default_factory=set)
+
+
+class LocalLease:
+    def __init__(self, backend: LocalBackend, space: _Space, lock: _Lock) -> None:
+        self.backend = backend
+        self.space = space
+        self.lock = lock
+
+    async def release(self) -> None:
+        self.space.leases.discard(self)
+        await self.lock.close()
+
+
+class LocalBackend:
+    """Backend "local". `check_interval`/`fail_after` in seconds; `fail_after`
+    defaults to 8 io_timeouts of the lockspace (as sanlock's renewal fails)."""
+
+    name = "local"
+
+    def __init__(self, *, check_interval: float = 10.0, fail_after: float | None = None,
+                 workers: int = 4) -> None:
+        self.check_interval = check_interval
+        self.fail_after = fail_after
+        self.workers = workers
+        self._spaces: dict[str, _Space] = {}
+        self._fail_after: dict[str, float] = {}
+        self._monitor: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def add_lockspace(self, ls: Lockspace, host_id: int, io_timeout: int,
+                            on_lost: LostCallback) -> None:
+        space = self._spaces.get(ls.name)
+        if space is not None and space.lock.lost:
+            # joined, then lost: let go of what is left and join again
+            await self.rem_lockspace(space.lockspace, space.host_id)
+            space = None
+        if space is not None:
+            if space.host_id == host_id:
+                return
+            raise AcquireHostIdFailure(sdUUID=ls.name,
+                                       reason=f"joined with host id {space.host_id}")
+        offset = ls.offset + (host_id - 1) * ls.geometry.sector_size
+        pool = IOPool(f"lease-{ls.name[:8]}", self.workers, timeout=float(io_timeout))
+        try:
+            fd = await pool.call(try_lock, ls.path, offset)
+        except (OSError, ResourceTimeout) as e:
+            pool.close()
+            raise AcquireHostIdFailure(sdUUID=ls.name, reason=_reason(e, ls.path)) from None
+        except BaseException:
+            pool.close()
+            raise
+        if fd is None:
+            pool.close()
+            raise AcquireHostIdFailure(
+                sdUUID=ls.name, reason=f"host id {host_id} is held by another agent "
+                                       f"(lock on {ls.path} byte {offset})")
+        lock = _Lock(f"host id {host_id} of {ls.name}", ls.path, offset, fd, pool, on_lost)
+        self._spaces[ls.name] = _Space(ls, host_id, pool, lock)
+        self._fail_after[ls.name] = (8.0 * io_timeout if self.fail_after is None
+                                     else self.fail_after)
+        self._start_monitor()
+
+    async def rem_lockspace(self, ls: Lockspace, host_id: int) -> None:
+        space = self._spaces.get(ls.name)
+        if space is None:
+            return
+        for lease in list(space.leases):
+            await lease.release()
+        try:
+            await space.lock.close()
+        finally:
+            del self._spaces[ls.name]
+            space.pool.close()
+
+    async def acquire(self, res: Resource, on_lost: LostCallback) -> LocalLease:
+        space = self._spaces.get(res.lockspace)
+        if space is None or space.lock.lost:
+            raise AcquireLockFailure(resource=str(res), reason="lockspace not joined")
+        try:
+            fd = await space.pool.call(try_lock, res.path, res.offset)
+        except (OSError, ResourceTimeout) as e:
+            raise AcquireLockFailure(resource=str(res), reason=_reason(e, res.path)) from None
+        if fd is None:
+            raise LeaseBusy(f"held by another process or host (lock on {res.path} "
+                            f"byte {res.offset})")
+        lease = LocalLease(self, space,
+                           _Lock(f"lease {res}", res.path, res.offset, fd, space.pool, on_lost))
+        space.leases.add(lease)
+        return lease
+
+    async def close(self) -> None:
+        # a flag as well as the cancel: IOPool.call's wait_for can swallow it on 3.11
+        self._closing = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
+            self._monitor = None
+        for space in list(self._spaces.values()):
+            await self.rem_lockspace(space.lockspace, space.host_id)
+
+    # ---- monitoring --------------------------------------------------------------------
+
+    def _start_monitor(self) -> None:
+        self._closing = False
+        if self._monitor is None or self._monitor.done():
+            self._monitor = asyncio.create_task(self._monitor_loop(),
+                                                name="local-lease-monitor")
+
+    async def _monitor_loop(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(self.check_interval)
+            await self.check_all()
+
+    async def check_all(self) -> None:
+        """Check every held lock once (the monitor's step; tests call it)."""
+        checks = []
+        for space in list(self._spaces.values()):
+            fail_after = self._fail_after[space.lockspace.name]
+            checks.append(self._check(space.lock, fail_after))
+            checks.extend(self._check(lease.lock, fail_after) for lease in list(space.leases))
+        await asyncio.gather(*checks)
+
+    async def _check(self, lock: _Lock, fail_after: float) -> None:
+        if lock.lost or lock.fd is None or lock.checking:
+            return
+        lock.checking = True
+        try:
+            held = await lock.pool.call(lock_visible, lock.path, lock.offset)
+        except (OSError, ResourceTimeout) as e:
+            now = time.monotonic()
+            if lock.failing_since is None:
+                lock.failing_since = now
+                log.warning("Checking %s failed: %s", lock.what, _reason(e, lock.path))
+            if lock.fd is not None and now - lock.failing_since >= fail_after:
+                self._lost(lock, f"storage failing for {now - lock.failing_since:.0f} s: "
+                                 f"{_reason(e, lock.path)}")
+            return
+        finally:
+            lock.checking = False
+        lock.failing_since = None
+        if not held and lock.fd is not None:
+            self._lost(lock, f"the lock on {lock.path} is gone")
+
+    def _lost(self, lock: _Lock, reason: str) -> None:
+        if lock.lost:
+            return
+        lock.lost = True
+        log.error("%s lost: %s", lock.what, reason)
+        lock.on_lost(reason)
+
+
+def _reason(e: BaseException, path: str) -> str:
+    if isinstance(e, OSError):
+        return f"{path}: {os.strerror(e.errno) if e.errno else e}"
+    return str(e)
