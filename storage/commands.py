@@ -44,6 +44,11 @@ _ERR_TAIL_CHARS = 1000
 
 _LINE_SPLIT = re.compile(rb"[\r\n]")
 
+# Killed commands that outlived SIGKILL, blocked on storage that does not
+# answer; pruned once reaped. Process-wide by nature: it mirrors this
+# process's children, which the kernel keeps per process too.
+_lingering: dict[asyncio.subprocess.Process, tuple[str, ...]] = {}
+
 LineCallback = Callable[[str], None]
 ProgressCallback = Callable[[float], None]
 
@@ -305,12 +310,18 @@ def _signal_group(pgid: int, signo: int) -> None:
         pass
 
 
-async def _terminate(proc: asyncio.subprocess.Process) -> None:
-    """Kill the child's process group and reap the child.
+async def _terminate(proc: asyncio.subprocess.Process) -> bool:
+    """Kill the child's process group and reap the child; False if the child
+    outlived SIGKILL by the grace period.
 
     SIGTERM first so a tool like lvm can release its locks, SIGKILL after the
     grace period. SIGKILL goes to the group even when the child died of
     SIGTERM: a grandchild may ignore SIGTERM and would be left an orphan.
+
+    A child blocked on storage in an uninterruptible sleep (a request a FUSE
+    server has read and does not answer) dies only when the storage answers:
+    run() must not wait for that, its caller's deadline is gone. The event
+    loop's child watcher reaps it whenever it dies.
     """
     pgid = proc.pid  # start_new_session: the child leads its own group
     _signal_group(pgid, signal.SIGTERM)
@@ -321,7 +332,14 @@ async def _terminate(proc: asyncio.subprocess.Process) -> None:
         except TimeoutError:
             pass
         _signal_group(pgid, signal.SIGKILL)
-        await proc.wait()
+        try:
+            async with asyncio.timeout(KILL_GRACE):
+                await proc.wait()
+        except TimeoutError:
+            log.warning("pid %d survived SIGKILL for %g s (blocked on storage?); "
+                        "not waiting for it", proc.pid, KILL_GRACE)
+            return False
+        return True
     except asyncio.CancelledError:
         # Cancelled again while cleaning up: still never leave the group alive.
         # The event loop's child watcher reaps the child once it dies.
@@ -346,9 +364,25 @@ async def _discard_output(proc: asyncio.subprocess.Process) -> None:
         pass
     finally:
         if not all(s.at_eof() for s in streams):
-            transport = getattr(proc, "_transport", None)
-            if transport is not None:
-                transport.close()
+            _close_transport(proc)
+
+
+def _close_transport(proc: asyncio.subprocess.Process) -> None:
+    # asyncio's private attribute: there is no public way to drop the pipes
+    # of a child that does not exit.
+    transport = getattr(proc, "_transport", None)
+    if transport is not None:
+        transport.close()
+
+
+def lingering() -> list[tuple[int, tuple[str, ...]]]:
+    """(pid, redacted argv) of commands run() gave up on that have not died
+    yet: each waits on storage that does not answer (a FUSE request its
+    server has read sleeps uninterruptibly). Callers avoid piling more
+    commands onto the same storage."""
+    for proc in [p for p in _lingering if p.returncode is not None]:
+        del _lingering[proc]
+    return [(p.pid, argv) for p, argv in _lingering.items()]
 
 
 def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
@@ -434,10 +468,16 @@ async def run(
                 tasks.create_task(err.drain(proc.stderr))
             rc = await proc.wait()
     except BaseException as e:
+        dead = False
         try:
-            await _terminate(proc)
+            dead = await _terminate(proc)
         finally:
-            await _discard_output(proc)
+            if dead:
+                await _discard_output(proc)
+            else:
+                # It still holds its pipes: close them (and the transport) now.
+                _close_transport(proc)
+                _lingering[proc] = shown
         elapsed = time.monotonic() - start
         rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
         if isinstance(e, TimeoutError) and deadline.expired():

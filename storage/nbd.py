@@ -42,7 +42,7 @@ async def dirty_extents(path: str, bitmap: str, *, fmt: str = "qcow2",
             stderr=asyncio.subprocess.PIPE, start_new_session=True)
         try:
             deadline = time.monotonic() + min(timeout, 30)
-            while not sock.exists():   # noqa: ASYNC110 - a socket file, no event to wait on
+            while not sock.exists():   # a socket file: no event to wait on
                 if proc.returncode is not None or time.monotonic() > deadline:
                     err = b""
                     if proc.stderr is not None and proc.returncode is not None:

@@ -387,20 +387,61 @@ class DomainManager:
         entry.monitor.state = "unknown"
 
     async def _monitor(self, entry: Entry) -> None:
+        """Check the domain every monitor_interval: a direct read of its
+        metadata, then its space. A check that has not ended after io_timeout
+        makes the domain failing at once; it is then waited for (its delay
+        growing), and no new check starts while a command the runner gave up
+        on still waits on this domain's storage: checks do not pile up on hung
+        storage. The next check that ends well makes the domain ok again."""
+        mon = entry.monitor
+        sd = entry.domain.uuid
+
+        async def check() -> dict[str, int]:
+            await entry.domain.health_check(self.io_timeout)
+            return await entry.domain.space()
+
+        def failing(reason: str) -> None:
+            if mon.state != "failing":
+                log.error("Domain %s is failing: %s", sd, reason)
+            mon.state, mon.error = "failing", reason
+
+        start = time.monotonic()
         while True:
+            if any(sd in arg for _, argv in commands.lingering() for arg in argv):
+                # A killed check (or another command on this domain) still
+                # waits on the storage: one more would only wait beside it.
+                failing("a command killed on its deadline still waits on the storage")
+                mon.last_check = time.time()
+                mon.delay = time.monotonic() - start
+                await asyncio.sleep(self.monitor_interval)
+                continue
             start = time.monotonic()
+            task = asyncio.create_task(check(), name=f"check-{sd}")
             try:
-                await entry.domain.health_check(self.io_timeout)
-                entry.monitor.space = await entry.domain.space()
-                if entry.monitor.state == "failing":
-                    log.info("Domain %s recovered", entry.domain.uuid)
-                entry.monitor.state, entry.monitor.error = "ok", ""
-            except HostAgentError as e:
-                if entry.monitor.state != "failing":
-                    log.error("Domain %s is failing: %s", entry.domain.uuid, e.message)
-                entry.monitor.state, entry.monitor.error = "failing", e.message
-            entry.monitor.last_check = time.time()
-            entry.monitor.delay = time.monotonic() - start
+                await asyncio.wait({task}, timeout=self.io_timeout)
+                if not task.done():
+                    failing(f"no answer from storage in {self.io_timeout:g} s")
+                    while not task.done():
+                        mon.last_check = time.time()
+                        mon.delay = time.monotonic() - start
+                        await asyncio.wait({task}, timeout=self.monitor_interval)
+            except asyncio.CancelledError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                raise
+            mon.last_check = time.time()
+            mon.delay = time.monotonic() - start
+            error = task.exception()
+            if error is None:
+                mon.space = task.result()
+                if mon.state == "failing":
+                    log.info("Domain %s recovered", sd)
+                mon.state, mon.error = "ok", ""
+            else:
+                reason = error.message if isinstance(error, HostAgentError) else \
+                    f"{type(error).__name__}: {error}"
+                failing(reason)
             await asyncio.sleep(self.monitor_interval)
 
     async def format(self, sd: str) -> None:

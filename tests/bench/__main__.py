@@ -9,7 +9,7 @@ import importlib
 import sys
 import time
 
-BENCHMARKS = ["ping", "connections", "volumes", "copy", "backup", "ovf", "leases"]
+BENCHMARKS = ["ping", "connections", "volumes", "copy", "backup", "ovf", "leases", "load"]
 
 
 def main(names: list[str]) -> int:

@@ -18,6 +18,28 @@ import time
 from urllib.parse import urlsplit
 
 
+def post_request(host: str, path: str, body: bytes) -> bytes:
+    """One keep-alive HTTP/1.1 POST of a JSON body."""
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+
+
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   request: bytes) -> tuple[bytes, bytes]:
+    """Send one request, read its response: (status code, body). The agent
+    answers with a Content-Length (never chunked)."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = head[9:12]
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    body = await reader.readexactly(length) if length else b""
+    return status, body
+
+
 async def worker(host: str, port: int, ctx: ssl.SSLContext, request: bytes, until: float,
                  lat: list[float], errors: list[str]) -> int:
     n = 0
@@ -25,15 +47,7 @@ async def worker(host: str, port: int, ctx: ssl.SSLContext, request: bytes, unti
     try:
         while time.perf_counter() < until:
             t = time.perf_counter()
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = head[9:12]
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            if length:
-                await reader.readexactly(length)
+            status, _ = await exchange(reader, writer, request)
             lat.append(time.perf_counter() - t)
             if status != b"200":
                 errors.append(status.decode())
@@ -48,9 +62,7 @@ async def main(url: str, body: bytes, ca: str, cert: str, key: str, conc: int,
     u = urlsplit(url)
     ctx = ssl.create_default_context(cafile=ca)
     ctx.load_cert_chain(cert, key)
-    request = (f"POST {u.path} HTTP/1.1\r\nHost: {u.hostname}\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-               ).encode() + body
+    request = post_request(u.hostname or "", u.path, body)
     lat: list[float] = []
     errors: list[str] = []
     start = time.perf_counter()

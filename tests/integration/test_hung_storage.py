@@ -1,0 +1,300 @@
+"""A domain whose storage hangs (a FUSE file system whose operations block):
+the agent keeps answering, reports the domain failing, ends operations on it
+with 851 (or 2009) after their deadline, keeps the other domain working, and
+recovers the domain without a restart when the storage answers again."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rpc.client import Client, RpcError
+from tests.agentproc import AgentProcess
+from tests.integration.hangfs import HangFs, build
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+IO_TIMEOUT = 2.0
+MONITOR_INTERVAL = 1.0
+COMMAND_TIMEOUT = 5.0
+CONFIG = (f"[storage]\nio_timeout = {IO_TIMEOUT}\nmonitor_interval = {MONITOR_INTERVAL}\n"
+          f"command_timeout = {COMMAND_TIMEOUT}\n")
+# Scheduling noise on a loaded 2-CPU test host, added to every time bound.
+SLACK = 1.5
+# A call on the hung domain may wait for one I/O deadline, and on its way
+# out for one more (cleanup of a half-made volume) or for a killed child
+# (the runner's SIGTERM/SIGKILL grace periods).
+HUNG_CALL_BOUND = 2 * IO_TIMEOUT + 4.0 + SLACK
+TIMEOUT_CODES = (851, 2009)  # ResourceTimeout, StorageDomainFailing
+GiB = 1024**3
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+@pytest.fixture(scope="session")
+def hangfs_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(tmp_path_factory.mktemp("hangfs-bin"))
+
+
+@pytest.fixture
+def hangfs(tmp_path: Path, hangfs_binary: Path) -> Iterator[HangFs]:
+    fs = HangFs(tmp_path, hangfs_binary)
+    try:
+        yield fs.start()
+    finally:
+        fs.stop()
+
+
+@pytest.fixture
+def agent_on_hangfs(hangfs: HangFs, agent_factory: Callable[..., AgentProcess],
+                    tmp_path: Path) -> Iterator[AgentProcess]:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "hostagent.toml").write_text(CONFIG)
+    agent = agent_factory(state)
+    try:
+        yield agent
+    finally:
+        # Before the agent is stopped (agent_factory's teardown runs after
+        # this): its threads and children blocked in the FUSE mount must be
+        # able to finish, or the agent cannot exit.
+        hangfs.release()
+
+
+class Domain:
+    def __init__(self, c: Client, path: Path) -> None:
+        self.c = c
+        self.conn = {"id": new_id(), "connection": str(path)}
+        self.sd = new_id()
+        self.img = new_id()
+        self.vol = new_id()
+
+    async def setup(self, name: str) -> None:
+        [st] = await self.c.call("connectStorageServer", domType="localfs",
+                                 connectionParams=[self.conn])
+        assert st["status"] == 0, st
+        await self.c.call("createStorageDomain", sdUUID=self.sd, domType="localfs",
+                          name=name, connectionId=self.conn["id"], ovfStore=False)
+        info = await self.create_volume(self.img, self.vol)
+        assert info["status"] == "done", info
+
+    async def create_volume(self, img: str, vol: str) -> dict[str, Any]:
+        job = new_id()
+        await self.c.call("createVolume", jobUUID=job, sdUUID=self.sd, imgUUID=img,
+                          volUUID=vol, size=GiB, format="cow", preallocate="sparse")
+        return await self.c.wait_job(job, timeout=60, poll=0.2)
+
+    async def state(self) -> str:
+        info = await self.c.call("getStorageDomainInfo", sdUUID=self.sd)
+        return str(info["monitoring"]["state"])
+
+    async def wait_state(self, state: str, timeout: float) -> float:
+        """Seconds until the domain's monitoring reports `state`."""
+        start = time.monotonic()
+        while (got := await self.state()) != state:
+            if time.monotonic() - start > timeout:
+                raise AssertionError(f"domain {self.sd} still {got!r}, not {state!r}, "
+                                     f"after {timeout} s")
+            await asyncio.sleep(0.1)
+        return time.monotonic() - start
+
+    async def volume_info(self) -> dict[str, Any]:
+        return dict(await self.c.call("getVolumeInfo", sdUUID=self.sd, imgUUID=self.img,
+                                      volUUID=self.vol))
+
+    async def prepare(self) -> dict[str, Any]:
+        return dict(await self.c.call("prepareImage", sdUUID=self.sd, imgUUID=self.img,
+                                      volUUID=self.vol, purpose="read"))
+
+    async def teardown(self) -> None:
+        await self.c.call("teardownImage", sdUUID=self.sd, imgUUID=self.img)
+
+
+async def fails_in_time(what: str, call: Any) -> tuple[str, int, float]:
+    """Await `call`; it must fail with 851 or 2009 within HUNG_CALL_BOUND."""
+    start = time.monotonic()
+    try:
+        async with asyncio.timeout(HUNG_CALL_BOUND + 10):
+            result = await call
+    except RpcError as e:
+        elapsed = time.monotonic() - start
+        assert e.code in TIMEOUT_CODES, f"{what}: {e.code} {e.message}"
+        return what, e.code, elapsed
+    except TimeoutError:
+        raise AssertionError(f"{what} on the hung domain did not end") from None
+    raise AssertionError(f"{what} on the hung domain answered {result!r}")
+
+
+async def hung_job(d: Domain) -> None:
+    """createVolume on the hung domain: its job fails with 851/2009."""
+    info = await d.create_volume(d.img, new_id())
+    assert info["status"] == "failed", info
+    error = info["error"]
+    raise RpcError(error["code"], error["message"], error.get("data"))
+
+
+async def unreachable_in_time(c: Client, d: Domain) -> tuple[str, int, float]:
+    """testStorageConnection on the hung storage: its checker child cannot be
+    killed, still the call answers 'not reachable' after its deadline."""
+    start = time.monotonic()
+    async with asyncio.timeout(HUNG_CALL_BOUND + 10):
+        r = await c.call("testStorageConnection", domType="localfs", connection=d.conn)
+    assert r["reachable"] is False, r
+    return "testStorageConnection", r["details"]["code"], time.monotonic() - start
+
+
+async def pings(c: Client, seconds: float) -> list[float]:
+    lat = []
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        t = time.perf_counter()
+        assert await c.call("ping") == {}
+        lat.append(time.perf_counter() - t)
+        await asyncio.sleep(0.01)
+    return lat
+
+
+def children(pid: int, program: str, word: str) -> list[int]:
+    """Child processes of `pid` running `program` with `word` in an argument."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or \
+                    int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != pid:
+                continue
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if Path(argv[0]).name == program and any(word in a for a in argv[1:]):
+            found.append(int(proc.name))
+    return found
+
+
+def p99(values: list[float]) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * 0.99))]
+
+
+async def test_hung_domain(agent_on_hangfs: AgentProcess, hangfs: HangFs, tmp_path: Path):
+    agent = agent_on_hangfs
+    healthy_dir = tmp_path / "healthy"
+    healthy_dir.mkdir()
+    (hangfs.mountpoint / "store").mkdir()
+    # Enough connections that the calls below do not queue in the client.
+    async with Client.for_dev(agent.state_dir, port=agent.port, connections=32) as c, \
+            agent.client() as pinger:
+        sick = Domain(c, hangfs.mountpoint / "store")
+        well = Domain(c, healthy_dir)
+        await sick.setup("on hangfs")
+        await well.setup("healthy")
+        for d in (sick, well):
+            await d.wait_state("ok", IO_TIMEOUT + MONITOR_INTERVAL + SLACK)
+
+        hangfs.hang()
+        ping_task = asyncio.create_task(pings(pinger, 6.0))
+        try:
+
+            # Reported failing within one monitor interval and one I/O deadline.
+            took = await sick.wait_state("failing", IO_TIMEOUT + MONITOR_INTERVAL + SLACK)
+            print(f"failing reported after {took:.2f} s")
+            stats = await c.call("getStats")
+            assert stats["domains"][sick.sd]["monitoring"]["state"] == "failing"
+            assert stats["domains"][well.sd]["monitoring"]["state"] == "ok"
+
+            # Operations on it end with a timeout code after their deadline,
+            # all at once, and more of them than the domain's I/O threads.
+            results = await asyncio.gather(
+                *(fails_in_time("getVolumeInfo", sick.volume_info()) for _ in range(6)),
+                fails_in_time("prepareImage", sick.prepare()),
+                fails_in_time("createVolume", hung_job(sick)),
+                fails_in_time("getStorageDomainStats",
+                              c.call("getStorageDomainStats", sdUUID=sick.sd)),
+                unreachable_in_time(c, sick))
+            for what, code, elapsed in results:
+                print(f"{what}: {code} after {elapsed:.2f} s")
+                assert elapsed < HUNG_CALL_BOUND, (what, elapsed)
+
+            # Meanwhile the healthy domain works as usual.
+            start = time.monotonic()
+            assert (await well.volume_info())["legality"] == "LEGAL"
+            vol = new_id()
+            info = await well.create_volume(new_id(), vol)
+            assert info["status"] == "done", info
+            assert (await well.prepare())["path"].endswith(well.vol)
+            await well.teardown()
+            assert time.monotonic() - start < 10
+            assert await sick.state() == "failing"
+            # Listing domains rescans every connection: the hung one costs
+            # its deadline, the answer is still complete.
+            start = time.monotonic()
+            assert {sick.sd, well.sd} <= set(await c.call("getStorageDomainsList"))
+            assert time.monotonic() - start < HUNG_CALL_BOUND
+
+            lat = await ping_task
+            # The hang lasted several monitor cycles; its reader that cannot be
+            # killed is waited for, not joined by one more each cycle.
+            assert agent.proc is not None
+            assert len(children(agent.proc.pid, "dd", sick.sd)) == 1
+            print(f"ping during the hang: {len(lat)} calls, p99 {1000 * p99(lat):.1f} ms, "
+                  f"max {1000 * max(lat):.1f} ms")
+            assert len(lat) > 50
+            assert p99(lat) < 0.100
+        finally:
+            if not ping_task.done():
+                ping_task.cancel()
+            hangfs.release()
+
+        # The storage is back: the same agent (no restart) reports it ok and
+        # serves it again.
+        took = await sick.wait_state("ok", 2 * (IO_TIMEOUT + MONITOR_INTERVAL) + 4.0 + SLACK)
+        print(f"ok again {took:.2f} s after the release")
+        assert agent.proc is not None and agent.proc.poll() is None
+        assert (await sick.volume_info())["legality"] == "LEGAL"
+        assert (await sick.prepare())["chain"][0]["volUUID"] == sick.vol
+        await sick.teardown()
+        info = await sick.create_volume(new_id(), new_id())
+        assert info["status"] == "done", info
+        stats = await c.call("getStats")
+        assert stats["domains"][sick.sd]["monitoring"]["state"] == "ok"
+
+
+async def test_stop_while_hung(agent_on_hangfs: AgentProcess, hangfs: HangFs):
+    """SIGTERM while threads and a child of the agent are blocked on the hung
+    storage: the agent's shutdown runs to its end in bounded time, and the
+    process exits 0 as soon as the storage answers.
+
+    Not sooner: a thread blocked on a FUSE request its server has read sleeps
+    uninterruptibly, and a process cannot finish exiting while one of its
+    threads does (NFS waits, by contrast, are killable)."""
+    agent = agent_on_hangfs
+    assert agent.proc is not None
+    (hangfs.mountpoint / "store").mkdir()
+    async with agent.client() as c:
+        sick = Domain(c, hangfs.mountpoint / "store")
+        await sick.setup("on hangfs")
+        await sick.wait_state("ok", IO_TIMEOUT + MONITOR_INTERVAL + SLACK)
+        hangfs.hang()
+        # Every I/O thread of the domain stuck, and the monitor's reader too.
+        await asyncio.gather(*(fails_in_time("getVolumeInfo", sick.volume_info())
+                               for _ in range(6)))
+        await sick.wait_state("failing", IO_TIMEOUT + MONITOR_INTERVAL + SLACK)
+    start = time.monotonic()
+    agent.proc.send_signal(signal.SIGTERM)
+    # The monitor's stuck reader costs at most the runner's two kill grace periods.
+    while "INFO agent.daemon [-] Stopped" not in agent.log():
+        assert agent.proc.poll() is None, agent.log()[-3000:]
+        assert time.monotonic() - start < 4.0 + 2 * SLACK, agent.log()[-3000:]
+        await asyncio.sleep(0.1)
+    print(f"shutdown done in {time.monotonic() - start:.2f} s")
+    hangfs.release()
+    assert agent.proc.wait(10) == 0, agent.log()[-3000:]
+    agent.stop()

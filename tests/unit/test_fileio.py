@@ -1,0 +1,78 @@
+"""IOPool: deadlines, calls that time out while queued never run, threads
+that cannot keep the process alive."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from storage.errors import ResourceTimeout
+from storage.fileio import IOPool
+
+
+async def test_result_and_error():
+    pool = IOPool("t", workers=2, timeout=5)
+    try:
+        assert await pool.call(lambda a, b: a + b, 1, 2) == 3
+        with pytest.raises(ZeroDivisionError):
+            await pool.call(lambda: 1 // 0)
+    finally:
+        pool.close()
+
+
+async def test_timeout_and_queued_call_never_runs():
+    """A hung call costs its deadline; a call queued behind it whose deadline
+    passed is dropped, not run once the storage answers."""
+    pool = IOPool("t", workers=1, timeout=0.2)
+    hung = threading.Event()
+    ran: list[str] = []
+    try:
+        with pytest.raises(ResourceTimeout) as e:
+            await pool.call(hung.wait)
+        assert e.value.code == 851
+        with pytest.raises(ResourceTimeout):
+            await pool.call(ran.append, "late write")
+        hung.set()
+        assert await pool.call(lambda: "next") == "next"
+        assert ran == []
+    finally:
+        hung.set()
+        pool.close()
+
+
+async def test_threads_are_daemons_and_close_does_not_wait():
+    pool = IOPool("t", workers=2, timeout=0.1)
+    hung = threading.Event()
+    try:
+        for _ in range(2):
+            with pytest.raises(ResourceTimeout):
+                await pool.call(hung.wait)
+        threads = [t for t in threading.enumerate() if t.name.startswith("io-t-")]
+        assert len(threads) == 2 and all(t.daemon for t in threads)
+        start = time.monotonic()
+        pool.close()
+        assert time.monotonic() - start < 0.1
+        with pytest.raises(RuntimeError):
+            await pool.call(lambda: None)
+    finally:
+        hung.set()
+    for t in threads:
+        t.join(5)
+        assert not t.is_alive()
+
+
+async def test_dropped_pool_stops_its_threads():
+    import gc
+
+    pool = IOPool("dropped", workers=2, timeout=5)
+    for _ in range(2):
+        await pool.call(time.sleep, 0)
+    threads = [t for t in threading.enumerate() if t.name.startswith("io-dropped-")]
+    assert threads
+    del pool
+    gc.collect()
+    for t in threads:
+        t.join(5)
+        assert not t.is_alive()
