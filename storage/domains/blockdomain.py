@@ -56,6 +56,13 @@ SPECIAL_LVS = (METADATA_LV, IDS_LV, LEASES_LV)
 
 DEFAULT_EXTENT_SIZE = 128 * MiB
 DEFAULT_METADATA_SIZE = 128 * MiB
+# LVM's metadata area on each PV. LVM rewrites the whole VG text (about 450
+# bytes per volume LV with our tags) on every change and needs room for the
+# new copy beside the old one: pvcreate's default (1 MiB) stops a domain at
+# about 1,200 volumes (lvcreate: "VG ... metadata on ... exceeds maximum
+# metadata size"). 32 MiB holds the text of a full metadata LV's worth of
+# volumes (one per 8 KiB slot) with room for multi-segment LVs.
+DEFAULT_MDA_SIZE = 32 * MiB
 
 # One slot: copy A in the first half, copy B in the second. 4 KiB copies are
 # aligned for 512 and 4096 byte sectors alike.
@@ -65,6 +72,8 @@ DOMAIN_SLOT = 0
 
 # Zeroing the metadata LV at creation, one executor call per chunk.
 _ZERO_CHUNK = 4 * MiB
+# Reading slots: at most this much in one read.
+_READ_CHUNK = MiB
 
 R = TypeVar("R")
 
@@ -165,16 +174,41 @@ class VolumeLV:
 
 # ---- blocking I/O on the metadata LV, run through IOPool.call ------------------------
 
+def slot_runs(slots: Iterable[int], max_gap: int = 16,
+              max_len: int = _READ_CHUNK // SLOT_SIZE) -> list[tuple[int, int]]:
+    """(first slot, count) of the reads that cover `slots`: neighbours less
+    than `max_gap` slots apart share one read of at most `max_len` slots.
+    Slots are taken lowest first, so a domain's are dense: 1,000 volumes
+    are 8 reads of 1 MiB, not 1,000 round trips to the storage."""
+    runs: list[tuple[int, int]] = []
+    for slot in sorted(set(slots)):
+        if runs:
+            first, count = runs[-1]
+            if slot - (first + count) < max_gap and slot - first < max_len:
+                runs[-1] = (first, slot - first + 1)
+                continue
+        runs.append((slot, 1))
+    return runs
+
+
 def _read_slots(path: str, slots: Sequence[int]) -> dict[int, bytes]:
+    runs = slot_runs(slots)
+    if not runs:
+        return {}
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
-        buf = mmap.mmap(-1, SLOT_SIZE)   # page aligned, as O_DIRECT wants
+        # page aligned, as O_DIRECT wants
+        buf = mmap.mmap(-1, max(count for _, count in runs) * SLOT_SIZE)
         try:
             out = {}
-            for slot in slots:
-                n = os.preadv(fd, [buf], slot * SLOT_SIZE)
-                out[slot] = bytes(buf[:n])
-            return out
+            for first, count in runs:
+                with memoryview(buf) as view:
+                    n = os.preadv(fd, [view[:count * SLOT_SIZE]], first * SLOT_SIZE)
+                for slot in range(first, first + count):
+                    at = (slot - first) * SLOT_SIZE
+                    # a short read (the end of the LV) leaves the slot short
+                    out[slot] = bytes(buf[at:max(at, min(n, at + SLOT_SIZE))])
+            return {slot: out[slot] for slot in slots}
         finally:
             buf.close()
     finally:
@@ -229,6 +263,11 @@ class BlockDomain(Domain):
         # lvremove run one at a time, so a freed slot is never zeroed after
         # someone took it.
         self._slot_lock = asyncio.Lock()
+        # LVs this object created (active, at this size) whose data
+        # create_volume_data has not made yet: it needs no lvchange -ay and
+        # no lvs to know their size. Every LVM command costs a process and a
+        # VG metadata read (most of a second in the lab guest).
+        self._new_lvs: dict[str, int] = {}
 
     @property
     def vg(self) -> str:
@@ -245,6 +284,7 @@ class BlockDomain(Domain):
                      runner: commands.Runner = commands.run, *,
                      extent_size: int = DEFAULT_EXTENT_SIZE,
                      metadata_size: int = DEFAULT_METADATA_SIZE,
+                     mda_size: int = DEFAULT_MDA_SIZE,
                      lease_size: int | None = None, force: bool = False) -> BlockDomain:
         """A new domain on `devices` (blank LUNs; force: over other signatures).
         The VG is tagged INITIALIZING until the domain metadata is written, so
@@ -263,7 +303,7 @@ class BlockDomain(Domain):
         if COPY_SIZE % block_size:
             raise InvalidParameter(field="devices", reason=f"sector size {block_size}")
         md.block_size = block_size
-        await lvm_.pvcreate(devices, force=force)
+        await lvm_.pvcreate(devices, metadata_size=mda_size, force=force)
         await lvm_.vgcreate(vg, devices, extent_size=extent_size,
                             tags=[VG_TAG, INITIALIZING])
         lease_size = lease_size or extent_size
@@ -393,17 +433,26 @@ class BlockDomain(Domain):
 
     async def _create_lv(self, md: VolumeMetadata, data: bytes) -> None:
         lvm.check_name(md.uuid, "volUUID")
+        size = initial_lv_size(md, self.extent_size)
+        if md.format == "COW" and md.allocation == "PREALLOCATED":
+            # Made at its final size: no lvextend in create_volume_data.
+            measured = await qemuimg.measure(size=md.capacity, runner=self.runner)
+            size = max(size, round_up(measured["fully-allocated"], self.extent_size))
         async with self._slot_lock:
             self.lvm.invalidate(self.vg)
             slot = free_slot((lv.tags for lv in await self.lvm.lvs(self.vg)), self.slots)
             if slot is None:
                 raise NoSpaceLeftOnDomain(sdUUID=self.uuid)
-            await self.lvm.lvcreate(self.vg, md.uuid, initial_lv_size(md, self.extent_size),
+            # Active at once: create_volume_data writes to it next. A crash
+            # leaves it active; lvremove --force in _remove_lv deactivates it.
+            await self.lvm.lvcreate(self.vg, md.uuid, size, activate=True,
                                     tags=[*volume_tags(md, slot), INITIALIZING])
+            self._new_lvs[md.uuid] = size
         try:
             await self._write_slot(slot, data)
             await self.lvm.lvchange_tags(self.vg, md.uuid, remove=[INITIALIZING])
         except BaseException:
+            self._new_lvs.pop(md.uuid, None)
             try:
                 await self._remove_lv(md.uuid, slot)
             except HostAgentError as e:
@@ -412,12 +461,14 @@ class BlockDomain(Domain):
             raise
 
     async def _remove_lv(self, vol: str, slot: int | None) -> None:
+        self._new_lvs.pop(vol, None)
         async with self._slot_lock:
             try:
-                await self.lvm.deactivate(self.vg, [vol])
+                # --force also deactivates the LV if it is active and not
+                # open (a crash left it so): no separate lvchange -an.
+                await self.lvm.lvremove(self.vg, [vol])
             except lvm.LVMNotFound:
                 return
-            await self.lvm.lvremove(self.vg, [vol])
             if slot is not None:
                 await self._clear_slot(slot)
 
@@ -427,20 +478,21 @@ class BlockDomain(Domain):
     async def create_volume_data(self, md: VolumeMetadata, parent: VolumeMetadata | None,
                                  initial_size: int | None) -> None:
         path = self.volume_path(md.image, md.uuid)
-        if md.format == "COW":
-            if initial_size:
-                size = initial_size
-            elif md.allocation == "PREALLOCATED":
-                size = (await qemuimg.measure(size=md.capacity,
-                                              runner=self.runner))["fully-allocated"]
-            else:
-                size = self.extent_size
-            # The LV is as write_volume_md made it: no lvs needed to know its size.
-            size = round_up(size, self.extent_size)
-            if size > initial_lv_size(md, self.extent_size):
-                await self.lvm.lvextend(self.vg, md.uuid, size)
-        await self.lvm.activate(self.vg, [md.uuid])
+        made = self._new_lvs.pop(md.uuid, None)
+        want = round_up(initial_size, self.extent_size) if initial_size else 0
+        if made is None:
+            # Not made by _create_lv of this object: find its size, activate it.
+            v = await self._volume_lv(md.uuid)
+            if v is None:
+                raise VolumeDoesNotExist(volUUID=md.uuid, reason="its LV is gone")
+            made = v.size
+            if md.format == "COW" and md.allocation == "PREALLOCATED" and not want:
+                measured = await qemuimg.measure(size=md.capacity, runner=self.runner)
+                want = round_up(measured["fully-allocated"], self.extent_size)
+            await self.lvm.activate(self.vg, [md.uuid])
         try:
+            if md.format == "COW" and want > made:
+                await self.lvm.lvextend(self.vg, md.uuid, want)
             if md.format == "RAW":
                 # Extents of deleted volumes are reused: no stale header here.
                 await self.io.call(_zero, path, 0, min(MiB, round_up(md.capacity, 4096)))

@@ -9,7 +9,8 @@ import importlib
 import sys
 import time
 
-BENCHMARKS = ["ping", "connections", "volumes", "copy", "backup", "ovf", "leases", "load"]
+BENCHMARKS = ["ping", "connections", "volumes", "copy", "backup", "ovf", "leases", "blockvolumes",
+              "load"]
 
 
 def main(names: list[str]) -> int:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from storage.domains.blockdomain import SLOT_SIZE
 from tests.agentproc import AgentProcess
 from tests.lab import guestlib as g
 from tests.lab.test_connections_lab import (
@@ -33,12 +34,15 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-def start(state: Path) -> AgentProcess:
+def start(state: Path, port: int | None = None, monitor_interval: float = 2.0) -> AgentProcess:
+    """An agent with 8 MiB extents. Domain monitoring costs a dd and a vgs per
+    domain and interval: tests that do not look at it pass a long interval
+    (in the guest every LVM command takes most of a second of CPU)."""
     state.mkdir(parents=True, exist_ok=True)
     (state / "hostagent.toml").write_text(
-        "[storage]\nblock_extent_size = 8388608\nmonitor_interval = 2.0\n"
+        f"[storage]\nblock_extent_size = 8388608\nmonitor_interval = {monitor_interval}\n"
         "[ovf]\nmax_tar_size = 16777216\n")
-    agent = AgentProcess(state)
+    agent = AgentProcess(state, port=port)
     g.LOG_DIR.mkdir(parents=True, exist_ok=True)
     agent.log_path = g.LOG_DIR / f"agent-block-{agent.port}.log"
     return agent.start(timeout=60)
@@ -54,6 +58,48 @@ async def job(c: Any, verb: str, **params: Any) -> dict[str, Any]:
 
 def lv_active(sd: str, vol: str) -> bool:
     return os.path.exists(f"/dev/{sd}/{vol}")
+
+
+def lvs(vg: str) -> dict[str, dict[str, Any]]:
+    """{lv name: {size, tags, active}} of `vg`, as the lvm tool reports it."""
+    out = g.lvm("lvs", "--reportformat", "json", "--units", "b", "--nosuffix",
+                "-o", "lv_name,lv_size,lv_tags,lv_attr", vg)
+    return {r["lv_name"]: {"size": int(r["lv_size"]), "tags": sorted(r["lv_tags"].split(",")),
+                           "active": r["lv_attr"][4] == "a"}
+            for r in json.loads(out)["report"][0]["lv"]}
+
+
+def lv_slot(lv: dict[str, Any]) -> int:
+    [slot] = [int(t[3:]) for t in lv["tags"] if t.startswith("MD_")]
+    return slot
+
+
+def read_slots(sd: str, count: int) -> bytes:
+    """The first `count` metadata slots of a block domain (its metadata LV
+    stays active while an agent knows the domain)."""
+    return g.direct_read(f"/dev/{sd}/metadata", count * SLOT_SIZE)
+
+
+def deactivate_vgs(*vgs: str) -> None:
+    """Deactivate every LV of the VGs that still exist (a test failed before
+    it formatted its domains): active LVs keep the maps from being flushed."""
+    found = g.lvm("vgs", "--noheadings", "-o", "vg_name").split()
+    for vg in vgs:
+        if vg in found:
+            g.run_ok("lvm", "vgchange", "-an", vg)
+
+
+async def connect_luns(c: Any, target: g.Target) -> tuple[list[dict[str, Any]],
+                                                          list[dict[str, Any]]]:
+    """Connect `target` on both portals; returns (connection params, its LUNs
+    from getDeviceList, smallest first)."""
+    params = [iscsi_params(target, PORTAL1), iscsi_params(target, PORTAL2)]
+    statuses = await c.call("connectStorageServer", domType="iscsi", connectionParams=params)
+    assert [s["status"] for s in statuses] == [0, 0], statuses
+    luns = [d for d in await c.call("getDeviceList")
+            if {p["iqn"] for p in d["pathlist"]} == {target.iqn}]
+    assert len(luns) == len(target.luns), luns
+    return params, sorted(luns, key=lambda d: int(d["capacity"]))
 
 
 async def test_block_domain_through_the_api(make_target: Callable[..., g.Target],

@@ -1,0 +1,322 @@
+"""Block domain volumes, measured inside the lab guest (a multipath iSCSI LUN
+from tgtd, real LVM): createVolume latency per kind beside a bare
+`lvcreate` of the same size on the same VG in the same run, and
+getVolumesList time on a domain of 100, 500 and 1,000 volumes.
+
+    python -m tests.bench blockvolumes      (on the host: boots the guest)
+
+The large domains are populated outside the agent, in its exact on-storage
+format: LVs tagged by `blockdomain.volume_tags`, added to the VG in one
+`vgcfgrestore` (one lvcreate each would rewrite the whole VG text every time,
+O(n^2): minutes), and each slot written with `blockdomain.encode_copy` of the
+volume's metadata. The agent is restarted after populating (its LVM reports
+are cached per VG), so each size is measured cold (the first call after a
+restart: `lvs` runs) and warm (the following calls, with the VG report
+cached for up to `cache_ttl`). Every process start in the User-Mode Linux
+guest costs ~50-100 ms and every LVM command most of a second, so absolute
+figures are much slower than on a real host; the ratios are the point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import mmap
+import os
+import re
+import secrets
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from storage.metadata import VolumeMetadata
+from tests.bench.common import ROOT, machine, median, run_json, save, table
+
+MiB = 1 << 20
+EXTENT = 8 * MiB
+VOLUME_SIZE = 1024 * MiB
+KINDS = [("raw", "sparse"), ("raw", "preallocated"), ("cow", "sparse"),
+         ("cow", "preallocated")]
+VM_RUN = ROOT / "tests" / "lab" / "vm" / "vm-run.sh"
+
+
+# ---- host side -------------------------------------------------------------------------
+
+def run(runs: int = 5, sizes: list[int] | None = None) -> dict[str, Any]:
+    sizes = sizes or [100, 500, 1000]
+    argv = [str(VM_RUN), "--timeout", "1500", "--", sys.executable, "-m",
+            "tests.bench.blockvolumes", "--guest", str(runs), *map(str, sizes)]
+    summary = run_json(argv, timeout=1600)
+    summary["machine"] = machine()
+    save("blockvolumes", summary)
+    return summary
+
+
+def report(r: dict[str, Any]) -> str:
+    p = r["params"]
+    rows = [[kind, v["agent_ms"], v["lvcreate_ms"], v["agent_ms"] / v["lvcreate_ms"]]
+            for kind, v in r["create"].items()]
+    lines = [f"block domain in the lab guest (User-Mode Linux, {r['guest_cpus']} vCPU; host "
+             f"{r['machine']['cpus']} CPUs), {p['extent_mib']} MiB extents, median of "
+             f"{p['runs']} runs",
+             f"createVolume {VOLUME_SIZE // MiB} MiB (job submitted to done) beside a bare "
+             "`lvcreate -an` of the same size, ms",
+             table(rows, ["kind", "agent", "lvcreate", "ratio"]), ""]
+    sizes = sorted(r["list"], key=int)
+    rows = [[int(s), r["list"][s]["cold_ms"], r["list"][s]["warm_ms"],
+             r["list"][s]["warm_ms"] / int(s) * 1000, r["list"][s]["populate_s"]]
+            for s in sizes]
+    lines += ["getVolumesList on the block domain, ms per call",
+              table(rows, ["volumes", "cold (lvs)", "warm (cached)", "us/vol warm",
+                           "populate s"])]
+    return "\n".join(lines)
+
+
+# ---- guest side: populating the VG in the agent's format -----------------------------------
+
+def _lvm(conf: str, *args: str) -> str:
+    return subprocess.run(["lvm", args[0], "--config", conf, *args[1:]], check=True,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1"}).stdout
+
+
+def _lvm_uuid() -> str:
+    """An LV id as LVM writes them: 32 alphanumerics in 6-4-4-4-4-4-6 groups."""
+    chars = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(32))
+    parts, i = [], 0
+    for n in (6, 4, 4, 4, 4, 4, 6):
+        parts.append(chars[i:i + n])
+        i += n
+    return "-".join(parts)
+
+
+def _used_extents(conf: str, vg: str) -> set[int]:
+    out = _lvm(conf, "lvs", "--segments", "--noheadings", "-o", "seg_pe_ranges", vg)
+    used: set[int] = set()
+    for rng in out.split():
+        for part in rng.split(" "):
+            m = re.search(r":(\d+)-(\d+)$", part)
+            if m:
+                used.update(range(int(m.group(1)), int(m.group(2)) + 1))
+    return used
+
+
+def _number(vg_text: str, key: str) -> int:
+    m = re.search(rf"\b{key} = (\d+)", vg_text)
+    if m is None:
+        raise RuntimeError(f"no {key} in the VG backup")
+    return int(m.group(1))
+
+
+def populate(conf: str, sd: str, count: int) -> None:
+    """Add `count` raw sparse one-extent volumes to the stopped agent's domain
+    `sd`: their LVs in one vgcfgrestore, then their metadata slots."""
+    write_slots(conf, sd, add_lvs(conf, sd, count))
+
+
+def add_lvs(conf: str, sd: str, count: int,
+            per_image: int = 5) -> list[tuple[int, VolumeMetadata]]:
+    """The LVs of `count` new volumes, tagged as the agent tags them; returns
+    (slot, metadata) of each, for write_slots."""
+    from storage.domains.blockdomain import slot_of, volume_tags
+    from storage.metadata import BLANK_UUID
+
+    lv_tags = [lv["lv_tags"].split(",") for lv in json.loads(_lvm(
+        conf, "lvs", "--reportformat", "json", "-o", "lv_name,lv_tags", sd))["report"][0]["lv"]]
+    used_slots = {s for tags in lv_tags if (s := slot_of(tags)) is not None}
+    free_slots = (n for n in range(1, 1 << 30) if n not in used_slots)
+    used = _used_extents(conf, sd)
+    vg_text = Path(tempfile.mkstemp(prefix="vg-", suffix=".txt")[1])
+    _lvm(conf, "vgcfgbackup", "-f", str(vg_text), sd)
+    text = vg_text.read_text()
+    pe_count = _number(text, "pe_count")
+    free_pes = (pe for pe in range(pe_count) if pe not in used)
+    entries, mds = [], []
+    img = str(uuid.uuid4())
+    now = int(time.time())
+    for i in range(count):
+        if i % per_image == 0:
+            img = str(uuid.uuid4())
+        vol = str(uuid.uuid4())
+        slot = next(free_slots)
+        md = VolumeMetadata(domain=sd, image=img, uuid=vol, parent=BLANK_UUID, format="RAW",
+                            allocation="SPARSE", voltype="LEAF", capacity=EXTENT,
+                            legality="LEGAL", generation=1)
+        tags = volume_tags(md, slot)
+        mds.append((slot, md))
+        tag_list = ", ".join(f'"{t}"' for t in tags)
+        entries.append(
+            f'\t\t{vol} {{\n\t\t\tid = "{_lvm_uuid()}"\n'
+            '\t\t\tstatus = ["READ", "WRITE", "VISIBLE"]\n\t\t\tflags = []\n'
+            f"\t\t\ttags = [{tag_list}]\n\t\t\tcreation_time = {now}\n"
+            '\t\t\tcreation_host = "bench"\n\t\t\tsegment_count = 1\n\n'
+            "\t\t\tsegment1 {\n\t\t\t\tstart_extent = 0\n\t\t\t\textent_count = 1\n\n"
+            '\t\t\t\ttype = "striped"\n\t\t\t\tstripe_count = 1\n\n'
+            f'\t\t\t\tstripes = [\n\t\t\t\t\t"pv0", {next(free_pes)}\n\t\t\t\t]\n'
+            "\t\t\t}\n\t\t}\n")
+    seqno = _number(text, "seqno")
+    text = text.replace(f"seqno = {seqno}", f"seqno = {seqno + 1}", 1)
+    text = text.replace("\tlogical_volumes {\n", "\tlogical_volumes {\n\n" + "\n".join(entries),
+                        1)
+    vg_text.write_text(text)
+    # vgcfgrestore wants the VG inactive: the (stopped) agent's metadata LV too
+    _lvm(conf, "vgchange", "-an", sd)
+    _lvm(conf, "vgcfgrestore", "-f", str(vg_text), sd)
+    vg_text.unlink()
+    return mds
+
+
+def write_slots(conf: str, sd: str, mds: list[tuple[int, VolumeMetadata]]) -> None:
+    """Each volume's slot: copy A and copy B of its metadata, in one write."""
+    from storage.domains.blockdomain import SLOT_SIZE, encode_copy
+
+    _lvm(conf, "lvchange", "-ay", f"{sd}/metadata")
+    last = max(slot for slot, _ in mds)
+    first = min(slot for slot, _ in mds)
+    fd = os.open(f"/dev/{sd}/metadata", os.O_RDWR | os.O_DIRECT)
+    try:
+        length = (last + 1 - first) * SLOT_SIZE
+        buf = mmap.mmap(-1, length)
+        os.preadv(fd, [buf], first * SLOT_SIZE)
+        for slot, md in mds:
+            copy = encode_copy(md.encode())
+            at = (slot - first) * SLOT_SIZE
+            buf[at:at + 2 * len(copy)] = copy + copy
+        assert os.pwritev(fd, [buf], first * SLOT_SIZE) == length
+        os.fsync(fd)
+        buf.close()
+    finally:
+        os.close(fd)
+
+
+# ---- guest side: the measurements ---------------------------------------------------------
+
+async def _job(c: Any, verb: str, **params: Any) -> float:
+    job = str(uuid.uuid4())
+    t = time.perf_counter()
+    await c.call(verb, jobUUID=job, **params)
+    info = await c.wait_job(job, timeout=300, poll=0.05)
+    if info["status"] != "done":
+        raise RuntimeError(f"{verb}: {info}")
+    return time.perf_counter() - t
+
+
+def _start_agent(state: Path, port: int | None = None) -> Any:
+    from tests.agentproc import AgentProcess
+
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "hostagent.toml").write_text(
+        f"[storage]\nblock_extent_size = {EXTENT}\nmonitor_interval = 600.0\n")
+    agent = AgentProcess(state, port=port)
+    agent.log_path = state.parent / "agent.log"
+    return agent.start(timeout=120)
+
+
+async def _guest(runs: int, sizes: list[int], work: Path) -> dict[str, Any]:
+    from storage import lvm
+    from tests.lab import guestlib as g
+
+    steps = g.Cleanup()
+    result: dict[str, Any] = {"create": {}, "list": {}}
+    try:
+        server = g.TargetServer(work / "luns").start()
+        steps.push("stop tgtd", server.stop)
+        initiator = g.Initiator().start()
+        steps.push("stop iscsid", initiator.stop)
+        mpd = g.Multipathd().start()
+        steps.push("stop multipathd", mpd.stop)
+        # sparse: room for every measured volume and the largest domain
+        lun_size = (len(KINDS) * (runs + 1) * 2 * (VOLUME_SIZE + 2 * EXTENT)
+                    + max(sizes) * EXTENT + 4096 * MiB)
+        target = server.create_target("benchblock", (lun_size,))
+        steps.push("release target", lambda: [
+            g.run_ok("iscsiadm", "-m", "node", "-T", target.iqn, "--logout"),
+            g.run_ok("multipath", "-F")])
+        state = work / "agent" / "state"
+        agent = _start_agent(state)
+        steps.push("stop agent", lambda: agent.stop())
+        sd = str(uuid.uuid4())
+        async with agent.client() as c:
+            params = [{"id": str(uuid.uuid4()), "connection": p.split(":")[0], "port": 3260,
+                       "iqn": target.iqn} for p in g.PORTALS]
+            statuses = await c.call("connectStorageServer", domType="iscsi",
+                                    connectionParams=params)
+            assert all(s["status"] == 0 for s in statuses), statuses
+            [lun] = await c.call("getDeviceList")
+            await c.call("createStorageDomain", sdUUID=sd, domType="iscsi", name="bench",
+                         devices=[lun["guid"]], ovfStore=False)
+        mpath = f"/dev/mapper/{g.Multipathd.map_name(lun['guid'])}"
+        steps.push("deactivate the VG", lambda: g.run_ok("lvm", "vgchange", "-an", sd))
+        conf = lvm.build_config([mpath], activation=True)
+
+        async with agent.client() as c:
+            for fmt, prealloc in KINDS:
+                agent_s, bare_s = [], []
+                for i in range(runs + 1):   # the first run warms caches up and is dropped
+                    a = await _job(c, "createVolume", sdUUID=sd, imgUUID=str(uuid.uuid4()),
+                                   volUUID=str(uuid.uuid4()), size=VOLUME_SIZE, format=fmt,
+                                   preallocate=prealloc)
+                    t = time.perf_counter()
+                    _lvm(conf, "lvcreate", "--name", f"bare-{uuid.uuid4().hex[:8]}", "--size",
+                         f"{VOLUME_SIZE}b", "--activate", "n", "--zero", "n", sd)
+                    b = time.perf_counter() - t
+                    if i:
+                        agent_s.append(a)
+                        bare_s.append(b)
+                result["create"][f"{fmt}/{prealloc}"] = {
+                    "agent_ms": round(1000 * median(agent_s), 1),
+                    "lvcreate_ms": round(1000 * median(bare_s), 1),
+                    "runs": {"agent": agent_s, "lvcreate": bare_s}}
+            have = len(await c.call("getVolumesList", sdUUID=sd))
+        port = agent.port
+        for size in sizes:
+            agent.stop()
+            t = time.perf_counter()
+            populate(conf, sd, size - have)
+            populate_s = time.perf_counter() - t
+            have = size
+            cold, warm = [], []
+            for _ in range(min(runs, 3)):
+                agent = _start_agent(state, port)
+                async with agent.client() as c:
+                    t = time.perf_counter()
+                    vols = await c.call("getVolumesList", sdUUID=sd)
+                    cold.append(time.perf_counter() - t)
+                    assert len(vols) == size, (len(vols), size)
+                    for _ in range(runs):
+                        t = time.perf_counter()
+                        await c.call("getVolumesList", sdUUID=sd)
+                        warm.append(time.perf_counter() - t)
+                if len(cold) < min(runs, 3):
+                    agent.stop()
+            result["list"][str(size)] = {"cold_ms": round(1000 * median(cold), 1),
+                                         "warm_ms": round(1000 * median(warm), 1),
+                                         "populate_s": round(populate_s, 1),
+                                         "runs": {"cold": cold, "warm": warm}}
+        async with agent.client() as c:
+            await c.call("formatStorageDomain", sdUUID=sd)
+            for p in params:
+                await c.call("disconnectStorageServer", domType="iscsi", connectionParams=[p])
+        result["params"] = {"runs": runs, "sizes": sizes, "extent_mib": EXTENT // MiB}
+        result["guest_cpus"] = os.cpu_count()
+        return result
+    finally:
+        steps.run()
+
+
+def guest_main(runs: int, sizes: list[int]) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-block-", dir="/tmp"))
+    result = asyncio.run(_guest(runs, sizes, work))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--guest"]:
+        guest_main(int(sys.argv[2]), [int(a) for a in sys.argv[3:]])
+    else:
+        print(report(run()))
