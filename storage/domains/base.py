@@ -421,6 +421,10 @@ class Domain(abc.ABC):
                     removed.append(f"{img}/{vol}")
             if not await self.volume_ids(img):
                 await self.remove_image_dir(img)
+        repaired = await self._repair_voltypes()
+        if repaired:
+            log.warning("Domain %s: volume types repaired after an interruption: %s",
+                        self.uuid, ", ".join(repaired))
         if removed:
             log.warning("Domain %s: removed half-made or half-removed volumes: %s", self.uuid,
                         ", ".join(removed))
@@ -428,6 +432,24 @@ class Domain(abc.ABC):
             log.error("Domain %s: volumes with unreadable metadata: %s", self.uuid,
                       ", ".join(damaged))
         return {"removed": removed, "damaged": damaged}
+
+    async def _repair_voltypes(self) -> list[str]:
+        """A volume's type follows from its children, written after them: a
+        crash in between leaves a LEAF parent of a child (creation) or an
+        INTERNAL volume with none (removal of a chain's top). Put them right."""
+        vols = [v for v in await self.scan() if v.state == READY]
+        parents = {v.parent for v in vols if v.has_parent}
+        repaired = []
+        for v in vols:
+            if v.voltype == LEAF and v.uuid in parents:
+                fixed = replace(v, voltype=INTERNAL)
+            elif v.voltype == INTERNAL and v.uuid not in parents:
+                fixed = replace(v, voltype=LEAF)
+            else:
+                continue
+            await self.write_volume_md(fixed)
+            repaired.append(f"{v.image}/{v.uuid} {v.voltype} -> {fixed.voltype}")
+        return repaired
 
     async def verify_image_file(self, md: VolumeMetadata) -> qemuimg.ImageInfo:
         [info] = await qemuimg.info(self.volume_path(md.image, md.uuid),
