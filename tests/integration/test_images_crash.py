@@ -11,6 +11,7 @@ import json
 import random
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,12 @@ def digest(path: Path) -> str:
         return hashlib.sha256(raw.read_bytes()).hexdigest()
 
 
-async def two_domains(agent: AgentProcess, base: Path) -> tuple[list[dict[str, str]],
-                                                                  list[str], list[Path]]:
+async def two_domains(agent: AgentProcess, base: Path, names: tuple[str, ...] = ("src", "dst")
+                      ) -> tuple[list[dict[str, str]], list[str], list[Path]]:
+    """localfs domains in directories `names` under base (two by default)."""
     conns, sds, roots = [], [], []
     async with agent.client() as c:
-        for name in ("src", "dst"):
+        for name in names:
             d = base / name
             d.mkdir()
             conn = {"id": new_id(), "connection": str(d)}
@@ -156,3 +158,52 @@ async def test_kill9_during_move_image(fs_mount: FsMount,
             where = found[0]
     assert outcomes["moved"] and outcomes["stayed"], outcomes
     await cleanup(agent, conns, sds)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fs_mount", [("xfs", 512)], indirect=True, ids=["xfs-512"])
+async def test_kill9_during_snapshot_images(fs_mount: FsMount,
+                                            agent_factory: Callable[..., AgentProcess],
+                                            tmp_path: Path) -> None:
+    """A snapshot of three disks on three domains is all or nothing, also
+    when the agent is killed: after the restart every disk has the new
+    layer, or none has."""
+    rng = random.Random(2026)
+    state = tmp_path / "state"
+    agent = agent_factory(state)
+    conns, sds, roots = await two_domains(agent, fs_mount.path, ("a", "b", "c"))
+    disks = []
+    async with agent.client() as c:
+        for sd, root in zip(sds, roots, strict=True):
+            img, _, top = await make_chain(c, sd, root)
+            disks.append({"sdUUID": sd, "imgUUID": img, "volUUID": top})
+    outcomes = {"all": 0, "none": 0}
+    for _ in range(TRIALS):
+        new = [str(uuid.uuid4()) for _ in disks]
+        async with agent.client() as c:
+            await c.call("snapshotImages", jobUUID=new_id(), disks=[
+                {**d, "newVolUUID": n} for d, n in zip(disks, new, strict=True)])
+            await asyncio.sleep(rng.uniform(0, 0.4))
+        agent.kill()
+        agent = agent_factory(state, port=agent.port)
+        async with agent.client() as c:
+            have = []
+            for d, n, root in zip(disks, new, roots, strict=True):
+                infos = await check_invariants(c, d["sdUUID"], root)
+                have.append(n in infos)
+                if n in infos:
+                    assert infos[n]["parent"] == d["volUUID"]
+                    assert infos[d["volUUID"]]["voltype"] == "INTERNAL"
+                else:
+                    assert infos[d["volUUID"]]["voltype"] == "LEAF"
+            assert all(have) or not any(have), have
+            if all(have):
+                outcomes["all"] += 1
+                disks = [{**d, "volUUID": n} for d, n in zip(disks, new, strict=True)]
+            else:
+                outcomes["none"] += 1
+    assert outcomes["all"] and outcomes["none"], outcomes
+    async with agent.client() as c:
+        for sd, conn in zip(sds, conns, strict=True):
+            await c.call("formatStorageDomain", sdUUID=sd)
+            await c.call("disconnectStorageServer", domType="localfs", connectionParams=[conn])
