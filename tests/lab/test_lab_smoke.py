@@ -153,8 +153,10 @@ def test_sanlock_lockspace_and_resource(sanlock_daemon: g.SanlockDaemon,
         g.wait_until(lambda: re.search(rf"^r {re.escape(resource)}:\d+", sanlock_status(),
                                        re.M),
                      "the lease to be acquired", 20)
-        owners = sanlock_py.read_resource_owners(b"LABLS", b"vol1", [(str(leases), 0)])
-        assert [o["host_id"] for o in owners] == [1]
+        # the daemon lists the resource while it is still writing the lease:
+        # read the owner from disk until it is there (under load: a while)
+        g.wait_until(lambda: [o["host_id"] for o in sanlock_py.read_resource_owners(
+            b"LABLS", b"vol1", [(str(leases), 0)])] == [1], "the owner on disk", 20)
         holder.terminate()
         holder.wait(10)
         g.wait_until(lambda: f"r {resource}" not in sanlock_status(),
