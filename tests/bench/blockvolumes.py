@@ -35,23 +35,20 @@ from pathlib import Path
 from typing import Any
 
 from storage.metadata import VolumeMetadata
-from tests.bench.common import ROOT, machine, median, run_json, save, table
+from tests.bench.common import machine, median, run_in_guest, save, table
 
 MiB = 1 << 20
 EXTENT = 8 * MiB
 VOLUME_SIZE = 1024 * MiB
 KINDS = [("raw", "sparse"), ("raw", "preallocated"), ("cow", "sparse"),
          ("cow", "preallocated")]
-VM_RUN = ROOT / "tests" / "lab" / "vm" / "vm-run.sh"
 
 
 # ---- host side -------------------------------------------------------------------------
 
 def run(runs: int = 5, sizes: list[int] | None = None) -> dict[str, Any]:
     sizes = sizes or [100, 500, 1000]
-    argv = [str(VM_RUN), "--timeout", "1500", "--", sys.executable, "-m",
-            "tests.bench.blockvolumes", "--guest", str(runs), *map(str, sizes)]
-    summary = run_json(argv, timeout=1600)
+    summary = run_in_guest("tests.bench.blockvolumes", str(runs), *map(str, sizes))
     summary["machine"] = machine()
     save("blockvolumes", summary)
     return summary

@@ -76,3 +76,12 @@ async def localfs_domain(c: Any, path: Path, name: str = "bench",
 async def drop_localfs_domain(c: Any, conn: dict[str, str], sd: str) -> None:
     await c.call("formatStorageDomain", sdUUID=sd)
     await c.call("disconnectStorageServer", domType="localfs", connectionParams=[conn])
+
+
+def run_in_guest(module: str, *args: str, timeout: float = 1500) -> dict[str, Any]:
+    """Run `python -m module --guest args...` in the lab guest; its last
+    stdout line is the JSON result."""
+    vm_run = ROOT / "tests" / "lab" / "vm" / "vm-run.sh"
+    argv = [str(vm_run), "--timeout", str(int(timeout)), "--", sys.executable, "-m", module,
+            "--guest", *args]
+    return run_json(argv, timeout=timeout + 100)

@@ -29,18 +29,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tests.bench.common import ROOT, machine, median, run_json, save, table
+from tests.bench.common import machine, median, run_in_guest, save, table
 
 MiB = 1 << 20
-VM_RUN = ROOT / "tests" / "lab" / "vm" / "vm-run.sh"
 
 
 # ---- host side -------------------------------------------------------------------------
 
 def run(runs: int = 5, targets: int = 20) -> dict[str, Any]:
-    argv = [str(VM_RUN), "--timeout", "1500", "--", sys.executable, "-m",
-            "tests.bench.connections", "--guest", str(runs), str(targets)]
-    summary = run_json(argv, timeout=1600)
+    summary = run_in_guest("tests.bench.connections", str(runs), str(targets))
     summary["machine"] = machine()
     save("connections", summary)
     return summary

@@ -25,10 +25,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.bench.common import ROOT, machine, median, run_json, save, table
+from tests.bench.common import machine, median, run_in_guest, save, table
 
 MiB = 1 << 20
-VM_RUN = ROOT / "tests" / "lab" / "vm" / "vm-run.sh"
 
 
 def _ms(seconds: float) -> float:
@@ -78,9 +77,7 @@ async def _local(runs: int) -> dict[str, Any]:
 
 def run(runs: int = 200, guest_runs: int = 50) -> dict[str, Any]:
     local = asyncio.run(_local(runs))
-    argv = [str(VM_RUN), "--timeout", "600", "--", sys.executable, "-m",
-            "tests.bench.leases", "--guest", str(guest_runs)]
-    guest = run_json(argv, timeout=700)
+    guest = run_in_guest("tests.bench.leases", str(guest_runs), timeout=600)
     summary = {"local": local, **guest, "machine": machine()}
     save("leases", summary)
     return summary
