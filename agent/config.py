@@ -87,6 +87,30 @@ class OvfConfig:
 
 
 @dataclass
+class LeasesConfig:
+    # This host's id in every domain's lockspace (1..2000 on 512-byte
+    # storage, 1..250 on 4K): unique among the hosts sharing storage, the
+    # same on every domain. The engine's host number.
+    host_id: int = 1
+    # Lock backends this host has: "local" (file locks, no daemon) always;
+    # add "sanlock" where the sanlock daemon runs. A domain whose lock
+    # policy is not here is refused for every write.
+    backends: list[str] = field(default_factory=lambda: ["local"])
+    # Lock policy recorded in new domains' metadata.
+    policy: str = "local"
+    sanlock_socket: str = "/run/sanlock/sanlock.sock"
+    # Where the agent keeps the fifo sanlock's kill path writes to.
+    run_dir: str = "/run/hostagent"
+    # sanlock's io_timeout for new lockspaces (seconds); a lease expires
+    # 8 io_timeouts after its holder stops renewing it.
+    io_timeout: int = 10
+    # How long an operation waits for a domain's metadata lease another host
+    # holds (domain metadata changes are short); a volume's lease is not
+    # waited for: a write to a volume another host writes fails with 651.
+    domain_lease_timeout: float = 60.0
+
+
+@dataclass
 class LoggingConfig:
     level: str = "INFO"
     # Extra per-logger levels, e.g. {"storage.commands" = "DEBUG"}.
@@ -106,6 +130,7 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     ovf: OvfConfig = field(default_factory=OvfConfig)
+    leases: LeasesConfig = field(default_factory=LeasesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     dev: bool = False
@@ -147,6 +172,21 @@ class Config:
                 raise ConfigError(f"server.{name}: must be more than 0")
         if self.jobs.max_running < 1:
             raise ConfigError("jobs.max_running: must be at least 1")
+        le = self.leases
+        for name in le.backends:
+            if name not in ("local", "sanlock"):
+                raise ConfigError(f"leases.backends: unknown backend {name!r} "
+                                  "(local, sanlock)")
+        if "local" not in le.backends:
+            raise ConfigError("leases.backends: must include \"local\"")
+        if le.policy not in le.backends:
+            raise ConfigError(f"leases.policy: {le.policy!r} is not one of leases.backends")
+        if not 1 <= le.host_id <= 2000:
+            raise ConfigError(f"leases.host_id: {le.host_id} not in 1..2000")
+        if not 1 <= le.io_timeout <= 300:
+            raise ConfigError("leases.io_timeout: must be 1..300 seconds")
+        if le.domain_lease_timeout < 0:
+            raise ConfigError("leases.domain_lease_timeout: must not be negative")
         if self.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"logging.level: unknown level {self.logging.level!r}")
 
@@ -165,6 +205,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}"
                                for k, v in value.items()) + "}"
@@ -189,6 +231,9 @@ def _apply(obj: Any, data: dict[str, Any], where: str) -> None:
         if expected is dict:
             if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
                 raise ConfigError(f"{name}: expected a table of strings")
+        elif expected is list:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name}: expected a list of strings")
         elif type(value) is not expected:
             raise ConfigError(f"{name}: expected {expected.__name__}, got {type(value).__name__}")
         setattr(obj, key, value)

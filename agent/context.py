@@ -16,6 +16,8 @@ from ovfstore.service import OvfService
 from ovfstore.store import volume_size
 from storage.connections import ConnectionManager
 from storage.domains import DomainManager, imageops
+from storage.leases import Backend, LeaseManager, LocalBackend, SanlockBackend
+from storage.leases.lockholder import LockHolder
 
 
 @dataclass
@@ -28,6 +30,7 @@ class Agent:
     locks: LockManager
     connections: ConnectionManager
     domains: DomainManager
+    leases: LeaseManager
     ovf: OvfService
     started: float = field(default_factory=time.time)
 
@@ -42,11 +45,21 @@ class Agent:
         connections = ConnectionManager(config.state_dir, Path(storage.storage_root), locks,
                                         mount_timeout=storage.mount_timeout,
                                         io_timeout=storage.io_timeout)
+        le = config.leases
+        # the local backend's locks live in a helper process (lockholder.py)
+        backends: dict[str, Backend] = {"local": LocalBackend(holder=LockHolder())}
+        if "sanlock" in le.backends:
+            backends["sanlock"] = SanlockBackend(socket_path=le.sanlock_socket,
+                                                 run_dir=le.run_dir)
+        leases = LeaseManager(backends, default_io_timeout=le.io_timeout)
         domains = DomainManager(config.state_dir, connections, locks,
                                 io_timeout=storage.io_timeout,
                                 monitor_interval=storage.monitor_interval,
                                 ovf_store_size=volume_size(config.ovf.max_tar_size),
-                                block_extent_size=storage.block_extent_size)
+                                block_extent_size=storage.block_extent_size,
+                                leases=leases, host_id=le.host_id, lock_policy=le.policy,
+                                lease_io_timeout=le.io_timeout,
+                                domain_lease_timeout=le.domain_lease_timeout)
         ovf = OvfService(domains, locks, slot_size=config.ovf.max_tar_size,
                          member_limit=config.ovf.max_member_size,
                          ticket_ttl=config.ovf.ticket_ttl)
@@ -74,7 +87,8 @@ class Agent:
                                                        job.params["memory"]["metaVolUUID"])],
                                    job.started))
         return cls(config=config, events=events, metrics=metrics, jobs=jobs, host=host,
-                   locks=locks, connections=connections, domains=domains, ovf=ovf)
+                   locks=locks, connections=connections, domains=domains, leases=leases,
+                   ovf=ovf)
 
     async def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -87,3 +101,4 @@ class Agent:
     async def stop(self) -> None:
         await self.jobs.shutdown()
         await self.domains.stop()
+        await self.leases.close()

@@ -149,6 +149,11 @@ class AcquireLockFailure(HostAgentError):
     template = "Cannot acquire lock on {resource}: {reason}"
 
 
+class LeaseHeld(AcquireLockFailure):
+    """The lease is held by another host or process (not a failure to reach
+    the lease: that is AcquireLockFailure itself)."""
+
+
 class AcquireHostIdFailure(HostAgentError):
     code = 661
     template = "Cannot acquire host id on domain {sdUUID}: {reason}"

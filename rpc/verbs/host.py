@@ -28,5 +28,6 @@ async def get_stats(agent: Agent) -> dict[str, Any]:
     stats = agent.host.stats()
     stats["jobs"] = agent.jobs.counts()
     stats["domains"] = agent.domains.summary()
+    stats["leases"] = agent.leases.held()
     stats["eventSubscribers"] = agent.events.subscribers
     return stats

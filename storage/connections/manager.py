@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,11 @@ log = logging.getLogger("storage.connections")
 
 # Called with a connection id: True if a domain on it has prepared volumes.
 InUse = Callable[[str], bool]
+Release = Callable[[str], Awaitable[None]]
+
+
+async def _release_nothing(conn_id: str) -> None:
+    return None
 
 
 class ConnectionManager:
@@ -68,6 +73,9 @@ class ConnectionManager:
         if backends:
             self.backends.update(backends)
         self.in_use: InUse = lambda conn_id: False
+        # called before a connection goes (disconnect, update): what uses
+        # its storage lets go (domains leave their lockspaces, close files)
+        self.release: Release = _release_nothing
 
     # ---- lifecycle ---------------------------------------------------------
 
@@ -143,6 +151,8 @@ class ConnectionManager:
                 raise ResourceInUse(resource=f"connection {conn_id}",
                                     reason="a domain on it has prepared volumes")
             self._check_duplicate(new, new_key)
+            if not (new.params == old.params and old.state == CONNECTED):
+                await self.release(conn_id)
             if new.params == old.params and old.state == CONNECTED:
                 return new.public()
             await backend.disconnect(old)
@@ -244,6 +254,7 @@ class ConnectionManager:
             if self.in_use(conn_id):
                 raise ResourceInUse(resource=f"connection {conn_id}",
                                     reason="a domain on it has prepared volumes")
+            await self.release(conn_id)
             await backend.disconnect(conn)
             del self.conns[conn_id]
             self.store.remove(conn_id)

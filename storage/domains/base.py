@@ -6,11 +6,16 @@ CREATING, its data is made, then LEGAL + READY + a new generation are
 written in one metadata write. Removal writes REMOVING first. Whatever a
 crash leaves CREATING or REMOVING is removed by `collect_garbage` at
 start-up and on activate; a volume is never LEGAL unless complete.
+
+Hosts sharing the domain meet in `self.leases` (leasing.py): a volume is
+allocated under the domain lease and made, written or removed under its
+own lease; garbage collection leaves alone what another host holds.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import logging
 from collections.abc import Awaitable, Callable
@@ -18,10 +23,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from storage import commands, qemuimg
+from storage.domains.leasing import UNLEASED, Unleased
 from storage.errors import (
+    AcquireLockFailure,
     HostAgentError,
     ImageDoesNotExistInSD,
     InvalidParameter,
+    LeaseHeld,
+    LeaseLost,
     NoSpaceLeftOnDomain,
     ResourceInUse,
     StorageDomainFailing,
@@ -30,6 +39,7 @@ from storage.errors import (
     VolumeDoesNotExist,
 )
 from storage.fileio import IOPool
+from storage.leases import BlockDomainLeases, FileDomainLeases, Resource
 from storage.metadata import (
     ALLOCATIONS,
     BLANK_UUID,
@@ -76,6 +86,8 @@ class Domain(abc.ABC):
     def __init__(self, md: DomainMetadata, io: IOPool) -> None:
         self.md = md
         self.io = io
+        # set by the DomainManager to this host's leases on the domain
+        self.leases: Unleased = UNLEASED
 
     @property
     def uuid(self) -> str:
@@ -146,6 +158,25 @@ class Domain(abc.ABC):
     async def health_check(self, timeout: float) -> None:
         """Read the domain metadata from storage bypassing caches; raises if
         storage does not answer in time."""
+
+    @abc.abstractmethod
+    def lease_areas(self) -> FileDomainLeases | BlockDomainLeases:
+        """Where the domain's lockspace and leases live."""
+
+    @abc.abstractmethod
+    async def volume_lease(self, img: str, vol: str) -> Resource:
+        """The lease of a volume that exists (its metadata at least)."""
+
+    @abc.abstractmethod
+    async def make_volume_lease(self, md: VolumeMetadata) -> None:
+        """Make (or re-make) the lease area of a new volume for the domain's
+        lock policy. Only while nobody can hold that lease: at creation,
+        under the domain lease, or when taking it failed for want of one."""
+
+    def forget_cache(self) -> None:
+        """Drop what is cached of shared metadata (taking the domain lease:
+        another host may have changed it)."""
+        return None
 
     # ---- queries ---------------------------------------------------------------
 
@@ -233,8 +264,6 @@ class Domain(abc.ABC):
         """
         if parent is None and spec.parent and spec.parent != BLANK_UUID:
             parent = await self._parent_for(spec)
-        if spec.vol in await self._all_volume_ids():
-            raise VolumeAlreadyExists(volUUID=spec.vol)
         if parent is not None and spec.size < parent.capacity:
             raise InvalidParameter(field="size", reason=f"smaller than the parent's capacity "
                                                         f"{parent.capacity}")
@@ -247,10 +276,21 @@ class Domain(abc.ABC):
                             capacity=spec.size, legality=ILLEGAL, generation=0,
                             description=spec.description, disk_type=spec.disk_type,
                             state=CREATING)
-        try:
-            await self.write_volume_md(md)
-        except OSError as e:
-            raise os_error(e, self.uuid) from None
+        async with self.leases.metadata():
+            if spec.vol in await self._all_volume_ids():
+                raise await self._exists_error(spec.vol, spec.img)
+            try:
+                await self.write_volume_md(md)
+            except OSError as e:
+                raise os_error(e, self.uuid) from None
+            try:
+                # the new volume's lease, taken before another host may see it
+                await self.make_volume_lease(md)
+                await self.leases.hold(md)
+            except BaseException:
+                with contextlib.suppress(HostAgentError, OSError):
+                    await self.discard_volume(md)
+                raise
         progress(2 if fill else 10)
         try:
             await self.create_volume_data(md, parent, spec.initial_size)
@@ -261,6 +301,11 @@ class Domain(abc.ABC):
             if commit:
                 md = await self.commit_volume(md, parent)
         except BaseException as e:
+            if isinstance(e, LeaseHeld | LeaseLost):
+                # another host has the volume now: what is on storage is its
+                with contextlib.suppress(HostAgentError):
+                    await self.leases.drop(md)
+                raise
             log.warning("Creating volume %s failed (%s); removing it", spec.vol,
                         type(e).__name__)
             # Also on cancellation (an aborted job): the half-made volume goes.
@@ -284,9 +329,12 @@ class Domain(abc.ABC):
     async def commit_volume(self, md: VolumeMetadata,
                             parent: VolumeMetadata | None) -> VolumeMetadata:
         """The one metadata write that makes a complete volume LEGAL, then
-        its parent's type (internal, or shared by images: a template)."""
+        its parent's type (internal, or shared by images: a template).
+        Only while the volume's lease is still held; it is released after."""
         done = replace(md, legality=LEGAL, state=READY, generation=md.generation + 1)
+        self.leases.check(md)
         await self.write_volume_md(done)
+        await self.leases.drop(md)
         if parent is not None:
             parent = await self.read_volume_md(parent.image, parent.uuid)
             if parent.voltype == LEAF:
@@ -315,6 +363,17 @@ class Domain(abc.ABC):
                                               "in this image")
         return parent
 
+    async def _exists_error(self, vol: str, img: str) -> HostAgentError:
+        """212, or 651 when the volume is being made (its lease held) elsewhere."""
+        try:
+            existing = await self.find_volume(vol, prefer_image=img)
+        except VolumeDoesNotExist:
+            return VolumeAlreadyExists(volUUID=vol)
+        if existing.state == CREATING and await self.leases.busy(existing):
+            return LeaseHeld(resource=f"{self.uuid}:{vol}",
+                             reason="the volume is being made by another host or job")
+        return VolumeAlreadyExists(volUUID=vol)
+
     async def _all_volume_ids(self) -> set[str]:
         ids: set[str] = set()
         for img in await self.image_ids():
@@ -322,14 +381,19 @@ class Domain(abc.ABC):
         return ids
 
     async def discard_volume(self, md: VolumeMetadata) -> None:
-        """Remove a volume being made (marked REMOVING first)."""
+        """Remove a volume being made (marked REMOVING first), under its lease."""
         try:
-            await self.write_volume_md(replace(md, state=REMOVING, legality=ILLEGAL))
-        except HostAgentError:
-            pass
-        await self.remove_volume_data(md.image, md.uuid)
-        if not await self.volume_ids(md.image):
-            await self.remove_image_dir(md.image)
+            async with self.leases.volume(md):
+                try:
+                    await self.write_volume_md(replace(md, state=REMOVING, legality=ILLEGAL))
+                except HostAgentError:
+                    pass
+                await self.remove_volume_data(md.image, md.uuid)
+                if not await self.volume_ids(md.image):
+                    await self.remove_image_dir(md.image)
+        finally:
+            with contextlib.suppress(LeaseLost):
+                await self.leases.drop(md)
 
     async def delete_volume(self, img: str, vol: str) -> None:
         md = await self.volume(img, vol)
@@ -337,8 +401,9 @@ class Domain(abc.ABC):
         if kids:
             raise ResourceInUse(resource=f"volume {vol}",
                                 reason=f"it has {len(kids)} child volume(s)")
-        await self.write_volume_md(replace(md, state=REMOVING, legality=ILLEGAL))
-        await self.remove_volume_data(img, vol)
+        async with self.leases.volume(md):
+            await self.write_volume_md(replace(md, state=REMOVING, legality=ILLEGAL))
+            await self.remove_volume_data(img, vol)
         if md.has_parent:
             parent = await self.find_volume(md.parent, prefer_image=img)
             if parent.voltype == INTERNAL and not await self.children(parent):
@@ -356,7 +421,10 @@ class Domain(abc.ABC):
             raise ResourceInUse(resource=f"image {img}",
                                 reason=f"volume {outside[0].parent} is the parent of volumes "
                                        "in other images")
-        await self.remove_image_volumes(img, vols, progress)
+        async with contextlib.AsyncExitStack() as held:
+            for v in vols:
+                await held.enter_async_context(self.leases.volume(v))
+            await self.remove_image_volumes(img, vols, progress)
         # A template parent in another image may now be a leaf again.
         for v in vols:
             if v.has_parent and v.parent not in ids:
@@ -390,21 +458,45 @@ class Domain(abc.ABC):
                                    reason=f"smaller than the capacity {md.capacity}")
         if new_size == md.capacity:
             return md
-        try:
-            await self.extend_volume_data(md, new_size)
-        except qemuimg.QemuImgError as e:
-            if "No space left" in e.message:
-                raise NoSpaceLeftOnDomain(sdUUID=self.uuid) from None
-            if "too large" in e.message.lower():
-                raise InvalidParameter(field="newSize", reason=e.message) from None
-            raise
-        done = replace(md, capacity=new_size, generation=md.generation + 1)
-        await self.write_volume_md(done)
+        async with self.leases.volume(md):
+            try:
+                await self.extend_volume_data(md, new_size)
+            except qemuimg.QemuImgError as e:
+                if "No space left" in e.message:
+                    raise NoSpaceLeftOnDomain(sdUUID=self.uuid) from None
+                if "too large" in e.message.lower():
+                    raise InvalidParameter(field="newSize", reason=e.message) from None
+                raise
+            done = replace(md, capacity=new_size, generation=md.generation + 1)
+            await self.write_volume_md(done)
         return done
 
     async def collect_garbage(self) -> dict[str, list[str]]:
         """Remove what a crash left half-made or half-removed; report volumes
-        whose metadata cannot be read (they are left alone)."""
+        whose metadata cannot be read (they are left alone). Under the
+        domain lease; a volume whose lease another host or job holds is
+        being made or removed there, not left behind, and stays."""
+        async with self.leases.metadata():
+            return await self._collect_garbage()
+
+    async def _remove_leftover(self, md: VolumeMetadata) -> bool:
+        for attempt in (1, 2):
+            try:
+                async with self.leases.volume(md):
+                    await self.remove_volume_data(md.image, md.uuid)
+                return True
+            except LeaseHeld:
+                return False
+            except AcquireLockFailure as e:
+                if attempt == 2:
+                    log.warning("Domain %s: leaving %s/%s: %s", self.uuid, md.image,
+                                md.uuid, e.message)
+                    return False
+                # no usable lease area: a crash came before it was made
+                await self.make_volume_lease(md)
+        return False
+
+    async def _collect_garbage(self) -> dict[str, list[str]]:
         removed: list[str] = []
         damaged: list[str] = []
         for img in await self.image_ids():
@@ -416,8 +508,7 @@ class Domain(abc.ABC):
                 except MetadataError as e:
                     damaged.append(f"{img}/{vol}: {e}")
                     continue
-                if md.state in (CREATING, REMOVING):
-                    await self.remove_volume_data(img, vol)
+                if md.state in (CREATING, REMOVING) and await self._remove_leftover(md):
                     removed.append(f"{img}/{vol}")
             if not await self.volume_ids(img):
                 await self.remove_image_dir(img)

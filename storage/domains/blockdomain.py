@@ -36,6 +36,7 @@ from storage.errors import (
 )
 from storage.fileio import IOPool
 from storage.ids import is_uuid
+from storage.leases import BlockDomainLeases, Geometry, Resource, init_volume_lease
 from storage.metadata import BLANK_UUID, DomainMetadata, MetadataError, VolumeMetadata
 
 log = logging.getLogger("storage.domains")
@@ -310,7 +311,7 @@ class BlockDomain(Domain):
         await lvm_.lvcreate(vg, METADATA_LV, metadata_size)
         await lvm_.lvcreate(vg, IDS_LV, lease_size)
         await lvm_.lvcreate(vg, LEASES_LV, lease_size)
-        await lvm_.activate(vg, [METADATA_LV])
+        await lvm_.activate(vg, [METADATA_LV, IDS_LV, LEASES_LV])
         md_lv = await lvm_.lv(vg, METADATA_LV)
         domain = cls(md, lvm_, io, runner, extent_size=extent_size,
                      slots=md_lv.size // SLOT_SIZE)
@@ -335,7 +336,8 @@ class BlockDomain(Domain):
             raise MetadataError(f"VG {vg_name} is not a storage domain (no {VG_TAG} tag)")
         if INITIALIZING in vg.tags:
             raise MetadataError(f"creation of domain {vg_name} did not finish")
-        await lvm_.activate(vg_name, [METADATA_LV])
+        # the lease areas too: every host sharing the domain uses them
+        await lvm_.activate(vg_name, [METADATA_LV, IDS_LV, LEASES_LV])
         md_lv = await lvm_.lv(vg_name, METADATA_LV)
         path = f"/dev/{vg_name}/{METADATA_LV}"
         data = (await io.call(_read_slots, path, [DOMAIN_SLOT]))[DOMAIN_SLOT]
@@ -425,9 +427,10 @@ class BlockDomain(Domain):
                                        reason=f"LV {md.uuid} belongs to image {v.image}")
             await self._write_slot(v.slot, data)
             if v.parent != md.parent:
-                await self.lvm.lvchange_tags(self.vg, md.uuid,
-                                             add=[f"{PARENT_PREFIX}{md.parent}"],
-                                             remove=[f"{PARENT_PREFIX}{v.parent}"])
+                async with self.leases.metadata():
+                    await self.lvm.lvchange_tags(self.vg, md.uuid,
+                                                 add=[f"{PARENT_PREFIX}{md.parent}"],
+                                                 remove=[f"{PARENT_PREFIX}{v.parent}"])
             return
         await self._create_lv(md, data)
 
@@ -438,7 +441,7 @@ class BlockDomain(Domain):
             # Made at its final size: no lvextend in create_volume_data.
             measured = await qemuimg.measure(size=md.capacity, runner=self.runner)
             size = max(size, round_up(measured["fully-allocated"], self.extent_size))
-        async with self._slot_lock:
+        async with self.leases.metadata(), self._slot_lock:
             self.lvm.invalidate(self.vg)
             slot = free_slot((lv.tags for lv in await self.lvm.lvs(self.vg)), self.slots)
             if slot is None:
@@ -449,8 +452,9 @@ class BlockDomain(Domain):
                                     tags=[*volume_tags(md, slot), INITIALIZING])
             self._new_lvs[md.uuid] = size
         try:
-            await self._write_slot(slot, data)
-            await self.lvm.lvchange_tags(self.vg, md.uuid, remove=[INITIALIZING])
+            async with self.leases.metadata():
+                await self._write_slot(slot, data)
+                await self.lvm.lvchange_tags(self.vg, md.uuid, remove=[INITIALIZING])
         except BaseException:
             self._new_lvs.pop(md.uuid, None)
             try:
@@ -462,7 +466,7 @@ class BlockDomain(Domain):
 
     async def _remove_lv(self, vol: str, slot: int | None) -> None:
         self._new_lvs.pop(vol, None)
-        async with self._slot_lock:
+        async with self.leases.metadata(), self._slot_lock:
             try:
                 # --force also deactivates the LV if it is active and not
                 # open (a crash left it so): no separate lvchange -an.
@@ -492,7 +496,8 @@ class BlockDomain(Domain):
             await self.lvm.activate(self.vg, [md.uuid])
         try:
             if md.format == "COW" and want > made:
-                await self.lvm.lvextend(self.vg, md.uuid, want)
+                async with self.leases.metadata():
+                    await self.lvm.lvextend(self.vg, md.uuid, want)
             if md.format == "RAW":
                 # Extents of deleted volumes are reused: no stale header here.
                 await self.io.call(_zero, path, 0, min(MiB, round_up(md.capacity, 4096)))
@@ -520,7 +525,8 @@ class BlockDomain(Domain):
             v = await self._volume_lv(md.uuid)
             size = round_up(new_size, self.extent_size)
             if v is None or size > v.size:
-                await self.lvm.lvextend(self.vg, md.uuid, size)
+                async with self.leases.metadata():
+                    await self.lvm.lvextend(self.vg, md.uuid, size)
             return
         # qemu-img resize opens the backing chain: activate all of it.
         chain = await self.chain(md.image, md.uuid)
@@ -558,14 +564,15 @@ class BlockDomain(Domain):
     async def remove_image_dir(self, img: str) -> None:
         return None   # an image is only the IU_ tags of its volumes
 
-    async def collect_garbage(self) -> dict[str, list[str]]:
+    async def _collect_garbage(self) -> dict[str, list[str]]:
         """Also remove LVs left INITIALIZING (a crash between lvcreate and the
-        slot write): their metadata was never complete."""
+        slot write): their metadata was never complete. (Under the domain
+        lease: another host makes its new LVs under it too.)"""
         self.lvm.invalidate(self.vg)
         leftovers = [v for v in await self._volume_lvs() if v.initializing]
         for v in leftovers:
             await self._remove_lv(v.name, v.slot)
-        report = await super().collect_garbage()
+        report = await super()._collect_garbage()
         report["removed"] += [f"{v.image}/{v.name}" for v in leftovers]
         if leftovers:
             log.warning("Domain %s: removed LVs left INITIALIZING: %s", self.uuid,
@@ -577,6 +584,32 @@ class BlockDomain(Domain):
 
     async def health_check(self, timeout: float) -> None:
         await read_check(self.runner, self.uuid, str(self.md_path), timeout)
+
+    # ---- leases --------------------------------------------------------------------------
+
+    def lease_areas(self) -> BlockDomainLeases:
+        return BlockDomainLeases(self.uuid, Geometry(self.md.block_size, self.md.alignment))
+
+    def forget_cache(self) -> None:
+        self.lvm.invalidate(self.vg)
+
+    async def volume_lease(self, img: str, vol: str) -> Resource:
+        v = await self._volume_lv(vol)
+        if v is None or v.slot is None:
+            raise VolumeDoesNotExist(volUUID=vol, reason="no LV with a metadata slot")
+        return self.lease_areas().volume_resource(vol, v.slot)
+
+    async def make_volume_lease(self, md: VolumeMetadata) -> None:
+        """The leases LV holds one lease per metadata slot: grow it (one
+        extent at a time) when a slot past its end is used."""
+        res = await self.volume_lease(md.image, md.uuid)
+        need = res.offset + res.geometry.resource_size
+        async with self.leases.metadata():
+            leases_lv = await self.lvm.lv(self.vg, LEASES_LV)
+            if leases_lv.size < need:
+                await self.lvm.lvextend(self.vg, LEASES_LV, round_up(need, self.extent_size))
+        await init_volume_lease(res, self.md.lock_policy, self.leases.io_timeout,
+                                runner=self.runner)
 
 
 async def _sector_size(device: str, runner: commands.Runner) -> int:

@@ -12,6 +12,7 @@ hung server costs deadlines, not the event loop. A new domain is built in
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -27,6 +28,13 @@ from storage.errors import (
 )
 from storage.fileio import IOPool, atomic_write, fsync_dir, read_direct
 from storage.ids import is_uuid
+from storage.leases import (
+    FileDomainLeases,
+    Geometry,
+    Resource,
+    create_lease_file,
+    init_volume_lease,
+)
 from storage.metadata import DomainMetadata, MetadataError, VolumeMetadata
 
 LEASE_AREA_SIZE = 1024 * 1024
@@ -292,7 +300,7 @@ class FileDomain(Domain):
         await self.io.call(shutil.rmtree, doomed, True, timeout=max(self.io.timeout, 600))
         progress(100)
 
-    async def collect_garbage(self) -> dict[str, list[str]]:
+    async def _collect_garbage(self) -> dict[str, list[str]]:
         def doomed() -> list[Path]:
             """Images being removed, and temp files of interrupted atomic writes."""
             try:
@@ -315,7 +323,7 @@ class FileDomain(Domain):
         leftovers = await self.io.call(doomed)
         for path in leftovers:
             await self.io.call(remove, path, timeout=max(self.io.timeout, 600))
-        report = await super().collect_garbage()
+        report = await super()._collect_garbage()
         report["removed"] += [p.name for p in leftovers]
         return report
 
@@ -334,3 +342,24 @@ class FileDomain(Domain):
     async def health_check(self, timeout: float) -> None:
         await read_check(self.runner, self.uuid, str(self.md_path), timeout,
                          buffered_fallback=True)
+
+    # ---- leases --------------------------------------------------------------------------
+
+    def lease_areas(self) -> FileDomainLeases:
+        return FileDomainLeases(self.uuid, self.root,
+                                Geometry(self.md.block_size, self.md.alignment))
+
+    async def volume_lease(self, img: str, vol: str) -> Resource:
+        return self.lease_areas().volume_resource(img, vol)
+
+    async def make_volume_lease(self, md: VolumeMetadata) -> None:
+        areas = self.lease_areas()
+        path = areas.volume_lease_path(md.image, md.uuid)
+
+        def make() -> None:
+            with contextlib.suppress(FileExistsError):
+                create_lease_file(path, areas.geometry)
+
+        await self.io.call(make)
+        await init_volume_lease(areas.volume_resource(md.image, md.uuid), self.md.lock_policy,
+                                self.leases.io_timeout, runner=self.runner)

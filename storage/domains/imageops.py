@@ -654,20 +654,21 @@ class ImageOps:
                      sdom.uuid, top.image, layer.uuid)
             return False
         path = sdom.volume_path(layer.image, layer.uuid)
-        async with self.dm.using(sdom, await sdom.chain(layer.image, layer.uuid)):
-            if top.format == "COW":
-                have = set(await self._bitmaps(sdom, top))
-                top_path = sdom.volume_path(top.image, top.uuid)
-                for bm in await self._bitmaps(sdom, layer):
-                    if bm not in have:
-                        await qemuimg.bitmap(top_path, bm, action="add",
+        async with sdom.leases.volume(top), sdom.leases.volume(layer):
+            async with self.dm.using(sdom, await sdom.chain(layer.image, layer.uuid)):
+                if top.format == "COW":
+                    have = set(await self._bitmaps(sdom, top))
+                    top_path = sdom.volume_path(top.image, top.uuid)
+                    for bm in await self._bitmaps(sdom, layer):
+                        if bm not in have:
+                            await qemuimg.bitmap(top_path, bm, action="add",
+                                                 runner=self.dm.runner)
+                        await qemuimg.bitmap(top_path, bm, action="merge", source=path,
                                              runner=self.dm.runner)
-                    await qemuimg.bitmap(top_path, bm, action="merge", source=path,
-                                         runner=self.dm.runner)
-            await qemuimg.commit(path, fmt="qcow2", runner=self.dm.runner)
-        # What the layer held is in its parent now: remove it (a crash before
-        # this leaves a consistent chain with one more layer).
-        await sdom.delete_volume(layer.image, layer.uuid)
+                await qemuimg.commit(path, fmt="qcow2", runner=self.dm.runner)
+            # What the layer held is in its parent now: remove it (a crash
+            # before this leaves a consistent chain with one more layer).
+            await sdom.delete_volume(layer.image, layer.uuid)
         return True
 
 

@@ -31,6 +31,7 @@ from storage.domains.blockdomain import INITIALIZING as VG_INITIALIZING
 from storage.domains.blockdomain import VG_TAG, BlockDomain
 from storage.domains.filedomain import FileDomain
 from storage.domains.imageops import ImageOps
+from storage.domains.leasing import DomainLeases
 from storage.errors import (
     BackupDomainRestricted,
     HostAgentError,
@@ -44,6 +45,7 @@ from storage.errors import (
     StorageServerConnectionError,
 )
 from storage.fileio import IOPool
+from storage.leases import LeaseManager, init_domain_areas
 from storage.metadata import LEGAL, READY, DomainMetadata, MetadataError, VolumeMetadata
 
 log = logging.getLogger("storage.domains")
@@ -79,6 +81,9 @@ class DomainManager:
     def __init__(self, state_dir: Path, connections: ConnectionManager, locks: LockManager, *,
                  io_timeout: float = 30.0, monitor_interval: float = 10.0,
                  ovf_store_size: int = 0, block_extent_size: int = 128 << 20,
+                 leases: LeaseManager | None = None, host_id: int = 1,
+                 lock_policy: str = "local", lease_io_timeout: int = 10,
+                 domain_lease_timeout: float = 60.0,
                  runner: commands.Runner = commands.run) -> None:
         self.block_extent_size = block_extent_size
         # Size of the OVF store volume made with each new domain.
@@ -89,6 +94,13 @@ class DomainManager:
         self.io_timeout = io_timeout
         self.monitor_interval = monitor_interval
         self.runner = runner
+        # Leases between hosts sharing storage (None: no leases, unit tests).
+        self.leases = leases
+        self.host_id = host_id
+        # the lock policy recorded in domains this host creates
+        self.lock_policy = lock_policy
+        self.lease_io_timeout = lease_io_timeout
+        self.domain_lease_timeout = domain_lease_timeout
         self.entries: dict[str, Entry] = {}
         self.pools: dict[str, IOPool] = {}
         self.active: set[str] = set()
@@ -98,7 +110,9 @@ class DomainManager:
         # volume active: a template's LV stays active while any clone needs it.
         self.active_refs: dict[str, int] = {}
         self._activation: dict[str, asyncio.Lock] = {}
+        self._started = False
         connections.in_use = self.connection_in_use
+        connections.release = self.release_connection
         self.images = ImageOps(self)
 
     # ---- host state --------------------------------------------------------------
@@ -138,6 +152,7 @@ class DomainManager:
                 continue
             await self._activate(entry)
         await self._count_prepared()
+        self._started = True
 
     async def _count_prepared(self) -> None:
         """What prepared.json says is in use keeps its volumes active."""
@@ -163,6 +178,20 @@ class DomainManager:
             await self._stop_monitor(entry)
         for pool in self.pools.values():
             pool.close()
+
+    def _attach(self, domain: Domain) -> Domain:
+        """Give a domain found or made here this host's leases on it."""
+        if self.leases is not None:
+            domain.leases = DomainLeases(
+                self.leases, domain, host_id=self.host_id, io_timeout=self.lease_io_timeout,
+                domain_timeout=self.domain_lease_timeout,
+                on_joined=lambda: self._collect(domain))
+        return domain
+
+    async def _collect(self, domain: Domain) -> None:
+        report = await domain.collect_garbage()
+        if report["damaged"]:
+            log.error("Domain %s has damaged volumes: %s", domain.uuid, report["damaged"])
 
     def _pool(self, conn_id: str) -> IOPool:
         pool = self.pools.get(conn_id)
@@ -194,7 +223,11 @@ class DomainManager:
                 except (HostAgentError, OSError, MetadataError) as e:
                     log.warning("Ignoring domain at %s: %s", root, e)
                     continue
-                self.entries[domain.uuid] = Entry(domain=domain, conn_id=conn.id)
+                entry = Entry(domain=self._attach(domain), conn_id=conn.id)
+                self.entries[domain.uuid] = entry
+                if self._started and domain.uuid in self.active:
+                    # its storage was disconnected while active, and is back
+                    await self._activate(entry)
 
     async def _mpath_devices(self) -> dict[str, str]:
         """wwid -> /dev/mapper/<map> of every multipath map on this host
@@ -231,7 +264,7 @@ class DomainManager:
             except (HostAgentError, OSError, MetadataError) as e:
                 log.warning("Ignoring VG %s: %s", vg.name, e)
                 continue
-            self.entries[domain.uuid] = Entry(domain=domain, conn_id=None)
+            self.entries[domain.uuid] = Entry(domain=self._attach(domain), conn_id=None)
 
     async def entry(self, sd: str) -> Entry:
         if sd not in self.entries:
@@ -277,9 +310,11 @@ class DomainManager:
             if sd in self.entries:
                 raise StorageDomainAlreadyExists(sdUUID=sd)
             md = DomainMetadata(uuid=sd, name=name, dom_type=dom_type, dom_class=dom_class,
-                                version=version, backup=dom_class == "backup")
+                                version=version, backup=dom_class == "backup",
+                                lock_policy=self.lock_policy)
             if dom_type in BLOCK_TYPES:
                 entry = await self._create_block(md, devices)
+                await self._init_leases(entry)
                 self.entries[sd] = entry
                 await self._activate(entry)
                 log.info("Created %s domain %s (%s) on %s", dom_type, sd, name, devices)
@@ -299,7 +334,9 @@ class DomainManager:
             assert mount is not None
             domain = await FileDomain.create(mount, md, self._pool(connection_id),
                                              self.runner)
-            entry = self.entries[sd] = Entry(domain=domain, conn_id=connection_id)
+            entry = Entry(domain=self._attach(domain), conn_id=connection_id)
+            await self._init_leases(entry)
+            self.entries[sd] = entry
             await self._activate(entry)
             log.info("Created %s domain %s (%s) on %s", dom_type, sd, name, mount)
             return await self.info(sd)
@@ -318,7 +355,18 @@ class DomainManager:
         domain = await BlockDomain.create(paths, md, lvm.LVM(self.runner, devices=paths),
                                           IOPool(md.uuid[:8], timeout=self.io_timeout),
                                           self.runner, extent_size=self.block_extent_size)
-        return Entry(domain=domain, conn_id=None)
+        return Entry(domain=self._attach(domain), conn_id=None)
+
+    async def _init_leases(self, entry: Entry) -> None:
+        """Format a new domain's lockspace and domain lease for its policy;
+        a domain that cannot have them is removed again."""
+        try:
+            await init_domain_areas(entry.domain.lease_areas(), entry.domain.md.lock_policy,
+                                    self.lease_io_timeout, runner=self.runner)
+        except BaseException:
+            with contextlib.suppress(HostAgentError):
+                await entry.domain.remove_all()
+            raise
 
     async def info(self, sd: str) -> dict[str, Any]:
         entry = await self.entry(sd)
@@ -328,7 +376,8 @@ class DomainManager:
                 "state": "active" if entry.active else "inactive",
                 "blockSize": md.block_size, "alignment": md.alignment,
                 "lockPolicy": md.lock_policy, "created": md.created,
-                "connectionId": entry.conn_id, "monitoring": entry.monitor.info()}
+                "connectionId": entry.conn_id, "monitoring": entry.monitor.info(),
+                "lockspace": entry.domain.leases.status()}
         if isinstance(entry.domain, FileDomain):
             info["path"] = str(entry.domain.root)
         return info
@@ -354,11 +403,18 @@ class DomainManager:
             await self._activate(entry)
         return await self.info(sd)
 
+    # how long activation waits for the host id before going on without it
+    # (garbage collection runs once it is joined)
+    JOIN_WAIT = 5.0
+
     async def _activate(self, entry: Entry) -> None:
-        report = await entry.domain.collect_garbage()
-        if report["damaged"]:
-            log.error("Domain %s has damaged volumes: %s", entry.domain.uuid,
-                      report["damaged"])
+        leases = entry.domain.leases
+        if isinstance(leases, DomainLeases):
+            # joining collects the garbage (under the domain lease)
+            leases.start_join()
+            await leases.wait_joined(self.JOIN_WAIT)
+        else:
+            await self._collect(entry.domain)
         entry.active = True
         self.active.add(entry.domain.uuid)
         self._save_active()
@@ -371,6 +427,7 @@ class DomainManager:
             entry = await self.entry(sd)
             if self._prepared_on(sd):
                 raise ResourceInUse(resource=f"domain {sd}", reason="volumes are prepared")
+            await entry.domain.leases.leave()
             entry.active = False
             self.active.discard(sd)
             self._save_active()
@@ -438,6 +495,10 @@ class DomainManager:
                 if mon.state == "failing":
                     log.info("Domain %s recovered", sd)
                 mon.state, mon.error = "ok", ""
+                leases = entry.domain.leases
+                if isinstance(leases, DomainLeases) and not leases.joined():
+                    # storage back, or the lock daemon: join again
+                    leases.start_join()
             else:
                 reason = error.message if isinstance(error, HostAgentError) else \
                     f"{type(error).__name__}: {error}"
@@ -450,6 +511,7 @@ class DomainManager:
             if self._prepared_on(sd):
                 raise ResourceInUse(resource=f"domain {sd}", reason="volumes are prepared")
             await self._stop_monitor(entry)
+            await entry.domain.leases.leave()
             await entry.domain.remove_all()
             del self.entries[sd]
             self.active.discard(sd)
@@ -462,9 +524,10 @@ class DomainManager:
             if backup and self._prepared_on(sd, purpose="vm"):
                 raise ResourceInUse(resource=f"domain {sd}",
                                     reason="volumes are prepared for running VMs")
-            md = replace(await domain.read_domain_md(), backup=backup,
-                         dom_class="backup" if backup else "data")
-            await domain.write_domain_md(md)
+            async with domain.leases.metadata():
+                md = replace(await domain.read_domain_md(), backup=backup,
+                             dom_class="backup" if backup else "data")
+                await domain.write_domain_md(md)
         return await self.info(sd)
 
     def summary(self) -> dict[str, Any]:
@@ -489,8 +552,10 @@ class DomainManager:
     async def create_volume(self, sd: str, spec: VolumeSpec,
                             progress: Progress) -> dict[str, Any]:
         async with self._volume_locks(sd, spec.img, spec.vol, parent=spec.parent):
-            domain = await self.active_domain(sd)
-            md = await domain.create_volume(spec, progress)
+            entry = await self.entry(sd)
+            self.check_writable(entry)
+            md = await entry.domain.create_volume(spec, progress)
+            domain = entry.domain
             apparent, true = await domain.volume_sizes(md.image, md.uuid)
             return volume_info(md, apparent, true)
 
@@ -549,6 +614,19 @@ class DomainManager:
     def connection_in_use(self, conn_id: str) -> bool:
         return any(e.conn_id == conn_id and self._prepared_on(sd)
                    for sd, e in self.entries.items())
+
+    async def release_connection(self, conn_id: str) -> None:
+        """The connection's storage is going: its file domains stop being
+        monitored, leave their lockspaces (closing the files they hold open
+        there) and are forgotten until the storage is found again."""
+        for sd, entry in list(self.entries.items()):
+            if entry.conn_id != conn_id:
+                continue
+            async with self.locks.hold(request("domain", sd)):
+                await entry.domain.leases.leave()
+                await self._stop_monitor(entry)
+                # still active in domains.json: activated again when found
+                del self.entries[sd]
 
     async def use_volumes(self, domain: Domain, chain: list[VolumeMetadata]) -> None:
         """Make volumes usable on this host (block: activate their LVs),

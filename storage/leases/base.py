@@ -30,8 +30,10 @@ from storage.errors import (
     AcquireHostIdFailure,
     AcquireLockFailure,
     HostAgentError,
+    LeaseHeld,
     LeaseLost,
     ResourceInUse,
+    ResourceTimeout,
 )
 from storage.leases.layout import Lockspace, Resource
 
@@ -250,7 +252,7 @@ class LeaseManager:
             raise AcquireLockFailure(resource=str(resource),
                                      reason=f"host id on domain is {state}")
         if resource.key in self._held:
-            raise AcquireLockFailure(resource=str(resource), reason="held by this agent")
+            raise LeaseHeld(resource=str(resource), reason="held by this agent")
         lease = Lease(resource, joined.backend.name)
         # reserve the key now: a second acquire in this agent fails at once
         self._held[resource.key] = lease
@@ -263,10 +265,12 @@ class LeaseManager:
                 except LeaseBusy as e:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise AcquireLockFailure(resource=str(resource), reason=str(e)) from None
+                        raise LeaseHeld(resource=str(resource), reason=str(e)) from None
                     await asyncio.sleep(min(self.retry_interval, left))
                 except AcquireLockFailure:
                     raise
+                except ResourceTimeout:
+                    raise       # storage did not answer: 851, as any I/O on it
                 except HostAgentError as e:
                     raise AcquireLockFailure(resource=str(resource), reason=e.message) from e
         except BaseException:
@@ -294,13 +298,27 @@ class LeaseManager:
         return [lease.info() for lease in self._held.values() if lease.held is not None]
 
     async def close(self) -> None:
-        """Release every lease and leave every lockspace (agent shutdown)."""
+        """Release every lease and leave every lockspace (agent shutdown),
+        except those a backend's daemon keeps for the next agent."""
+        def drops_all(backend: Backend) -> bool:
+            # its close() lets go of everything at once (no call per lease,
+            # each of which could wait its deadline on hung storage)
+            return bool(getattr(backend, "drops_all_on_close", False))
+
         for lease in list(self._held.values()):
+            if drops_all(self.backends[lease.backend]):
+                self._held.pop(lease.resource.key, None)
+                continue
             try:
                 await self._release(lease)
             except Exception:
                 log.exception("releasing %s at shutdown failed", lease.resource)
-        for sd_uuid in list(self._spaces):
+        for sd_uuid, joined in list(self._spaces.items()):
+            if drops_all(joined.backend):
+                del self._spaces[sd_uuid]
+                continue
+            if getattr(joined.backend, "keeps_lockspaces", False):
+                continue
             try:
                 await self.rem_lockspace(sd_uuid)
             except Exception:

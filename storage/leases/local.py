@@ -9,7 +9,10 @@ holder dies (SIGKILL included), and are forwarded to the server on NFSv4
 (so they also hold between hosts there; on NFSv3 through lockd, and on a
 block device only within this host).
 
-Every syscall on the domain runs in the lockspace's IOPool with a deadline.
+Every syscall on the domain runs with a deadline, in the lockspace's IOPool
+or, in the agent, in the lock holder process (lockholder.py: the agent
+itself keeps no file open on the storage, which on a hung FUSE file system
+would block every process it starts).
 A monitor re-checks held locks every `check_interval` from a second open
 file: a lock the kernel no longer shows (an NFSv4 lease that expired and
 was not reclaimed) is lost at once; a check that keeps failing or timing
@@ -26,11 +29,13 @@ import os
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from storage.errors import AcquireHostIdFailure, AcquireLockFailure, ResourceTimeout
 from storage.fileio import IOPool
 from storage.leases.base import LeaseBusy, LostCallback
 from storage.leases.layout import Lockspace, Resource
+from storage.leases.lockholder import HolderLocker, LockHolder
 
 log = logging.getLogger("storage.leases.local")
 
@@ -73,13 +78,46 @@ def lock_visible(path: str, offset: int) -> bool:
     return bool(kind != fcntl.F_UNLCK)
 
 
+class Locker(Protocol):
+    """Where one lockspace's locks are taken and held (with its deadline:
+    ResourceTimeout when storage does not answer, OSError when it fails)."""
+
+    async def lock(self, path: str, offset: int) -> int | None:
+        """A handle of the lock taken, or None when another holder has it."""
+
+    async def visible(self, path: str, offset: int) -> bool: ...
+
+    async def unlock(self, handle: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ThreadLocker:
+    """Locks held by this process, taken in an IOPool (handles are fds)."""
+
+    def __init__(self, name: str, workers: int, timeout: float) -> None:
+        self.pool = IOPool(name, workers, timeout=timeout)
+
+    async def lock(self, path: str, offset: int) -> int | None:
+        return await self.pool.call(try_lock, path, offset)
+
+    async def visible(self, path: str, offset: int) -> bool:
+        return await self.pool.call(lock_visible, path, offset)
+
+    async def unlock(self, handle: int) -> None:
+        await self.pool.call(os.close, handle)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
 @dataclass(eq=False)
 class _Lock:
     what: str
     path: str
     offset: int
-    fd: int | None
-    pool: IOPool
+    fd: int | None          # the locker's handle (an fd with ThreadLocker)
+    locker: Locker
     on_lost: LostCallback
     failing_since: float | None = None
     lost: bool = False
@@ -88,14 +126,14 @@ class _Lock:
     async def close(self) -> None:
         fd, self.fd = self.fd, None
         if fd is not None:
-            await self.pool.call(os.close, fd)
+            await self.locker.unlock(fd)
 
 
 @dataclass(eq=False)
 class _Space:
     lockspace: Lockspace
     host_id: int
-    pool: IOPool
+    locker: Locker
     lock: _Lock
     leases: set[LocalLease] = field(default_factory=set)
 
@@ -118,14 +156,22 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, *, check_interval: float = 10.0, fail_after: float | None = None,
-                 workers: int = 4) -> None:
+                 workers: int = 4, holder: LockHolder | None = None) -> None:
+        """`holder`: keep the locks in that helper process (the agent does);
+        without one, in this process."""
         self.check_interval = check_interval
         self.fail_after = fail_after
         self.workers = workers
+        self.holder = holder
         self._spaces: dict[str, _Space] = {}
         self._fail_after: dict[str, float] = {}
         self._monitor: asyncio.Task[None] | None = None
         self._closing = False
+
+    @property
+    def drops_all_on_close(self) -> bool:
+        """With a holder, close() drops every lock at once (see LeaseManager.close)."""
+        return self.holder is not None
 
     async def add_lockspace(self, ls: Lockspace, host_id: int, io_timeout: int,
                             on_lost: LostCallback) -> None:
@@ -140,22 +186,24 @@ class LocalBackend:
             raise AcquireHostIdFailure(sdUUID=ls.name,
                                        reason=f"joined with host id {space.host_id}")
         offset = ls.offset + (host_id - 1) * ls.geometry.sector_size
-        pool = IOPool(f"lease-{ls.name[:8]}", self.workers, timeout=float(io_timeout))
+        locker: Locker = (
+            HolderLocker(self.holder, float(io_timeout)) if self.holder is not None
+            else ThreadLocker(f"lease-{ls.name[:8]}", self.workers, float(io_timeout)))
         try:
-            fd = await pool.call(try_lock, ls.path, offset)
+            fd = await locker.lock(ls.path, offset)
         except (OSError, ResourceTimeout) as e:
-            pool.close()
+            locker.close()
             raise AcquireHostIdFailure(sdUUID=ls.name, reason=_reason(e, ls.path)) from None
         except BaseException:
-            pool.close()
+            locker.close()
             raise
         if fd is None:
-            pool.close()
+            locker.close()
             raise AcquireHostIdFailure(
                 sdUUID=ls.name, reason=f"host id {host_id} is held by another agent "
                                        f"(lock on {ls.path} byte {offset})")
-        lock = _Lock(f"host id {host_id} of {ls.name}", ls.path, offset, fd, pool, on_lost)
-        self._spaces[ls.name] = _Space(ls, host_id, pool, lock)
+        lock = _Lock(f"host id {host_id} of {ls.name}", ls.path, offset, fd, locker, on_lost)
+        self._spaces[ls.name] = _Space(ls, host_id, locker, lock)
         self._fail_after[ls.name] = (8.0 * io_timeout if self.fail_after is None
                                      else self.fail_after)
         self._start_monitor()
@@ -170,21 +218,21 @@ class LocalBackend:
             await space.lock.close()
         finally:
             del self._spaces[ls.name]
-            space.pool.close()
+            space.locker.close()
 
     async def acquire(self, res: Resource, on_lost: LostCallback) -> LocalLease:
         space = self._spaces.get(res.lockspace)
         if space is None or space.lock.lost:
             raise AcquireLockFailure(resource=str(res), reason="lockspace not joined")
         try:
-            fd = await space.pool.call(try_lock, res.path, res.offset)
-        except (OSError, ResourceTimeout) as e:
+            fd = await space.locker.lock(res.path, res.offset)
+        except OSError as e:
             raise AcquireLockFailure(resource=str(res), reason=_reason(e, res.path)) from None
         if fd is None:
             raise LeaseBusy(f"held by another process or host (lock on {res.path} "
                             f"byte {res.offset})")
         lease = LocalLease(self, space,
-                           _Lock(f"lease {res}", res.path, res.offset, fd, space.pool, on_lost))
+                           _Lock(f"lease {res}", res.path, res.offset, fd, space.locker, on_lost))
         space.leases.add(lease)
         return lease
 
@@ -195,6 +243,16 @@ class LocalBackend:
             self._monitor.cancel()
             await asyncio.gather(self._monitor, return_exceptions=True)
             self._monitor = None
+        if self.holder is not None:
+            # the helper's exit drops every lock at once: no close per lock,
+            # each of which could wait its deadline on hung storage
+            for space in self._spaces.values():
+                space.lock.fd = None
+                for lease in space.leases:
+                    lease.lock.fd = None
+            self._spaces.clear()
+            await self.holder.close()
+            return
         for space in list(self._spaces.values()):
             await self.rem_lockspace(space.lockspace, space.host_id)
 
@@ -225,7 +283,7 @@ class LocalBackend:
             return
         lock.checking = True
         try:
-            held = await lock.pool.call(lock_visible, lock.path, lock.offset)
+            held = await lock.locker.visible(lock.path, lock.offset)
         except (OSError, ResourceTimeout) as e:
             now = time.monotonic()
             if lock.failing_since is None:

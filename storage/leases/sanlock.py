@@ -213,6 +213,9 @@ class SanlockBackend:
     of the daemon + /sanlock.sock); `run_dir`: where the killpath FIFO lives."""
 
     name = "sanlock"
+    # the daemon keeps the host ids when the agent stops: a restarted agent
+    # takes them over at once instead of joining again (2 io_timeouts and more)
+    keeps_lockspaces = True
 
     def __init__(self, *, socket_path: str = DEFAULT_SOCKET, run_dir: str = DEFAULT_RUN_DIR,
                  call_timeout: float = 30.0, check_interval: float = 10.0,

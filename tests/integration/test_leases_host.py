@@ -147,7 +147,8 @@ async def test_two_processes(domain: FileDomainLeases, holders: list[Holder]) ->
         await asyncio.sleep(0)
         assert waiter.proc.wait(30) != 0
         assert waiter.proc.stderr is not None
-        assert "AcquireLockFailure" in waiter.proc.stderr.read()
+        # LeaseHeld: the AcquireLockFailure (651) of a lease another holder has
+        assert "LeaseHeld" in waiter.proc.stderr.read()
     await m.close()
 
 
