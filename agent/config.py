@@ -122,6 +122,9 @@ class DebugConfig:
     # Verbs that exist only to test the agent itself (a stepped job, a verb
     # that raises). Never enable in production.
     test_verbs: bool = False
+    # Domains take no leases at all (benchmarks measure what leases cost).
+    # Never in production: hosts sharing storage would not be kept apart.
+    no_leases: bool = False
 
 
 @dataclass

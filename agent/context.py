@@ -57,7 +57,8 @@ class Agent:
                                 monitor_interval=storage.monitor_interval,
                                 ovf_store_size=volume_size(config.ovf.max_tar_size),
                                 block_extent_size=storage.block_extent_size,
-                                leases=leases, host_id=le.host_id, lock_policy=le.policy,
+                                leases=None if config.debug.no_leases else leases,
+                                host_id=le.host_id, lock_policy=le.policy,
                                 lease_io_timeout=le.io_timeout,
                                 domain_lease_timeout=le.domain_lease_timeout)
         ovf = OvfService(domains, locks, slot_size=config.ovf.max_tar_size,

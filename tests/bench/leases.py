@@ -75,10 +75,63 @@ async def _local(runs: int) -> dict[str, Any]:
         shutil.rmtree(work)
 
 
+# ---- 100 createVolume with leases and without ----------------------------------------------
+
+CREATES = 100
+
+
+async def _creates(work: Path, policy: str, leases: bool, count: int) -> dict[str, Any]:
+    """`count` createVolume jobs one after another on a localfs domain of an
+    agent whose domains take leases of `policy`, or none (debug.no_leases)."""
+    from tests.agentproc import AgentProcess
+    from tests.bench.common import drop_localfs_domain, localfs_domain
+
+    name = f"{policy}-{'leases' if leases else 'none'}"
+    state = work / name
+    state.mkdir()
+    backends = '["local", "sanlock"]' if policy == "sanlock" else '["local"]'
+    (state / "hostagent.toml").write_text(
+        f'[leases]\nbackends = {backends}\npolicy = "{policy}"\nio_timeout = 1\n'
+        f'run_dir = "{state / "run"}"\n[debug]\nno_leases = {"false" if leases else "true"}\n')
+    data = work / f"{name}-data"
+    data.mkdir()
+    agent = AgentProcess(state).start()
+    try:
+        async with agent.client() as c:
+            conn, sd, _ = await localfs_domain(c, data, ovfStore=False)
+            img = str(uuid.uuid4())
+            times = []
+            for _ in range(count):
+                job = str(uuid.uuid4())
+                t0 = time.perf_counter()
+                await c.call("createVolume", jobUUID=job, sdUUID=sd, imgUUID=img,
+                             volUUID=str(uuid.uuid4()), size=1 << 30, format="cow",
+                             preallocate="sparse")
+                info = await c.wait_job(job, timeout=120)
+                times.append(time.perf_counter() - t0)
+                if info["status"] != "done":
+                    raise RuntimeError(f"createVolume: {info}")
+                img = str(uuid.uuid4())
+            await drop_localfs_domain(c, conn, sd)
+    finally:
+        agent.stop()
+    return {"create_ms": _ms(median(times)), "total_s": round(sum(times), 2), "count": count}
+
+
+async def _creates_pair(policy: str, count: int, base: str = "/var/tmp") -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="bench-creates-", dir=base))
+    try:
+        return {"leases": await _creates(work, policy, True, count),
+                "none": await _creates(work, policy, False, count)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def run(runs: int = 200, guest_runs: int = 50) -> dict[str, Any]:
     local = asyncio.run(_local(runs))
-    guest = run_in_guest("tests.bench.leases", str(guest_runs), timeout=600)
-    summary = {"local": local, **guest, "machine": machine()}
+    creates = asyncio.run(_creates_pair("local", CREATES))
+    guest = run_in_guest("tests.bench.leases", str(guest_runs), timeout=900)
+    summary = {"local": local, "creates_local": creates, **guest, "machine": machine()}
     save("leases", summary)
     return summary
 
@@ -93,8 +146,21 @@ def report(s: dict[str, Any]) -> str:
         ["sanlock (lab guest, python3-sanlock)", bare["acquire_ms"], bare["release_ms"], "",
          "", bare["runs"]],
     ]
-    return ("lease latency, median, ms (join/leave: one lockspace, io_timeout 1 for sanlock)\n"
-            + table(rows, ["backend", "acquire", "release", "join", "leave", "runs"]))
+    out = ("lease latency, median, ms (join/leave: one lockspace, io_timeout 1 for sanlock)\n"
+           + table(rows, ["backend", "acquire", "release", "join", "leave", "runs"]))
+    crows = []
+    for key, where in (("creates_local", "local (host)"), ("creates_sanlock", "sanlock (guest)")):
+        if key in s:
+            w, wo = s[key]["leases"], s[key]["none"]
+            crows.append([where, w["create_ms"], wo["create_ms"],
+                          round(w["create_ms"] / wo["create_ms"], 2), w["total_s"],
+                          wo["total_s"], w["count"]])
+    if crows:
+        out += ("\n\ncreateVolume on a localfs domain, with the policy's leases vs none, "
+                "median ms per create\n"
+                + table(crows, ["policy", "leases", "none", "ratio", "total s (leases)",
+                                "total s (none)", "creates"]))
+    return out
 
 
 # ---- guest: sanlock backend --------------------------------------------------------------------
@@ -147,9 +213,12 @@ async def _guest(runs: int) -> dict[str, Any]:
         await m.rem_lockspace(sd)
         agent.update(join_ms=_ms(join), leave_ms=_ms(time.perf_counter() - t0))
         await m.close()
+        # (ext4 on a loop device: sanlock needs O_DIRECT, hostfs has none)
+        creates = await _creates_pair("sanlock", CREATES, str(fs.mountpoint))
         return {"sanlock": agent,
                 "sanlock_bare": {"acquire_ms": _ms(median(acq)),
                                  "release_ms": _ms(median(rel)), "runs": runs},
+                "creates_sanlock": creates,
                 "guest_cpus": os.cpu_count()}
     finally:
         steps.run()
