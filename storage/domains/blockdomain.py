@@ -269,6 +269,10 @@ class BlockDomain(Domain):
         # no lvs to know their size. Every LVM command costs a process and a
         # VG metadata read (most of a second in the lab guest).
         self._new_lvs: dict[str, int] = {}
+        # Slots of volumes this object made (a volume's slot never changes)
+        # and the leases LV's size: a new volume's lease needs no lvs.
+        self._slots: dict[str, int] = {}
+        self._leases_size: int | None = None
 
     @property
     def vg(self) -> str:
@@ -442,8 +446,10 @@ class BlockDomain(Domain):
             measured = await qemuimg.measure(size=md.capacity, runner=self.runner)
             size = max(size, round_up(measured["fully-allocated"], self.extent_size))
         async with self.leases.metadata(), self._slot_lock:
-            self.lvm.invalidate(self.vg)
-            slot = free_slot((lv.tags for lv in await self.lvm.lvs(self.vg)), self.slots)
+            # (fresh: taking the domain lease dropped the cached reports, and
+            # every change since went through this object, under the lease)
+            lvs = await self.lvm.lvs(self.vg)
+            slot = free_slot((lv.tags for lv in lvs), self.slots)
             if slot is None:
                 raise NoSpaceLeftOnDomain(sdUUID=self.uuid)
             # Active at once: create_volume_data writes to it next. A crash
@@ -451,6 +457,9 @@ class BlockDomain(Domain):
             await self.lvm.lvcreate(self.vg, md.uuid, size, activate=True,
                                     tags=[*volume_tags(md, slot), INITIALIZING])
             self._new_lvs[md.uuid] = size
+            self._slots[md.uuid] = slot
+            self._leases_size = next((lv.size for lv in lvs if lv.name == LEASES_LV),
+                                     self._leases_size)
         try:
             async with self.leases.metadata():
                 await self._write_slot(slot, data)
@@ -466,6 +475,7 @@ class BlockDomain(Domain):
 
     async def _remove_lv(self, vol: str, slot: int | None) -> None:
         self._new_lvs.pop(vol, None)
+        self._slots.pop(vol, None)
         async with self.leases.metadata(), self._slot_lock:
             try:
                 # --force also deactivates the LV if it is active and not
@@ -594,20 +604,26 @@ class BlockDomain(Domain):
         self.lvm.invalidate(self.vg)
 
     async def volume_lease(self, img: str, vol: str) -> Resource:
-        v = await self._volume_lv(vol)
-        if v is None or v.slot is None:
-            raise VolumeDoesNotExist(volUUID=vol, reason="no LV with a metadata slot")
-        return self.lease_areas().volume_resource(vol, v.slot)
+        slot = self._slots.get(vol)
+        if slot is None:
+            v = await self._volume_lv(vol)
+            if v is None or v.slot is None:
+                raise VolumeDoesNotExist(volUUID=vol, reason="no LV with a metadata slot")
+            slot = v.slot
+        return self.lease_areas().volume_resource(vol, slot)
 
     async def make_volume_lease(self, md: VolumeMetadata) -> None:
         """The leases LV holds one lease per metadata slot: grow it (one
         extent at a time) when a slot past its end is used."""
         res = await self.volume_lease(md.image, md.uuid)
         need = res.offset + res.geometry.resource_size
-        async with self.leases.metadata():
-            leases_lv = await self.lvm.lv(self.vg, LEASES_LV)
-            if leases_lv.size < need:
-                await self.lvm.lvextend(self.vg, LEASES_LV, round_up(need, self.extent_size))
+        if self._leases_size is None or self._leases_size < need:
+            async with self.leases.metadata():
+                size = (await self.lvm.lv(self.vg, LEASES_LV)).size
+                if size < need:
+                    size = round_up(need, self.extent_size)
+                    await self.lvm.lvextend(self.vg, LEASES_LV, size)
+                self._leases_size = size
         await init_volume_lease(res, self.md.lock_policy, self.leases.io_timeout,
                                 runner=self.runner)
 

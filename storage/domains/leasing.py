@@ -130,8 +130,9 @@ class DomainLeases(Unleased):
             await self.manager.add_lockspace(self.domain.lease_areas().lockspace(),
                                              self.host_id, self.policy, self.io_timeout)
         except HostAgentError as e:
+            if e.message != self.join_error:      # the monitor retries: log changes
+                log.error("Domain %s: %s", self.sd, e.message)
             self.join_error = e.message
-            log.error("Domain %s: %s", self.sd, e.message)
             return
         self.join_error = None
         if self.on_joined is not None:

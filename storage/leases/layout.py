@@ -96,10 +96,13 @@ def check_name(value: str, field: str) -> str:
 
 
 def check_path(value: str, field: str) -> str:
+    # ':' is allowed (an NFS mount point has one): sanlock's command line
+    # takes it escaped (see sanlock.cli_path)
     if (not value.startswith("/") or len(value.encode()) >= PATH_LEN
-            or any(c in value for c in ":\n\r\0 ")):
+            or any(c in value for c in "\\\n\r\0 ")):
         raise InvalidParameter(field=field, reason="an absolute path under 1024 bytes "
-                                                   "without ':', spaces or control characters")
+                                                   "without spaces, backslashes or control "
+                                                   "characters")
     return value
 
 

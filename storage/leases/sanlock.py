@@ -438,6 +438,12 @@ class SanlockBackend:
 
 # ---- formatting areas: sanlock direct init -------------------------------------------
 
+def cli_path(path: str) -> str:
+    """A path in a `sanlock direct` NAME:ID:PATH:OFFSET argument: its ':'
+    escaped with a backslash, as sanlock's parser wants."""
+    return path.replace(":", "\\:")
+
+
 def _geometry_args(g: Geometry) -> list[str]:
     return ["-Z", str(g.sector_size), "-A", f"{g.alignment >> 20}M"]
 
@@ -446,7 +452,7 @@ async def init_lockspace(ls: Lockspace, io_timeout: int = 10, *,
                          runner: commands.Runner = commands.run,
                          timeout: float = 120.0) -> None:
     """Format a lockspace area (every host id free). Destroys a live one."""
-    spec = f"{ls.name}:0:{ls.path}:{ls.offset}"
+    spec = f"{ls.name}:0:{cli_path(ls.path)}:{ls.offset}"
     await runner(["sanlock", "direct", "init", "-s", spec, "-o", str(io_timeout),
                   *_geometry_args(ls.geometry)], timeout=timeout)
 
@@ -455,6 +461,6 @@ async def init_resource(res: Resource, io_timeout: int = 10, *,
                         runner: commands.Runner = commands.run,
                         timeout: float = 120.0) -> None:
     """Format one resource lease area (free). Destroys a held one."""
-    spec = f"{res.lockspace}:{res.name}:{res.path}:{res.offset}"
+    spec = f"{res.lockspace}:{res.name}:{cli_path(res.path)}:{res.offset}"
     await runner(["sanlock", "direct", "init", "-r", spec, "-o", str(io_timeout),
                   *_geometry_args(res.geometry)], timeout=timeout)

@@ -96,10 +96,19 @@ def test_bad_names_refused(name: str) -> None:
         Resource(SD, name, "/x", 0)
 
 
-@pytest.mark.parametrize("path", ["relative", "/a:b", "/a b", "/" + "x" * 1024])
+@pytest.mark.parametrize("path", ["relative", "/a\\:b", "/a b", "/a\nb", "/" + "x" * 1024])
 def test_bad_paths_refused(path: str) -> None:
     with pytest.raises(InvalidParameter):
         Lockspace(SD, path)
+
+
+def test_nfs_mount_path_is_escaped_for_sanlock_cli() -> None:
+    """An NFS mount point has a ':' (server:export): allowed, escaped on
+    sanlock's command line (sanlock direct init takes "\\:")."""
+    from storage.leases.sanlock import cli_path
+    path = "/var/lib/hostagent/storage/10.0.0.1:_export/sd/dom_md/ids"
+    assert Lockspace(SD, path).path == path
+    assert cli_path(path) == "/var/lib/hostagent/storage/10.0.0.1\\:_export/sd/dom_md/ids"
 
 
 def test_unaligned_offset_refused() -> None:
