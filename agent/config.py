@@ -84,6 +84,11 @@ class OvfConfig:
     max_member_size: int = 64 * 1024 * 1024
     # An upload ticket is good for one upload within this many seconds.
     ticket_ttl: float = 300.0
+    # Port of the OVF data listener (on server.host, same TLS): uploads and
+    # downloads with the TLS work in threads, off the event loop; upload
+    # URLs name it. 0: any free port (dev mode); -1: none (URLs name
+    # server.port, which serves /ovfstore too).
+    data_port: int = 54322
 
 
 @dataclass
@@ -108,6 +113,10 @@ class LeasesConfig:
     # holds (domain metadata changes are short); a volume's lease is not
     # waited for: a write to a volume another host writes fails with 651.
     domain_lease_timeout: float = 60.0
+    # How often the local backend verifies the locks it holds (a lock found
+    # gone, or storage failing for 8 io_timeouts, loses the lease and stops
+    # the work under it). sanlock renews and watches its own.
+    check_interval: float = 10.0
 
 
 @dataclass
@@ -188,6 +197,8 @@ class Config:
             raise ConfigError(f"leases.host_id: {le.host_id} not in 1..2000")
         if not 1 <= le.io_timeout <= 300:
             raise ConfigError("leases.io_timeout: must be 1..300 seconds")
+        if not le.check_interval > 0:
+            raise ConfigError("leases.check_interval: must be more than 0")
         if le.domain_lease_timeout < 0:
             raise ConfigError("leases.domain_lease_timeout: must not be negative")
         if self.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

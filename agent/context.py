@@ -47,7 +47,8 @@ class Agent:
                                         io_timeout=storage.io_timeout)
         le = config.leases
         # the local backend's locks live in a helper process (lockholder.py)
-        backends: dict[str, Backend] = {"local": LocalBackend(holder=LockHolder())}
+        backends: dict[str, Backend] = {"local": LocalBackend(
+            holder=LockHolder(), check_interval=le.check_interval)}
         if "sanlock" in le.backends:
             backends["sanlock"] = SanlockBackend(socket_path=le.sanlock_socket,
                                                  run_dir=le.run_dir)

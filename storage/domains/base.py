@@ -301,15 +301,27 @@ class Domain(abc.ABC):
             if commit:
                 md = await self.commit_volume(md, parent)
         except BaseException as e:
-            if isinstance(e, LeaseHeld | LeaseLost):
-                # another host has the volume now: what is on storage is its
-                with contextlib.suppress(HostAgentError):
-                    await self.leases.drop(md)
-                raise
+            # End the volume's lease first: LeaseLost if it was lost under the
+            # work (then `e` is the cancellation that stopped it).
+            lost = e if isinstance(e, LeaseLost) else None
+            try:
+                await self.leases.drop(md)
+            except LeaseLost as ll:
+                lost = ll
             log.warning("Creating volume %s failed (%s); removing it", spec.vol,
-                        type(e).__name__)
-            # Also on cancellation (an aborted job): the half-made volume goes.
-            # If this is cut short too, start-up removes the CREATING volume.
+                        type(lost or e).__name__)
+            # Also on cancellation (an aborted job): the half-made volume goes,
+            # under its lease again. If this is cut short too, or the lease
+            # cannot be had, garbage collection removes it once it can.
+            if lost is not None or isinstance(e, LeaseHeld):
+                try:
+                    await self.discard_volume(md)
+                except HostAgentError as de:
+                    log.warning("Volume %s left for garbage collection: %s", spec.vol,
+                                de.message)
+                if lost is not None:
+                    raise lost from (None if lost is e else e)
+                raise
             await self.discard_volume(md)
             if isinstance(e, qemuimg.QemuImgError):
                 # what qemu-img refused (a size the file system cannot hold, ...)

@@ -263,3 +263,69 @@ async def test_domain_of_a_policy_this_host_lacks_refuses_writes(
             for c in (c1, c2):
                 await c.call("disconnectStorageServer", domType="posixfs",
                              connectionParams=[params])
+
+
+def holder_pid(agent: AgentProcess) -> int:
+    """The agent's lock holder process (its child running lockholder)."""
+    assert agent.proc is not None
+    out = subprocess.run(["pgrep", "-P", str(agent.proc.pid), "-f", "lockholder"],
+                         capture_output=True, text=True).stdout.split()
+    assert len(out) == 1, out
+    return int(out[0])
+
+
+async def test_lost_lease_stops_the_copy_and_the_host_recovers(
+        fs_mount: FsMount, loop_device: Callable[..., Path],
+        agent_factory: Callable[..., AgentProcess], tmp_path: Path) -> None:
+    """The locks vanish under a running copy (the lock holder dies, as an
+    expired NFSv4 lock would): the copy stops with 2012 LeaseLost, its target
+    is gone, the host id is joined again and the next copy works."""
+    dev = loop_device(size=4 * GiB, sector_size=512)
+    make_fs(dev, "ext4")
+    params = {"id": new_id(), "connection": str(dev), "vfs_type": "ext4"}
+    sd = new_id()
+    agent = start(agent_factory, tmp_path, "host1",
+                  config(1) + "check_interval = 0.2\n[storage]\nmonitor_interval = 0.5\n")
+    async with agent.client() as c:
+        [st] = await c.call("connectStorageServer", domType="posixfs",
+                            connectionParams=[params])
+        assert st["status"] == 0, st
+        try:
+            await c.call("createStorageDomain", sdUUID=sd, domType="posixfs", name="lost",
+                         domClass="data", connectionId=params["id"], ovfStore=False)
+            h = Host(agent, c)
+            src_img, src_vol = await make_source(h, sd, 1024 * MiB)
+            src = {"sdUUID": sd, "imgUUID": src_img, "volUUID": src_vol}
+            dst = {"sdUUID": sd, "imgUUID": new_id(), "volUUID": new_id()}
+            job_id = new_id()
+            await c.call("copyImage", jobUUID=job_id, src=src, dst=dst, format="cow")
+            for _ in range(500):
+                held = (await c.call("getStats"))["leases"]
+                if any(lease["resource"] == dst["volUUID"] for lease in held):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                pytest.fail(f"the copy never held its target's lease: "
+                            f"{await c.call('getJobs')}")
+            os.kill(holder_pid(agent), 9)
+            info = await c.wait_job(job_id, timeout=60)
+            assert info["status"] == "failed", info
+            assert info["error"]["code"] == 2012, info["error"]
+            # joined again by the monitor; the half-made target is collected
+            for _ in range(100):
+                ls = (await c.call("getStorageDomainInfo", sdUUID=sd))["lockspace"]
+                if ls["state"] == "joined":
+                    break
+                await asyncio.sleep(0.1)
+            assert ls["state"] == "joined", ls
+            for _ in range(50):
+                if dst["imgUUID"] not in await c.call("getImagesList", sdUUID=sd):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("the lost copy's target is still listed")
+            again = await job(c, "copyImage", src=src, dst=dst)
+            assert again["status"] == "done", again
+        finally:
+            await c.call("disconnectStorageServer", domType="posixfs",
+                         connectionParams=[params])
