@@ -173,6 +173,16 @@ class Domain(abc.ABC):
         lock policy. Only while nobody can hold that lease: at creation,
         under the domain lease, or when taking it failed for want of one."""
 
+    async def remove_volume_lease(self, img: str, vol: str) -> None:
+        """Drop a removed volume's own lease area, once its lease is released
+        (file domains: its .lease file; unlinking it while open would leave
+        a silly-renamed file on NFS)."""
+        return None
+
+    async def purge_removed_image(self, img: str, progress: Progress) -> None:
+        """What remove_image_volumes left to free once the leases are released."""
+        return None
+
     def forget_cache(self) -> None:
         """Drop what is cached of shared metadata (taking the domain lease:
         another host may have changed it)."""
@@ -401,11 +411,12 @@ class Domain(abc.ABC):
                 except HostAgentError:
                     pass
                 await self.remove_volume_data(md.image, md.uuid)
-                if not await self.volume_ids(md.image):
-                    await self.remove_image_dir(md.image)
         finally:
             with contextlib.suppress(LeaseLost):
                 await self.leases.drop(md)
+        await self.remove_volume_lease(md.image, md.uuid)
+        if not await self.volume_ids(md.image):
+            await self.remove_image_dir(md.image)
 
     async def delete_volume(self, img: str, vol: str) -> None:
         md = await self.volume(img, vol)
@@ -416,6 +427,7 @@ class Domain(abc.ABC):
         async with self.leases.volume(md):
             await self.write_volume_md(replace(md, state=REMOVING, legality=ILLEGAL))
             await self.remove_volume_data(img, vol)
+        await self.remove_volume_lease(img, vol)
         if md.has_parent:
             parent = await self.find_volume(md.parent, prefer_image=img)
             if parent.voltype == INTERNAL and not await self.children(parent):
@@ -437,6 +449,7 @@ class Domain(abc.ABC):
             for v in vols:
                 await held.enter_async_context(self.leases.volume(v))
             await self.remove_image_volumes(img, vols, progress)
+        await self.purge_removed_image(img, progress)
         # A template parent in another image may now be a leaf again.
         for v in vols:
             if v.has_parent and v.parent not in ids:
@@ -496,6 +509,7 @@ class Domain(abc.ABC):
             try:
                 async with self.leases.volume(md):
                     await self.remove_volume_data(md.image, md.uuid)
+                await self.remove_volume_lease(md.image, md.uuid)
                 return True
             except LeaseHeld:
                 return False

@@ -38,6 +38,7 @@ from storage.leases import (
 from storage.metadata import DomainMetadata, MetadataError, VolumeMetadata
 
 LEASE_AREA_SIZE = 1024 * 1024
+LEASE_SUFFIX = ".lease"
 META_SUFFIX = ".meta"
 REMOVE_PREFIX = "_remove_"
 
@@ -236,8 +237,7 @@ class FileDomain(Domain):
 
     async def remove_volume_data(self, img: str, vol: str) -> None:
         def remove() -> None:
-            for p in (self.images / img / vol, self.images / img / f"{vol}.lease",
-                      self._meta(img, vol)):
+            for p in (self.images / img / vol, self._meta(img, vol)):
                 try:
                     p.unlink()
                 except FileNotFoundError:
@@ -276,6 +276,13 @@ class FileDomain(Domain):
 
     async def remove_image_dir(self, img: str) -> None:
         def remove() -> None:
+            # a lease file whose volume has no metadata is left from a crash
+            # (a volume's metadata is written before its lease file)
+            with contextlib.suppress(FileNotFoundError):
+                for name in os.listdir(self.images / img):
+                    if name.endswith(LEASE_SUFFIX) and not self._meta(
+                            img, name[:-len(LEASE_SUFFIX)]).exists():
+                        (self.images / img / name).unlink(missing_ok=True)
             try:
                 (self.images / img).rmdir()
             except FileNotFoundError:
@@ -297,8 +304,17 @@ class FileDomain(Domain):
 
         await self.io.call(rename)
         progress(50)
+
+    async def purge_removed_image(self, img: str, progress: Progress) -> None:
+        # after the volumes' leases are released: no lease file is open in it
+        doomed = self.images / f"{REMOVE_PREFIX}{img}"
         await self.io.call(shutil.rmtree, doomed, True, timeout=max(self.io.timeout, 600))
         progress(100)
+
+    async def remove_volume_lease(self, img: str, vol: str) -> None:
+        def remove() -> None:
+            (self.images / img / f"{vol}.lease").unlink(missing_ok=True)
+        await self.io.call(remove)
 
     async def _collect_garbage(self) -> dict[str, list[str]]:
         def doomed() -> list[Path]:
