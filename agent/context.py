@@ -78,10 +78,10 @@ class Agent:
         jobs.register_recovery("snapshotImages", lambda job: imageops.recover_new_volumes(
             domains, [{**d, "volUUID": d["newVolUUID"]} for d in job.params.get("disks", [])],
             job.started))
-        # An interrupted backup leaves no backup volume; the snapshot layer it
-        # may have made stays (the disk is consistent on it).
-        jobs.register_recovery("backupVolume", lambda job: imageops.recover_new_volumes(
-            domains, list(job.params.get("targets", [])), job.started))
+        # An interrupted backup leaves no backup volume, and no snapshot layer
+        # unless a VM runs on the disk.
+        jobs.register_recovery("backupVolume", lambda job: imageops.recover_backup(
+            domains, job.params, job.started))
         jobs.register_recovery("createHibernationVolumes",
                                lambda job: imageops.recover_new_volumes(
                                    domains, [{**job.params["memory"], "volUUID": v}

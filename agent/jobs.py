@@ -195,6 +195,16 @@ class JobRegistry:
         self._changed(job)
         return job
 
+    async def submit_recorded(self, job_uuid: str, job_type: str, work: Work, *,
+                              description: str = "",
+                              params: dict[str, Any] | None = None) -> Job:
+        """`submit`, answering once the job's record is on disk: a job its
+        caller was told about is known after a crash right after (and its
+        recovery hook runs), never lost."""
+        job = self.submit(job_uuid, job_type, work, description=description, params=params)
+        await asyncio.to_thread(self._flush)
+        return job
+
     def get(self, job_uuid: str) -> Job:
         try:
             return self._jobs[job_uuid]

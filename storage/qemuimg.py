@@ -67,6 +67,10 @@ class ImageInfo:
     dirty: bool
     bitmaps: tuple[str, ...]
     raw: dict[str, Any]
+    # flagged in-use on storage: the process that had them open for writing
+    # died (a killed qemu-img commit or bitmap), so they no longer know what
+    # changed; qemu refuses to read or merge them
+    inconsistent_bitmaps: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> ImageInfo:
@@ -80,7 +84,10 @@ class ImageInfo:
                        cluster_size=d.get("cluster-size"),
                        dirty=bool(d.get("dirty-flag", False)),
                        bitmaps=tuple(b["name"] for b in specific.get("bitmaps", ())),
-                       raw=d)
+                       raw=d,
+                       inconsistent_bitmaps=tuple(
+                           b["name"] for b in specific.get("bitmaps", ())
+                           if "in-use" in b.get("flags", ())))
         except (KeyError, TypeError, ValueError) as e:
             raise QemuImgError(op="info", reason=f"unexpected output: {e}") from None
 

@@ -57,11 +57,13 @@ async def copy_image(agent: Agent, jobUUID: str, src: dict[str, str], dst: dict[
         return await agent.domains.images.copy(s, d, format, preallocate, collapse,
                                                ctx.progress)
 
-    job = agent.jobs.submit(jobUUID, "copyImage", work, description=f"copy {s} to {d}",
-                            params={"sdUUID": s.sd, "imgUUID": s.img, "volUUID": s.vol,
-                                    "dstSdUUID": d.sd, "dstImgUUID": d.img,
-                                    "dstVolUUID": d.vol,
-                                    "targets": [d.vol], "collapse": collapse})
+    job = await agent.jobs.submit_recorded(
+        jobUUID, "copyImage", work,
+        description=f"copy {s} to {d}",
+        params={"sdUUID": s.sd, "imgUUID": s.img, "volUUID": s.vol,
+                "dstSdUUID": d.sd, "dstImgUUID": d.img,
+                "dstVolUUID": d.vol,
+                "targets": [d.vol], "collapse": collapse})
     return {"jobUUID": job.job_uuid}
 
 
@@ -85,11 +87,12 @@ async def move_image(agent: Agent, jobUUID: str, sdUUID: str, imgUUID: str,
     async def work(ctx: JobContext) -> None:
         await agent.domains.images.move(sdUUID, imgUUID, dstSdUUID, ctx.progress)
 
-    job = agent.jobs.submit(jobUUID, "moveImage", work,
-                            description=f"move image {imgUUID} to {dstSdUUID}",
-                            params={"sdUUID": sdUUID, "imgUUID": imgUUID,
-                                    "dstSdUUID": dstSdUUID, "move": True,
-                                    "targets": vols, "sources": vols})
+    job = await agent.jobs.submit_recorded(
+        jobUUID, "moveImage", work,
+        description=f"move image {imgUUID} to {dstSdUUID}",
+        params={"sdUUID": sdUUID, "imgUUID": imgUUID,
+                "dstSdUUID": dstSdUUID, "move": True,
+                "targets": vols, "sources": vols})
     return {"jobUUID": job.job_uuid}
 
 
@@ -120,9 +123,10 @@ async def snapshot_images(agent: Agent, jobUUID: str,
     async def work(ctx: JobContext) -> list[dict[str, Any]]:
         return await agent.domains.images.snapshot(disks, ctx.progress)
 
-    job = agent.jobs.submit(jobUUID, "snapshotImages", work,
-                            description=f"snapshot {len(disks)} disks",
-                            params={"disks": disks})
+    job = await agent.jobs.submit_recorded(
+        jobUUID, "snapshotImages", work,
+        description=f"snapshot {len(disks)} disks",
+        params={"disks": disks})
     return {"jobUUID": job.job_uuid}
 
 
@@ -149,10 +153,11 @@ async def create_hibernation_volumes(agent: Agent, jobUUID: str, memory: dict[st
     async def work(ctx: JobContext) -> dict[str, Any]:
         return await agent.domains.images.hibernation(memory, disks, ctx.progress)
 
-    job = agent.jobs.submit(jobUUID, "createHibernationVolumes", work,
-                            description="create hibernation volumes",
-                            params={"sdUUID": memory["sdUUID"], "imgUUID": memory["imgUUID"],
-                                    "memory": memory, "disks": disks})
+    job = await agent.jobs.submit_recorded(
+        jobUUID, "createHibernationVolumes", work,
+        description="create hibernation volumes",
+        params={"sdUUID": memory["sdUUID"], "imgUUID": memory["imgUUID"],
+                "memory": memory, "disks": disks})
     return {"jobUUID": job.job_uuid}
 
 
@@ -204,8 +209,11 @@ async def backup_volume(agent: Agent, jobUUID: str, src: Any, dst: Any, keepSnap
         out = await agent.domains.images.backup(items, keepSnapshot, ctx.progress)
         return out if isinstance(src, list) else out[0]
 
-    job = agent.jobs.submit(jobUUID, "backupVolume", work,
-                            description=f"back up {len(items)} disk(s)",
-                            params={"targets": [{"sdUUID": d.sd, "imgUUID": d.img,
-                                                 "volUUID": d.vol} for _, d, _ in items]})
+    job = await agent.jobs.submit_recorded(
+        jobUUID, "backupVolume", work,
+        description=f"back up {len(items)} disk(s)",
+        params={"targets": [{"sdUUID": d.sd, "imgUUID": d.img, "volUUID": d.vol}
+                            for _, d, _ in items],
+                "sources": [{"sdUUID": s.sd, "imgUUID": s.img, "volUUID": s.vol}
+                            for s, _, _ in items]})
     return {"jobUUID": job.job_uuid}

@@ -29,8 +29,10 @@ async def test_step_job(agent: Agent, jobUUID: str, steps: int,
             ctx.progress(100 * step / steps)
         return {"steps": steps}
 
-    job = agent.jobs.submit(jobUUID, "testStepJob", work, description=f"{steps} test steps",
-                            params={"steps": steps, "stepSeconds": stepSeconds})
+    job = await agent.jobs.submit_recorded(
+        jobUUID, "testStepJob", work,
+        description=f"{steps} test steps",
+        params={"steps": steps, "stepSeconds": stepSeconds})
     return {"jobUUID": job.job_uuid}
 
 

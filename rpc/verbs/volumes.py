@@ -51,9 +51,10 @@ async def create_volume(agent: Agent, jobUUID: str, sdUUID: str, imgUUID: str, v
     async def work(ctx: JobContext) -> dict[str, Any]:
         return await agent.domains.create_volume(sdUUID, spec, ctx.progress)
 
-    job = agent.jobs.submit(jobUUID, "createVolume", work,
-                            description=f"create volume {volUUID}",
-                            params={"sdUUID": sdUUID, "imgUUID": imgUUID, "volUUID": volUUID})
+    job = await agent.jobs.submit_recorded(
+        jobUUID, "createVolume", work,
+        description=f"create volume {volUUID}",
+        params={"sdUUID": sdUUID, "imgUUID": imgUUID, "volUUID": volUUID})
     return {"jobUUID": job.job_uuid}
 
 
@@ -100,8 +101,10 @@ async def delete_image(agent: Agent, jobUUID: str, sdUUID: str,
     async def work(ctx: JobContext) -> None:
         await agent.domains.delete_image(sdUUID, imgUUID, ctx.progress)
 
-    job = agent.jobs.submit(jobUUID, "deleteImage", work, description=f"delete image {imgUUID}",
-                            params={"sdUUID": sdUUID, "imgUUID": imgUUID})
+    job = await agent.jobs.submit_recorded(
+        jobUUID, "deleteImage", work,
+        description=f"delete image {imgUUID}",
+        params={"sdUUID": sdUUID, "imgUUID": imgUUID})
     return {"jobUUID": job.job_uuid}
 
 

@@ -230,9 +230,12 @@ class FileDomain(Domain):
                 backing = parent.uuid if parent.image == md.image \
                     else f"../{parent.image}/{parent.uuid}"
                 backing_fmt = "qcow2" if parent.format == "COW" else "raw"
+            # qemu-img (>= 6.0) preallocates a layer over a backing file only
+            # with subclusters, which keep unwritten areas reading the backing
+            options = ("extended_l2=on",) if backing and prealloc else ()
             await qemuimg.create(path, "qcow2", md.capacity, backing=backing,
                                  backing_fmt=backing_fmt, preallocation=prealloc,
-                                 runner=self.runner)
+                                 options=options, runner=self.runner)
         await self.io.call(os.chmod, path, 0o660)
 
     async def remove_volume_data(self, img: str, vol: str) -> None:

@@ -584,13 +584,21 @@ class ImageOps:
                            "full backup")
         return sdom, top, ddom, dst, base
 
-    async def _bitmaps(self, domain: Domain, md: VolumeMetadata) -> tuple[str, ...]:
+    async def _bitmap_names(self, domain: Domain,
+                            md: VolumeMetadata) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(usable, inconsistent) dirty bitmaps of a volume. An inconsistent
+        one (a qemu-img writing the volume was killed) is never carried,
+        merged or offered for an incremental backup: qemu refuses it."""
         if md.format != "COW":
-            return ()
+            return (), ()
         async with self.dm.using(domain, await domain.chain(md.image, md.uuid)):
             [info] = await qemuimg.info(domain.volume_path(md.image, md.uuid), fmt="qcow2",
                                         runner=self.dm.runner)
-        return info.bitmaps
+        broken = info.inconsistent_bitmaps
+        return tuple(b for b in info.bitmaps if b not in broken), broken
+
+    async def _bitmaps(self, domain: Domain, md: VolumeMetadata) -> tuple[str, ...]:
+        return (await self._bitmap_names(domain, md))[0]
 
     async def _backup_layer(self, sdom: Domain, top: VolumeMetadata,
                             dst: VolRef) -> VolumeMetadata:
@@ -599,7 +607,9 @@ class ImageOps:
         spec = VolumeSpec(img=top.image, vol=str(uuid.uuid4()), size=top.capacity,
                           format="cow", preallocate="sparse", parent=top.uuid,
                           description=f"backup {dst.vol}", disk_type=top.disk_type)
-        carried = await self._bitmaps(sdom, top)
+        # One named after this backup is stale: left by an interrupted
+        # attempt with the same target (which does not exist, see the plan).
+        carried = [b for b in await self._bitmaps(sdom, top) if b != bitmap_name(dst.vol)]
         names = [*carried, bitmap_name(dst.vol)]
 
         async def fill(md: VolumeMetadata) -> None:
@@ -657,9 +667,12 @@ class ImageOps:
         async with sdom.leases.volume(top), sdom.leases.volume(layer):
             async with self.dm.using(sdom, await sdom.chain(layer.image, layer.uuid)):
                 if top.format == "COW":
-                    have = set(await self._bitmaps(sdom, top))
+                    have, broken = await self._bitmap_names(sdom, top)
                     top_path = sdom.volume_path(top.image, top.uuid)
                     for bm in await self._bitmaps(sdom, layer):
+                        if bm in broken:
+                            await qemuimg.bitmap(top_path, bm, action="remove",
+                                                 runner=self.dm.runner)
                         if bm not in have:
                             await qemuimg.bitmap(top_path, bm, action="add",
                                                  runner=self.dm.runner)
@@ -734,6 +747,47 @@ async def recover_copy(dm: DomainManager, params: dict[str, Any]) -> None:
                         v.uuid)
             await ddom.discard_volume(v)
 
+
+
+async def recover_backup(dm: DomainManager, params: dict[str, Any],
+                         started: float | None) -> None:
+    """An interrupted backupVolume: all or nothing, so its backup volumes are
+    removed, and so are the snapshot layers it put on the disks (a child of
+    the disk's top named after its backup, newer than the job): nothing
+    writes such a layer unless a VM runs on the disk, so without one the
+    disk is back as it was. A layer that holds data is left, and logged."""
+    targets = list(params.get("targets", []))
+    await recover_new_volumes(dm, targets, started)
+    if started is None:
+        return
+    for src, dst in zip(params.get("sources", []), targets, strict=False):
+        sd, img = str(src["sdUUID"]), str(src["imgUUID"])
+        if dm.is_prepared(sd, img, "vm"):
+            log.warning("Interrupted backup of %s/%s: a VM uses the disk, its snapshot layer "
+                        "stays", sd, img)
+            continue
+        try:
+            domain = await dm.domain(sd)
+            async with dm.locks.hold(request("image", f"{sd}/{img}")):
+                for v in await domain.image_volumes(img):
+                    if (v.parent != src["volUUID"] or v.state != READY
+                            or v.description != f"backup {dst['volUUID']}"
+                            or v.ctime < int(started) - 1 or await domain.children(v)):
+                        continue
+                    async with dm.using(domain, await domain.chain(img, v.uuid)):
+                        held = [e for e in await qemuimg.map_(
+                            domain.volume_path(img, v.uuid), fmt="qcow2",
+                            runner=dm.runner) if e["data"] and e["depth"] == 0]
+                    if held:
+                        log.error("Interrupted backup left snapshot layer %s/%s/%s with "
+                                  "data: kept", sd, img, v.uuid)
+                        continue
+                    log.warning("Removing snapshot layer %s/%s/%s of an interrupted backup",
+                                sd, img, v.uuid)
+                    await domain.delete_volume(img, v.uuid)
+        except HostAgentError as e:
+            log.error("Cannot recover the disk %s/%s of an interrupted backup: %s", sd, img,
+                      e.message)
 
 
 async def recover_new_volumes(dm: DomainManager, vols: list[dict[str, Any]],
