@@ -295,7 +295,15 @@ class Domain(abc.ABC):
                 raise os_error(e, self.uuid) from None
             try:
                 # the new volume's lease, taken before another host may see it
-                await self.make_volume_lease(md)
+                try:
+                    await self.make_volume_lease(md)
+                except commands.CommandError as e:
+                    if "-28" in e.message or "No space" in e.message:
+                        raise NoSpaceLeftOnDomain(sdUUID=self.uuid) from None
+                    raise VolumeCreationError(volUUID=spec.vol,
+                                              reason=f"its lease: {e.message}") from None
+                except OSError as e:
+                    raise os_error(e, self.uuid) from None
                 await self.leases.hold(md)
             except BaseException:
                 with contextlib.suppress(HostAgentError, OSError):

@@ -178,7 +178,8 @@ async def _guest(runs: int) -> dict[str, Any]:
     try:
         daemon = g.SanlockDaemon().start()
         steps.push("stop sanlock", daemon.stop)
-        fs = g.LoopFs(Path("/tmp/bench-leases.img"), Path("/mnt/bench-leases"), 128 * MiB)
+        # room for 2 x 100 volumes, each with a lease area sanlock writes whole
+        fs = g.LoopFs(Path("/tmp/bench-leases.img"), Path("/mnt/bench-leases"), 1024 * MiB)
         fs.create()
         steps.push("destroy fs", fs.destroy)
         sd = str(uuid.uuid4())
