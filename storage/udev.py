@@ -172,7 +172,10 @@ async def wait_disks(names: Collection[str], *, timeout: float,
 
     while True:
         left = max(0.1, deadline - time.monotonic())
-        found = await asyncio.wait_for(asyncio.to_thread(probe), left)
+        try:
+            found = await asyncio.wait_for(asyncio.to_thread(probe), left)
+        except TimeoutError:
+            found = {}
         if len(found) == len(want):
             return found
         if time.monotonic() >= deadline:

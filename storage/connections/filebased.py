@@ -151,8 +151,15 @@ class MountBackend(FileBackend):
         an existing mount of the same target is only checked."""
         existing = self.root / escape_spec(self.spec(params))
         if mount.find(existing) is not None:
-            await fileaccess.check_read_write(existing, timeout=self.io_timeout,
-                                              runner=self.runner)
+            try:
+                await fileaccess.check_read_write(existing, timeout=self.io_timeout,
+                                                  runner=self.runner)
+            except HostAgentError as e:
+                # Connected, but the server does not answer (or refuses): the
+                # answer to the question asked, not a failure of the call.
+                return {"reachable": False, "message": e.message,
+                        "details": {**self._details(existing), "code": e.code,
+                                    "name": e.name}}
             return {"reachable": True, "message": "connected; read and write work",
                     "details": self._details(existing)}
         self.tmp_dir.mkdir(parents=True, exist_ok=True)

@@ -88,6 +88,9 @@ class Domain(abc.ABC):
         self.io = io
         # set by the DomainManager to this host's leases on the domain
         self.leases: Unleased = UNLEASED
+        # Half-made volumes this host failed to remove (the storage failed):
+        # the DomainManager removes them once the domain answers again.
+        self.pending_discards: dict[str, VolumeMetadata] = {}
 
     @property
     def uuid(self) -> str:
@@ -340,7 +343,14 @@ class Domain(abc.ABC):
                 if lost is not None:
                     raise lost from (None if lost is e else e)
                 raise
-            await self.discard_volume(md)
+            try:
+                await self.discard_volume(md)
+            except (HostAgentError, OSError) as de:
+                # Often the storage failing made the volume fail too: report
+                # the volume's own error, remove it once the domain answers.
+                log.warning("Volume %s left for removal when %s answers again: %s", spec.vol,
+                            self.uuid, de)
+                self.pending_discards[md.uuid] = md
             if isinstance(e, qemuimg.QemuImgError):
                 # what qemu-img refused (a size the file system cannot hold, ...)
                 if "No space left" in e.message:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from storage import commands, lvm, qemuimg
-from storage.domains.base import Domain, read_check
+from storage.domains.base import Domain, os_error, read_check
 from storage.errors import (
     HostAgentError,
     InvalidParameter,
@@ -357,14 +357,23 @@ class BlockDomain(Domain):
 
     # ---- metadata slots ---------------------------------------------------------
 
+    async def _io(self, fn: Callable[..., R], *args: object,
+                  timeout: float | None = None) -> R:
+        """I/O on the domain's LVs: an error of the LUN (EIO; ENODATA, a SCSI
+        medium error; every path gone) is the domain failing (2009)."""
+        try:
+            return await self.io.call(fn, *args, timeout=timeout)
+        except OSError as e:
+            raise os_error(e, self.uuid) from None
+
     async def _read_slot(self, slot: int) -> bytes:
-        return (await self.io.call(_read_slots, self.md_path, [slot]))[slot]
+        return (await self._io(_read_slots, self.md_path, [slot]))[slot]
 
     async def _write_slot(self, slot: int, data: bytes) -> None:
-        await self.io.call(_write_slot, self.md_path, slot, encode_copy(data))
+        await self._io(_write_slot, self.md_path, slot, encode_copy(data))
 
     async def _clear_slot(self, slot: int) -> None:
-        await self.io.call(_zero, self.md_path, slot * SLOT_SIZE, SLOT_SIZE)
+        await self._io(_zero, self.md_path, slot * SLOT_SIZE, SLOT_SIZE)
 
     async def write_domain_md(self, md: DomainMetadata) -> None:
         await self._write_slot(DOMAIN_SLOT, md.encode())
@@ -411,8 +420,8 @@ class BlockDomain(Domain):
                        if not v.initializing and v.slot is not None
                        and (img is None or v.image == img)),
                       key=lambda p: (p[0].image, p[0].name))
-        data = await self.io.call(_read_slots, self.md_path, [s for _, s in vols],
-                                  timeout=max(self.io.timeout, 120))
+        data = await self._io(_read_slots, self.md_path, [s for _, s in vols],
+                              timeout=max(self.io.timeout, 120))
         out = []
         for v, slot in vols:
             try:
@@ -510,7 +519,7 @@ class BlockDomain(Domain):
                     await self.lvm.lvextend(self.vg, md.uuid, want)
             if md.format == "RAW":
                 # Extents of deleted volumes are reused: no stale header here.
-                await self.io.call(_zero, path, 0, min(MiB, round_up(md.capacity, 4096)))
+                await self._io(_zero, path, 0, min(MiB, round_up(md.capacity, 4096)))
             else:
                 # -u: the parent need not be active; relative, so the chain
                 # resolves in /dev/<sdUUID>/ wherever the volumes live.

@@ -140,6 +140,9 @@ class ImageOps:
                 backing=dst.volume_path(backing.image, backing.uuid) if backing else None,
                 backing_fmt=qemu_format(backing) if backing else None,
                 progress=progress, runner=self.dm.runner)
+        except qemuimg.QemuImgError as e:
+            error = _no_space(e, dst.uuid)
+            raise (VolumeCopyError(reason=e.message) if error is e else error) from None
         except HostAgentError as e:
             raise _no_space(e, dst.uuid) from None
 
@@ -296,9 +299,10 @@ class ImageOps:
                 for md, _ in reversed(made):
                     try:
                         await ddom.discard_volume(md)
-                    except HostAgentError as e:
-                        log.error("Cannot remove copy target %s: %s (start-up removes it)",
-                                  md.uuid, e.message)
+                    except (HostAgentError, OSError) as e:
+                        log.error("Cannot remove copy target %s: %s (removed when the domain "
+                                  "answers again)", md.uuid, e)
+                        ddom.pending_discards[md.uuid] = md
                 raise
         progress(100)
         log.info("Copied %d volumes of image %s/%s to %s/%s", len(order), sdom.uuid,

@@ -36,6 +36,7 @@ from storage.errors import (
     BackupDomainRestricted,
     HostAgentError,
     InvalidParameter,
+    LeaseHeld,
     PrepareIllegalVolumeError,
     ResourceInUse,
     StorageDomainAlreadyExists,
@@ -43,10 +44,19 @@ from storage.errors import (
     StorageDomainFailing,
     StorageDomainNotActive,
     StorageServerConnectionError,
+    VolumeDoesNotExist,
 )
 from storage.fileio import IOPool
 from storage.leases import LeaseManager, init_domain_areas
-from storage.metadata import LEGAL, READY, DomainMetadata, MetadataError, VolumeMetadata
+from storage.metadata import (
+    CREATING,
+    LEGAL,
+    READY,
+    REMOVING,
+    DomainMetadata,
+    MetadataError,
+    VolumeMetadata,
+)
 
 log = logging.getLogger("storage.domains")
 
@@ -110,6 +120,8 @@ class DomainManager:
         # volume active: a template's LV stays active while any clone needs it.
         self.active_refs: dict[str, int] = {}
         self._activation: dict[str, asyncio.Lock] = {}
+        # sd -> the task removing half-made volumes left while it failed
+        self._discarding: dict[str, asyncio.Task[None]] = {}
         self._started = False
         connections.in_use = self.connection_in_use
         connections.release = self.release_connection
@@ -435,12 +447,12 @@ class DomainManager:
         return await self.info(sd)
 
     async def _stop_monitor(self, entry: Entry) -> None:
-        task = entry.monitor.task
+        for task in (entry.monitor.task, self._discarding.pop(entry.domain.uuid, None)):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         entry.monitor.task = None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         entry.monitor.state = "unknown"
 
     async def _monitor(self, entry: Entry) -> None:
@@ -499,11 +511,47 @@ class DomainManager:
                 if isinstance(leases, DomainLeases) and not leases.joined():
                     # storage back, or the lock daemon: join again
                     leases.start_join()
+                if entry.domain.pending_discards and entry.active and \
+                        sd not in self._discarding:
+                    # beside the checks: the storage may fail again meanwhile
+                    self._discarding[sd] = asyncio.create_task(
+                        self._finish_discards(entry), name=f"discard-{sd}")
             else:
                 reason = error.message if isinstance(error, HostAgentError) else \
                     f"{type(error).__name__}: {error}"
                 failing(reason)
             await asyncio.sleep(self.monitor_interval)
+
+    async def _finish_discards(self, entry: Entry) -> None:
+        """Remove the half-made volumes whose removal failed while the storage
+        failed, now that it answers: under each one's locks, and only while
+        it is still half-made (a job run again may have made it since).
+        What is still left then is tried again after the next good check."""
+        domain = entry.domain
+        try:
+            for vol, md in list(domain.pending_discards.items()):
+                try:
+                    async with self._volume_locks(domain.uuid, md.image, vol):
+                        try:
+                            now: VolumeMetadata | None = await domain.read_volume_md(
+                                md.image, vol)
+                        except (VolumeDoesNotExist, MetadataError):
+                            # left without readable metadata (an LV still
+                            # INITIALIZING), or gone already
+                            now = md if vol in await domain.volume_ids(md.image) else None
+                        if now is not None and now.state in (CREATING, REMOVING):
+                            await domain.discard_volume(now)
+                            log.info("Domain %s: removed half-made volume %s/%s",
+                                     domain.uuid, md.image, vol)
+                except LeaseHeld:
+                    pass             # another host makes it now: its own
+                except (HostAgentError, OSError) as e:
+                    log.warning("Domain %s: half-made volume %s not removed yet: %s",
+                                domain.uuid, vol, e)
+                    return
+                domain.pending_discards.pop(vol, None)
+        finally:
+            self._discarding.pop(domain.uuid, None)
 
     async def format(self, sd: str) -> None:
         async with self.locks.hold(request("domain", sd)):

@@ -340,3 +340,44 @@ def lab_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess
     finally:
         rc = agent.stop()
         assert rc == 0, f"agent exit status {rc} after SIGTERM; log:\n{agent.log()}"
+
+
+# ---- fault injection (tests/lab/test_faults_lab.py) ---------------------------------
+#
+#    faulty_lun         a target whose LUN is a dm device a test swaps to error / flakey
+
+import dataclasses  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultyLun:
+    target: g.Target
+    device: g.DmDevice   # under the LUN: swap its table to inject faults
+
+
+@pytest.fixture
+def faulty_lun(target_server: g.TargetServer, iscsi_initiator: g.Initiator,
+               multipathd: g.Multipathd) -> Iterator[FaultyLun]:
+    """A target whose one 1 GiB LUN is a device-mapper device (a DmDevice,
+    linear at first); nobody logged in. At the end the healthy table is put
+    back, the target released (sessions logged out, maps flushed) and the
+    device removed."""
+    require_tools("dmsetup", "losetup")
+    tag = uuid.uuid4().hex[:6]
+    device = g.DmDevice(f"lab-faulty-{tag}", WORK / f"faulty-{tag}.img", GiB).create()
+    factory = TargetFactory(target_server, iscsi_initiator)
+    steps = g.Cleanup()
+    steps.push("remove the dm device", device.destroy)
+    steps.push("release the target", factory.release_all)
+
+    def healthy() -> None:
+        if device.table().split()[2] != "linear":
+            device.load(device.linear())
+
+    steps.push("healthy table", healthy)
+    try:
+        target = factory("faulty", ())
+        g.add_device_lun(target_server, target, device.path, device.size)
+        yield FaultyLun(target, device)
+    finally:
+        steps.run()

@@ -731,3 +731,112 @@ def lvm_wipe(device: str) -> None:
     if run_ok("lvm", "pvs", device):
         run("lvm", "pvremove", "-ff", "-y", device)
     run("wipefs", "-a", device)
+
+
+# ---- fault injection (tests/lab/test_faults_lab.py) -----------------------------------
+
+def nfsd_stop() -> None:
+    """Stop knfsd's threads (`rpc.nfsd 0`): every client request goes
+    unanswered until nfsd_start(); mountd, statd and the exports stay."""
+    run("rpc.nfsd", "0")
+
+
+def nfsd_start(threads: int = 8) -> None:
+    """Start knfsd again as NfsServer does, ending the NFSv4 grace period."""
+    run("rpc.nfsd", "-H", "127.0.0.1", str(threads))
+    Path("/proc/fs/nfsd/v4_end_grace").write_text("Y\n")
+
+
+@dataclasses.dataclass
+class DmDevice:
+    """A device-mapper device over a loop device over a sparse file, whose
+    table a test swaps under its users (suspend, load, resume): linear (the
+    healthy device), delay (each I/O `ms` later), error (every I/O fails at
+    once), flakey (fails for `down` seconds of every `up` + `down`).
+
+    LVM sees a PV made on it twice (here and on the loop device under it):
+    LVM commands on it name their devices (`--devices`, as the agent does).
+    """
+
+    name: str
+    image: Path
+    size: int
+    loop: str = ""
+
+    @property
+    def path(self) -> str:
+        return f"/dev/mapper/{self.name}"
+
+    @property
+    def sectors(self) -> int:
+        return self.size // 512
+
+    def linear(self) -> str:
+        return f"0 {self.sectors} linear {self.loop} 0"
+
+    def error(self) -> str:
+        return f"0 {self.sectors} error"
+
+    def delay(self, ms: int) -> str:
+        return f"0 {self.sectors} delay {self.loop} 0 {ms}"
+
+    def flakey(self, up: int, down: int, *features: str) -> str:
+        extra = f" {len(features)} {' '.join(features)}" if features else ""
+        return f"0 {self.sectors} flakey {self.loop} 0 {up} {down}{extra}"
+
+    def create(self) -> DmDevice:
+        modprobe("loop", "dm-mod", "dm-delay", "dm-flakey")
+        self.image.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.image, "wb") as f:
+            f.truncate(self.size)
+        self.loop = run("losetup", "--find", "--show", self.image).strip()
+        try:
+            run("dmsetup", "create", self.name, "--table", self.linear())
+        except Exception:
+            self.destroy()
+            raise
+        return self
+
+    def load(self, table: str) -> None:
+        """Swap the table: I/O in flight finishes on the old one, new I/O
+        sees the new one."""
+        run("dmsetup", "suspend", self.name)
+        try:
+            run("dmsetup", "load", self.name, "--table", table)
+        finally:
+            run("dmsetup", "resume", self.name)
+
+    def table(self) -> str:
+        return run("dmsetup", "table", self.name).strip()
+
+    def destroy(self) -> None:
+        if os.path.exists(self.path):
+            # udev may still hold it open briefly after its last user left
+            wait_until(lambda: run_ok("dmsetup", "remove", self.name),
+                       f"dmsetup remove {self.name}", 15, 0.5)
+        if self.loop:
+            run("losetup", "-d", self.loop)
+            self.loop = ""
+        self.image.unlink(missing_ok=True)
+
+
+def add_device_lun(server: TargetServer, target: Target, device: str, size: int,
+                   number: int = 1) -> Lun:
+    """Export a block device as LUN `number` of `target`, opened O_DIRECT
+    (bsoflags direct): no page cache in tgtd, so what the device does (an
+    I/O error) reaches the initiator at once, as a SCSI medium error."""
+    tid = target.tid
+    server.tgtadm("--op", "new", "--mode", "logicalunit", "--tid", str(tid), "--lun",
+                  str(number), "-b", device, "--bsoflags", "direct")
+    server.tgtadm("--op", "update", "--mode", "logicalunit", "--tid", str(tid), "--lun",
+                  str(number), "--params", f"scsi_sn=LAB{tid:04d}{number:04d}")
+    # delete_target unlinks its LUNs' files: a path that is never the device
+    lun = Lun(number, server.lun_dir / f"t{tid}-lun{number}.device-lun", size)
+    target.luns.append(lun)
+    return lun
+
+
+def set_disk_state(disk: str, state: str) -> None:
+    """The SCSI device state of /dev/<disk>: "offline" fails every command
+    at once (the path is down), "running" brings it back."""
+    Path(f"/sys/block/{disk}/device/state").write_text(f"{state}\n")
