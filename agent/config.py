@@ -184,6 +184,8 @@ class Config:
                 raise ConfigError(f"server.{name}: must be more than 0")
         if self.jobs.max_running < 1:
             raise ConfigError("jobs.max_running: must be at least 1")
+        if not -1 <= self.ovf.data_port < 65536:
+            raise ConfigError("ovf.data_port: not a port (-1: none, 0: any free port)")
         le = self.leases
         for name in le.backends:
             if name not in ("local", "sanlock"):

@@ -54,6 +54,8 @@ def load_config(args: argparse.Namespace) -> configmod.Config:
     overrides: dict[str, Any] = {}
     if args.dev:
         overrides = configmod.dev_overrides(args.state_dir, args.port or 54321)
+        # several dev agents may run side by side: the system picks the port
+        overrides["ovf"] = {"data_port": 0}
     elif args.port is not None:
         overrides = {"server": {"port": args.port}}
     if args.enable_test_verbs:
@@ -71,6 +73,7 @@ async def serve(config: configmod.Config, notifier: Notifier) -> None:
     import rpc.verbs  # noqa: F401
     from rpc import ovfroutes
     from rpc.dispatch import Dispatcher
+    from rpc.ovfdata import DataListener
     from rpc.server import make_app, ssl_context
     from rpc.table import TABLE
 
@@ -92,6 +95,7 @@ async def serve(config: configmod.Config, notifier: Notifier) -> None:
     tls = ssl_context(server) if server.tls else None
     site = web.TCPSite(runner, server.host, server.port, ssl_context=tls, backlog=1024,
                        reuse_address=True)
+    data = DataListener(agent, tls) if config.ovf.data_port >= 0 else None
     try:
         await site.start()
     except OSError as e:
@@ -99,6 +103,14 @@ async def serve(config: configmod.Config, notifier: Notifier) -> None:
         await agent.stop()
         raise SystemExit(f"hostagentd: cannot listen on {server.host}:{server.port}: {e}") \
             from None
+    if data is not None:
+        try:
+            await data.start()
+        except OSError as e:
+            await runner.cleanup()
+            await agent.stop()
+            raise SystemExit(f"hostagentd: cannot listen on {server.host}:"
+                             f"{config.ovf.data_port} (ovf.data_port): {e}") from None
     scheme = "https" if tls else "http"
     log.info("hostagent %s listening on %s://%s:%d (%d verbs)", __version__, scheme,
              server.host, server.port, len(dispatcher.verbs))
@@ -111,6 +123,8 @@ async def serve(config: configmod.Config, notifier: Notifier) -> None:
     # Stop accepting first, then let jobs finish (or cancel them), then close
     # what remains of the connections.
     await site.stop()
+    if data is not None:
+        await data.stop()
     await agent.stop()
     watchdog.cancel()
     await runner.cleanup()

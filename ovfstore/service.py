@@ -11,19 +11,19 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.locks import LockManager, request
 from ovfstore import ovf
-from ovfstore.store import Header, OvfStore, UploadError, read_members
+from ovfstore.store import Body, Header, OvfStore, UploadError, read_members
 from storage.domains import Domain, DomainManager
 from storage.errors import (
     AcquireLockFailure,
     HostAgentError,
     InvalidParameter,
+    LeaseHeld,
     OvfStoreError,
     OvfTicketError,
     VolumeDoesNotExist,
@@ -54,6 +54,9 @@ class OvfService:
         self.member_limit = member_limit
         self.ticket_ttl = ticket_ttl
         self.tickets: dict[str, Ticket] = {}
+        # The port of the OVF data listener once it listens (set by the
+        # edge, rpc.ovfdata): upload URLs name it. None: the main port.
+        self.data_port: int | None = None
         # Store volumes activated on this host (block domains): they stay
         # active, so concurrent readers and uploads never race a deactivation.
         self._active: set[str] = set()
@@ -103,7 +106,7 @@ class OvfService:
         return ticket
 
     async def upload(self, ticket: Ticket, content_length: int | None,
-                     chunks: AsyncIterator[bytes]) -> dict[str, Any]:
+                     body: Body) -> dict[str, Any]:
         if content_length is None:
             raise OvfStoreError(reason="Content-Length is required")
         if content_length != ticket.size:
@@ -111,10 +114,15 @@ class OvfService:
                                        f"{ticket.size} given to uploadOvfTar")
         try:
             async with self.locks.hold(request("ovfstore", ticket.sd), nowait=True):
-                _, _, store = await self.store_of(ticket.sd)
-                header, members = await store.write(chunks, ticket.size,
-                                                    member_limit=self.member_limit,
-                                                    sha256=ticket.sha256)
+                domain, md, store = await self.store_of(ticket.sd)
+                # the store volume's lease: hosts sharing the domain upload in turn
+                async with domain.leases.volume(md):
+                    header, members = await store.receive(body, ticket.size,
+                                                          member_limit=self.member_limit,
+                                                          sha256=ticket.sha256)
+        except LeaseHeld:
+            raise LeaseHeld(resource=f"OVF store of {ticket.sd}",
+                            reason="another host is uploading to it") from None
         except AcquireLockFailure:
             raise AcquireLockFailure(resource=f"OVF store of {ticket.sd}",
                                      reason="another upload is in progress") from None

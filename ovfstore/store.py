@@ -6,12 +6,13 @@
     1 MiB + S        slot 1                    (S = slot size)
 
 An upload streams into the slot that is not current, through a few fixed
-buffers (never the whole tar in memory), checking the tar as it passes; once
-the data is durable (fsync), the header switch is one small write of copy A
-and then of copy B. A reader takes the first copy with a valid checksum, so
-at any crash point it sees the old tar or the new one, never a mix. Data is
-read and written with O_DIRECT where the storage allows, so another host's
-update is not hidden by this host's page cache.
+buffers (never the whole tar in memory) that the transport fills directly
+(`Body.readinto`), checking the tar as it passes; once the data is durable
+(fsync), the header switch is one small write of copy A and then of copy B.
+A reader takes the first copy with a valid checksum, so at any crash point
+it sees the old tar or the new one, never a mix. Data is read and written
+with O_DIRECT where the storage allows, so another host's update is not
+hidden by this host's page cache.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ovfstore.tarcheck import Member, TarChecker, TarRejected
 from storage.fileio import IOPool
@@ -104,39 +105,89 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
+class Body(Protocol):
+    """The bytes of an upload as a transport delivers them."""
+
+    async def readinto(self, buf: memoryview) -> int:
+        """Fill `buf` with the next bytes of the body and return how many;
+        fewer than len(buf) only when the body ended."""
+        ...
+
+
+class ChunkBody:
+    """A Body over an async iterator of chunks that must end after exactly
+    `size` bytes (an aiohttp request's stream): each chunk is copied into
+    the store's buffers."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], size: int) -> None:
+        self._chunks = aiter(chunks)
+        self._size = size
+        self._received = 0
+        self._pending = memoryview(b"")
+
+    async def _next(self) -> bool:
+        try:
+            chunk = await anext(self._chunks)
+        except StopAsyncIteration:
+            return False
+        self._received += len(chunk)
+        if self._received > self._size:
+            raise UploadError(f"body longer than Content-Length {self._size}")
+        self._pending = memoryview(chunk)
+        return True
+
+    async def readinto(self, buf: memoryview) -> int:
+        n = 0
+        while n < len(buf):
+            if not self._pending and not await self._next():
+                break
+            take = min(len(self._pending), len(buf) - n)
+            buf[n:n + take] = self._pending[:take]
+            self._pending = self._pending[take:]
+            n += take
+        if self._received == self._size and not self._pending:
+            # all of it taken: the stream must end here (_next refuses more)
+            while await self._next():
+                pass
+        return n
+
+
+def _check_and_hash(checker: TarChecker, digest: Any, data: memoryview) -> None:
+    checker.feed(data)
+    digest.update(data)
+
+
 class _SlotWriter:
-    """The write side of an upload: the loop copies received chunks into
-    fixed page-aligned buffers; each full buffer is hashed by one thread (in
-    order) and written by another at the same time, while the loop fills the
-    next buffer. Both calls release the GIL, so receiving, hashing and
-    writing overlap; memory stays at PIPELINE buffers whatever the tar size.
+    """The write side of an upload: the transport fills fixed page-aligned
+    buffers in turn; each full buffer is checked and hashed by one thread
+    (in order) and written by another at the same time, while the next
+    buffer fills. These calls release the GIL (but for tar headers), so
+    receiving, hashing and writing overlap and the event loop does no
+    per-byte work; memory stays at PIPELINE buffers whatever the tar size.
     """
 
-    def __init__(self, fd: int, offset: int, io: IOPool) -> None:
+    def __init__(self, fd: int, offset: int, io: IOPool, checker: TarChecker) -> None:
         self.fd = fd
         self.offset = offset
+        self.checker = checker
         self.digest = hashlib.sha256()
         self.hasher = IOPool(f"{io.name}-ovf-hash", workers=1, timeout=io.timeout)
         self.writer = IOPool(f"{io.name}-ovf-write", workers=1, timeout=io.timeout)
         self.bufs = [_aligned(BUFFER_SIZE) for _ in range(PIPELINE)]
-        self.busy: list[asyncio.Future[Any] | None] = [None] * PIPELINE
+        # per buffer: the outcomes of its check-and-hash and of its write
+        self.busy: list[asyncio.Future[tuple[BaseException | None, BaseException | None]]
+                        | None] = [None] * PIPELINE
         self.cur = 0
-        self.used = 0
 
-    async def add(self, chunk: bytes) -> None:
-        view = memoryview(chunk)
-        while view:
-            if self.used == 0:
-                await self._wait(self.cur)     # this buffer's last hash and write
-            take = min(BUFFER_SIZE - self.used, len(view))
-            self.bufs[self.cur][self.used:self.used + take] = view[:take]
-            self.used += take
-            view = view[take:]
-            if self.used == BUFFER_SIZE:
-                self._submit()
+    async def buffer(self) -> memoryview:
+        """The next buffer to fill, once its last check, hash and write are done."""
+        await self._wait(self.cur)
+        return memoryview(self.bufs[self.cur])
 
-    def _submit(self) -> None:
-        buf, length = self.bufs[self.cur], self.used
+    def submit(self, length: int) -> None:
+        """The current buffer holds `length` bytes: check, hash and write
+        them. Only the last buffer of an upload may be short."""
+        buf = self.bufs[self.cur]
         padded = (length + ALIGN - 1) // ALIGN * ALIGN
         if padded != length:
             # O_DIRECT wants whole blocks: pad the tail with zeros (the
@@ -144,30 +195,33 @@ class _SlotWriter:
             buf[length:padded] = bytes(padded - length)
         data = memoryview(buf)
         # gather starts its tasks in creation order, and the hasher has one
-        # thread taking work in order: the buffers are hashed in tar order
+        # thread taking work in order: the buffers are checked and hashed in
+        # tar order
         self.busy[self.cur] = asyncio.gather(
-            self.hasher.call(self.digest.update, data[:length]),
-            self.writer.call(_pwrite_all, self.fd, data[:padded], self.offset))
+            self.hasher.call(_check_and_hash, self.checker, self.digest, data[:length]),
+            self.writer.call(_pwrite_all, self.fd, data[:padded], self.offset),
+            return_exceptions=True)
         self.offset += padded
-        self.used = 0
         self.cur = (self.cur + 1) % PIPELINE
 
     async def _wait(self, i: int) -> None:
         busy = self.busy[i]
-        if busy is not None:
-            self.busy[i] = None
-            try:
-                await busy
-            except OSError as e:
+        if busy is None:
+            return
+        self.busy[i] = None
+        for result in await busy:     # the check's failure first: it explains the rest
+            if isinstance(result, TarRejected):
+                raise UploadError(result.reason)
+            if isinstance(result, OSError):
                 # not to be taken for the client going away (also an OSError)
-                raise UploadError(f"writing the OVF store failed: {e}") from None
+                raise UploadError(f"writing the OVF store failed: {result}")
+            if isinstance(result, BaseException):
+                raise result
 
     async def finish(self) -> str:
-        """Write what is left; every byte is written and hashed: the sha256."""
-        if self.used:
-            self._submit()
-        for i in range(PIPELINE):
-            await self._wait(i)
+        """Every buffer checked, hashed and written: the sha256."""
+        for k in range(PIPELINE):
+            await self._wait((self.cur + k) % PIPELINE)   # oldest first
         return self.digest.hexdigest()
 
     async def close(self) -> None:
@@ -224,34 +278,39 @@ class OvfStore:
 
     async def write(self, chunks: AsyncIterator[bytes], size: int, *, member_limit: int,
                     sha256: str | None = None) -> tuple[Header, list[Member]]:
-        """Stream `size` bytes of tar from `chunks` into the free slot and make
+        """receive() from an async iterator of chunks."""
+        return await self.receive(ChunkBody(chunks, size), size, member_limit=member_limit,
+                                  sha256=sha256)
+
+    async def receive(self, body: Body, size: int, *, member_limit: int,
+                      sha256: str | None = None) -> tuple[Header, list[Member]]:
+        """Stream `size` bytes of tar from `body` into the free slot and make
         it current. Raises UploadError (stored tar unchanged) if the body is
-        short or long, the tar is refused, or the checksum differs."""
+        short or long, the tar is refused, or the checksum differs; the
+        body's own errors (the client went away) pass through."""
         if size > self.slot_size:
             raise UploadError(f"{size} bytes do not fit the store ({self.slot_size} max)")
         current = await self.header()
         slot = 1 - current.slot if current.generation else 0
         checker = TarChecker(member_limit=member_limit, total_limit=self.slot_size)
         fd = await self.io.call(_open, self.path, os.O_WRONLY)
-        sink = _SlotWriter(fd, DATA_OFFSET + slot * self.slot_size, self.io)
+        sink = _SlotWriter(fd, DATA_OFFSET + slot * self.slot_size, self.io, checker)
         try:
             received = 0
-            async for chunk in chunks:
-                received += len(chunk)
-                if received > size:
-                    raise UploadError(f"body longer than Content-Length {size}")
-                try:
-                    checker.feed(chunk)
-                except TarRejected as e:
-                    raise UploadError(e.reason) from None
-                await sink.add(chunk)
-            if received != size:
-                raise UploadError(f"body ended after {received} of {size} bytes")
+            while received < size:
+                buf = await sink.buffer()
+                want = min(len(buf), size - received)
+                n = await body.readinto(buf[:want])
+                received += n
+                if n:
+                    sink.submit(n)
+                if n < want:
+                    raise UploadError(f"body ended after {received} of {size} bytes")
+            digest = await sink.finish()
             try:
                 members = checker.close()
             except TarRejected as e:
                 raise UploadError(e.reason) from None
-            digest = await sink.finish()
             if sha256 is not None and digest != sha256.lower():
                 raise UploadError("sha256 of the body does not match")
             try:

@@ -56,6 +56,10 @@ class TarChecker:
     _zero_blocks: int = 0
     _ended: bool = False
     _total: int = 0
+    # The first refusal: every later feed() or close() raises it again, so
+    # the reason reported is the first one whichever buffer's check is
+    # looked at first (the store checks its buffers in a thread).
+    _error: TarRejected | None = None
 
     @property
     def ended(self) -> bool:
@@ -63,10 +67,19 @@ class TarChecker:
 
     def feed(self, data: bytes | memoryview) -> None:
         """Check the next chunk; raises TarRejected at the first problem."""
-        view = memoryview(data)
+        if self._error is not None:
+            raise self._error
+        try:
+            self._feed(memoryview(data))
+        except TarRejected as e:
+            self._error = e
+            raise
+
+    def _feed(self, view: memoryview) -> None:
         while view:
             if self._ended:
-                if any(view):
+                # bytes.strip runs in C: a GiB of zeros is not a Python loop
+                if view.tobytes().strip(b"\0"):
                     raise TarRejected("data after the end of the archive")
                 return
             if self._pax is not None:
@@ -92,6 +105,8 @@ class TarChecker:
 
     def close(self) -> list[Member]:
         """The stream ended: it must have ended as an archive."""
+        if self._error is not None:
+            raise self._error
         if not self._ended:
             raise TarRejected("truncated tar: no end-of-archive marker")
         if not self.members:

@@ -1,7 +1,9 @@
 """HTTP streams of the OVF store: PUT /ovfstore/{ticket}, GET /ovfstore/{sdUUID}.
 
-Behind the same mutual TLS as the JSON-RPC edge. Errors answer with an HTTP
-status and the same error object as JSON-RPC: {"error": {code, message, data}}.
+Served on the main port (these aiohttp routes, behind the same mutual TLS as
+the JSON-RPC edge) and on the OVF data listener (rpc.ovfdata), whose URL
+uploadOvfTar hands out. Errors answer with an HTTP status and the same error
+object as JSON-RPC: {"error": {code, message, data}}.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import aiohttp
 import aiohttp.http_exceptions
 from aiohttp import web
 
+from ovfstore.store import ChunkBody, Header
 from rpc.schema import UUID_RE
 from rpc.server import AGENT_KEY
 from storage.errors import (
@@ -34,9 +37,41 @@ STATUS = {OvfTicketError: 403, AcquireLockFailure: 409, OvfStoreError: 400,
           StorageDomainDoesNotExist: 404, VolumeDoesNotExist: 404}
 
 
+NOT_A_UUID = {"error": {"code": -32602, "message": "not a UUID",
+                        "data": {"name": "InvalidParams", "field": "sdUUID"}}}
+
+
+def error_status(e: HostAgentError) -> int:
+    return next((s for cls, s in STATUS.items() if isinstance(e, cls)), 500)
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """[start, end) of the tar that a Range header (one range, or none) asks
+    for; None if it cannot be satisfied (416)."""
+    if not header:
+        return 0, size
+    m = RANGE_RE.match(header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    if m.group(1):
+        start = int(m.group(1))
+        end = min(size, int(m.group(2)) + 1) if m.group(2) else size
+    else:
+        start, end = max(0, size - int(m.group(2))), size
+    return (start, end) if start < end else None
+
+
+def download_headers(header: Header, start: int, end: int, partial: bool) -> dict[str, str]:
+    headers = {"Content-Type": "application/x-tar", "Accept-Ranges": "bytes",
+               "ETag": f'"{header.sha256}"', "X-OVF-Generation": str(header.generation),
+               "Content-Length": str(end - start)}
+    if partial:
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{header.size}"
+    return headers
+
+
 def _error(e: HostAgentError) -> web.Response:
-    status = next((s for cls, s in STATUS.items() if isinstance(e, cls)), 500)
-    return web.json_response({"error": e.to_dict()}, status=status)
+    return web.json_response({"error": e.to_dict()}, status=error_status(e))
 
 
 async def _stall_limited(chunks: AsyncIterator[bytes], seconds: float) -> AsyncIterator[bytes]:
@@ -69,7 +104,8 @@ async def put_ovf(request: web.Request) -> web.StreamResponse:
     chunks = _stall_limited(request.content.iter_chunked(CHUNK),
                             agent.config.server.body_timeout)
     try:
-        result = await agent.ovf.upload(ticket, request.content_length, chunks)
+        result = await agent.ovf.upload(ticket, request.content_length,
+                                        ChunkBody(chunks, request.content_length))
     except HostAgentError as e:
         log.info("OVF upload to %s refused: %s", ticket.sd, e.message)
         return _error(e)
@@ -84,34 +120,18 @@ async def get_ovf(request: web.Request) -> web.StreamResponse:
     agent = request.app[AGENT_KEY]
     sd = request.match_info["sdUUID"]
     if not UUID_RE.match(sd):
-        return web.json_response({"error": {"code": -32602, "message": "not a UUID",
-                                            "data": {"name": "InvalidParams",
-                                                     "field": "sdUUID"}}}, status=400)
+        return web.json_response(NOT_A_UUID, status=400)
     try:
         header, store = await agent.ovf.header(sd)
     except HostAgentError as e:
         return _error(e)
-    start, end = 0, header.size
-    status = 200
     rng = request.headers.get("Range")
-    if rng:
-        m = RANGE_RE.match(rng.strip())
-        if not m or (not m.group(1) and not m.group(2)):
-            return web.Response(status=416, headers={"Content-Range": f"bytes */{header.size}"})
-        if m.group(1):
-            start = int(m.group(1))
-            end = min(header.size, int(m.group(2)) + 1) if m.group(2) else header.size
-        else:
-            start = max(0, header.size - int(m.group(2)))
-        if start >= end:
-            return web.Response(status=416, headers={"Content-Range": f"bytes */{header.size}"})
-        status = 206
-    response = web.StreamResponse(status=status, headers={
-        "Content-Type": "application/x-tar", "Accept-Ranges": "bytes",
-        "ETag": f'"{header.sha256}"', "X-OVF-Generation": str(header.generation)})
-    response.content_length = end - start
-    if status == 206:
-        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{header.size}"
+    span = byte_range(rng, header.size)
+    if span is None:
+        return web.Response(status=416, headers={"Content-Range": f"bytes */{header.size}"})
+    start, end = span
+    response = web.StreamResponse(status=206 if rng else 200,
+                                  headers=download_headers(header, start, end, bool(rng)))
     await response.prepare(request)
     async for chunk in store.read(start, end, header):
         await response.write(chunk)

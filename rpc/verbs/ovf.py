@@ -32,9 +32,12 @@ async def upload_ovf_tar(agent: Agent, sdUUID: str, size: int,
                          sha256: str | None) -> dict[str, Any]:
     ticket = await agent.ovf.issue(sdUUID, size, sha256)
     scheme = "https" if agent.config.server.tls else "http"
+    # the OVF data listener when it runs (uploads off the event loop);
+    # `path` works on the main port too
+    port = agent.ovf.data_port or agent.config.server.port
     path = f"/ovfstore/{ticket.id}"
     return {"ticket": ticket.id, "path": path, "expires": ticket.expires,
-            "url": f"{scheme}://{_public_host(agent)}:{agent.config.server.port}{path}"}
+            "url": f"{scheme}://{_public_host(agent)}:{port}{path}"}
 
 
 @TABLE.verb("getOvfStoreInfo", "Generation, size, sha256, update time and member count of "

@@ -1,6 +1,7 @@
 """The OVF store of file domains through the real agent: streamed uploads
 over mTLS, downloads with Range, info and entities, hostile tars, tickets,
-concurrency, and kill -9 in the middle of uploads."""
+concurrency, and kill -9 in the middle of uploads; on both transports: the
+OVF data listener (the URL uploadOvfTar hands out) and the main port."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import json
 import random
+import signal
+import socket
 import ssl
 import tarfile
+import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -72,10 +78,29 @@ def ssl_ctx(agent: AgentProcess, cert: bool = True) -> ssl.SSLContext:
     return ctx
 
 
-async def put(agent: AgentProcess, path: str, body: bytes, *, content_length: int | None = None,
-              chunk: int = 256 * 1024, cert: bool = True,
+def target_of(t: dict[str, Any], via: str) -> str:
+    """Where to PUT an upload ticket's tar: "url", the URL uploadOvfTar hands
+    out (the OVF data listener), or "path" (on the agent's main port)."""
+    return str(t[via])
+
+
+def address(agent: AgentProcess, target: str) -> tuple[str, int, str]:
+    """(host, port, path) of a target (a URL, or a path on the main port)."""
+    url = urllib.parse.urlsplit(target)
+    return url.hostname or "127.0.0.1", url.port or agent.port, url.path
+
+
+def data_url(agent: AgentProcess, t: dict[str, Any], path: str) -> str:
+    """`path` on the OVF data listener of ticket t's URL."""
+    host, port, _ = address(agent, t["url"])
+    return f"https://{host}:{port}{path}"
+
+
+async def put(agent: AgentProcess, target: str, body: bytes, *,
+              content_length: int | None = None, chunk: int = 256 * 1024, cert: bool = True,
               sent: Callable[[int], None] | None = None) -> tuple[int, Any]:
-    """PUT body in chunks; `sent(n)` is called once n bytes were handed over."""
+    """PUT body in chunks to target (a URL, or a path on the main port);
+    `sent(n)` is called once n bytes were handed over."""
     async def gen() -> AsyncIterator[bytes]:
         for i in range(0, len(body), chunk):
             yield body[i:i + chunk]
@@ -84,26 +109,28 @@ async def put(agent: AgentProcess, path: str, body: bytes, *, content_length: in
             await asyncio.sleep(0)
 
     headers = {"Content-Length": str(len(body) if content_length is None else content_length)}
+    url = target if "://" in target else f"{agent.url}{target}"
     conn = aiohttp.TCPConnector(ssl=ssl_ctx(agent, cert))
     async with aiohttp.ClientSession(connector=conn) as s:
-        async with s.put(f"{agent.url}{path}", data=gen(), headers=headers) as r:
+        async with s.put(url, data=gen(), headers=headers) as r:
             return r.status, await r.json(content_type=None)
 
 
-async def get(agent: AgentProcess, sd: str, rng: str | None = None) -> tuple[int, bytes]:
+async def get(agent: AgentProcess, sd: str, rng: str | None = None, *,
+              base: str | None = None) -> tuple[int, bytes]:
     conn = aiohttp.TCPConnector(ssl=ssl_ctx(agent))
     async with aiohttp.ClientSession(connector=conn) as s:
         headers = {"Range": rng} if rng else {}
-        async with s.get(f"{agent.url}/ovfstore/{sd}", headers=headers) as r:
+        async with s.get(f"{base or agent.url}/ovfstore/{sd}", headers=headers) as r:
             return r.status, await r.read()
 
 
-async def upload(c: Client, agent: AgentProcess, sd: str, body: bytes,
+async def upload(c: Client, agent: AgentProcess, sd: str, body: bytes, via: str = "url",
                  **kw: Any) -> tuple[int, Any]:
     t = await c.call("uploadOvfTar", sdUUID=sd, size=len(body),
                      sha256=hashlib.sha256(body).hexdigest())
     assert t["url"].endswith(t["path"])
-    return await put(agent, t["path"], body, **kw)
+    return await put(agent, target_of(t, via), body, **kw)
 
 
 class Domain:
@@ -220,16 +247,17 @@ BAD_TARS: dict[str, list[Any]] = {
 }
 
 
-async def check_refusals(agent: AgentProcess, c: Client, sd: str) -> bytes:
+async def check_refusals(agent: AgentProcess, c: Client, sd: str, via: str = "url") -> bytes:
     """Every hostile or broken upload to domain sd is refused and the stored
-    tar stays as it was. The agent's [ovf] section: max_tar_size 64 MiB,
-    max_member_size 1 MiB, ticket_ttl 2 s (as the `ovf_agent` fixture). Also
-    used by the lab tier on a block domain. Returns the tar stored at the end."""
+    tar stays as it was; uploads go to each ticket's `via` (see target_of).
+    The agent's [ovf] section: max_tar_size 64 MiB, max_member_size 1 MiB,
+    ticket_ttl 2 s (as the `ovf_agent` fixture). Also used by the lab tier
+    on a block domain. Returns the tar stored at the end."""
     good = make_tar([(f"{new_id()}.ovf", b"<ovf/>")])
-    assert (await upload(c, agent, sd, good))[0] == 200
+    assert (await upload(c, agent, sd, good, via))[0] == 200
 
     async def refused(body: bytes, expect: int = 400, **kw: Any) -> dict[str, Any]:
-        status, result = await upload(c, agent, sd, body, **kw)
+        status, result = await upload(c, agent, sd, body, via, **kw)
         assert status == expect, (status, result)
         assert (await get(agent, sd))[1] == good
         return dict(result["error"])
@@ -241,8 +269,8 @@ async def check_refusals(agent: AgentProcess, c: Client, sd: str) -> bytes:
     assert "truncated" in (await refused(full[:8000]))["message"]
     # body shorter than Content-Length: the client goes away mid-body
     t = await c.call("uploadOvfTar", sdUUID=sd, size=len(full))
-    _, writer = await asyncio.open_connection("127.0.0.1", agent.port,
-                                              ssl=ssl_ctx(agent))
+    host, port, _ = address(agent, target_of(t, via))
+    _, writer = await asyncio.open_connection(host, port, ssl=ssl_ctx(agent))
     writer.write(f"PUT {t['path']} HTTP/1.1\r\nHost: x\r\n"
                  f"Content-Length: {len(full)}\r\n\r\n".encode() + full[:len(full) // 2])
     await writer.drain()
@@ -252,30 +280,30 @@ async def check_refusals(agent: AgentProcess, c: Client, sd: str) -> bytes:
     await asyncio.sleep(0.5)   # the agent notices the closed connection
     assert (await get(agent, sd))[1] == good
     # the ticket of the cut upload was used up
-    assert (await put(agent, t["path"], full))[0] == 403
+    assert (await put(agent, target_of(t, via), full))[0] == 403
     # Content-Length other than the size given for the ticket (longer body)
     t = await c.call("uploadOvfTar", sdUUID=sd, size=len(full))
-    status, result = await put(agent, t["path"], full + b"\0" * 512)
+    status, result = await put(agent, target_of(t, via), full + b"\0" * 512)
     assert status == 400 and "Content-Length" in result["error"]["message"]
     # wrong sha256
     t = await c.call("uploadOvfTar", sdUUID=sd, size=len(full), sha256="0" * 64)
-    status, result = await put(agent, t["path"], full)
+    status, result = await put(agent, target_of(t, via), full)
     assert status == 400 and "sha256" in result["error"]["message"]
     assert (await get(agent, sd))[1] == good
     # reused ticket, expired ticket
     t = await c.call("uploadOvfTar", sdUUID=sd, size=len(full))
-    assert (await put(agent, t["path"], full))[0] == 200
+    assert (await put(agent, target_of(t, via), full))[0] == 200
     good = full
-    status, result = await put(agent, t["path"], full)
+    status, result = await put(agent, target_of(t, via), full)
     assert status == 403 and result["error"]["code"] == 2011
     t = await c.call("uploadOvfTar", sdUUID=sd, size=len(full))
     await asyncio.sleep(2.2)
-    status, _ = await put(agent, t["path"], full)
+    status, _ = await put(agent, target_of(t, via), full)
     assert status == 403
     # no client certificate: refused at the TLS handshake
     t = await c.call("uploadOvfTar", sdUUID=sd, size=len(full))
     with pytest.raises((aiohttp.ClientError, ssl.SSLError)):
-        await put(agent, t["path"], full, cert=False)
+        await put(agent, target_of(t, via), full, cert=False)
     assert (await get(agent, sd))[1] == good
     # params refused before any ticket
     with pytest.raises(RpcError) as e:
@@ -287,23 +315,26 @@ async def check_refusals(agent: AgentProcess, c: Client, sd: str) -> bytes:
     return good
 
 
-async def test_hostile_and_broken_uploads_leave_old_tar(dom: Dom) -> None:
+@pytest.mark.parametrize("via", ["url", "path"])
+async def test_hostile_and_broken_uploads_leave_old_tar(dom: Dom, via: str) -> None:
     agent, c, d = dom
-    await check_refusals(agent, c, d.sd)
+    await check_refusals(agent, c, d.sd, via)
 
 
 async def test_concurrent_uploads(dom: Dom, tmp_path: Path) -> None:
     agent, c, d = dom
     big = make_tar([(f"{new_id()}.ovf", bytes(random.Random(1).randbytes(900_000)))
                     for _ in range(20)])
-    t1 = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(big))
-    t2 = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(big))
-    r1, r2 = await asyncio.gather(put(agent, t1["path"], big, chunk=64 * 1024),
-                                  put(agent, t2["path"], big, chunk=64 * 1024))
-    statuses = sorted([r1[0], r2[0]])
-    assert statuses == [200, 409], (r1, r2)
-    refused = r1 if r1[0] == 409 else r2
-    assert refused[1]["error"]["code"] == 651
+    # two uploads to one domain, on the same transport or one on each: one is refused
+    for via1, via2 in [("url", "url"), ("url", "path")]:
+        t1 = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(big))
+        t2 = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(big))
+        r1, r2 = await asyncio.gather(put(agent, target_of(t1, via1), big, chunk=64 * 1024),
+                                      put(agent, target_of(t2, via2), big, chunk=64 * 1024))
+        statuses = sorted([r1[0], r2[0]])
+        assert statuses == [200, 409], (via1, via2, r1, r2)
+        refused = r1 if r1[0] == 409 else r2
+        assert refused[1]["error"]["code"] == 651
     # three domains at once: all succeed
     others = [await Domain(c, tmp_path / f"d{i}").create() for i in range(2)]
     try:
@@ -319,7 +350,8 @@ async def test_concurrent_uploads(dom: Dom, tmp_path: Path) -> None:
             await o.destroy()
 
 
-async def test_stalled_upload_is_abandoned(dom: Dom) -> None:
+@pytest.mark.parametrize("via", ["url", "path"])
+async def test_stalled_upload_is_abandoned(dom: Dom, via: str) -> None:
     """A client that stops sending mid-body loses the domain's upload lock
     after server.body_timeout (2 s here), and the stored tar is unchanged."""
     agent, c, d = dom
@@ -336,7 +368,8 @@ async def test_stalled_upload_is_abandoned(dom: Dom) -> None:
         conn = aiohttp.TCPConnector(ssl=ssl_ctx(agent))
         try:
             async with aiohttp.ClientSession(connector=conn) as s:
-                async with s.put(f"{agent.url}{t['path']}", data=gen(),
+                url = target_of(t, via)
+                async with s.put(url if via == "url" else f"{agent.url}{url}", data=gen(),
                                  headers={"Content-Length": str(len(stalled))}) as r:
                     return r.status
         except aiohttp.ClientError as e:
@@ -393,7 +426,7 @@ async def kill9_trials(agent: AgentProcess, restart: Callable[[AgentProcess], Ag
         async with client_of(agent) as c:
             t = await c.call("uploadOvfTar", sdUUID=sd, size=len(new),
                              sha256=hashlib.sha256(new).hexdigest())
-        task = asyncio.create_task(put(agent, t["path"], new, chunk=32 * 1024, sent=sent))
+        task = asyncio.create_task(put(agent, t["url"], new, chunk=32 * 1024, sent=sent))
         waiter = asyncio.ensure_future(reached.wait())
         await asyncio.wait([waiter, task], return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
@@ -439,3 +472,145 @@ async def test_kill9_during_uploads(ovf_agent: AgentProcess,
     print(f"kill -9 during uploads: {outcomes}")
     assert outcomes["old"] + outcomes["new"] == 30
     assert outcomes["old"] and outcomes["new"], outcomes   # both ends were hit
+
+
+# ---- the OVF data listener's own HTTP ------------------------------------------------
+
+def exchange(agent: AgentProcess, port: int, head: str, body: bytes = b"", *,
+             expect: bool = False) -> tuple[int, bool, Any]:
+    """One raw HTTP/1.1 request over mTLS (blocking). With `expect`, the body
+    is sent only after a "100 Continue". Returns (final status, whether a
+    100 Continue came, the JSON reply or None)."""
+    ctx = ssl_ctx(agent)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+        s.sendall(head.encode())
+        reply = b""
+        continued = False
+        if expect:
+            while b"\r\n\r\n" not in reply and (data := s.recv(65536)):
+                reply += data
+            if reply.startswith(b"HTTP/1.1 100 "):
+                continued = True
+                reply = reply.partition(b"\r\n\r\n")[2]
+                s.sendall(body)
+        else:
+            s.sendall(body)
+        while data := s.recv(65536):
+            reply += data
+    status_line, _, rest = reply.partition(b"\r\n")
+    payload = rest.partition(b"\r\n\r\n")[2]
+    return int(status_line.split()[1]), continued, json.loads(payload) if payload else None
+
+
+async def test_data_listener_http(dom: Dom) -> None:
+    agent, c, d = dom
+    body = make_tar([(f"{new_id()}.ovf", random.Random(2).randbytes(900_000))
+                     for _ in range(3)])
+    t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(body))
+    host, port, _ = address(agent, t["url"])
+    assert t["url"].startswith("https://") and host == "127.0.0.1" and port != agent.port
+
+    def put_head(path: str, size: int, extra: str = "") -> str:
+        return f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n{extra}\r\n"
+
+    # "Expect: 100-continue" (curl and Java clients send it): the go-ahead
+    # comes once the request is accepted, the body after it
+    status, continued, reply = await asyncio.to_thread(
+        exchange, agent, port, put_head(t["path"], len(body), "Expect: 100-continue\r\n"),
+        body, expect=True)
+    assert (status, continued) == (200, True), reply
+    assert reply["sha256"] == hashlib.sha256(body).hexdigest()
+    base = data_url(agent, t, "")
+    assert await get(agent, d.sd, base=base) == (200, body)
+    assert await get(agent, d.sd, "bytes=1000-1999999", base=base) == (206, body[1000:2000000])
+    assert (await get(agent, d.sd, f"bytes={len(body)}-", base=base))[0] == 416
+    # a refused request never gets the go-ahead: its body is not sent
+    status, continued, reply = await asyncio.to_thread(
+        exchange, agent, port, put_head(t["path"], len(body), "Expect: 100-continue\r\n"),
+        body, expect=True)
+    assert (status, continued) == (403, False) and reply["error"]["code"] == 2011
+    # refused while the client is still sending a large body: it reads the
+    # reply (the agent drains the body for a while) instead of a reset
+    t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(body))
+    big = bytes(8 * MiB)
+    status, _, reply = await asyncio.to_thread(
+        exchange, agent, port, put_head(t["path"], len(big)), big)
+    assert status == 400 and "Content-Length" in reply["error"]["message"]
+    # no Content-Length: refused, and the ticket is used up
+    t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(body))
+    status, _, reply = await asyncio.to_thread(
+        exchange, agent, port,
+        f"PUT {t['path']} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", b"0\r\n\r\n")
+    assert status == 411 and "Content-Length" in reply["error"]["message"]
+    assert (await put(agent, t["url"], body))[0] == 403
+    # not a UUID, an unknown path, a method other than GET and PUT, not HTTP
+    for head, expected in [("GET /ovfstore/nope HTTP/1.1\r\n\r\n", 400),
+                           ("GET /jsonrpc HTTP/1.1\r\n\r\n", 404),
+                           (f"DELETE /ovfstore/{d.sd} HTTP/1.1\r\n\r\n", 405),
+                           ("HELLO\r\n\r\n", 400),
+                           (put_head(t["path"], len(body), "Content-Length: 7\r\n"), 400)]:
+        status, _, _ = await asyncio.to_thread(exchange, agent, port, head)
+        assert status == expected, head
+    assert await get(agent, d.sd) == (200, body)
+
+
+@pytest.mark.slow
+async def test_ping_answers_during_uploads(dom: Dom) -> None:
+    """The uploads' TLS, hashing and writing run off the event loop: calls
+    are answered promptly all along."""
+    agent, c, d = dom
+    rng = random.Random(3)
+    body = make_tar([(f"{new_id()}.ovf", rng.randbytes(1_000_000)) for _ in range(60)])
+    done = threading.Event()
+    latencies: list[float] = []
+
+    async def uploads() -> None:
+        try:
+            for _ in range(3):
+                assert (await upload(c, agent, d.sd, body, chunk=4 * MiB))[0] == 200
+        finally:
+            done.set()
+
+    async def pings() -> None:
+        async with client_of(agent) as pc:
+            while not done.is_set():
+                start = time.monotonic()
+                assert await pc.call("ping") == {}
+                latencies.append(time.monotonic() - start)
+                await asyncio.sleep(0.01)
+
+    await asyncio.gather(uploads(), pings())
+    assert len(latencies) >= 10, latencies
+    assert max(latencies) < 1.0, sorted(latencies)[-5:]
+
+
+async def test_data_listener_stops_with_agent(agent_factory: Callable[..., AgentProcess],
+                                              tmp_path: Path) -> None:
+    """SIGTERM while a client holds an upload open on the data listener: the
+    agent cuts it after server.shutdown_timeout and exits 0; the stored tar
+    is unchanged."""
+    agent = agent_factory(tmp_path / "state")
+    async with client_of(agent) as c:
+        d = await Domain(c, tmp_path / "data").create()
+        old = make_tar([(f"{new_id()}.ovf", b"<ovf n='old'/>")])
+        assert (await upload(c, agent, d.sd, old))[0] == 200
+        body = make_tar([(f"{new_id()}.ovf", b"<ovf/>" * 100_000)])
+        t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(body))
+    host, port, _ = address(agent, t["url"])
+    _, writer = await asyncio.open_connection(host, port, ssl=ssl_ctx(agent))
+    try:
+        writer.write(f"PUT {t['path']} HTTP/1.1\r\nHost: x\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100_000])
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        start = time.monotonic()
+        assert await asyncio.to_thread(agent.stop, signal.SIGTERM, 20.0) == 0
+        assert time.monotonic() - start < 12
+    finally:
+        writer.transport.abort()
+    agent = agent_factory(agent.state_dir, port=agent.port)
+    async with client_of(agent) as c:
+        d.c = c
+        assert await get(agent, d.sd) == (200, old)
+        await d.destroy()
