@@ -10,11 +10,13 @@ reaped before the exception leaves `run()`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import re
 import shlex
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +49,17 @@ _LINE_SPLIT = re.compile(rb"[\r\n]")
 # Killed commands that outlived SIGKILL, blocked on storage that does not
 # answer; pruned once reaped. Process-wide by nature: it mirrors this
 # process's children, which the kernel keeps per process too.
-_lingering: dict[asyncio.subprocess.Process, tuple[str, ...]] = {}
+_lingering: dict[_Child, tuple[str, ...]] = {}
+
+# Children are started from these threads, never from the event loop: a
+# fork closes every open file in the child before it runs the new program,
+# and the close of a file on hung FUSE storage (a file some thread of the
+# agent has open at that moment) does not return until the storage answers,
+# while the parent waits for the exec. Slow forks (a big process in a VM)
+# do not stall the loop either. Threads stuck that way stay stuck; there are
+# enough of them for every other command to go on.
+_SPAWNERS = concurrent.futures.ThreadPoolExecutor(max_workers=16,
+                                                  thread_name_prefix="spawn")
 
 LineCallback = Callable[[str], None]
 ProgressCallback = Callable[[float], None]
@@ -303,6 +315,74 @@ async def _write_input(stream: asyncio.StreamWriter | None, data: bytes) -> None
         pass
 
 
+class _Child:
+    """A started command: its pipes as asyncio streams, its exit as a future
+    (a pidfd on the event loop: no thread waits for it)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.stdin: asyncio.StreamWriter | None = None
+        self.stdout: asyncio.StreamReader | None = None
+        self.stderr: asyncio.StreamReader | None = None
+        self._transports: list[asyncio.BaseTransport] = []
+        loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[int] = loop.create_future()
+        self._pidfd = os.pidfd_open(popen.pid)
+        loop.add_reader(self._pidfd, self._on_exit)
+        self._on_exit()     # it may be gone already
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    def _on_exit(self) -> None:
+        if self._exited.done() or self.popen.poll() is None:
+            return
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._exited.set_result(self.popen.returncode)
+
+    async def attach(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.popen.stdin is not None:
+            wtransport, protocol = await loop.connect_write_pipe(
+                lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()),
+                self.popen.stdin)
+            self.stdin = asyncio.StreamWriter(wtransport, protocol, None, loop)
+            self._transports.append(wtransport)
+        for name in ("stdout", "stderr"):
+            pipe = getattr(self.popen, name)
+            reader = asyncio.StreamReader(limit=_READ_SIZE)
+            rtransport, _ = await loop.connect_read_pipe(
+                lambda r=reader: asyncio.StreamReaderProtocol(r), pipe)   # type: ignore[misc]
+            self._transports.append(rtransport)
+            setattr(self, name, reader)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    def close_pipes(self) -> None:
+        for transport in self._transports:
+            transport.close()
+
+
+async def _spawn(argv: Sequence[str], *, stdin: int, env: dict[str, str],
+                 cwd: str | os.PathLike[str] | None) -> _Child:
+    loop = asyncio.get_running_loop()
+    popen = await loop.run_in_executor(_SPAWNERS, lambda: subprocess.Popen(
+        list(argv), stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        cwd=cwd, start_new_session=True, close_fds=True))
+    child = _Child(popen)
+    try:
+        await child.attach()
+    except BaseException:
+        _signal_group(popen.pid, signal.SIGKILL)
+        child.close_pipes()
+        raise
+    return child
+
+
 def _signal_group(pgid: int, signo: int) -> None:
     try:
         os.killpg(pgid, signo)
@@ -310,7 +390,7 @@ def _signal_group(pgid: int, signo: int) -> None:
         pass
 
 
-async def _terminate(proc: asyncio.subprocess.Process) -> bool:
+async def _terminate(proc: _Child) -> bool:
     """Kill the child's process group and reap the child; False if the child
     outlived SIGKILL by the grace period.
 
@@ -347,7 +427,7 @@ async def _terminate(proc: asyncio.subprocess.Process) -> bool:
         raise
 
 
-async def _discard_output(proc: asyncio.subprocess.Process) -> None:
+async def _discard_output(proc: _Child) -> None:
     """Read the pipes of a killed command to EOF so asyncio closes them.
 
     A process outside the group (a daemon that called setsid but kept our
@@ -364,15 +444,7 @@ async def _discard_output(proc: asyncio.subprocess.Process) -> None:
         pass
     finally:
         if not all(s.at_eof() for s in streams):
-            _close_transport(proc)
-
-
-def _close_transport(proc: asyncio.subprocess.Process) -> None:
-    # asyncio's private attribute: there is no public way to drop the pipes
-    # of a child that does not exit.
-    transport = getattr(proc, "_transport", None)
-    if transport is not None:
-        transport.close()
+            proc.close_pipes()
 
 
 def lingering() -> list[tuple[int, tuple[str, ...]]]:
@@ -442,15 +514,8 @@ async def run(
 
     start = time.monotonic()
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL if input is None else asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=_child_env(env),
-            cwd=cwd,
-            start_new_session=True,
-        )
+        proc = await _spawn(argv, stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
+                            env=_child_env(env), cwd=cwd)
     except (FileNotFoundError, PermissionError) as e:
         log.debug("%s: cannot start: %s", cmd, e.strerror)
         raise CommandNotFound(argv, f"cannot run {argv[0]}: {e.strerror}", redact=redact) from e
@@ -475,8 +540,8 @@ async def run(
             if dead:
                 await _discard_output(proc)
             else:
-                # It still holds its pipes: close them (and the transport) now.
-                _close_transport(proc)
+                # It still holds its pipes: close them now.
+                proc.close_pipes()
                 _lingering[proc] = shown
         elapsed = time.monotonic() - start
         rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
