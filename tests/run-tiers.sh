@@ -26,6 +26,9 @@ if [ "${TIERS_PARALLEL:-0}" = 1 ] && [[ " $* " == *" lab "* ]] && [ -z "${PYTEST
         if [[ " ${LAB_SECOND[*]} " == *" $(basename "$f") "* ]]; then second+=("$f")
         else first+=("$f"); fi
     done
+    # each guest's guard: longer than run.sh's default 20 min, the guests
+    # share the 2 cores with the host tier
+    export LAB_TIMEOUT=${LAB_TIMEOUT:-1800}
     bash tests/lab/run.sh "${first[@]}" > "$LOGDIR/lab1" 2>&1 &
     lab_pids+=($!)
     bash tests/lab/run.sh "${second[@]}" > "$LOGDIR/lab2" 2>&1 &

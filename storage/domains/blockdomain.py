@@ -391,6 +391,12 @@ class BlockDomain(Domain):
         for v in await self._volume_lvs():
             if v.name == vol:
                 return v
+        # Not in the cached lvs: another host may have made it since (the
+        # cache is only dropped under the domain lease). Ask LVM again.
+        self.lvm.invalidate(self.vg)
+        for v in await self._volume_lvs():
+            if v.name == vol:
+                return v
         return None
 
     async def image_ids(self) -> list[str]:

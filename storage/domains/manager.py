@@ -613,12 +613,15 @@ class DomainManager:
 
     async def volumes_list(self, sd: str, img: str | None) -> list[str]:
         domain = await self.domain(sd)
+        # what other hosts made or removed since this host cached it counts
+        domain.forget_cache()
         if img is not None:
             return [v.uuid for v in await domain.image_volumes(img)]
         return [v.uuid for v in await domain.all_volumes()]
 
     async def images_list(self, sd: str) -> list[str]:
         domain = await self.domain(sd)
+        domain.forget_cache()
         return await domain.image_ids()
 
     async def extend_volume(self, sd: str, img: str, vol: str,

@@ -342,6 +342,67 @@ def lab_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess
         assert rc == 0, f"agent exit status {rc} after SIGTERM; log:\n{agent.log()}"
 
 
+# ---- simulated hosts sharing storage (tests/lab/multihost.py) ------------------------
+#
+#    shared_storage     module: SharedStorage, the NFS export and a new 2 GiB LUN (2 portals)
+#    sim_hosts          module: factory sim_hosts(name, host_id, sanlock=True, **kw) -> SimHost
+#
+# Module-scoped: starting hosts, connecting them and making domains costs a
+# minute of guest time, so a file's scenarios share them.
+
+from tests.lab.multihost import HostFactory, SharedStorage  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shared_storage(nfs_server: g.NfsServer, target_server: g.TargetServer,
+                   iscsi_initiator: g.Initiator,
+                   multipathd: g.Multipathd) -> Iterator[SharedStorage]:
+    """The NFS export and a new 2 GiB LUN (two portals) for simulated hosts.
+    After the module (its hosts stopped first): every VG on the LUN is
+    deactivated, the target released, every domain made on the export removed."""
+    require_tools("unshare", "nsenter", "sanlock", "lvm")
+    export = nfs_server.exports[0]
+    before = set(os.listdir(export))
+    factory = TargetFactory(target_server, iscsi_initiator)
+    # No NFSv4 delegations while hosts share the export: in one kernel every
+    # simulated host is the same NFS client, and knfsd does not recall a
+    # delegation from the client whose own request conflicts with it, so
+    # host 2 would go on reading from its cache a file host 1 replaced.
+    # Separate machines get the delegation recalled; without any, each open
+    # asks the server, as after a recall.
+    leases = Path("/proc/sys/fs/leases-enable")
+    leases_was = leases.read_text()
+    leases.write_text("0\n")
+    try:
+        storage = SharedStorage(export, factory("multihost", (2 * GiB,)))
+        yield storage
+    finally:
+        steps = g.Cleanup()
+        steps.push("enable leases again", lambda: leases.write_text(leases_was))
+        steps.push("release the target", factory.release_all)
+        for name in set(os.listdir(export)) - before:
+            steps.push(f"remove {export / name}",
+                       functools.partial(shutil.rmtree, export / name))
+        if factory.made:
+            for vg in storage.vgs():
+                steps.push(f"deactivate VG {vg}",
+                           functools.partial(g.lvm, "vgchange", "-an", vg))
+        steps.run()
+
+
+@pytest.fixture(scope="module")
+def sim_hosts(shared_storage: SharedStorage,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostFactory]:
+    """Factory of simulated hosts (each a mount namespace with its own
+    sanlock daemon and agent); all stopped after the module, before the
+    shared storage is cleaned."""
+    factory = HostFactory(tmp_path_factory.mktemp("hosts"))
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
+
+
 # ---- fault injection (tests/lab/test_faults_lab.py) ---------------------------------
 #
 #    faulty_lun         a target whose LUN is a dm device a test swaps to error / flakey
