@@ -7,6 +7,8 @@
 #
 # - builds the LD_PRELOAD shim build/fake_rlimit.so (lets the sanlock daemon
 #   start on a host without CAP_SYS_RESOURCE; the guest does not need it)
+# - builds build/uml_xstate.so, preloaded into linux.uml (UML 6.1 cannot set
+#   a tracee's FPU state on hosts with AMX; see shim/uml_xstate.c)
 # - links Debian's python3-sanlock module into pylib/, so that
 #   PYTHONPATH=tests/lab/vm/pylib makes `import sanlock` work in the project's
 #   CPython 3.11 venv without the rest of Debian's dist-packages
@@ -73,4 +75,11 @@ then
     mv "$VM/build/fake_rlimit.so.tmp" "$VM/build/fake_rlimit.so"
 fi
 
-[ $QUIET = 1 ] || echo "lab install: ok (UML kernel $KVER, $(basename "$so"), build/fake_rlimit.so)"
+# linux.uml on a host with a large XSAVE area (AMX): see shim/uml_xstate.c
+if [ ! -s "$VM/build/uml_xstate.so" ] || [ "$VM/shim/uml_xstate.c" -nt "$VM/build/uml_xstate.so" ]
+then
+    gcc -O2 -Wall -shared -fPIC -o "$VM/build/uml_xstate.so.tmp" "$VM/shim/uml_xstate.c" -ldl
+    mv "$VM/build/uml_xstate.so.tmp" "$VM/build/uml_xstate.so"
+fi
+
+[ $QUIET = 1 ] || echo "lab install: ok (UML kernel $KVER, $(basename "$so"), build/fake_rlimit.so, build/uml_xstate.so)"

@@ -136,7 +136,8 @@ exec 4</dev/null
 if [ $LAB_SHELL = 1 ]; then echo "export TERM=${TERM:-dumb}"; else echo "export TERM=dumb"; fi >> "$T/env"
 # LAB_VM_DEBUG also makes the guest kernel chatty
 if [ -n "$DEBUG" ]; then KLOG=(loglevel=6 lab_debug=1); else KLOG=(quiet loglevel=0); fi
-UML=(linux.uml mem="$MEM" rootfstype=hostfs rootflags=/ ro init="$VM/guest/uml-init.sh"
+# shim/uml_xstate.c: UML 6.1 on a host whose XSAVE area is larger than its own
+UML=(env LD_PRELOAD="$VM/build/uml_xstate.so" linux.uml mem="$MEM" rootfstype=hostfs rootflags=/ ro init="$VM/guest/uml-init.sh"
      lab_dir="$T" uml_dir="$T" umid=uml lab_udev="${LAB_VM_UDEV:-1}" lab_shell="$LAB_SHELL"
      con0=fd:3,fd:1 con1=fd:4,fd:2 con=null ssl=null "${KLOG[@]}")
 # UML keeps guest RAM in a file under TMPDIR: tmpfs, so it is not written to disk
