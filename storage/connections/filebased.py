@@ -1,9 +1,9 @@
 """File connections: NFS and posixfs mounts, localfs directories.
 
-Mount points live under the storage root, named from the remote spec as
-VDSM names them ('_' doubled, '/' turned into '_'), so the same export is
-always mounted at the same place. Only mounts this agent made are ever
-unmounted: what connect did is recorded before it does it.
+Mount points (and localfs links) live under the storage root, named from
+the remote spec by a reversible escaping, so the same export is always
+mounted at the same place and two specs never share one. Only mounts this
+agent made are ever unmounted: what connect did is recorded before it does it.
 """
 
 from __future__ import annotations
@@ -46,7 +46,26 @@ def nfs_user_options(text: str) -> list[str]:
     return user
 
 
+# '%' and '_' percent-encoded, then '/' turned into '_': one name per spec,
+# and a spec without '_' or '%' gets the name VDSM gives it.
+_ESCAPES = {"%": "%25", "_": "%5F", "/": "_"}
+_ESCAPED = re.compile(r"%([0-9A-F]{2})|_")
+
+
 def escape_spec(spec: str) -> str:
+    """The file name under the storage root for `spec`; reversed by
+    unescape_spec."""
+    return "".join(_ESCAPES.get(c, c) for c in spec)
+
+
+def unescape_spec(name: str) -> str:
+    return _ESCAPED.sub(lambda m: chr(int(m.group(1), 16)) if m.group(1) else "/", name)
+
+
+def legacy_escape_spec(spec: str) -> str:
+    """VDSM's naming, used by this agent before: '_' doubled, '/' turned into
+    '_'. Not reversible ('/a_/b' and '/a/_b' are both '_a___b'): only
+    connections recorded under such a name keep it."""
     return spec.replace("_", "__").replace("/", "_")
 
 
@@ -81,7 +100,15 @@ class FileBackend:
         return "file:" + escape_spec(self.spec(params))
 
     def local_path(self, conn: Connection) -> Path:
-        return self.root / escape_spec(self.spec(conn.params))
+        spec = self.spec(conn.params)
+        # A connection made before the escaping changed keeps the place it
+        # was recorded at (a mount or link in use, paths handed out to VMs).
+        recorded = conn.owned.get("mount_point") or conn.owned.get("link")
+        if recorded:
+            path = Path(recorded)
+            if path.parent == self.root and path.name == legacy_escape_spec(spec):
+                return path
+        return self.root / escape_spec(spec)
 
 
 class MountBackend(FileBackend):
@@ -146,11 +173,24 @@ class MountBackend(FileBackend):
             raise StorageServerConnectionError(reason=f"{mnt} is not mounted")
         await self._check_access(conn, mnt)
 
+    def _mounted_at(self, params: dict[str, Any]) -> Path | None:
+        """Where this target is mounted as a connection, if it is: under its
+        name, or under its legacy name when that mount is of this spec."""
+        spec = self.spec(params)
+        path = self.root / escape_spec(spec)
+        if mount.find(path) is not None:
+            return path
+        legacy = self.root / legacy_escape_spec(spec)
+        entry = mount.find(legacy)
+        if entry is not None and entry.source == spec:
+            return legacy
+        return None
+
     async def test(self, params: dict[str, Any]) -> dict[str, Any]:
         """A trial mount in a private temporary directory, always removed;
         an existing mount of the same target is only checked."""
-        existing = self.root / escape_spec(self.spec(params))
-        if mount.find(existing) is not None:
+        existing = self._mounted_at(params)
+        if existing is not None:
             try:
                 await fileaccess.check_read_write(existing, timeout=self.io_timeout,
                                                   runner=self.runner)

@@ -122,6 +122,37 @@ async def test_localfs_every_verb(agent, conn_client, tmp_path):
     assert list(storage_root(agent).iterdir()) == []
 
 
+async def test_localfs_paths_named_alike_are_two_targets(agent, make_fs_mount, conn_client):
+    """'/d/x_/y' and '/d/x/_y' had one name under the storage root (VDSM's
+    escaping), so the second was refused as a duplicate (2003)."""
+    c = conn_client
+    fs = make_fs_mount("ext4")
+    dirs = [fs.path / "d" / "x_" / "y", fs.path / "d" / "x" / "_y"]
+    ids = [new_id(), new_id()]
+    for d, cid in zip(dirs, ids, strict=True):
+        d.mkdir(parents=True)
+        assert await connect(c, "localfs", id=cid, connection=str(d)) == \
+            {"id": cid, "status": 0, "message": "OK"}
+    conns = {x["id"]: x for x in await c.call("getStorageConnections")}
+    assert [conns[i]["state"] for i in ids] == ["connected", "connected"]
+    links = [storage_root(agent) / escape_spec(str(d)) for d in dirs]
+    assert links[0] != links[1]
+    assert [os.readlink(link) for link in links] == [str(d) for d in dirs]
+
+    sds = [new_id(), new_id()]
+    for sd, cid in zip(sds, ids, strict=True):
+        await c.call("createStorageDomain", sdUUID=sd, domType="localfs", name=sd[:8],
+                     connectionId=cid, ovfStore=False)
+    assert sorted(await c.call("getStorageDomainsList")) == sorted(sds)
+    for sd, cid, d, other in zip(sds, ids, dirs, reversed(dirs), strict=True):
+        info = await c.call("getStorageDomainInfo", sdUUID=sd)
+        assert info["connectionId"] == cid
+        assert Path(info["path"]).resolve() == d / sd
+        assert (d / sd / "dom_md").is_dir() and not (other / sd).exists()
+    for sd in sds:
+        await c.call("deactivateStorageDomain", sdUUID=sd)
+
+
 # ---- posixfs --------------------------------------------------------------------
 
 @pytest.mark.parametrize("fstype, sector", [("ext4", 512), ("ext4", 4096), ("xfs", 512),
