@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from storage import commands, fileaccess, mount
-from storage.connections.base import Connection
+from storage.connections.base import FULL_MESSAGE, Connection
 from storage.errors import (
     HostAgentError,
     InvalidParameter,
@@ -77,6 +77,17 @@ def normalize_remote(spec: str) -> str:
         norm = "/" + norm.lstrip("/")
         return f"{server}:{norm}"
     return spec.rstrip("/") if len(spec) > 1 else spec
+
+
+def _reachable(what: str, access: fileaccess.Access, details: dict[str, Any]
+               ) -> dict[str, Any]:
+    """testStorageConnection's answer for storage that answered: a full file
+    system is reachable (and said to be full), not lost."""
+    if access == fileaccess.FULL:
+        return {"reachable": True, "message": f"{what}; {FULL_MESSAGE}",
+                "details": {**details, "full": True}}
+    return {"reachable": True, "message": f"{what}; read and write work",
+            "details": {**details, "full": False}}
 
 
 class FileBackend:
@@ -145,7 +156,8 @@ class MountBackend(FileBackend):
             raise
 
     async def _check_access(self, conn: Connection, mnt: Path) -> None:
-        await fileaccess.check_read_write(mnt, timeout=self.io_timeout, runner=self.runner)
+        conn.full = await fileaccess.check_read_write(
+            mnt, timeout=self.io_timeout, runner=self.runner) == fileaccess.FULL
 
     def _details(self, mnt: Path) -> dict[str, Any]:
         entry = mount.find(mnt)
@@ -192,16 +204,15 @@ class MountBackend(FileBackend):
         existing = self._mounted_at(params)
         if existing is not None:
             try:
-                await fileaccess.check_read_write(existing, timeout=self.io_timeout,
-                                                  runner=self.runner)
+                access = await fileaccess.check_read_write(existing, timeout=self.io_timeout,
+                                                           runner=self.runner)
             except HostAgentError as e:
                 # Connected, but the server does not answer (or refuses): the
                 # answer to the question asked, not a failure of the call.
                 return {"reachable": False, "message": e.message,
                         "details": {**self._details(existing), "code": e.code,
                                     "name": e.name}}
-            return {"reachable": True, "message": "connected; read and write work",
-                    "details": self._details(existing)}
+            return _reachable("connected", access, self._details(existing))
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         trial = Path(tempfile.mkdtemp(prefix="test-", dir=self.tmp_dir))
         try:
@@ -210,8 +221,8 @@ class MountBackend(FileBackend):
                               runner=self.runner)
             try:
                 details = self._details(trial)
-                await fileaccess.check_read_write(trial, timeout=self.io_timeout,
-                                                  runner=self.runner)
+                access = await fileaccess.check_read_write(trial, timeout=self.io_timeout,
+                                                           runner=self.runner)
             finally:
                 await mount.umount(trial, timeout=self.mount_timeout, runner=self.runner)
         except HostAgentError as e:
@@ -221,8 +232,7 @@ class MountBackend(FileBackend):
             if mount.find(trial) is None:
                 with contextlib.suppress(OSError):
                     trial.rmdir()  # noqa: ASYNC240 - local, not on storage
-        return {"reachable": True, "message": "mounted; read and write work",
-                "details": details}
+        return _reachable("mounted", access, details)
 
 
 class PosixfsBackend(MountBackend):
@@ -263,7 +273,8 @@ class LocalfsBackend(FileBackend):
     async def connect(self, conn: Connection, save: Callable[[], None]) -> None:
         path = self.spec(conn.params)
         await fileaccess.check_directory(path, timeout=self.io_timeout, runner=self.runner)
-        await fileaccess.check_read_write(path, timeout=self.io_timeout, runner=self.runner)
+        conn.full = await fileaccess.check_read_write(
+            path, timeout=self.io_timeout, runner=self.runner) == fileaccess.FULL
         link = self.local_path(conn)
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink():
@@ -285,18 +296,18 @@ class LocalfsBackend(FileBackend):
         link = self.local_path(conn)
         if not link.is_symlink():
             raise StorageServerConnectionError(reason=f"{link} is missing")
-        await fileaccess.check_read_write(self.spec(conn.params), timeout=self.io_timeout,
-                                          runner=self.runner)
+        conn.full = await fileaccess.check_read_write(
+            self.spec(conn.params), timeout=self.io_timeout,
+            runner=self.runner) == fileaccess.FULL
 
     async def test(self, params: dict[str, Any]) -> dict[str, Any]:
         path = self.spec(params)
         try:
             await fileaccess.check_directory(path, timeout=self.io_timeout,
                                              runner=self.runner)
-            await fileaccess.check_read_write(path, timeout=self.io_timeout,
-                                              runner=self.runner)
+            access = await fileaccess.check_read_write(path, timeout=self.io_timeout,
+                                                       runner=self.runner)
         except HostAgentError as e:
             return {"reachable": False, "message": e.message,
                     "details": {"code": e.code, "name": e.name}}
-        return {"reachable": True, "message": "directory exists; read and write work",
-                "details": {"path": path}}
+        return _reachable("directory exists", access, {"path": path})

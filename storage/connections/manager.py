@@ -92,7 +92,8 @@ class ConnectionManager:
             try:
                 await backend.check(conn)
                 conn.state, conn.message = CONNECTED, ""
-                log.info("Connection %s (%s) is up", conn.id, conn.type)
+                log.info("Connection %s (%s) is up%s", conn.id, conn.type,
+                         "; its file system is full" if conn.full else "")
                 return
             except HostAgentError as e:
                 log.info("Connection %s (%s) is down (%s); re-establishing", conn.id,
