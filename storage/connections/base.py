@@ -14,7 +14,8 @@ SECRET_PARAMS = frozenset({"password"})
 MASK = "********"
 
 CONNECTED, DISCONNECTED, FAILED = "connected", "disconnected", "failed"
-FULL_MESSAGE = "no space left on the file system: reads work, new data cannot be written"
+FULL_MESSAGE = ("no space left on the file system at the last check: reads work, new data "
+                "cannot be written")
 
 
 @dataclass
