@@ -50,6 +50,7 @@ def nfs_user_options(text: str) -> list[str]:
 # and a spec without '_' or '%' gets the name VDSM gives it.
 _ESCAPES = {"%": "%25", "_": "%5F", "/": "_"}
 _ESCAPED = re.compile(r"%([0-9A-F]{2})|_")
+NAME_MAX = 255
 
 
 def escape_spec(spec: str) -> str:
@@ -60,6 +61,18 @@ def escape_spec(spec: str) -> str:
 
 def unescape_spec(name: str) -> str:
     return _ESCAPED.sub(lambda m: chr(int(m.group(1), 16)) if m.group(1) else "/", name)
+
+
+def mount_name(spec: str) -> str:
+    """escape_spec(spec), refused when it cannot be a file name (a spec of up
+    to 1024 bytes can give more than NAME_MAX)."""
+    name = escape_spec(spec)
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > NAME_MAX:
+        raise InvalidParameter(field="connection",
+                               reason=f"too long: its name under the storage root would be "
+                                      f"{size} bytes, over {NAME_MAX}")
+    return name
 
 
 def legacy_escape_spec(spec: str) -> str:
@@ -108,7 +121,7 @@ class FileBackend:
 
     def target_key(self, params: dict[str, Any]) -> str:
         # The mount point identifies the target across nfs and posixfs.
-        return "file:" + escape_spec(self.spec(params))
+        return "file:" + mount_name(self.spec(params))
 
     def local_path(self, conn: Connection) -> Path:
         spec = self.spec(conn.params)
@@ -119,7 +132,7 @@ class FileBackend:
             path = Path(recorded)
             if path.parent == self.root and path.name == legacy_escape_spec(spec):
                 return path
-        return self.root / escape_spec(spec)
+        return self.root / mount_name(spec)
 
 
 class MountBackend(FileBackend):

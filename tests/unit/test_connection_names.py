@@ -18,7 +18,7 @@ from storage.connections.filebased import (
     legacy_escape_spec,
     unescape_spec,
 )
-from storage.errors import StorageServerConnectionError
+from storage.errors import InvalidParameter, StorageServerConnectionError
 from tests.unit.fakerun import FakeRunner
 
 # specs as they come: paths and NFS exports, heavy on the characters escaped
@@ -115,3 +115,18 @@ async def test_legacy_mount_point_kept_and_not_shared(tmp_path):
     assert st0["status"] == StorageServerConnectionError.code
     assert "connection a" in st0["message"]
     assert len(runner.argvs("mount")) == 1
+
+
+async def test_spec_too_long_for_a_name_is_refused(manager, tmp_path):
+    """A legal 1024-byte spec can escape to more than a file name holds: an
+    invalid parameter of that connection, not an unexpected error."""
+    d = tmp_path / ("a" * 100) / ("b" * 100) / ("c_" * 40)
+    d.mkdir(parents=True)
+    assert len(escape_spec(str(d)).encode()) > 255
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    statuses = await manager.connect("localfs", [
+        {"id": "long", "connection": str(d)}, {"id": "ok", "connection": str(ok)}])
+    assert [s["status"] for s in statuses] == [InvalidParameter.code, 0], statuses
+    assert "too long" in statuses[0]["message"]
+    assert [c["id"] for c in manager.list()] == ["ok"]
