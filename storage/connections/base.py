@@ -14,6 +14,8 @@ SECRET_PARAMS = frozenset({"password"})
 MASK = "********"
 
 CONNECTED, DISCONNECTED, FAILED = "connected", "disconnected", "failed"
+FULL_MESSAGE = ("no space left on the file system at the last check: reads work, new data "
+                "cannot be written")
 
 
 @dataclass
@@ -26,6 +28,9 @@ class Connection:
     # What this agent did to establish it, so that disconnect undoes exactly
     # that and nothing it did not do (e.g. a mount the admin made).
     owned: dict[str, Any] = field(default_factory=dict)
+    # File types, as of the last check: the file system answers but has no
+    # room (ENOSPC, EDQUOT). Full is not lost: the connection stays up.
+    full: bool | None = None
 
     @property
     def secrets(self) -> list[str]:
@@ -34,9 +39,14 @@ class Connection:
     def public(self) -> dict[str, Any]:
         params = {k: (MASK if k in SECRET_PARAMS and v else v) for k, v in self.params.items()
                   if v is not None}
+        message = self.message
+        if not message and self.state == CONNECTED and self.full:
+            message = FULL_MESSAGE
         return {"id": self.id, "type": self.type, "params": params, "state": self.state,
-                "message": self.message, **({"details": self.owned.get("details")}
-                                            if self.owned.get("details") else {})}
+                "message": message,
+                **({"full": self.full} if self.full is not None else {}),
+                **({"details": self.owned.get("details")}
+                   if self.owned.get("details") else {})}
 
     def record(self) -> dict[str, Any]:
         return {"id": self.id, "type": self.type, "params": self.params, "owned": self.owned}

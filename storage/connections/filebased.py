@@ -1,9 +1,9 @@
 """File connections: NFS and posixfs mounts, localfs directories.
 
-Mount points live under the storage root, named from the remote spec as
-VDSM names them ('_' doubled, '/' turned into '_'), so the same export is
-always mounted at the same place. Only mounts this agent made are ever
-unmounted: what connect did is recorded before it does it.
+Mount points (and localfs links) live under the storage root, named from
+the remote spec by a reversible escaping, so the same export is always
+mounted at the same place and two specs never share one. Only mounts this
+agent made are ever unmounted: what connect did is recorded before it does it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from storage import commands, fileaccess, mount
-from storage.connections.base import Connection
+from storage.connections.base import FULL_MESSAGE, Connection
 from storage.errors import (
     HostAgentError,
     InvalidParameter,
@@ -46,7 +46,39 @@ def nfs_user_options(text: str) -> list[str]:
     return user
 
 
+# '%' and '_' percent-encoded, then '/' turned into '_': one name per spec,
+# and a spec without '_' or '%' gets the name VDSM gives it.
+_ESCAPES = {"%": "%25", "_": "%5F", "/": "_"}
+_ESCAPED = re.compile(r"%([0-9A-F]{2})|_")
+NAME_MAX = 255
+
+
 def escape_spec(spec: str) -> str:
+    """The file name under the storage root for `spec`; reversed by
+    unescape_spec."""
+    return "".join(_ESCAPES.get(c, c) for c in spec)
+
+
+def unescape_spec(name: str) -> str:
+    return _ESCAPED.sub(lambda m: chr(int(m.group(1), 16)) if m.group(1) else "/", name)
+
+
+def mount_name(spec: str) -> str:
+    """escape_spec(spec), refused when it cannot be a file name (a spec of up
+    to 1024 bytes can give more than NAME_MAX)."""
+    name = escape_spec(spec)
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > NAME_MAX:
+        raise InvalidParameter(field="connection",
+                               reason=f"too long: its name under the storage root would be "
+                                      f"{size} bytes, over {NAME_MAX}")
+    return name
+
+
+def legacy_escape_spec(spec: str) -> str:
+    """VDSM's naming, used by this agent before: '_' doubled, '/' turned into
+    '_'. Not reversible ('/a_/b' and '/a/_b' are both '_a___b'): only
+    connections recorded under such a name keep it."""
     return spec.replace("_", "__").replace("/", "_")
 
 
@@ -58,6 +90,17 @@ def normalize_remote(spec: str) -> str:
         norm = "/" + norm.lstrip("/")
         return f"{server}:{norm}"
     return spec.rstrip("/") if len(spec) > 1 else spec
+
+
+def _reachable(what: str, access: fileaccess.Access, details: dict[str, Any]
+               ) -> dict[str, Any]:
+    """testStorageConnection's answer for storage that answered: a full file
+    system is reachable (and said to be full), not lost."""
+    if access == fileaccess.FULL:
+        return {"reachable": True, "message": f"{what}; {FULL_MESSAGE}",
+                "details": {**details, "full": True}}
+    return {"reachable": True, "message": f"{what}; read and write work",
+            "details": {**details, "full": False}}
 
 
 class FileBackend:
@@ -78,10 +121,18 @@ class FileBackend:
 
     def target_key(self, params: dict[str, Any]) -> str:
         # The mount point identifies the target across nfs and posixfs.
-        return "file:" + escape_spec(self.spec(params))
+        return "file:" + mount_name(self.spec(params))
 
     def local_path(self, conn: Connection) -> Path:
-        return self.root / escape_spec(self.spec(conn.params))
+        spec = self.spec(conn.params)
+        # A connection made before the escaping changed keeps the place it
+        # was recorded at (a mount or link in use, paths handed out to VMs).
+        recorded = conn.owned.get("mount_point") or conn.owned.get("link")
+        if recorded:
+            path = Path(recorded)
+            if path.parent == self.root and path.name == legacy_escape_spec(spec):
+                return path
+        return self.root / mount_name(spec)
 
 
 class MountBackend(FileBackend):
@@ -118,7 +169,8 @@ class MountBackend(FileBackend):
             raise
 
     async def _check_access(self, conn: Connection, mnt: Path) -> None:
-        await fileaccess.check_read_write(mnt, timeout=self.io_timeout, runner=self.runner)
+        conn.full = await fileaccess.check_read_write(
+            mnt, timeout=self.io_timeout, runner=self.runner) == fileaccess.FULL
 
     def _details(self, mnt: Path) -> dict[str, Any]:
         entry = mount.find(mnt)
@@ -146,22 +198,34 @@ class MountBackend(FileBackend):
             raise StorageServerConnectionError(reason=f"{mnt} is not mounted")
         await self._check_access(conn, mnt)
 
+    def _mounted_at(self, params: dict[str, Any]) -> Path | None:
+        """Where this target is mounted as a connection, if it is: under its
+        name, or under its legacy name when that mount is of this spec."""
+        spec = self.spec(params)
+        path = self.root / escape_spec(spec)
+        if mount.find(path) is not None:
+            return path
+        legacy = self.root / legacy_escape_spec(spec)
+        entry = mount.find(legacy)
+        if entry is not None and entry.source == spec:
+            return legacy
+        return None
+
     async def test(self, params: dict[str, Any]) -> dict[str, Any]:
         """A trial mount in a private temporary directory, always removed;
         an existing mount of the same target is only checked."""
-        existing = self.root / escape_spec(self.spec(params))
-        if mount.find(existing) is not None:
+        existing = self._mounted_at(params)
+        if existing is not None:
             try:
-                await fileaccess.check_read_write(existing, timeout=self.io_timeout,
-                                                  runner=self.runner)
+                access = await fileaccess.check_read_write(existing, timeout=self.io_timeout,
+                                                           runner=self.runner)
             except HostAgentError as e:
                 # Connected, but the server does not answer (or refuses): the
                 # answer to the question asked, not a failure of the call.
                 return {"reachable": False, "message": e.message,
                         "details": {**self._details(existing), "code": e.code,
                                     "name": e.name}}
-            return {"reachable": True, "message": "connected; read and write work",
-                    "details": self._details(existing)}
+            return _reachable("connected", access, self._details(existing))
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         trial = Path(tempfile.mkdtemp(prefix="test-", dir=self.tmp_dir))
         try:
@@ -170,8 +234,8 @@ class MountBackend(FileBackend):
                               runner=self.runner)
             try:
                 details = self._details(trial)
-                await fileaccess.check_read_write(trial, timeout=self.io_timeout,
-                                                  runner=self.runner)
+                access = await fileaccess.check_read_write(trial, timeout=self.io_timeout,
+                                                           runner=self.runner)
             finally:
                 await mount.umount(trial, timeout=self.mount_timeout, runner=self.runner)
         except HostAgentError as e:
@@ -181,8 +245,7 @@ class MountBackend(FileBackend):
             if mount.find(trial) is None:
                 with contextlib.suppress(OSError):
                     trial.rmdir()  # noqa: ASYNC240 - local, not on storage
-        return {"reachable": True, "message": "mounted; read and write work",
-                "details": details}
+        return _reachable("mounted", access, details)
 
 
 class PosixfsBackend(MountBackend):
@@ -223,7 +286,8 @@ class LocalfsBackend(FileBackend):
     async def connect(self, conn: Connection, save: Callable[[], None]) -> None:
         path = self.spec(conn.params)
         await fileaccess.check_directory(path, timeout=self.io_timeout, runner=self.runner)
-        await fileaccess.check_read_write(path, timeout=self.io_timeout, runner=self.runner)
+        conn.full = await fileaccess.check_read_write(
+            path, timeout=self.io_timeout, runner=self.runner) == fileaccess.FULL
         link = self.local_path(conn)
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink():
@@ -245,18 +309,18 @@ class LocalfsBackend(FileBackend):
         link = self.local_path(conn)
         if not link.is_symlink():
             raise StorageServerConnectionError(reason=f"{link} is missing")
-        await fileaccess.check_read_write(self.spec(conn.params), timeout=self.io_timeout,
-                                          runner=self.runner)
+        conn.full = await fileaccess.check_read_write(
+            self.spec(conn.params), timeout=self.io_timeout,
+            runner=self.runner) == fileaccess.FULL
 
     async def test(self, params: dict[str, Any]) -> dict[str, Any]:
         path = self.spec(params)
         try:
             await fileaccess.check_directory(path, timeout=self.io_timeout,
                                              runner=self.runner)
-            await fileaccess.check_read_write(path, timeout=self.io_timeout,
-                                              runner=self.runner)
+            access = await fileaccess.check_read_write(path, timeout=self.io_timeout,
+                                                       runner=self.runner)
         except HostAgentError as e:
             return {"reachable": False, "message": e.message,
                     "details": {"code": e.code, "name": e.name}}
-        return {"reachable": True, "message": "directory exists; read and write work",
-                "details": {"path": path}}
+        return _reachable("directory exists", access, {"path": path})

@@ -92,7 +92,8 @@ class ConnectionManager:
             try:
                 await backend.check(conn)
                 conn.state, conn.message = CONNECTED, ""
-                log.info("Connection %s (%s) is up", conn.id, conn.type)
+                log.info("Connection %s (%s) is up%s", conn.id, conn.type,
+                         "; its file system is full" if conn.full else "")
                 return
             except HostAgentError as e:
                 log.info("Connection %s (%s) is down (%s); re-establishing", conn.id,
@@ -204,13 +205,18 @@ class ConnectionManager:
         return {"id": params.get("id"), "status": 0, "message": "OK"}
 
     def _check_duplicate(self, conn: Connection, key: str) -> None:
-        backend = self._backend(conn.type)
+        path = self._backend(conn.type).local_path(conn)
         for other in self.conns.values():
             if other.id == conn.id or other.type not in self.backends:
                 continue
-            if self._backend(other.type).target_key(other.params) == key:
+            other_backend = self._backend(other.type)
+            if other_backend.target_key(other.params) == key:
                 raise DuplicateConnection(id=conn.id, existing=other.id)
-        del backend
+            if path is not None and other_backend.local_path(other) == path:
+                # another target recorded under the same name (VDSM's naming,
+                # used before, was not one to one)
+                raise StorageServerConnectionError(
+                    reason=f"{path} is used by connection {other.id}")
 
     async def _connect_one(self, dom_type: str, params: dict[str, Any]) -> None:
         backend = self._backend(dom_type)

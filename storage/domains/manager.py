@@ -65,6 +65,12 @@ BLOCK_TYPES = ("iscsi", "fcp")
 PURPOSES = ("vm", "read", "copy")
 
 
+def _full(space: dict[str, int]) -> dict[str, bool]:
+    """A domain without free space is full: still monitored as ok (its
+    checks only read), refusing new data with 397 until space is freed."""
+    return {"full": space["free"] == 0} if "free" in space else {}
+
+
 @dataclass
 class Monitor:
     state: str = "unknown"        # unknown, ok, failing
@@ -398,7 +404,8 @@ class DomainManager:
         entry = await self.entry(sd)
         space = await entry.domain.space()
         vols = await entry.domain.all_volumes()
-        return {**space, "volumes": len(vols), "images": len({v.image for v in vols}),
+        return {**space, **_full(space), "volumes": len(vols),
+                "images": len({v.image for v in vols}),
                 "state": "active" if entry.active else "inactive",
                 "monitoring": entry.monitor.info()}
 
@@ -582,7 +589,8 @@ class DomainManager:
         """State and space of every known domain, as of its last check (no
         storage I/O here: getStats must answer while storage hangs)."""
         return {sd: {"state": "active" if e.active else "inactive",
-                     "monitoring": e.monitor.info(), **e.monitor.space}
+                     "monitoring": e.monitor.info(), **e.monitor.space,
+                     **_full(e.monitor.space)}
                 for sd, e in self.entries.items()}
 
     # ---- volumes ---------------------------------------------------------------------------

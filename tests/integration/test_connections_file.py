@@ -3,7 +3,11 @@ real loop devices, through the real agent over mTLS."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,6 +19,8 @@ from rpc.client import Client, RpcError
 from storage.connections.filebased import escape_spec
 from tests.agentproc import AgentProcess
 from tests.integration.storagefixtures import cmd, make_fs
+
+MiB = 1024**2
 
 
 def new_id() -> str:
@@ -120,6 +126,37 @@ async def test_localfs_every_verb(agent, conn_client, tmp_path):
     assert await c.call("getStorageConnections") == []
     assert (data / "keep.txt").read_text() == "kept" and other.is_dir()
     assert list(storage_root(agent).iterdir()) == []
+
+
+async def test_localfs_paths_named_alike_are_two_targets(agent, make_fs_mount, conn_client):
+    """'/d/x_/y' and '/d/x/_y' had one name under the storage root (VDSM's
+    escaping), so the second was refused as a duplicate (2003)."""
+    c = conn_client
+    fs = make_fs_mount("ext4")
+    dirs = [fs.path / "d" / "x_" / "y", fs.path / "d" / "x" / "_y"]
+    ids = [new_id(), new_id()]
+    for d, cid in zip(dirs, ids, strict=True):
+        d.mkdir(parents=True)
+        assert await connect(c, "localfs", id=cid, connection=str(d)) == \
+            {"id": cid, "status": 0, "message": "OK"}
+    conns = {x["id"]: x for x in await c.call("getStorageConnections")}
+    assert [conns[i]["state"] for i in ids] == ["connected", "connected"]
+    links = [storage_root(agent) / escape_spec(str(d)) for d in dirs]
+    assert links[0] != links[1]
+    assert [os.readlink(link) for link in links] == [str(d) for d in dirs]
+
+    sds = [new_id(), new_id()]
+    for sd, cid in zip(sds, ids, strict=True):
+        await c.call("createStorageDomain", sdUUID=sd, domType="localfs", name=sd[:8],
+                     connectionId=cid, ovfStore=False)
+    assert sorted(await c.call("getStorageDomainsList")) == sorted(sds)
+    for sd, cid, d, other in zip(sds, ids, dirs, reversed(dirs), strict=True):
+        info = await c.call("getStorageDomainInfo", sdUUID=sd)
+        assert info["connectionId"] == cid
+        assert Path(info["path"]).resolve() == d / sd
+        assert (d / sd / "dom_md").is_dir() and not (other / sd).exists()
+    for sd in sds:
+        await c.call("deactivateStorageDomain", sdUUID=sd)
 
 
 # ---- posixfs --------------------------------------------------------------------
@@ -261,6 +298,121 @@ async def test_failed_recovery_is_reported(agent_factory, fs_device, tmp_path):
         await c.call("disconnectStorageServer", domType="localfs",
                      connectionParams=[{"id": lid, "connection": str(data)}])
         assert await c.call("getStorageConnections") == []
+
+
+def fill(directory: Path) -> Path:
+    """Fill the file system of `directory` to the last block (as root: the
+    reserved blocks too) with one file; return it."""
+    filler = directory / "filler"
+    with open(filler, "wb") as f:
+        for chunk in (b"\0" * MiB, b"\0" * 4096):
+            try:
+                while True:
+                    f.write(chunk)
+                    f.flush()
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+        with contextlib.suppress(OSError):
+            os.fsync(f.fileno())
+    return filler
+
+
+def write_error(directory: Path) -> int | None:
+    """The errno of writing and syncing a new 4 KiB file in `directory` (as
+    the connection check does), None if it worked."""
+    probe = directory / "probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"x" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return e.errno
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
+async def test_localfs_on_full_file_system_connects(agent, make_fs_mount, conn_client):
+    """A directory on a full file system is reachable: it connects, and the
+    connection and the test say it is full."""
+    c = conn_client
+    fs = make_fs_mount("ext4", size=64 * MiB)
+    data = fs.path / "data"
+    data.mkdir()
+    fill(fs.path)
+    assert write_error(data) == errno.ENOSPC
+    cid = new_id()
+    assert (await connect(c, "localfs", id=cid, connection=str(data)))["status"] == 0
+    [conn] = await c.call("getStorageConnections")
+    assert conn["state"] == "connected" and conn["full"] is True, conn
+    r = await c.call("testStorageConnection", domType="localfs",
+                     connection={"id": new_id(), "connection": str(data)})
+    assert r["reachable"] is True and r["details"]["full"] is True, r
+
+
+async def test_full_domain_survives_restart(agent_factory, loop_device, tmp_path):
+    """A full file system is full, not lost: after a restart its connection
+    is up (and said to be full), its device still mounted, its domain and
+    volumes still there; once space is freed, volumes can be made again."""
+    state = tmp_path / "state"
+    agent = agent_factory(state)
+    dev = loop_device(size=64 * MiB)
+    make_fs(dev, "ext4")
+    params = {"id": new_id(), "connection": str(dev), "vfs_type": "ext4"}
+    sd, img, vol = new_id(), new_id(), new_id()
+    mnt = storage_root(agent) / escape_spec(str(dev))
+    async with agent.client() as c:
+        try:
+            assert (await connect(c, "posixfs", **params))["status"] == 0
+            await c.call("createStorageDomain", sdUUID=sd, domType="posixfs", name="full",
+                         connectionId=params["id"], ovfStore=False)
+            job = new_id()
+            await c.call("createVolume", jobUUID=job, sdUUID=sd, imgUUID=img, volUUID=vol,
+                         size=MiB, format="raw", preallocate="sparse")
+            assert (await c.wait_job(job, timeout=60))["status"] == "done"
+            filler = fill(mnt)
+            assert write_error(mnt) == errno.ENOSPC
+        except BaseException:
+            await c.call("disconnectStorageServer", domType="posixfs",
+                         connectionParams=[params])
+            raise
+    agent.stop()
+
+    again = agent_factory(state, port=agent.port)
+    async with again.client() as c:
+        try:
+            [conn] = await c.call("getStorageConnections")
+            assert conn["state"] == "connected", conn
+            assert conn["full"] is True and "no space" in conn["message"]
+            assert mounted_at(mnt) == str(dev)
+            info = await c.call("getStorageDomainInfo", sdUUID=sd)
+            assert info["state"] == "active"
+            assert await c.call("getVolumesList", sdUUID=sd, imgUUID=img) == [vol]
+            stats = await c.call("getStorageDomainStats", sdUUID=sd)
+            assert stats["free"] == 0 and stats["full"] is True, stats
+            deadline = time.monotonic() + 30
+            while (dom := (await c.call("getStats"))["domains"][sd])["monitoring"][
+                    "lastCheck"] is None:
+                assert time.monotonic() < deadline, "no monitoring check in 30 s"
+                await asyncio.sleep(0.1)
+            assert dom["monitoring"]["state"] == "ok" and dom["full"] is True, dom
+            r = await c.call("testStorageConnection", domType="posixfs", connection=params)
+            assert r["reachable"] is True and r["details"]["full"] is True, r
+
+            filler.unlink()
+            job, vol2 = new_id(), new_id()
+            await c.call("createVolume", jobUUID=job, sdUUID=sd, imgUUID=new_id(),
+                         volUUID=vol2, size=MiB, format="raw", preallocate="sparse")
+            assert (await c.wait_job(job, timeout=60))["status"] == "done"
+            r = await c.call("testStorageConnection", domType="posixfs", connection=params)
+            assert r["reachable"] is True and r["details"]["full"] is False, r
+        finally:
+            await c.call("disconnectStorageServer", domType="posixfs",
+                         connectionParams=[params])
+    assert mounted_at(mnt) is None
 
 
 # ---- validation: table of bad inputs ----------------------------------------------
