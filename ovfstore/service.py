@@ -1,9 +1,10 @@
 """The OVF store of every domain: upload tickets, streamed uploads, reads,
 info and the entities described by the stored OVFs.
 
-The store is a volume of the domain (disk type OVFS) created with it. One
-upload per domain at a time: a second one is refused at once (651), never
-queued. A ticket is single use and expires.
+The store is a volume of the domain created with it and named in the
+domain's metadata (Domain.ovf_store). One upload per domain at a time: a
+second one is refused at once (651), never queued. A ticket is single use
+and expires.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from agent.locks import LockManager, request
 from ovfstore import ovf
-from ovfstore.store import Body, Header, OvfStore, UploadError, read_members
+from ovfstore.store import Body, Header, OvfStore, UploadError, read_members, slot_size
 from storage.domains import Domain, DomainManager
 from storage.errors import (
     AcquireLockFailure,
@@ -31,8 +32,6 @@ from storage.errors import (
 from storage.metadata import LEGAL, READY, VolumeMetadata
 
 log = logging.getLogger("ovfstore")
-
-OVF_DISK_TYPE = "OVFS"
 
 
 @dataclass
@@ -62,17 +61,23 @@ class OvfService:
         self._active: set[str] = set()
 
     async def store_of(self, sd: str) -> tuple[Domain, VolumeMetadata, OvfStore]:
+        """The domain's OVF store: the volume its metadata records (never one
+        found by disk type, which anyone creating a volume may set)."""
         domain = await self.domains.domain(sd)
-        for md in await domain.all_volumes():
-            if md.disk_type == OVF_DISK_TYPE and md.legality == LEGAL and md.state == READY:
-                key = f"{sd}/{md.uuid}"
-                if key not in self._active:
-                    await domain.activate_volumes([md])
-                    self._active.add(key)
-                path = Path(domain.volume_path(md.image, md.uuid))
-                slot = (md.capacity - (1 << 20)) // 2
-                return domain, md, OvfStore(path, slot, domain.io)
-        raise VolumeDoesNotExist(volUUID="OVF store", reason=f"domain {sd} has no OVF store")
+        ref = await domain.ovf_store()
+        if ref is None:
+            raise VolumeDoesNotExist(volUUID="OVF store",
+                                     reason=f"domain {sd} has no OVF store")
+        md = await domain.volume(*ref)
+        if md.legality != LEGAL or md.state != READY:
+            raise VolumeDoesNotExist(volUUID=md.uuid,
+                                     reason=f"the OVF store of domain {sd} is not LEGAL")
+        key = f"{sd}/{md.uuid}"
+        if key not in self._active:
+            await domain.activate_volumes([md])
+            self._active.add(key)
+        path = Path(domain.volume_path(md.image, md.uuid))
+        return domain, md, OvfStore(path, slot_size(md.capacity), domain.io)
 
     # ---- upload --------------------------------------------------------------------
 
@@ -85,9 +90,10 @@ class OvfService:
 
     async def issue(self, sd: str, size: int, sha256: str | None) -> Ticket:
         _, _, store = await self.store_of(sd)
-        if size > store.slot_size:
+        limit = store.layout(await store.header())
+        if size > limit:
             raise InvalidParameter(field="size", reason=f"over the OVF store limit of "
-                                                        f"{store.slot_size} bytes")
+                                                        f"{limit} bytes")
         return self.new_ticket(sd, size, sha256)
 
     def _expire(self) -> None:

@@ -13,6 +13,10 @@ A reader takes the first copy with a valid checksum, so at any crash point
 it sees the old tar or the new one, never a mix. Data is read and written
 with O_DIRECT where the storage allows, so another host's update is not
 hidden by this host's page cache.
+
+The slot size S is fixed by the first upload and recorded in every header:
+the slots stay where they are if the volume's capacity changes later (a
+store written before the record takes S from its capacity).
 """
 
 from __future__ import annotations
@@ -56,11 +60,12 @@ class Header:
     sha256: str = ""
     updated: float = 0.0
     entries: int = 0
+    slot_size: int = 0      # 0: not recorded (a header written before the record)
 
     def encode(self) -> bytes:
         data = encode({"GEN": self.generation, "SLOT": self.slot, "SIZE": self.size,
                        "SHA256": self.sha256, "UPDATED": f"{self.updated:.3f}",
-                       "ENTRIES": self.entries})
+                       "ENTRIES": self.entries, "SLOTSIZE": self.slot_size})
         return data + b"\0" * (HEADER_SIZE - len(data))
 
     @classmethod
@@ -69,13 +74,18 @@ class Header:
         try:
             return cls(generation=int(v["GEN"]), slot=int(v["SLOT"]), size=int(v["SIZE"]),
                        sha256=v["SHA256"], updated=float(v["UPDATED"]),
-                       entries=int(v["ENTRIES"]))
+                       entries=int(v["ENTRIES"]), slot_size=int(v.get("SLOTSIZE", 0)))
         except (KeyError, ValueError) as e:
             raise MetadataError(f"bad OVF store header: {e}") from None
 
 
 def volume_size(slot_size: int) -> int:
     return DATA_OFFSET + 2 * slot_size
+
+
+def slot_size(capacity: int) -> int:
+    """The slot size a store volume of `capacity` bytes is made for."""
+    return (capacity - DATA_OFFSET) // 2
 
 
 def _aligned(size: int) -> mmap.mmap:
@@ -236,9 +246,20 @@ class _SlotWriter:
 
 class OvfStore:
     def __init__(self, path: Path, slot_size: int, io: IOPool) -> None:
+        """`slot_size`: that of a store whose headers do not record it yet
+        (empty, or written before the record)."""
         self.path = path
         self.slot_size = slot_size
         self.io = io
+
+    def layout(self, header: Header) -> int:
+        """The slot size of the store whose current header is `header`."""
+        return header.slot_size or self.slot_size
+
+    def _free_slot(self, current: Header) -> tuple[int, int]:
+        """(number, offset) of the slot the next upload writes."""
+        slot = 1 - current.slot if current.generation else 0
+        return slot, DATA_OFFSET + slot * self.layout(current)
 
     # ---- header ---------------------------------------------------------------
 
@@ -288,13 +309,14 @@ class OvfStore:
         it current. Raises UploadError (stored tar unchanged) if the body is
         short or long, the tar is refused, or the checksum differs; the
         body's own errors (the client went away) pass through."""
-        if size > self.slot_size:
-            raise UploadError(f"{size} bytes do not fit the store ({self.slot_size} max)")
         current = await self.header()
-        slot = 1 - current.slot if current.generation else 0
-        checker = TarChecker(member_limit=member_limit, total_limit=self.slot_size)
+        layout = self.layout(current)
+        if size > layout:
+            raise UploadError(f"{size} bytes do not fit the store ({layout} max)")
+        slot, base = self._free_slot(current)
+        checker = TarChecker(member_limit=member_limit, total_limit=layout)
         fd = await self.io.call(_open, self.path, os.O_WRONLY)
-        sink = _SlotWriter(fd, DATA_OFFSET + slot * self.slot_size, self.io, checker)
+        sink = _SlotWriter(fd, base, self.io, checker)
         try:
             received = 0
             while received < size:
@@ -321,7 +343,8 @@ class OvfStore:
             await sink.close()
             await self.io.call(os.close, fd)
         header = Header(generation=current.generation + 1, slot=slot, size=size,
-                        sha256=digest, updated=time.time(), entries=len(members))
+                        sha256=digest, updated=time.time(), entries=len(members),
+                        slot_size=layout)
         await self.io.call(self._write_header_sync, header)
         return header, members
 
@@ -332,7 +355,7 @@ class OvfStore:
         """The current tar's bytes [start, end), in chunks of up to 1 MiB."""
         header = header or await self.header()
         end = header.size if end is None else min(end, header.size)
-        base = DATA_OFFSET + header.slot * self.slot_size
+        base = DATA_OFFSET + header.slot * self.layout(header)
         fd = await self.io.call(_open, self.path, os.O_RDONLY)
         buf = _aligned(BUFFER_SIZE)
         try:
@@ -397,7 +420,8 @@ def read_members(path: Path, slot_size: int, header: Header, member_limit: int,
 
     if not header.generation:
         return []
-    reader = _SlotReader(path, DATA_OFFSET + header.slot * slot_size, header.size)
+    reader = _SlotReader(path, DATA_OFFSET + header.slot * (header.slot_size or slot_size),
+                         header.size)
     out = []
     try:
         with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]

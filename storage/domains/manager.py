@@ -26,7 +26,14 @@ from agent.locks import SHARED, LockManager, request
 from storage import commands, lvm, multipath
 from storage.connections import ConnectionManager
 from storage.connections.base import CONNECTED
-from storage.domains.base import Domain, Progress, VolumeSpec, volume_info
+from storage.domains.base import (
+    OVF_STORE_DESCRIPTION,
+    OVF_STORE_DISK_TYPE,
+    Domain,
+    Progress,
+    VolumeSpec,
+    volume_info,
+)
 from storage.domains.blockdomain import INITIALIZING as VG_INITIALIZING
 from storage.domains.blockdomain import VG_TAG, BlockDomain
 from storage.domains.filedomain import FileDomain
@@ -305,9 +312,14 @@ class DomainManager:
         if ovf_store:
             spec = VolumeSpec(img=str(uuid.uuid4()), vol=str(uuid.uuid4()),
                               size=self.ovf_store_size, format="raw", preallocate="sparse",
-                              description="OVF_STORE", disk_type="OVFS")
+                              description=OVF_STORE_DESCRIPTION,
+                              disk_type=OVF_STORE_DISK_TYPE)
             try:
                 await self.create_volume(sd, spec, lambda _: None)
+                # A crash before this leaves an unrecorded store: found by its
+                # disk type on the next activation, like an older domain's.
+                domain = await self.domain(sd)
+                await domain.record_ovf_store(await domain.volume(spec.img, spec.vol))
             except BaseException:
                 # All or nothing: a domain without its OVF store is removed.
                 with contextlib.suppress(HostAgentError):
@@ -427,6 +439,12 @@ class DomainManager:
             await leases.wait_joined(self.JOIN_WAIT)
         else:
             await self._collect(entry.domain)
+        try:
+            # a domain made before the OVF store was recorded gets it recorded
+            await entry.domain.ovf_store()
+        except (HostAgentError, OSError, MetadataError) as e:
+            log.warning("Domain %s: OVF store not recorded yet (tried again when used): %s",
+                        entry.domain.uuid, e)
         entry.active = True
         self.active.add(entry.domain.uuid)
         self._save_active()

@@ -27,6 +27,7 @@ import aiohttp
 import pytest
 
 from rpc.client import Client, RpcError
+from storage.metadata import decode, encode
 from tests.agentproc import AgentProcess
 
 MiB = 1024**2
@@ -614,3 +615,142 @@ async def test_data_listener_stops_with_agent(agent_factory: Callable[..., Agent
         d.c = c
         assert await get(agent, d.sd) == (200, old)
         await d.destroy()
+
+
+# ---- the store is the domain's recorded volume, not a disk type ---------------------
+
+
+async def store_volume(c: Client, sd: str) -> tuple[str, str]:
+    """(image, volume) of a new domain's OVF store: its only volume."""
+    [img] = await c.call("getImagesList", sdUUID=sd)
+    [vol] = await c.call("getVolumesList", sdUUID=sd, imgUUID=img)
+    assert (await c.call("getVolumeInfo", sdUUID=sd, imgUUID=img,
+                         volUUID=vol))["diskType"] == "OVFS"
+    return img, vol
+
+
+async def job_error(c: Client, verb: str, **params: Any) -> int | None:
+    """The error code of a job verb, refused at once or failed; None: done."""
+    job = new_id()
+    try:
+        await c.call(verb, jobUUID=job, **params)
+    except RpcError as e:
+        return e.code
+    info = await c.wait_job(job, timeout=60)
+    assert info["status"] in ("done", "failed"), info
+    return int(info["error"]["code"]) if info["status"] == "failed" else None
+
+
+async def call_error(c: Client, verb: str, **params: Any) -> int | None:
+    try:
+        await c.call(verb, **params)
+    except RpcError as e:
+        return e.code
+    return None
+
+
+async def test_store_is_the_recorded_volume(dom: Dom, tmp_path: Path) -> None:
+    """A volume made with the store's disk type, or another domain's store
+    copied in, does not replace the store; volume verbs refuse the store's
+    image and volume (2002, ResourceInUse) and leave the stored tar as it was."""
+    agent, c, d = dom
+    simg, svol = await store_volume(c, d.sd)
+    body = make_tar([(f"{new_id()}.ovf", ovf_xml("web01", new_id(), []))])
+    assert (await upload(c, agent, d.sd, body))[0] == 200
+    info = await c.call("getOvfStoreInfo", sdUUID=d.sd)
+    assert info["generation"] == 1
+
+    async def intact() -> None:
+        assert await c.call("getOvfStoreInfo", sdUUID=d.sd) == info
+        assert await get(agent, d.sd) == (200, body)
+
+    # made by anyone with oVirt's OVF_STORE disk type
+    assert await job_error(c, "createVolume", sdUUID=d.sd, imgUUID=new_id(),
+                           volUUID=new_id(), size=8 * MiB, format="raw",
+                           preallocate="sparse", diskType="OVFS",
+                           description="OVF_STORE") is None
+    await intact()
+    other = await Domain(c, tmp_path / "other").create()
+    try:
+        oimg, ovol = await store_volume(c, other.sd)
+        # another domain's store copied in
+        assert await job_error(c, "copyImage",
+                               src={"sdUUID": other.sd, "imgUUID": oimg, "volUUID": ovol},
+                               dst={"sdUUID": d.sd, "imgUUID": new_id(),
+                                    "volUUID": new_id()}) is None
+        await intact()
+        img, vol = new_id(), new_id()
+        assert await job_error(c, "createVolume", sdUUID=d.sd, imgUUID=img, volUUID=vol,
+                               size=MiB, format="raw", preallocate="sparse") is None
+        refused = {
+            "createVolume into it": await job_error(
+                c, "createVolume", sdUUID=d.sd, imgUUID=simg, volUUID=new_id(), size=MiB,
+                format="raw", preallocate="sparse"),
+            "snapshotImages": await job_error(
+                c, "snapshotImages", disks=[{"sdUUID": d.sd, "imgUUID": simg,
+                                             "volUUID": svol, "newVolUUID": new_id()}]),
+            "copyImage onto it": await job_error(
+                c, "copyImage", src={"sdUUID": d.sd, "imgUUID": img, "volUUID": vol},
+                dst={"sdUUID": d.sd, "imgUUID": simg, "volUUID": new_id()}),
+            "moveImage": await job_error(c, "moveImage", sdUUID=d.sd, imgUUID=simg,
+                                         dstSdUUID=other.sd),
+            "extendVolumeSize": await call_error(
+                c, "extendVolumeSize", sdUUID=d.sd, imgUUID=simg, volUUID=svol,
+                newSize=256 * MiB),
+            "deleteVolume": await call_error(c, "deleteVolume", sdUUID=d.sd, imgUUID=simg,
+                                             volUUID=svol),
+            "deleteImage": await job_error(c, "deleteImage", sdUUID=d.sd, imgUUID=simg),
+        }
+        assert refused == dict.fromkeys(refused, 2002)
+        assert await c.call("getVolumesList", sdUUID=d.sd, imgUUID=simg) == [svol]
+        assert simg not in await c.call("getImagesList", sdUUID=other.sd)
+        await intact()
+    finally:
+        await other.destroy()
+
+
+async def test_extending_the_store_keeps_its_tar(dom: Dom) -> None:
+    """The current tar in the second slot (its offset is the slot size):
+    extendVolumeSize of the store is refused and GET still serves the tar
+    getOvfStoreInfo describes."""
+    agent, c, d = dom
+    simg, svol = await store_volume(c, d.sd)
+    first = make_tar([(f"{new_id()}.ovf", b"<ovf/>" * 1000)])
+    second = make_tar([(f"{new_id()}.ovf", b"<ovf-2/>" * 1000)])
+    assert (await upload(c, agent, d.sd, first))[0] == 200
+    assert (await upload(c, agent, d.sd, second))[0] == 200
+    cap = (await c.call("getVolumeInfo", sdUUID=d.sd, imgUUID=simg,
+                        volUUID=svol))["capacity"]
+    assert await call_error(c, "extendVolumeSize", sdUUID=d.sd, imgUUID=simg, volUUID=svol,
+                            newSize=cap + 64 * MiB) == 2002
+    info = await c.call("getOvfStoreInfo", sdUUID=d.sd)
+    status, data = await get(agent, d.sd)
+    assert status == 200
+    assert hashlib.sha256(data).hexdigest() == info["sha256"] == \
+        hashlib.sha256(second).hexdigest()
+
+
+async def test_older_domain_store_recorded_on_activation(dom: Dom) -> None:
+    """A domain made before its metadata named the store (found by disk
+    type then) keeps its store: activation records it, and a volume made
+    with the store's disk type afterwards does not replace it."""
+    agent, c, d = dom
+    simg, svol = await store_volume(c, d.sd)
+    body = make_tar([(f"{new_id()}.ovf", ovf_xml("web01", new_id(), []))])
+    assert (await upload(c, agent, d.sd, body))[0] == 200
+    md_file = d.root / d.sd / "dom_md" / "metadata"
+    values = decode(md_file.read_bytes())
+    assert (values.pop("OVF_IMAGE"), values.pop("OVF_VOLUME")) == (simg, svol)
+    await c.call("deactivateStorageDomain", sdUUID=d.sd)
+    md_file.write_bytes(encode(values))         # as an older agent wrote it
+    await c.call("activateStorageDomain", sdUUID=d.sd)
+    values = decode(md_file.read_bytes())
+    assert (values["OVF_IMAGE"], values["OVF_VOLUME"]) == (simg, svol)
+    assert await job_error(c, "createVolume", sdUUID=d.sd, imgUUID=new_id(),
+                           volUUID=new_id(), size=8 * MiB, format="raw",
+                           preallocate="sparse", diskType="OVFS",
+                           description="OVF_STORE") is None
+    assert await get(agent, d.sd) == (200, body)
+    assert (await c.call("getOvfStoreInfo", sdUUID=d.sd))["generation"] == 1
+    assert await job_error(c, "deleteImage", sdUUID=d.sd, imgUUID=simg) == 2002
+
