@@ -4,11 +4,12 @@ info and the entities described by the stored OVFs.
 The store is a volume of the domain created with it and named in the
 domain's metadata (Domain.ovf_store). One upload per domain at a time: a
 second one is refused at once (651), never queued. A ticket is single use
-and expires.
+and expires. A ticket is given only if the domain has room for the tar.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import secrets
 import time
@@ -25,6 +26,7 @@ from storage.errors import (
     HostAgentError,
     InvalidParameter,
     LeaseHeld,
+    NoSpaceLeftOnDomain,
     OvfStoreError,
     OvfTicketError,
     VolumeDoesNotExist,
@@ -89,12 +91,24 @@ class OvfService:
         return ticket
 
     async def issue(self, sd: str, size: int, sha256: str | None) -> Ticket:
-        _, _, store = await self.store_of(sd)
+        domain, _, store = await self.store_of(sd)
         limit = store.layout(await store.header())
         if size > limit:
             raise InvalidParameter(field="size", reason=f"over the OVF store limit of "
                                                         f"{limit} bytes")
+        await self._check_space(domain, store, size)
         return self.new_ticket(sd, size, sha256)
+
+    @staticmethod
+    async def _check_space(domain: Domain, store: OvfStore, size: int) -> None:
+        """Refuse an upload the domain has no room for, before it takes any
+        (a failed one gives back what it took, but until then other
+        writers of the domain would find it full)."""
+        need = await store.space_needed(size)
+        free = (await domain.space())["free"]
+        if need > free:
+            raise NoSpaceLeftOnDomain(sdUUID=domain.uuid,
+                                      reason=f"the OVF tar needs {need} bytes, {free} free")
 
     def _expire(self) -> None:
         now = time.time()
@@ -121,6 +135,8 @@ class OvfService:
         try:
             async with self.locks.hold(request("ovfstore", ticket.sd), nowait=True):
                 domain, md, store = await self.store_of(ticket.sd)
+                # again: the domain may have filled since the ticket
+                await self._check_space(domain, store, ticket.size)
                 # the store volume's lease: hosts sharing the domain upload in turn
                 async with domain.leases.volume(md):
                     header, members = await store.receive(body, ticket.size,
@@ -133,6 +149,8 @@ class OvfService:
             raise AcquireLockFailure(resource=f"OVF store of {ticket.sd}",
                                      reason="another upload is in progress") from None
         except UploadError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpaceLeftOnDomain(sdUUID=ticket.sd) from None
             raise OvfStoreError(reason=e.reason) from None
         log.info("OVF store of %s: generation %d, %d bytes, %d members", ticket.sd,
                  header.generation, header.size, len(members))

@@ -16,15 +16,19 @@ hidden by this host's page cache.
 
 The slot size S is fixed by the first upload and recorded in every header:
 the slots stay where they are if the volume's capacity changes later (a
-store written before the record takes S from its capacity).
+store written before the record takes S from its capacity). A failed upload
+gives back the space it took in its slot (a hole punched where it wrote).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno as errnos
 import gc
 import hashlib
+import logging
 import mmap
 import os
 import time
@@ -34,8 +38,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ovfstore.tarcheck import Member, TarChecker, TarRejected
+from storage.errors import HostAgentError
 from storage.fileio import IOPool
 from storage.metadata import MetadataError, decode, encode
+
+log = logging.getLogger("ovfstore")
 
 HEADER_SIZE = 4096
 DATA_OFFSET = 1 << 20
@@ -47,9 +54,11 @@ ALIGN = 4096
 class UploadError(Exception):
     """The upload is refused; the stored tar is unchanged."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, errno: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        # the storage's error (ENOSPC: the domain is full)
+        self.errno = errno
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,42 @@ def volume_size(slot_size: int) -> int:
 def slot_size(capacity: int) -> int:
     """The slot size a store volume of `capacity` bytes is made for."""
     return (capacity - DATA_OFFSET) // 2
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the blocks of [offset, offset + length) (they then read as
+    zeros), keeping the file's size. A file system or device without it
+    (NFS before v4.2) raises OSError(EOPNOTSUPP)."""
+    if length > 0 and _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                                      offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _allocated(fd: int, start: int, end: int) -> int:
+    """Bytes of [start, end) that hold data (not holes); a device or a file
+    system that cannot tell counts all of it."""
+    total = 0
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errnos.ENXIO:      # no data after pos
+                break
+            return end - start
+        if data >= end:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        total += hole - data
+        pos = hole
+    return total
 
 
 def _aligned(size: int) -> mmap.mmap:
@@ -224,7 +269,7 @@ class _SlotWriter:
                 raise UploadError(result.reason)
             if isinstance(result, OSError):
                 # not to be taken for the client going away (also an OSError)
-                raise UploadError(f"writing the OVF store failed: {result}")
+                raise UploadError(f"writing the OVF store failed: {result}", result.errno)
             if isinstance(result, BaseException):
                 raise result
 
@@ -260,6 +305,22 @@ class OvfStore:
         """(number, offset) of the slot the next upload writes."""
         slot = 1 - current.slot if current.generation else 0
         return slot, DATA_OFFSET + slot * self.layout(current)
+
+    async def space_needed(self, size: int) -> int:
+        """Bytes of free space an upload of `size` bytes takes from the
+        domain: what of its slot is not allocated yet (nothing on a block
+        device, a thick LV)."""
+        _, base = self._free_slot(await self.header())
+        padded = (size + ALIGN - 1) // ALIGN * ALIGN
+
+        def count() -> int:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                return _allocated(fd, base, base + padded)
+            finally:
+                os.close(fd)
+
+        return padded - await self.io.call(count)
 
     # ---- header ---------------------------------------------------------------
 
@@ -317,6 +378,7 @@ class OvfStore:
         checker = TarChecker(member_limit=member_limit, total_limit=layout)
         fd = await self.io.call(_open, self.path, os.O_WRONLY)
         sink = _SlotWriter(fd, base, self.io, checker)
+        done = False
         try:
             received = 0
             while received < size:
@@ -338,15 +400,29 @@ class OvfStore:
             try:
                 await self.io.call(os.fsync, fd)
             except OSError as e:
-                raise UploadError(f"writing the OVF store failed: {e}") from None
+                raise UploadError(f"writing the OVF store failed: {e}", e.errno) from None
+            done = True
         finally:
             await sink.close()
-            await self.io.call(os.close, fd)
+            try:
+                if not done:
+                    # not current: what this upload wrote there is garbage;
+                    # on a full domain it is the space the domain lacks now
+                    await self._give_back(fd, base, sink.offset - base)
+            finally:
+                await self.io.call(os.close, fd)
         header = Header(generation=current.generation + 1, slot=slot, size=size,
                         sha256=digest, updated=time.time(), entries=len(members),
                         slot_size=layout)
         await self.io.call(self._write_header_sync, header)
         return header, members
+
+    async def _give_back(self, fd: int, offset: int, length: int) -> None:
+        try:
+            await self.io.call(_punch_hole, fd, offset, length)
+        except (OSError, HostAgentError) as e:
+            log.warning("OVF store %s: the space of a failed upload stays taken: %s",
+                        self.path, e)
 
     # ---- read -------------------------------------------------------------------
 

@@ -173,3 +173,15 @@ async def test_slots_stay_where_they_are_when_the_volume_grows(store: OvfStore) 
     assert h3.slot == 0 and h3.slot_size == SLOT
     assert await read_all(OvfStore(store.path, 2 * SLOT, store.io)) == third
 
+
+async def test_refused_upload_gives_its_space_back(store: OvfStore) -> None:
+    """What a refused upload wrote into the free slot is freed again."""
+    good = make_tar(1, 100_000)
+    await store.write(chunks(good), len(good), member_limit=SLOT)
+    before = os.stat(store.path).st_blocks
+    bad = make_tar(2, 1_500_000)
+    with pytest.raises(UploadError):
+        await store.write(chunks(bad), len(bad), member_limit=SLOT,
+                          sha256="0" * 64)        # refused once all of it is written
+    assert os.stat(store.path).st_blocks == before
+    assert await read_all(store) == good
