@@ -208,9 +208,16 @@ class DomainManager:
         return domain
 
     async def _collect(self, domain: Domain) -> None:
+        """Once this host may write the domain (activated and joined)."""
         report = await domain.collect_garbage()
         if report["damaged"]:
             log.error("Domain %s has damaged volumes: %s", domain.uuid, report["damaged"])
+        try:
+            # a domain made before the OVF store was recorded gets it recorded
+            await domain.ovf_store()
+        except (HostAgentError, OSError, MetadataError) as e:
+            log.warning("Domain %s: OVF store not recorded yet (tried again when used): %s",
+                        domain.uuid, e)
 
     def _pool(self, conn_id: str) -> IOPool:
         pool = self.pools.get(conn_id)
@@ -439,12 +446,6 @@ class DomainManager:
             await leases.wait_joined(self.JOIN_WAIT)
         else:
             await self._collect(entry.domain)
-        try:
-            # a domain made before the OVF store was recorded gets it recorded
-            await entry.domain.ovf_store()
-        except (HostAgentError, OSError, MetadataError) as e:
-            log.warning("Domain %s: OVF store not recorded yet (tried again when used): %s",
-                        entry.domain.uuid, e)
         entry.active = True
         self.active.add(entry.domain.uuid)
         self._save_active()
