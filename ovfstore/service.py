@@ -1,13 +1,15 @@
 """The OVF store of every domain: upload tickets, streamed uploads, reads,
 info and the entities described by the stored OVFs.
 
-The store is a volume of the domain (disk type OVFS) created with it. One
-upload per domain at a time: a second one is refused at once (651), never
-queued. A ticket is single use and expires.
+The store is a volume of the domain created with it and named in the
+domain's metadata (Domain.ovf_store). One upload per domain at a time: a
+second one is refused at once (651), never queued. A ticket is single use
+and expires. A ticket is given only if the domain has room for the tar.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import secrets
 import time
@@ -17,13 +19,14 @@ from typing import Any
 
 from agent.locks import LockManager, request
 from ovfstore import ovf
-from ovfstore.store import Body, Header, OvfStore, UploadError, read_members
+from ovfstore.store import Body, Header, OvfStore, UploadError, read_members, slot_size
 from storage.domains import Domain, DomainManager
 from storage.errors import (
     AcquireLockFailure,
     HostAgentError,
     InvalidParameter,
     LeaseHeld,
+    NoSpaceLeftOnDomain,
     OvfStoreError,
     OvfTicketError,
     VolumeDoesNotExist,
@@ -31,8 +34,6 @@ from storage.errors import (
 from storage.metadata import LEGAL, READY, VolumeMetadata
 
 log = logging.getLogger("ovfstore")
-
-OVF_DISK_TYPE = "OVFS"
 
 
 @dataclass
@@ -62,17 +63,23 @@ class OvfService:
         self._active: set[str] = set()
 
     async def store_of(self, sd: str) -> tuple[Domain, VolumeMetadata, OvfStore]:
+        """The domain's OVF store: the volume its metadata records (never one
+        found by disk type, which anyone creating a volume may set)."""
         domain = await self.domains.domain(sd)
-        for md in await domain.all_volumes():
-            if md.disk_type == OVF_DISK_TYPE and md.legality == LEGAL and md.state == READY:
-                key = f"{sd}/{md.uuid}"
-                if key not in self._active:
-                    await domain.activate_volumes([md])
-                    self._active.add(key)
-                path = Path(domain.volume_path(md.image, md.uuid))
-                slot = (md.capacity - (1 << 20)) // 2
-                return domain, md, OvfStore(path, slot, domain.io)
-        raise VolumeDoesNotExist(volUUID="OVF store", reason=f"domain {sd} has no OVF store")
+        ref = await domain.ovf_store()
+        if ref is None:
+            raise VolumeDoesNotExist(volUUID="OVF store",
+                                     reason=f"domain {sd} has no OVF store")
+        md = await domain.volume(*ref)
+        if md.legality != LEGAL or md.state != READY:
+            raise VolumeDoesNotExist(volUUID=md.uuid,
+                                     reason=f"the OVF store of domain {sd} is not LEGAL")
+        key = f"{sd}/{md.uuid}"
+        if key not in self._active:
+            await domain.activate_volumes([md])
+            self._active.add(key)
+        path = Path(domain.volume_path(md.image, md.uuid))
+        return domain, md, OvfStore(path, slot_size(md.capacity), domain.io)
 
     # ---- upload --------------------------------------------------------------------
 
@@ -84,11 +91,24 @@ class OvfService:
         return ticket
 
     async def issue(self, sd: str, size: int, sha256: str | None) -> Ticket:
-        _, _, store = await self.store_of(sd)
-        if size > store.slot_size:
+        domain, _, store = await self.store_of(sd)
+        limit = store.layout(await store.header())
+        if size > limit:
             raise InvalidParameter(field="size", reason=f"over the OVF store limit of "
-                                                        f"{store.slot_size} bytes")
+                                                        f"{limit} bytes")
+        await self._check_space(domain, store, size)
         return self.new_ticket(sd, size, sha256)
+
+    @staticmethod
+    async def _check_space(domain: Domain, store: OvfStore, size: int) -> None:
+        """Refuse an upload the domain has no room for, before it takes any
+        (a failed one gives back what it took, but until then other
+        writers of the domain would find it full)."""
+        need = await store.space_needed(size)
+        free = (await domain.space())["free"]
+        if need > free:
+            raise NoSpaceLeftOnDomain(sdUUID=domain.uuid,
+                                      reason=f"the OVF tar needs {need} bytes, {free} free")
 
     def _expire(self) -> None:
         now = time.time()
@@ -115,6 +135,8 @@ class OvfService:
         try:
             async with self.locks.hold(request("ovfstore", ticket.sd), nowait=True):
                 domain, md, store = await self.store_of(ticket.sd)
+                # again: the domain may have filled since the ticket
+                await self._check_space(domain, store, ticket.size)
                 # the store volume's lease: hosts sharing the domain upload in turn
                 async with domain.leases.volume(md):
                     header, members = await store.receive(body, ticket.size,
@@ -127,6 +149,8 @@ class OvfService:
             raise AcquireLockFailure(resource=f"OVF store of {ticket.sd}",
                                      reason="another upload is in progress") from None
         except UploadError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpaceLeftOnDomain(sdUUID=ticket.sd) from None
             raise OvfStoreError(reason=e.reason) from None
         log.info("OVF store of %s: generation %d, %d bytes, %d members", ticket.sd,
                  header.generation, header.size, len(members))

@@ -13,14 +13,22 @@ A reader takes the first copy with a valid checksum, so at any crash point
 it sees the old tar or the new one, never a mix. Data is read and written
 with O_DIRECT where the storage allows, so another host's update is not
 hidden by this host's page cache.
+
+The slot size S is fixed by the first upload and recorded in every header:
+the slots stay where they are if the volume's capacity changes later (a
+store written before the record takes S from its capacity). A failed upload
+gives back the space it took in its slot (a hole punched where it wrote).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno as errnos
 import gc
 import hashlib
+import logging
 import mmap
 import os
 import time
@@ -30,8 +38,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ovfstore.tarcheck import Member, TarChecker, TarRejected
+from storage.errors import HostAgentError
 from storage.fileio import IOPool
 from storage.metadata import MetadataError, decode, encode
+
+log = logging.getLogger("ovfstore")
 
 HEADER_SIZE = 4096
 DATA_OFFSET = 1 << 20
@@ -43,9 +54,11 @@ ALIGN = 4096
 class UploadError(Exception):
     """The upload is refused; the stored tar is unchanged."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, errno: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        # the storage's error (ENOSPC: the domain is full)
+        self.errno = errno
 
 
 @dataclass(frozen=True)
@@ -56,11 +69,12 @@ class Header:
     sha256: str = ""
     updated: float = 0.0
     entries: int = 0
+    slot_size: int = 0      # 0: not recorded (a header written before the record)
 
     def encode(self) -> bytes:
         data = encode({"GEN": self.generation, "SLOT": self.slot, "SIZE": self.size,
                        "SHA256": self.sha256, "UPDATED": f"{self.updated:.3f}",
-                       "ENTRIES": self.entries})
+                       "ENTRIES": self.entries, "SLOTSIZE": self.slot_size})
         return data + b"\0" * (HEADER_SIZE - len(data))
 
     @classmethod
@@ -69,13 +83,54 @@ class Header:
         try:
             return cls(generation=int(v["GEN"]), slot=int(v["SLOT"]), size=int(v["SIZE"]),
                        sha256=v["SHA256"], updated=float(v["UPDATED"]),
-                       entries=int(v["ENTRIES"]))
+                       entries=int(v["ENTRIES"]), slot_size=int(v.get("SLOTSIZE", 0)))
         except (KeyError, ValueError) as e:
             raise MetadataError(f"bad OVF store header: {e}") from None
 
 
 def volume_size(slot_size: int) -> int:
     return DATA_OFFSET + 2 * slot_size
+
+
+def slot_size(capacity: int) -> int:
+    """The slot size a store volume of `capacity` bytes is made for."""
+    return (capacity - DATA_OFFSET) // 2
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the blocks of [offset, offset + length) (they then read as
+    zeros), keeping the file's size. A file system or device without it
+    (NFS before v4.2) raises OSError(EOPNOTSUPP)."""
+    if length > 0 and _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                                      offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _allocated(fd: int, start: int, end: int) -> int:
+    """Bytes of [start, end) that hold data (not holes); a device or a file
+    system that cannot tell counts all of it."""
+    total = 0
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errnos.ENXIO:      # no data after pos
+                break
+            return end - start
+        if data >= end:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        total += hole - data
+        pos = hole
+    return total
 
 
 def _aligned(size: int) -> mmap.mmap:
@@ -214,7 +269,7 @@ class _SlotWriter:
                 raise UploadError(result.reason)
             if isinstance(result, OSError):
                 # not to be taken for the client going away (also an OSError)
-                raise UploadError(f"writing the OVF store failed: {result}")
+                raise UploadError(f"writing the OVF store failed: {result}", result.errno)
             if isinstance(result, BaseException):
                 raise result
 
@@ -236,9 +291,36 @@ class _SlotWriter:
 
 class OvfStore:
     def __init__(self, path: Path, slot_size: int, io: IOPool) -> None:
+        """`slot_size`: that of a store whose headers do not record it yet
+        (empty, or written before the record)."""
         self.path = path
         self.slot_size = slot_size
         self.io = io
+
+    def layout(self, header: Header) -> int:
+        """The slot size of the store whose current header is `header`."""
+        return header.slot_size or self.slot_size
+
+    def _free_slot(self, current: Header) -> tuple[int, int]:
+        """(number, offset) of the slot the next upload writes."""
+        slot = 1 - current.slot if current.generation else 0
+        return slot, DATA_OFFSET + slot * self.layout(current)
+
+    async def space_needed(self, size: int) -> int:
+        """Bytes of free space an upload of `size` bytes takes from the
+        domain: what of its slot is not allocated yet (nothing on a block
+        device, a thick LV)."""
+        _, base = self._free_slot(await self.header())
+        padded = (size + ALIGN - 1) // ALIGN * ALIGN
+
+        def count() -> int:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                return _allocated(fd, base, base + padded)
+            finally:
+                os.close(fd)
+
+        return padded - await self.io.call(count)
 
     # ---- header ---------------------------------------------------------------
 
@@ -288,13 +370,15 @@ class OvfStore:
         it current. Raises UploadError (stored tar unchanged) if the body is
         short or long, the tar is refused, or the checksum differs; the
         body's own errors (the client went away) pass through."""
-        if size > self.slot_size:
-            raise UploadError(f"{size} bytes do not fit the store ({self.slot_size} max)")
         current = await self.header()
-        slot = 1 - current.slot if current.generation else 0
-        checker = TarChecker(member_limit=member_limit, total_limit=self.slot_size)
+        layout = self.layout(current)
+        if size > layout:
+            raise UploadError(f"{size} bytes do not fit the store ({layout} max)")
+        slot, base = self._free_slot(current)
+        checker = TarChecker(member_limit=member_limit, total_limit=layout)
         fd = await self.io.call(_open, self.path, os.O_WRONLY)
-        sink = _SlotWriter(fd, DATA_OFFSET + slot * self.slot_size, self.io, checker)
+        sink = _SlotWriter(fd, base, self.io, checker)
+        done = False
         try:
             received = 0
             while received < size:
@@ -316,14 +400,29 @@ class OvfStore:
             try:
                 await self.io.call(os.fsync, fd)
             except OSError as e:
-                raise UploadError(f"writing the OVF store failed: {e}") from None
+                raise UploadError(f"writing the OVF store failed: {e}", e.errno) from None
+            done = True
         finally:
             await sink.close()
-            await self.io.call(os.close, fd)
+            try:
+                if not done:
+                    # not current: what this upload wrote there is garbage;
+                    # on a full domain it is the space the domain lacks now
+                    await self._give_back(fd, base, sink.offset - base)
+            finally:
+                await self.io.call(os.close, fd)
         header = Header(generation=current.generation + 1, slot=slot, size=size,
-                        sha256=digest, updated=time.time(), entries=len(members))
+                        sha256=digest, updated=time.time(), entries=len(members),
+                        slot_size=layout)
         await self.io.call(self._write_header_sync, header)
         return header, members
+
+    async def _give_back(self, fd: int, offset: int, length: int) -> None:
+        try:
+            await self.io.call(_punch_hole, fd, offset, length)
+        except (OSError, HostAgentError) as e:
+            log.warning("OVF store %s: the space of a failed upload stays taken: %s",
+                        self.path, e)
 
     # ---- read -------------------------------------------------------------------
 
@@ -332,7 +431,7 @@ class OvfStore:
         """The current tar's bytes [start, end), in chunks of up to 1 MiB."""
         header = header or await self.header()
         end = header.size if end is None else min(end, header.size)
-        base = DATA_OFFSET + header.slot * self.slot_size
+        base = DATA_OFFSET + header.slot * self.layout(header)
         fd = await self.io.call(_open, self.path, os.O_RDONLY)
         buf = _aligned(BUFFER_SIZE)
         try:
@@ -397,7 +496,8 @@ def read_members(path: Path, slot_size: int, header: Header, member_limit: int,
 
     if not header.generation:
         return []
-    reader = _SlotReader(path, DATA_OFFSET + header.slot * slot_size, header.size)
+    reader = _SlotReader(path, DATA_OFFSET + header.slot * (header.slot_size or slot_size),
+                         header.size)
     out = []
     try:
         with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]

@@ -23,6 +23,7 @@ from rpc.server import AGENT_KEY
 from storage.errors import (
     AcquireLockFailure,
     HostAgentError,
+    NoSpaceLeftOnDomain,
     OvfStoreError,
     OvfTicketError,
     StorageDomainDoesNotExist,
@@ -34,7 +35,8 @@ log = logging.getLogger("rpc.ovfstore")
 CHUNK = 1 << 20
 RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 STATUS = {OvfTicketError: 403, AcquireLockFailure: 409, OvfStoreError: 400,
-          StorageDomainDoesNotExist: 404, VolumeDoesNotExist: 404}
+          StorageDomainDoesNotExist: 404, VolumeDoesNotExist: 404,
+          NoSpaceLeftOnDomain: 507}
 
 
 NOT_A_UUID = {"error": {"code": -32602, "message": "not a UUID",

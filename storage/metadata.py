@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 BLANK_UUID = "00000000-0000-0000-0000-000000000000"
@@ -91,6 +91,8 @@ class _Record:
         for f in fields(cls):
             key = cls.KEYS[f.name]
             if key not in values:
+                if f.default is not MISSING or f.default_factory is not MISSING:
+                    continue     # a key added later: records written before lack it
                 raise MetadataError(f"missing {key}")
             raw = values[key]
             if f.type in ("int", int):
@@ -121,11 +123,16 @@ class DomainMetadata(_Record):
     block_size: int = 512
     alignment: int = 1048576
     created: int = field(default_factory=lambda: int(time.time()))
+    # The domain's OVF store volume ("": none recorded). The record, not a
+    # volume's disk type (anyone may set that), says which volume it is.
+    ovf_image: str = ""
+    ovf_volume: str = ""
 
     KEYS: ClassVar[dict[str, str]] = {
         "uuid": "SDUUID", "name": "DESCRIPTION", "dom_type": "TYPE", "dom_class": "CLASS",
         "version": "VERSION", "backup": "BACKUP", "lock_policy": "LOCKPOLICY",
         "block_size": "BLOCK_SIZE", "alignment": "ALIGNMENT", "created": "CTIME",
+        "ovf_image": "OVF_IMAGE", "ovf_volume": "OVF_VOLUME",
     }
 
 

@@ -59,6 +59,12 @@ from storage.metadata import (
 
 log = logging.getLogger("storage.domains")
 
+# The disk type the OVF store volume is made with (oVirt's OVF_STORE disks
+# have it too). Only domains made before the store was recorded in the
+# domain's metadata are looked up by it, once (Domain.ovf_store).
+OVF_STORE_DISK_TYPE = "OVFS"
+OVF_STORE_DESCRIPTION = "OVF_STORE"
+
 Progress = Callable[[float], None]
 Fill = Callable[[VolumeMetadata], Awaitable[None]]
 
@@ -91,6 +97,10 @@ class Domain(abc.ABC):
         # Half-made volumes this host failed to remove (the storage failed):
         # the DomainManager removes them once the domain answers again.
         self.pending_discards: dict[str, VolumeMetadata] = {}
+        # The domain metadata (self.md as read then) in which the OVF store
+        # record was looked for, and an older domain's store recorded: no
+        # record in it means no store.
+        self._ovf_checked: DomainMetadata | None = None
 
     @property
     def uuid(self) -> str:
@@ -191,6 +201,60 @@ class Domain(abc.ABC):
         another host may have changed it)."""
         return None
 
+    # ---- the OVF store ---------------------------------------------------------
+
+    async def ovf_store(self) -> tuple[str, str] | None:
+        """(image, volume) of the domain's OVF store, as the domain's metadata
+        records it; None: the domain has none. A domain made before the
+        record existed had its store found by disk type: that volume is
+        recorded here, once (on activation), under the domain lease."""
+        if self.md.ovf_volume:
+            return self.md.ovf_image, self.md.ovf_volume
+        if self._ovf_checked is not self.md:
+            async with self.leases.metadata():
+                md = await self.read_domain_md()      # another host may have recorded it
+                if not md.ovf_volume:
+                    found = await self._unrecorded_ovf_store()
+                    if found is not None:
+                        md = replace(md, ovf_image=found.image, ovf_volume=found.uuid)
+                        await self.write_domain_md(md)
+                        log.info("Domain %s: OVF store %s/%s recorded in its metadata",
+                                 self.uuid, found.image, found.uuid)
+                self.md = md
+                self._ovf_checked = md
+        if self.md.ovf_volume:
+            return self.md.ovf_image, self.md.ovf_volume
+        return None
+
+    async def _unrecorded_ovf_store(self) -> VolumeMetadata | None:
+        """The store of a domain made before the record: its OVFS volume (the
+        one made with the domain, "OVF_STORE", the oldest, if others claim
+        that type too)."""
+        found = [v for v in await self.all_volumes()
+                 if v.disk_type == OVF_STORE_DISK_TYPE and v.legality == LEGAL
+                 and v.state == READY]
+        if len(found) > 1:
+            log.warning("Domain %s: %d volumes have disk type %s; the OVF store is the "
+                        "oldest", self.uuid, len(found), OVF_STORE_DISK_TYPE)
+        found.sort(key=lambda v: (v.description != OVF_STORE_DESCRIPTION, v.ctime, v.uuid))
+        return found[0] if found else None
+
+    async def record_ovf_store(self, md: VolumeMetadata) -> None:
+        """Name a new domain's OVF store in its metadata."""
+        async with self.leases.metadata():
+            dmd = await self.read_domain_md()
+            await self.write_domain_md(replace(dmd, ovf_image=md.image, ovf_volume=md.uuid))
+
+    async def refuse_ovf_store(self, img: str, vol: str | None = None) -> None:
+        """Volume verbs do not touch the OVF store: it changes through
+        uploadOvfTar only (a volume made in its image, or it deleted, extended
+        or replaced, would lose or corrupt every VM's OVF)."""
+        store = await self.ovf_store()
+        if store is not None and (img == store[0] or vol == store[1]):
+            raise ResourceInUse(resource=f"image {store[0]}",
+                                reason=f"it holds the OVF store of domain {self.uuid}; "
+                                       "change it with uploadOvfTar")
+
     # ---- queries ---------------------------------------------------------------
 
     async def volume(self, img: str, vol: str) -> VolumeMetadata:
@@ -275,6 +339,7 @@ class Domain(abc.ABC):
         the volume stays CREATING and the caller commits it with
         `commit_volume` or removes it with `discard_volume`.
         """
+        await self.refuse_ovf_store(spec.img, spec.vol)
         if parent is None and spec.parent and spec.parent != BLANK_UUID:
             parent = await self._parent_for(spec)
         if parent is not None and spec.size < parent.capacity:
@@ -437,6 +502,7 @@ class Domain(abc.ABC):
             await self.remove_image_dir(md.image)
 
     async def delete_volume(self, img: str, vol: str) -> None:
+        await self.refuse_ovf_store(img, vol)
         md = await self.volume(img, vol)
         kids = await self.children(md)
         if kids:
@@ -455,6 +521,7 @@ class Domain(abc.ABC):
         log.info("Deleted volume %s/%s/%s", self.uuid, img, vol)
 
     async def delete_image(self, img: str, progress: Progress = _no_progress) -> None:
+        await self.refuse_ovf_store(img)
         vols = await self.image_volumes(img)
         ids = {v.uuid for v in vols}
         outside = [v for v in await self.all_volumes()
@@ -493,6 +560,9 @@ class Domain(abc.ABC):
         await self.remove_image_dir(img)
 
     async def extend_volume(self, img: str, vol: str, new_size: int) -> VolumeMetadata:
+        # the store's layout does not follow its capacity (ovfstore.store),
+        # but it is the store's own business how large it is
+        await self.refuse_ovf_store(img, vol)
         md = await self.volume(img, vol)
         if md.legality != LEGAL:
             raise InvalidParameter(field="volUUID", reason="volume is not LEGAL")

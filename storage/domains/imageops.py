@@ -339,6 +339,7 @@ class ImageOps:
                                              reason=f"image {img} is in use by a running VM")
             if self.dm.is_prepared(sd, img):
                 raise ResourceInUse(resource=f"image {img}", reason="volumes are prepared")
+            await sdom.refuse_ovf_store(img)       # before the copy, not at the delete
             vols = await sdom.image_volumes(img)
             self._legal(vols)
             ids = {v.uuid for v in vols}

@@ -26,7 +26,14 @@ from agent.locks import SHARED, LockManager, request
 from storage import commands, lvm, multipath
 from storage.connections import ConnectionManager
 from storage.connections.base import CONNECTED
-from storage.domains.base import Domain, Progress, VolumeSpec, volume_info
+from storage.domains.base import (
+    OVF_STORE_DESCRIPTION,
+    OVF_STORE_DISK_TYPE,
+    Domain,
+    Progress,
+    VolumeSpec,
+    volume_info,
+)
 from storage.domains.blockdomain import INITIALIZING as VG_INITIALIZING
 from storage.domains.blockdomain import VG_TAG, BlockDomain
 from storage.domains.filedomain import FileDomain
@@ -207,9 +214,16 @@ class DomainManager:
         return domain
 
     async def _collect(self, domain: Domain) -> None:
+        """Once this host may write the domain (activated and joined)."""
         report = await domain.collect_garbage()
         if report["damaged"]:
             log.error("Domain %s has damaged volumes: %s", domain.uuid, report["damaged"])
+        try:
+            # a domain made before the OVF store was recorded gets it recorded
+            await domain.ovf_store()
+        except (HostAgentError, OSError, MetadataError) as e:
+            log.warning("Domain %s: OVF store not recorded yet (tried again when used): %s",
+                        domain.uuid, e)
 
     def _pool(self, conn_id: str) -> IOPool:
         pool = self.pools.get(conn_id)
@@ -311,9 +325,14 @@ class DomainManager:
         if ovf_store:
             spec = VolumeSpec(img=str(uuid.uuid4()), vol=str(uuid.uuid4()),
                               size=self.ovf_store_size, format="raw", preallocate="sparse",
-                              description="OVF_STORE", disk_type="OVFS")
+                              description=OVF_STORE_DESCRIPTION,
+                              disk_type=OVF_STORE_DISK_TYPE)
             try:
                 await self.create_volume(sd, spec, lambda _: None)
+                # A crash before this leaves an unrecorded store: found by its
+                # disk type on the next activation, like an older domain's.
+                domain = await self.domain(sd)
+                await domain.record_ovf_store(await domain.volume(spec.img, spec.vol))
             except BaseException:
                 # All or nothing: a domain without its OVF store is removed.
                 with contextlib.suppress(HostAgentError):

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import io
 import json
+import os
 import random
 import signal
 import socket
@@ -19,7 +21,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,9 @@ import aiohttp
 import pytest
 
 from rpc.client import Client, RpcError
+from storage.metadata import decode, encode
 from tests.agentproc import AgentProcess
+from tests.integration.storagefixtures import wait_for
 
 MiB = 1024**2
 
@@ -98,14 +102,17 @@ def data_url(agent: AgentProcess, t: dict[str, Any], path: str) -> str:
 
 async def put(agent: AgentProcess, target: str, body: bytes, *,
               content_length: int | None = None, chunk: int = 256 * 1024, cert: bool = True,
-              sent: Callable[[int], None] | None = None) -> tuple[int, Any]:
+              sent: Callable[[int], Awaitable[None] | None] | None = None) -> tuple[int, Any]:
     """PUT body in chunks to target (a URL, or a path on the main port);
-    `sent(n)` is called once n bytes were handed over."""
+    `sent(n)` is called (and awaited if it is a coroutine function) once n
+    bytes were handed over."""
     async def gen() -> AsyncIterator[bytes]:
         for i in range(0, len(body), chunk):
             yield body[i:i + chunk]
             if sent is not None:
-                sent(min(i + chunk, len(body)))
+                pending = sent(min(i + chunk, len(body)))
+                if pending is not None:
+                    await pending
             await asyncio.sleep(0)
 
     headers = {"Content-Length": str(len(body) if content_length is None else content_length)}
@@ -614,3 +621,238 @@ async def test_data_listener_stops_with_agent(agent_factory: Callable[..., Agent
         d.c = c
         assert await get(agent, d.sd) == (200, old)
         await d.destroy()
+
+
+# ---- the store is the domain's recorded volume, not a disk type ---------------------
+
+
+async def store_volume(c: Client, sd: str) -> tuple[str, str]:
+    """(image, volume) of a new domain's OVF store: its only volume."""
+    [img] = await c.call("getImagesList", sdUUID=sd)
+    [vol] = await c.call("getVolumesList", sdUUID=sd, imgUUID=img)
+    assert (await c.call("getVolumeInfo", sdUUID=sd, imgUUID=img,
+                         volUUID=vol))["diskType"] == "OVFS"
+    return img, vol
+
+
+async def job_error(c: Client, verb: str, **params: Any) -> int | None:
+    """The error code of a job verb, refused at once or failed; None: done."""
+    job = new_id()
+    try:
+        await c.call(verb, jobUUID=job, **params)
+    except RpcError as e:
+        return e.code
+    info = await c.wait_job(job, timeout=60)
+    assert info["status"] in ("done", "failed"), info
+    return int(info["error"]["code"]) if info["status"] == "failed" else None
+
+
+async def call_error(c: Client, verb: str, **params: Any) -> int | None:
+    try:
+        await c.call(verb, **params)
+    except RpcError as e:
+        return e.code
+    return None
+
+
+async def test_store_is_the_recorded_volume(dom: Dom, tmp_path: Path) -> None:
+    """A volume made with the store's disk type, or another domain's store
+    copied in, does not replace the store; volume verbs refuse the store's
+    image and volume (2002, ResourceInUse) and leave the stored tar as it was."""
+    agent, c, d = dom
+    simg, svol = await store_volume(c, d.sd)
+    body = make_tar([(f"{new_id()}.ovf", ovf_xml("web01", new_id(), []))])
+    assert (await upload(c, agent, d.sd, body))[0] == 200
+    info = await c.call("getOvfStoreInfo", sdUUID=d.sd)
+    assert info["generation"] == 1
+
+    async def intact() -> None:
+        assert await c.call("getOvfStoreInfo", sdUUID=d.sd) == info
+        assert await get(agent, d.sd) == (200, body)
+
+    # made by anyone with oVirt's OVF_STORE disk type
+    assert await job_error(c, "createVolume", sdUUID=d.sd, imgUUID=new_id(),
+                           volUUID=new_id(), size=8 * MiB, format="raw",
+                           preallocate="sparse", diskType="OVFS",
+                           description="OVF_STORE") is None
+    await intact()
+    other = await Domain(c, tmp_path / "other").create()
+    try:
+        oimg, ovol = await store_volume(c, other.sd)
+        # another domain's store copied in
+        assert await job_error(c, "copyImage",
+                               src={"sdUUID": other.sd, "imgUUID": oimg, "volUUID": ovol},
+                               dst={"sdUUID": d.sd, "imgUUID": new_id(),
+                                    "volUUID": new_id()}) is None
+        await intact()
+        img, vol = new_id(), new_id()
+        assert await job_error(c, "createVolume", sdUUID=d.sd, imgUUID=img, volUUID=vol,
+                               size=MiB, format="raw", preallocate="sparse") is None
+        refused = {
+            "createVolume into it": await job_error(
+                c, "createVolume", sdUUID=d.sd, imgUUID=simg, volUUID=new_id(), size=MiB,
+                format="raw", preallocate="sparse"),
+            "snapshotImages": await job_error(
+                c, "snapshotImages", disks=[{"sdUUID": d.sd, "imgUUID": simg,
+                                             "volUUID": svol, "newVolUUID": new_id()}]),
+            "copyImage onto it": await job_error(
+                c, "copyImage", src={"sdUUID": d.sd, "imgUUID": img, "volUUID": vol},
+                dst={"sdUUID": d.sd, "imgUUID": simg, "volUUID": new_id()}),
+            "moveImage": await job_error(c, "moveImage", sdUUID=d.sd, imgUUID=simg,
+                                         dstSdUUID=other.sd),
+            "extendVolumeSize": await call_error(
+                c, "extendVolumeSize", sdUUID=d.sd, imgUUID=simg, volUUID=svol,
+                newSize=256 * MiB),
+            "deleteVolume": await call_error(c, "deleteVolume", sdUUID=d.sd, imgUUID=simg,
+                                             volUUID=svol),
+            "deleteImage": await job_error(c, "deleteImage", sdUUID=d.sd, imgUUID=simg),
+        }
+        assert refused == dict.fromkeys(refused, 2002)
+        assert await c.call("getVolumesList", sdUUID=d.sd, imgUUID=simg) == [svol]
+        assert simg not in await c.call("getImagesList", sdUUID=other.sd)
+        await intact()
+    finally:
+        await other.destroy()
+
+
+async def test_extending_the_store_keeps_its_tar(dom: Dom) -> None:
+    """The current tar in the second slot (its offset is the slot size):
+    extendVolumeSize of the store is refused and GET still serves the tar
+    getOvfStoreInfo describes."""
+    agent, c, d = dom
+    simg, svol = await store_volume(c, d.sd)
+    first = make_tar([(f"{new_id()}.ovf", b"<ovf/>" * 1000)])
+    second = make_tar([(f"{new_id()}.ovf", b"<ovf-2/>" * 1000)])
+    assert (await upload(c, agent, d.sd, first))[0] == 200
+    assert (await upload(c, agent, d.sd, second))[0] == 200
+    cap = (await c.call("getVolumeInfo", sdUUID=d.sd, imgUUID=simg,
+                        volUUID=svol))["capacity"]
+    assert await call_error(c, "extendVolumeSize", sdUUID=d.sd, imgUUID=simg, volUUID=svol,
+                            newSize=cap + 64 * MiB) == 2002
+    info = await c.call("getOvfStoreInfo", sdUUID=d.sd)
+    status, data = await get(agent, d.sd)
+    assert status == 200
+    assert hashlib.sha256(data).hexdigest() == info["sha256"] == \
+        hashlib.sha256(second).hexdigest()
+
+
+async def test_older_domain_store_recorded_on_activation(dom: Dom) -> None:
+    """A domain made before its metadata named the store (found by disk
+    type then) keeps its store: activation records it, and a volume made
+    with the store's disk type afterwards does not replace it."""
+    agent, c, d = dom
+    simg, svol = await store_volume(c, d.sd)
+    body = make_tar([(f"{new_id()}.ovf", ovf_xml("web01", new_id(), []))])
+    assert (await upload(c, agent, d.sd, body))[0] == 200
+    md_file = d.root / d.sd / "dom_md" / "metadata"
+    values = decode(md_file.read_bytes())
+    assert (values.pop("OVF_IMAGE"), values.pop("OVF_VOLUME")) == (simg, svol)
+    await c.call("deactivateStorageDomain", sdUUID=d.sd)
+    md_file.write_bytes(encode(values))         # as an older agent wrote it
+    await c.call("activateStorageDomain", sdUUID=d.sd)
+    values = decode(md_file.read_bytes())
+    assert (values["OVF_IMAGE"], values["OVF_VOLUME"]) == (simg, svol)
+    assert await job_error(c, "createVolume", sdUUID=d.sd, imgUUID=new_id(),
+                           volUUID=new_id(), size=8 * MiB, format="raw",
+                           preallocate="sparse", diskType="OVFS",
+                           description="OVF_STORE") is None
+    assert await get(agent, d.sd) == (200, body)
+    assert (await c.call("getOvfStoreInfo", sdUUID=d.sd))["generation"] == 1
+    assert await job_error(c, "deleteImage", sdUUID=d.sd, imgUUID=simg) == 2002
+
+
+# ---- an upload the domain has no room for --------------------------------------------
+
+
+@pytest.fixture
+def small_fs_agent(make_fs_mount: Callable[..., Any],
+                   agent_factory: Callable[..., AgentProcess],
+                   tmp_path: Path) -> tuple[AgentProcess, Path]:
+    """An agent whose OVF store takes 96 MiB tars, and a 96 MiB ext4 file
+    system for its domain (unmounted after the agent stopped)."""
+    fs = make_fs_mount("ext4", size=96 * MiB)
+    conf = tmp_path / "state" / "hostagent.toml"
+    conf.parent.mkdir()
+    conf.write_text(f"[ovf]\nmax_tar_size = {96 * MiB}\nmax_member_size = {16 * MiB}\n")
+    return agent_factory(tmp_path / "state"), fs.path
+
+
+def big_tar(size: int) -> bytes:
+    """A valid tar of about `size` bytes: 8 MiB OVF members."""
+    members = []
+    while size > 8 * MiB:
+        members.append((f"{new_id()}.ovf", random.randbytes(8 * MiB)))
+        size -= 8 * MiB + 512
+    return make_tar(members)
+
+
+def fill(path: Path) -> None:
+    """Take every free block of path's file system (as root: the reserved
+    ones too)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        offset = 0
+        while True:
+            try:
+                os.posix_fallocate(fd, offset, MiB)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                break
+            offset += MiB
+        for size in (64 * 1024, 4096):     # what is left under 1 MiB
+            with contextlib.suppress(OSError):
+                while True:
+                    os.posix_fallocate(fd, offset, size)
+                    offset += size
+    finally:
+        os.close(fd)
+
+
+async def test_upload_larger_than_free_space(small_fs_agent: tuple[AgentProcess, Path]) -> None:
+    """Issue 22, 4: on a 96 MiB file system a 90 MiB tar is refused at the
+    ticket (397, naming the domain); a tar that fitted when its ticket was
+    given but meets a full domain on the way fails with 397 and gives back
+    the space it took: the free space is what it was before, the stored tar
+    unchanged, createVolume works."""
+    agent, mnt = small_fs_agent
+    async with client_of(agent) as c:
+        d = await Domain(c, mnt / "data").create()
+        try:
+            async def free() -> int:
+                return int((await c.call("getStorageDomainStats", sdUUID=d.sd))["free"])
+
+            before = await free()
+            assert 40 * MiB < before < 90 * MiB
+            with pytest.raises(RpcError) as refused:
+                await c.call("uploadOvfTar", sdUUID=d.sd, size=90 * MiB)
+            assert refused.value.code == 397 and d.sd in refused.value.message
+            assert await free() == before
+
+            body = big_tar(40 * MiB)
+            t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(body),
+                             sha256=hashlib.sha256(body).hexdigest())
+            filler = mnt / "filler"
+            simg, svol = await store_volume(c, d.sd)
+            store = mnt / "data" / d.sd / "images" / simg / svol
+            taken = os.stat(store).st_blocks * 512
+
+            async def sent(n: int) -> None:
+                # once the upload has taken space, the domain fills up
+                if n >= 16 * MiB and not filler.exists():
+                    await asyncio.to_thread(
+                        wait_for, "the upload to write 8 MiB",
+                        lambda: os.stat(store).st_blocks * 512 >= taken + 8 * MiB, 30)
+                    fill(filler)
+
+            status, result = await put(agent, t["url"], body, sent=sent)
+            assert filler.exists()
+            assert (status, result["error"]["code"]) == (507, 397), result
+            filler.unlink()
+            assert await free() == before
+            assert (await c.call("getOvfStoreInfo", sdUUID=d.sd))["generation"] == 0
+            assert await get(agent, d.sd) == (200, b"")
+            assert await job_error(c, "createVolume", sdUUID=d.sd, imgUUID=new_id(),
+                                   volUUID=new_id(), size=before // 2 // MiB * MiB,
+                                   format="raw", preallocate="preallocated") is None
+        finally:
+            await d.destroy()

@@ -154,3 +154,34 @@ async def test_storage_write_error_is_an_upload_error() -> None:
             await store.write(chunks(body), len(body), member_limit=SLOT)
     finally:
         pool.close()
+
+
+async def test_slots_stay_where_they_are_when_the_volume_grows(store: OvfStore) -> None:
+    """The slot size is the first upload's, recorded in the header: a store
+    whose volume grew afterwards (its capacity says larger slots) still
+    reads its current tar, and the next upload does not overwrite it."""
+    first, second = make_tar(2, 300_000), make_tar(3, 200_000)
+    await store.write(chunks(first), len(first), member_limit=SLOT)
+    h2, _ = await store.write(chunks(second), len(second), member_limit=SLOT)
+    assert h2.slot == 1 and h2.slot_size == SLOT
+    with open(store.path, "r+b") as f:
+        f.truncate(volume_size(2 * SLOT))
+    grown = OvfStore(store.path, 2 * SLOT, store.io)
+    assert await read_all(grown) == second
+    third = make_tar(1, 100_000)
+    h3, _ = await grown.write(chunks(third), len(third), member_limit=SLOT)
+    assert h3.slot == 0 and h3.slot_size == SLOT
+    assert await read_all(OvfStore(store.path, 2 * SLOT, store.io)) == third
+
+
+async def test_refused_upload_gives_its_space_back(store: OvfStore) -> None:
+    """What a refused upload wrote into the free slot is freed again."""
+    good = make_tar(1, 100_000)
+    await store.write(chunks(good), len(good), member_limit=SLOT)
+    before = os.stat(store.path).st_blocks
+    bad = make_tar(2, 1_500_000)
+    with pytest.raises(UploadError):
+        await store.write(chunks(bad), len(bad), member_limit=SLOT,
+                          sha256="0" * 64)        # refused once all of it is written
+    assert os.stat(store.path).st_blocks == before
+    assert await read_all(store) == good
