@@ -26,17 +26,21 @@ from storage import commands, qemuimg
 from storage.domains.leasing import UNLEASED, Unleased
 from storage.errors import (
     AcquireLockFailure,
+    CreateIllegalVolumeSnapshotError,
+    FileStorageDomainStaleNFSHandle,
     HostAgentError,
     ImageDoesNotExistInSD,
     InvalidParameter,
     LeaseHeld,
     LeaseLost,
     NoSpaceLeftOnDomain,
-    ResourceInUse,
-    StorageDomainFailing,
+    StorageDomainAccessError,
     VolumeAlreadyExists,
     VolumeCreationError,
     VolumeDoesNotExist,
+    VolumeImageHasChildren,
+    VolumeMetadataReadError,
+    VolumeResizeValueError,
 )
 from storage.fileio import IOPool
 from storage.leases import BlockDomainLeases, FileDomainLeases, Resource
@@ -157,6 +161,11 @@ class Domain(abc.ABC):
     async def remove_all(self) -> None:
         """Remove the whole domain from storage (format)."""
 
+    def check_mounted(self) -> None:
+        """Raise StorageDomainFSNotMounted if the file system the domain
+        lives on is no longer mounted (file domains on a mount)."""
+        return None
+
     @abc.abstractmethod
     async def health_check(self, timeout: float) -> None:
         """Read the domain metadata from storage bypassing caches; raises if
@@ -197,7 +206,7 @@ class Domain(abc.ABC):
         try:
             md = await self.read_volume_md(img, vol)
         except MetadataError as e:
-            raise VolumeDoesNotExist(volUUID=vol, reason=f"damaged metadata: {e}") from None
+            raise VolumeMetadataReadError(volUUID=vol, reason=str(e)) from None
         if md.state == REMOVING or md.image != img:
             raise VolumeDoesNotExist(volUUID=vol)
         return md
@@ -276,6 +285,10 @@ class Domain(abc.ABC):
         `commit_volume` or removes it with `discard_volume`.
         """
         if parent is None and spec.parent and spec.parent != BLANK_UUID:
+            # A retried create of a volume that exists is 212 whatever its
+            # parent now looks like (it has a child: the volume itself).
+            if spec.vol in await self._all_volume_ids():
+                raise await self._exists_error(spec.vol, spec.img)
             parent = await self._parent_for(spec)
         if parent is not None and spec.size < parent.capacity:
             raise InvalidParameter(field="size", reason=f"smaller than the parent's capacity "
@@ -390,8 +403,7 @@ class Domain(abc.ABC):
             raise VolumeDoesNotExist(volUUID=spec.parent,
                                      reason=f"parent not in domain {self.uuid}") from None
         if parent.legality != LEGAL or parent.state != READY:
-            raise InvalidParameter(field="parentVolUUID",
-                                   reason=f"parent {parent.uuid} is not LEGAL")
+            raise CreateIllegalVolumeSnapshotError(volUUID=parent.uuid)
         if parent.image != spec.img and parent.voltype not in (SHARED, INTERNAL, LEAF):
             raise InvalidParameter(field="parentVolUUID", reason="parent cannot be shared")
         if parent.image == spec.img:
@@ -440,8 +452,8 @@ class Domain(abc.ABC):
         md = await self.volume(img, vol)
         kids = await self.children(md)
         if kids:
-            raise ResourceInUse(resource=f"volume {vol}",
-                                reason=f"it has {len(kids)} child volume(s)")
+            raise VolumeImageHasChildren(resource=f"volume {vol}",
+                                         reason=f"it has {len(kids)} child volume(s)")
         async with self.leases.volume(md):
             await self.write_volume_md(replace(md, state=REMOVING, legality=ILLEGAL))
             await self.remove_volume_data(img, vol)
@@ -460,9 +472,9 @@ class Domain(abc.ABC):
         outside = [v for v in await self.all_volumes()
                    if v.image != img and v.parent in ids]
         if outside:
-            raise ResourceInUse(resource=f"image {img}",
-                                reason=f"volume {outside[0].parent} is the parent of volumes "
-                                       "in other images")
+            raise VolumeImageHasChildren(resource=f"image {img}",
+                                         reason=f"volume {outside[0].parent} is the parent of "
+                                                "volumes in other images")
         async with contextlib.AsyncExitStack() as held:
             for v in vols:
                 await held.enter_async_context(self.leases.volume(v))
@@ -473,7 +485,7 @@ class Domain(abc.ABC):
             if v.has_parent and v.parent not in ids:
                 try:
                     parent = await self.find_volume(v.parent)
-                except VolumeDoesNotExist:
+                except (VolumeDoesNotExist, VolumeMetadataReadError):
                     continue
                 if parent.voltype == INTERNAL and not await self.children(parent):
                     await self.write_volume_md(replace(parent, voltype=LEAF))
@@ -497,8 +509,8 @@ class Domain(abc.ABC):
         if md.legality != LEGAL:
             raise InvalidParameter(field="volUUID", reason="volume is not LEGAL")
         if new_size < md.capacity:
-            raise InvalidParameter(field="newSize",
-                                   reason=f"smaller than the capacity {md.capacity}")
+            raise VolumeResizeValueError(volUUID=vol, reason=f"newSize {new_size} is smaller "
+                                                             f"than the capacity {md.capacity}")
         if new_size == md.capacity:
             return md
         async with self.leases.volume(md):
@@ -604,18 +616,20 @@ async def read_check(runner: commands.Runner, sd: str, path: str, timeout: float
         if buffered_fallback and r.rc != 0 and b"Invalid argument" in r.err:
             r = await runner([*argv[:-2], "status=none"], timeout=timeout, check=False)
     except commands.CommandTimeout:
-        raise StorageDomainFailing(sdUUID=sd,
+        raise StorageDomainAccessError(sdUUID=sd,
                                    reason=f"metadata read took more than {timeout:g} s") \
             from None
     if r.rc != 0:
-        raise StorageDomainFailing(sdUUID=sd, reason=r.err_text.strip() or f"dd rc={r.rc}")
+        raise StorageDomainAccessError(sdUUID=sd, reason=r.err_text.strip() or f"dd rc={r.rc}")
 
 
 def os_error(e: OSError, sd: str) -> HostAgentError:
     """A storage error for what the file system answered."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpaceLeftOnDomain(sdUUID=sd)
-    return StorageDomainFailing(sdUUID=sd, reason=f"{e.strerror or e}")
+    if e.errno == errno.ESTALE:
+        return FileStorageDomainStaleNFSHandle(path=e.filename or sd)
+    return StorageDomainAccessError(sdUUID=sd, reason=f"{e.strerror or e}")
 
 
 def leaf_first(vols: list[VolumeMetadata]) -> list[VolumeMetadata]:

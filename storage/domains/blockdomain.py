@@ -360,7 +360,7 @@ class BlockDomain(Domain):
     async def _io(self, fn: Callable[..., R], *args: object,
                   timeout: float | None = None) -> R:
         """I/O on the domain's LVs: an error of the LUN (EIO; ENODATA, a SCSI
-        medium error; every path gone) is the domain failing (2009)."""
+        medium error; every path gone) is the domain failing (379)."""
         try:
             return await self.io.call(fn, *args, timeout=timeout)
         except OSError as e:

@@ -39,12 +39,13 @@ from storage.errors import (
     LeaseHeld,
     PrepareIllegalVolumeError,
     ResourceInUse,
+    StorageDomainAccessError,
     StorageDomainAlreadyExists,
     StorageDomainDoesNotExist,
-    StorageDomainFailing,
     StorageDomainNotActive,
     StorageServerConnectionError,
     VolumeDoesNotExist,
+    VolumeIsBusy,
 )
 from storage.fileio import IOPool
 from storage.leases import LeaseManager, init_domain_areas
@@ -235,6 +236,7 @@ class DomainManager:
                 except (HostAgentError, OSError, MetadataError) as e:
                     log.warning("Ignoring domain at %s: %s", root, e)
                     continue
+                domain.mountpoint = self.connections.mount_point(conn.id)
                 entry = Entry(domain=self._attach(domain), conn_id=conn.id)
                 self.entries[domain.uuid] = entry
                 if self._started and domain.uuid in self.active:
@@ -287,12 +289,15 @@ class DomainManager:
             raise StorageDomainDoesNotExist(sdUUID=sd) from None
 
     async def domain(self, sd: str) -> Domain:
-        return (await self.entry(sd)).domain
+        domain = (await self.entry(sd)).domain
+        domain.check_mounted()
+        return domain
 
     async def active_domain(self, sd: str) -> Domain:
         entry = await self.entry(sd)
         if not entry.active:
             raise StorageDomainNotActive(sdUUID=sd)
+        entry.domain.check_mounted()
         return entry.domain
 
     # ---- domain verbs -------------------------------------------------------------------
@@ -346,6 +351,7 @@ class DomainManager:
             assert mount is not None
             domain = await FileDomain.create(mount, md, self._pool(connection_id),
                                              self.runner)
+            domain.mountpoint = self.connections.mount_point(connection_id)
             entry = Entry(domain=self._attach(domain), conn_id=connection_id)
             await self._init_leases(entry)
             self.entries[sd] = entry
@@ -636,14 +642,14 @@ class DomainManager:
         async with self._volume_locks(sd, img, vol):
             domain = await self.active_domain(sd)
             if self._prepared_key(sd, img, vol) in self.prepared:
-                raise ResourceInUse(resource=f"volume {vol}", reason="it is prepared")
+                raise VolumeIsBusy(resource=f"volume {vol}", reason="it is prepared")
             await domain.delete_volume(img, vol)
 
     async def delete_image(self, sd: str, img: str, progress: Progress) -> None:
         async with self._volume_locks(sd, img):
             domain = await self.active_domain(sd)
             if any(k.startswith(f"{sd}/{img}/") for k in self.prepared):
-                raise ResourceInUse(resource=f"image {img}", reason="volumes are prepared")
+                raise VolumeIsBusy(resource=f"image {img}", reason="volumes are prepared")
             await domain.delete_image(img, progress)
 
     async def collect_garbage(self, sd: str) -> None:
@@ -721,7 +727,7 @@ class DomainManager:
         if not entry.active:
             raise StorageDomainNotActive(sdUUID=sd)
         if entry.monitor.state == "failing":
-            raise StorageDomainFailing(sdUUID=sd, reason=entry.monitor.error)
+            raise StorageDomainAccessError(sdUUID=sd, reason=entry.monitor.error)
 
     async def prepare(self, sd: str, img: str, vol: str, purpose: str) -> dict[str, Any]:
         async with self._volume_locks(sd, img):

@@ -264,7 +264,7 @@ async def check_refusals(agent: AgentProcess, c: Client, sd: str, via: str = "ur
 
     for name, members in BAD_TARS.items():
         err = await refused(make_tar([(f"{new_id()}.ovf", b"<ovf/>"), *members]))
-        assert err["code"] == 2010, (name, err)
+        assert err["code"] == 2110, (name, err)
     full = make_tar([(f"{new_id()}.ovf", b"y" * 20000)])
     assert "truncated" in (await refused(full[:8000]))["message"]
     # body shorter than Content-Length: the client goes away mid-body
@@ -295,7 +295,7 @@ async def check_refusals(agent: AgentProcess, c: Client, sd: str, via: str = "ur
     assert (await put(agent, target_of(t, via), full))[0] == 200
     good = full
     status, result = await put(agent, target_of(t, via), full)
-    assert status == 403 and result["error"]["code"] == 2011
+    assert status == 403 and result["error"]["code"] == 2111
     t = await c.call("uploadOvfTar", sdUUID=sd, size=len(full))
     await asyncio.sleep(2.2)
     status, _ = await put(agent, target_of(t, via), full)
@@ -529,7 +529,7 @@ async def test_data_listener_http(dom: Dom) -> None:
     status, continued, reply = await asyncio.to_thread(
         exchange, agent, port, put_head(t["path"], len(body), "Expect: 100-continue\r\n"),
         body, expect=True)
-    assert (status, continued) == (403, False) and reply["error"]["code"] == 2011
+    assert (status, continued) == (403, False) and reply["error"]["code"] == 2111
     # refused while the client is still sending a large body: it reads the
     # reply (the agent drains the body for a while) instead of a reset
     t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(body))

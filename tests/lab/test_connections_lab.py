@@ -176,7 +176,7 @@ async def test_iscsi_chap(make_target: Callable[..., g.Target], multipathd: g.Mu
     nodes_before = node_records()
     wrong = iscsi_params(target, user="labuser", password=WRONG_SECRET)
     [st] = await connect(client, "iscsi", wrong)
-    assert st["status"] == 469, st
+    assert st["status"] == 476, st   # iSCSILoginAuthError
     assert "CHAP authentication failed" in st["message"] and WRONG_SECRET not in str(st)
     # nothing half-made: no session, the node record the agent made is gone
     assert sessions(target) == [] and node_records() == nodes_before
@@ -210,7 +210,7 @@ async def test_iscsi_chap(make_target: Callable[..., g.Target], multipathd: g.Mu
         g.lvm_wipe(got["path"])
     # same id and parameters again: idempotent; the same target under another id: refused
     assert (await connect(client, "iscsi", good))[0]["status"] == 0
-    assert (await connect(client, "iscsi", {**good, "id": new_id()}))[0]["status"] == 2003
+    assert (await connect(client, "iscsi", {**good, "id": new_id()}))[0]["status"] == 2103
 
     [st] = await disconnect(client, "iscsi", good)
     assert st["status"] == 0, st
