@@ -28,6 +28,7 @@ from storage.errors import (
     AcquireLockFailure,
     CreateIllegalVolumeSnapshotError,
     FileStorageDomainStaleNFSHandle,
+    GenerationMismatch,
     HostAgentError,
     ImageDoesNotExistInSD,
     InvalidParameter,
@@ -448,8 +449,9 @@ class Domain(abc.ABC):
         if not await self.volume_ids(md.image):
             await self.remove_image_dir(md.image)
 
-    async def delete_volume(self, img: str, vol: str) -> None:
+    async def delete_volume(self, img: str, vol: str, generation: int | None = None) -> None:
         md = await self.volume(img, vol)
+        check_generation(md, generation)
         kids = await self.children(md)
         if kids:
             raise VolumeImageHasChildren(resource=f"volume {vol}",
@@ -504,8 +506,10 @@ class Domain(abc.ABC):
             progress(100 * (i + 1) / max(1, len(ordered)))
         await self.remove_image_dir(img)
 
-    async def extend_volume(self, img: str, vol: str, new_size: int) -> VolumeMetadata:
+    async def extend_volume(self, img: str, vol: str, new_size: int,
+                            generation: int | None = None) -> VolumeMetadata:
         md = await self.volume(img, vol)
+        check_generation(md, generation)
         if md.legality != LEGAL:
             raise InvalidParameter(field="volUUID", reason="volume is not LEGAL")
         if new_size < md.capacity:
@@ -645,6 +649,15 @@ def leaf_first(vols: list[VolumeMetadata]) -> list[VolumeMetadata]:
         return depth[v.uuid]
 
     return sorted(vols, key=lambda v: (-level(v), v.uuid))
+
+
+def check_generation(md: VolumeMetadata, generation: int | None) -> None:
+    """VDSM's fence for verbs that change a volume: given the generation the
+    caller last saw, the verb goes on only if it is still the volume's (a
+    change made meanwhile, here or by another host, bumped it); else 911,
+    before anything is changed."""
+    if generation is not None and generation != md.generation:
+        raise GenerationMismatch(volUUID=md.uuid, expected=generation, actual=md.generation)
 
 
 def volume_info(md: VolumeMetadata, apparent: int, true: int) -> dict[str, Any]:

@@ -630,20 +630,21 @@ class DomainManager:
         domain.forget_cache()
         return await domain.image_ids()
 
-    async def extend_volume(self, sd: str, img: str, vol: str,
-                            new_size: int) -> dict[str, Any]:
+    async def extend_volume(self, sd: str, img: str, vol: str, new_size: int,
+                            generation: int | None = None) -> dict[str, Any]:
         async with self._volume_locks(sd, img, vol):
             domain = await self.active_domain(sd)
-            md = await domain.extend_volume(img, vol, new_size)
+            md = await domain.extend_volume(img, vol, new_size, generation)
             apparent, true = await domain.volume_sizes(img, vol)
             return volume_info(md, apparent, true)
 
-    async def delete_volume(self, sd: str, img: str, vol: str) -> None:
+    async def delete_volume(self, sd: str, img: str, vol: str,
+                            generation: int | None = None) -> None:
         async with self._volume_locks(sd, img, vol):
             domain = await self.active_domain(sd)
             if self._prepared_key(sd, img, vol) in self.prepared:
                 raise VolumeIsBusy(resource=f"volume {vol}", reason="it is prepared")
-            await domain.delete_volume(img, vol)
+            await domain.delete_volume(img, vol, generation)
 
     async def delete_image(self, sd: str, img: str, progress: Progress) -> None:
         async with self._volume_locks(sd, img):
