@@ -35,6 +35,7 @@ from storage.domains.leasing import DomainLeases
 from storage.errors import (
     BackupDomainRestricted,
     HostAgentError,
+    InaccessiblePhysDev,
     InvalidParameter,
     LeaseHeld,
     PrepareIllegalVolumeError,
@@ -367,8 +368,7 @@ class DomainManager:
         paths = []
         for guid in devices:
             if guid not in known:
-                raise InvalidParameter(field="devices",
-                                       reason=f"no multipath device {guid} on this host")
+                raise InaccessiblePhysDev(devices=guid)
             paths.append(known[guid])
         domain = await BlockDomain.create(paths, md, lvm.LVM(self.runner, devices=paths),
                                           IOPool(md.uuid[:8], timeout=self.io_timeout),
