@@ -200,3 +200,18 @@ async def test_unmounted_file_domain_is_360(loop_device: Callable[..., Path],
     finally:
         subprocess.run(["umount", target], check=True)
         Path(target).rmdir()
+
+
+# ---- an iSCSI portal that is no address (472) ---------------------------------------------
+
+async def test_unresolvable_portal_is_472(agent: AgentProcess, client: Client) -> None:
+    """RFC 6761: a .invalid name never resolves. Refused before iscsiadm runs:
+    nothing is recorded and no connection is kept."""
+    with pytest.raises(RpcError) as e:
+        await client.call("discoverSendTargets", connection="portal.invalid", port=3260)
+    expect(e, 472, "InvalidIpAddress")
+    conn = {"id": new_id(), "connection": "portal.invalid", "port": 3260,
+            "iqn": "iqn.2003-01.org.example:none"}
+    [st] = await client.call("connectStorageServer", domType="iscsi", connectionParams=[conn])
+    assert st["status"] == 472, st
+    assert await client.call("getStorageConnections") == []
