@@ -80,3 +80,24 @@ def test_commands_and_tool_errors_are_general_exceptions() -> None:
     from storage.commands import CommandError
     e = CommandError(["false"], 1, b"", b"boom")
     assert (e.to_dict()["code"], e.to_dict()["data"]["name"]) == (100, "GeneralException")
+
+
+def test_stale_nfs_handle_is_384() -> None:
+    import errno
+
+    from storage.domains.base import os_error
+    e = os_error(OSError(errno.ESTALE, "Stale file handle", "/rhev/x/images/a"), "sd")
+    wire = e.to_dict()
+    assert (wire["code"], wire["data"]["name"]) == (384, "FileStorageDomainStaleNFSHandle")
+    assert wire["data"]["path"] == "/rhev/x/images/a"
+
+
+async def test_iscsi_logout_failure_is_474() -> None:
+    from storage import iscsiadm
+    from tests.unit.fakerun import FakeRunner
+    fake = FakeRunner(lambda argv: (8, "", "iscsiadm: Could not logout of [sid: 1]"))
+    with pytest.raises(HostAgentError) as e:
+        await iscsiadm.logout("iqn.2003-01.org.example:t", iscsiadm.Portal("127.0.0.1", 3260),
+                              timeout=5, runner=fake)
+    wire = e.value.to_dict()
+    assert (wire["code"], wire["data"]["name"]) == (474, "iSCSILogoutError"), wire
