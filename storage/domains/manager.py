@@ -757,7 +757,8 @@ class DomainManager:
 
     async def teardown(self, sd: str, img: str, vol: str | None) -> None:
         async with self._volume_locks(sd, img):
-            domain = await self.domain(sd)
+            # not self.domain(): a domain whose mount is gone (360) is torn down too
+            domain = (await self.entry(sd)).domain
             keys = [k for k in self.prepared
                     if k.startswith(f"{sd}/{img}/") and (vol is None or k.endswith(f"/{vol}"))]
             for key in keys:

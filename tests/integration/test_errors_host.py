@@ -174,6 +174,7 @@ async def test_unmounted_file_domain_is_360(loop_device: Callable[..., Path],
     await s.create_domain()
     img, vol = new_id(), new_id()
     await create_volume(client, s.sd, img, vol, size=8 * MiB)
+    await client.call("prepareImage", sdUUID=s.sd, imgUUID=img, volUUID=vol, purpose="read")
     [target] = [t for src, t, _ in mounted() if src == str(dev)]
     # the mount goes away under the agent (an admin, a crashed helper); lazily:
     # the agent's lease helper keeps the domain's lease files open
@@ -190,8 +191,12 @@ async def test_unmounted_file_domain_is_360(loop_device: Callable[..., Path],
                 await client.call(verb, sdUUID=s.sd, **params)
             expect(e, 360, "StorageDomainFSNotMounted")
             assert e.value.data["path"] == target
+        # what was prepared can still be torn down (then the connection can go)
+        await client.call("teardownImage", sdUUID=s.sd, imgUUID=img, volUUID=vol)
     finally:
-        await s.disconnect()
+        [st] = await client.call("disconnectStorageServer", domType="posixfs",
+                                 connectionParams=[s.params])
+    assert st["status"] == 0, st
     # nothing was removed from the file system while it was away
     Path(target).mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", str(dev), target], check=True)
