@@ -727,6 +727,7 @@ class DomainManager:
         sd = entry.domain.uuid
         if not entry.active:
             raise StorageDomainNotActive(sdUUID=sd)
+        entry.domain.check_mounted()
         if entry.monitor.state == "failing":
             raise StorageDomainAccessError(sdUUID=sd, reason=entry.monitor.error)
 

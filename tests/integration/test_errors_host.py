@@ -4,6 +4,7 @@ answers VDSM's code and name (data.name), and changes nothing on storage."""
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -191,6 +192,17 @@ async def test_unmounted_file_domain_is_360(loop_device: Callable[..., Path],
                 await client.call(verb, sdUUID=s.sd, **params)
             expect(e, 360, "StorageDomainFSNotMounted")
             assert e.value.data["path"] == target
+        # nothing is written into the bare mount point either
+        for verb, params in [
+                ("createVolume", dict(sdUUID=s.sd, imgUUID=img, volUUID=new_id(),
+                                      size=MiB, format="raw", preallocate="sparse")),
+                ("copyImage", dict(src=dict(sdUUID=s.sd, imgUUID=img, volUUID=vol),
+                                   dst=dict(sdUUID=s.sd, imgUUID=new_id(),
+                                            volUUID=new_id())))]:
+            info = await run_job(client, verb, **params)
+            assert (info["error"]["code"], info["error"]["data"]["name"]) == \
+                (360, "StorageDomainFSNotMounted"), info
+        assert os.listdir(target) == []
         # what was prepared can still be torn down (then the connection can go)
         await client.call("teardownImage", sdUUID=s.sd, imgUUID=img, volUUID=vol)
     finally:
