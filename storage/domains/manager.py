@@ -402,6 +402,7 @@ class DomainManager:
 
     async def stats(self, sd: str) -> dict[str, Any]:
         entry = await self.entry(sd)
+        entry.domain.check_mounted()   # else: the space of the bare mount point
         space = await entry.domain.space()
         vols = await entry.domain.all_volumes()
         return {**space, "volumes": len(vols), "images": len({v.image for v in vols}),
@@ -415,6 +416,7 @@ class DomainManager:
     async def activate(self, sd: str) -> dict[str, Any]:
         async with self.locks.hold(request("domain", sd)):
             entry = await self.entry(sd)
+            entry.domain.check_mounted()
             # Re-read: another host may have changed the domain while it was
             # inactive here.
             entry.domain.md = await entry.domain.read_domain_md()

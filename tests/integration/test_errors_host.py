@@ -186,6 +186,8 @@ async def test_unmounted_file_domain_is_360(loop_device: Callable[..., Path],
             ("getVolumesList", dict(imgUUID=img)),
             ("prepareImage", dict(imgUUID=img, volUUID=vol, purpose="read")),
             ("deleteVolume", dict(imgUUID=img, volUUID=vol)),
+            ("getStorageDomainStats", {}),
+            ("activateStorageDomain", {}),
         ]
         for verb, params in calls:
             with pytest.raises(RpcError) as e:
