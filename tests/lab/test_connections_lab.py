@@ -418,7 +418,8 @@ async def test_iscsi_errors_have_vdsm_codes(make_target: Callable[..., g.Target]
     params = iscsi_params(target)
     [st] = await connect(client, "iscsi", params)
     assert st["status"] == 0, st
-    guid = (await lun(client))["guid"]
+    [guid] = [d["guid"] for d in await client.call("getDeviceList")
+              if {p["iqn"] for p in d["pathlist"]} == {target.iqn}]
     [st] = await disconnect(client, "iscsi", params)
     assert st["status"] == 0, st
     assert await client.call("getDeviceList", guids=[guid]) == []
