@@ -27,12 +27,12 @@ from agent.config import JobsConfig
 from agent.events import EventBus
 from agent.metrics import Metrics
 from storage.errors import (
+    ActionStopped,
     GeneralException,
     HostAgentError,
-    JobAlreadyExists,
+    JobExists,
     JobInterrupted,
-    JobNotEnded,
-    OperationAborted,
+    JobNotDone,
     UnknownTask,
 )
 
@@ -185,7 +185,7 @@ class JobRegistry:
         existing = self._jobs.get(job_uuid)
         if existing is not None:
             if existing.type != job_type:
-                raise JobAlreadyExists(jobUUID=job_uuid)
+                raise JobExists(jobUUID=job_uuid)
             return existing
         job = Job(job_uuid=job_uuid, type=job_type, description=description,
                   params=params or {})
@@ -232,7 +232,7 @@ class JobRegistry:
     def clear(self, job_uuid: str) -> None:
         job = self.get(job_uuid)
         if not job.is_ended:
-            raise JobNotEnded(jobUUID=job_uuid, status=job.status)
+            raise JobNotDone(jobUUID=job_uuid, status=job.status)
         self._forget(job)
 
     def counts(self) -> dict[str, int]:
@@ -254,7 +254,7 @@ class JobRegistry:
                 result = await work(JobContext(self, job))
         except asyncio.CancelledError:
             if job.abort_requested:
-                job.status, job.error = ABORTED, OperationAborted().to_dict()
+                job.status, job.error = ABORTED, ActionStopped().to_dict()
             else:
                 job.status = FAILED
                 job.error = JobInterrupted(jobUUID=job.job_uuid).to_dict()

@@ -22,9 +22,10 @@ from jsonrpcserver import Error, Result, Success, async_dispatch
 
 from agent import __version__, logs
 from agent.context import Agent
+from rpc.openrpc import error_object, method_errors
 from rpc.schema import InvalidParams, field_schema, redact
 from rpc.table import Verb
-from storage.errors import HostAgentError, error_table
+from storage.errors import GeneralException, HostAgentError, error_table
 
 log = logging.getLogger("rpc.dispatch")
 
@@ -177,12 +178,14 @@ def openrpc_document(verbs: dict[str, Verb]) -> dict[str, Any]:
                         **({"description": f.description} if f.description else {})}
                        for f in verb.params],
             "result": {"name": "result", "schema": verb.result or {}},
+            "errors": method_errors(verb),
             **({"tags": [{"name": t} for t in (*verb.tags, *(("job",) if verb.job else ()))]}
                if verb.tags or verb.job else {}),
         })
     methods.append({"name": "rpc.discover", "summary": "This OpenRPC document.",
                     "params": [], "result": {"name": "OpenRPC document",
-                                             "schema": {"type": "object"}}})
+                                             "schema": {"type": "object"}},
+                    "errors": [error_object(GeneralException)]})
     return {
         "openrpc": "1.2.6",
         "info": {"title": "hostagent", "version": __version__,

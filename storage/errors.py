@@ -1,11 +1,20 @@
 """The agent's error tree: one table of typed errors, each with its code.
 
-Storage errors keep VDSM's numeric codes so an engine that knows VDSM reads
-them unchanged; codes for conditions VDSM has no name for start at 2000.
+Where VDSM names a condition, its error here has VDSM's code and VDSM's
+class name as `data.name` (vdsm lib/vdsm/storage/exception.py and
+lib/vdsm/common/exception.py; tests/data/vdsm_errors.json is the copy the
+unit test holds this table against), so an engine that knows VDSM reads them
+unchanged. Conditions VDSM has no error for use 2100-2199: VDSM uses 0-1001,
+1100, 1500, 1600-1651, 2000-2009, 3000-3001, 4000 and 4900, and reserves
+everything above 5000 for the engine ("DO NOT USE CODES GREATER THAN 5000" in
+its storage/exception.py); 2100-2999 is a gap in both files.
+
 Each class has a message template filled from its fields; the fields travel
 to the client in the JSON-RPC error's `data` (never secrets: callers pass
 what is safe to show). The RPC edge is the only place that turns these into
-JSON-RPC errors (rpc/errors.py).
+JSON-RPC errors (rpc/dispatch.py). A subclass that does not set its own
+`code` is the same condition on the wire: it answers its parent's code and
+name (LeaseHeld is an AcquireLockFailure; a CommandError a GeneralException).
 """
 
 from __future__ import annotations
@@ -18,6 +27,10 @@ class HostAgentError(Exception):
 
     code: ClassVar[int] = 100
     template: ClassVar[str] = "General exception"
+    # data.name when it is not the class name: VDSM names that are not
+    # Python class names (iSCSISetupError) or that this code base spells
+    # otherwise (InvalidParameterException).
+    wire_name: ClassVar[str] = "GeneralException"
 
     def __init__(self, **fields: Any) -> None:
         self.fields = fields
@@ -33,7 +46,16 @@ class HostAgentError(Exception):
 
     @property
     def name(self) -> str:
-        return type(self).__name__
+        return type(self).error_name()
+
+    @classmethod
+    def error_name(cls) -> str:
+        """The name sent in data.name: that of the nearest class (this one
+        or a parent) that sets its own code."""
+        for c in cls.__mro__:
+            if "code" in c.__dict__:
+                return str(c.__dict__.get("wire_name") or c.__name__)
+        return cls.__name__
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-RPC error object: {code, message, data: {name, **fields}}."""
@@ -51,6 +73,7 @@ class InvalidParameter(HostAgentError):
     are -32602 at the edge; this is for checks that need the host's state)."""
 
     code = 1000
+    wire_name = "InvalidParameterException"
     template = "Invalid parameter {field}: {reason}"
 
 
@@ -76,6 +99,7 @@ class VolumeCopyError(HostAgentError):
 
 class PrepareIllegalVolumeError(HostAgentError):
     code = 227
+    wire_name = "prepareIllegalVolumeError"
     template = "Cannot prepare illegal volume {volUUID}"
 
 
@@ -121,6 +145,7 @@ class StorageServerDisconnectionError(HostAgentError):
 
 class ISCSISetupError(HostAgentError):
     code = 465
+    wire_name = "iSCSISetupError"
     template = "iSCSI setup failed: {reason}"
 
 
@@ -169,71 +194,158 @@ class GenerationMismatch(HostAgentError):
     template = "Generation mismatch on {volUUID}: expected {expected}, actual {actual}"
 
 
-# Conditions VDSM has no code for: 2000 and up, same style.
+class JobNotDone(HostAgentError):
+    code = 68
+    template = "Job {jobUUID} has not ended (status {status})"
 
 
-class JobAlreadyExists(HostAgentError):
+class JobExists(HostAgentError):
     """The same jobUUID was sent with a different verb or parameters."""
 
-    code = 2001
+    code = 69
     template = "Job {jobUUID} exists with different parameters"
 
 
+class VolumeIsBusy(HostAgentError):
+    """The volume (or a volume of the image) is prepared or otherwise in use."""
+
+    code = 203
+    template = "{resource} is busy: {reason}"
+
+
+class VolumeImageHasChildren(HostAgentError):
+    code = 204
+    template = "Cannot delete {resource}: {reason}"
+
+
+class VolumeMetadataReadError(HostAgentError):
+    """The volume's metadata is there but cannot be read as metadata
+    (not 201: the volume is not gone, and an engine must not forget it)."""
+
+    code = 207
+    template = "Volume {volUUID} metadata is damaged: {reason}"
+
+
+class CreateIllegalVolumeSnapshotError(HostAgentError):
+    code = 226
+    wire_name = "createIllegalVolumeSnapshotError"
+    template = "Cannot create a snapshot of illegal volume {volUUID}"
+
+
+class VolumeResizeValueError(HostAgentError):
+    code = 232
+    template = "Volume {volUUID} cannot shrink: {reason}"
+
+
+class StorageDomainNotActive(HostAgentError):
+    code = 369
+    template = "Storage domain {sdUUID} is not active on this host"
+
+
+class StorageDomainAccessError(HostAgentError):
+    """The domain's storage answers with errors or not at all (VDSM: "Domain
+    is either partially accessible or entirely inaccessible")."""
+
+    code = 379
+    template = "Storage domain {sdUUID} is failing: {reason}"
+
+
+class FileStorageDomainStaleNFSHandle(HostAgentError):
+    code = 384
+    template = "Stale NFS handle on {path}"
+
+
+class ActionStopped(HostAgentError):
+    code = 443
+    template = "Operation aborted"
+
+
+class MultipathSetupError(HostAgentError):
+    code = 467
+    template = "Multipath setup failed: {reason}"
+
+
+class InvalidIpAddress(HostAgentError):
+    code = 472
+    template = "Invalid iSCSI portal address {portal}: {reason}"
+
+
+class ISCSILogoutError(HostAgentError):
+    code = 474
+    wire_name = "iSCSILogoutError"
+    template = "iSCSI logout failed: {reason}"
+
+
+class ISCSIDiscoveryError(HostAgentError):
+    code = 475
+    wire_name = "iSCSIDiscoveryError"
+    template = "iSCSI discovery failed: {reason}"
+
+
+class ISCSILoginAuthError(HostAgentError):
+    code = 476
+    wire_name = "iSCSILoginAuthError"
+    template = "iSCSI login refused (authorization): {reason}"
+
+
+class VolumeGroupBlockSizeError(HostAgentError):
+    code = 517
+    template = "All devices of a domain must have the same block size: {reason}"
+
+
+class DeviceBlockSizeError(HostAgentError):
+    code = 518
+    template = "Device block size is not supported: {reason}"
+
+
+class InaccessiblePhysDev(HostAgentError):
+    """A LUN asked for is not visible to this host (no multipath device)."""
+
+    code = 606
+    template = "Cannot access device(s): {devices}"
+
+
+# Conditions VDSM has no error for: 2100-2199 (see the module docstring).
+
+
 class ResourceInUse(HostAgentError):
-    code = 2002
+    """A domain or connection in use (prepared volumes); a volume in use is
+    VolumeIsBusy."""
+
+    code = 2102
     template = "{resource} is in use: {reason}"
 
 
 class DuplicateConnection(HostAgentError):
-    code = 2003
+    code = 2103
     template = "Connection {id} targets the same storage as connection {existing}"
 
 
 class BackupDomainRestricted(HostAgentError):
-    code = 2004
+    code = 2104
     template = "Storage domain {sdUUID} is a backup domain: {reason}"
 
 
-class JobNotEnded(HostAgentError):
-    code = 2005
-    template = "Job {jobUUID} has not ended (status {status})"
-
-
 class JobInterrupted(HostAgentError):
-    code = 2006
+    code = 2106
     template = "Job {jobUUID} was interrupted: the agent stopped while it ran"
 
 
-class StorageDomainNotActive(HostAgentError):
-    code = 2008
-    template = "Storage domain {sdUUID} is not active on this host"
-
-
-class StorageDomainFailing(HostAgentError):
-    code = 2009
-    template = "Storage domain {sdUUID} is failing: {reason}"
-
-
 class OvfStoreError(HostAgentError):
-    code = 2010
+    code = 2110
     template = "OVF store upload refused: {reason}"
 
 
 class OvfTicketError(HostAgentError):
-    code = 2011
+    code = 2111
     template = "OVF store ticket refused: {reason}"
-
-
-class OperationAborted(HostAgentError):
-    code = 2007
-    template = "Operation aborted"
 
 
 class LeaseLost(HostAgentError):
     """A lease held while work ran was lost (storage gone, lease revoked):
     the work was stopped."""
 
-    code = 2012
+    code = 2112
     template = "Lease on {resource} was lost: {reason}"
 
 
@@ -244,6 +356,8 @@ ALL_ERRORS: tuple[type[HostAgentError], ...] = tuple(
 
 
 def error_table() -> list[dict[str, Any]]:
-    """Every error class with its code, for rpc.discover and the README."""
-    return [{"code": c.code, "name": c.__name__, "message": c.template}
-            for c in sorted(ALL_ERRORS, key=lambda c: c.code)]
+    """Every condition (a class that sets its own code) with its code and
+    wire name, for rpc.discover and the README."""
+    return [{"code": c.code, "name": c.error_name(), "message": c.template}
+            for c in sorted(ALL_ERRORS, key=lambda c: c.code)
+            if "code" in c.__dict__ and c is not HostAgentError]

@@ -20,10 +20,12 @@ from pathlib import Path
 
 from storage import commands
 from storage.errors import (
-    InvalidParameter,
+    InvalidIpAddress,
+    ISCSIDiscoveryError,
+    ISCSILoginAuthError,
+    ISCSILogoutError,
     ISCSISetupError,
     ResourceTimeout,
-    StorageServerAccessPermissionError,
     StorageServerConnectionError,
 )
 
@@ -124,7 +126,7 @@ def portal(address: str, port: int = 3260, tpgt: int | None = None) -> Portal:
     """A Portal from request values, checked for the command line."""
     address = strip_brackets(commands.check_arg(address, "connection"))
     if not address or any(c.isspace() or c in ",/" for c in address):
-        raise InvalidParameter(field="connection", reason="not a portal address")
+        raise InvalidIpAddress(portal=address, reason="not a portal address")
     return Portal(address.lower(), int(port), tpgt)
 
 
@@ -184,7 +186,8 @@ async def discover_sendtargets(p: Portal, *, timeout: float, iface: str | None =
     try:
         result = await runner(argv, timeout=timeout, rc_names=RC_NAMES)
     except commands.CommandError as e:
-        raise ISCSISetupError(reason=f"discovery on {p.hostport} failed: {_reason(e)}") from None
+        raise ISCSIDiscoveryError(reason=f"discovery on {p.hostport} failed: {_reason(e)}") \
+            from None
     return parse_discovery(result.text)
 
 
@@ -266,7 +269,7 @@ async def login(iqn: str, p: Portal, iface: str = DEFAULT_IFACE, *, timeout: flo
                 secrets: Sequence[str] = (), runner: commands.Runner = commands.run) -> bool:
     """Log in to the node; False if a session already existed (rc 15).
 
-    A refused CHAP login (rc 24) is a permission error (469); any other
+    A refused CHAP login (rc 24) is iSCSILoginAuthError (476); any other
     failure is a connection error (451) with iscsiadm's reason.
     """
     try:
@@ -274,9 +277,9 @@ async def login(iqn: str, p: Portal, iface: str = DEFAULT_IFACE, *, timeout: flo
                               ok_rcs=(0, ERR_SESS_EXISTS), rc_names=RC_NAMES, redact=secrets)
     except commands.CommandError as e:
         if e.rc == ERR_LOGIN_AUTH_FAILED:
-            raise StorageServerAccessPermissionError(
-                path=f"{iqn} at {p.hostport}: CHAP authentication failed "
-                     "(wrong user or password)") from None
+            raise ISCSILoginAuthError(
+                reason=f"{iqn} at {p.hostport}: CHAP authentication failed "
+                       "(wrong user or password)") from None
         raise StorageServerConnectionError(
             reason=f"iSCSI login to {iqn} at {p.hostport} failed: {_reason(e)}") from None
     return result.rc == 0
@@ -285,8 +288,12 @@ async def login(iqn: str, p: Portal, iface: str = DEFAULT_IFACE, *, timeout: flo
 async def logout(iqn: str, p: Portal, iface: str = DEFAULT_IFACE, *, timeout: float,
                  runner: commands.Runner = commands.run) -> bool:
     """Log out of the node's session; False if there was none (rc 21)."""
-    result = await runner([*_node_args(iqn, p, iface), "--logout"], timeout=timeout,
-                          ok_rcs=(0, ERR_NO_OBJS_FOUND), rc_names=RC_NAMES)
+    try:
+        result = await runner([*_node_args(iqn, p, iface), "--logout"], timeout=timeout,
+                              ok_rcs=(0, ERR_NO_OBJS_FOUND), rc_names=RC_NAMES)
+    except commands.CommandError as e:
+        raise ISCSILogoutError(
+            reason=f"iSCSI logout from {iqn} at {p.hostport} failed: {_reason(e)}") from None
     return result.rc == 0
 
 

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
 from storage import commands
-from storage.errors import ResourceTimeout, StorageServerDisconnectionError
+from storage.errors import MultipathSetupError, ResourceTimeout, StorageServerDisconnectionError
 from storage.udev import lun_of
 
 log = logging.getLogger("storage.multipath")
@@ -98,20 +98,36 @@ def parse_paths(text: str) -> list[MPath]:
     return paths
 
 
+class MultipathError(commands.CommandError):
+    """multipath or multipathd failed: VDSM's MultipathSetupError (467) on the
+    wire; still a CommandError for callers that handle a failed command."""
+
+    code = MultipathSetupError.code
+    wire_name = MultipathSetupError.error_name()
+
+
+async def _run(argv: list[str], *, timeout: float,
+               runner: commands.Runner) -> commands.CommandResult:
+    try:
+        return await runner(argv, timeout=timeout)
+    except commands.CommandError as e:
+        raise MultipathError(e.argv, e.rc, e.out, e.err) from None
+
+
 async def is_running(*, timeout: float, runner: commands.Runner = commands.run) -> bool:
     result = await runner([MULTIPATHD, "show", "daemon"], timeout=timeout, check=False)
     return result.rc == 0 and "pid" in result.text
 
 
 async def maps(*, timeout: float, runner: commands.Runner = commands.run) -> list[Map]:
-    result = await runner([MULTIPATHD, "show", "maps", "raw", "format", MAP_FORMAT],
-                          timeout=timeout)
+    result = await _run([MULTIPATHD, "show", "maps", "raw", "format", MAP_FORMAT],
+                        timeout=timeout, runner=runner)
     return parse_maps(result.text)
 
 
 async def paths(*, timeout: float, runner: commands.Runner = commands.run) -> list[MPath]:
-    result = await runner([MULTIPATHD, "show", "paths", "raw", "format", PATH_FORMAT],
-                          timeout=timeout)
+    result = await _run([MULTIPATHD, "show", "paths", "raw", "format", PATH_FORMAT],
+                        timeout=timeout, runner=runner)
     return parse_paths(result.text)
 
 
@@ -129,14 +145,14 @@ async def flush(name: str, *, timeout: float, runner: commands.Runner = commands
                 reason=f"multipath map {name} is in use") from None
         if "not a multipath device" in text:
             return   # already gone
-        raise
+        raise MultipathError(e.argv, e.rc, e.out, e.err) from None
 
 
 async def resize(name: str, *, timeout: float, runner: commands.Runner = commands.run) -> None:
     """Make the map take the new size of its paths (after a LUN was grown and
     its paths rescanned)."""
     commands.check_arg(name, "map")
-    await runner([MULTIPATHD, "resize", "map", name], timeout=timeout)
+    await _run([MULTIPATHD, "resize", "map", name], timeout=timeout, runner=runner)
 
 
 async def reload(*, timeout: float, runner: commands.Runner = commands.run) -> None:

@@ -12,6 +12,11 @@ from rpc.verbs.common import IMG_UUID, JOB_RESULT, JOB_UUID, SD_UUID, VOL_UUID
 from storage.domains import VolumeSpec
 
 SIZE = Int(512, 1 << 50, multiple_of=512)
+# VDSM's fence for verbs that change a volume (its SDM verbs' `generation`).
+GENERATION = Field("generation", Int(0, (1 << 63) - 1), required=False,
+                   description="The volume's generation as the caller last saw it "
+                               "(getVolumeInfo): if the volume's is no longer that, the "
+                               "call fails with 911 GenerationMismatch and changes nothing")
 VOLUME_INFO = {"type": "object", "required": [
     "uuid", "image", "domain", "parent", "format", "type", "voltype", "capacity",
     "apparentSize", "trueSize", "legality", "generation", "description", "diskType", "ctime"]}
@@ -79,18 +84,19 @@ async def get_images_list(agent: Agent, sdUUID: str) -> list[str]:
 
 
 @TABLE.verb("extendVolumeSize", "Grow a volume's virtual size.",
-            [SD_UUID, IMG_UUID, VOL_UUID, Field("newSize", SIZE)], result=VOLUME_INFO,
-            tags=["volumes"])
+            [SD_UUID, IMG_UUID, VOL_UUID, Field("newSize", SIZE), GENERATION],
+            result=VOLUME_INFO, tags=["volumes"])
 async def extend_volume_size(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,
-                             newSize: int) -> dict[str, Any]:
-    return await agent.domains.extend_volume(sdUUID, imgUUID, volUUID, newSize)
+                             newSize: int, generation: int | None) -> dict[str, Any]:
+    return await agent.domains.extend_volume(sdUUID, imgUUID, volUUID, newSize, generation)
 
 
 @TABLE.verb("deleteVolume", "Delete a volume that has no children and is not prepared.",
-            [SD_UUID, IMG_UUID, VOL_UUID], result={"type": "object"}, tags=["volumes"])
-async def delete_volume(agent: Agent, sdUUID: str, imgUUID: str,
-                        volUUID: str) -> dict[str, Any]:
-    await agent.domains.delete_volume(sdUUID, imgUUID, volUUID)
+            [SD_UUID, IMG_UUID, VOL_UUID, GENERATION], result={"type": "object"},
+            tags=["volumes"])
+async def delete_volume(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,
+                        generation: int | None) -> dict[str, Any]:
+    await agent.domains.delete_volume(sdUUID, imgUUID, volUUID, generation)
     return {}
 
 

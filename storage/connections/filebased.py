@@ -138,6 +138,8 @@ class FileBackend:
 class MountBackend(FileBackend):
     """posixfs; NFS adds its options on top."""
 
+    mounts = True  # local_path is this connection's own mount point
+
     def fstype(self, params: dict[str, Any]) -> str:
         return str(params["vfs_type"])
 

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -26,6 +27,7 @@ from storage import commands, iscsiadm, multipath, udev
 from storage.connections.base import Connection
 from storage.errors import (
     HostAgentError,
+    InvalidIpAddress,
     ISCSISetupError,
     ResourceTimeout,
     StorageServerConnectionError,
@@ -61,6 +63,22 @@ def target_of(params: dict[str, Any]) -> tuple[str, Portal, str]:
     return iqn, p, commands.check_arg(iface_for(params), "ifaceName")
 
 
+async def check_address(p: Portal, timeout: float) -> None:
+    """A portal address that is no IP address and no name that resolves is
+    VDSM's InvalidIpAddress (472), not a connection failure. A resolver that
+    does not answer in time decides nothing (the connection attempt will)."""
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().getaddrinfo(p.address, p.port,
+                                                         type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        if e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME),
+                       socket.EAI_FAMILY, socket.EAI_SERVICE):
+            raise InvalidIpAddress(portal=p.address, reason=e.strerror or str(e)) from None
+    except TimeoutError:
+        pass
+
+
 async def probe_tcp(p: Portal, timeout: float) -> str | None:
     """Open and close a TCP connection to the portal; None if it worked,
     else why not."""
@@ -83,6 +101,7 @@ async def discover_send_targets(address: str, port: int = DEFAULT_PORT, *, timeo
     """SendTargets discovery on a portal, leaving no record on the host:
     [{iqn, portal, tpgt, connection, port}]."""
     p = iscsiadm.portal(address, port)
+    await check_address(p, timeout)
     why = await probe_tcp(p, timeout)
     if why is not None:
         raise StorageServerConnectionError(reason=why)
@@ -173,6 +192,7 @@ class IscsiBackend:
             log.info("iSCSI %s at %s: using the existing session %d%s", iqn, p, session.sid,
                      "" if owned["logged_in"] else " (not made by this agent)")
         else:
+            await check_address(p, self.command_timeout)
             async with self._records:
                 await self._prepare_node(conn, iqn, p, iface, save)
             new_login = await self._login(conn, iqn, p, iface, save)
@@ -193,13 +213,9 @@ class IscsiBackend:
         if session is not None and owned.get("logged_in") and not self._shared(conn):
             async with self._teardown:
                 wwids = await self._remove_devices(session)
-            try:
-                await iscsiadm.logout(iqn, p, iface, timeout=self.login_timeout,
-                                      runner=self.runner)
-            except commands.CommandError as e:
-                raise StorageServerDisconnectionError(
-                    reason=f"logout of {iqn} at {p.hostport} failed: "
-                           f"{e.fields.get('stderr')}") from None
+            # a failure is iSCSILogoutError (474)
+            await iscsiadm.logout(iqn, p, iface, timeout=self.login_timeout,
+                                  runner=self.runner)
             left = await udev.wait_gone(session.disks, timeout=self.device_timeout,
                                         sysfs=self.sysfs)
             if left:

@@ -132,6 +132,13 @@ class ConnectionManager:
             return None
         return self._backend(conn.type).local_path(conn)
 
+    def mount_point(self, conn_id: str) -> Path | None:
+        """local_path when the connection is a mount of its own (not localfs)."""
+        conn = self.conns.get(conn_id)
+        if conn is None or not getattr(self._backend(conn.type), "mounts", False):
+            return None
+        return self._backend(conn.type).local_path(conn)
+
     async def update(self, dom_type: str, params: dict[str, Any]) -> dict[str, Any]:
         """Switch a connection to new parameters, keeping its id; if the new
         target fails, the old one is restored."""

@@ -26,6 +26,9 @@ from storage import commands, qemuimg
 from storage.domains.leasing import UNLEASED, Unleased
 from storage.errors import (
     AcquireLockFailure,
+    CreateIllegalVolumeSnapshotError,
+    FileStorageDomainStaleNFSHandle,
+    GenerationMismatch,
     HostAgentError,
     ImageDoesNotExistInSD,
     InvalidParameter,
@@ -33,10 +36,13 @@ from storage.errors import (
     LeaseLost,
     NoSpaceLeftOnDomain,
     ResourceInUse,
-    StorageDomainFailing,
+    StorageDomainAccessError,
     VolumeAlreadyExists,
     VolumeCreationError,
     VolumeDoesNotExist,
+    VolumeImageHasChildren,
+    VolumeMetadataReadError,
+    VolumeResizeValueError,
 )
 from storage.fileio import IOPool
 from storage.leases import BlockDomainLeases, FileDomainLeases, Resource
@@ -167,6 +173,11 @@ class Domain(abc.ABC):
     async def remove_all(self) -> None:
         """Remove the whole domain from storage (format)."""
 
+    def check_mounted(self) -> None:
+        """Raise StorageDomainFSNotMounted if the file system the domain
+        lives on is no longer mounted (file domains on a mount)."""
+        return None
+
     @abc.abstractmethod
     async def health_check(self, timeout: float) -> None:
         """Read the domain metadata from storage bypassing caches; raises if
@@ -261,7 +272,7 @@ class Domain(abc.ABC):
         try:
             md = await self.read_volume_md(img, vol)
         except MetadataError as e:
-            raise VolumeDoesNotExist(volUUID=vol, reason=f"damaged metadata: {e}") from None
+            raise VolumeMetadataReadError(volUUID=vol, reason=str(e)) from None
         if md.state == REMOVING or md.image != img:
             raise VolumeDoesNotExist(volUUID=vol)
         return md
@@ -341,6 +352,10 @@ class Domain(abc.ABC):
         """
         await self.refuse_ovf_store(spec.img, spec.vol)
         if parent is None and spec.parent and spec.parent != BLANK_UUID:
+            # A retried create of a volume that exists is 212 whatever its
+            # parent now looks like (it has a child: the volume itself).
+            if spec.vol in await self._all_volume_ids():
+                raise await self._exists_error(spec.vol, spec.img)
             parent = await self._parent_for(spec)
         if parent is not None and spec.size < parent.capacity:
             raise InvalidParameter(field="size", reason=f"smaller than the parent's capacity "
@@ -455,8 +470,7 @@ class Domain(abc.ABC):
             raise VolumeDoesNotExist(volUUID=spec.parent,
                                      reason=f"parent not in domain {self.uuid}") from None
         if parent.legality != LEGAL or parent.state != READY:
-            raise InvalidParameter(field="parentVolUUID",
-                                   reason=f"parent {parent.uuid} is not LEGAL")
+            raise CreateIllegalVolumeSnapshotError(volUUID=parent.uuid)
         if parent.image != spec.img and parent.voltype not in (SHARED, INTERNAL, LEAF):
             raise InvalidParameter(field="parentVolUUID", reason="parent cannot be shared")
         if parent.image == spec.img:
@@ -501,13 +515,14 @@ class Domain(abc.ABC):
         if not await self.volume_ids(md.image):
             await self.remove_image_dir(md.image)
 
-    async def delete_volume(self, img: str, vol: str) -> None:
+    async def delete_volume(self, img: str, vol: str, generation: int | None = None) -> None:
         await self.refuse_ovf_store(img, vol)
         md = await self.volume(img, vol)
+        check_generation(md, generation)
         kids = await self.children(md)
         if kids:
-            raise ResourceInUse(resource=f"volume {vol}",
-                                reason=f"it has {len(kids)} child volume(s)")
+            raise VolumeImageHasChildren(resource=f"volume {vol}",
+                                         reason=f"it has {len(kids)} child volume(s)")
         async with self.leases.volume(md):
             await self.write_volume_md(replace(md, state=REMOVING, legality=ILLEGAL))
             await self.remove_volume_data(img, vol)
@@ -527,9 +542,9 @@ class Domain(abc.ABC):
         outside = [v for v in await self.all_volumes()
                    if v.image != img and v.parent in ids]
         if outside:
-            raise ResourceInUse(resource=f"image {img}",
-                                reason=f"volume {outside[0].parent} is the parent of volumes "
-                                       "in other images")
+            raise VolumeImageHasChildren(resource=f"image {img}",
+                                         reason=f"volume {outside[0].parent} is the parent of "
+                                                "volumes in other images")
         async with contextlib.AsyncExitStack() as held:
             for v in vols:
                 await held.enter_async_context(self.leases.volume(v))
@@ -540,7 +555,7 @@ class Domain(abc.ABC):
             if v.has_parent and v.parent not in ids:
                 try:
                     parent = await self.find_volume(v.parent)
-                except VolumeDoesNotExist:
+                except (VolumeDoesNotExist, VolumeMetadataReadError):
                     continue
                 if parent.voltype == INTERNAL and not await self.children(parent):
                     await self.write_volume_md(replace(parent, voltype=LEAF))
@@ -559,16 +574,18 @@ class Domain(abc.ABC):
             progress(100 * (i + 1) / max(1, len(ordered)))
         await self.remove_image_dir(img)
 
-    async def extend_volume(self, img: str, vol: str, new_size: int) -> VolumeMetadata:
+    async def extend_volume(self, img: str, vol: str, new_size: int,
+                            generation: int | None = None) -> VolumeMetadata:
         # the store's layout does not follow its capacity (ovfstore.store),
         # but it is the store's own business how large it is
         await self.refuse_ovf_store(img, vol)
         md = await self.volume(img, vol)
+        check_generation(md, generation)
         if md.legality != LEGAL:
             raise InvalidParameter(field="volUUID", reason="volume is not LEGAL")
         if new_size < md.capacity:
-            raise InvalidParameter(field="newSize",
-                                   reason=f"smaller than the capacity {md.capacity}")
+            raise VolumeResizeValueError(volUUID=vol, reason=f"newSize {new_size} is smaller "
+                                                             f"than the capacity {md.capacity}")
         if new_size == md.capacity:
             return md
         async with self.leases.volume(md):
@@ -674,18 +691,20 @@ async def read_check(runner: commands.Runner, sd: str, path: str, timeout: float
         if buffered_fallback and r.rc != 0 and b"Invalid argument" in r.err:
             r = await runner([*argv[:-2], "status=none"], timeout=timeout, check=False)
     except commands.CommandTimeout:
-        raise StorageDomainFailing(sdUUID=sd,
+        raise StorageDomainAccessError(sdUUID=sd,
                                    reason=f"metadata read took more than {timeout:g} s") \
             from None
     if r.rc != 0:
-        raise StorageDomainFailing(sdUUID=sd, reason=r.err_text.strip() or f"dd rc={r.rc}")
+        raise StorageDomainAccessError(sdUUID=sd, reason=r.err_text.strip() or f"dd rc={r.rc}")
 
 
 def os_error(e: OSError, sd: str) -> HostAgentError:
     """A storage error for what the file system answered."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpaceLeftOnDomain(sdUUID=sd)
-    return StorageDomainFailing(sdUUID=sd, reason=f"{e.strerror or e}")
+    if e.errno == errno.ESTALE:
+        return FileStorageDomainStaleNFSHandle(path=e.filename or sd)
+    return StorageDomainAccessError(sdUUID=sd, reason=f"{e.strerror or e}")
 
 
 def leaf_first(vols: list[VolumeMetadata]) -> list[VolumeMetadata]:
@@ -701,6 +720,15 @@ def leaf_first(vols: list[VolumeMetadata]) -> list[VolumeMetadata]:
         return depth[v.uuid]
 
     return sorted(vols, key=lambda v: (-level(v), v.uuid))
+
+
+def check_generation(md: VolumeMetadata, generation: int | None) -> None:
+    """VDSM's fence for verbs that change a volume: given the generation the
+    caller last saw, the verb goes on only if it is still the volume's (a
+    change made meanwhile, here or by another host, bumped it); else 911,
+    before anything is changed."""
+    if generation is not None and generation != md.generation:
+        raise GenerationMismatch(volUUID=md.uuid, expected=generation, actual=md.generation)
 
 
 def volume_info(md: VolumeMetadata, apparent: int, true: int) -> dict[str, Any]:

@@ -27,12 +27,14 @@ from typing import TypeVar
 from storage import commands, lvm, qemuimg
 from storage.domains.base import Domain, os_error, read_check
 from storage.errors import (
+    DeviceBlockSizeError,
     HostAgentError,
     InvalidParameter,
     NoSpaceLeftOnDomain,
     StorageDomainAlreadyExists,
     StorageDomainDoesNotExist,
     VolumeDoesNotExist,
+    VolumeGroupBlockSizeError,
 )
 from storage.fileio import IOPool
 from storage.ids import is_uuid
@@ -304,9 +306,14 @@ class BlockDomain(Domain):
                 raise StorageDomainAlreadyExists(sdUUID=vg)
             log.warning("Removing domain %s left half-made by an earlier create", vg)
             await _remove_vg(lvm_, vg)
-        block_size = max([await _sector_size(d, runner) for d in devices])
-        if COPY_SIZE % block_size:
-            raise InvalidParameter(field="devices", reason=f"sector size {block_size}")
+        sizes = {d: await _sector_size(d, runner) for d in devices}
+        if len(set(sizes.values())) > 1:
+            raise VolumeGroupBlockSizeError(reason=", ".join(
+                f"{d}: {s}" for d, s in sizes.items()))
+        block_size = sizes[devices[0]]
+        if block_size not in (512, 4096) or COPY_SIZE % block_size:
+            raise DeviceBlockSizeError(reason=f"{devices[0]}: sector size {block_size} "
+                                              "(512 or 4096 only)")
         md.block_size = block_size
         await lvm_.pvcreate(devices, metadata_size=mda_size, force=force)
         await lvm_.vgcreate(vg, devices, extent_size=extent_size,
@@ -360,7 +367,7 @@ class BlockDomain(Domain):
     async def _io(self, fn: Callable[..., R], *args: object,
                   timeout: float | None = None) -> R:
         """I/O on the domain's LVs: an error of the LUN (EIO; ENODATA, a SCSI
-        medium error; every path gone) is the domain failing (2009)."""
+        medium error; every path gone) is the domain failing (379)."""
         try:
             return await self.io.call(fn, *args, timeout=timeout)
         except OSError as e:

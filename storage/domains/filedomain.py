@@ -20,10 +20,11 @@ import shutil
 import uuid
 from pathlib import Path
 
-from storage import commands, qemuimg
+from storage import commands, mount, qemuimg
 from storage.domains.base import Domain, Progress, read_check
 from storage.errors import (
     StorageDomainAlreadyExists,
+    StorageDomainFSNotMounted,
     VolumeDoesNotExist,
 )
 from storage.fileio import IOPool, atomic_write, fsync_dir, read_direct
@@ -78,6 +79,15 @@ class FileDomain(Domain):
         super().__init__(md, io)
         self.root = root
         self.runner = runner
+        # Set by the manager when the domain lives on a mount (nfs, posixfs):
+        # once it is gone, paths under it are the mount point's empty
+        # directory, where every volume would look deleted (201).
+        self.mountpoint: Path | None = None
+
+    def check_mounted(self) -> None:
+        # mountinfo comes from the kernel: reading it never waits on storage.
+        if self.mountpoint is not None and mount.find(self.mountpoint) is None:
+            raise StorageDomainFSNotMounted(path=str(self.mountpoint))
 
     @property
     def md_path(self) -> Path:

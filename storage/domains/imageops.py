@@ -39,14 +39,16 @@ from storage.domains.blockdomain import BlockDomain
 from storage.domains.filedomain import FileDomain
 from storage.errors import (
     BackupDomainRestricted,
+    CreateIllegalVolumeSnapshotError,
     HostAgentError,
     InvalidParameter,
     NoSpaceLeftOnDomain,
     PrepareIllegalVolumeError,
-    ResourceInUse,
     VolumeAlreadyExists,
     VolumeCopyError,
     VolumeDoesNotExist,
+    VolumeImageHasChildren,
+    VolumeIsBusy,
 )
 from storage.metadata import LEGAL, READY, VolumeMetadata
 
@@ -338,15 +340,16 @@ class ImageOps:
                 raise BackupDomainRestricted(sdUUID=dst_sd,
                                              reason=f"image {img} is in use by a running VM")
             if self.dm.is_prepared(sd, img):
-                raise ResourceInUse(resource=f"image {img}", reason="volumes are prepared")
+                raise VolumeIsBusy(resource=f"image {img}", reason="volumes are prepared")
             await sdom.refuse_ovf_store(img)       # before the copy, not at the delete
             vols = await sdom.image_volumes(img)
             self._legal(vols)
             ids = {v.uuid for v in vols}
             outside = [v for v in await sdom.all_volumes() if v.image != img and v.parent in ids]
             if outside:
-                raise ResourceInUse(resource=f"image {img}",
-                                    reason=f"volume {outside[0].parent} is the parent of "
+                raise VolumeImageHasChildren(resource=f"image {img}",
+                                             reason=f"volume {outside[0].parent} is the "
+                                                    "parent of "
                                            "volumes in other images (a template)")
             copies = await self._copy_volumes(sdom, vols, ddom, img, {i: i for i in ids},
                                               _span(progress, 0, 90))
@@ -395,7 +398,8 @@ class ImageOps:
                 except VolumeDoesNotExist as e:
                     raise VolumeDoesNotExist(volUUID=d["volUUID"],
                                              reason=f"disks[{i}]: {e.message}") from None
-                self._legal([parent])
+                if parent.legality != LEGAL or parent.state != READY:
+                    raise CreateIllegalVolumeSnapshotError(volUUID=parent.uuid)
                 if await domain.children(parent):
                     raise InvalidParameter(field=f"disks[{i}].volUUID",
                                            reason=f"volume {parent.uuid} is not the disk's "

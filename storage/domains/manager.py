@@ -42,16 +42,18 @@ from storage.domains.leasing import DomainLeases
 from storage.errors import (
     BackupDomainRestricted,
     HostAgentError,
+    InaccessiblePhysDev,
     InvalidParameter,
     LeaseHeld,
     PrepareIllegalVolumeError,
     ResourceInUse,
+    StorageDomainAccessError,
     StorageDomainAlreadyExists,
     StorageDomainDoesNotExist,
-    StorageDomainFailing,
     StorageDomainNotActive,
     StorageServerConnectionError,
     VolumeDoesNotExist,
+    VolumeIsBusy,
 )
 from storage.fileio import IOPool
 from storage.leases import LeaseManager, init_domain_areas
@@ -255,6 +257,7 @@ class DomainManager:
                 except (HostAgentError, OSError, MetadataError) as e:
                     log.warning("Ignoring domain at %s: %s", root, e)
                     continue
+                domain.mountpoint = self.connections.mount_point(conn.id)
                 entry = Entry(domain=self._attach(domain), conn_id=conn.id)
                 self.entries[domain.uuid] = entry
                 if self._started and domain.uuid in self.active:
@@ -307,12 +310,15 @@ class DomainManager:
             raise StorageDomainDoesNotExist(sdUUID=sd) from None
 
     async def domain(self, sd: str) -> Domain:
-        return (await self.entry(sd)).domain
+        domain = (await self.entry(sd)).domain
+        domain.check_mounted()
+        return domain
 
     async def active_domain(self, sd: str) -> Domain:
         entry = await self.entry(sd)
         if not entry.active:
             raise StorageDomainNotActive(sdUUID=sd)
+        entry.domain.check_mounted()
         return entry.domain
 
     # ---- domain verbs -------------------------------------------------------------------
@@ -371,6 +377,7 @@ class DomainManager:
             assert mount is not None
             domain = await FileDomain.create(mount, md, self._pool(connection_id),
                                              self.runner)
+            domain.mountpoint = self.connections.mount_point(connection_id)
             entry = Entry(domain=self._attach(domain), conn_id=connection_id)
             await self._init_leases(entry)
             self.entries[sd] = entry
@@ -386,8 +393,7 @@ class DomainManager:
         paths = []
         for guid in devices:
             if guid not in known:
-                raise InvalidParameter(field="devices",
-                                       reason=f"no multipath device {guid} on this host")
+                raise InaccessiblePhysDev(devices=guid)
             paths.append(known[guid])
         domain = await BlockDomain.create(paths, md, lvm.LVM(self.runner, devices=paths),
                                           IOPool(md.uuid[:8], timeout=self.io_timeout),
@@ -421,6 +427,7 @@ class DomainManager:
 
     async def stats(self, sd: str) -> dict[str, Any]:
         entry = await self.entry(sd)
+        entry.domain.check_mounted()   # else: the space of the bare mount point
         space = await entry.domain.space()
         vols = await entry.domain.all_volumes()
         return {**space, **_full(space), "volumes": len(vols),
@@ -435,6 +442,7 @@ class DomainManager:
     async def activate(self, sd: str) -> dict[str, Any]:
         async with self.locks.hold(request("domain", sd)):
             entry = await self.entry(sd)
+            entry.domain.check_mounted()
             # Re-read: another host may have changed the domain while it was
             # inactive here.
             entry.domain.md = await entry.domain.read_domain_md()
@@ -651,26 +659,27 @@ class DomainManager:
         domain.forget_cache()
         return await domain.image_ids()
 
-    async def extend_volume(self, sd: str, img: str, vol: str,
-                            new_size: int) -> dict[str, Any]:
+    async def extend_volume(self, sd: str, img: str, vol: str, new_size: int,
+                            generation: int | None = None) -> dict[str, Any]:
         async with self._volume_locks(sd, img, vol):
             domain = await self.active_domain(sd)
-            md = await domain.extend_volume(img, vol, new_size)
+            md = await domain.extend_volume(img, vol, new_size, generation)
             apparent, true = await domain.volume_sizes(img, vol)
             return volume_info(md, apparent, true)
 
-    async def delete_volume(self, sd: str, img: str, vol: str) -> None:
+    async def delete_volume(self, sd: str, img: str, vol: str,
+                            generation: int | None = None) -> None:
         async with self._volume_locks(sd, img, vol):
             domain = await self.active_domain(sd)
             if self._prepared_key(sd, img, vol) in self.prepared:
-                raise ResourceInUse(resource=f"volume {vol}", reason="it is prepared")
-            await domain.delete_volume(img, vol)
+                raise VolumeIsBusy(resource=f"volume {vol}", reason="it is prepared")
+            await domain.delete_volume(img, vol, generation)
 
     async def delete_image(self, sd: str, img: str, progress: Progress) -> None:
         async with self._volume_locks(sd, img):
             domain = await self.active_domain(sd)
             if any(k.startswith(f"{sd}/{img}/") for k in self.prepared):
-                raise ResourceInUse(resource=f"image {img}", reason="volumes are prepared")
+                raise VolumeIsBusy(resource=f"image {img}", reason="volumes are prepared")
             await domain.delete_image(img, progress)
 
     async def collect_garbage(self, sd: str) -> None:
@@ -747,8 +756,9 @@ class DomainManager:
         sd = entry.domain.uuid
         if not entry.active:
             raise StorageDomainNotActive(sdUUID=sd)
+        entry.domain.check_mounted()
         if entry.monitor.state == "failing":
-            raise StorageDomainFailing(sdUUID=sd, reason=entry.monitor.error)
+            raise StorageDomainAccessError(sdUUID=sd, reason=entry.monitor.error)
 
     async def prepare(self, sd: str, img: str, vol: str, purpose: str) -> dict[str, Any]:
         async with self._volume_locks(sd, img):
@@ -777,7 +787,8 @@ class DomainManager:
 
     async def teardown(self, sd: str, img: str, vol: str | None) -> None:
         async with self._volume_locks(sd, img):
-            domain = await self.domain(sd)
+            # not self.domain(): a domain whose mount is gone (360) is torn down too
+            domain = (await self.entry(sd)).domain
             keys = [k for k in self.prepared
                     if k.startswith(f"{sd}/{img}/") and (vol is None or k.endswith(f"/{vol}"))]
             for key in keys:

@@ -10,7 +10,7 @@ A lease can be lost while held (the storage under it failed, the lock
 daemon died or revoked it). The backend reports that; the manager then
 sets `lease.lost`, and, unless the caller opted out, cancels the task that
 entered the `async with`: the work stops at its next await, and the block
-raises `LeaseLost` (2012) instead of the cancellation, so a job fails with
+raises `LeaseLost` (2112) instead of the cancellation, so a job fails with
 that error. Work that cannot be interrupted should call `lease.check()`
 between steps.
 """

@@ -39,7 +39,7 @@ from tests.agentproc import AgentProcess
 MiB = 1024**2
 TRIALS = 20
 ENDED = ("done", "failed", "aborted")
-JOB_INTERRUPTED = 2006
+JOB_INTERRUPTED = 2106
 
 
 def new_id() -> str:

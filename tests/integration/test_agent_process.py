@@ -213,7 +213,7 @@ async def test_abort_ends_job_and_kills_child(agent, client):
             await asyncio.sleep(0.05)
     info = await client.call("abortJob", jobUUID=jid)
     assert info["status"] == "aborted"
-    assert info["error"]["data"]["name"] == "OperationAborted"
+    assert info["error"]["data"]["name"] == "ActionStopped"
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive, "the job's child process survived the abort"
     jobs = await client.call("getJobs", jobUUIDs=[jid])

@@ -69,17 +69,17 @@ async def test_backup_domain_restrictions(benv: BackupEnv) -> None:
     # a backup domain's volume is never prepared for a running VM
     with pytest.raises(Exception) as e:
         await c.call("prepareImage", **on_backup.ref(), purpose="vm")
-    assert getattr(e.value, "code", None) == 2004
+    assert getattr(e.value, "code", None) == 2104
     await benv.path(on_backup, "read")
     await benv.teardown(on_backup)
     # a disk a running VM uses cannot move onto a backup domain
     await benv.path(d, "vm")
     info = await benv.job("moveImage", sdUUID=d.sd, imgUUID=d.img, dstSdUUID=benv.backup)
-    assert info["status"] == "failed" and info["error"]["code"] == 2004, info
+    assert info["status"] == "failed" and info["error"]["code"] == 2104, info
     # a domain with a VM's prepared volume cannot become a backup domain
     with pytest.raises(Exception) as e:
         await c.call("setStorageDomainBackup", sdUUID=d.sd, backup=True)
-    assert getattr(e.value, "code", None) == 2002
+    assert getattr(e.value, "code", None) == 2102
     assert (await c.call("getStorageDomainInfo", sdUUID=d.sd))["backup"] is False
     await benv.teardown(d)
     # backups go to backup domains only

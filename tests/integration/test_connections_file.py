@@ -92,7 +92,7 @@ async def test_localfs_every_verb(agent, conn_client, tmp_path):
     # idempotent; duplicate target under another id; same id, other params
     assert (await connect(c, "localfs", id=cid, connection=str(data)))["status"] == 0
     dup = await connect(c, "localfs", id=new_id(), connection=str(data) + "/")
-    assert dup["status"] == 2003 and cid in dup["message"]
+    assert dup["status"] == 2103 and cid in dup["message"]
     other = tmp_path / "other"
     other.mkdir()
     clash = await connect(c, "localfs", id=cid, connection=str(other))
@@ -178,7 +178,7 @@ async def test_posixfs_every_verb(fs_device, agent, conn_client, fstype, sector)
     assert (await connect(c, "posixfs", id=cid, connection=str(dev1),
                           vfs_type=fstype))["status"] == 0
     assert (await connect(c, "posixfs", id=new_id(), connection=str(dev1),
-                          vfs_type=fstype))["status"] == 2003
+                          vfs_type=fstype))["status"] == 2103
     assert len(mounts_under(storage_root(agent))) == 1
 
     # test of an unmounted device: a trial mount that leaves nothing behind

@@ -1,6 +1,6 @@
 """A domain whose storage hangs (a FUSE file system whose operations block):
 the agent keeps answering, reports the domain failing, ends operations on it
-with 851 (or 2009) after their deadline, keeps the other domain working, and
+with 851 (or 379) after their deadline, keeps the other domain working, and
 recovers the domain without a restart when the storage answers again."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ SLACK = 1.5
 # out for one more (cleanup of a half-made volume) or for a killed child
 # (the runner's SIGTERM/SIGKILL grace periods).
 HUNG_CALL_BOUND = 2 * IO_TIMEOUT + 4.0 + SLACK
-TIMEOUT_CODES = (851, 2009)  # ResourceTimeout, StorageDomainFailing
+TIMEOUT_CODES = (851, 379)  # ResourceTimeout, StorageDomainAccessError
 GiB = 1024**3
 
 
@@ -120,7 +120,7 @@ class Domain:
 
 
 async def fails_in_time(what: str, call: Any) -> tuple[str, int, float]:
-    """Await `call`; it must fail with 851 or 2009 within HUNG_CALL_BOUND."""
+    """Await `call`; it must fail with 851 or 379 within HUNG_CALL_BOUND."""
     start = time.monotonic()
     try:
         async with asyncio.timeout(HUNG_CALL_BOUND + 10):
@@ -135,7 +135,7 @@ async def fails_in_time(what: str, call: Any) -> tuple[str, int, float]:
 
 
 async def hung_job(d: Domain) -> None:
-    """createVolume on the hung domain: its job fails with 851/2009."""
+    """createVolume on the hung domain: its job fails with 851/379."""
     info = await d.create_volume(d.img, new_id())
     assert info["status"] == "failed", info
     error = info["error"]

@@ -241,7 +241,7 @@ async def test_bad_copies_change_nothing(env: Env) -> None:
     assert getattr(e.value, "code", None) == -32602
     await env.path(d)
     info = await env.job("moveImage", sdUUID=d.sd, imgUUID=d.img, dstSdUUID=env.sds[2])
-    assert info["status"] == "failed" and info["error"]["code"] == 2002, info
+    assert info["status"] == "failed" and info["error"]["code"] == 203, info
     await env.teardown(d)
     assert await env.volumes() == before
 
@@ -269,7 +269,7 @@ async def test_template_clones_thin_and_full(env: Env) -> None:
                                                                                 "INTERNAL")
     # the template is busy while a thin clone uses it
     info = await env.job("deleteImage", sdUUID=template[0].sd, imgUUID=template[0].img)
-    assert info["status"] == "failed" and info["error"]["code"] == 2002
+    assert info["status"] == "failed" and info["error"]["code"] == 204
     # a thin clone copied without collapse needs its template on the target
     keep = Disk(env.sds[1], new_id(), new_id())
     info = await env.job("copyImage", src=thin.ref(), dst=keep.ref(), collapse=False)
@@ -334,7 +334,7 @@ async def test_hibernation_refused_on_backup_domain(env: Env) -> None:
     before = await env.volumes()
     m = memory()
     info = await env.job("createHibernationVolumes", memory=m, disks=[d.ref() for d in vm])
-    assert info["status"] == "failed" and info["error"]["code"] == 2004, info
+    assert info["status"] == "failed" and info["error"]["code"] == 2104, info
     assert "disks[2]" in info["error"]["message"]
     assert await env.volumes() == before
     assert m["imgUUID"] not in await c.call("getImagesList", sdUUID=mem_sd)

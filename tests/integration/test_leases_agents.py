@@ -278,7 +278,7 @@ async def test_lost_lease_stops_the_copy_and_the_host_recovers(
         fs_mount: FsMount, loop_device: Callable[..., Path],
         agent_factory: Callable[..., AgentProcess], tmp_path: Path) -> None:
     """The locks vanish under a running copy (the lock holder dies, as an
-    expired NFSv4 lock would): the copy stops with 2012 LeaseLost, its target
+    expired NFSv4 lock would): the copy stops with 2112 LeaseLost, its target
     is gone, the host id is joined again and the next copy works."""
     dev = loop_device(size=4 * GiB, sector_size=512)
     make_fs(dev, "ext4")
@@ -310,7 +310,7 @@ async def test_lost_lease_stops_the_copy_and_the_host_recovers(
             os.kill(holder_pid(agent), 9)
             info = await c.wait_job(job_id, timeout=60)
             assert info["status"] == "failed", info
-            assert info["error"]["code"] == 2012, info["error"]
+            assert info["error"]["code"] == 2112, info["error"]
             # joined again by the monitor; the half-made target is collected
             for _ in range(100):
                 ls = (await c.call("getStorageDomainInfo", sdUUID=sd))["lockspace"]

@@ -29,6 +29,7 @@ import aiohttp
 import pytest
 
 from rpc.client import Client, RpcError
+from storage.errors import ResourceInUse
 from storage.metadata import decode, encode
 from tests.agentproc import AgentProcess
 from tests.integration.storagefixtures import wait_for
@@ -271,7 +272,7 @@ async def check_refusals(agent: AgentProcess, c: Client, sd: str, via: str = "ur
 
     for name, members in BAD_TARS.items():
         err = await refused(make_tar([(f"{new_id()}.ovf", b"<ovf/>"), *members]))
-        assert err["code"] == 2010, (name, err)
+        assert err["code"] == 2110, (name, err)
     full = make_tar([(f"{new_id()}.ovf", b"y" * 20000)])
     assert "truncated" in (await refused(full[:8000]))["message"]
     # body shorter than Content-Length: the client goes away mid-body
@@ -302,7 +303,7 @@ async def check_refusals(agent: AgentProcess, c: Client, sd: str, via: str = "ur
     assert (await put(agent, target_of(t, via), full))[0] == 200
     good = full
     status, result = await put(agent, target_of(t, via), full)
-    assert status == 403 and result["error"]["code"] == 2011
+    assert status == 403 and result["error"]["code"] == 2111
     t = await c.call("uploadOvfTar", sdUUID=sd, size=len(full))
     await asyncio.sleep(2.2)
     status, _ = await put(agent, target_of(t, via), full)
@@ -536,7 +537,7 @@ async def test_data_listener_http(dom: Dom) -> None:
     status, continued, reply = await asyncio.to_thread(
         exchange, agent, port, put_head(t["path"], len(body), "Expect: 100-continue\r\n"),
         body, expect=True)
-    assert (status, continued) == (403, False) and reply["error"]["code"] == 2011
+    assert (status, continued) == (403, False) and reply["error"]["code"] == 2111
     # refused while the client is still sending a large body: it reads the
     # reply (the agent drains the body for a while) instead of a reset
     t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(body))
@@ -658,7 +659,7 @@ async def call_error(c: Client, verb: str, **params: Any) -> int | None:
 async def test_store_is_the_recorded_volume(dom: Dom, tmp_path: Path) -> None:
     """A volume made with the store's disk type, or another domain's store
     copied in, does not replace the store; volume verbs refuse the store's
-    image and volume (2002, ResourceInUse) and leave the stored tar as it was."""
+    image and volume (ResourceInUse) and leave the stored tar as it was."""
     agent, c, d = dom
     simg, svol = await store_volume(c, d.sd)
     body = make_tar([(f"{new_id()}.ovf", ovf_xml("web01", new_id(), []))])
@@ -707,7 +708,7 @@ async def test_store_is_the_recorded_volume(dom: Dom, tmp_path: Path) -> None:
                                              volUUID=svol),
             "deleteImage": await job_error(c, "deleteImage", sdUUID=d.sd, imgUUID=simg),
         }
-        assert refused == dict.fromkeys(refused, 2002)
+        assert refused == dict.fromkeys(refused, ResourceInUse.code)
         assert await c.call("getVolumesList", sdUUID=d.sd, imgUUID=simg) == [svol]
         assert simg not in await c.call("getImagesList", sdUUID=other.sd)
         await intact()
@@ -728,7 +729,7 @@ async def test_extending_the_store_keeps_its_tar(dom: Dom) -> None:
     cap = (await c.call("getVolumeInfo", sdUUID=d.sd, imgUUID=simg,
                         volUUID=svol))["capacity"]
     assert await call_error(c, "extendVolumeSize", sdUUID=d.sd, imgUUID=simg, volUUID=svol,
-                            newSize=cap + 64 * MiB) == 2002
+                            newSize=cap + 64 * MiB) == ResourceInUse.code
     info = await c.call("getOvfStoreInfo", sdUUID=d.sd)
     status, data = await get(agent, d.sd)
     assert status == 200
@@ -758,7 +759,7 @@ async def test_older_domain_store_recorded_on_activation(dom: Dom) -> None:
                            description="OVF_STORE") is None
     assert await get(agent, d.sd) == (200, body)
     assert (await c.call("getOvfStoreInfo", sdUUID=d.sd))["generation"] == 1
-    assert await job_error(c, "deleteImage", sdUUID=d.sd, imgUUID=simg) == 2002
+    assert await job_error(c, "deleteImage", sdUUID=d.sd, imgUUID=simg) == ResourceInUse.code
 
 
 # ---- an upload the domain has no room for --------------------------------------------

@@ -176,7 +176,7 @@ async def test_iscsi_chap(make_target: Callable[..., g.Target], multipathd: g.Mu
     nodes_before = node_records()
     wrong = iscsi_params(target, user="labuser", password=WRONG_SECRET)
     [st] = await connect(client, "iscsi", wrong)
-    assert st["status"] == 469, st
+    assert st["status"] == 476, st   # iSCSILoginAuthError
     assert "CHAP authentication failed" in st["message"] and WRONG_SECRET not in str(st)
     # nothing half-made: no session, the node record the agent made is gone
     assert sessions(target) == [] and node_records() == nodes_before
@@ -210,7 +210,7 @@ async def test_iscsi_chap(make_target: Callable[..., g.Target], multipathd: g.Mu
         g.lvm_wipe(got["path"])
     # same id and parameters again: idempotent; the same target under another id: refused
     assert (await connect(client, "iscsi", good))[0]["status"] == 0
-    assert (await connect(client, "iscsi", {**good, "id": new_id()}))[0]["status"] == 2003
+    assert (await connect(client, "iscsi", {**good, "id": new_id()}))[0]["status"] == 2103
 
     [st] = await disconnect(client, "iscsi", good)
     assert st["status"] == 0, st
@@ -378,3 +378,55 @@ async def test_restart_reestablishes_a_lost_session(
         assert_gone(target, wwid, list(session.disks))
     finally:
         await stop_agent(agent)
+
+
+# ---- VDSM's iSCSI error codes ----------------------------------------------------------
+
+@pytest.fixture
+async def not_iscsi() -> AsyncIterator[int]:
+    """A TCP port that accepts and closes at once: reachable, but no iSCSI."""
+    async def close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(close, PORTAL1, 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_iscsi_errors_have_vdsm_codes(make_target: Callable[..., g.Target],
+                                            multipathd: g.Multipathd, not_iscsi: int,
+                                            client: Client) -> None:
+    before = (iscsi_db(), node_records(), g.Initiator.sessions())
+    # a portal that answers TCP but fails discovery: 475 iSCSIDiscoveryError
+    with pytest.raises(RpcError) as e:
+        await client.call("discoverSendTargets", connection=PORTAL1, port=not_iscsi)
+    assert (e.value.code, e.value.name) == (475, "iSCSIDiscoveryError"), e.value
+    # a portal address that is no address (RFC 6761: .invalid never resolves):
+    # 472 InvalidIpAddress, for discovery and connect
+    with pytest.raises(RpcError) as e:
+        await client.call("discoverSendTargets", connection="portal.invalid", port=3260)
+    assert (e.value.code, e.value.name) == (472, "InvalidIpAddress"), e.value
+    target = make_target("vdsmcodes", (16 * MiB,))
+    [st] = await connect(client, "iscsi", iscsi_params(target, "portal.invalid"))
+    assert st["status"] == 472, st
+    assert (iscsi_db(), node_records(), g.Initiator.sessions()) == before
+
+    # a LUN this host no longer sees (its session gone): 606 InaccessiblePhysDev
+    params = iscsi_params(target)
+    [st] = await connect(client, "iscsi", params)
+    assert st["status"] == 0, st
+    [guid] = [d["guid"] for d in await client.call("getDeviceList")
+              if {p["iqn"] for p in d["pathlist"]} == {target.iqn}]
+    [st] = await disconnect(client, "iscsi", params)
+    assert st["status"] == 0, st
+    assert await client.call("getDeviceList", guids=[guid]) == []
+    sd = new_id()
+    with pytest.raises(RpcError) as e:
+        await client.call("createStorageDomain", sdUUID=sd, domType="iscsi", name="gone",
+                          devices=[guid])
+    assert (e.value.code, e.value.name) == (606, "InaccessiblePhysDev"), e.value
+    assert sd not in await client.call("getStorageDomainsList")
+    assert sd not in g.lvm("vgs", "--noheadings", "-o", "vg_name")

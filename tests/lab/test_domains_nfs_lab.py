@@ -150,7 +150,7 @@ async def test_nfs_domain_volumes(nfs_server: g.NfsServer, agents: list[AgentPro
         assert [x["format"] for x in chain] == ["qcow2", "qcow2", "raw"]
 
         # a volume with children or a prepared one cannot go
-        for vol, code in ((top, 2002), (mid, 2002)):
+        for vol, code in ((top, 203), (mid, 204)):  # VolumeIsBusy, VolumeImageHasChildren
             with pytest.raises(RpcError) as e:
                 await c.call("deleteVolume", sdUUID=sd, imgUUID=img, volUUID=vol)
             assert e.value.code == code, e.value

@@ -52,7 +52,7 @@ RECOVERY_BOUND = 30.0
 # No ping may wait as long as one I/O deadline (a loop blocked on the hung
 # NFS mount would wait for its timeo, 60 s).
 PING_MAX = IO_TIMEOUT
-TIMEOUT_CODES = (851, 2009)   # ResourceTimeout, StorageDomainFailing
+TIMEOUT_CODES = (851, 379)   # ResourceTimeout, StorageDomainAccessError
 NFS_EXPORT = "127.0.0.1:/srv/export"   # guestlib.NfsServer's export, NFSv3 path
 
 
@@ -513,7 +513,7 @@ async def io_errors_scenario(c: Client, agent: AgentProcess, d: Dom, dev: g.DmDe
             job = dict(await c.wait_job(jid, timeout=120, poll=0.5))
             job_s = time.monotonic() - failed_at
             assert job["status"] == "failed", job
-            assert job["error"]["code"] > 0 and job["error"]["code"] != 2006, job
+            assert job["error"]["code"] > 0 and job["error"]["code"] != 2106, job
             took_failing = await d.wait_state("failing", FAILING_BOUND)
             mon = await d.monitoring()
             results = await calls_on_failed_block(c, d)
@@ -584,7 +584,7 @@ async def calls_on_failed_block(c: Client, d: Dom) -> list[tuple[str, int, float
             d, "createVolume", sdUUID=d.sd, imgUUID=new_id(), volUUID=new_id(),
             size=64 * MiB, format="raw", preallocate="preallocated"), bound),
         await fails_in_time("copyImage", failed_job(
-            d, "copyImage", src=d.ref(), dst=d.ref(new_id(), new_id())), bound, (2009,))]
+            d, "copyImage", src=d.ref(), dst=d.ref(new_id(), new_id())), bound, (379,))]
 
 
 # ---- 3. every path of a multipath LUN lost, then back ------------------------------------

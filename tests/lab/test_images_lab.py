@@ -248,7 +248,7 @@ async def snapshot_and_hibernation(env: Env, vm: list[Disk]) -> None:
     before, lvs_a = await env.volumes(), lvs(a)
     info = await env.job("createHibernationVolumes", memory=memory(),
                          disks=[d.ref() for d in tops])
-    assert info["status"] == "failed" and info["error"]["code"] == 2004, info
+    assert info["status"] == "failed" and info["error"]["code"] == 2104, info
     assert await env.volumes() == before and lvs(a) == lvs_a
     await c.call("setStorageDomainBackup", sdUUID=nfs, backup=False)
     m = memory()

@@ -14,9 +14,10 @@ import pytest
 
 from storage import commands, lvm
 from storage.domains import blockdomain as bd
-from storage.errors import InvalidParameter
+from storage.errors import HostAgentError, InvalidParameter
 from storage.fileio import IOPool
 from storage.metadata import BLANK_UUID, DomainMetadata, MetadataError, VolumeMetadata
+from tests.unit.fakerun import FakeRunner
 
 SD = "1b4e28ba-2fa1-4d3b-a3f5-ef19b5a7633b"
 IMG = "6f1c2d1e-5a4b-4c3d-9e8f-0a1b2c3d4e5f"
@@ -235,3 +236,29 @@ async def test_initializing_lv_collected(domain: FileBlockDomain) -> None:
     assert report["removed"] == [f"{IMG}/{V1}"]
     assert fake.lvs == {}
     assert bd._read_slots(domain.md_path, [1])[1] == bytes(bd.SLOT_SIZE)
+
+
+@pytest.mark.parametrize("sizes, code, name", [
+    ({"/dev/mapper/a": 512, "/dev/mapper/b": 4096}, 517, "VolumeGroupBlockSizeError"),
+    ({"/dev/mapper/a": 1024}, 518, "DeviceBlockSizeError"),
+])
+async def test_block_size_refused_before_anything_is_made(sizes: dict[str, int], code: int,
+                                                          name: str) -> None:
+    def respond(argv: list[str]) -> tuple[int, str, str]:
+        if argv[0] == "blockdev":
+            return 0, f"{sizes[argv[-1]]}\n", ""
+        return 0, json.dumps({"report": [{"vg": []}]}), ""
+
+    fake = FakeRunner(respond)
+    md = DomainMetadata(uuid=SD, name="d", dom_type="iscsi", dom_class="data")
+    io = IOPool("t")
+    try:
+        with pytest.raises(HostAgentError) as e:
+            await bd.BlockDomain.create(list(sizes), md, lvm.LVM(fake, devices=list(sizes)),
+                                        io, fake)
+    finally:
+        io.close()
+    wire = e.value.to_dict()
+    assert (wire["code"], wire["data"]["name"]) == (code, name), wire
+    ran = [c.argv for c in fake.calls]
+    assert ran and not [a for a in ran if "pvcreate" in a or "vgcreate" in a], ran

@@ -54,5 +54,5 @@ async def test_concurrent_connects_of_one_target_make_one_connection(manager, tm
     d.mkdir()
     ids = [str(uuid.uuid4()) for _ in range(5)]
     results = await manager.connect("localfs", [{"id": i, "connection": str(d)} for i in ids])
-    assert sorted(r["status"] for r in results) == [0, 2003, 2003, 2003, 2003]
+    assert sorted(r["status"] for r in results) == [0, 2103, 2103, 2103, 2103]
     assert len(manager.list()) == 1

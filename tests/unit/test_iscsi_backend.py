@@ -19,7 +19,7 @@ from storage.connections.fcp import FcpBackend
 from storage.connections.iscsi import IscsiBackend, iface_for
 from storage.errors import (
     HostAgentError,
-    StorageServerAccessPermissionError,
+    ISCSILoginAuthError,
     StorageServerConnectionError,
     StorageServerDisconnectionError,
 )
@@ -171,9 +171,10 @@ async def test_wrong_password_leaves_nothing_and_no_secret(host: FakeHost,
                                                            ) -> None:
     caplog.set_level(logging.DEBUG)
     c = conn(user="joe", password="Wrong-Pass-123")
-    with pytest.raises(StorageServerAccessPermissionError) as e:
+    with pytest.raises(ISCSILoginAuthError) as e:
         await backend(host).connect(c, lambda: None)
-    assert e.value.code == 469 and "CHAP" in e.value.message
+    assert e.value.code == 476 and "CHAP" in e.value.message
+    assert e.value.to_dict()["data"]["name"] == "iSCSILoginAuthError"
     assert host.nodes == {} and host.sessions == {}
     assert not c.owned["node_created"] and not c.owned["logged_in"]
     text = caplog.text + str(e.value) + repr(e.value.to_dict()) + repr(c.public())

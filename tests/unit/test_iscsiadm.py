@@ -14,9 +14,11 @@ import pytest
 
 from storage import commands, iscsiadm
 from storage.errors import (
+    HostAgentError,
     InvalidParameter,
+    ISCSIDiscoveryError,
+    ISCSILoginAuthError,
     ISCSISetupError,
-    StorageServerAccessPermissionError,
     StorageServerConnectionError,
 )
 from storage.iscsiadm import Portal
@@ -62,12 +64,13 @@ async def test_discovery_argv_is_nonpersistent() -> None:
                              "127.0.0.1:3260", "-o", "nonpersistent"]]
 
 
-async def test_discovery_failure_is_setup_error() -> None:
+async def test_discovery_failure_is_discovery_error() -> None:
     fake = FakeRunner(lambda argv: (11, "", "iscsiadm: cannot make connection to 127.0.0.1: "
                                            "Connection refused"))
-    with pytest.raises(ISCSISetupError) as e:
+    with pytest.raises(ISCSIDiscoveryError) as e:
         await iscsiadm.discover_sendtargets(Portal("127.0.0.1", 3261), timeout=5, runner=fake)
-    assert e.value.code == 465 and "Connection refused" in e.value.message
+    assert e.value.code == 475 and "Connection refused" in e.value.message
+    assert e.value.to_dict()["data"]["name"] == "iSCSIDiscoveryError"
     assert "127.0.0.1:3261" in e.value.message
 
 
@@ -81,10 +84,14 @@ def test_portal(address: str, port: int, tpgt: int | None, arg: str) -> None:
     assert iscsiadm.portal(address, port, tpgt).arg() == arg
 
 
-@pytest.mark.parametrize("address", ["-p", "a b", "host,1", "a\nb", "", "[]"])
-def test_portal_refuses_unsafe_values(address: str) -> None:
-    with pytest.raises(InvalidParameter):
+@pytest.mark.parametrize("address, code", [
+    ("-p", 1000), ("a\nb", 1000),                            # never on a command line
+    ("", 1000), ("a b", 472), ("host,1", 472), ("[]", 472),  # 472 InvalidIpAddress
+])
+def test_portal_refuses_unsafe_values(address: str, code: int) -> None:
+    with pytest.raises(HostAgentError) as e:
         iscsiadm.portal(address, 3260)
+    assert e.value.code == code, e.value
 
 
 # ---- node records and login ----------------------------------------------------------
@@ -134,9 +141,9 @@ async def test_login_exit_codes() -> None:
     fake = FakeRunner(lambda argv: (15, "", "session already present"))
     assert await iscsiadm.login(IQN, P, timeout=5, runner=fake) is False
     fake = FakeRunner(lambda argv: (24, "", "iSCSI login failed due to authorization failure"))
-    with pytest.raises(StorageServerAccessPermissionError) as denied:
+    with pytest.raises(ISCSILoginAuthError) as denied:
         await iscsiadm.login(IQN, P, timeout=5, runner=fake)
-    assert denied.value.code == 469 and "CHAP authentication failed" in denied.value.message
+    assert denied.value.code == 476 and "CHAP authentication failed" in denied.value.message
     fake = FakeRunner(lambda argv: (19, "", "encountered non-retryable iSCSI login failure"))
     with pytest.raises(StorageServerConnectionError) as failed:
         await iscsiadm.login(IQN, P, timeout=5, runner=fake)
@@ -196,7 +203,7 @@ async def test_chap_password_never_in_errors_or_logs(fake_iscsiadm: Path, rc: in
         errors.append(e)
     try:
         await iscsiadm.login(IQN, P, timeout=10, secrets=[SECRET])
-    except (StorageServerAccessPermissionError, StorageServerConnectionError) as e:
+    except (ISCSILoginAuthError, StorageServerConnectionError) as e:
         errors.append(e)
     assert len(errors) == 2
     for e in errors:

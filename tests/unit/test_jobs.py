@@ -7,7 +7,7 @@ import pytest
 from agent.config import JobsConfig
 from agent.events import EventBus
 from agent.jobs import JobRegistry
-from storage.errors import JobAlreadyExists, JobNotEnded, UnknownTask, VolumeDoesNotExist
+from storage.errors import JobExists, JobNotDone, UnknownTask, VolumeDoesNotExist
 
 
 def new_id():
@@ -89,7 +89,7 @@ async def test_same_uuid_returns_existing_job(registry):
     registry.submit(jid, "test", work)
     await asyncio.sleep(0.15)
     assert started == 1
-    with pytest.raises(JobAlreadyExists):
+    with pytest.raises(JobExists):
         registry.submit(jid, "other", work)
 
 
@@ -107,7 +107,7 @@ async def test_abort_cancels_and_reports_aborted(registry):
     await asyncio.sleep(0.05)
     job = await registry.abort(jid)
     assert job.status == "aborted" and cleaned.is_set()
-    assert job.error["code"] == 2007
+    assert job.error["code"] == 443
 
 
 async def test_failures_carry_error_objects(registry):
@@ -132,7 +132,7 @@ async def test_clear_and_unknown(registry):
 
     jid = new_id()
     registry.submit(jid, "test", work)
-    with pytest.raises(JobNotEnded):
+    with pytest.raises(JobNotDone):
         registry.clear(jid)
     await wait_ended(registry, jid)
     registry.clear(jid)

@@ -323,7 +323,7 @@ async def test_lost_lease_cancels_holder_with_lease_lost(domain: FileDomainLease
     assert done, "the holder was not cancelled"
     with pytest.raises(LeaseLost) as e:
         await task
-    assert e.value.code == 2012 and "is gone" in e.value.message
+    assert e.value.code == 2112 and "is gone" in e.value.message
     assert steps == ["working"]
     assert m.held() == []
     # the host id itself is fine: the next acquire works

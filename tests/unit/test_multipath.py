@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from storage import multipath
+from storage import commands, multipath
 from storage.errors import ResourceTimeout, StorageServerDisconnectionError
 from tests.unit.fakerun import FakeRunner, table
 
@@ -94,3 +94,15 @@ async def test_wait_map_gone() -> None:
     assert await multipath.wait_map_gone(W1, timeout=5, interval=0.01, runner=fake)
     fake = FakeRunner(lambda argv: (0, MAPS, ""))
     assert not await multipath.wait_map_gone(W1, timeout=0.05, interval=0.01, runner=fake)
+
+
+async def test_multipath_failures_are_467() -> None:
+    """VDSM's MultipathSetupError, and still a CommandError for callers."""
+    down = FakeRunner(lambda argv: (1, "", "multipathd: cannot connect to socket"))
+    for call in (multipath.maps(timeout=5, runner=down), multipath.paths(timeout=5, runner=down),
+                 multipath.resize("mpatha", timeout=5, runner=down),
+                 multipath.flush("mpatha", timeout=5, runner=down)):
+        with pytest.raises(commands.CommandError) as e:
+            await call
+        wire = e.value.to_dict()
+        assert (wire["code"], wire["data"]["name"]) == (467, "MultipathSetupError"), wire
