@@ -28,6 +28,7 @@ from storage.errors import (
     AcquireLockFailure,
     HostAgentError,
     ImageDoesNotExistInSD,
+    ImageIsNotLegalChain,
     InvalidParameter,
     LeaseHeld,
     LeaseLost,
@@ -264,7 +265,7 @@ class Domain(abc.ABC):
 
     async def create_volume(self, spec: VolumeSpec, progress: Progress = _no_progress, *,
                             fill: Fill | None = None, parent: VolumeMetadata | None = None,
-                            commit: bool = True) -> VolumeMetadata:
+                            commit: bool = True, chain: bool = True) -> VolumeMetadata:
         """Create a volume: metadata CREATING + ILLEGAL, its data, then (with
         `commit`) LEGAL + READY in one metadata write.
 
@@ -273,7 +274,9 @@ class Domain(abc.ABC):
         `parent` skips the parent lookup and its checks: the caller (a copy
         of a chain) passes a parent it is making itself. Without `commit`
         the volume stays CREATING and the caller commits it with
-        `commit_volume` or removes it with `discard_volume`.
+        `commit_volume` or removes it with `discard_volume`. Without `chain`
+        the volume is not part of the image's chain (a hibernated VM's memory
+        image holds two standalone volumes); the caller checked the image.
         """
         if parent is None and spec.parent and spec.parent != BLANK_UUID:
             parent = await self._parent_for(spec)
@@ -292,6 +295,9 @@ class Domain(abc.ABC):
         async with self.leases.metadata():
             if spec.vol in await self._all_volume_ids():
                 raise await self._exists_error(spec.vol, spec.img)
+            if chain:
+                # under the domain lease: another host adding to the image waits
+                await self.check_image_chain(spec.img, parent)
             try:
                 await self.write_volume_md(md)
             except OSError as e:
@@ -394,14 +400,34 @@ class Domain(abc.ABC):
                                    reason=f"parent {parent.uuid} is not LEGAL")
         if parent.image != spec.img and parent.voltype not in (SHARED, INTERNAL, LEAF):
             raise InvalidParameter(field="parentVolUUID", reason="parent cannot be shared")
-        if parent.image == spec.img:
-            leaves = [v for v in await self.image_volumes(spec.img)
-                      if v.parent == parent.uuid]
-            if leaves:
-                raise InvalidParameter(field="parentVolUUID",
-                                       reason=f"parent {parent.uuid} already has a child "
-                                              "in this image")
         return parent
+
+    async def check_image_chain(self, img: str, parent: VolumeMetadata | None) -> None:
+        """The one check that keeps an image one chain, for every flow that
+        adds a volume to an image: the new volume goes on the image's top
+        volume (`parent` in the image, without a child there yet), or it is
+        the image's base (no parent, or a template's volume in another
+        image) and the image holds no volume yet. Half-made (CREATING)
+        volumes count: another job is making them."""
+        try:
+            vols = await self.image_volumes(img)
+        except ImageDoesNotExistInSD:
+            vols = []
+        if parent is None or parent.image != img:
+            if vols:
+                raise ImageIsNotLegalChain(
+                    imgUUID=img, sdUUID=self.uuid,
+                    reason=f"the image already holds volume(s) "
+                           f"{', '.join(sorted(v.uuid for v in vols))}: a volume without "
+                           "a parent in the image would be a second base (give the "
+                           "image's top volume as parent)")
+            return
+        kids = [v.uuid for v in vols if v.parent == parent.uuid]
+        if kids:
+            raise ImageIsNotLegalChain(
+                imgUUID=img, sdUUID=self.uuid,
+                reason=f"volume {parent.uuid} is not the image's top volume (volume "
+                       f"{kids[0]} is layered on it)")
 
     async def _exists_error(self, vol: str, img: str) -> HostAgentError:
         """212, or 651 when the volume is being made (its lease held) elsewhere."""

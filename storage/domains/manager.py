@@ -45,6 +45,7 @@ from storage.errors import (
     StorageDomainNotActive,
     StorageServerConnectionError,
     VolumeDoesNotExist,
+    VolumeNonWritable,
 )
 from storage.fileio import IOPool
 from storage.leases import LeaseManager, init_domain_areas
@@ -733,6 +734,14 @@ class DomainManager:
             for md in chain:
                 if md.legality != LEGAL or md.state != READY:
                     raise PrepareIllegalVolumeError(volUUID=md.uuid)
+            if purpose == "vm":
+                # a VM writing a parent corrupts every volume layered on it
+                kids = await domain.children(chain[-1])
+                if kids:
+                    raise VolumeNonWritable(
+                        volUUID=vol, reason=f"it is the parent of {len(kids)} volume(s) "
+                                            f"({kids[0].image}/{kids[0].uuid}); only a leaf "
+                                            "can be prepared for a VM (read and copy can)")
             key = self._prepared_key(sd, img, vol)
             if key in self.prepared:
                 # Already counted; activating again is harmless (and needed

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from rpc.client import Client
+from rpc.client import Client, RpcError
 from tests.integration.storagefixtures import make_fs
 from tests.integration.test_domains_file import Storage, create_volume, new_id, qemu_info
 
@@ -388,3 +388,76 @@ async def test_copy_to_a_full_domain_fails_cleanly(env: Env) -> None:
     assert info["status"] == "failed" and info["error"]["code"] == 397, info
     assert await env.volumes() == before
     assert dst.img not in await c.call("getImagesList", sdUUID=dst.sd)
+
+
+async def test_an_image_stays_one_chain(env: Env) -> None:
+    """Issue 22 (9): every verb that adds to an image puts the volume on top
+    of the image's one chain, or refuses with 262 before anything is made."""
+    c = env.c
+    d = await env.disk(env.sds[0], size=64 * MiB, data=0x41)
+    top = Disk(d.sd, d.img, new_id())
+    await create_volume(c, d.sd, d.img, top.vol, size=64 * MiB, fmt="cow", parent=d.vol)
+    await env.write(top, 0x42, offset=8 * MiB, length=MiB)
+    want = await env.digest(top)
+    other = await env.disk(env.sds[1], size=64 * MiB, data=0x43)
+    before = await env.volumes()
+
+    async def refused(verb: str, code: int = 262, **params: Any) -> dict[str, Any]:
+        info = await env.job(verb, **params)
+        assert info["status"] == "failed" and info["error"]["code"] == code, (verb, info)
+        assert await env.volumes() == before, verb
+        return info
+
+    # createVolume: a second base, or a second child of the base
+    info = await refused("createVolume", sdUUID=d.sd, imgUUID=d.img, volUUID=new_id(),
+                         size=64 * MiB, format="raw", preallocate="sparse")
+    assert info["error"]["data"]["name"] == "ImageIsNotLegalChain", info
+    await refused("createVolume", sdUUID=d.sd, imgUUID=d.img, volUUID=new_id(),
+                  size=64 * MiB, format="cow", preallocate="sparse", parentVolUUID=d.vol)
+    # copyImage into an image that holds a chain: collapsed, or layer by layer
+    await refused("copyImage", src=other.ref(), dst=Disk(d.sd, d.img, new_id()).ref())
+    await refused("copyImage", src=top.ref(), dst=Disk(other.sd, other.img, new_id()).ref(),
+                  collapse=False)
+    # moveImage onto a domain where that imgUUID holds another disk
+    squatter = Disk(env.sds[2], d.img, new_id())
+    await create_volume(c, squatter.sd, squatter.img, squatter.vol, size=64 * MiB)
+    before = await env.volumes()
+    await refused("moveImage", sdUUID=d.sd, imgUUID=d.img, dstSdUUID=squatter.sd)
+    assert sorted(await c.call("getVolumesList", sdUUID=squatter.sd,
+                               imgUUID=d.img)) == [squatter.vol]
+    assert await env.digest(top) == want
+
+    # on top of the chain is where a volume goes
+    await create_volume(c, d.sd, d.img, new_id(), size=64 * MiB, fmt="cow", parent=top.vol)
+    for disk in (d, other, squatter):
+        await env.done("deleteImage", sdUUID=disk.sd, imgUUID=disk.img)
+
+
+async def test_a_parent_is_not_prepared_for_a_vm(env: Env) -> None:
+    """Issue 22: a VM writing a volume with children corrupts every one of
+    them: prepareImage for `vm` refuses it (213), for read or copy not; a
+    template's volume (children in other images) likewise."""
+    c = env.c
+    d = await env.disk(env.sds[0], size=64 * MiB, data=0x51)
+    top = Disk(d.sd, d.img, new_id())
+    await create_volume(c, d.sd, d.img, top.vol, size=64 * MiB, fmt="cow", parent=d.vol)
+    clone = Disk(d.sd, new_id(), new_id())
+    await create_volume(c, clone.sd, clone.img, clone.vol, size=64 * MiB, fmt="cow",
+                        parent=top.vol)
+    # the base has a child: read and copy may prepare it, a VM may not
+    with pytest.raises(RpcError) as e:
+        await c.call("prepareImage", **d.ref(), purpose="vm")
+    assert e.value.code == 213 and e.value.name == "VolumeNonWritable", e.value
+    for purpose in ("read", "copy"):
+        await env.path(d, purpose)
+        await env.teardown(d)
+    with pytest.raises(RpcError) as e:
+        await c.call("prepareImage", **top.ref(), purpose="vm")
+    assert e.value.code == 213, e.value
+    await env.path(clone, "vm")
+    await env.teardown(clone)
+    # the refused prepares left nothing prepared: deleteImage would refuse it
+    for disk in (clone, d):
+        await env.done("deleteImage", sdUUID=disk.sd, imgUUID=disk.img)
+
+
