@@ -199,7 +199,7 @@ class Domain(abc.ABC):
             md = await self.read_volume_md(img, vol)
         except MetadataError as e:
             raise VolumeDoesNotExist(volUUID=vol, reason=f"damaged metadata: {e}") from None
-        if md.state == REMOVING or md.image != img:
+        if md.state == REMOVING or md.image != img or vol in self.pending_discards:
             raise VolumeDoesNotExist(volUUID=vol)
         return md
 
@@ -217,13 +217,19 @@ class Domain(abc.ABC):
 
     async def image_volumes(self, img: str) -> list[VolumeMetadata]:
         """READY and CREATING volumes of an image (CREATING ones are ILLEGAL)."""
-        vols = [v for v in await self.scan(img) if v.state != REMOVING]
+        vols = [v for v in await self.scan(img) if self._listed(v)]
         if not vols and img not in await self.image_ids():
             raise ImageDoesNotExistInSD(imgUUID=img, sdUUID=self.uuid)
         return vols
 
     async def all_volumes(self) -> list[VolumeMetadata]:
-        return [v for v in await self.scan() if v.state != REMOVING]
+        return [v for v in await self.scan() if self._listed(v)]
+
+    def _listed(self, md: VolumeMetadata) -> bool:
+        """Whether a volume counts as one: not being removed, and not a
+        failed job's half-made volume whose removal is retried (the job
+        reported it gone; it is, once the domain lets it go)."""
+        return md.state != REMOVING and md.uuid not in self.pending_discards
 
     async def volume_info(self, img: str, vol: str) -> dict[str, Any]:
         md = await self.volume(img, vol)
@@ -447,13 +453,18 @@ class Domain(abc.ABC):
         return ids
 
     async def discard_volume(self, md: VolumeMetadata) -> None:
-        """Remove a volume being made (marked REMOVING first), under its lease."""
+        """Remove a volume being made (marked REMOVING first), under its lease.
+        The mark is only a courtesy: a volume still CREATING is garbage
+        just the same. It needs room (a new metadata file) and the removal
+        does not: on a full domain (often full because of this very volume)
+        a failed mark must not keep the space taken (issue 22, 3)."""
         try:
             async with self.leases.volume(md):
                 try:
                     await self.write_volume_md(replace(md, state=REMOVING, legality=ILLEGAL))
-                except HostAgentError:
-                    pass
+                except (HostAgentError, OSError) as e:
+                    log.info("Volume %s/%s removed without its REMOVING mark: %s", self.uuid,
+                             md.uuid, e)
                 await self.remove_volume_data(md.image, md.uuid)
         finally:
             with contextlib.suppress(LeaseLost):

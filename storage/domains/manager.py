@@ -623,7 +623,15 @@ class DomainManager:
     async def images_list(self, sd: str) -> list[str]:
         domain = await self.domain(sd)
         domain.forget_cache()
-        return await domain.image_ids()
+        ids = await domain.image_ids()
+        # an image that holds only half-made volumes whose removal is retried
+        # is gone for the engine (its job failed and said so)
+        gone = set()
+        for img in {md.image for md in domain.pending_discards.values()} & set(ids):
+            with contextlib.suppress(HostAgentError):
+                if not await domain.image_volumes(img):
+                    gone.add(img)
+        return [img for img in ids if img not in gone]
 
     async def extend_volume(self, sd: str, img: str, vol: str,
                             new_size: int) -> dict[str, Any]:

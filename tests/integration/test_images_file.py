@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 
 from rpc.client import Client, RpcError
-from tests.integration.storagefixtures import make_fs
+from tests.agentproc import AgentProcess
+from tests.integration.crashharness import done, localfs_domains
+from tests.integration.storagefixtures import FsMount, make_fs, wait_for
 from tests.integration.test_domains_file import Storage, create_volume, new_id, qemu_info
 
 MiB = 1024**2
@@ -461,3 +463,61 @@ async def test_a_parent_is_not_prepared_for_a_vm(env: Env) -> None:
         await env.done("deleteImage", sdUUID=disk.sd, imgUUID=disk.img)
 
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_a_failed_copy_leaves_no_target_on_a_full_domain(
+        make_fs_mount: Callable[..., FsMount], agent_factory: Callable[..., AgentProcess],
+        tmp_path: Path) -> None:
+    """Issue 22 (3): two copies that together overfill a 128 MiB file
+    system: a copy that fails with 397 leaves no target, also when removing
+    it hits ENOSPC itself: never listed or shown as a volume, and gone from
+    storage once space returns."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "hostagent.toml").write_text("[storage]\nmonitor_interval = 0.5\n")
+    agent = agent_factory(state)
+    big = make_fs_mount("xfs", 4096)
+    small = make_fs_mount("ext4", 512, size=128 * MiB)
+    async with agent.client() as c:
+        src = await localfs_domains(c, big.path, ["src"])
+        dst = await localfs_domains(c, small.path, ["dst"])
+        sd, root = dst.sds[0], dst.roots[0]
+        sources = []
+        for i in range(2):
+            img, vol = new_id(), new_id()
+            await done(c, "createVolume", sdUUID=src.sds[0], imgUUID=img, volUUID=vol,
+                       size=72 * MiB, format="raw", preallocate="sparse")
+            subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P {0x61 + i} 0 72M",
+                            str(src.roots[0] / "images" / img / vol)],
+                           check=True, capture_output=True)
+            sources.append({"sdUUID": src.sds[0], "imgUUID": img, "volUUID": vol})
+        targets = [{"sdUUID": sd, "imgUUID": new_id(), "volUUID": new_id()} for _ in sources]
+        jobs = [new_id() for _ in sources]
+        for job, s, t in zip(jobs, sources, targets, strict=True):
+            await c.call("copyImage", jobUUID=job, src=s, dst=t)
+        infos = [await c.wait_job(job, timeout=120) for job in jobs]
+        failed = [t for t, info in zip(targets, infos, strict=True)
+                  if info["status"] == "failed"]
+        assert failed, infos
+        for info in infos:
+            assert info["status"] == "done" or info["error"]["code"] == 397, info
+        made = [t for t in targets if t not in failed]
+        # what the engine sees at once: the copies that were made, nothing else
+        assert sorted(await c.call("getVolumesList", sdUUID=sd)) == sorted(
+            t["volUUID"] for t in made)
+        assert sorted(await c.call("getImagesList", sdUUID=sd)) == sorted(
+            t["imgUUID"] for t in made)
+        for t in failed:
+            with pytest.raises(RpcError) as e:
+                await c.call("getVolumeInfo", **t)
+            assert e.value.code == 201, e.value
+        # space returns: the half-made targets go from storage too
+        for t in made:
+            await done(c, "deleteImage", sdUUID=sd, imgUUID=t["imgUUID"])
+        wait_for("the failed copies' targets removed from storage",
+                 lambda: not any((root / "images" / t["imgUUID"]).exists() for t in failed),
+                 timeout=30)
+        assert await c.call("getImagesList", sdUUID=sd) == []
+        await src.release(c)
+        await dst.release(c)
