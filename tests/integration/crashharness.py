@@ -1,6 +1,8 @@
 """kill -9 trials for the agent's long verbs (issue 10): start a job, SIGKILL
 the agent at a random point of it, restart it on the same state dir, check
 what storage and the API show; and the invariant checks the trials share.
+`kill_after_done` is the other mode: several jobs at once, the agent killed
+the instant one is first seen done (issue 22): a job seen done stays done.
 
 A kill takes the agent and every command it runs (qemu-img, qemu-nbd: each
 in its own session, so a kill of the agent's process group misses them), as
