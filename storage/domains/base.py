@@ -321,8 +321,16 @@ class Domain(abc.ABC):
                     raise os_error(e, self.uuid) from None
                 await self.leases.hold(md)
             except BaseException:
-                with contextlib.suppress(HostAgentError, OSError):
+                try:
                     await self.discard_volume(md)
+                except AcquireLockFailure:
+                    # held elsewhere (another host or job makes it: not ours),
+                    # or no lease area yet: garbage collection makes one first
+                    pass
+                except (HostAgentError, OSError) as de:
+                    log.warning("Volume %s left for removal when %s answers again: %s",
+                                spec.vol, self.uuid, de)
+                    self.pending_discards[md.uuid] = md
                 raise
         progress(2 if fill else 10)
         try:
@@ -463,8 +471,8 @@ class Domain(abc.ABC):
                 try:
                     await self.write_volume_md(replace(md, state=REMOVING, legality=ILLEGAL))
                 except (HostAgentError, OSError) as e:
-                    log.info("Volume %s/%s removed without its REMOVING mark: %s", self.uuid,
-                             md.uuid, e)
+                    log.info("Volume %s/%s not marked REMOVING (%s); removing it anyway",
+                             self.uuid, md.uuid, e)
                 await self.remove_volume_data(md.image, md.uuid)
         finally:
             with contextlib.suppress(LeaseLost):

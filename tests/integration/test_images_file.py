@@ -18,6 +18,7 @@ import pytest
 
 from rpc.client import Client, RpcError
 from tests.agentproc import AgentProcess
+from tests.conftest import require_tools
 from tests.integration.crashharness import done, localfs_domains
 from tests.integration.storagefixtures import FsMount, make_fs, wait_for
 from tests.integration.test_domains_file import Storage, create_volume, new_id, qemu_info
@@ -521,3 +522,54 @@ async def test_a_failed_copy_leaves_no_target_on_a_full_domain(
         assert await c.call("getImagesList", sdUUID=sd) == []
         await src.release(c)
         await dst.release(c)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_a_half_made_volume_whose_removal_fails_is_removed_later(
+        make_fs_mount: Callable[..., FsMount], agent_factory: Callable[..., AgentProcess],
+        tmp_path: Path) -> None:
+    """Issue 22 (3): the removal of an aborted copy's target fails (its
+    metadata file made immutable under it): the target is not listed nor
+    shown meanwhile, and the domain monitor removes it once it can."""
+    require_tools("chattr")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "hostagent.toml").write_text("[storage]\nmonitor_interval = 0.5\n")
+    agent = agent_factory(state)
+    fs = make_fs_mount("ext4", 512, size=2048 * MiB)
+    async with agent.client() as c:
+        doms = await localfs_domains(c, fs.path, ["sd"])
+        sd, root = doms.sds[0], doms.roots[0]
+        src = {"sdUUID": sd, "imgUUID": new_id(), "volUUID": new_id()}
+        await done(c, "createVolume", **src, size=768 * MiB, format="raw",
+                   preallocate="sparse")
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x71 0 768M",
+                        str(root / "images" / src["imgUUID"] / src["volUUID"])],
+                       check=True, capture_output=True)
+        dst = {"sdUUID": sd, "imgUUID": new_id(), "volUUID": new_id()}
+        meta = root / "images" / dst["imgUUID"] / f"{dst['volUUID']}.meta"
+        job = new_id()
+        await c.call("copyImage", jobUUID=job, src=src, dst=dst)
+        data = meta.with_suffix("")
+        # abort while the data is copied (the job then removes the target)
+        wait_for("the copy writing its target",
+                 lambda: data.exists() and data.stat().st_blocks > 0, timeout=30,
+                 interval=0.005)
+        subprocess.run(["chattr", "+i", str(meta)], check=True)
+        try:
+            await c.call("abortJob", jobUUID=job)
+            info = await c.wait_job(job, timeout=60)
+            assert info["status"] == "aborted", info
+            assert meta.exists()        # its removal failed
+            assert await c.call("getVolumesList", sdUUID=sd) == [src["volUUID"]]
+            assert await c.call("getImagesList", sdUUID=sd) == [src["imgUUID"]]
+            with pytest.raises(RpcError) as e:
+                await c.call("getVolumeInfo", **dst)
+            assert e.value.code == 201, e.value
+        finally:
+            subprocess.run(["chattr", "-i", str(meta)], check=True)
+        wait_for("the aborted copy's target removed",
+                 lambda: not (root / "images" / dst["imgUUID"]).exists(), timeout=30)
+        assert await c.call("getVolumesList", sdUUID=sd) == [src["volUUID"]]
+        await doms.release(c)
