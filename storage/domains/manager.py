@@ -54,6 +54,7 @@ from storage.errors import (
     StorageServerConnectionError,
     VolumeDoesNotExist,
     VolumeIsBusy,
+    VolumeNonWritable,
 )
 from storage.fileio import IOPool
 from storage.leases import LeaseManager, init_domain_areas
@@ -657,7 +658,15 @@ class DomainManager:
     async def images_list(self, sd: str) -> list[str]:
         domain = await self.domain(sd)
         domain.forget_cache()
-        return await domain.image_ids()
+        ids = await domain.image_ids()
+        # an image that holds only half-made volumes whose removal is retried
+        # is gone for the engine (its job failed and said so)
+        gone = set()
+        for img in {md.image for md in domain.pending_discards.values()} & set(ids):
+            with contextlib.suppress(HostAgentError):
+                if not await domain.image_volumes(img):
+                    gone.add(img)
+        return [img for img in ids if img not in gone]
 
     async def extend_volume(self, sd: str, img: str, vol: str, new_size: int,
                             generation: int | None = None) -> dict[str, Any]:
@@ -770,6 +779,14 @@ class DomainManager:
             for md in chain:
                 if md.legality != LEGAL or md.state != READY:
                     raise PrepareIllegalVolumeError(volUUID=md.uuid)
+            if purpose == "vm":
+                # a VM writing a parent corrupts every volume layered on it
+                kids = await domain.children(chain[-1])
+                if kids:
+                    raise VolumeNonWritable(
+                        volUUID=vol, reason=f"it is the parent of {len(kids)} volume(s) "
+                                            f"({kids[0].image}/{kids[0].uuid}); only a leaf "
+                                            "can be prepared for a VM (read and copy can)")
             key = self._prepared_key(sd, img, vol)
             if key in self.prepared:
                 # Already counted; activating again is harmless (and needed
