@@ -20,8 +20,10 @@ import ssl
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.http import WebSocketError, WebSocketWriter
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_request import BaseRequest
 
 from agent import __version__
 from agent.config import ServerConfig
@@ -100,6 +102,83 @@ async def handle_jsonrpc(request: web.Request) -> web.StreamResponse:
     return web.Response(text=response, content_type="application/json")
 
 
+class _MaskedFramesOnly:
+    """In front of aiohttp's WebSocket frame reader: RFC 6455 section 5.1,
+    a server MUST close the connection on a frame from the client that is
+    not masked. aiohttp (3.14) reads such frames as any other. This follows
+    the frame boundaries (headers parsed, payloads skipped) and, at the
+    first unmasked frame, fails the connection as aiohttp does for its own
+    protocol errors: close code 1002, nothing more read."""
+
+    MAX_HEAD = 14
+
+    def __init__(self, parser: Any, queue: Any) -> None:
+        self.parser = parser
+        self.queue = queue
+        self._head = b""      # a frame header cut by a read
+        self._skip = 0        # payload bytes of the current frame still to come
+        self._failed = False
+
+    def _unmasked_at(self, data: bytes) -> int:
+        """Where in data the first unmasked frame starts; -1 if none."""
+        pos, n = 0, len(data)
+        while pos < n:
+            if self._skip:
+                step = min(self._skip, n - pos)
+                self._skip -= step
+                pos += step
+                continue
+            head = self._head + data[pos:pos + self.MAX_HEAD]
+            if len(head) >= 2 and not head[1] & 0x80:
+                return max(0, pos - len(self._head))
+            size = head[1] & 0x7F if len(head) >= 2 else 0
+            extra = {126: 2, 127: 8}.get(size, 0)
+            if len(head) < 2 + extra + 4:
+                self._head = head      # all of data: the rest comes next read
+                return -1
+            if extra:
+                size = int.from_bytes(head[2:2 + extra], "big")
+            pos += 2 + extra + 4 - len(self._head)
+            self._head = b""
+            self._skip = size
+        return -1
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if self._failed:
+            return True, b""
+        data = bytes(data)
+        bad = self._unmasked_at(data)
+        if bad >= 0:
+            # the frames before it are read, as they would have been alone
+            self._failed = True
+            if bad:
+                self.parser.feed_data(data[:bad])
+            self.queue.set_exception(WebSocketError(WSCloseCode.PROTOCOL_ERROR,
+                                                    "unmasked frame from the client"))
+            return True, b""
+        result: tuple[bool, bytes] = self.parser.feed_data(data)
+        return result
+
+    def feed_eof(self) -> None:
+        self.parser.feed_eof()
+
+
+class _WebSocketResponse(web.WebSocketResponse):
+    def _post_start(self, request: BaseRequest, protocol: str | None,
+                    writer: WebSocketWriter) -> None:
+        # Frames that came with the upgrade request go through the check
+        # too: aiohttp hands them to its reader in set_parser.
+        handler = request.protocol
+        tail, handler._message_tail = handler._message_tail, b""
+        super()._post_start(request, protocol, writer)
+        check = _MaskedFramesOnly(handler._payload_parser, self._reader)
+        handler._payload_parser = check
+        if tail:
+            eof, _ = check.feed_data(tail)
+            if eof:
+                handler.close()
+
+
 async def handle_ws(request: web.Request) -> web.StreamResponse:
     agent = request.app[AGENT_KEY]
     dispatcher = request.app[DISPATCHER_KEY]
@@ -107,7 +186,7 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
     config = agent.config.server
     if len(clients) >= config.max_ws_clients:
         raise web.HTTPServiceUnavailable(text="too many WebSocket clients")
-    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=config.max_body_bytes)
+    ws = _WebSocketResponse(heartbeat=30.0, max_msg_size=config.max_body_bytes)
     await ws.prepare(request)
     peer = peer_name(request)
     sub = agent.events.subscribe()
