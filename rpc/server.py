@@ -29,6 +29,7 @@ from agent import __version__
 from agent.config import ServerConfig
 from agent.context import Agent
 from rpc.dispatch import Dispatcher
+from rpc.tlsguard import HandshakeGuard
 
 log = logging.getLogger("rpc.server")
 
@@ -322,6 +323,99 @@ def make_app(agent: Agent, dispatcher: Dispatcher,
     app.cleanup_ctx.append(_background)
     app.on_shutdown.append(_close_websockets)
     return app
+
+
+class _TlsFront(asyncio.Protocol):
+    """A connection of the main port until its TLS handshake is done: then
+    its TLS transport goes to aiohttp's request handler. asyncio's own
+    TLS server logs nothing of a refused handshake (only in debug mode) and
+    gives it 60 s; here it gets server.handshake_timeout, a per-address
+    limit and a log line (rpc.tlsguard)."""
+
+    def __init__(self, site: TlsSite) -> None:
+        self.site = site
+        self.early = b""          # application data that came with the handshake's end
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if peer else "-"
+        if not self.site.guard.admit(address):
+            transport.abort()
+            return
+        # start_tls takes the reading over
+        transport.pause_reading()
+        task = asyncio.get_running_loop().create_task(self._handshake(transport, address))
+        self.site.handshakes.add(task)
+        task.add_done_callback(self.site.handshakes.discard)
+
+    async def _handshake(self, transport: asyncio.Transport, address: str) -> None:
+        guard = self.site.guard
+        loop = asyncio.get_running_loop()
+        try:
+            # asyncio's own deadline (a backstop here) fails with a
+            # ConnectionAbortedError that reads as the client's doing
+            async with asyncio.timeout(guard.timeout):
+                tls = await loop.start_tls(transport, self, self.site.tls, server_side=True,
+                                           ssl_handshake_timeout=guard.timeout + 1)
+        except (OSError, TimeoutError, ConnectionError) as e:
+            guard.failed(address, e)
+            transport.abort()
+            return
+        except asyncio.CancelledError:
+            transport.abort()
+            raise
+        finally:
+            guard.release(address)
+        if tls is None or self.lost:
+            transport.abort()
+            return
+        handler = self.site.handler()
+        tls.set_protocol(handler)
+        handler.connection_made(tls)
+        if self.early:
+            handler.data_received(self.early)
+
+    def data_received(self, data: bytes) -> None:
+        self.early += data
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+class TlsSite(web.TCPSite):
+    """web.TCPSite whose TLS handshakes go through _TlsFront."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, tls: ssl.SSLContext,
+                 guard: HandshakeGuard, **kw: Any) -> None:
+        super().__init__(runner, host, port, **kw)
+        self.tls = tls
+        self.guard = guard
+        self.handshakes: set[asyncio.Task[None]] = set()
+
+    def handler(self) -> asyncio.Protocol:
+        server = self._runner.server
+        assert server is not None
+        protocol: asyncio.Protocol = server()
+        return protocol
+
+    async def start(self) -> None:
+        self._runner._reg_site(self)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _TlsFront(self), self._host, self._port, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port)
+        self._bound_port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        await super().stop()
+        for task in list(self.handshakes):
+            task.cancel()
+        await asyncio.gather(*self.handshakes, return_exceptions=True)
 
 
 def describe(config: ServerConfig) -> dict[str, Any]:
