@@ -249,3 +249,82 @@ async def test_tls_refusals_are_logged_once_per_address(
             assert len(lines) == 1, lines
             assert reason in lines[0].lower(), lines
     assert await timed_ping(agent) < 2
+
+
+SOAK_IDLE = 200          # per listener
+SOAK_SECONDS = 12.0      # a few handshake_timeouts: the idle ones are cut and come back
+
+
+async def hold_idle(port: int, source: str, stop: asyncio.Event, held: list[int]) -> int:
+    """Keep one idle unauthenticated connection open from source until stop:
+    when the agent cuts it, open another. How many were opened."""
+    opened = 0
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        while not stop.is_set():
+            try:
+                r, w = await asyncio.open_connection("127.0.0.1", port,
+                                                     local_addr=(source, 0))
+            except ConnectionError:
+                continue
+            opened += 1
+            held[0] += 1
+            try:
+                cut = asyncio.create_task(r.read())
+                await asyncio.wait({cut, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                cut.cancel()
+                await asyncio.gather(cut, return_exceptions=True)
+            finally:
+                held[0] -= 1
+                w.transport.abort()
+    finally:
+        stopping.cancel()
+    return opened
+
+
+@pytest.mark.slow
+async def test_soak_idle_unauthenticated_connections(
+        agent: AgentProcess, store: tuple[str, int, bytes]) -> None:  # noqa: F811
+    """200 idle unauthenticated connections held on each listener (reopened
+    as the agent cuts them) while pings, OVF uploads and downloads run:
+    every authenticated request is answered within its normal time."""
+    sd, data_port, body = store
+    baseline = {"ping": [await timed_ping(agent) for _ in range(5)],
+                "get": [await timed_get(agent, data_port, sd, body) for _ in range(3)],
+                "upload": [await timed_upload(agent, sd, body) for _ in range(3)]}
+    stop = asyncio.Event()
+    held = [0]
+    holders = [asyncio.create_task(hold_idle(port, f"127.0.1.{1 + i // PER_PEER}", stop, held))
+               for port in (agent.port, data_port) for i in range(SOAK_IDLE)]
+    latencies: dict[str, list[float]] = {"ping": [], "get": [], "upload": []}
+    samples: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while held[0] < 2 * SOAK_IDLE:
+            assert time.monotonic() < deadline, held
+            await asyncio.sleep(0.05)
+        end = time.monotonic() + SOAK_SECONDS
+
+        async def pings() -> None:
+            while time.monotonic() < end:
+                latencies["ping"].append(await timed_ping(agent))
+                samples.append(held[0])
+
+        async def transfers() -> None:
+            while time.monotonic() < end:
+                latencies["upload"].append(await timed_upload(agent, sd, body))
+                latencies["get"].append(await timed_get(agent, data_port, sd, body))
+
+        await asyncio.gather(pings(), transfers())
+    finally:
+        stop.set()
+        opened = await asyncio.gather(*holders)
+    print(f"baseline {baseline}\nunder load: held {min(samples)}..{max(samples)}, "
+          f"opened {sum(opened)}, " + ", ".join(
+              f"{k} n={len(v)} max={max(v):.3f} s" for k, v in latencies.items()))
+    # the idle ones were really held, and cut and reopened along the way
+    assert min(samples) >= 1.5 * SOAK_IDLE, samples
+    assert sum(opened) >= 3 * 2 * SOAK_IDLE
+    assert len(latencies["ping"]) >= 20 and len(latencies["upload"]) >= 5
+    for kind, values in latencies.items():
+        assert max(values) < 2.0, (kind, sorted(values)[-5:])
