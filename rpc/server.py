@@ -93,6 +93,10 @@ async def handle_jsonrpc(request: web.Request) -> web.StreamResponse:
     except TimeoutError:
         log.info("%s: request body not received in time, closing", request.remote)
         raise web.HTTPRequestTimeout(text="request body not received in time") from None
+    except ConnectionError as e:
+        # the client went away in the middle of its body: its doing, no traceback
+        log.info("%s: connection lost while reading the request body: %s", request.remote, e)
+        raise web.HTTPBadRequest(text="connection lost") from None
     try:
         body = raw.decode("utf-8")
     except UnicodeDecodeError:

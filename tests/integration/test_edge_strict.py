@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.parser
 import hashlib
+import http.client
 import io
 import json
+import math
 import os
+import re
+import socket
 import ssl
 import struct
 import tarfile
@@ -22,6 +27,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rpc.client import Client, client_ssl_context
 from tests.agentproc import AgentProcess
@@ -335,3 +342,148 @@ async def test_absurd_numbers_in_headers(agent: AgentProcess, store: tuple[str, 
     assert await raw_get(agent, port, head("Range: bytes=0-" + "9" * 19)) == (206, body)
     assert await raw_get(agent, port, head("Range: bytes=10-19")) == (206, body[10:20])
     assert "Traceback" not in agent.log_path.read_text(errors="replace")
+
+
+# ---- fuzzing: ids and headers with hostile numbers -----------------------------------
+
+FUZZ = settings(max_examples=int(os.environ.get("HOSTILE_EXAMPLES", "20")), deadline=None,
+                database=None, derandomize=os.environ.get("CI", "") in ("1", "true"),
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+
+# Number-like texts: in and out of a double's range, past int()'s 4300
+# digits, JSON's non-numbers (NaN, Infinity) and things that only look like
+# numbers.
+NUMBERS = st.one_of(
+    st.integers(-(10**30), 10**30).map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.integers(300, 6000).map(lambda n: "9" * n),
+    st.integers(300, 6000).map(lambda n: "-1" + "0" * n),
+    st.tuples(st.integers(-9, 9), st.integers(300, 100_000)).map(lambda t: f"{t[0]}e{t[1]}"),
+    st.sampled_from(["NaN", "-NaN", "Infinity", "-Infinity", "1e999", "-1e999", "1E+400",
+                     "0x10", "+1", "01", "1.", ".5", "1_0", "\u0661", "true", "[]", "{}",
+                     '"x"', "null", ""]),
+)
+
+
+def id_outcome(token: str) -> str:
+    """What the agent must answer a request whose id is `token`: "echo"
+    (the id given back), "invalid" (-32600, id null) or "parse" (-32700)."""
+    try:
+        # an integer as a double: past its range (or int()'s digits) infinite
+        value = json.loads(token, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)),
+                           parse_int=lambda t: float(t))
+    except (ValueError, RecursionError):
+        return "parse"
+    if isinstance(value, bool) or not isinstance(value, str | int | float | None):
+        return "invalid"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "invalid"
+    return "echo"
+
+
+def test_ids_fuzzed_answers_are_strict_json(agent: AgentProcess) -> None:
+    ctx = tls(agent)
+
+    @FUZZ
+    @given(NUMBERS)
+    def run(token: str) -> None:
+        body = f'{{"jsonrpc": "2.0", "method": "ping", "id": {token}}}'
+        for batch in (False, True):
+            conn = http.client.HTTPSConnection("127.0.0.1", agent.port, context=ctx,
+                                               timeout=30)
+            try:
+                conn.request("POST", "/jsonrpc",
+                             body=(f"[{body}]" if batch else body).encode(),
+                             headers={"Content-Type": "application/json"})
+                r = conn.getresponse()
+                status, text = r.status, r.read().decode()
+            finally:
+                conn.close()
+            assert status == 200, (status, text[:300])
+            answer = strict_json(text)
+            expect = id_outcome(token)
+            if batch and expect != "parse":
+                [answer] = answer
+            if expect == "echo":
+                assert answer["result"] == {} and answer["id"] == json.loads(token), answer
+            else:
+                code = -32700 if expect == "parse" else -32600
+                assert answer["error"]["code"] == code and answer["id"] is None, answer
+
+    run()
+
+
+def http_exchange(ctx: ssl.SSLContext, port: int, head: str) -> tuple[int, bytes, str]:
+    """One raw request over mTLS (blocking): status, body, Content-Type.
+    Reads the reply by its Content-Length (the data listener lingers until
+    the client closes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+        s.sendall(head.encode("utf-8"))
+        reply = b""
+        while b"\r\n\r\n" not in reply and (data := s.recv(65536)):
+            reply += data
+        head_bytes, _, body = reply.partition(b"\r\n\r\n")
+        msg = email.parser.BytesHeaderParser().parsebytes(head_bytes.partition(b"\r\n")[2])
+        length = int(msg.get("Content-Length", "0"))
+        while len(body) < length and (data := s.recv(65536)):
+            body += data
+    return int(head_bytes.split()[1]), body, msg.get("Content-Type", "")
+
+
+async def test_headers_fuzzed(agent: AgentProcess, store: tuple[str, int, bytes]) -> None:
+    """Range and Content-Length built from hostile numbers, on GET
+    /ovfstore of both ports and on POST /jsonrpc: never a 500, every JSON
+    reply strict JSON, a satisfiable range served exactly."""
+    sd, data_port, body = store
+    ctx = tls(agent)
+    ranges = st.one_of(
+        st.tuples(NUMBERS, NUMBERS).map(lambda t: f"bytes={t[0]}-{t[1]}"),
+        NUMBERS.map(lambda n: f"bytes={n}-"), NUMBERS.map(lambda n: f"bytes=-{n}"),
+        NUMBERS.map(lambda n: f"bytes=0-{n}, 5-{n}"), NUMBERS)
+
+    @FUZZ
+    @given(rng=ranges, length=NUMBERS, main=st.booleans())
+    def run(rng: str, length: str, main: bool) -> None:
+        port = agent.port if main else data_port
+        get = (f"GET /ovfstore/{sd} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+               f"Range: {rng}\r\n\r\n")
+        status, reply, ctype = http_exchange(ctx, port, get)
+        assert status in (200, 206, 400, 416), (status, reply[:300])
+        m = re.fullmatch(r"bytes=([0-9]{1,19})-([0-9]{1,19})", rng)
+        if m and int(m.group(1)) <= int(m.group(2)) and int(m.group(1)) < len(body):
+            assert (status, reply) == (206, body[int(m.group(1)):int(m.group(2)) + 1])
+        post = (f"POST /jsonrpc HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n")
+        if re.fullmatch(r"[0-9]{1,7}", length) and int(length) <= 4 * 1024 * 1024:
+            post += " " * int(length)     # the body it announces (else: 30 s for it)
+        if main:
+            status, reply, ctype = http_exchange(ctx, agent.port, post)
+            assert status in (200, 400, 413), (status, reply[:300])
+        if "json" in ctype:
+            strict_json(reply)
+
+    run()
+    log = agent.log_path.read_text(errors="replace")
+    assert "Traceback" not in log, log[log.find("Traceback") - 300:][:3000]
+
+
+async def test_client_gone_in_the_middle_of_a_body(agent: AgentProcess) -> None:
+    """A client that closes after part of its JSON-RPC body (found by the
+    header fuzzing) is logged in one line, not as a traceback."""
+    _, writer = await asyncio.open_connection("127.0.0.1", agent.port, ssl=tls(agent))
+    writer.write(b"POST /jsonrpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n[1,")
+    await writer.drain()
+    # a ping on another connection, so that the agent has most likely read
+    # this head before the abort (if not, the log line below never comes)
+    async with Client.for_dev(agent.state_dir, port=agent.port) as c:
+        assert await c.call("ping") == {}
+    writer.transport.abort()
+    deadline = asyncio.get_running_loop().time() + 10
+    while "connection lost while reading the request body" not in (
+            log := agent.log_path.read_text(errors="replace")):
+        assert asyncio.get_running_loop().time() < deadline, log[-2000:]
+        await asyncio.sleep(0.05)
+    assert "Traceback" not in log, log[log.find("Traceback") - 300:][:3000]
