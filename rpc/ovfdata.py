@@ -412,27 +412,29 @@ class DataListener:
             task.add_done_callback(self._connections.discard)
 
     async def _serve(self, raw: socket.socket, peer: str) -> None:
+        pending = True        # counted in _pending until it has a slot
+        conn: _Connection | None = None
         try:
             try:
                 conn = _Connection(raw, self.tls, self._pool, self.idle_timeout)
-            except OSError:
-                raw.close()
-                return
-            try:
                 await conn.handshake(self.guard.timeout)
             except (OSError, TimeoutError) as e:
                 # no client certificate, another CA, not TLS, too slow, gone
                 self.guard.failed(peer, e)
-                conn.close()
                 return
-            except BaseException:
-                conn.close()
-                raise
+            finally:
+                self.guard.release(peer)
+            async with self._slots:
+                self._pending.release()
+                pending = False
+                await self._run(conn)
         finally:
-            self.guard.release(peer)
-            self._pending.release()
-        async with self._slots:
-            await self._run(conn)
+            if pending:
+                self._pending.release()
+            if conn is not None:
+                conn.close()
+            else:
+                raw.close()
 
     async def _run(self, conn: _Connection) -> None:
         try:
@@ -444,8 +446,6 @@ class DataListener:
                     await conn.run(conn.sendall, _json_response(
                         500, {"error": {"code": 100, "message": GENERIC_MESSAGE,
                                         "data": {"name": "GeneralException"}}}))
-        finally:
-            conn.close()
 
     async def _exchange(self, conn: _Connection) -> None:
         try:
