@@ -169,6 +169,11 @@ class _MaskedFramesOnly:
 
 
 class _WebSocketResponse(web.WebSocketResponse):
+    """Puts _MaskedFramesOnly in front of the reader. This uses aiohttp's
+    internals (_post_start, the handler's _payload_parser and
+    _message_tail, as in aiohttp 3.14): a change there fails
+    tests/integration/test_edge_strict.py::test_unmasked_client_frame_closes_the_websocket."""
+
     def _post_start(self, request: BaseRequest, protocol: str | None,
                     writer: WebSocketWriter) -> None:
         # Frames that came with the upgrade request go through the check
