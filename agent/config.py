@@ -46,6 +46,10 @@ class ServerConfig:
     idle_timeout: float = 30.0
     # A JSON-RPC request body must arrive within this many seconds (408).
     body_timeout: float = 30.0
+    # A TLS handshake must be done within this many seconds (both listeners);
+    # at most max_peer_handshakes run at once per client address.
+    handshake_timeout: float = 5.0
+    max_peer_handshakes: int = 128
 
 
 @dataclass
@@ -179,7 +183,9 @@ class Config:
                 "address: plain HTTP is allowed only on loopback")
         if s.max_body_bytes < 1024:
             raise ConfigError("server.max_body_bytes: must be at least 1024")
-        for name in ("idle_timeout", "body_timeout"):
+        if s.max_peer_handshakes < 1:
+            raise ConfigError("server.max_peer_handshakes: must be at least 1")
+        for name in ("idle_timeout", "body_timeout", "handshake_timeout"):
             if not getattr(s, name) > 0:
                 raise ConfigError(f"server.{name}: must be more than 0")
         if self.jobs.max_running < 1:

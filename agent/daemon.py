@@ -74,8 +74,9 @@ async def serve(config: configmod.Config, notifier: Notifier) -> None:
     from rpc import ovfroutes
     from rpc.dispatch import Dispatcher
     from rpc.ovfdata import DataListener
-    from rpc.server import make_app, ssl_context
+    from rpc.server import TlsSite, make_app, ssl_context
     from rpc.table import TABLE
+    from rpc.tlsguard import HandshakeGuard
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -93,8 +94,13 @@ async def serve(config: configmod.Config, notifier: Notifier) -> None:
     await runner.setup()
     server = config.server
     tls = ssl_context(server) if server.tls else None
-    site = web.TCPSite(runner, server.host, server.port, ssl_context=tls, backlog=1024,
+    site: web.TCPSite
+    if tls is not None:
+        guard = HandshakeGuard("main port", server.handshake_timeout, server.max_peer_handshakes)
+        site = TlsSite(runner, server.host, server.port, tls, guard, backlog=1024,
                        reuse_address=True)
+    else:
+        site = web.TCPSite(runner, server.host, server.port, backlog=1024, reuse_address=True)
     data = DataListener(agent, tls) if config.ovf.data_port >= 0 else None
     try:
         await site.start()
