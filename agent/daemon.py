@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(config.logging.level, config.logging.levels)
     if config.dev:
         pki = config.state_dir / "pki"
-        if ensure_dev_pki(pki):
-            log.info("Created the dev CA and certificates in %s", pki)
+        made = ensure_dev_pki(pki)
+        if made:
+            log.info("Made dev certificates in %s: %s", pki, ", ".join(made))
     try:
         asyncio.run(serve(config, Notifier()))
     except (FileNotFoundError, PermissionError) as e:

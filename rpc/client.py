@@ -41,9 +41,18 @@ class RpcError(Exception):
         return {"code": self.code, "message": self.message, "data": self.data}
 
 
-def client_ssl_context(ca: str | Path, cert: str | Path, key: str | Path) -> ssl.SSLContext:
+def verifying_context(ca: str | Path) -> ssl.SSLContext:
+    """A client context that verifies the agent's certificate against `ca`
+    strictly (RFC 5280 conformance, Python 3.13's default), TLS 1.2 or newer."""
     ctx = ssl.create_default_context(cafile=str(ca))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    return ctx
+
+
+def client_ssl_context(ca: str | Path, cert: str | Path, key: str | Path) -> ssl.SSLContext:
+    """verifying_context() presenting the client certificate `cert`."""
+    ctx = verifying_context(ca)
     ctx.load_cert_chain(str(cert), str(key))
     return ctx
 
