@@ -11,7 +11,7 @@ PORT ?= 54321
 # Debian packages: what the agent drives at run time, and what the test tiers
 # add (a target daemon, an NFS server and the User-Mode Linux lab guest).
 RUN_DEBS := lvm2 qemu-utils xfsprogs e2fsprogs util-linux nfs-common open-iscsi \
-	multipath-tools sanlock
+	multipath-tools sanlock uuid-runtime
 TEST_DEBS := $(RUN_DEBS) tgt python3-sanlock nfs-kernel-server libiscsi-bin \
 	user-mode-linux busybox-static gcc libc6-dev fuse3 libfuse3-dev qemu-block-extra
 
