@@ -20,6 +20,7 @@ import ipaddress
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -73,7 +74,7 @@ def _issue(ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, cn: str, *,
     key = ec.generate_private_key(ec.SECP256R1())
     now = now or _now()
     # A leaf never outlives its CA: a strict verifier refuses the chain then.
-    not_after = min(now + datetime.timedelta(days=days), ca.not_valid_after_utc)
+    not_after = min(now + datetime.timedelta(days=days), _not_after(ca))
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(cn))
@@ -131,6 +132,19 @@ def make_ca(cn: str = CA_CN, key: ec.EllipticCurvePrivateKey | None = None, *,
     return key, cert
 
 
+def _not_after(cert: x509.Certificate) -> datetime.datetime:
+    try:
+        return cert.not_valid_after_utc
+    except AttributeError:      # cryptography < 42 (Debian 12 has 38)
+        return cert.not_valid_after.replace(tzinfo=datetime.UTC)
+
+
+def _public_der(key: Any) -> bytes:
+    # public keys compare with == only since cryptography 39
+    return bytes(key.public_bytes(serialization.Encoding.DER,
+                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
 def _load(pki_dir: Path, name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None:
     """The key and certificate `name`, or None if either is missing or unreadable."""
     try:
@@ -148,9 +162,9 @@ def _fresh(pair: tuple[ec.EllipticCurvePrivateKey, x509.Certificate],
     """True if the certificate matches its key, is signed by `issuer`, has
     key identifiers and does not end within RENEW_DAYS."""
     key, cert = pair
-    if cert.public_key() != key.public_key():
+    if _public_der(cert.public_key()) != _public_der(key.public_key()):
         return False
-    if cert.not_valid_after_utc - now < datetime.timedelta(days=RENEW_DAYS):
+    if _not_after(cert) - now < datetime.timedelta(days=RENEW_DAYS):
         return False
     try:
         cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
