@@ -59,3 +59,20 @@ bench: venv deps-test
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# A Debian package of the agent (debian/), built from a copy of the checkout
+# (tracked and new files, not what .gitignore names) so that
+# dpkg-buildpackage writes nothing beside the checkout: build/hostagent_*.deb.
+DEB_BUILD_DEBS := dpkg-dev debhelper dh-python fakeroot python3-pip python3-attr \
+	python3-cryptography python3-defusedxml python3-frozenlist python3-idna \
+	python3-jsonschema python3-multidict python3-prometheus-client python3-psutil \
+	python3-pyudev python3-typing-extensions
+.PHONY: deb
+deb:
+	@bash tests/install-debs.sh $(DEB_BUILD_DEBS)
+	rm -rf build/deb && mkdir -p build/deb/src
+	git ls-files -z --cached --others --exclude-standard \
+		| tar -c --null -T - -f - | tar -x -C build/deb/src
+	cd build/deb/src && dpkg-buildpackage -b -us -uc
+	rm -f build/hostagent_*.deb && cp build/deb/hostagent_*.deb build/
+	@ls build/hostagent_*.deb
