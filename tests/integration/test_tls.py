@@ -4,15 +4,19 @@ JSON-RPC port and the OVF data listener), and the suites it must refuse."""
 
 from __future__ import annotations
 
+import datetime
 import re
+import shutil
 import ssl
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from agent.pki import ensure_dev_pki
 from rpc.client import Client, client_ssl_context
 from tests.agentproc import ROOT, AgentProcess
 from tests.conftest import missing
@@ -96,3 +100,23 @@ def test_cli_verifies_strictly(agent: AgentProcess) -> None:
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "{}"
+
+
+async def test_start_renews_near_expiry_pki_and_old_clients_keep_working(
+        agent_factory: Callable[..., AgentProcess], tmp_path: Path) -> None:
+    """A dev PKI made 340 days ago (all of it ends within 30 days): the next
+    start renews it; a client still holding the old CA and its old client
+    certificate reaches the agent, verifying strictly."""
+    state = tmp_path / "state"
+    ensure_dev_pki(state / "pki", now=datetime.datetime.now(datetime.UTC)
+                   - datetime.timedelta(days=340))
+    old = tmp_path / "old-pki"
+    shutil.copytree(state / "pki", old)
+    agent = agent_factory(state)
+    assert "Made dev certificates" in agent.log() and "ca, server, client" in agent.log()
+    assert (state / "pki" / "server.pem").read_bytes() != (old / "server.pem").read_bytes()
+    async with Client(agent.url, client_ssl_context(old / "ca.pem", old / "client.pem",
+                                                    old / "client.key"), timeout=10) as c:
+        assert await c.call("ping") == {}
+    async with agent.client() as c:
+        assert await c.call("ping") == {}
