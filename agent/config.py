@@ -77,6 +77,12 @@ class StorageConfig:
     monitor_interval: float = 10.0
     # LVM extent size of new block domains.
     block_extent_size: int = 128 * 1024 * 1024
+    # Who opens prepared volumes besides root: this group (Debian's libvirt
+    # runs qemu as libvirt-qemu:kvm; VDSM's model is vdsm:kvm). A prepare
+    # gives it the volume files (vm_file_mode) and r-x on the directories
+    # from the domain down to them. "": root only.
+    vm_group: str = "kvm"
+    vm_file_mode: int = 0o660
 
 
 @dataclass
@@ -209,6 +215,8 @@ class Config:
             raise ConfigError("leases.check_interval: must be more than 0")
         if le.domain_lease_timeout < 0:
             raise ConfigError("leases.domain_lease_timeout: must not be negative")
+        if not 0 <= self.storage.vm_file_mode <= 0o777:
+            raise ConfigError("storage.vm_file_mode: not a file mode (0o000..0o777)")
         if self.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"logging.level: unknown level {self.logging.level!r}")
 

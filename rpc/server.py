@@ -57,9 +57,19 @@ PARSE_ERROR = json.dumps({"jsonrpc": "2.0", "id": None,
 
 
 def ssl_context(config: ServerConfig) -> ssl.SSLContext:
-    """Server side of mutual TLS: TLS 1.2+, a client certificate signed by the CA."""
+    """Server side of mutual TLS (every listener): TLS 1.3, or TLS 1.2 with
+    forward-secret AEAD suites only (Mozilla's "intermediate" profile); a
+    client certificate signed by the CA."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # TLS 1.2: ECDHE with AES-GCM or ChaCha20-Poly1305, no CBC (LUCKY13), no
+    # static RSA, no DHE (its parameters would need managing). TLS 1.3's
+    # suites are all AEAD and keep OpenSSL's defaults.
+    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
+    # Python 3.11's ssl sets one key exchange group only; P-256 is the one
+    # every TLS stack has (FIPS and Java 8 included). OpenSSL's default list
+    # also offers X448 and P-521, which the profile does not allow.
+    ctx.set_ecdh_curve("prime256v1")
     ctx.load_cert_chain(config.cert_file, config.key_file)
     ctx.load_verify_locations(cafile=config.ca_file)
     ctx.verify_mode = ssl.CERT_REQUIRED

@@ -81,6 +81,15 @@ def _no_progress(_: float) -> None:
 
 
 @dataclass(frozen=True)
+class VmAccess:
+    """The group that opens prepared volumes besides root (qemu's), and the
+    mode their files get."""
+
+    gid: int
+    file_mode: int = 0o660
+
+
+@dataclass(frozen=True)
 class VolumeSpec:
     img: str
     vol: str
@@ -158,6 +167,13 @@ class Domain(abc.ABC):
 
     @abc.abstractmethod
     async def activate_volumes(self, vols: list[VolumeMetadata]) -> None: ...
+
+    async def grant_access(self, vols: list[VolumeMetadata], access: VmAccess) -> None:
+        """Let access.gid open the (active) volumes' data read-write: what a
+        prepare does so that an unprivileged qemu can open the chain.
+        Block domains: not done yet (the dm nodes are root:disk; a udev rule
+        as VDSM's 12-vdsm-lvm.rules would be the durable way)."""
+        return None
 
     @abc.abstractmethod
     async def deactivate_volumes(self, vols: list[VolumeMetadata]) -> None: ...

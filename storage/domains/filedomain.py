@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import mmap
 import os
 import shutil
+import stat
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from storage import commands, mount, qemuimg
-from storage.domains.base import Domain, Progress, read_check
+from storage.domains.base import Domain, Progress, VmAccess, read_check
 from storage.errors import (
     StorageDomainAlreadyExists,
     StorageDomainFSNotMounted,
@@ -37,6 +40,8 @@ from storage.leases import (
     init_volume_lease,
 )
 from storage.metadata import DomainMetadata, MetadataError, VolumeMetadata
+
+log = logging.getLogger("storage.domains.filedomain")
 
 LEASE_AREA_SIZE = 1024 * 1024
 LEASE_SUFFIX = ".lease"
@@ -225,6 +230,17 @@ class FileDomain(Domain):
     def volume_path(self, img: str, vol: str) -> str:
         return str(self.images / img / vol)
 
+    async def grant_access(self, vols: list[VolumeMetadata], access: VmAccess) -> None:
+        def grant() -> None:
+            images = sorted({m.image for m in vols})
+            # r-x on the way down: qemu opens backing files by relative path
+            for d in (self.root, self.images, *(self.images / i for i in images)):
+                _give_group(d, access.gid, lambda mode: mode | 0o050)
+            for m in vols:
+                _give_group(self.images / m.image / m.uuid, access.gid,
+                            lambda _: access.file_mode)
+        await self.io.call(grant)
+
     async def create_volume_data(self, md: VolumeMetadata, parent: VolumeMetadata | None,
                                  initial_size: int | None) -> None:
         path = self.volume_path(md.image, md.uuid)
@@ -392,3 +408,18 @@ class FileDomain(Domain):
         await self.io.call(make)
         await init_volume_lease(areas.volume_resource(md.image, md.uuid), self.md.lock_policy,
                                 self.leases.io_timeout, runner=self.runner)
+
+
+def _give_group(path: Path, gid: int, mode: Callable[[int], int]) -> None:
+    """chown path to group gid and chmod it to mode(current), where they
+    differ. A refusal (NFS with root_squash) is logged, not raised: the
+    export may give access its own way (all_squash, VDSM's 36:36)."""
+    st = os.stat(path)
+    want = mode(stat.S_IMODE(st.st_mode))
+    try:
+        if st.st_gid != gid:
+            os.chown(path, -1, gid)
+        if stat.S_IMODE(st.st_mode) != want:
+            os.chmod(path, want)
+    except PermissionError as e:
+        log.warning("Cannot give group %d access to %s: %s", gid, path, e.strerror)

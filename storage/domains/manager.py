@@ -31,6 +31,7 @@ from storage.domains.base import (
     OVF_STORE_DISK_TYPE,
     Domain,
     Progress,
+    VmAccess,
     VolumeSpec,
     volume_info,
 )
@@ -109,7 +110,7 @@ class DomainManager:
                  ovf_store_size: int = 0, block_extent_size: int = 128 << 20,
                  leases: LeaseManager | None = None, host_id: int = 1,
                  lock_policy: str = "local", lease_io_timeout: int = 10,
-                 domain_lease_timeout: float = 60.0,
+                 domain_lease_timeout: float = 60.0, vm_access: VmAccess | None = None,
                  runner: commands.Runner = commands.run) -> None:
         self.block_extent_size = block_extent_size
         # Size of the OVF store volume made with each new domain.
@@ -127,6 +128,8 @@ class DomainManager:
         self.lock_policy = lock_policy
         self.lease_io_timeout = lease_io_timeout
         self.domain_lease_timeout = domain_lease_timeout
+        # the group (qemu's) a prepare gives the volumes to; None: root only
+        self.vm_access = vm_access
         self.entries: dict[str, Entry] = {}
         self.pools: dict[str, IOPool] = {}
         self.active: set[str] = set()
@@ -794,6 +797,8 @@ class DomainManager:
                 await domain.activate_volumes(chain)
             else:
                 await self.use_volumes(domain, chain)
+            if self.vm_access is not None:
+                await domain.grant_access(chain, self.vm_access)
             counts = self.prepared.setdefault(key, {})
             counts[purpose] = counts.get(purpose, 0) + 1
             self._save_prepared()
