@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from storage import commands
@@ -131,21 +131,33 @@ async def paths(*, timeout: float, runner: commands.Runner = commands.run) -> li
     return parse_paths(result.text)
 
 
-async def flush(name: str, *, timeout: float, runner: commands.Runner = commands.run) -> None:
-    """Remove the map (not its paths). A map that is open (an LV on it, a
+# A map no device holds can still be open for a moment: udev's blkid probing
+# it after an LV on it went, or an LVM scan. `multipath -f` then says "map in
+# use"; a real opener (an active LV, a process) is still there after these.
+FLUSH_RETRY_DELAYS = (0.25, 0.5, 1.0)
+
+
+async def flush(name: str, *, timeout: float, runner: commands.Runner = commands.run,
+                retry_delays: Sequence[float] = FLUSH_RETRY_DELAYS) -> None:
+    """Remove the map (not its paths). A map that stays open (an LV on it, a
     process holding it) is refused by multipath with "map in use": that is
     a disconnection error (452); nothing is changed then."""
     commands.check_arg(name, "map")
-    try:
-        await runner([MULTIPATH, "-f", name], timeout=timeout)
-    except commands.CommandError as e:
-        text = (e.err + e.out).decode("utf-8", "replace")
-        if "in use" in text:
-            raise StorageServerDisconnectionError(
-                reason=f"multipath map {name} is in use") from None
-        if "not a multipath device" in text:
-            return   # already gone
-        raise MultipathError(e.argv, e.rc, e.out, e.err) from None
+    for delay in (*retry_delays, None):
+        try:
+            await runner([MULTIPATH, "-f", name], timeout=timeout)
+            return
+        except commands.CommandError as e:
+            text = (e.err + e.out).decode("utf-8", "replace")
+            if "not a multipath device" in text:
+                return   # already gone
+            if "in use" not in text:
+                raise MultipathError(e.argv, e.rc, e.out, e.err) from None
+            if delay is None:
+                raise StorageServerDisconnectionError(
+                    reason=f"multipath map {name} is in use") from None
+            log.info("Multipath map %s is open; flushing it again in %g s", name, delay)
+            await asyncio.sleep(delay)
 
 
 async def resize(name: str, *, timeout: float, runner: commands.Runner = commands.run) -> None:
