@@ -1,0 +1,95 @@
+"""VDSM's conditions that only happen on real iSCSI, multipath and NFS (the
+lab guest), through the real agent: each answers VDSM's code (and, for a
+verb's error, VDSM's name in data.name), and leaves storage as it was.
+The host-tier ones are in tests/integration/test_errors_host.py."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+
+from rpc.client import Client, RpcError
+from tests.agentproc import AgentProcess
+from tests.lab import guestlib as g
+from tests.lab.test_connections_lab import (
+    connect,
+    disconnect,
+    iscsi_params,
+    start_agent,
+    stop_agent,
+)
+
+MiB = 1 << 20
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    a = start_agent(tmp_path_factory.mktemp("errors-agent") / "state")
+    try:
+        yield a
+    finally:
+        asyncio.run(stop_agent(a))
+
+
+@pytest.fixture
+async def client(agent: AgentProcess) -> AsyncIterator[Client]:
+    async with agent.client() as c:
+        yield c
+
+
+def expect(e: pytest.ExceptionInfo[RpcError], code: int, name: str) -> None:
+    assert (e.value.code, e.value.data["name"]) == (code, name), e.value
+
+
+def head(path: object, size: int = MiB) -> bytes:
+    with open(str(path), "rb") as f:
+        return f.read(size)
+
+
+def vg_names() -> list[str]:
+    return g.lvm("vgs", "--noheadings", "-o", "vg_name").split()
+
+
+# ---- block sizes (517, 518) ---------------------------------------------------------------
+
+async def test_block_domain_over_mixed_or_odd_block_sizes(
+        make_target: Callable[..., g.Target], multipathd: g.Multipathd,
+        client: Client) -> None:
+    """LUNs of 512 and 4096-byte blocks in one domain: 517; a LUN of 2048-byte
+    blocks (neither size VDSM supports): 518. Nothing is written to them."""
+    target = make_target("blocksizes", (64 * MiB,) * 3, block_sizes=(512, 4096, 2048))
+    params = iscsi_params(target)
+    [st] = await connect(client, "iscsi", params)
+    assert st["status"] == 0, st
+    try:
+        guids = [d["guid"] for d in await client.call("getDeviceList")
+                 if {p["iqn"] for p in d["pathlist"]} == {target.iqn}]
+        # {logical block size the host sees: guid}
+        by_size = {int(g.run("blockdev", "--getss",
+                             f"/dev/mapper/{g.Multipathd.map_name(guid)}")): guid
+                   for guid in guids}
+        assert sorted(by_size) == [512, 2048, 4096], by_size
+        before = [head(lun.path) for lun in target.luns]
+        cases = [([by_size[512], by_size[4096]], 517, "VolumeGroupBlockSizeError"),
+                 ([by_size[2048]], 518, "DeviceBlockSizeError")]
+        for devices, code, name in cases:
+            sd = new_id()
+            with pytest.raises(RpcError) as e:
+                await client.call("createStorageDomain", sdUUID=sd, domType="iscsi",
+                                  name="blocksize", devices=devices)
+            expect(e, code, name)
+            assert sd not in await client.call("getStorageDomainsList")
+            assert sd not in vg_names()
+        assert [head(lun.path) for lun in target.luns] == before
+        assert all(d["status"] == "free"
+                   for d in await client.call("getDeviceList", guids=guids))
+    finally:
+        [st] = await disconnect(client, "iscsi", params)
+        assert st["status"] == 0, st
