@@ -17,7 +17,10 @@ from tests.lab import guestlib as g
 from tests.lab.test_connections_lab import (
     connect,
     disconnect,
+    disconnect_all,
     iscsi_params,
+    node_records,
+    sessions,
     start_agent,
     stop_agent,
 )
@@ -40,8 +43,14 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
 
 @pytest.fixture
 async def client(agent: AgentProcess) -> AsyncIterator[Client]:
+    """A client; every connection a test left is disconnected after it (ask
+    for target fixtures before this one, so they are torn down after it)."""
     async with agent.client() as c:
-        yield c
+        try:
+            yield c
+        finally:
+            for st in await disconnect_all(c):
+                assert st["status"] == 0, st
 
 
 def expect(e: pytest.ExceptionInfo[RpcError], code: int, name: str) -> None:
@@ -93,3 +102,47 @@ async def test_block_domain_over_mixed_or_odd_block_sizes(
     finally:
         [st] = await disconnect(client, "iscsi", params)
         assert st["status"] == 0, st
+
+
+# ---- iSCSI logout (474) ------------------------------------------------------------------
+
+async def test_logout_without_iscsid_is_474(make_target: Callable[..., g.Target],
+                                            multipathd: g.Multipathd,
+                                            iscsi_initiator: g.Initiator,
+                                            client: Client) -> None:
+    """iscsiadm logs out through iscsid: with iscsid gone the logout fails,
+    the disconnect answers 474 and the connection stays known, so a second
+    disconnect once iscsid is back finishes the job."""
+    target = make_target("logout", (16 * MiB,))
+    params = iscsi_params(target)
+    [st] = await connect(client, "iscsi", params)
+    assert st["status"] == 0, st
+    assert len(sessions(target)) == 1
+    iscsi_initiator.daemon.stop()
+    try:
+        [st] = await disconnect(client, "iscsi", params)
+        assert st["status"] == 474, st
+        assert target.iqn in st["message"], st
+        assert len(sessions(target)) == 1
+        assert params["id"] in {c["id"] for c in await client.call("getStorageConnections")}
+    finally:
+        iscsi_initiator.start()
+    [session] = sessions(target)
+    seen: list[str] = []
+
+    def synced() -> bool:
+        # a restarted iscsid takes over running sessions in the background; a
+        # logout before it has is refused (32, "target likely not connected")
+        out = g.run("iscsiadm", "-m", "session", "-r", str(session.sid), "-P", "1")
+        seen[:] = [out]
+        return "iscsid Session State: NO CHANGE" in out
+
+    try:
+        g.wait_until(synced, f"iscsid to take over session {session.sid}", 30)
+    except TimeoutError:
+        raise AssertionError(seen) from None
+    [st] = await disconnect(client, "iscsi", params)
+    assert st["status"] == 0, st
+    assert sessions(target) == []
+    assert not [n for n in node_records() if target.iqn in n]
+    assert params["id"] not in {c["id"] for c in await client.call("getStorageConnections")}
