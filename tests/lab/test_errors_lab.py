@@ -6,13 +6,17 @@ The host-tier ones are in tests/integration/test_errors_host.py."""
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 
 from rpc.client import Client, RpcError
 from tests.agentproc import AgentProcess
+from tests.integration.test_domains_file import Storage, create_volume, run_job
 from tests.lab import guestlib as g
 from tests.lab.test_connections_lab import (
     connect,
@@ -146,3 +150,64 @@ async def test_logout_without_iscsid_is_474(make_target: Callable[..., g.Target]
     assert sessions(target) == []
     assert not [n for n in node_records() if target.iqn in n]
     assert params["id"] not in {c["id"] for c in await client.call("getStorageConnections")}
+
+
+# ---- stale NFS handle (384) --------------------------------------------------------------
+
+async def test_nfs_domain_with_stale_handles_is_384(nfs_server: g.NfsServer,
+                                                    client: Client) -> None:
+    """The server exports the domain's directory under another fsid (what an
+    export moved to another file system or re-created looks like to a
+    client): every file handle the host holds, the mount's root too, is
+    stale (ESTALE). The verbs answer 384, and nothing is lost: once the
+    export is back, the volume is as it was."""
+    sub = nfs_server.exports[0] / f"stale-{uuid.uuid4().hex[:6]}"
+    sub.mkdir()
+    fsid = 30000 + os.getpid() % 10000
+
+    def export(fsid: int) -> None:
+        g.run("exportfs", "-o", f"{g.NfsServer.OPTIONS},fsid={fsid}", f"127.0.0.1:{sub}")
+
+    steps = g.Cleanup()
+    steps.push(f"remove {sub}", lambda: shutil.rmtree(sub))
+    steps.push("unexport", lambda: g.run("exportfs", "-u", f"127.0.0.1:{sub}"))
+    export(fsid)
+    s = Storage(client, "nfs", {"connection": f"127.0.0.1:{sub}", "protocol_version": "3"})
+    try:
+        await s.connect()
+        await s.create_domain(name="stale")
+        img, vol = new_id(), new_id()
+        await create_volume(client, s.sd, img, vol, size=MiB, fmt="raw")
+        before = await client.call("getVolumeInfo", sdUUID=s.sd, imgUUID=img, volUUID=vol)
+
+        g.run("exportfs", "-u", f"127.0.0.1:{sub}")
+        export(fsid + 1)
+        calls: list[tuple[str, dict[str, Any]]] = [
+            ("getImagesList", {}),
+            ("getVolumesList", dict(imgUUID=img)),
+            ("getVolumeInfo", dict(imgUUID=img, volUUID=vol)),
+        ]
+        for verb, params in calls:
+            with pytest.raises(RpcError) as e:
+                await client.call(verb, sdUUID=s.sd, **params)
+            assert (verb, e.value.code, e.value.data["name"]) == \
+                (verb, 384, "FileStorageDomainStaleNFSHandle"), e.value
+        info = await run_job(client, "createVolume", sdUUID=s.sd, imgUUID=new_id(),
+                             volUUID=new_id(), size=MiB, format="raw", preallocate="sparse")
+        assert (info["status"], info["error"]["code"], info["error"]["data"]["name"]) == \
+            ("failed", 384, "FileStorageDomainStaleNFSHandle"), info
+
+        g.run("exportfs", "-u", f"127.0.0.1:{sub}")
+        export(fsid)
+        assert await client.call("getVolumeInfo", sdUUID=s.sd, imgUUID=img,
+                                 volUUID=vol) == before
+        assert await client.call("getVolumesList", sdUUID=s.sd, imgUUID=img) == [vol]
+        assert await client.call("getImagesList", sdUUID=s.sd) == [img]
+    finally:
+        # the first export back (a no-op when it is), so the mount can go
+        g.run_ok("exportfs", "-u", f"127.0.0.1:{sub}")
+        export(fsid)
+        try:
+            await s.disconnect()
+        finally:
+            steps.run()
