@@ -108,6 +108,39 @@ async def test_block_domain_over_mixed_or_odd_block_sizes(
         assert st["status"] == 0, st
 
 
+# ---- multipath (467) ---------------------------------------------------------------------
+
+async def test_lun_listing_with_multipathd_stopped_is_467(
+        make_target: Callable[..., g.Target], multipathd: g.Multipathd,
+        client: Client) -> None:
+    """multipathd stopped while its map of a connected LUN stays in
+    device-mapper: getDeviceList and a domain on the LUN answer 467, not
+    "no LUN" (an empty list, 606); once multipathd is back, the LUN is
+    listed again, untouched."""
+    target = make_target("mpathdown", (16 * MiB,))
+    params = iscsi_params(target)
+    [st] = await connect(client, "iscsi", params)
+    assert st["status"] == 0, st
+    [lun] = [d for d in await client.call("getDeviceList")
+             if {p["iqn"] for p in d["pathlist"]} == {target.iqn}]
+    name = g.Multipathd.map_name(lun["guid"])
+    multipathd.daemon.stop()
+    try:
+        assert name in g.run("dmsetup", "ls", "--target", "multipath")
+        with pytest.raises(RpcError) as e:
+            await client.call("getDeviceList")
+        expect(e, 467, "MultipathSetupError")
+        sd = new_id()
+        with pytest.raises(RpcError) as e:
+            await client.call("createStorageDomain", sdUUID=sd, domType="iscsi",
+                              name="mpathdown", devices=[lun["guid"]])
+        expect(e, 467, "MultipathSetupError")
+        assert sd not in vg_names()
+    finally:
+        multipathd.start()
+    assert await client.call("getDeviceList", guids=[lun["guid"]]) == [lun]
+
+
 # ---- iSCSI logout (474) ------------------------------------------------------------------
 
 async def test_logout_without_iscsid_is_474(make_target: Callable[..., g.Target],
