@@ -50,7 +50,7 @@ VERB_ERRORS: dict[str, tuple[ErrorClass, ...]] = {
     "createStorageDomain": (e.StorageDomainAlreadyExists, e.StorageServerConnectionError,
                             e.InaccessiblePhysDev, e.VolumeGroupBlockSizeError,
                             e.DeviceBlockSizeError, e.StorageServerAccessPermissionError,
-                            *_DOMAIN, *_WRITE),
+                            e.MultipathSetupError, *_DOMAIN, *_WRITE),
     "getStorageDomainInfo": _DOMAIN, "getStorageDomainStats": _DOMAIN,
     "getStorageDomainsList": (),
     "activateStorageDomain": (*_DOMAIN, e.AcquireHostIdFailure),

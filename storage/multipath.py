@@ -12,10 +12,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from storage import commands
 from storage.errors import MultipathSetupError, ResourceTimeout, StorageServerDisconnectionError
-from storage.udev import lun_of
+from storage.udev import SYSFS, lun_of
 
 log = logging.getLogger("storage.multipath")
 
@@ -112,6 +113,30 @@ async def _run(argv: list[str], *, timeout: float,
         return await runner(argv, timeout=timeout)
     except commands.CommandError as e:
         raise MultipathError(e.argv, e.rc, e.out, e.err) from None
+
+
+def dm_maps(sysfs: Path = SYSFS) -> list[str]:
+    """Names of the multipath maps device-mapper holds (dm uuid "mpath-..."),
+    from sysfs: they are there whether multipathd runs or not."""
+    found = []
+    for uuid_file in sorted(sysfs.glob("block/dm-*/dm/uuid")):
+        try:
+            if uuid_file.read_text().startswith("mpath-"):
+                found.append(uuid_file.with_name("name").read_text().strip())
+        except OSError:
+            continue   # removed meanwhile
+    return found
+
+
+async def check_down(why: str, *, sysfs: Path = SYSFS) -> None:
+    """multipathd does not answer (`why`). Fine on a host without multipath;
+    where device-mapper holds multipath maps it is VDSM's 467: their LUNs
+    exist, and an empty answer would read as "no LUN"."""
+    held = await asyncio.to_thread(dm_maps, sysfs)
+    if held:
+        raise MultipathSetupError(reason=f"multipathd does not answer ({why.strip()}) while "
+                                         f"device-mapper holds multipath maps "
+                                         f"{', '.join(held)}")
 
 
 async def is_running(*, timeout: float, runner: commands.Runner = commands.run) -> bool:

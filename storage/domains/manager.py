@@ -270,9 +270,11 @@ class DomainManager:
 
     async def _mpath_devices(self) -> dict[str, str]:
         """wwid -> /dev/mapper/<map> of every multipath map on this host
-        (nothing, without running multipathd: no dm devices, no LVM calls)."""
+        (nothing, without running multipathd: no dm devices, no LVM calls;
+        467 if device-mapper still holds multipath maps then)."""
         if not os.path.exists("/dev/mapper/control") or not await multipath.is_running(  # noqa: ASYNC240
                 timeout=self.io_timeout, runner=self.runner):
+            await multipath.check_down("multipathd is not running")
             return {}
         return {m.wwid: f"/dev/mapper/{m.name}"
                 for m in await multipath.maps(timeout=self.io_timeout, runner=self.runner)}
