@@ -170,9 +170,7 @@ class Domain(abc.ABC):
 
     async def grant_access(self, vols: list[VolumeMetadata], access: VmAccess) -> None:
         """Let access.gid open the (active) volumes' data read-write: what a
-        prepare does so that an unprivileged qemu can open the chain.
-        Block domains: not done yet (the dm nodes are root:disk; a udev rule
-        as VDSM's 12-vdsm-lvm.rules would be the durable way)."""
+        prepare does so that an unprivileged qemu can open the chain."""
         return None
 
     @abc.abstractmethod

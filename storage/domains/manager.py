@@ -800,7 +800,13 @@ class DomainManager:
             else:
                 await self.use_volumes(domain, chain)
             if self.vm_access is not None:
-                await domain.grant_access(chain, self.vm_access)
+                try:
+                    await domain.grant_access(chain, self.vm_access)
+                except BaseException:
+                    if key not in self.prepared:
+                        # not prepared: its LVs must not stay active, counted
+                        await self.release_volumes(domain, chain)
+                    raise
             counts = self.prepared.setdefault(key, {})
             counts[purpose] = counts.get(purpose, 0) + 1
             self._save_prepared()

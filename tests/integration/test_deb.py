@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -81,6 +82,15 @@ def test_package_holds_what_a_host_needs(deb: Path) -> None:
             "python3-prometheus-client", "python3-defusedxml", "lvm2",
             "qemu-utils"} <= depends, depends
     assert "python3-aiohttp" not in depends
+
+
+def test_package_ships_the_lvm_udev_rule(installed: Path) -> None:
+    """The rule that gives block-domain volumes' dm nodes the vm group
+    (tests/lab/test_vm_access_block_lab.py runs it), as in the checkout,
+    where udevd reads the packages' rules."""
+    rule = installed / "lib/udev/rules.d/60-hostagent-lvm.rules"
+    assert rule.read_bytes() == (ROOT / "udev/60-hostagent-lvm.rules").read_bytes()
+    assert stat.S_IMODE(rule.stat().st_mode) == 0o644
 
 
 def test_postinst_enables_and_starts_nothing(deb: Path, tmp_path: Path) -> None:
