@@ -18,6 +18,7 @@ from storage.connections import ConnectionManager
 from storage.domains import DomainManager, imageops
 from storage.leases import Backend, LeaseManager, LocalBackend, SanlockBackend
 from storage.leases.lockholder import LockHolder
+from storage.transfers import TransferService
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Agent:
     domains: DomainManager
     leases: LeaseManager
     ovf: OvfService
+    transfers: TransferService
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -90,7 +92,7 @@ class Agent:
                                    job.started))
         return cls(config=config, events=events, metrics=metrics, jobs=jobs, host=host,
                    locks=locks, connections=connections, domains=domains, leases=leases,
-                   ovf=ovf)
+                   ovf=ovf, transfers=TransferService(domains))
 
     async def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -101,6 +103,7 @@ class Agent:
         await self.jobs.start()
 
     async def stop(self) -> None:
+        await self.transfers.stop()
         await self.jobs.shutdown()
         await self.domains.stop()
         await self.leases.close()

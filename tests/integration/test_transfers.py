@@ -1,0 +1,220 @@
+"""Disk transfers through the real agent with ovirt-imageio's own client
+(the `ovirt-imageio` package from PyPI): uploads of qcow2 and raw images
+into new volumes of a localfs domain on an ext4 loop device, downloads
+back, checksums, sparse uploads, and hostile requests."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import ssl
+import subprocess
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rpc.client import Client, RpcError
+from tests.agentproc import AgentProcess
+
+client = pytest.importorskip("ovirt_imageio.client")
+
+# ovirt_imageio.client leaves its socket to its own qemu-nbd (the local
+# image's, in /tmp/imageio-*) to the garbage collector
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:Exception ignored in. <socket.socket .*imageio-:"
+    "pytest.PytestUnraisableExceptionWarning")
+
+MiB = 1024**2
+GiB = 1024**3
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Dom:
+    def __init__(self, agent: AgentProcess, c: Client, sd: str) -> None:
+        self.agent = agent
+        self.c = c
+        self.sd = sd
+        self.ca = str(agent.pki / "ca.pem")
+
+    async def volume(self, size: int, fmt: str = "cow") -> tuple[str, str]:
+        img, vol = new_id(), new_id()
+        job = new_id()
+        await self.c.call("createVolume", jobUUID=job, sdUUID=self.sd, imgUUID=img,
+                          volUUID=vol, size=size, format=fmt, preallocate="sparse")
+        info = await self.c.wait_job(job, timeout=60, poll=0.5)
+        assert info["status"] == "done", info
+        return img, vol
+
+    async def info(self, img: str, vol: str) -> dict[str, Any]:
+        return dict(await self.c.call("getVolumeInfo", sdUUID=self.sd, imgUUID=img,
+                                      volUUID=vol))
+
+    async def start(self, img: str, vol: str, direction: str, **kw: Any) -> dict[str, Any]:
+        return dict(await self.c.call("startTransfer", sdUUID=self.sd, imgUUID=img,
+                                      volUUID=vol, direction=direction, **kw))
+
+    def request(self, url: str, method: str, path: str = "", body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """One request on the transfer url, without a client certificate."""
+        u = urllib.parse.urlsplit(url)
+        ctx = ssl.create_default_context(cafile=self.ca)
+        con = http.client.HTTPSConnection(u.hostname or "", u.port, context=ctx, timeout=30)
+        try:
+            con.request(method, u.path + path, body=body, headers=headers or {})
+            r = con.getresponse()
+            return r.status, r.read()
+        finally:
+            con.close()
+
+
+@pytest.fixture
+async def dom(make_fs_mount: Callable[..., Any], agent_factory: Callable[..., AgentProcess],
+              tmp_path: Path) -> AsyncIterator[Dom]:
+    fs = make_fs_mount("ext4", size=1024 * MiB)
+    agent = agent_factory(tmp_path / "state")
+    async with agent.client() as c:
+        conn = {"id": new_id(), "connection": str(fs.path)}
+        [st] = await c.call("connectStorageServer", domType="localfs", connectionParams=[conn])
+        assert st["status"] == 0, st
+        sd = new_id()
+        await c.call("createStorageDomain", sdUUID=sd, domType="localfs", name="xfer",
+                     connectionId=conn["id"], ovfStore=False)
+        yield Dom(agent, c, sd)
+        await c.call("formatStorageDomain", sdUUID=sd)
+        await c.call("disconnectStorageServer", domType="localfs", connectionParams=[conn])
+
+
+def make_image(path: Path, size: int, chunks: list[tuple[int, int]]) -> int:
+    """A sparse raw image with random data at each (offset, length); the bytes written."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, length in chunks:
+            f.seek(offset)
+            f.write(os.urandom(length))
+    return sum(n for _, n in chunks)
+
+
+def qemu_img(*args: str) -> str:
+    return subprocess.run(["qemu-img", *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+async def upload(d: Dom, src: Path, img: str, vol: str) -> dict[str, Any]:
+    t = await d.start(img, vol, "upload")
+    assert (await d.info(img, vol))["legality"] == "ILLEGAL"
+    await asyncio.to_thread(client.upload, str(src), t["url"], d.ca)
+    return t
+
+
+@pytest.mark.parametrize("src_fmt", ["qcow2", "raw"])
+async def test_upload_download_checksum(dom: Dom, tmp_path: Path, src_fmt: str) -> None:
+    d = dom
+    size = 64 * MiB
+    raw = tmp_path / "src.raw"
+    # 64 KiB aligned: the client sends whole qcow2 clusters
+    data = make_image(raw, size, [(0, 1 * MiB), (5 * MiB, 3 * MiB + 64 * 1024),
+                                  (60 * MiB, 4 * MiB)])
+    src = raw
+    if src_fmt == "qcow2":
+        src = tmp_path / "src.qcow2"
+        qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(src))
+    img, vol = await d.volume(size)
+    gen = (await d.info(img, vol))["generation"]
+    t = await upload(d, src, img, vol)
+    done = await d.c.call("finalizeTransfer", transferId=t["transferId"])
+    assert done["active"] is False and done["transferred"] == data
+    info = await d.info(img, vol)
+    assert info["legality"] == "LEGAL" and info["generation"] == gen + 1
+    # the ticket is closed
+    assert d.request(t["url"], "OPTIONS")[0] == 403
+
+    t = await d.start(img, vol, "download")
+    # the server's checksum agrees with the client's own computation of the source
+    status, body = d.request(t["url"], "GET", "/checksum")
+    assert status == 200, body
+    assert json.loads(body) == client.checksum(str(src))
+    out = tmp_path / "out.qcow2"
+    await asyncio.to_thread(client.download, t["url"], str(out), d.ca, fmt="qcow2")
+    qemu_img("compare", str(src), str(out))
+    done = await d.c.call("finalizeTransfer", transferId=t["transferId"])
+    assert done["transferred"] >= data
+    assert (await d.info(img, vol))["generation"] == gen + 1
+
+
+async def test_sparse_upload_sends_only_data(dom: Dom, tmp_path: Path) -> None:
+    d = dom
+    size = 10 * GiB
+    raw = tmp_path / "sparse.raw"
+    data = make_image(raw, size, [(i * GiB + 7 * MiB, 25 * MiB) for i in (0, 3, 6, 9)])
+    assert data == 100 * MiB
+    img, vol = await d.volume(size)
+    t = await upload(d, raw, img, vol)
+    got = await d.c.call("getTransfer", transferId=t["transferId"])
+    assert got["active"] is True and got["transferred"] == data
+    await d.c.call("finalizeTransfer", transferId=t["transferId"])
+    t = await d.start(img, vol, "download")
+    status, body = d.request(t["url"], "GET", "/extents", headers={})
+    assert status == 200
+    extents = json.loads(body)
+    assert sum(e["length"] for e in extents if not e["zero"]) == data
+    out = tmp_path / "out.qcow2"
+    await asyncio.to_thread(client.download, t["url"], str(out), d.ca, fmt="qcow2")
+    qemu_img("compare", str(raw), str(out))
+    await d.c.call("finalizeTransfer", transferId=t["transferId"])
+
+
+async def test_hostile_requests_are_refused(dom: Dom, tmp_path: Path) -> None:
+    d = dom
+    size = 4 * MiB
+    img, vol = await d.volume(size)
+    t = await d.start(img, vol, "upload", inactivityTimeout=1)
+    url = t["url"]
+    # a range past the end, refused before any byte is written
+    status, _ = d.request(url, "PUT", body=b"x" * 4096,
+                          headers={"Content-Range": f"bytes {size}-{size + 4095}/*"})
+    assert status == 416
+    status, _ = d.request(url, "GET", headers={"Range": f"bytes=0-{size}"})
+    assert status == 416
+    # an unknown ticket
+    bogus = url.rsplit("/", 1)[0] + "/" + "A" * 32
+    assert d.request(bogus, "OPTIONS")[0] == 403
+    # the ticket closes after a second without a request; the volume stays ILLEGAL
+    deadline = asyncio.get_running_loop().time() + 10
+    while (await d.c.call("getTransfer", transferId=t["transferId"]))["active"]:
+        assert asyncio.get_running_loop().time() < deadline, "ticket never expired"
+        await asyncio.sleep(0.1)
+    assert d.request(url, "PUT", body=b"x" * 4096)[0] == 403
+    assert (await d.info(img, vol))["legality"] == "ILLEGAL"
+    with pytest.raises(RpcError) as e:
+        await d.c.call("finalizeTransfer", transferId=t["transferId"])
+    assert e.value.code == 481
+    # cancel removes an upload's volume
+    await d.c.call("cancelTransfer", transferId=t["transferId"])
+    assert img not in await d.c.call("getImagesList", sdUUID=d.sd)
+
+    # a write on a download ticket
+    img, vol = await d.volume(size)
+    t = await d.start(img, vol, "download")
+    status, _ = d.request(t["url"], "PUT", body=b"x" * 4096)
+    assert status == 403
+    status, _ = d.request(t["url"], "PATCH", body=json.dumps(
+        {"op": "zero", "offset": 0, "size": 4096}).encode(),
+        headers={"Content-Type": "application/json"})
+    assert status == 403
+    # one transfer per volume
+    with pytest.raises(RpcError) as e:
+        await d.start(img, vol, "upload")
+    assert e.value.code == 203
+    await d.c.call("cancelTransfer", transferId=t["transferId"])
+    # a cancelled download's ticket is closed; the volume is kept
+    assert d.request(t["url"], "GET", headers={"Range": "bytes=0-4095"})[0] == 403
+    assert (await d.info(img, vol))["legality"] == "LEGAL"
