@@ -1,23 +1,24 @@
 """Disk transfers in and out of the host (ovirt-imageio's protocol): tickets,
 and the life of each transfer's volume while its ticket is open.
 
-A transfer is one volume of one domain, read (download) or written
-(upload), in the format the client sees: `raw`, the guest's view of the
-volume and its chain through qemu-nbd, or `qcow2`, the volume's file as it
-is (download only). For its whole life one task of the agent (`_life`)
-holds the volume's lease, keeps the chain active (block: LVs) and runs
-qemu-nbd on a private UNIX socket through the command runner; the data
-listener's threads talk NBD to that socket (storage/nbdclient.py). The
-ticket (random, single volume, expiring, closed on finalize or cancel) is
-the data path's only credential.
+A transfer is one volume of one domain, read (download) or written (upload),
+in the format the client sees: `raw`, the guest's view of the volume and its
+chain through qemu-nbd, or `qcow2`, the volume's file as it is (a cow
+volume's qcow2 file; an upload's file gets room for the largest qcow2 of its
+virtual size, and is cut at the image's end once checked). For its whole
+life one task of the agent (`_life`) holds the volume's lease, keeps the
+chain active (block: LVs) and runs qemu-nbd on a private UNIX socket through
+the command runner; the data listener's threads talk NBD to that socket
+(storage/nbdclient.py). The ticket (random, single volume, expiring, closed
+on finalize or cancel) is the data path's only credential.
 
-An upload's volume is ILLEGAL from startTransfer until finalizeTransfer
-has checked what was written (`qemu-img info` under resource limits, the
-format and backing file the metadata records, the virtual size, `qemu-img
-check`); then LEGAL with a new generation, in one metadata write under the
-lease. cancelTransfer removes an upload's volume. A crash leaves no lease
-(it dies with the process) and nothing recorded as prepared; an upload's
-volume stays ILLEGAL.
+An upload's volume is ILLEGAL from startTransfer until finalizeTransfer has
+checked what was written (`qemu-img info` under resource limits, the format
+and backing file the metadata records, the virtual size, `qemu-img check`);
+then LEGAL with a new generation, in one metadata write under the lease.
+cancelTransfer removes an upload's volume. A crash leaves no lease (it dies
+with the process) and nothing recorded as prepared; an upload's volume stays
+ILLEGAL.
 """
 
 from __future__ import annotations
@@ -114,9 +115,6 @@ class TransferService:
     async def start(self, sd: str, img: str, vol: str, direction: str, fmt: str,
                     dirty: str | None, inactivity: float) -> Transfer:
         self._prune()
-        if fmt == "qcow2" and direction == "upload":
-            raise InvalidParameter(field="format", reason="an upload is written as raw "
-                                   "(the guest's view); qcow2 is for downloads")
         if dirty is not None:
             commands.check_arg(dirty, "dirty")
             if fmt != "raw":
@@ -135,6 +133,9 @@ class TransferService:
                                                     "children read")
             if md.legality != LEGAL or md.state != READY:
                 raise InvalidParameter(field="volUUID", reason="not a complete LEGAL volume")
+            if fmt == "qcow2" and md.format != "COW":
+                raise InvalidParameter(field="format", reason="a qcow2 file goes into a cow "
+                                                              "volume")
         else:
             for m in await domain.chain(img, vol):
                 if m.legality != LEGAL or m.state != READY:
@@ -176,14 +177,19 @@ class TransferService:
 
     async def cancel(self, transfer_id: str) -> dict[str, Any]:
         t = self.get(transfer_id)
-        if t.state in ("open", "expired", "failed"):
-            previous = t.state
+        if t.state == "open":
+            # the transfer's task closes it and removes an upload's volume
             t.state = "cancelling"
             t._wake.set()
             if t._task is not None:
                 await asyncio.shield(t._task)
-            if previous != "open" and t.writable:
-                await self._remove_upload(t)
+        elif t.state in ("expired", "failed"):
+            t.state = "cancelling"
+            try:
+                if t.writable:
+                    await self._remove_upload(t)
+            finally:
+                t.state = "cancelled"
         elif t.state == "cancelling" and t._task is not None:
             await asyncio.shield(t._task)
         elif t.state != "cancelled":
@@ -286,6 +292,11 @@ class TransferService:
                 if t.writable:
                     md = replace(await domain.volume(t.img, t.vol), legality=ILLEGAL)
                     await domain.write_volume_md(md)
+                    if t.format == "qcow2":
+                        # room for the largest qcow2 of that virtual size
+                        room = await qemuimg.measure(size=md.capacity, dst_fmt="qcow2",
+                                                     runner=self.runner)
+                        await domain.open_volume_file(md, room["fully-allocated"])
                 await self._serve(t, ready)
                 if t.state == "finalizing" and t.writable:
                     await self._commit(t, md)
@@ -423,9 +434,12 @@ class TransferService:
             raise ImageVerificationError(volUUID=t.vol, reason="an external data file")
         if fmt == "qcow2":
             try:
-                await qemuimg.check(path)
+                checked = await qemuimg.check(path)
             except qemuimg.QemuImgError as e:
                 raise ImageVerificationError(volUUID=t.vol, reason=e.message) from None
+            end = checked.get("image-end-offset")
+            if t.format == "qcow2" and isinstance(end, int):
+                await domain.close_volume_file(md, end)
         done = replace(md, legality=LEGAL, generation=md.generation + 1)
         domain.leases.check(md)
         await domain.write_volume_md(done)

@@ -22,8 +22,8 @@ TRANSFER_INFO = {"type": "object", "required": [
             "(OPTIONS, GET with Range, PUT with Content-Range, PATCH zero and flush, "
             "/extents, /checksum). The url needs no client certificate: its ticket is the "
             "credential. The volume is leased and kept active until the transfer closes. "
-            "format raw (default): the guest's view through qemu-nbd; qcow2: the file as it "
-            "is (downloads). An upload's volume (a leaf) is ILLEGAL until finalizeTransfer "
+            "format raw (default): the guest's view through qemu-nbd; qcow2: a cow volume's "
+            "file as it is. An upload's volume (a leaf) is ILLEGAL until finalizeTransfer "
             "checked it. dirty: a bitmap whose changes /extents?context=dirty reports.",
             [SD_UUID, IMG_UUID, VOL_UUID,
              Field("direction", Enum(["upload", "download"])),

@@ -218,3 +218,70 @@ async def test_hostile_requests_are_refused(dom: Dom, tmp_path: Path) -> None:
     # a cancelled download's ticket is closed; the volume is kept
     assert d.request(t["url"], "GET", headers={"Range": "bytes=0-4095"})[0] == 403
     assert (await d.info(img, vol))["legality"] == "LEGAL"
+
+
+def put_file(d: Dom, url: str, path: Path) -> int:
+    """PUT a file as it is, in 4 MiB requests (a qcow2 upload of a tool that
+    sends the file's bytes); the last status."""
+    data = path.read_bytes()
+    status = 0
+    for start in range(0, len(data), 4 * MiB):
+        chunk = data[start:start + 4 * MiB]
+        status, body = d.request(url, "PUT", body=chunk, headers={
+            "Content-Range": f"bytes {start}-{start + len(chunk) - 1}/*"})
+        assert status == 200, body
+    return status
+
+
+async def test_qcow2_file_upload_download(dom: Dom, tmp_path: Path) -> None:
+    d = dom
+    size = 64 * MiB
+    raw = tmp_path / "src.raw"
+    make_image(raw, size, [(MiB, 2 * MiB), (40 * MiB, 5 * MiB)])
+    src = tmp_path / "src.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(src))
+    img, vol = await d.volume(size)
+    t = await d.start(img, vol, "upload", format="qcow2")
+    put_file(d, t["url"], src)
+    await d.c.call("finalizeTransfer", transferId=t["transferId"])
+    info = await d.info(img, vol)
+    assert info["legality"] == "LEGAL"
+    # cut at the image's end: no room left over
+    assert info["apparentSize"] == src.stat().st_size
+    t = await d.start(img, vol, "download", format="qcow2")
+    status, body = d.request(t["url"], "GET")
+    assert status == 200 and len(body) == src.stat().st_size
+    out = tmp_path / "out.qcow2"
+    out.write_bytes(body)
+    qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(src), str(out))
+    await d.c.call("finalizeTransfer", transferId=t["transferId"])
+
+
+@pytest.mark.parametrize("bad", ["backing-outside", "too-large", "not-qcow2"])
+async def test_hostile_qcow2_upload_stays_illegal(dom: Dom, tmp_path: Path, bad: str) -> None:
+    d = dom
+    size = 16 * MiB
+    src = tmp_path / "bad.qcow2"
+    if bad == "backing-outside":
+        outside = tmp_path / "host-secret.raw"
+        outside.write_bytes(b"secret" * 1000)
+        qemu_img("create", "-f", "qcow2", "-b", str(outside), "-F", "raw", str(src),
+                 str(size))
+    elif bad == "too-large":
+        # a header announcing more than the volume's capacity
+        qemu_img("create", "-f", "qcow2", str(src), str(1024 * GiB))
+    else:
+        src.write_bytes(os.urandom(MiB))
+    img, vol = await d.volume(size)
+    t = await d.start(img, vol, "upload", format="qcow2")
+    put_file(d, t["url"], src)
+    with pytest.raises(RpcError) as e:
+        await d.c.call("finalizeTransfer", transferId=t["transferId"])
+    assert e.value.code == 484, e.value
+    assert (await d.info(img, vol))["legality"] == "ILLEGAL"
+    got = await d.c.call("getTransfer", transferId=t["transferId"])
+    assert got["active"] is False and got["error"]["code"] == 484
+    # a failed upload can be cancelled: its volume goes
+    got = await d.c.call("cancelTransfer", transferId=t["transferId"])
+    assert got["state"] == "cancelled"
+    assert img not in await d.c.call("getImagesList", sdUUID=d.sd)
