@@ -92,7 +92,9 @@ class Agent:
                                    job.started))
         return cls(config=config, events=events, metrics=metrics, jobs=jobs, host=host,
                    locks=locks, connections=connections, domains=domains, leases=leases,
-                   ovf=ovf, transfers=TransferService(domains))
+                   ovf=ovf, transfers=TransferService(
+                       domains, publish=events.publish,
+                       count_bytes=lambda d, n: metrics.transfer_bytes.labels(d).inc(n)))
 
     async def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ log = logging.getLogger("storage.transfers")
 
 NBD_START = 30.0          # s for qemu-nbd to listen
 DRAIN = 30.0              # s requests under way get once a transfer closes
+PROGRESS_INTERVAL = 1.0   # s between transfer.progress notifications of one transfer
 KEEP_CLOSED = 3600.0      # s a closed transfer stays visible to getTransfer
 # connections one qemu-nbd serves at once: the data listener's, plus extents
 NBD_CLIENTS = 20
@@ -81,6 +83,8 @@ class Transfer:
     sock: str = ""
     size: int = 0
     closed_at: float | None = None
+    opened: bool = False      # transfer.state "open" was published
+    notified: float = 0.0     # monotonic time of the last notification
     _extents: list[dict[str, Any]] | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
@@ -101,9 +105,15 @@ class Transfer:
 
 
 class TransferService:
-    def __init__(self, domains: DomainManager, *, ttl: float = DEFAULT_TTL,
-                 runner: commands.Runner = commands.run) -> None:
+    def __init__(self, domains: DomainManager, *,
+                 publish: Callable[[str, dict[str, Any]], None] | None = None,
+                 count_bytes: Callable[[str, int], None] | None = None,
+                 ttl: float = DEFAULT_TTL, runner: commands.Runner = commands.run) -> None:
+        """publish(method, params): a notification; count_bytes(direction, n):
+        the metric (both wired by agent.context)."""
         self.domains = domains
+        self.publish = publish
+        self.count_bytes = count_bytes
         self.ttl = ttl
         self.runner = runner
         self.transfers: dict[str, Transfer] = {}
@@ -154,6 +164,7 @@ class TransferService:
             raise
         log.info("Transfer %s: %s of %s/%s/%s as %s opened", t.id[:8], direction, sd, img,
                  vol, fmt)
+        self._publish(t)
         return t
 
     def get(self, transfer_id: str) -> Transfer:
@@ -190,6 +201,7 @@ class TransferService:
                     await self._remove_upload(t)
             finally:
                 t.state = "cancelled"
+                self._publish(t)
         elif t.state == "cancelling" and t._task is not None:
             await asyncio.shield(t._task)
         elif t.state != "cancelled":
@@ -211,6 +223,15 @@ class TransferService:
         for key in [k for k, t in self.transfers.items()
                     if t.closed_at is not None and now - t.closed_at > KEEP_CLOSED]:
             del self.transfers[key]
+
+    def _publish(self, t: Transfer) -> None:
+        """transfer.state (opened or closed) or transfer.progress."""
+        t.notified = time.monotonic()
+        if self.publish is not None:
+            method = "transfer.progress" if t.state == "open" and t.closed_at is None \
+                and t.opened else "transfer.state"
+            t.opened = True
+            self.publish(method, t.info())
 
     # ---- the data path's side (called on the event loop) ---------------------------------
 
@@ -235,6 +256,10 @@ class TransferService:
         t.transferred += transferred
         t.last_activity = time.monotonic()
         t._wake.set()
+        if transferred and self.count_bytes is not None:
+            self.count_bytes(t.direction, transferred)
+        if transferred and t.last_activity - t.notified >= PROGRESS_INTERVAL:
+            self._publish(t)
 
     async def extents(self, t: Transfer, context: str) -> list[dict[str, Any]]:
         """imageio's extents: zero ({start, length, zero, hole}) or dirty
@@ -323,6 +348,8 @@ class TransferService:
             if t.error is not None and t.state in ("finished", "open", "starting"):
                 t.state = "failed"
             t.closed_at = time.monotonic()
+        if t.opened:
+            self._publish(t)
         if t.state == "cancelled" and t.writable:
             await self._remove_upload(t)
         log.info("Transfer %s: %s, %d bytes", t.id[:8], t.state, t.transferred)

@@ -129,9 +129,24 @@ async def test_upload_download_checksum(dom: Dom, tmp_path: Path, src_fmt: str) 
         qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(src))
     img, vol = await d.volume(size)
     gen = (await d.info(img, vol))["generation"]
-    t = await upload(d, src, img, vol)
-    done = await d.c.call("finalizeTransfer", transferId=t["transferId"])
-    assert done["active"] is False and done["transferred"] == data
+    async with d.c.notifications() as q:
+        t = await upload(d, src, img, vol)
+        done = await d.c.call("finalizeTransfer", transferId=t["transferId"])
+        assert done["active"] is False and done["transferred"] == data
+        # notifications: opened, then closed with the bytes moved
+        states = []
+        while not states or states[-1]["state"] == "open":
+            msg = await asyncio.wait_for(q.get(), 10)
+            if msg["method"] == "transfer.state" and \
+                    msg["params"]["transferId"] == t["transferId"]:
+                states.append(msg["params"])
+        assert [s["state"] for s in states] == ["open", "finished"]
+        assert states[-1]["transferred"] == data
+    status, metrics = await d.c.get("/metrics")
+    assert status == 200
+    lines = [x for x in metrics.decode().splitlines()
+             if x.startswith('hostagent_transfer_bytes_total{direction="upload"}')]
+    assert lines and float(lines[0].split()[-1]) == data, lines
     info = await d.info(img, vol)
     assert info["legality"] == "LEGAL" and info["generation"] == gen + 1
     # the ticket is closed
