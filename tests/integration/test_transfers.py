@@ -45,11 +45,12 @@ class Dom:
         self.sd = sd
         self.ca = str(agent.pki / "ca.pem")
 
-    async def volume(self, size: int, fmt: str = "cow") -> tuple[str, str]:
+    async def volume(self, size: int, fmt: str = "cow", **kw: Any) -> tuple[str, str]:
         img, vol = new_id(), new_id()
         job = new_id()
+        kw.setdefault("preallocate", "sparse")
         await self.c.call("createVolume", jobUUID=job, sdUUID=self.sd, imgUUID=img,
-                          volUUID=vol, size=size, format=fmt, preallocate="sparse")
+                          volUUID=vol, size=size, format=fmt, **kw)
         info = await self.c.wait_job(job, timeout=60, poll=0.5)
         assert info["status"] == "done", info
         return img, vol
