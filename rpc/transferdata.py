@@ -16,7 +16,9 @@ the connection and reads the first request head; `serve` takes it from
 there, keeping the connection for further requests as imageio's client
 expects. Data moves in the listener's worker threads, one thread call per
 request, 4 MiB at a time, between the TLS stream and the transfer's
-qemu-nbd (storage/nbdclient.py).
+qemu-nbd (storage/nbdclient.py), or the volume's file itself when the
+export is that file as it is (a raw volume, format qcow2): no copy through
+qemu-nbd there. Zero, flush and extents always go through qemu-nbd.
 
 The checksum is imageio's block checksum (its docs/checksum.md): the image
 in blocks of block_size bytes (the last one shorter), each block hashed
@@ -30,6 +32,7 @@ import hashlib
 import http
 import json
 import logging
+import os
 import re
 import urllib.parse
 from collections.abc import Callable
@@ -104,37 +107,74 @@ class _Session:
         self.conn = conn
         self.nbd: NbdClient | None = None
         self.nbd_of: str | None = None
+        self.fd: int | None = None
+        self.fd_of: str | None = None
 
     # ---- worker thread side ----------------------------------------------------------
 
     def _client(self, t: Transfer) -> NbdClient:
         if self.nbd is None or self.nbd_of != t.id:
-            self._close_nbd()
+            if self.nbd is not None:
+                self.nbd.close()
+                self.nbd = None
             self.nbd = NbdClient(t.sock)
             self.nbd_of = t.id
         return self.nbd
 
-    def _close_nbd(self) -> None:
+    def _close(self) -> None:
         if self.nbd is not None:
             self.nbd.close()
             self.nbd = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def _file(self, t: Transfer) -> int:
+        """The volume's file, for a transfer whose export is that file."""
+        if self.fd is None or self.fd_of != t.id:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+            self.fd = os.open(t.path, (os.O_RDWR if t.writable else os.O_RDONLY)
+                              | os.O_CLOEXEC)
+            self.fd_of = t.id
+        return self.fd
+
+    def _pread(self, t: Transfer, offset: int, view: memoryview) -> None:
+        if not t.direct:
+            self._client(t).readinto(offset, view)
+            return
+        fd = self._file(t)
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if not n:
+                raise NbdError(op="read", reason=f"{t.path} ends at {offset + done}")
+            done += n
+
+    def _pwrite(self, t: Transfer, offset: int, view: memoryview) -> None:
+        if not t.direct:
+            self._client(t).write(offset, view)
+            return
+        fd = self._file(t)
+        done = 0
+        while done < len(view):
+            done += os.pwritev(fd, [view[done:]], offset + done)
 
     def _read(self, t: Transfer, start: int, length: int, head: bytes) -> int:
-        nbd = self._client(t)
         self.conn.sendall(head)
         buf = bytearray(min(CHUNK, length))
         view = memoryview(buf)
         done = 0
         while done < length:
             n = min(len(buf), length - done)
-            nbd.readinto(start + done, view[:n])
+            self._pread(t, start + done, view[:n])
             # sendall takes any buffer (it wraps it in a memoryview)
             self.conn.sendall(cast(bytes, view[:n]))
             done += n
         return done
 
     def _write(self, t: Transfer, start: int, length: int, flush: bool) -> int:
-        nbd = self._client(t)
         buf = bytearray(min(CHUNK, length) or 1)
         view = memoryview(buf)
         done = 0
@@ -146,10 +186,10 @@ class _Session:
                 if not n:
                     raise _Error(400, f"body cut short after {done + got} of {length} bytes")
                 got += n
-            nbd.write(start + done, view[:got])
+            self._pwrite(t, start + done, view[:got])
             done += got
         if flush:
-            nbd.flush()
+            self._client(t).flush()
         return done
 
     def _zero(self, t: Transfer, start: int, length: int, flush: bool) -> None:
@@ -163,7 +203,6 @@ class _Session:
 
     def _checksum(self, t: Transfer, algorithm: str, block_size: int,
                   zeroes: list[tuple[int, int]]) -> str:
-        nbd = self._client(t)
         new: Callable[..., Any] = getattr(hashlib, algorithm, None) or partial(
             hashlib.new, algorithm)
         if algorithm in ("blake2b", "blake2s"):
@@ -180,7 +219,7 @@ class _Session:
             if zi < len(zeroes) and zeroes[zi][0] <= start and zeroes[zi][1] >= start + n:
                 outer.update(zero_digest if n == block_size else new(bytes(n)).digest())
                 continue
-            nbd.readinto(start, view[:n])
+            self._pread(t, start, view[:n])
             outer.update(new(view[:n]).digest())
         return str(outer.hexdigest())
 
@@ -370,5 +409,5 @@ async def serve(service: TransferService, conn: _Connection, request: _Request |
     except (OSError, TimeoutError) as e:
         log.debug("Transfer connection from %s ended: %s", conn.peer, e or type(e).__name__)
     finally:
-        if session.nbd is not None:
-            await conn.run(session._close_nbd)
+        if session.nbd is not None or session.fd is not None:
+            await conn.run(session._close)

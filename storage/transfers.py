@@ -81,6 +81,11 @@ class Transfer:
     last_activity: float = field(default_factory=time.monotonic)
     error: HostAgentError | None = None
     sock: str = ""
+    # The export is the volume's file as it is (a raw volume, or format qcow2):
+    # reads and writes go to `path` directly, without qemu-nbd's copy; zero,
+    # flush and extents still through qemu-nbd (one page cache: coherent).
+    path: str = ""
+    direct: bool = False
     size: int = 0
     closed_at: float | None = None
     opened: bool = False      # transfer.state "open" was published
@@ -357,6 +362,7 @@ class TransferService:
     def _nbd_argv(self, t: Transfer, sock: str) -> list[str]:
         path = t.domain.volume_path(t.img, t.vol)
         fmt = "raw" if t.format == "qcow2" or t.md.format != "COW" else "qcow2"
+        t.path, t.direct = path, fmt == "raw" and t.dirty is None
         argv = ["qemu-nbd", "--socket", sock, "--format", fmt, "--export-name", "",
                 "--shared", str(NBD_CLIENTS), "--persistent", "--cache", "writeback"]
         if t.writable:

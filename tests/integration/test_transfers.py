@@ -116,8 +116,11 @@ async def upload(d: Dom, src: Path, img: str, vol: str) -> dict[str, Any]:
     return t
 
 
+@pytest.mark.parametrize("vol_fmt", ["cow", "raw"])
 @pytest.mark.parametrize("src_fmt", ["qcow2", "raw"])
-async def test_upload_download_checksum(dom: Dom, tmp_path: Path, src_fmt: str) -> None:
+async def test_upload_download_checksum(dom: Dom, tmp_path: Path, src_fmt: str,
+                                        vol_fmt: str) -> None:
+    """Into a cow volume through qemu-nbd; into a raw one, its file directly."""
     d = dom
     size = 64 * MiB
     raw = tmp_path / "src.raw"
@@ -128,7 +131,7 @@ async def test_upload_download_checksum(dom: Dom, tmp_path: Path, src_fmt: str) 
     if src_fmt == "qcow2":
         src = tmp_path / "src.qcow2"
         qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(src))
-    img, vol = await d.volume(size)
+    img, vol = await d.volume(size, vol_fmt)
     gen = (await d.info(img, vol))["generation"]
     async with d.c.notifications() as q:
         t = await upload(d, src, img, vol)
