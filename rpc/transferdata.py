@@ -144,22 +144,29 @@ class _Session:
         if not t.direct:
             self._client(t).readinto(offset, view)
             return
-        fd = self._file(t)
         done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if not n:
-                raise NbdError(op="read", reason=f"{t.path} ends at {offset + done}")
-            done += n
+        try:
+            fd = self._file(t)
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if not n:
+                    raise NbdError(op="read", reason=f"the file ends at {offset + done}")
+                done += n
+        except OSError as e:
+            raise NbdError(op="read", reason=e.strerror or str(e)) from None
 
     def _pwrite(self, t: Transfer, offset: int, view: memoryview) -> None:
         if not t.direct:
             self._client(t).write(offset, view)
             return
-        fd = self._file(t)
         done = 0
-        while done < len(view):
-            done += os.pwritev(fd, [view[done:]], offset + done)
+        try:
+            fd = self._file(t)
+            while done < len(view):
+                done += os.pwritev(fd, [view[done:]], offset + done)
+        except OSError as e:
+            # the storage's error, not the client socket's (those end the connection)
+            raise NbdError(op="write", reason=e.strerror or str(e)) from None
 
     def _read(self, t: Transfer, start: int, length: int, head: bytes) -> int:
         self.conn.sendall(head)
@@ -393,8 +400,7 @@ async def serve(service: TransferService, conn: _Connection, request: _Request |
                 status, message = ((e.status, e.message) if isinstance(e, _Error)
                                    else (STATUS.get(type(e), 500), e.message))
                 if isinstance(e, NbdError):
-                    log.warning("Transfer request %s %s failed: %s", request.method,
-                                request.path[:20], e.message)
+                    log.warning("Transfer request %s failed: %s", request.method, e.message)
                 if conn.replied:
                     return        # too late for an error reply: the client sees a short body
                 keep = keep and not conn.body_left

@@ -31,6 +31,7 @@ import secrets
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,7 +64,8 @@ DEFAULT_TTL = 24 * 3600.0
 
 @dataclass(eq=False)
 class Transfer:
-    id: str
+    id: str                   # public: getTransfer, logs
+    ticket: str               # secret: the url's credential, never logged
     sd: str
     img: str
     vol: str
@@ -122,6 +124,7 @@ class TransferService:
         self.ttl = ttl
         self.runner = runner
         self.transfers: dict[str, Transfer] = {}
+        self.tickets: dict[str, Transfer] = {}     # by ticket, while open
         # The port of the data listener once it listens (set by the edge).
         self.data_port: int | None = None
 
@@ -156,18 +159,20 @@ class TransferService:
                 if m.legality != LEGAL or m.state != READY:
                     raise InvalidParameter(field="volUUID",
                                            reason=f"volume {m.uuid} of the chain is not LEGAL")
-        t = Transfer(id=secrets.token_urlsafe(24), sd=sd, img=img, vol=vol,
-                     direction=direction, format=fmt, dirty=dirty, inactivity=inactivity,
+        t = Transfer(id=str(uuid.uuid4()), ticket=secrets.token_urlsafe(24), sd=sd, img=img,
+                     vol=vol, direction=direction, format=fmt, dirty=dirty, inactivity=inactivity,
                      expires=time.time() + self.ttl, domain=domain, md=md)
         self.transfers[t.id] = t
+        self.tickets[t.ticket] = t
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        t._task = asyncio.create_task(self._life(t, ready), name=f"transfer-{t.id[:8]}")
+        t._task = asyncio.create_task(self._life(t, ready), name=f"transfer-{t.id}")
         try:
             await asyncio.shield(ready)
         except BaseException:
             del self.transfers[t.id]
+            del self.tickets[t.ticket]
             raise
-        log.info("Transfer %s: %s of %s/%s/%s as %s opened", t.id[:8], direction, sd, img,
+        log.info("Transfer %s: %s of %s/%s/%s as %s opened", t.id, direction, sd, img,
                  vol, fmt)
         self._publish(t)
         return t
@@ -243,7 +248,7 @@ class TransferService:
     def acquire(self, ticket: str, write: bool) -> Transfer:
         """The transfer a request on the data listener may use; counted as
         under way until release()."""
-        t = self.transfers.get(ticket)
+        t = self.tickets.get(ticket)
         if t is None:
             raise TransferTicketError(reason="unknown ticket")
         if t.state != "open":
@@ -334,12 +339,12 @@ class TransferService:
             t.error = e
             if not ready.done():
                 ready.set_exception(e)
-            log.warning("Transfer %s failed: %s", t.id[:8], e.message)
+            log.warning("Transfer %s failed: %s", t.id, e.message)
         except Exception as e:
             t.error = HostAgentError()
             if not ready.done():
                 ready.set_exception(e)
-            log.exception("Transfer %s failed", t.id[:8])
+            log.exception("Transfer %s failed", t.id)
         except asyncio.CancelledError:
             # the lease was lost (it cancels the task that took it)
             t.error = TransferTicketError(reason="the volume's lease was lost")
@@ -353,11 +358,12 @@ class TransferService:
             if t.error is not None and t.state in ("finished", "open", "starting"):
                 t.state = "failed"
             t.closed_at = time.monotonic()
+            self.tickets.pop(t.ticket, None)
         if t.opened:
             self._publish(t)
         if t.state == "cancelled" and t.writable:
             await self._remove_upload(t)
-        log.info("Transfer %s: %s, %d bytes", t.id[:8], t.state, t.transferred)
+        log.info("Transfer %s: %s, %d bytes", t.id, t.state, t.transferred)
 
     def _nbd_argv(self, t: Transfer, sock: str) -> list[str]:
         path = t.domain.volume_path(t.img, t.vol)
@@ -476,13 +482,13 @@ class TransferService:
         done = replace(md, legality=LEGAL, generation=md.generation + 1)
         domain.leases.check(md)
         await domain.write_volume_md(done)
-        log.info("Transfer %s: volume %s/%s/%s verified, LEGAL", t.id[:8], t.sd, t.img, t.vol)
+        log.info("Transfer %s: volume %s/%s/%s verified, LEGAL", t.id, t.sd, t.img, t.vol)
 
     async def _remove_upload(self, t: Transfer) -> None:
         try:
             await self.domains.delete_volume(t.sd, t.img, t.vol)
         except HostAgentError as e:
-            log.warning("Transfer %s: cannot remove volume %s: %s", t.id[:8], t.vol,
+            log.warning("Transfer %s: cannot remove volume %s: %s", t.id, t.vol,
                         e.message)
             t.error = e
             raise

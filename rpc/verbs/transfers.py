@@ -6,13 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from agent.context import Agent
-from rpc.schema import Enum, Field, Number, Str
+from rpc.schema import UUID, Enum, Field, Number, Str
 from rpc.table import TABLE
 from rpc.verbs.common import IMG_UUID, SD_UUID, VOL_UUID
 from rpc.verbs.ovf import _public_host
 
-TRANSFER_ID = Field("transferId", Str(max_len=64, pattern=r"[A-Za-z0-9_-]+",
-                                      pattern_doc="a transfer id from startTransfer"))
+TRANSFER_ID = Field("transferId", UUID(), description="The id startTransfer returned")
 TRANSFER_INFO = {"type": "object", "required": [
     "transferId", "direction", "active", "transferred", "expires"]}
 
@@ -42,7 +41,7 @@ async def start_transfer(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,
     scheme = "https" if agent.config.server.tls else "http"
     port = agent.transfers.data_port or agent.config.ovf.data_port
     return {"transferId": t.id, "expires": t.expires, "size": t.size,
-            "url": f"{scheme}://{_public_host(agent)}:{port}/images/{t.id}"}
+            "url": f"{scheme}://{_public_host(agent)}:{port}/images/{t.ticket}"}
 
 
 @TABLE.verb("getTransfer", "A transfer's state: direction, whether its ticket is open, bytes "
