@@ -31,7 +31,7 @@ from tests.bench.common import drop_localfs_domain, localfs_domain, median, save
 
 MiB = 1024**2
 SIZE = 1024 * MiB
-ROUNDS = 3
+ROUNDS = 5
 
 
 def new_id() -> str:
