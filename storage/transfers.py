@@ -50,6 +50,7 @@ from storage.errors import (
 )
 from storage.metadata import ILLEGAL, LEGAL, READY, VolumeMetadata
 from storage.nbd import NbdError
+from storage.nbdclient import NbdClient
 
 log = logging.getLogger("storage.transfers")
 
@@ -369,8 +370,12 @@ class TransferService:
         path = t.domain.volume_path(t.img, t.vol)
         fmt = "raw" if t.format == "qcow2" or t.md.format != "COW" else "qcow2"
         t.path, t.direct = path, fmt == "raw" and t.dirty is None
+        # Not --persistent: qemu-nbd exits when its last client leaves, and
+        # _serve holds one connection for the transfer's life, so it ends
+        # with the agent (it runs in a session of its own: a kill -9 of the
+        # agent would leave it serving the volume).
         argv = ["qemu-nbd", "--socket", sock, "--format", fmt, "--export-name", "",
-                "--shared", str(NBD_CLIENTS), "--persistent", "--cache", "writeback"]
+                "--shared", str(NBD_CLIENTS), "--cache", "writeback"]
         if t.writable:
             argv += ["--discard", "unmap"]
         else:
@@ -384,6 +389,7 @@ class TransferService:
         sock_path = Path(tmp) / "nbd.sock"     # private, in local /tmp: never blocks
         sock = str(sock_path)
         child = asyncio.create_task(self.runner(self._nbd_argv(t, sock), timeout=1e9))
+        stack = contextlib.ExitStack()
         try:
             deadline = time.monotonic() + NBD_START
             while not sock_path.exists():   # a socket file: no event to wait on
@@ -396,12 +402,15 @@ class TransferService:
                     raise NbdError(op="export", reason="no socket")
                 await asyncio.sleep(0.01)
             t.sock = sock
+            holder = await asyncio.to_thread(NbdClient, sock)
+            stack.callback(holder.close)
             t.size = await self._export_size(t)
             t.state = "open"
             ready.set_result(None)
             await self._watch(t, child)
             await self._drain(t)
         finally:
+            stack.close()
             child.cancel()
             await asyncio.gather(child, return_exceptions=True)
             shutil.rmtree(tmp, ignore_errors=True)

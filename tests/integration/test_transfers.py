@@ -21,6 +21,7 @@ import pytest
 
 from rpc.client import Client, RpcError
 from tests.agentproc import AgentProcess
+from tests.integration.storagefixtures import wait_for
 
 client = pytest.importorskip("ovirt_imageio.client")
 
@@ -356,3 +357,47 @@ async def test_incremental_download_reads_only_changes(dom: Dom, tmp_path: Path)
     t = await d.start(img, vol, "download")
     assert d.request(t["url"], "GET", "/extents?context=dirty")[0] == 404
     await d.c.call("finalizeTransfer", transferId=t["transferId"])
+
+
+def qemu_nbd_of(vol: str) -> list[int]:
+    """Pids of qemu-nbd processes serving volume `vol`."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        if p.info["name"] == "qemu-nbd" and any(vol in a for a in p.info["cmdline"] or ()):
+            out.append(p.pid)
+    return out
+
+
+async def test_agent_killed_mid_upload_leaves_nothing(
+        make_fs_mount: Callable[..., Any], agent_factory: Callable[..., AgentProcess],
+        tmp_path: Path) -> None:
+    """kill -9 in the middle of an upload: its qemu-nbd ends with the agent,
+    and after a restart the volume is ILLEGAL, not prepared, not leased (it
+    can be deleted)."""
+    fs = make_fs_mount("ext4", size=256 * MiB)
+    agent = agent_factory(tmp_path / "state")
+    conn = {"id": new_id(), "connection": str(fs.path)}
+    sd = new_id()
+    async with agent.client() as c:
+        await c.call("connectStorageServer", domType="localfs", connectionParams=[conn])
+        await c.call("createStorageDomain", sdUUID=sd, domType="localfs", name="xfer",
+                     connectionId=conn["id"], ovfStore=False)
+        d = Dom(agent, c, sd)
+        img, vol = await d.volume(16 * MiB)
+        t = await d.start(img, vol, "upload")
+        status, _ = d.request(t["url"], "PUT", body=os.urandom(MiB),
+                              headers={"Content-Range": f"bytes 0-{MiB - 1}/*"})
+        assert status == 200
+        assert len(qemu_nbd_of(vol)) == 1
+    agent.kill()
+    wait_for("the transfer's qemu-nbd to end", lambda: not qemu_nbd_of(vol), timeout=10)
+    agent = agent_factory(agent.state_dir, port=agent.port)
+    async with agent.client() as c:
+        d = Dom(agent, c, sd)
+        assert (await d.info(img, vol))["legality"] == "ILLEGAL"
+        await c.call("deleteVolume", sdUUID=sd, imgUUID=img, volUUID=vol)
+        assert img not in await c.call("getImagesList", sdUUID=sd)
+        await c.call("formatStorageDomain", sdUUID=sd)
+        await c.call("disconnectStorageServer", domType="localfs", connectionParams=[conn])
