@@ -392,17 +392,24 @@ class TransferService:
         stack = contextlib.ExitStack()
         try:
             deadline = time.monotonic() + NBD_START
-            while not sock_path.exists():   # a socket file: no event to wait on
+            # qemu-nbd binds the socket file before it listens: no event to
+            # wait on, so the connection is tried until it is taken
+            while True:
                 if child.done():
                     exc = child.exception()
                     reason = (exc.err_text.strip() if isinstance(exc, commands.CommandError)
                               else str(exc)) or "exited"
                     raise NbdError(op="export", reason=reason)
+                if sock_path.exists():
+                    try:
+                        holder = await asyncio.to_thread(NbdClient, sock)
+                        break
+                    except NbdError:
+                        pass
                 if time.monotonic() > deadline:
-                    raise NbdError(op="export", reason="no socket")
+                    raise NbdError(op="export", reason=f"not serving after {NBD_START:g} s")
                 await asyncio.sleep(0.01)
             t.sock = sock
-            holder = await asyncio.to_thread(NbdClient, sock)
             stack.callback(holder.close)
             t.size = await self._export_size(t)
             t.state = "open"
