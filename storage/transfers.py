@@ -146,6 +146,9 @@ class TransferService:
                 raise VolumeIsBusy(resource=f"volume {vol}",
                                    reason=f"transfer {t.id} is open on it")
         if direction == "upload":
+            if self.domains.is_prepared(sd, img):
+                # a VM (or a reader) has the image: writing under it corrupts what it reads
+                raise VolumeIsBusy(resource=f"image {img}", reason="it is prepared")
             if await domain.children(md):
                 raise VolumeImageHasChildren(resource=f"volume {vol}",
                                              reason="an upload would change what its "

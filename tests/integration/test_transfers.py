@@ -235,6 +235,16 @@ async def test_hostile_requests_are_refused(dom: Dom, tmp_path: Path) -> None:
         await d.start(img, vol, "upload")
     assert e.value.code == 203
     await d.c.call("cancelTransfer", transferId=t["transferId"])
+    # no upload under a prepared image (a VM reads it); a download is fine
+    await d.c.call("prepareImage", sdUUID=d.sd, imgUUID=img, volUUID=vol, purpose="vm")
+    try:
+        with pytest.raises(RpcError) as e:
+            await d.start(img, vol, "upload")
+        assert e.value.code == 203 and "prepared" in e.value.message
+        t = await d.start(img, vol, "download")
+    finally:
+        await d.c.call("teardownImage", sdUUID=d.sd, imgUUID=img, volUUID=vol)
+    await d.c.call("cancelTransfer", transferId=t["transferId"])
     # a cancelled download's ticket is closed; the volume is kept
     assert d.request(t["url"], "GET", headers={"Range": "bytes=0-4095"})[0] == 403
     assert (await d.info(img, vol))["legality"] == "LEGAL"
