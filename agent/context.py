@@ -22,6 +22,7 @@ from storage.connections import ConnectionManager
 from storage.domains import DomainManager, VmAccess, imageops
 from storage.leases import Backend, LeaseManager, LocalBackend, SanlockBackend
 from storage.leases.lockholder import LockHolder
+from storage.transfers import TransferService
 
 log = logging.getLogger("agent.context")
 
@@ -38,6 +39,7 @@ class Agent:
     domains: DomainManager
     leases: LeaseManager
     ovf: OvfService
+    transfers: TransferService
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -98,7 +100,9 @@ class Agent:
                                    job.started))
         return cls(config=config, events=events, metrics=metrics, jobs=jobs, host=host,
                    locks=locks, connections=connections, domains=domains, leases=leases,
-                   ovf=ovf)
+                   ovf=ovf, transfers=TransferService(
+                       domains, publish=events.publish,
+                       count_bytes=lambda d, n: metrics.transfer_bytes.labels(d).inc(n)))
 
     async def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -109,6 +113,7 @@ class Agent:
         await self.jobs.start()
 
     async def stop(self) -> None:
+        await self.transfers.stop()
         await self.jobs.shutdown()
         await self.domains.stop()
         await self.leases.close()

@@ -26,6 +26,9 @@ class Metrics:
                               "Last measured event loop lag", registry=self.registry)
         self.loop_lag_max = Gauge("hostagent_event_loop_lag_max_seconds",
                                   "Largest event loop lag since start", registry=self.registry)
+        self.transfer_bytes = Counter("hostagent_transfer_bytes",
+                                      "Bytes moved by disk transfers (data listener)",
+                                      ["direction"], registry=self.registry)
         self.ws_clients = Gauge("hostagent_websocket_clients", "Connected WebSocket clients",
                                 registry=self.registry)
 

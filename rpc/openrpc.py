@@ -94,6 +94,14 @@ VERB_ERRORS: dict[str, tuple[ErrorClass, ...]] = {
                      e.AcquireLockFailure, e.LeaseLost),
     "getOvfStoreInfo": (*_DOMAIN, e.OvfStoreError),
     "listOvfEntities": (*_DOMAIN, e.OvfStoreError),
+    "startTransfer": (*_ACTIVE, *_VOLUME, e.VolumeIsBusy, e.VolumeImageHasChildren,
+                      e.ResourceInUse, e.InvalidParameter, e.AcquireLockFailure,
+                      e.AcquireHostIdFailure, e.LVMCommandError),
+    "getTransfer": (e.TransferDoesNotExist,),
+    "finalizeTransfer": (e.TransferDoesNotExist, e.TransferTicketError,
+                         e.ImageVerificationError, e.LeaseLost, *_DOMAIN),
+    "cancelTransfer": (e.TransferDoesNotExist, e.TransferTicketError, e.VolumeIsBusy,
+                       e.AcquireLockFailure, e.LeaseLost, *_DOMAIN),
 }
 
 INVALID_PARAMS = {"code": -32602, "message": "Invalid params",

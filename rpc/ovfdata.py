@@ -40,9 +40,11 @@ from email.message import Message
 from typing import Any, TypeVar, cast
 
 from agent.context import Agent
+from rpc import transferdata
 from rpc.dispatch import GENERIC_MESSAGE
 from rpc.ovfroutes import NOT_A_UUID, byte_range, download_headers, error_status
 from rpc.schema import UUID_RE
+from rpc.server import ssl_context
 from rpc.tlsguard import HandshakeGuard
 from storage.errors import HostAgentError, OvfStoreError
 
@@ -85,6 +87,7 @@ class _Request:
     headers: Message
     content_length: int | None
     expect_continue: bool
+    query: str = ""
 
 
 def _parse_head(head: bytes) -> _Request:
@@ -102,9 +105,11 @@ def _parse_head(head: bytes) -> _Request:
         raise _HttpError(400, "bad Content-Length")
     if lengths and "Transfer-Encoding" in headers:
         raise _HttpError(400, "both Content-Length and Transfer-Encoding")
-    return _Request(method=method, path=target.split("?", 1)[0], headers=headers,
+    path, _, query = target.partition("?")
+    return _Request(method=method, path=path, headers=headers,
                     content_length=int(lengths.pop()) if lengths else None,
-                    expect_continue=headers.get("Expect", "").lower() == "100-continue")
+                    expect_continue=headers.get("Expect", "").lower() == "100-continue",
+                    query=query)
 
 
 def _response_head(status: int, headers: dict[str, str]) -> bytes:
@@ -340,6 +345,12 @@ class DataListener:
     def __init__(self, agent: Agent, tls: ssl.SSLContext | None) -> None:
         server = agent.config.server
         self.agent = agent
+        if tls is not None:
+            # Disk transfer URLs (rpc.transferdata) need no client certificate
+            # (their ticket is the credential, as with ovirt-imageio): one is
+            # asked for, verified if sent, and required by the OVF routes.
+            tls = ssl_context(server)
+            tls.verify_mode = ssl.CERT_OPTIONAL
         self.tls = tls
         self.host = server.host
         self.port = agent.config.ovf.data_port
@@ -366,6 +377,7 @@ class DataListener:
         self._sock = sock
         self.port = int(sock.getsockname()[1])
         self.agent.ovf.data_port = self.port
+        self.agent.transfers.data_port = self.port
         self._accepting = asyncio.create_task(self._accept(sock), name="ovf-data-accept")
         log.info("OVF data listener on %s://%s:%d", "https" if self.tls else "http",
                  self.host, self.port)
@@ -375,6 +387,7 @@ class DataListener:
         """Stop accepting; transfers under way get server.shutdown_timeout
         to end, then are cut."""
         self.agent.ovf.data_port = None
+        self.agent.transfers.data_port = None
         if self._accepting is not None:
             self._accepting.cancel()
             await asyncio.gather(self._accepting, return_exceptions=True)
@@ -462,6 +475,17 @@ class DataListener:
         if request is None:
             return
         conn.sock.settimeout(self.body_timeout)
+        if transferdata.is_transfer_path(request.path):
+            await transferdata.serve(self.agent.transfers, conn, request, self.idle_timeout)
+            return
+        if conn.tls is not None and not conn.tls.getpeercert():
+            # the handshake asks for a certificate without requiring one (a
+            # transfer's ticket is its credential): the refusal is here
+            self.guard.refused(conn.peer, "peer did not return a certificate", "request")
+            await self._reply(conn, _json_response(403, {"error": {
+                "code": -32600, "message": "a client certificate is required",
+                "data": {"name": "Forbidden"}}}))
+            return
         m = PATH_RE.fullmatch(request.path)
         if m is None:
             await self._reply(conn, _json_response(404, {"error": {

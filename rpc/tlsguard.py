@@ -77,7 +77,8 @@ class HandshakeGuard:
     def failed(self, peer: str, e: BaseException) -> None:
         self.refused(peer, refusal_reason(e, self.timeout))
 
-    def refused(self, peer: str, reason: str) -> None:
+    def refused(self, peer: str, reason: str, what: str = "TLS handshake") -> None:
+        """Log a refusal once per peer address and reason a minute."""
         key = (peer, reason)
         now = self.clock()
         last = self._logged.get(key)
@@ -88,7 +89,7 @@ class HandshakeGuard:
             self._forget(now)
         self._logged[key] = now
         more = self._unlogged.pop(key, 0)
-        log.warning("%s: TLS handshake from %s refused: %s%s", self.listener, peer, reason,
+        log.warning("%s: %s from %s refused: %s%s", self.listener, what, peer, reason,
                     f" ({more} more since the last report)" if more else "")
 
     def _forget(self, now: float) -> None:

@@ -321,6 +321,23 @@ class InaccessiblePhysDev(HostAgentError):
     template = "Cannot access device(s): {devices}"
 
 
+class TransferTicketError(HostAgentError):
+    """A disk transfer's ticket that is unknown, expired, closed or does not
+    allow the request (HTTP 403 on the data listener)."""
+
+    code = 481
+    wire_name = "ImageTicketsError"
+    template = "Transfer ticket refused: {reason}"
+
+
+class ImageVerificationError(HostAgentError):
+    """An uploaded image that failed its check (VDSM's verify_untrusted):
+    the volume stays ILLEGAL."""
+
+    code = 484
+    template = "Image of volume {volUUID} failed verification: {reason}"
+
+
 # Conditions VDSM has no error for: 2100-2199 (see the module docstring).
 
 
@@ -363,6 +380,11 @@ class LeaseLost(HostAgentError):
 
     code = 2112
     template = "Lease on {resource} was lost: {reason}"
+
+
+class TransferDoesNotExist(HostAgentError):
+    code = 2120
+    template = "Transfer {transferId} does not exist"
 
 
 ALL_ERRORS: tuple[type[HostAgentError], ...] = tuple(

@@ -9,5 +9,6 @@ from rpc.verbs import (  # noqa: F401
     jobs,
     ovf,
     testing,
+    transfers,
     volumes,
 )

@@ -157,6 +157,16 @@ class Domain(abc.ABC):
     @abc.abstractmethod
     async def extend_volume_data(self, md: VolumeMetadata, new_size: int) -> None: ...
 
+    async def open_volume_file(self, md: VolumeMetadata, size: int) -> int:
+        """Let a volume's file be written as it is (a qcow2 upload) up to
+        `size` bytes; the size it can take. Block: its LV as it is (the
+        engine sizes it, VDSM's initialSize)."""
+        return (await self.volume_sizes(md.image, md.uuid))[0]
+
+    async def close_volume_file(self, md: VolumeMetadata, end: int) -> None:
+        """After open_volume_file: the file ends at `end` (its image's end)."""
+        return None
+
     @abc.abstractmethod
     def volume_path(self, img: str, vol: str) -> str:
         """Where the volume's data is when prepared."""

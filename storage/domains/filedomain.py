@@ -300,6 +300,26 @@ class FileDomain(Domain):
         else:
             await qemuimg.resize(path, new_size, fmt="qcow2", runner=self.runner)
 
+    async def open_volume_file(self, md: VolumeMetadata, size: int) -> int:
+        # sparse: the room costs no space until written
+        path = self.volume_path(md.image, md.uuid)
+
+        def grow() -> int:
+            if os.stat(path).st_size < size:
+                os.truncate(path, size)
+            return os.stat(path).st_size
+
+        return await self.io.call(grow)
+
+    async def close_volume_file(self, md: VolumeMetadata, end: int) -> None:
+        path = self.volume_path(md.image, md.uuid)
+
+        def trim() -> None:
+            if os.stat(path).st_size > end:
+                os.truncate(path, end)
+
+        await self.io.call(trim)
+
     async def volume_sizes(self, img: str, vol: str) -> tuple[int, int]:
         def sizes() -> tuple[int, int]:
             try:
