@@ -10,7 +10,6 @@ from agent.config import Config
 from agent.events import EventBus
 from agent.host import Host
 from agent.jobs import JobRegistry
-from agent.locks import LockManager
 from agent.metrics import Metrics
 from ovfstore.service import OvfService
 from ovfstore.store import volume_size
@@ -18,6 +17,7 @@ from storage.connections import ConnectionManager
 from storage.domains import DomainManager, imageops
 from storage.leases import Backend, LeaseManager, LocalBackend, SanlockBackend
 from storage.leases.lockholder import LockHolder
+from storage.locks import LockManager
 
 
 @dataclass

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent.locks import SHARED, LockManager, request
 from storage import commands, lvm, multipath
 from storage.connections import ConnectionManager
 from storage.connections.base import CONNECTED
@@ -57,6 +56,7 @@ from storage.errors import (
 )
 from storage.fileio import IOPool
 from storage.leases import LeaseManager, init_domain_areas
+from storage.locks import SHARED, LockManager, request
 from storage.metadata import (
     CREATING,
     LEGAL,

@@ -44,6 +44,7 @@ import threading
 from typing import Any
 
 from storage.errors import ResourceTimeout
+from storage.leases.ofdlock import lock_visible, try_lock
 
 log = logging.getLogger("storage.leases.lockholder")
 
@@ -70,7 +71,6 @@ class _Helper:
             self.out.flush()
 
     def handle(self, req: dict[str, Any]) -> None:
-        from storage.leases.local import lock_visible, try_lock
         rid = req.get("id")
         try:
             op = req["op"]

@@ -32,6 +32,7 @@ from storage.leases import (
     create_lease_file,
     init_domain_areas,
     init_volume_lease,
+    ofdlock,
 )
 from storage.leases import local as local_mod
 from storage.leases.layout import MiB
@@ -298,7 +299,7 @@ def _drop_lock_behind_its_back(backend: LocalBackend, name: str) -> None:
         for lease in space.leases:
             if lease.lock.what.endswith(name) and lease.lock.fd is not None:
                 fcntl.fcntl(lease.lock.fd, fcntl.F_OFD_SETLK,
-                            local_mod._flock(fcntl.F_UNLCK, lease.lock.offset))
+                            ofdlock._flock(fcntl.F_UNLCK, lease.lock.offset))
                 return
     raise AssertionError(f"no lease {name}")
 

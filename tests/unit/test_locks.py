@@ -2,8 +2,8 @@ import asyncio
 
 import pytest
 
-from agent.locks import EXCLUSIVE, SHARED, LockManager, request
 from storage.errors import AcquireLockFailure
+from storage.locks import EXCLUSIVE, SHARED, LockManager, request
 
 
 async def test_exclusive_excludes():
