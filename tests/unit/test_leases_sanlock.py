@@ -81,7 +81,7 @@ def test_header_result_is_signed() -> None:
     raw = proto.header(proto.ACQUIRE, 8, 10, data=-243, data2=proto.NO_PID)
     h = proto.parse_header(raw)
     assert (h.cmd, h.cmd_flags, h.length, h.result, h.data2) == (7, 8, 42, -243, 0xFFFFFFFF)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="bad magic"):
         proto.parse_header(b"\0" * 32)
     assert proto.describe(-243) == "-243 (owner's host id is live)"
     assert proto.describe(-errno.EAGAIN) == "-11 (EAGAIN)"
@@ -119,7 +119,7 @@ def test_killpath_fits_and_splits(tmp_path: Path) -> None:
         assert len(raw) == 2 * proto.MAX_HELPER_LEN
     finally:
         fifo.close()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="under 128 bytes"):
         proto.killpath("/bin/sh", "x" * 128)
 
 

@@ -154,5 +154,5 @@ async def test_waiting_reader_never_shares_with_a_new_writer():
 
 
 def test_unknown_namespace():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown lock namespace disk"):
         request("disk", "x")
