@@ -11,9 +11,10 @@ PORT ?= 54321
 # Debian packages: what the agent drives at run time, and what the test tiers
 # add (a target daemon, an NFS server and the User-Mode Linux lab guest).
 RUN_DEBS := lvm2 qemu-utils xfsprogs e2fsprogs util-linux nfs-common open-iscsi \
-	multipath-tools sanlock
+	multipath-tools sanlock uuid-runtime
 TEST_DEBS := $(RUN_DEBS) tgt python3-sanlock nfs-kernel-server libiscsi-bin \
-	user-mode-linux busybox-static gcc libc6-dev fuse3 libfuse3-dev qemu-block-extra
+	user-mode-linux busybox-static gcc libc6-dev fuse3 libfuse3-dev qemu-block-extra \
+	systemd systemd-container
 
 .PHONY: all venv deps-run deps-test run test test-unit test-host test-lab lint bench clean
 
@@ -60,3 +61,20 @@ bench: venv deps-test
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# A Debian package of the agent (debian/), built from a copy of the checkout
+# (tracked and new files, not what .gitignore names) so that
+# dpkg-buildpackage writes nothing beside the checkout: build/hostagent_*.deb.
+DEB_BUILD_DEBS := dpkg-dev debhelper dh-python fakeroot python3-pip python3-attr \
+	python3-cryptography python3-defusedxml python3-frozenlist python3-idna \
+	python3-jsonschema python3-multidict python3-prometheus-client python3-psutil \
+	python3-pyudev python3-typing-extensions
+.PHONY: deb
+deb:
+	@bash tests/install-debs.sh $(DEB_BUILD_DEBS)
+	rm -rf build/deb && mkdir -p build/deb/src
+	git ls-files -z --cached --others --exclude-standard \
+		| tar -c --null -T - -f - | tar -x -C build/deb/src
+	cd build/deb/src && dpkg-buildpackage -b -us -uc
+	rm -f build/hostagent_*.deb && cp build/deb/hostagent_*.deb build/
+	@ls build/hostagent_*.deb

@@ -53,6 +53,10 @@ class ServerConfig:
     idle_timeout: float = 30.0
     # A JSON-RPC request body must arrive within this many seconds (408).
     body_timeout: float = 30.0
+    # A TLS handshake must be done within this many seconds (both listeners);
+    # at most max_peer_handshakes run at once per client address.
+    handshake_timeout: float = 5.0
+    max_peer_handshakes: int = 128
 
 
 @dataclass
@@ -80,6 +84,12 @@ class StorageConfig:
     monitor_interval: float = 10.0
     # LVM extent size of new block domains.
     block_extent_size: int = 128 * 1024 * 1024
+    # Who opens prepared volumes besides root: this group (Debian's libvirt
+    # runs qemu as libvirt-qemu:kvm; VDSM's model is vdsm:kvm). A prepare
+    # gives it the volume files (vm_file_mode) and r-x on the directories
+    # from the domain down to them. "": root only.
+    vm_group: str = "kvm"
+    vm_file_mode: int = 0o660
 
 
 @dataclass
@@ -230,6 +240,8 @@ RANGES: dict[str, Range] = {
     "server.shutdown_timeout": NOT_NEGATIVE,
     "server.idle_timeout": POSITIVE,
     "server.body_timeout": POSITIVE,
+    "server.handshake_timeout": POSITIVE,
+    "server.max_peer_handshakes": AT_LEAST_1,
     "jobs.max_running": AT_LEAST_1,
     "jobs.keep_ended_seconds": NOT_NEGATIVE,
     "jobs.shutdown_grace_seconds": NOT_NEGATIVE,
@@ -241,6 +253,7 @@ RANGES: dict[str, Range] = {
     "storage.monitor_interval": POSITIVE,
     # sizes are divided by it; LVM takes no extent under 1 KiB, 1 MiB keeps VGs sane
     "storage.block_extent_size": Range(MiB),
+    "storage.vm_file_mode": Range(0, 0o777),
     "ovf.max_tar_size": Range(MiB),
     "ovf.max_member_size": AT_LEAST_1,
     "ovf.ticket_ttl": POSITIVE,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import grp
+import logging
+import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +18,12 @@ from agent.metrics import Metrics
 from ovfstore.service import OvfService
 from ovfstore.store import volume_size
 from storage.connections import ConnectionManager
-from storage.domains import DomainManager, imageops
+from storage.domains import DomainManager, VmAccess, imageops
 from storage.leases import Backend, LeaseManager, LocalBackend, SanlockBackend
 from storage.leases.lockholder import LockHolder
 from storage.locks import LockManager
+
+log = logging.getLogger("agent.context")
 
 
 @dataclass
@@ -61,7 +67,9 @@ class Agent:
                                 leases=None if config.debug.no_leases else leases,
                                 host_id=le.host_id, lock_policy=le.policy,
                                 lease_io_timeout=le.io_timeout,
-                                domain_lease_timeout=le.domain_lease_timeout)
+                                domain_lease_timeout=le.domain_lease_timeout,
+                                vm_access=vm_access(storage.vm_group, storage.vm_file_mode,
+                                                    Path(storage.storage_root)))
         ovf = OvfService(domains, locks, slot_size=config.ovf.max_tar_size,
                          member_limit=config.ovf.max_member_size,
                          ticket_ttl=config.ovf.ticket_ttl)
@@ -104,3 +112,27 @@ class Agent:
         await self.jobs.shutdown()
         await self.domains.stop()
         await self.leases.close()
+
+
+def vm_access(group: str, file_mode: int, storage_root: Path) -> VmAccess | None:
+    """storage.vm_group as a VmAccess (None: root only). A group this host
+    lacks, or a directory above the storage root it cannot pass, is logged:
+    the agent works, but a qemu in that group cannot open prepared volumes."""
+    if not group:
+        return None
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        log.warning("storage.vm_group: no group %r on this host: prepared volumes are "
+                    "for root only", group)
+        return None
+    for d in (storage_root, *storage_root.parents):
+        try:
+            st = os.stat(d)
+        except OSError:
+            continue
+        if not (st.st_mode & stat.S_IXOTH or (st.st_gid == gid and st.st_mode & stat.S_IXGRP)):
+            log.warning("%s (mode %o, group %d) does not let group %s pass: a VM cannot "
+                        "open prepared volumes below it", d, stat.S_IMODE(st.st_mode),
+                        st.st_gid, group)
+    return VmAccess(gid, file_mode)

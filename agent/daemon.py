@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -40,7 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "state under --state-dir")
     p.add_argument("--state-dir", type=Path, help="dev mode: state and storage directory")
     p.add_argument("--port", type=int, help="listening port (default 54321)")
-    p.add_argument("--enable-test-verbs", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--enable-test-verbs", action="store_true",
+                   help="add the self-test verbs (testStepJob, ...) that try jobs without "
+                        "touching storage; for development, not for a production host")
     p.add_argument("--version", action="version", version=f"hostagentd {__version__}")
     args = p.parse_args(argv)
     if args.dev and args.state_dir is None:
@@ -78,8 +82,9 @@ async def serve(config: configmod.Config, notifier: Notifier) -> None:
     from rpc import ovfroutes
     from rpc.dispatch import Dispatcher
     from rpc.ovfdata import DataListener
-    from rpc.server import make_app, ssl_context
+    from rpc.server import TlsSite, make_app, ssl_context
     from rpc.table import TABLE
+    from rpc.tlsguard import HandshakeGuard
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -97,8 +102,13 @@ async def serve(config: configmod.Config, notifier: Notifier) -> None:
     await runner.setup()
     server = config.server
     tls = ssl_context(server) if server.tls else None
-    site = web.TCPSite(runner, server.host, server.port, ssl_context=tls, backlog=1024,
+    site: web.TCPSite
+    if tls is not None:
+        guard = HandshakeGuard("main port", server.handshake_timeout, server.max_peer_handshakes)
+        site = TlsSite(runner, server.host, server.port, tls, guard, backlog=1024,
                        reuse_address=True)
+    else:
+        site = web.TCPSite(runner, server.host, server.port, backlog=1024, reuse_address=True)
     data = DataListener(agent, tls) if config.ovf.data_port >= 0 else None
     try:
         await site.start()
@@ -135,6 +145,43 @@ async def serve(config: configmod.Config, notifier: Notifier) -> None:
     log.info("Stopped")
 
 
+LOCK_FILE = "hostagentd.lock"
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """flock a file in the state directory for the life of the process (the
+    fd is close-on-exec: children do not keep it), so that two agents never
+    share one state directory; its text is the holder's pid. Raises
+    SystemExit naming the holder if another agent has it."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise SystemExit(f"hostagentd: the state directory {state_dir} is in use by another "
+                         f"agent (pid {holder}); each agent needs its own (--state-dir in dev "
+                         "mode, storage.state_dir otherwise)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def unreadable_tls_files(server: configmod.ServerConfig) -> list[str]:
+    """'key path: reason' for each TLS file of the listener that cannot be read."""
+    bad = []
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(server, key)
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            bad.append(f"server.{key} {path}: {e.strerror}")
+    return bad
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -146,16 +193,31 @@ def main(argv: list[str] | None = None) -> int:
         print(config.to_toml(), end="")
         return 0
     logs.setup(config.logging.level, config.logging.levels)
-    if config.dev:
-        pki = config.state_dir / "pki"
-        if ensure_dev_pki(pki):
-            log.info("Created the dev CA and certificates in %s", pki)
     try:
-        asyncio.run(serve(config, Notifier()))
-    except (FileNotFoundError, PermissionError) as e:
-        log.error("Cannot start: %s", e)
+        lock_fd = lock_state_dir(config.state_dir)
+    except OSError as e:
+        print(f"hostagentd: cannot lock the state directory {config.state_dir}: {e}",
+              file=sys.stderr)
         return 1
-    return 0
+    try:
+        if config.dev:
+            pki = config.state_dir / "pki"
+            made = ensure_dev_pki(pki)
+            if made:
+                log.info("Made dev certificates in %s: %s", pki, ", ".join(made))
+        bad = unreadable_tls_files(config.server) if config.server.tls else []
+        if bad:
+            print("hostagentd: cannot read the listener's TLS files: " + "; ".join(bad),
+                  file=sys.stderr)
+            return 1
+        try:
+            asyncio.run(serve(config, Notifier()))
+        except (FileNotFoundError, PermissionError) as e:
+            log.error("Cannot start: %s", e)
+            return 1
+        return 0
+    finally:
+        os.close(lock_fd)
 
 
 if __name__ == "__main__":

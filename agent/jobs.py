@@ -3,7 +3,8 @@
 A job runs its work as an asyncio task; abort cancels that task, and the
 cancellation reaches whatever it awaits, child processes included (the
 command runner kills them). Each record is written to the state dir on every
-status change, so after a crash the agent still knows the job: a job that
+status change (an ending job's before its end is shown: `done` seen is
+`done` after a crash), so after a crash the agent still knows the job: a job that
 was pending or running is then reported `failed` as interrupted, and the
 operation that owns its type gets a recovery hook to clean what it left.
 """
@@ -14,11 +15,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from storage.errors import (
     JobNotDone,
     UnknownTask,
 )
+from storage.fileio import atomic_write
 
 log = logging.getLogger("agent.jobs")
 
@@ -254,22 +255,53 @@ class JobRegistry:
                 result = await work(JobContext(self, job))
         except asyncio.CancelledError:
             if job.abort_requested:
-                job.status, job.error = ABORTED, ActionStopped().to_dict()
+                await self._end(job, ABORTED, error=ActionStopped().to_dict())
             else:
-                job.status = FAILED
-                job.error = JobInterrupted(jobUUID=job.job_uuid).to_dict()
+                await self._end(job, FAILED,
+                                error=JobInterrupted(jobUUID=job.job_uuid).to_dict())
         except HostAgentError as e:
-            job.status, job.error = FAILED, e.to_dict()
+            await self._end(job, FAILED, error=e.to_dict())
         except Exception:
             log.exception("Job %s (%s) failed unexpectedly", job.job_uuid, job.type)
-            job.status = FAILED
-            job.error = GeneralException(reason="unexpected error, see the agent log").to_dict()
+            await self._end(job, FAILED, error=GeneralException(
+                reason="unexpected error, see the agent log").to_dict())
         else:
-            job.status, job.progress, job.result = DONE, 100, result
-        job.ended = time.time()
+            await self._end(job, DONE, result=result)
+
+    async def _end(self, job: Job, status: str, *, error: dict[str, Any] | None = None,
+                   result: Any = None) -> None:
+        """End a job in one ordered step: its final record on disk first,
+        then the status in memory (getJobs) and on the WebSocket. A client
+        that saw `done` has moved on: a crash must not turn it into an
+        interrupted job whose recovery removes what it made (issue 22)."""
+        ended = replace(job, status=status, error=error, result=result, ended=time.time(),
+                        progress=100 if status == DONE else job.progress)
+        write = asyncio.ensure_future(asyncio.to_thread(self._write_final, ended))
+        cancelled = False
+        while not write.done():
+            # An abort or shutdown arriving now finds the work over: the
+            # record is written and the job ends as it did.
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                cancelled = True
+        if not write.cancelled() and write.exception() is not None:
+            log.error("Cannot write the final record of job %s: %s", job.job_uuid,
+                      write.exception())
+        job.status, job.error, job.result = ended.status, ended.error, ended.result
+        job.ended, job.progress = ended.ended, ended.progress
         log.info("Job %s (%s) %s%s", job.job_uuid, job.type, job.status,
                  f": {job.error['message']}" if job.error else "")
         self._changed(job)
+        if cancelled:
+            raise asyncio.CancelledError
+
+    def _write_final(self, job: Job) -> None:
+        """The record of an ending job, written now (under the writers' lock,
+        superseding what the background writer had pending for it)."""
+        with self._flush_lock:
+            self._dirty.pop(job.job_uuid, None)
+            self._write(self.dir / f"{job.job_uuid}.json", job)
 
     def _set_progress(self, job: Job, percent: float) -> None:
         value = max(job.progress, min(100, int(percent)))
@@ -321,9 +353,18 @@ class JobRegistry:
                 if job is None:
                     path.unlink(missing_ok=True)
                 else:
-                    _atomic_write(path, json.dumps(job.record()).encode())
-            except (OSError, TypeError, ValueError) as e:
+                    self._write(path, job)
+            except OSError as e:
                 log.error("Cannot write job record %s: %s", path, e)
+
+    @staticmethod
+    def _write(path: Path, job: Job) -> None:
+        try:
+            data = json.dumps(job.record()).encode()
+        except (TypeError, ValueError) as e:
+            log.error("Cannot write job record %s: %s", path, e)
+            return
+        atomic_write(path, data, mode=0o600)
 
     async def _sweep(self) -> None:
         keep = self.config.keep_ended_seconds
@@ -334,13 +375,3 @@ class JobRegistry:
                 if job.is_ended and (job.ended or 0) < cutoff:
                     self._forget(job)
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)

@@ -65,8 +65,11 @@ class ProgressBar:
         line = f"[{'#' * filled}{' ' * (self.width - filled)}] {pct:3d}% {info.get('status')}"
         if line == self.last:
             return
+        # On a terminal the line is redrawn in place: blank what a longer
+        # line before left (else "running" then "done" shows "doneing").
+        pad = " " * max(0, len(self.last) - len(line))
         self.last = line
-        self.stream.write(("\r" + line) if self.tty else line + "\n")
+        self.stream.write(f"\r{line}{pad}\r{line}" if self.tty else line + "\n")
         self.stream.flush()
 
     def done(self) -> None:
@@ -74,12 +77,34 @@ class ProgressBar:
             self.stream.write("\n")
 
 
+async def is_job(client: Client, verb: str) -> bool | None:
+    """Whether the agent runs `verb` as a job (rpc.discover tags it "job");
+    None if it does not know the verb."""
+    doc = await client.call("rpc.discover")
+    for method in doc.get("methods", ()):
+        if method.get("name") == verb:
+            return any(t.get("name") == "job" for t in method.get("tags", ()))
+    return None
+
+
 async def run(args: argparse.Namespace) -> int:
     params = parse_params(args.params)
-    if args.wait and "jobUUID" not in params:
-        params["jobUUID"] = str(uuid.uuid4())
-    async with make_client(args) as client:
+    try:
+        client = make_client(args)
+    except OSError as e:
+        hint = (f" (an agent started with --dev --state-dir {args.dev} makes it on its first "
+                "start)" if args.dev is not None else "")
+        print(f"hostagent-client: cannot read {e.filename}: {e.strerror}{hint}",
+              file=sys.stderr)
+        return 2
+    async with client:
         try:
+            if args.wait and await is_job(client, args.verb) is False:
+                print(f"hostagent-client: --wait follows jobs, and {args.verb} is not one "
+                      "(it answers at once): run it without --wait", file=sys.stderr)
+                return 2
+            if args.wait and "jobUUID" not in params:
+                params["jobUUID"] = str(uuid.uuid4())
             result = await client.call(args.verb, **params)
             if args.wait and isinstance(result, dict) and "jobUUID" in result:
                 bar = ProgressBar()

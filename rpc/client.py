@@ -41,11 +41,30 @@ class RpcError(Exception):
         return {"code": self.code, "message": self.message, "data": self.data}
 
 
-def client_ssl_context(ca: str | Path, cert: str | Path, key: str | Path) -> ssl.SSLContext:
+def verifying_context(ca: str | Path) -> ssl.SSLContext:
+    """A client context that verifies the agent's certificate against `ca`
+    strictly (RFC 5280 conformance, Python 3.13's default), TLS 1.2 or newer."""
+    _readable(ca)
     ctx = ssl.create_default_context(cafile=str(ca))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    return ctx
+
+
+def client_ssl_context(ca: str | Path, cert: str | Path, key: str | Path) -> ssl.SSLContext:
+    """verifying_context() presenting the client certificate `cert`."""
+    ctx = verifying_context(ca)
+    _readable(cert)
+    _readable(key)
     ctx.load_cert_chain(str(cert), str(key))
     return ctx
+
+
+def _readable(path: str | Path) -> None:
+    """Raise the OSError (with the path) that opening `path` gives: ssl's own
+    errors for a missing file do not name it."""
+    with open(path, "rb"):
+        pass
 
 
 class Client:

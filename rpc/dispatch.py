@@ -10,15 +10,19 @@ goes to the log with the request id, never to the client).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
 import logging
+import math
 import secrets
+import sys
 import time
 from typing import Any
 
-from jsonrpcserver import Error, Result, Success, async_dispatch
+from jsonrpcserver import Error, Result, Success
+from jsonrpcserver.async_main import dispatch_to_serializable
 
 from agent import __version__, logs
 from agent.context import Agent
@@ -49,17 +53,39 @@ class Dispatcher:
         self.openrpc = openrpc_document(verbs)
 
     async def dispatch(self, body: str, peer: str = "") -> str:
-        """A request or batch in, the response text out ("" for notifications)."""
+        """A request or batch in, the response text out ("" for notifications).
+
+        A batch is split here, as JSON-RPC 2.0 section 6 says: each entry is
+        checked and answered on its own (an invalid one with -32600 and id
+        null), the valid ones run concurrently, notifications get no answer.
+        jsonrpcserver would refuse the whole batch for one invalid entry."""
         try:
             request = _loads(body)
         except ValueError as e:
             return _protocol_error(-32700, "Parse error", str(e))
-        if isinstance(request, list) and len(request) > MAX_BATCH:
+        if not isinstance(request, list):
+            answer = await self._one(request, peer)
+            return "" if answer is None else _dumps(answer)
+        if not request:
+            return _protocol_error(-32600, "Invalid Request", "an empty batch")
+        if len(request) > MAX_BATCH:
             return _protocol_error(-32600, "Invalid Request",
                                    f"a batch holds at most {MAX_BATCH} requests")
-        return await async_dispatch(body, methods=self.methods, context=peer,
-                                    deserializer=lambda _text: request,
-                                    validator=validate_request)
+        answers = await asyncio.gather(*(self._one(item, peer) for item in request))
+        parts = [_dumps(a) for a in answers if a is not None]
+        return f"[{', '.join(parts)}]" if parts else ""
+
+    async def _one(self, request: Any, peer: str) -> dict[str, Any] | None:
+        """One request's answer as a JSON object; None for a notification."""
+        try:
+            _check_one(request)
+        except ValueError as e:
+            return _invalid_request(str(e))
+        answer = await dispatch_to_serializable("", methods=self.methods, context=peer,
+                                                deserializer=lambda _text: request,
+                                                validator=lambda r: r)
+        assert answer is None or isinstance(answer, dict)
+        return answer
 
     async def _discover(self, peer: str, /, *args: Any, **params: Any) -> Result:
         if args or params:
@@ -130,22 +156,22 @@ def _check_one(request: Any) -> None:
         rid = request["id"]
         if isinstance(rid, bool) or not isinstance(rid, str | int | float | None):
             raise ValueError('"id" must be a string, a number or null')
+        if isinstance(rid, int | float) and not _finite(rid):
+            raise ValueError('"id" is a number outside the range of a double')
     extra = set(request) - {"jsonrpc", "method", "params", "id"}
     if extra:
         raise ValueError(f"unknown member {sorted(extra)[0]!r}")
 
 
-def validate_request(request: Any) -> Any:
-    """The JSON-RPC 2.0 request rules of jsonrpcserver's schema, checked by
-    hand: jsonschema cost more than the rest of a ping call together."""
-    if isinstance(request, list):
-        if not request:
-            raise ValueError("an empty batch")
-        for item in request:
-            _check_one(item)
-    else:
-        _check_one(request)
-    return request
+def _finite(number: int | float) -> bool:
+    # integers were read within a double's range (_int)
+    return math.isfinite(number)
+
+
+def _invalid_request(reason: str) -> dict[str, Any]:
+    # id null: JSON-RPC 2.0 section 5, the id of an invalid request is not read
+    return {"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request",
+                                        "data": reason}, "id": None}
 
 
 def _protocol_error(code: int, message: str, data: str) -> str:
@@ -153,16 +179,44 @@ def _protocol_error(code: int, message: str, data: str) -> str:
                                                    "data": data}, "id": None})
 
 
+def _dumps(answer: dict[str, Any]) -> str:
+    """An answer as strict JSON. Python writes NaN and Infinity, which are
+    not JSON: a result holding one (a bug) becomes error 100, with the
+    request's id (ids are checked finite)."""
+    try:
+        return json.dumps(answer, allow_nan=False)
+    except ValueError:
+        log.error("answer to request id %r is not JSON (a non-finite number)",
+                  answer.get("id"))
+        return json.dumps({"jsonrpc": "2.0", "id": answer.get("id"),
+                           "error": {"code": 100, "message": GENERIC_MESSAGE,
+                                     "data": {"name": "GeneralException"}}})
+
+
 def _no_constant(name: str) -> Any:
     # Python's json reads NaN and Infinity, which are not JSON.
     raise ValueError(f"{name} is not JSON")
+
+
+# Digits beyond which an integer is outside a double's range (1.8e308)
+# whatever they are; also below Python's int() limit of 4300 digits.
+INT_DIGITS = 310
+
+
+def _int(text: str) -> int | float:
+    # As a double-based reader sees it: out of range is infinite, which the
+    # id check refuses. int() of 4300+ digits would raise.
+    value = int(text) if len(text.lstrip("-")) <= INT_DIGITS else math.inf
+    if abs(value) > sys.float_info.max:
+        return -math.inf if text.startswith("-") else math.inf
+    return value
 
 
 def _loads(text: str) -> Any:
     # json.loads raises RecursionError on absurd nesting: report it as a
     # parse error like any other undecodable body.
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant, parse_int=_int)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 

@@ -25,7 +25,8 @@ _ACTIVE = (*_DOMAIN, e.StorageDomainNotActive)
 _VOLUME = (e.VolumeDoesNotExist, e.VolumeMetadataReadError, e.ImageDoesNotExistInSD)
 _WRITE = (e.NoSpaceLeftOnDomain, e.AcquireLockFailure, e.AcquireHostIdFailure, e.LeaseLost,
           e.LVMCommandError, e.CannotCreateLogicalVolume, e.InvalidParameter)
-_MAKE = (e.VolumeAlreadyExists, e.VolumeCreationError)
+# ResourceInUse: the domain's OVF store volume is no target of volume verbs
+_MAKE = (e.VolumeAlreadyExists, e.VolumeCreationError, e.ImageIsNotLegalChain, e.ResourceInUse)
 _CONNECT = (e.StorageServerConnectionError, e.ISCSISetupError, e.ISCSILoginAuthError,
             e.InvalidIpAddress, e.MountError, e.StorageServerAccessPermissionError,
             e.MultipathSetupError, e.InaccessiblePhysDev, e.DuplicateConnection,
@@ -49,7 +50,7 @@ VERB_ERRORS: dict[str, tuple[ErrorClass, ...]] = {
     "createStorageDomain": (e.StorageDomainAlreadyExists, e.StorageServerConnectionError,
                             e.InaccessiblePhysDev, e.VolumeGroupBlockSizeError,
                             e.DeviceBlockSizeError, e.StorageServerAccessPermissionError,
-                            *_DOMAIN, *_WRITE),
+                            e.MultipathSetupError, *_DOMAIN, *_WRITE),
     "getStorageDomainInfo": _DOMAIN, "getStorageDomainStats": _DOMAIN,
     "getStorageDomainsList": (),
     "activateStorageDomain": (*_DOMAIN, e.AcquireHostIdFailure),
@@ -64,13 +65,15 @@ VERB_ERRORS: dict[str, tuple[ErrorClass, ...]] = {
     "getVolumesList": (*_DOMAIN, e.ImageDoesNotExistInSD),
     "getImagesList": _DOMAIN,
     "extendVolumeSize": (*_ACTIVE, *_VOLUME, e.VolumeResizeValueError, e.GenerationMismatch,
-                         *_WRITE),
+                         e.ResourceInUse, *_WRITE),
     "deleteVolume": (*_ACTIVE, *_VOLUME, e.VolumeIsBusy, e.VolumeImageHasChildren,
+                     e.ResourceInUse,
                      e.GenerationMismatch, e.AcquireLockFailure, e.LeaseLost,
                      e.LVMCommandError),
     "deleteImage": (*_JOB, *_ACTIVE, *_VOLUME, e.VolumeIsBusy, e.VolumeImageHasChildren,
+                    e.ResourceInUse,
                     e.AcquireLockFailure, e.LeaseLost, e.LVMCommandError),
-    "prepareImage": (*_ACTIVE, *_VOLUME, e.PrepareIllegalVolumeError,
+    "prepareImage": (*_ACTIVE, *_VOLUME, e.PrepareIllegalVolumeError, e.VolumeNonWritable,
                      e.BackupDomainRestricted, e.LVMCommandError),
     "teardownImage": (*_DOMAIN, *_VOLUME),
     "copyImage": (*_JOB, *_ACTIVE, *_VOLUME, *_MAKE, e.VolumeCopyError,
@@ -87,6 +90,7 @@ VERB_ERRORS: dict[str, tuple[ErrorClass, ...]] = {
                      e.PrepareIllegalVolumeError, e.VolumeIsBusy, e.BackupDomainRestricted,
                      *_WRITE),
     "uploadOvfTar": (*_ACTIVE, e.OvfStoreError, e.OvfTicketError, e.InvalidParameter,
+                     e.NoSpaceLeftOnDomain,
                      e.AcquireLockFailure, e.LeaseLost),
     "getOvfStoreInfo": (*_DOMAIN, e.OvfStoreError),
     "listOvfEntities": (*_DOMAIN, e.OvfStoreError),

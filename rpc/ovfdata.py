@@ -13,9 +13,12 @@ locks, checks and the store's pipeline are those of the main port
 (OvfService).
 
 One request per connection (every reply says Connection: close). Bounded:
-at most MAX_CONNECTIONS at once (more wait in the backlog); the TLS
-handshake and request head within server.idle_timeout; each body read and
-reply write within server.body_timeout.
+the TLS handshake runs on the loop, outside the connection slots, within
+server.handshake_timeout and at most server.max_peer_handshakes at once per
+client address (rpc.tlsguard), at most MAX_PENDING in all; then at most
+MAX_CONNECTIONS connections at once (more wait for a slot); the request
+head within server.idle_timeout; each body read and reply write within
+server.body_timeout.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from agent.context import Agent
 from rpc.dispatch import GENERIC_MESSAGE
 from rpc.ovfroutes import NOT_A_UUID, byte_range, download_headers, error_status
 from rpc.schema import UUID_RE
+from rpc.tlsguard import HandshakeGuard
 from storage.errors import HostAgentError, OvfStoreError
 
 log = logging.getLogger("rpc.ovfdata")
@@ -47,6 +51,12 @@ log = logging.getLogger("rpc.ovfdata")
 T = TypeVar("T")
 
 MAX_CONNECTIONS = 16
+# Accepted sockets not yet in a slot (handshaking, or waiting for a slot);
+# past this the listener stops accepting until one ends. Each is a socket
+# and a few KiB, and lasts at most server.handshake_timeout if it does not
+# complete its handshake.
+MAX_PENDING = 1024
+HANDSHAKE_READ = 16 * 1024
 MAX_HEAD = 64 * 1024         # request line and headers
 LINGER = 5.0                 # s spent dropping what a client still sends after a reply
 ABORT_WAIT = 5.0             # s a thread gets to return once its socket was shut down
@@ -132,6 +142,7 @@ class _Connection:
             self.peer = str(raw.getpeername()[0])
         except OSError:
             self.peer = "-"
+        self.timeout = timeout
         raw.settimeout(timeout)
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
@@ -160,6 +171,38 @@ class _Connection:
                 if fut.done() and not fut.cancelled():
                     fut.exception()       # retrieved: it is the shutdown's doing
             raise
+
+    async def handshake(self, timeout: float) -> None:
+        """The TLS handshake, on the loop: waiting for a client that sends
+        nothing holds no worker thread and no connection slot (issue 22.2).
+        The handshake's own CPU work (a few key operations) runs on the
+        loop, as it does for the main port."""
+        if self.tls is None:
+            return
+        loop = asyncio.get_running_loop()
+        self.sock.setblocking(False)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    try:
+                        self.tls.do_handshake()
+                        break
+                    except ssl.SSLWantReadError:
+                        if self._outgoing.pending:
+                            await loop.sock_sendall(self.sock, self._outgoing.read())
+                        data = await loop.sock_recv(self.sock, HANDSHAKE_READ)
+                        if not data:
+                            raise ConnectionError("closed during the TLS handshake") from None
+                        self._incoming.write(data)
+                    except ssl.SSLError:
+                        # the alert, so that the client learns why; never waits
+                        with contextlib.suppress(OSError):
+                            self.sock.send(self._outgoing.read())
+                        raise
+                if self._outgoing.pending:
+                    await loop.sock_sendall(self.sock, self._outgoing.read())
+        finally:
+            self.sock.settimeout(self.timeout)
 
     def abort(self) -> None:
         with contextlib.suppress(OSError):
@@ -222,22 +265,8 @@ class _Connection:
             self._flush()
 
     def read_head(self) -> _Request | None:
-        """TLS handshake, then the request line and headers; None if the
+        """The request line and headers (after the handshake); None if the
         client closed without sending a request."""
-        if self.tls is not None:
-            while True:
-                try:
-                    self.tls.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    self._flush()
-                    if not self._fill():
-                        raise ConnectionError("closed during the TLS handshake") from None
-                except ssl.SSLError:
-                    with contextlib.suppress(OSError):
-                        self._flush()     # the alert: the client learns why
-                    raise
-            self._flush()
         head = bytearray()
         buf = memoryview(bytearray(16384))
         while (end := head.find(b"\r\n\r\n")) < 0:
@@ -317,6 +346,9 @@ class DataListener:
         self.idle_timeout = server.idle_timeout
         self.body_timeout = server.body_timeout
         self.grace = server.shutdown_timeout
+        self.guard = HandshakeGuard("OVF data port", server.handshake_timeout,
+                                    server.max_peer_handshakes)
+        self._pending = asyncio.Semaphore(MAX_PENDING)
         self._pool = concurrent.futures.ThreadPoolExecutor(MAX_CONNECTIONS,
                                                            thread_name_prefix="ovf-data")
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
@@ -358,32 +390,53 @@ class DataListener:
     async def _accept(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._slots.acquire()
+            await self._pending.acquire()
             try:
-                raw, _ = await loop.sock_accept(sock)
+                raw, addr = await loop.sock_accept(sock)
             except OSError as e:
                 # out of file descriptors or memory: try again a little later
-                self._slots.release()
+                self._pending.release()
                 log.warning("OVF data listener: accept failed: %s", e)
                 await asyncio.sleep(0.5)
                 continue
             except BaseException:
-                self._slots.release()
+                self._pending.release()
                 raise
-            task = asyncio.create_task(self._serve(raw))
+            peer = str(addr[0])
+            if not self.guard.admit(peer):
+                raw.close()
+                self._pending.release()
+                continue
+            task = asyncio.create_task(self._serve(raw, peer))
             self._connections.add(task)
-            task.add_done_callback(self._done)
+            task.add_done_callback(self._connections.discard)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._connections.discard(task)
-        self._slots.release()
-
-    async def _serve(self, raw: socket.socket) -> None:
+    async def _serve(self, raw: socket.socket, peer: str) -> None:
+        pending = True        # counted in _pending until it has a slot
+        conn: _Connection | None = None
         try:
-            conn = _Connection(raw, self.tls, self._pool, self.idle_timeout)
-        except OSError:
-            raw.close()
-            return
+            try:
+                conn = _Connection(raw, self.tls, self._pool, self.idle_timeout)
+                await conn.handshake(self.guard.timeout)
+            except (OSError, TimeoutError) as e:
+                # no client certificate, another CA, not TLS, too slow, gone
+                self.guard.failed(peer, e)
+                return
+            finally:
+                self.guard.release(peer)
+            async with self._slots:
+                self._pending.release()
+                pending = False
+                await self._run(conn)
+        finally:
+            if pending:
+                self._pending.release()
+            if conn is not None:
+                conn.close()
+            else:
+                raw.close()
+
+    async def _run(self, conn: _Connection) -> None:
         try:
             await self._exchange(conn)
         except Exception:
@@ -393,8 +446,6 @@ class DataListener:
                     await conn.run(conn.sendall, _json_response(
                         500, {"error": {"code": 100, "message": GENERIC_MESSAGE,
                                         "data": {"name": "GeneralException"}}}))
-        finally:
-            conn.close()
 
     async def _exchange(self, conn: _Connection) -> None:
         try:
@@ -404,7 +455,7 @@ class DataListener:
                 "code": -32600, "message": e.reason, "data": {"name": "InvalidRequest"}}}))
             return
         except (OSError, TimeoutError) as e:
-            # no client certificate, not TLS, too slow, gone
+            # too slow, gone
             log.info("OVF data connection from %s dropped: %s", conn.peer,
                      e or type(e).__name__)
             return

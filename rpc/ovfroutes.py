@@ -33,7 +33,10 @@ from storage.errors import (
 log = logging.getLogger("rpc.ovfstore")
 
 CHUNK = 1 << 20
-RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# ASCII digits (\d also matches other scripts' digits, which int() reads),
+# at most 19: a position past any tar's size, and far below Python's
+# 4300-digit int() limit (issue 22.11: 5000 digits were a 500).
+RANGE_RE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")
 STATUS = {OvfTicketError: 403, AcquireLockFailure: 409, OvfStoreError: 400,
           StorageDomainDoesNotExist: 404, VolumeDoesNotExist: 404,
           NoSpaceLeftOnDomain: 507}
@@ -52,7 +55,7 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     for; None if it cannot be satisfied (416)."""
     if not header:
         return 0, size
-    m = RANGE_RE.match(header.strip())
+    m = RANGE_RE.fullmatch(header.strip())
     if not m or (not m.group(1) and not m.group(2)):
         return None
     if m.group(1):

@@ -20,13 +20,16 @@ import ssl
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.http import WebSocketError, WebSocketWriter
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_request import BaseRequest
 
 from agent import __version__
 from agent.config import ServerConfig
 from agent.context import Agent
 from rpc.dispatch import Dispatcher
+from rpc.tlsguard import HandshakeGuard
 
 log = logging.getLogger("rpc.server")
 
@@ -54,9 +57,19 @@ PARSE_ERROR = json.dumps({"jsonrpc": "2.0", "id": None,
 
 
 def ssl_context(config: ServerConfig) -> ssl.SSLContext:
-    """Server side of mutual TLS: TLS 1.2+, a client certificate signed by the CA."""
+    """Server side of mutual TLS (every listener): TLS 1.3, or TLS 1.2 with
+    forward-secret AEAD suites only (Mozilla's "intermediate" profile); a
+    client certificate signed by the CA."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # TLS 1.2: ECDHE with AES-GCM or ChaCha20-Poly1305, no CBC (LUCKY13), no
+    # static RSA, no DHE (its parameters would need managing). TLS 1.3's
+    # suites are all AEAD and keep OpenSSL's defaults.
+    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
+    # Python 3.11's ssl sets one key exchange group only; P-256 is the one
+    # every TLS stack has (FIPS and Java 8 included). OpenSSL's default list
+    # also offers X448 and P-521, which the profile does not allow.
+    ctx.set_ecdh_curve("prime256v1")
     ctx.load_cert_chain(config.cert_file, config.key_file)
     ctx.load_verify_locations(cafile=config.ca_file)
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -90,6 +103,10 @@ async def handle_jsonrpc(request: web.Request) -> web.StreamResponse:
     except TimeoutError:
         log.info("%s: request body not received in time, closing", request.remote)
         raise web.HTTPRequestTimeout(text="request body not received in time") from None
+    except ConnectionError as e:
+        # the client went away in the middle of its body: its doing, no traceback
+        log.info("%s: connection lost while reading the request body: %s", request.remote, e)
+        raise web.HTTPBadRequest(text="connection lost") from None
     try:
         body = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -100,6 +117,88 @@ async def handle_jsonrpc(request: web.Request) -> web.StreamResponse:
     return web.Response(text=response, content_type="application/json")
 
 
+class _MaskedFramesOnly:
+    """In front of aiohttp's WebSocket frame reader: RFC 6455 section 5.1,
+    a server MUST close the connection on a frame from the client that is
+    not masked. aiohttp (3.14) reads such frames as any other. This follows
+    the frame boundaries (headers parsed, payloads skipped) and, at the
+    first unmasked frame, fails the connection as aiohttp does for its own
+    protocol errors: close code 1002, nothing more read."""
+
+    MAX_HEAD = 14
+
+    def __init__(self, parser: Any, queue: Any) -> None:
+        self.parser = parser
+        self.queue = queue
+        self._head = b""      # a frame header cut by a read
+        self._skip = 0        # payload bytes of the current frame still to come
+        self._failed = False
+
+    def _unmasked_at(self, data: bytes) -> int:
+        """Where in data the first unmasked frame starts; -1 if none."""
+        pos, n = 0, len(data)
+        while pos < n:
+            if self._skip:
+                step = min(self._skip, n - pos)
+                self._skip -= step
+                pos += step
+                continue
+            head = self._head + data[pos:pos + self.MAX_HEAD]
+            if len(head) >= 2 and not head[1] & 0x80:
+                return max(0, pos - len(self._head))
+            size = head[1] & 0x7F if len(head) >= 2 else 0
+            extra = {126: 2, 127: 8}.get(size, 0)
+            if len(head) < 2 + extra + 4:
+                self._head = head      # all of data: the rest comes next read
+                return -1
+            if extra:
+                size = int.from_bytes(head[2:2 + extra], "big")
+            pos += 2 + extra + 4 - len(self._head)
+            self._head = b""
+            self._skip = size
+        return -1
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if self._failed:
+            return True, b""
+        data = bytes(data)
+        bad = self._unmasked_at(data)
+        if bad >= 0:
+            # the frames before it are read, as they would have been alone
+            self._failed = True
+            if bad:
+                self.parser.feed_data(data[:bad])
+            self.queue.set_exception(WebSocketError(WSCloseCode.PROTOCOL_ERROR,
+                                                    "unmasked frame from the client"))
+            return True, b""
+        result: tuple[bool, bytes] = self.parser.feed_data(data)
+        return result
+
+    def feed_eof(self) -> None:
+        self.parser.feed_eof()
+
+
+class _WebSocketResponse(web.WebSocketResponse):
+    """Puts _MaskedFramesOnly in front of the reader. This uses aiohttp's
+    internals (_post_start, the handler's _payload_parser and
+    _message_tail, as in aiohttp 3.14): a change there fails
+    tests/integration/test_edge_strict.py::test_unmasked_client_frame_closes_the_websocket."""
+
+    def _post_start(self, request: BaseRequest, protocol: str | None,
+                    writer: WebSocketWriter) -> None:
+        # Frames that came with the upgrade request go through the check
+        # too: aiohttp hands them to its reader in set_parser.
+        handler = request.protocol
+        tail, handler._message_tail = handler._message_tail, b""
+        super()._post_start(request, protocol, writer)
+        check = _MaskedFramesOnly(handler._payload_parser, self._reader)
+        handler._payload_parser = check
+        if tail:
+            eof, _ = check.feed_data(tail)
+            if eof:
+                handler.close()
+
+
 async def handle_ws(request: web.Request) -> web.StreamResponse:
     agent = request.app[AGENT_KEY]
     dispatcher = request.app[DISPATCHER_KEY]
@@ -107,7 +206,7 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
     config = agent.config.server
     if len(clients) >= config.max_ws_clients:
         raise web.HTTPServiceUnavailable(text="too many WebSocket clients")
-    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=config.max_body_bytes)
+    ws = _WebSocketResponse(heartbeat=30.0, max_msg_size=config.max_body_bytes)
     await ws.prepare(request)
     peer = peer_name(request)
     sub = agent.events.subscribe()
@@ -243,6 +342,99 @@ def make_app(agent: Agent, dispatcher: Dispatcher,
     app.cleanup_ctx.append(_background)
     app.on_shutdown.append(_close_websockets)
     return app
+
+
+class _TlsFront(asyncio.Protocol):
+    """A connection of the main port until its TLS handshake is done: then
+    its TLS transport goes to aiohttp's request handler. asyncio's own
+    TLS server logs nothing of a refused handshake (only in debug mode) and
+    gives it 60 s; here it gets server.handshake_timeout, a per-address
+    limit and a log line (rpc.tlsguard)."""
+
+    def __init__(self, site: TlsSite) -> None:
+        self.site = site
+        self.early = b""          # application data that came with the handshake's end
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if peer else "-"
+        if not self.site.guard.admit(address):
+            transport.abort()
+            return
+        # start_tls takes the reading over
+        transport.pause_reading()
+        task = asyncio.get_running_loop().create_task(self._handshake(transport, address))
+        self.site.handshakes.add(task)
+        task.add_done_callback(self.site.handshakes.discard)
+
+    async def _handshake(self, transport: asyncio.Transport, address: str) -> None:
+        guard = self.site.guard
+        loop = asyncio.get_running_loop()
+        try:
+            # asyncio's own deadline (a backstop here) fails with a
+            # ConnectionAbortedError that reads as the client's doing
+            async with asyncio.timeout(guard.timeout):
+                tls = await loop.start_tls(transport, self, self.site.tls, server_side=True,
+                                           ssl_handshake_timeout=guard.timeout + 1)
+        except (OSError, TimeoutError, ConnectionError) as e:
+            guard.failed(address, e)
+            transport.abort()
+            return
+        except asyncio.CancelledError:
+            transport.abort()
+            raise
+        finally:
+            guard.release(address)
+        if tls is None or self.lost:
+            transport.abort()
+            return
+        handler = self.site.handler()
+        tls.set_protocol(handler)
+        handler.connection_made(tls)
+        if self.early:
+            handler.data_received(self.early)
+
+    def data_received(self, data: bytes) -> None:
+        self.early += data
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+class TlsSite(web.TCPSite):
+    """web.TCPSite whose TLS handshakes go through _TlsFront."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, tls: ssl.SSLContext,
+                 guard: HandshakeGuard, **kw: Any) -> None:
+        super().__init__(runner, host, port, **kw)
+        self.tls = tls
+        self.guard = guard
+        self.handshakes: set[asyncio.Task[None]] = set()
+
+    def handler(self) -> asyncio.Protocol:
+        server = self._runner.server
+        assert server is not None
+        protocol: asyncio.Protocol = server()
+        return protocol
+
+    async def start(self) -> None:
+        self._runner._reg_site(self)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _TlsFront(self), self._host, self._port, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port)
+        self._bound_port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        await super().stop()
+        for task in list(self.handshakes):
+            task.cancel()
+        await asyncio.gather(*self.handshakes, return_exceptions=True)
 
 
 def describe(config: ServerConfig) -> dict[str, Any]:

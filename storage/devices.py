@@ -86,6 +86,7 @@ async def device_list(guids: Collection[str] | None = None, check_status: bool =
     try:
         maps = await multipath.maps(timeout=timeout, runner=runner)
     except commands.CommandError as e:
+        await multipath.check_down(str(e.fields.get("stderr") or e.message), sysfs=sysfs)
         log.warning("multipathd does not answer (%s): no LUN to list", e.fields.get("stderr"))
         return []
     if guids is not None:

@@ -92,6 +92,14 @@ class VolumeAlreadyExists(HostAgentError):
     template = "Volume already exists: {volUUID}"
 
 
+class VolumeNonWritable(HostAgentError):
+    """A write to a volume that is not a leaf (VDSM's code): a VM writing a
+    parent corrupts every volume layered on it."""
+
+    code = 213
+    template = "Volume cannot be written: {volUUID}: {reason}"
+
+
 class VolumeCopyError(HostAgentError):
     code = 225
     template = "Volume copy failed: {reason}"
@@ -101,6 +109,14 @@ class PrepareIllegalVolumeError(HostAgentError):
     code = 227
     wire_name = "prepareIllegalVolumeError"
     template = "Cannot prepare illegal volume {volUUID}"
+
+
+class ImageIsNotLegalChain(HostAgentError):
+    """A volume added to an image would not go on top of the image's one
+    chain (VDSM's code for an image that is not one legal chain)."""
+
+    code = 262
+    template = "Image is not a legal chain: {imgUUID} in domain {sdUUID}: {reason}"
 
 
 class ImageDoesNotExistInSD(HostAgentError):

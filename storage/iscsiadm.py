@@ -294,6 +294,14 @@ async def logout(iqn: str, p: Portal, iface: str = DEFAULT_IFACE, *, timeout: fl
     except commands.CommandError as e:
         raise ISCSILogoutError(
             reason=f"iSCSI logout from {iqn} at {p.hostport} failed: {_reason(e)}") from None
+    if result.rc == ERR_NO_OBJS_FOUND and "Could not logout" in result.err_text:
+        # iscsiadm also ends with rc 21 ("No matching sessions found") when it
+        # found the session but its logout failed (seen in the lab with iscsid
+        # gone: "initiator reported error (20 - could not connect to iscsid)").
+        # The session is still there: that is no "nothing to log out of".
+        why = " | ".join(line for line in result.err_text.splitlines()
+                         if line.startswith("iscsiadm:") and "No matching" not in line)
+        raise ISCSILogoutError(reason=f"iSCSI logout from {iqn} at {p.hostport} failed: {why}")
     return result.rc == 0
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from storage import commands
 from storage.errors import MultipathSetupError, ResourceTimeout, StorageServerDisconnectionError
-from storage.udev import lun_of
+from storage.udev import SYSFS, lun_of
 
 log = logging.getLogger("storage.multipath")
 
@@ -114,6 +115,30 @@ async def _run(argv: list[str], *, timeout: float,
         raise MultipathError(e.argv, e.rc, e.out, e.err) from None
 
 
+def dm_maps(sysfs: Path = SYSFS) -> list[str]:
+    """Names of the multipath maps device-mapper holds (dm uuid "mpath-..."),
+    from sysfs: they are there whether multipathd runs or not."""
+    found = []
+    for uuid_file in sorted(sysfs.glob("block/dm-*/dm/uuid")):
+        try:
+            if uuid_file.read_text().startswith("mpath-"):
+                found.append(uuid_file.with_name("name").read_text().strip())
+        except OSError:
+            continue   # removed meanwhile
+    return found
+
+
+async def check_down(why: str, *, sysfs: Path = SYSFS) -> None:
+    """multipathd does not answer (`why`). Fine on a host without multipath;
+    where device-mapper holds multipath maps it is VDSM's 467: their LUNs
+    exist, and an empty answer would read as "no LUN"."""
+    held = await asyncio.to_thread(dm_maps, sysfs)
+    if held:
+        raise MultipathSetupError(reason=f"multipathd does not answer ({why.strip()}) while "
+                                         f"device-mapper holds multipath maps "
+                                         f"{', '.join(held)}")
+
+
 async def is_running(*, timeout: float, runner: commands.Runner = commands.run) -> bool:
     result = await runner([MULTIPATHD, "show", "daemon"], timeout=timeout, check=False)
     return result.rc == 0 and "pid" in result.text
@@ -131,21 +156,33 @@ async def paths(*, timeout: float, runner: commands.Runner = commands.run) -> li
     return parse_paths(result.text)
 
 
-async def flush(name: str, *, timeout: float, runner: commands.Runner = commands.run) -> None:
-    """Remove the map (not its paths). A map that is open (an LV on it, a
+# A map no device holds can still be open for a moment: udev's blkid probing
+# it after an LV on it went, or an LVM scan. `multipath -f` then says "map in
+# use"; a real opener (an active LV, a process) is still there after these.
+FLUSH_RETRY_DELAYS = (0.25, 0.5, 1.0)
+
+
+async def flush(name: str, *, timeout: float, runner: commands.Runner = commands.run,
+                retry_delays: Sequence[float] = FLUSH_RETRY_DELAYS) -> None:
+    """Remove the map (not its paths). A map that stays open (an LV on it, a
     process holding it) is refused by multipath with "map in use": that is
     a disconnection error (452); nothing is changed then."""
     commands.check_arg(name, "map")
-    try:
-        await runner([MULTIPATH, "-f", name], timeout=timeout)
-    except commands.CommandError as e:
-        text = (e.err + e.out).decode("utf-8", "replace")
-        if "in use" in text:
-            raise StorageServerDisconnectionError(
-                reason=f"multipath map {name} is in use") from None
-        if "not a multipath device" in text:
-            return   # already gone
-        raise MultipathError(e.argv, e.rc, e.out, e.err) from None
+    for delay in (*retry_delays, None):
+        try:
+            await runner([MULTIPATH, "-f", name], timeout=timeout)
+            return
+        except commands.CommandError as e:
+            text = (e.err + e.out).decode("utf-8", "replace")
+            if "not a multipath device" in text:
+                return   # already gone
+            if "in use" not in text:
+                raise MultipathError(e.argv, e.rc, e.out, e.err) from None
+            if delay is None:
+                raise StorageServerDisconnectionError(
+                    reason=f"multipath map {name} is in use") from None
+            log.info("Multipath map %s is open; flushing it again in %g s", name, delay)
+            await asyncio.sleep(delay)
 
 
 async def resize(name: str, *, timeout: float, runner: commands.Runner = commands.run) -> None:

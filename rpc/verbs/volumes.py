@@ -116,7 +116,8 @@ async def delete_image(agent: Agent, jobUUID: str, sdUUID: str,
 
 @TABLE.verb("prepareImage", "Make a volume and its chain usable on this host; returns the "
             "path and the chain (base first). ILLEGAL volumes cannot be prepared; a backup "
-            "domain's volume cannot be prepared for a VM.",
+            "domain's volume cannot be prepared for a VM, nor a volume with children "
+            "(213 VolumeNonWritable: a VM writing it would corrupt them).",
             [SD_UUID, IMG_UUID, VOL_UUID, Field("purpose", Enum(["vm", "read", "copy"]))],
             result={"type": "object", "required": ["path", "chain"]}, tags=["volumes"])
 async def prepare_image(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,

@@ -16,7 +16,9 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import ipaddress
 import logging
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -63,10 +65,30 @@ def target_of(params: dict[str, Any]) -> tuple[str, Portal, str]:
     return iqn, p, commands.check_arg(iface_for(params), "ifaceName")
 
 
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def is_address(text: str) -> bool:
+    """An IP address, or a host name as RFC 1123 spells one (labels of
+    letters, digits and inner hyphens; not all-numeric, so that 300.1.1.1
+    is no name)."""
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+        return True
+    except ValueError:
+        pass
+    labels = text.rstrip(".").split(".")
+    return (0 < len(text) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
+            and not labels[-1].isdigit())
+
+
 async def check_address(p: Portal, timeout: float) -> None:
-    """A portal address that is no IP address and no name that resolves is
-    VDSM's InvalidIpAddress (472), not a connection failure. A resolver that
-    does not answer in time decides nothing (the connection attempt will)."""
+    """A portal address that is no IP address and no host name, or a name
+    the resolver says does not exist, is VDSM's InvalidIpAddress (472), not
+    a connection failure. A resolver that cannot answer now (EAI_AGAIN, no
+    DNS server) or not in time decides nothing (the connection attempt will)."""
+    if not is_address(p.address):
+        raise InvalidIpAddress(portal=p.address, reason="neither an IP address nor a host name")
     try:
         async with asyncio.timeout(timeout):
             await asyncio.get_running_loop().getaddrinfo(p.address, p.port,

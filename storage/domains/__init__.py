@@ -1,6 +1,6 @@
 """Storage domains (file and block) and the volumes in them."""
 
-from storage.domains.base import Domain, VolumeSpec
+from storage.domains.base import Domain, VmAccess, VolumeSpec
 from storage.domains.manager import DomainManager
 
-__all__ = ["Domain", "DomainManager", "VolumeSpec"]
+__all__ = ["Domain", "DomainManager", "VmAccess", "VolumeSpec"]

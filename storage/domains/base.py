@@ -31,6 +31,7 @@ from storage.errors import (
     GenerationMismatch,
     HostAgentError,
     ImageDoesNotExistInSD,
+    ImageIsNotLegalChain,
     InvalidParameter,
     LeaseHeld,
     LeaseLost,
@@ -77,6 +78,15 @@ Fill = Callable[[VolumeMetadata], Awaitable[None]]
 
 def _no_progress(_: float) -> None:
     pass
+
+
+@dataclass(frozen=True)
+class VmAccess:
+    """The group that opens prepared volumes besides root (qemu's), and the
+    mode their files get."""
+
+    gid: int
+    file_mode: int = 0o660
 
 
 @dataclass(frozen=True)
@@ -157,6 +167,11 @@ class Domain(abc.ABC):
 
     @abc.abstractmethod
     async def activate_volumes(self, vols: list[VolumeMetadata]) -> None: ...
+
+    async def grant_access(self, vols: list[VolumeMetadata], access: VmAccess) -> None:
+        """Let access.gid open the (active) volumes' data read-write: what a
+        prepare does so that an unprivileged qemu can open the chain."""
+        return None
 
     @abc.abstractmethod
     async def deactivate_volumes(self, vols: list[VolumeMetadata]) -> None: ...
@@ -273,7 +288,7 @@ class Domain(abc.ABC):
             md = await self.read_volume_md(img, vol)
         except MetadataError as e:
             raise VolumeMetadataReadError(volUUID=vol, reason=str(e)) from None
-        if md.state == REMOVING or md.image != img:
+        if md.state == REMOVING or md.image != img or vol in self.pending_discards:
             raise VolumeDoesNotExist(volUUID=vol)
         return md
 
@@ -291,13 +306,19 @@ class Domain(abc.ABC):
 
     async def image_volumes(self, img: str) -> list[VolumeMetadata]:
         """READY and CREATING volumes of an image (CREATING ones are ILLEGAL)."""
-        vols = [v for v in await self.scan(img) if v.state != REMOVING]
+        vols = [v for v in await self.scan(img) if self._listed(v)]
         if not vols and img not in await self.image_ids():
             raise ImageDoesNotExistInSD(imgUUID=img, sdUUID=self.uuid)
         return vols
 
     async def all_volumes(self) -> list[VolumeMetadata]:
-        return [v for v in await self.scan() if v.state != REMOVING]
+        return [v for v in await self.scan() if self._listed(v)]
+
+    def _listed(self, md: VolumeMetadata) -> bool:
+        """Whether a volume counts as one: not being removed, and not a
+        failed job's half-made volume whose removal is retried (the job
+        reported it gone; it is, once the domain lets it go)."""
+        return md.state != REMOVING and md.uuid not in self.pending_discards
 
     async def volume_info(self, img: str, vol: str) -> dict[str, Any]:
         md = await self.volume(img, vol)
@@ -339,7 +360,7 @@ class Domain(abc.ABC):
 
     async def create_volume(self, spec: VolumeSpec, progress: Progress = _no_progress, *,
                             fill: Fill | None = None, parent: VolumeMetadata | None = None,
-                            commit: bool = True) -> VolumeMetadata:
+                            commit: bool = True, chain: bool = True) -> VolumeMetadata:
         """Create a volume: metadata CREATING + ILLEGAL, its data, then (with
         `commit`) LEGAL + READY in one metadata write.
 
@@ -348,7 +369,9 @@ class Domain(abc.ABC):
         `parent` skips the parent lookup and its checks: the caller (a copy
         of a chain) passes a parent it is making itself. Without `commit`
         the volume stays CREATING and the caller commits it with
-        `commit_volume` or removes it with `discard_volume`.
+        `commit_volume` or removes it with `discard_volume`. Without `chain`
+        the volume is not part of the image's chain (a hibernated VM's memory
+        image holds two standalone volumes); the caller checked the image.
         """
         await self.refuse_ovf_store(spec.img, spec.vol)
         if parent is None and spec.parent and spec.parent != BLANK_UUID:
@@ -372,6 +395,9 @@ class Domain(abc.ABC):
         async with self.leases.metadata():
             if spec.vol in await self._all_volume_ids():
                 raise await self._exists_error(spec.vol, spec.img)
+            if chain:
+                # under the domain lease: another host adding to the image waits
+                await self.check_image_chain(spec.img, parent)
             try:
                 await self.write_volume_md(md)
             except OSError as e:
@@ -389,8 +415,16 @@ class Domain(abc.ABC):
                     raise os_error(e, self.uuid) from None
                 await self.leases.hold(md)
             except BaseException:
-                with contextlib.suppress(HostAgentError, OSError):
+                try:
                     await self.discard_volume(md)
+                except AcquireLockFailure:
+                    # held elsewhere (another host or job makes it: not ours),
+                    # or no lease area yet: garbage collection makes one first
+                    pass
+                except (HostAgentError, OSError) as de:
+                    log.warning("Volume %s left for removal when %s answers again: %s",
+                                spec.vol, self.uuid, de)
+                    self.pending_discards[md.uuid] = md
                 raise
         progress(2 if fill else 10)
         try:
@@ -473,14 +507,34 @@ class Domain(abc.ABC):
             raise CreateIllegalVolumeSnapshotError(volUUID=parent.uuid)
         if parent.image != spec.img and parent.voltype not in (SHARED, INTERNAL, LEAF):
             raise InvalidParameter(field="parentVolUUID", reason="parent cannot be shared")
-        if parent.image == spec.img:
-            leaves = [v for v in await self.image_volumes(spec.img)
-                      if v.parent == parent.uuid]
-            if leaves:
-                raise InvalidParameter(field="parentVolUUID",
-                                       reason=f"parent {parent.uuid} already has a child "
-                                              "in this image")
         return parent
+
+    async def check_image_chain(self, img: str, parent: VolumeMetadata | None) -> None:
+        """The one check that keeps an image one chain, for every flow that
+        adds a volume to an image: the new volume goes on the image's top
+        volume (`parent` in the image, without a child there yet), or it is
+        the image's base (no parent, or a template's volume in another
+        image) and the image holds no volume yet. Half-made (CREATING)
+        volumes count: another job is making them."""
+        try:
+            vols = await self.image_volumes(img)
+        except ImageDoesNotExistInSD:
+            vols = []
+        if parent is None or parent.image != img:
+            if vols:
+                raise ImageIsNotLegalChain(
+                    imgUUID=img, sdUUID=self.uuid,
+                    reason=f"the image already holds volume(s) "
+                           f"{', '.join(sorted(v.uuid for v in vols))}: a volume without "
+                           "a parent in the image would be a second base (give the "
+                           "image's top volume as parent)")
+            return
+        kids = [v.uuid for v in vols if v.parent == parent.uuid]
+        if kids:
+            raise ImageIsNotLegalChain(
+                imgUUID=img, sdUUID=self.uuid,
+                reason=f"volume {parent.uuid} is not the image's top volume (volume "
+                       f"{kids[0]} is layered on it)")
 
     async def _exists_error(self, vol: str, img: str) -> HostAgentError:
         """212, or 651 when the volume is being made (its lease held) elsewhere."""
@@ -500,13 +554,18 @@ class Domain(abc.ABC):
         return ids
 
     async def discard_volume(self, md: VolumeMetadata) -> None:
-        """Remove a volume being made (marked REMOVING first), under its lease."""
+        """Remove a volume being made (marked REMOVING first), under its lease.
+        The mark is only a courtesy: a volume still CREATING is garbage
+        just the same. It needs room (a new metadata file) and the removal
+        does not: on a full domain (often full because of this very volume)
+        a failed mark must not keep the space taken (issue 22, 3)."""
         try:
             async with self.leases.volume(md):
                 try:
                     await self.write_volume_md(replace(md, state=REMOVING, legality=ILLEGAL))
-                except HostAgentError:
-                    pass
+                except (HostAgentError, OSError) as e:
+                    log.info("Volume %s/%s not marked REMOVING (%s); removing it anyway",
+                             self.uuid, md.uuid, e)
                 await self.remove_volume_data(md.image, md.uuid)
         finally:
             with contextlib.suppress(LeaseLost):

@@ -20,12 +20,13 @@ import asyncio
 import logging
 import mmap
 import os
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 from storage import commands, lvm, qemuimg
-from storage.domains.base import Domain, os_error, read_check
+from storage.domains.base import Domain, VmAccess, os_error, read_check
 from storage.errors import (
     DeviceBlockSizeError,
     HostAgentError,
@@ -510,6 +511,28 @@ class BlockDomain(Domain):
 
     def volume_path(self, img: str, vol: str) -> str:
         return f"/dev/{self.vg}/{vol}"
+
+    async def grant_access(self, vols: list[VolumeMetadata], access: VmAccess) -> None:
+        """Give the (active) LVs' device nodes to access.gid with
+        access.file_mode: what udev/60-hostagent-lvm.rules does on every
+        event, for hosts without it. Not undone at teardown: the last user's
+        teardown deactivates the LV, which removes its node (the next
+        activation makes a new one, root:disk or the rule's); while it stays
+        active, another prepared chain sharing it (a template's volume)
+        still needs its qemu to be able to reopen it."""
+        paths = [self.volume_path(m.image, m.uuid) for m in vols]
+
+        def grant() -> None:
+            for path in paths:
+                st = os.stat(path)      # the dm node: /dev/<vg>/<lv> is udev's link
+                if st.st_gid != access.gid:
+                    os.chown(path, -1, access.gid)
+                if stat.S_IMODE(st.st_mode) != access.file_mode:
+                    os.chmod(path, access.file_mode)
+        try:
+            await self.io.call(grant)
+        except OSError as e:
+            raise os_error(e, self.uuid) from e
 
     async def create_volume_data(self, md: VolumeMetadata, parent: VolumeMetadata | None,
                                  initial_size: int | None) -> None:

@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import mmap
 import os
 import shutil
+import stat
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from storage import commands, mount, qemuimg
-from storage.domains.base import Domain, Progress, read_check
+from storage.domains.base import Domain, Progress, VmAccess, read_check
 from storage.errors import (
+    FileStorageDomainStaleNFSHandle,
     StorageDomainAlreadyExists,
     StorageDomainFSNotMounted,
     VolumeDoesNotExist,
@@ -38,10 +43,28 @@ from storage.leases import (
 )
 from storage.metadata import DomainMetadata, MetadataError, VolumeMetadata
 
+T = TypeVar("T")
+
+log = logging.getLogger("storage.domains.filedomain")
+
 LEASE_AREA_SIZE = 1024 * 1024
 LEASE_SUFFIX = ".lease"
 META_SUFFIX = ".meta"
 REMOVE_PREFIX = "_remove_"
+
+
+async def _io(io: IOPool, root: Path, fn: Callable[..., T], *args: Any,
+              timeout: float | None = None) -> T:
+    """io.call for the domain's file system. A stale NFS file handle (the
+    server re-created the export or moved it to another file system: every
+    handle the host holds is refused, the mount's root too) is VDSM's 384
+    whatever the step that met it, not an error of that step."""
+    try:
+        return await io.call(fn, *args, timeout=timeout)
+    except OSError as e:
+        if e.errno == errno.ESTALE:
+            raise FileStorageDomainStaleNFSHandle(path=e.filename or str(root)) from None
+        raise
 
 
 def probe_block_size(directory: Path) -> int:
@@ -119,21 +142,21 @@ class FileDomain(Domain):
                     os.fsync(f.fileno())
             return block_size
 
-        block_size = await io.call(build)
+        block_size = await _io(io, mount, build)
         md.block_size = block_size
-        await io.call(atomic_write, staging / "dom_md" / "metadata", md.encode())
+        await _io(io, mount, atomic_write, staging / "dom_md" / "metadata", md.encode())
 
         def publish() -> None:
             os.rename(staging, root)
             fsync_dir(mount)
 
-        await io.call(publish)
+        await _io(io, mount, publish)
         return cls(md, root, io, runner)
 
     @classmethod
     async def open(cls, root: Path, io: IOPool,
                    runner: commands.Runner = commands.run) -> FileDomain:
-        data = await io.call(read_direct, root / "dom_md" / "metadata", 8192)
+        data = await _io(io, root, read_direct, root / "dom_md" / "metadata", 8192)
         md = DomainMetadata.decode(data)
         if md.uuid != root.name:
             raise MetadataError(f"metadata of {md.uuid} found in {root}")
@@ -152,11 +175,11 @@ class FileDomain(Domain):
     # ---- domain metadata --------------------------------------------------------
 
     async def write_domain_md(self, md: DomainMetadata) -> None:
-        await self.io.call(atomic_write, self.md_path, md.encode())
+        await _io(self.io, self.root, atomic_write, self.md_path, md.encode())
         self.md = md
 
     async def read_domain_md(self) -> DomainMetadata:
-        data = await self.io.call(read_direct, self.md_path, 8192)
+        data = await _io(self.io, self.root, read_direct, self.md_path, 8192)
         return DomainMetadata.decode(data)
 
     # ---- images and volumes -------------------------------------------------------
@@ -167,7 +190,7 @@ class FileDomain(Domain):
                 return sorted(n for n in os.listdir(self.images) if is_uuid(n))
             except FileNotFoundError:
                 return []
-        return await self.io.call(listing)
+        return await _io(self.io, self.root, listing)
 
     async def volume_ids(self, img: str) -> list[str]:
         def listing() -> list[str]:
@@ -177,7 +200,7 @@ class FileDomain(Domain):
                 return []
             return sorted(n[:-len(META_SUFFIX)] for n in names
                           if n.endswith(META_SUFFIX) and is_uuid(n[:-len(META_SUFFIX)]))
-        return await self.io.call(listing)
+        return await _io(self.io, self.root, listing)
 
     async def scan(self, img: str | None = None) -> list[VolumeMetadata]:
         """All metadata in one executor call: one listing and one read per
@@ -202,7 +225,7 @@ class FileDomain(Domain):
                     except (FileNotFoundError, MetadataError):
                         continue
             return out
-        return await self.io.call(read_all, timeout=max(self.io.timeout, 120))
+        return await _io(self.io, self.root, read_all, timeout=max(self.io.timeout, 120))
 
     def _meta(self, img: str, vol: str) -> Path:
         return self.images / img / f"{vol}{META_SUFFIX}"
@@ -214,16 +237,27 @@ class FileDomain(Domain):
                     return f.read(65536)
             except FileNotFoundError:
                 raise VolumeDoesNotExist(volUUID=vol) from None
-        return VolumeMetadata.decode(await self.io.call(read))
+        return VolumeMetadata.decode(await _io(self.io, self.root, read))
 
     async def write_volume_md(self, md: VolumeMetadata) -> None:
         def write() -> None:
             (self.images / md.image).mkdir(exist_ok=True)
             atomic_write(self._meta(md.image, md.uuid), md.encode(), 0o660)
-        await self.io.call(write)
+        await _io(self.io, self.root, write)
 
     def volume_path(self, img: str, vol: str) -> str:
         return str(self.images / img / vol)
+
+    async def grant_access(self, vols: list[VolumeMetadata], access: VmAccess) -> None:
+        def grant() -> None:
+            images = sorted({m.image for m in vols})
+            # r-x on the way down: qemu opens backing files by relative path
+            for d in (self.root, self.images, *(self.images / i for i in images)):
+                _give_group(d, access.gid, lambda mode: mode | 0o050)
+            for m in vols:
+                _give_group(self.images / m.image / m.uuid, access.gid,
+                            lambda _: access.file_mode)
+        await _io(self.io, self.root, grant)
 
     async def create_volume_data(self, md: VolumeMetadata, parent: VolumeMetadata | None,
                                  initial_size: int | None) -> None:
@@ -246,7 +280,7 @@ class FileDomain(Domain):
             await qemuimg.create(path, "qcow2", md.capacity, backing=backing,
                                  backing_fmt=backing_fmt, preallocation=prealloc,
                                  options=options, runner=self.runner)
-        await self.io.call(os.chmod, path, 0o660)
+        await _io(self.io, self.root, os.chmod, path, 0o660)
 
     async def remove_volume_data(self, img: str, vol: str) -> None:
         def remove() -> None:
@@ -255,7 +289,7 @@ class FileDomain(Domain):
                     p.unlink()
                 except FileNotFoundError:
                     pass
-        await self.io.call(remove)
+        await _io(self.io, self.root, remove)
 
     async def extend_volume_data(self, md: VolumeMetadata, new_size: int) -> None:
         path = self.volume_path(md.image, md.uuid)
@@ -273,7 +307,7 @@ class FileDomain(Domain):
             except FileNotFoundError:
                 return 0, 0
             return st.st_size, st.st_blocks * 512
-        return await self.io.call(sizes)
+        return await _io(self.io, self.root, sizes)
 
     async def activate_volumes(self, vols: list[VolumeMetadata]) -> None:
         return None
@@ -282,7 +316,7 @@ class FileDomain(Domain):
         return None
 
     async def space(self) -> dict[str, int]:
-        st = await self.io.call(os.statvfs, self.root)
+        st = await _io(self.io, self.root, os.statvfs, self.root)
         capacity = st.f_blocks * st.f_frsize
         free = st.f_bavail * st.f_frsize
         return {"capacity": capacity, "free": free, "used": capacity - free}
@@ -303,7 +337,7 @@ class FileDomain(Domain):
             except OSError as e:
                 if e.errno != errno.ENOTEMPTY:
                     raise
-        await self.io.call(remove)
+        await _io(self.io, self.root, remove)
 
     async def remove_image_volumes(self, img: str, vols: list[VolumeMetadata],
                                    progress: Progress) -> None:
@@ -315,19 +349,20 @@ class FileDomain(Domain):
             os.rename(self.images / img, doomed)
             fsync_dir(self.images)
 
-        await self.io.call(rename)
+        await _io(self.io, self.root, rename)
         progress(50)
 
     async def purge_removed_image(self, img: str, progress: Progress) -> None:
         # after the volumes' leases are released: no lease file is open in it
         doomed = self.images / f"{REMOVE_PREFIX}{img}"
-        await self.io.call(shutil.rmtree, doomed, True, timeout=max(self.io.timeout, 600))
+        await _io(self.io, self.root, shutil.rmtree, doomed, True,
+                  timeout=max(self.io.timeout, 600))
         progress(100)
 
     async def remove_volume_lease(self, img: str, vol: str) -> None:
         def remove() -> None:
             (self.images / img / f"{vol}.lease").unlink(missing_ok=True)
-        await self.io.call(remove)
+        await _io(self.io, self.root, remove)
 
     async def _collect_garbage(self) -> dict[str, list[str]]:
         def doomed() -> list[Path]:
@@ -349,9 +384,9 @@ class FileDomain(Domain):
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-        leftovers = await self.io.call(doomed)
+        leftovers = await _io(self.io, self.root, doomed)
         for path in leftovers:
-            await self.io.call(remove, path, timeout=max(self.io.timeout, 600))
+            await _io(self.io, self.root, remove, path, timeout=max(self.io.timeout, 600))
         report = await super()._collect_garbage()
         report["removed"] += [p.name for p in leftovers]
         return report
@@ -366,7 +401,7 @@ class FileDomain(Domain):
                 os.rename(self.root, doomed)
                 fsync_dir(self.root.parent)
             shutil.rmtree(doomed, ignore_errors=True)
-        await self.io.call(remove, timeout=max(self.io.timeout, 600))
+        await _io(self.io, self.root, remove, timeout=max(self.io.timeout, 600))
 
     async def health_check(self, timeout: float) -> None:
         await read_check(self.runner, self.uuid, str(self.md_path), timeout,
@@ -389,6 +424,21 @@ class FileDomain(Domain):
             with contextlib.suppress(FileExistsError):
                 create_lease_file(path, areas.geometry)
 
-        await self.io.call(make)
+        await _io(self.io, self.root, make)
         await init_volume_lease(areas.volume_resource(md.image, md.uuid), self.md.lock_policy,
                                 self.leases.io_timeout, runner=self.runner)
+
+
+def _give_group(path: Path, gid: int, mode: Callable[[int], int]) -> None:
+    """chown path to group gid and chmod it to mode(current), where they
+    differ. A refusal (NFS with root_squash) is logged, not raised: the
+    export may give access its own way (all_squash, VDSM's 36:36)."""
+    st = os.stat(path)
+    want = mode(stat.S_IMODE(st.st_mode))
+    try:
+        if st.st_gid != gid:
+            os.chown(path, -1, gid)
+        if stat.S_IMODE(st.st_mode) != want:
+            os.chmod(path, want)
+    except PermissionError as e:
+        log.warning("Cannot give group %d access to %s: %s", gid, path, e.strerror)

@@ -463,10 +463,13 @@ class ImageOps:
                               description="memory metadata", disk_type="MEMM")
             await self._check_space(domain, (memory["size"] + HIBERNATION_META_SIZE)
                                     if prealloc == "preallocated" else 0)
+            # A memory image holds two standalone volumes, not a disk's
+            # chain: a new image, checked once for both.
+            await domain.check_image_chain(img, None)
             made = []
             try:
                 for spec in (dump, meta):
-                    made.append(await domain.create_volume(spec))
+                    made.append(await domain.create_volume(spec, chain=False))
                     progress(50 * len(made))
             except BaseException:
                 await _undo([(domain, md) for md in made], "memory volume")

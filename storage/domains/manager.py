@@ -30,6 +30,7 @@ from storage.domains.base import (
     OVF_STORE_DISK_TYPE,
     Domain,
     Progress,
+    VmAccess,
     VolumeSpec,
     volume_info,
 )
@@ -53,6 +54,7 @@ from storage.errors import (
     StorageServerConnectionError,
     VolumeDoesNotExist,
     VolumeIsBusy,
+    VolumeNonWritable,
 )
 from storage.fileio import IOPool, atomic_write
 from storage.leases import LeaseManager, init_domain_areas
@@ -108,7 +110,7 @@ class DomainManager:
                  ovf_store_size: int = 0, block_extent_size: int = 128 << 20,
                  leases: LeaseManager | None = None, host_id: int = 1,
                  lock_policy: str = "local", lease_io_timeout: int = 10,
-                 domain_lease_timeout: float = 60.0,
+                 domain_lease_timeout: float = 60.0, vm_access: VmAccess | None = None,
                  runner: commands.Runner = commands.run) -> None:
         self.block_extent_size = block_extent_size
         # Size of the OVF store volume made with each new domain.
@@ -126,6 +128,8 @@ class DomainManager:
         self.lock_policy = lock_policy
         self.lease_io_timeout = lease_io_timeout
         self.domain_lease_timeout = domain_lease_timeout
+        # the group (qemu's) a prepare gives the volumes to; None: root only
+        self.vm_access = vm_access
         self.entries: dict[str, Entry] = {}
         self.pools: dict[str, IOPool] = {}
         self.active: set[str] = set()
@@ -263,9 +267,11 @@ class DomainManager:
 
     async def _mpath_devices(self) -> dict[str, str]:
         """wwid -> /dev/mapper/<map> of every multipath map on this host
-        (nothing, without running multipathd: no dm devices, no LVM calls)."""
+        (nothing, without running multipathd: no dm devices, no LVM calls;
+        467 if device-mapper still holds multipath maps then)."""
         if not os.path.exists("/dev/mapper/control") or not await multipath.is_running(  # noqa: ASYNC240
                 timeout=self.io_timeout, runner=self.runner):
+            await multipath.check_down("multipathd is not running")
             return {}
         return {m.wwid: f"/dev/mapper/{m.name}"
                 for m in await multipath.maps(timeout=self.io_timeout, runner=self.runner)}
@@ -654,7 +660,15 @@ class DomainManager:
     async def images_list(self, sd: str) -> list[str]:
         domain = await self.domain(sd)
         domain.forget_cache()
-        return await domain.image_ids()
+        ids = await domain.image_ids()
+        # an image that holds only half-made volumes whose removal is retried
+        # is gone for the engine (its job failed and said so)
+        gone = set()
+        for img in {md.image for md in domain.pending_discards.values()} & set(ids):
+            with contextlib.suppress(HostAgentError):
+                if not await domain.image_volumes(img):
+                    gone.add(img)
+        return [img for img in ids if img not in gone]
 
     async def extend_volume(self, sd: str, img: str, vol: str, new_size: int,
                             generation: int | None = None) -> dict[str, Any]:
@@ -767,6 +781,14 @@ class DomainManager:
             for md in chain:
                 if md.legality != LEGAL or md.state != READY:
                     raise PrepareIllegalVolumeError(volUUID=md.uuid)
+            if purpose == "vm":
+                # a VM writing a parent corrupts every volume layered on it
+                kids = await domain.children(chain[-1])
+                if kids:
+                    raise VolumeNonWritable(
+                        volUUID=vol, reason=f"it is the parent of {len(kids)} volume(s) "
+                                            f"({kids[0].image}/{kids[0].uuid}); only a leaf "
+                                            "can be prepared for a VM (read and copy can)")
             key = self._prepared_key(sd, img, vol)
             if key in self.prepared:
                 # Already counted; activating again is harmless (and needed
@@ -774,6 +796,14 @@ class DomainManager:
                 await domain.activate_volumes(chain)
             else:
                 await self.use_volumes(domain, chain)
+            if self.vm_access is not None:
+                try:
+                    await domain.grant_access(chain, self.vm_access)
+                except BaseException:
+                    if key not in self.prepared:
+                        # not prepared: its LVs must not stay active, counted
+                        await self.release_volumes(domain, chain)
+                    raise
             counts = self.prepared.setdefault(key, {})
             counts[purpose] = counts.get(purpose, 0) + 1
             self._save_prepared()

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from storage.errors import (
     AcquireHostIdFailure,
     AcquireLockFailure,
+    FileStorageDomainStaleNFSHandle,
     HostAgentError,
     LeaseHeld,
     LeaseLost,
@@ -271,6 +272,8 @@ class LeaseManager:
                     raise
                 except ResourceTimeout:
                     raise       # storage did not answer: 851, as any I/O on it
+                except FileStorageDomainStaleNFSHandle:
+                    raise       # the export was re-created: 384, as any I/O on it
                 except HostAgentError as e:
                     raise AcquireLockFailure(resource=str(resource), reason=e.message) from e
         except BaseException:

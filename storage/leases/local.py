@@ -22,13 +22,19 @@ out for `fail_after` seconds (storage gone) loses it too.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from storage.errors import AcquireHostIdFailure, AcquireLockFailure, ResourceTimeout
+from storage.errors import (
+    AcquireHostIdFailure,
+    AcquireLockFailure,
+    FileStorageDomainStaleNFSHandle,
+    ResourceTimeout,
+)
 from storage.fileio import IOPool
 from storage.leases.base import LeaseBusy, LostCallback
 from storage.leases.layout import Lockspace, Resource
@@ -186,6 +192,9 @@ class LocalBackend:
         try:
             fd = await space.locker.lock(res.path, res.offset)
         except OSError as e:
+            if e.errno == errno.ESTALE:
+                # the domain's NFS export was re-created: not a lock conflict
+                raise FileStorageDomainStaleNFSHandle(path=res.path) from None
             raise AcquireLockFailure(resource=str(res), reason=_reason(e, res.path)) from None
         if fd is None:
             raise LeaseBusy(f"held by another process or host (lock on {res.path} "

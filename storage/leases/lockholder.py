@@ -186,8 +186,11 @@ class LockHolder:
             fut = self._waiting.pop(msg.get("id"), None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
-        log.error("Lock holder (pid %d) is gone: every local lock it held is released",
-                  proc.pid)
+        if self._proc is not None:
+            log.error("Lock holder (pid %d) is gone: every local lock it held is released",
+                      proc.pid)
+        else:   # close() let it go: the agent is stopping
+            log.info("Lock holder (pid %d) exited", proc.pid)
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_exception(OSError(5, "the lock holder process exited"))

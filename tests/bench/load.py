@@ -31,6 +31,7 @@ from typing import Any
 
 import psutil
 
+from rpc.client import client_ssl_context
 from tests.agentproc import AgentProcess
 from tests.bench.common import (
     RESULTS,
@@ -175,8 +176,7 @@ async def writer_loop(call: Call, rec: Recorder, spec: dict[str, Any], until: fl
 async def generate(spec: dict[str, Any]) -> dict[str, Any]:
     import aiohttp
 
-    ctx = ssl.create_default_context(cafile=spec["ca"])
-    ctx.load_cert_chain(spec["cert"], spec["key"])
+    ctx = client_ssl_context(spec["ca"], spec["cert"], spec["key"])
     rec = Recorder()
     gate = asyncio.Semaphore(32)  # TLS handshakes at a time while connecting
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=0))

@@ -17,6 +17,8 @@ import sys
 import time
 from urllib.parse import urlsplit
 
+from rpc.client import client_ssl_context
+
 
 def post_request(host: str, path: str, body: bytes) -> bytes:
     """One keep-alive HTTP/1.1 POST of a JSON body."""
@@ -60,8 +62,7 @@ async def worker(host: str, port: int, ctx: ssl.SSLContext, request: bytes, unti
 async def main(url: str, body: bytes, ca: str, cert: str, key: str, conc: int,
                seconds: float) -> dict[str, object]:
     u = urlsplit(url)
-    ctx = ssl.create_default_context(cafile=ca)
-    ctx.load_cert_chain(cert, key)
+    ctx = client_ssl_context(ca, cert, key)
     request = post_request(u.hostname or "", u.path, body)
     lat: list[float] = []
     errors: list[str] = []

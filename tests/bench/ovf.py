@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import socket
-import ssl
 import subprocess
 import tarfile
 import tempfile
@@ -43,7 +42,7 @@ from typing import Any
 
 import psutil
 
-from rpc.client import Client
+from rpc.client import Client, client_ssl_context
 from tests.agentproc import AgentProcess, free_port
 from tests.bench.common import ROOT, median, python_cmd, save, table
 
@@ -85,8 +84,7 @@ def put_file(port: int, path: str, tar: Path,
              pki: Path) -> tuple[float, float, int, dict[str, Any]]:
     """PUT tar to 127.0.0.1:port (blocking): (seconds, the client's CPU
     seconds, HTTP status, JSON reply)."""
-    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-    ctx.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+    ctx = client_ssl_context(pki / "ca.pem", pki / "client.pem", pki / "client.key")
     size = tar.stat().st_size
     buf = bytearray(SEND)
     view = memoryview(buf)

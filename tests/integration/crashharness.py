@@ -1,6 +1,8 @@
 """kill -9 trials for the agent's long verbs (issue 10): start a job, SIGKILL
 the agent at a random point of it, restart it on the same state dir, check
 what storage and the API show; and the invariant checks the trials share.
+`kill_after_done` is the other mode: several jobs at once, the agent killed
+the instant one is first seen done (issue 22): a job seen done stays done.
 
 A kill takes the agent and every command it runs (qemu-img, qemu-nbd: each
 in its own session, so a kill of the agent's process group misses them), as
@@ -477,3 +479,106 @@ class CrashTrials:
                     and info["error"]["code"] == JOB_INTERRUPTED), info
             outcome = await check(c, job, kill)
         self.outcomes[outcome] += 1
+
+
+# ---- kill right after done ----------------------------------------------------------------
+
+
+Starts = Callable[[Client], Awaitable[list[Job]]]
+SeenCheck = Callable[[Client, list[Job], dict[str, dict[str, Any]]], Awaitable[None]]
+
+
+@dataclass
+class AfterDone:
+    """What the "kill right after done" trials saw: jobs seen done before a
+    kill, jobs not ended at it (their records say so), and seen-done jobs
+    whose record on disk did not say done at the kill (what a restart then
+    turns into an interrupted job)."""
+
+    trials: int = 0
+    seen_done: int = 0
+    unended: int = 0
+    lagging: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"kill -9 right after done: {self.trials} trials, {self.seen_done} jobs seen "
+                f"done before the kill, {self.unended} jobs still running at it, records "
+                f"not done at the kill {len(self.lagging)}")
+
+
+async def _kill_at_first_done(agent: AgentProcess, c: Client, jobs: list[Job],
+                              timeout: float) -> dict[str, dict[str, Any]]:
+    """Submit the jobs at once, follow them through `job.status`
+    notifications and a tight getJobs poll, SIGKILL the agent the instant
+    one is first seen done; the infos of the jobs seen done."""
+    ids = {j.uuid for j in jobs}
+    seen: dict[str, dict[str, Any]] = {}
+    hit = asyncio.Event()
+
+    def note(infos: Any) -> None:
+        for info in infos:
+            if info.get("jobUUID") not in ids or hit.is_set():
+                continue
+            assert info["status"] != "failed", f"a job failed on its own: {info}"
+            if info["status"] == "done":
+                seen[info["jobUUID"]] = info
+        if seen and not hit.is_set():
+            hit.set()
+            kill_tree(agent)
+
+    async def listen(q: asyncio.Queue[dict[str, Any]]) -> None:
+        while not hit.is_set():
+            n = await q.get()
+            if n.get("method") == "job.status":
+                note([n["params"]])
+
+    async def poll() -> None:
+        while not hit.is_set():
+            with contextlib.suppress(aiohttp.ClientError, RpcError):
+                note((await c.call("getJobs", jobUUIDs=sorted(ids))).values())
+
+    async with c.notifications() as q:
+        await asyncio.gather(*(c.call(j.verb, jobUUID=j.uuid, **j.params) for j in jobs))
+        watchers = [asyncio.ensure_future(listen(q)), asyncio.ensure_future(poll())]
+        try:
+            await asyncio.wait_for(hit.wait(), timeout)
+        finally:
+            for w in watchers:
+                w.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+    return seen
+
+
+async def kill_after_done(agent: AgentProcess, agent_factory: Callable[..., AgentProcess],
+                          start: Starts, check: SeenCheck, *, trials: int = TRIALS,
+                          timeout: float = 120) -> tuple[AgentProcess, AfterDone]:
+    """Each trial: submit the jobs `start(c)` returns at once, SIGKILL the
+    agent the instant one is first seen `done` (`_kill_at_first_done`),
+    restart it on the same state dir: every job seen done still reads done
+    with the result it was seen with, no job is left pending or running;
+    `check(c, jobs, seen)` then checks what they made (and clears the
+    trial's leftovers). Returns the agent running at the end."""
+    stats = AfterDone()
+    for _ in range(trials):
+        async with agent.client() as c:
+            jobs = await start(c)
+            seen = await _kill_at_first_done(agent, c, jobs, timeout)
+        stats.trials += 1
+        stats.seen_done += len(seen)
+        records = {j.uuid: job_status(agent, j.uuid)[0] for j in jobs}
+        stats.unended += sum(s not in ENDED for s in records.values())
+        stats.lagging += [u for u in seen if records[u] != "done"]
+        agent = agent_factory(agent.state_dir, port=agent.port)
+        async with agent.client() as c:
+            after = await c.call("getJobs", jobUUIDs=sorted(records))
+            for u, info in seen.items():
+                assert after[u]["status"] == "done", (info, after[u])
+                assert after[u].get("result") == info.get("result"), (info, after[u])
+            for info in after.values():
+                assert info["status"] == "done" or (
+                    info["status"] == "failed"
+                    and info["error"]["code"] == JOB_INTERRUPTED), info
+            await check(c, jobs, seen)
+    print(stats.summary())
+    assert not stats.lagging, stats.summary()
+    return agent, stats

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from agent.pki import write_pki
-from rpc.client import Client, RpcError, client_ssl_context
+from rpc.client import Client, RpcError, client_ssl_context, verifying_context
 from tests.agentproc import ROOT, AgentProcess
 
 # Every verb of API.md implemented so far (the contract's names, unchanged).
@@ -52,7 +52,7 @@ async def _try_ping(agent: AgentProcess, ctx: ssl.SSLContext) -> None:
 
 
 async def test_client_without_certificate_is_refused(agent):
-    ctx = ssl.create_default_context(cafile=str(agent.pki / "ca.pem"))
+    ctx = verifying_context(agent.pki / "ca.pem")
     with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)) as e:
         await _try_ping(agent, ctx)
     assert "CERTIFICATE_REQUIRED" in str(e.value).upper() or \

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import ssl
 import subprocess
 import tarfile
 from collections.abc import AsyncIterator, Callable
@@ -16,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from rpc.client import Client
+from rpc.client import Client, client_ssl_context
 from tests.agentproc import AgentProcess
 from tests.integration.test_domains_file import Storage, new_id, qemu_info
 from tests.integration.test_images_file import Disk, Env, release, three_domains
@@ -193,8 +192,8 @@ async def test_three_disk_vm_backed_up_and_imported_elsewhere(
         ti.size = len(ovf)
         tar.addfile(ti, io.BytesIO(ovf))
     t = await c.call("uploadOvfTar", sdUUID=benv.backup, size=len(body.getvalue()))
-    ctx = ssl.create_default_context(cafile=str(benv.agent.pki / "ca.pem"))
-    ctx.load_cert_chain(str(benv.agent.pki / "client.pem"), str(benv.agent.pki / "client.key"))
+    pki = benv.agent.pki
+    ctx = client_ssl_context(pki / "ca.pem", pki / "client.pem", pki / "client.key")
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
         async with s.put(f"{benv.agent.url}{t['path']}", data=body.getvalue()) as r:
             assert r.status == 200, await r.text()

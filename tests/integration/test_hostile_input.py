@@ -61,6 +61,13 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+def strict_loads(text: str) -> Any:
+    """json.loads refusing NaN and Infinity: every reply must be JSON."""
+    def refuse(name: str) -> Any:
+        raise AssertionError(f"{name} in a reply: not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
 # ---- a small blocking client (hypothesis drives plain functions) --------------
 
 class Rpc:
@@ -97,7 +104,7 @@ class Rpc:
         status, text = self.post(body.encode("utf-8", "surrogatepass"))
         assert status == 200, (method, status, text[:500])
         assert "Traceback" not in text and 'File "' not in text, text[:2000]
-        response: dict[str, Any] = json.loads(text)
+        response: dict[str, Any] = strict_loads(text)
         return response
 
     def call(self, method: str, **params: Any) -> Any:
@@ -111,7 +118,7 @@ class Rpc:
                     for i, (m, p) in enumerate(calls)]
         status, text = self.post(json.dumps(requests).encode())
         assert status == 200, text[:500]
-        by_id = {r["id"]: r for r in json.loads(text)}
+        by_id = {r["id"]: r for r in strict_loads(text)}
         assert all("result" in r for r in by_id.values()), text[:2000]
         return [by_id[i]["result"] for i in range(len(calls))]
 

@@ -136,7 +136,7 @@ async def fails_in_time(what: str, call: Any) -> tuple[str, int, float]:
 
 async def hung_job(d: Domain) -> None:
     """createVolume on the hung domain: its job fails with 851/379."""
-    info = await d.create_volume(d.img, new_id())
+    info = await d.create_volume(new_id(), new_id())
     assert info["status"] == "failed", info
     error = info["error"]
     raise RpcError(error["code"], error["message"], error.get("data"))

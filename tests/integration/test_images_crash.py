@@ -2,7 +2,8 @@
 snapshotImages: after a restart the source is intact, a copy's target is
 absent or complete, a moved image is in exactly one place and whole, a
 snapshot of several disks is on all or none, and nothing half-made is
-listed or left on storage (tests/integration/crashharness)."""
+listed or left on storage; and right after a copy is seen done: it stays
+done (tests/integration/crashharness)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from tests.integration.crashharness import (
     check_invariants,
     digest,
     done,
+    kill_after_done,
     localfs_domains,
     new_id,
 )
@@ -169,5 +171,59 @@ async def test_kill9_during_snapshot_images(fs_mount: FsMount,
     trials = CrashTrials("snapshotImages", agent, agent_factory, rng,
                          outcomes=("all", "none"))
     agent = await trials.run(start, check)
+    async with agent.client() as c:
+        await doms.release(c)
+
+
+COPIES = 12
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_kill9_right_after_copy_seen_done(make_fs_mount: Callable[..., FsMount],
+                                                agent_factory: Callable[..., AgentProcess],
+                                                tmp_path: Path) -> None:
+    """Issue 22 (1): a dozen copyImage jobs of 64 MiB on one localfs domain,
+    the agent killed the instant one is first seen done (getJobs or
+    job.status), restarted on the same state dir: that job still reads
+    done, its target listed, LEGAL and equal to the source; the others are
+    done or interrupted with no target left."""
+    fs = make_fs_mount("xfs", 4096, size=(COPIES + 4) * 64 * MiB)
+    agent = agent_factory(tmp_path / "state")
+    async with agent.client() as c:
+        doms = await localfs_domains(c, fs.path, ["sd"])
+        sd, root = doms.sds[0], doms.roots[0]
+        img, vol = new_id(), new_id()
+        await done(c, "createVolume", sdUUID=sd, imgUUID=img, volUUID=vol, size=64 * MiB,
+                   format="raw", preallocate="sparse")
+    src = root / "images" / img / vol
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x63 0 64M", str(src)],
+                   check=True, capture_output=True)
+    want = digest(src)
+
+    async def start(c: Client) -> list[Job]:
+        return [Job("copyImage", {"src": {"sdUUID": sd, "imgUUID": img, "volUUID": vol},
+                                  "dst": {"sdUUID": sd, "imgUUID": new_id(),
+                                          "volUUID": new_id()}}, doms.roots)
+                for _ in range(COPIES)]
+
+    async def check(c: Client, jobs: list[Job], seen: dict[str, dict[str, Any]]) -> None:
+        infos = await check_invariants(c, sd, root)
+        ended = await c.call("getJobs", jobUUIDs=[j.uuid for j in jobs])
+        assert seen
+        for job in jobs:
+            dst = job.params["dst"]
+            if ended[job.uuid]["status"] != "done":
+                assert dst["volUUID"] not in infos
+                continue
+            assert ended[job.uuid]["result"]["uuid"] == dst["volUUID"]
+            assert infos[dst["volUUID"]]["legality"] == "LEGAL"
+            if job.uuid in seen:
+                assert digest(root / "images" / dst["imgUUID"] / dst["volUUID"]) == want
+            await done(c, "deleteImage", sdUUID=sd, imgUUID=dst["imgUUID"])
+
+    agent, stats = await kill_after_done(agent, agent_factory, start, check)
+    # the kills came amid the work: other copies still running
+    assert stats.unended >= stats.trials, stats.summary()
     async with agent.client() as c:
         await doms.release(c)

@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from rpc.client import Client, RpcError
+from rpc.client import Client, RpcError, verifying_context
 from storage.errors import ResourceInUse
 from storage.metadata import decode, encode
 from tests.agentproc import AgentProcess
@@ -77,7 +77,7 @@ def client_of(agent: AgentProcess) -> Client:
 
 
 def ssl_ctx(agent: AgentProcess, cert: bool = True) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(agent.pki / "ca.pem"))
+    ctx = verifying_context(agent.pki / "ca.pem")
     if cert:
         ctx.load_cert_chain(str(agent.pki / "client.pem"), str(agent.pki / "client.key"))
     return ctx

@@ -143,8 +143,9 @@ class TargetFactory:
         self.made: list[g.Target] = []
 
     def __call__(self, name: str, lun_sizes: tuple[int, ...] = (GiB,),
-                 chap: g.Chap | None = None) -> g.Target:
-        target = self.server.create_target(f"{name}-{uuid.uuid4().hex[:6]}", lun_sizes, chap)
+                 chap: g.Chap | None = None, block_sizes: tuple[int, ...] = ()) -> g.Target:
+        target = self.server.create_target(f"{name}-{uuid.uuid4().hex[:6]}", lun_sizes, chap,
+                                           block_sizes)
         self.made.append(target)
         return target
 
@@ -182,8 +183,9 @@ class TargetFactory:
 @pytest.fixture
 def make_target(target_server: g.TargetServer,
                 iscsi_initiator: g.Initiator) -> Iterator[TargetFactory]:
-    """make_target(name, lun_sizes=(1 GiB,), chap=None) -> Target: a new target
-    exporting sparse-file LUNs; log in with iscsi_initiator.login(target)."""
+    """make_target(name, lun_sizes=(1 GiB,), chap=None, block_sizes=()) -> Target:
+    a new target exporting sparse-file LUNs (of 512-byte blocks unless given);
+    log in with iscsi_initiator.login(target)."""
     factory = TargetFactory(target_server, iscsi_initiator)
     try:
         yield factory

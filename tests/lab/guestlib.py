@@ -282,19 +282,23 @@ class TargetServer:
         return self
 
     def create_target(self, name: str, lun_sizes: Iterable[int],
-                      chap: Chap | None = None) -> Target:
-        """Export a new target NAME with one sparse file LUN per size (LUN 1..n)."""
+                      chap: Chap | None = None,
+                      block_sizes: Iterable[int] = ()) -> Target:
+        """Export a new target NAME with one sparse file LUN per size (LUN 1..n);
+        `block_sizes`, one per LUN, are their logical block sizes (default 512)."""
+        sizes = list(lun_sizes)
+        blocks = list(block_sizes) or [512] * len(sizes)
         tid = self._next_tid
         self._next_tid += 1
         target = Target(tid, f"{IQN_BASE}:{name}", [], chap)
         self.tgtadm("--op", "new", "--mode", "target", "--tid", str(tid), "-T", target.iqn)
         self.targets[tid] = target
-        for number, size in enumerate(lun_sizes, start=1):
+        for number, (size, block) in enumerate(zip(sizes, blocks, strict=True), start=1):
             path = self.lun_dir / f"t{tid}-lun{number}.img"
             with open(path, "wb") as f:
                 f.truncate(size)
             self.tgtadm("--op", "new", "--mode", "logicalunit", "--tid", str(tid),
-                        "--lun", str(number), "-b", str(path))
+                        "--lun", str(number), "-b", str(path), "--blocksize", str(block))
             self.tgtadm("--op", "update", "--mode", "logicalunit", "--tid", str(tid),
                         "--lun", str(number), "--params", f"scsi_sn=LAB{tid:04d}{number:04d}")
             target.luns.append(Lun(number, path, size))

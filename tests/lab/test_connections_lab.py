@@ -404,13 +404,13 @@ async def test_iscsi_errors_have_vdsm_codes(make_target: Callable[..., g.Target]
     with pytest.raises(RpcError) as e:
         await client.call("discoverSendTargets", connection=PORTAL1, port=not_iscsi)
     assert (e.value.code, e.value.name) == (475, "iSCSIDiscoveryError"), e.value
-    # a portal address that is no address (RFC 6761: .invalid never resolves):
-    # 472 InvalidIpAddress, for discovery and connect
+    # a portal address that is no address (not IPv4, and no host name since
+    # it is all numbers): 472 InvalidIpAddress, for discovery and connect
     with pytest.raises(RpcError) as e:
-        await client.call("discoverSendTargets", connection="portal.invalid", port=3260)
+        await client.call("discoverSendTargets", connection="300.1.1.1", port=3260)
     assert (e.value.code, e.value.name) == (472, "InvalidIpAddress"), e.value
     target = make_target("vdsmcodes", (16 * MiB,))
-    [st] = await connect(client, "iscsi", iscsi_params(target, "portal.invalid"))
+    [st] = await connect(client, "iscsi", iscsi_params(target, "300.1.1.1"))
     assert st["status"] == 472, st
     assert (iscsi_db(), node_records(), g.Initiator.sessions()) == before
 

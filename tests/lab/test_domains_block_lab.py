@@ -152,11 +152,11 @@ async def test_block_domain_through_the_api(make_target: Callable[..., g.Target]
             tar_bytes = body.getvalue()
             t = await c.call("uploadOvfTar", sdUUID=sd, size=len(tar_bytes),
                              sha256=hashlib.sha256(tar_bytes).hexdigest())
-            import ssl
-
             import aiohttp
-            ctx = ssl.create_default_context(cafile=str(agent.pki / "ca.pem"))
-            ctx.load_cert_chain(str(agent.pki / "client.pem"), str(agent.pki / "client.key"))
+
+            from rpc.client import client_ssl_context
+            pki = agent.pki
+            ctx = client_ssl_context(pki / "ca.pem", pki / "client.pem", pki / "client.key")
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
                 async with s.put(f"{agent.url}{t['path']}", data=tar_bytes) as r:
                     assert r.status == 200, await r.text()

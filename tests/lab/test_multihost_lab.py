@@ -392,7 +392,11 @@ async def test_a_same_target_copy_race(hosts: tuple[mh.SimHost, mh.SimHost, str]
         # the target is the winner's source, and both hosts read it alike
         info_w = await clients[win].call("getVolumeInfo", **target.ref())
         info_l = await clients[lose].call("getVolumeInfo", **target.ref())
-        assert info_w == info_l, (info_w, info_l)
+        # trueSize is the file's st_blocks: on NFS each client has its own
+        # attribute cache (actimeo), so the two hosts may see it a few KiB
+        # apart for a while; the rest is read from the domain's metadata
+        same = {k: v for k, v in info_w.items() if k != "trueSize"}
+        assert same == {k: v for k, v in info_l.items() if k != "trueSize"}, (info_w, info_l)
         assert (info_w["legality"], info_w["capacity"]) == \
             ("LEGAL", SRC_SIZE["block"]), info_w
         paths = [await prepared_path(ca, v) for v in (target, *srcs)]

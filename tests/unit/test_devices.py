@@ -15,6 +15,7 @@ from agent.context import Agent
 from rpc.dispatch import Dispatcher
 from rpc.table import TABLE
 from storage import devices, iscsiadm, lvm, multipath, udev
+from storage.errors import MultipathSetupError
 from tests.unit.fakerun import FakeRunner
 
 W1, W2 = "360000000000000000e00000000010001", "360000000000000000e00000000020001"
@@ -92,9 +93,26 @@ async def test_has_signature() -> None:
     assert await devices.has_signature("/dev/mapper/m", timeout=5, runner=fake) == "gpt"
 
 
-async def test_device_list_without_multipathd_is_empty() -> None:
+async def test_device_list_without_multipathd_is_empty(tmp_path: Path) -> None:
     fake = FakeRunner(lambda argv: (1, "", "can't connect to socket"))
-    assert await devices.device_list(timeout=5, runner=fake) == []
+    (tmp_path / "block" / "dm-0" / "dm").mkdir(parents=True)
+    (tmp_path / "block" / "dm-0" / "dm" / "uuid").write_text("LVM-abc\n")   # not multipath
+    assert await devices.device_list(timeout=5, runner=fake, sysfs=tmp_path) == []
+
+
+async def test_device_list_with_maps_but_no_multipathd_is_467(tmp_path: Path) -> None:
+    """multipathd stopped while device-mapper holds its maps: the LUNs are
+    there, so an empty list would be wrong."""
+    fake = FakeRunner(lambda argv: (1, "", "can't connect to socket"))
+    dm = tmp_path / "block" / "dm-1" / "dm"
+    dm.mkdir(parents=True)
+    (dm / "uuid").write_text(f"mpath-{W1}\n")
+    (dm / "name").write_text("mpatha\n")
+    with pytest.raises(MultipathSetupError) as e:
+        await devices.device_list(timeout=5, runner=fake, sysfs=tmp_path)
+    wire = e.value.to_dict()
+    assert (wire["code"], wire["data"]["name"]) == (467, "MultipathSetupError"), wire
+    assert "mpatha" in e.value.message and "connect to socket" in e.value.message
 
 
 async def test_device_list_asks_pvs_only_about_the_maps(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from jsonrpcserver import Success
 
 from agent import config as cfg
 from agent.context import Agent
@@ -134,3 +135,166 @@ async def test_metrics_count_calls(dispatcher):
     text = dispatcher.agent.metrics.render().decode()
     assert 'hostagent_rpc_calls_total{outcome="ok",verb="echo"} 1.0' in text
     assert 'hostagent_rpc_calls_total{outcome="invalid",verb="echo"} 1.0' in text
+
+
+# ---- JSON-RPC 2.0 specification, section 7 examples (verbatim) -----------------
+# https://www.jsonrpc.org/specification#examples. The spec's methods (sum,
+# subtract, get_data, notify_*) take positional params, which the agent's
+# verbs refuse: they are added as plain jsonrpcserver methods. Error objects
+# are compared on code and message (the agent adds "data", which the spec
+# allows).
+
+async def _sum(peer, *args):
+    return Success(sum(args))
+
+
+async def _subtract(peer, *args, **kw):
+    if kw:
+        return Success(kw["minuend"] - kw["subtrahend"])
+    return Success(args[0] - args[1])
+
+
+async def _get_data(peer):
+    return Success(["hello", 5])
+
+
+async def _notify(peer, *args):
+    return Success(None)
+
+
+@pytest.fixture
+async def spec_dispatcher(dispatcher):
+    dispatcher.methods.update({"sum": _sum, "subtract": _subtract, "get_data": _get_data,
+                               "update": _notify, "notify_hello": _notify,
+                               "notify_sum": _notify})
+    return dispatcher
+
+
+def _without_data(answer):
+    if isinstance(answer, list):
+        return [_without_data(a) for a in answer]
+    if isinstance(answer, dict) and "error" in answer:
+        answer = dict(answer, error={k: v for k, v in answer["error"].items() if k != "data"})
+    return answer
+
+
+SPEC_EXAMPLES = [
+    # rpc call Batch, invalid JSON
+    ('''[
+  {"jsonrpc": "2.0", "method": "sum", "params": [1,2,4], "id": "1"},
+  {"jsonrpc": "2.0", "method"
+]''', {"jsonrpc": "2.0", "error": {"code": -32700, "message": "Parse error"}, "id": None}),
+    # rpc call with an empty Array
+    ("[]", {"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"},
+            "id": None}),
+    # rpc call with an invalid Batch (but not empty)
+    ("[1]", [{"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"},
+              "id": None}]),
+    # rpc call with invalid Batch
+    ("[1,2,3]", [
+        {"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"},
+         "id": None},
+        {"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"},
+         "id": None},
+        {"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"},
+         "id": None}]),
+    # rpc call Batch
+    ('''[
+        {"jsonrpc": "2.0", "method": "sum", "params": [1,2,4], "id": "1"},
+        {"jsonrpc": "2.0", "method": "notify_hello", "params": [7]},
+        {"jsonrpc": "2.0", "method": "subtract", "params": [42,23], "id": "2"},
+        {"foo": "boo"},
+        {"jsonrpc": "2.0", "method": "foo.get", "params": {"name": "myself"}, "id": "5"},
+        {"jsonrpc": "2.0", "method": "get_data", "id": "9"}
+    ]''', [
+        {"jsonrpc": "2.0", "result": 7, "id": "1"},
+        {"jsonrpc": "2.0", "result": 19, "id": "2"},
+        {"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"},
+         "id": None},
+        {"jsonrpc": "2.0", "error": {"code": -32601, "message": "Method not found"},
+         "id": "5"},
+        {"jsonrpc": "2.0", "result": ["hello", 5], "id": "9"}]),
+    # rpc call Batch (all notifications)
+    ('''[
+        {"jsonrpc": "2.0", "method": "notify_sum", "params": [1,2,4]},
+        {"jsonrpc": "2.0", "method": "notify_hello", "params": [7]}
+    ]''', None),
+    # positional and named parameters, notifications, a non-existent method
+    ('{"jsonrpc": "2.0", "method": "subtract", "params": [42, 23], "id": 1}',
+     {"jsonrpc": "2.0", "result": 19, "id": 1}),
+    ('{"jsonrpc": "2.0", "method": "subtract", "params": {"subtrahend": 23, '
+     '"minuend": 42}, "id": 3}', {"jsonrpc": "2.0", "result": 19, "id": 3}),
+    ('{"jsonrpc": "2.0", "method": "update", "params": [1,2,3,4,5]}', None),
+    ('{"jsonrpc": "2.0", "method": "foobar"}', None),
+    ('{"jsonrpc": "2.0", "method": "foobar", "id": "1"}',
+     {"jsonrpc": "2.0", "error": {"code": -32601, "message": "Method not found"},
+      "id": "1"}),
+    ('{"jsonrpc": "2.0", "method": "foobar, "params": "bar", "baz]',
+     {"jsonrpc": "2.0", "error": {"code": -32700, "message": "Parse error"}, "id": None}),
+    ('{"jsonrpc": "2.0", "method": 1, "params": "bar"}',
+     {"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"},
+      "id": None}),
+]
+
+
+@pytest.mark.parametrize("body, expected", SPEC_EXAMPLES)
+async def test_jsonrpc_spec_examples(spec_dispatcher, body, expected):
+    text = await spec_dispatcher.dispatch(body)
+    if expected is None:
+        assert text == ""
+        return
+    assert _without_data(json.loads(text)) == expected
+
+
+async def test_batch_runs_valid_entries_beside_invalid_ones(dispatcher):
+    entries = [req("echo", {"volUUID": U}, "a"), 7,
+               {"jsonrpc": "2.0", "method": "echo", "params": {"volUUID": U}},
+               {"jsonrpc": "2.0", "method": "echo", "id": "ID"},
+               req("echo", {"volUUID": U}, 2)]
+    r = await call(dispatcher, json.dumps(entries).replace('"ID"', "1e999"))
+    assert r[0] == {"jsonrpc": "2.0", "result": {"volUUID": U, "n": 1}, "id": "a"}
+    assert r[1]["error"]["code"] == -32600 and r[1]["id"] is None
+    assert r[2]["error"]["code"] == -32600 and r[2]["id"] is None
+    assert r[3] == {"jsonrpc": "2.0", "result": {"volUUID": U, "n": 1}, "id": 2}
+    assert len(r) == 4
+
+
+def _strict(text):
+    def refuse(name):
+        raise AssertionError(f"{name} in a reply: not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("rid", [
+    "1e999", "-1e999", "1E400", "1" + "0" * 400, "-" + "9" * 5000, "9" * 5000 + ".5",
+    "1" + "0" * 309,
+])
+async def test_ids_outside_double_range_are_invalid_requests(dispatcher, rid):
+    body = f'{{"jsonrpc": "2.0", "method": "echo", "params": {{"volUUID": "{U}"}}, "id": {rid}}}'
+    r = _strict(await dispatcher.dispatch(body))
+    assert r["error"]["code"] == -32600 and r["id"] is None, r
+
+
+@pytest.mark.parametrize("rid", ["0", "-1", "1.5", "1e300", "9007199254740993",
+                                 "1" + "0" * 300, '"x"', "null"])
+async def test_ids_in_range_are_echoed(dispatcher, rid):
+    body = f'{{"jsonrpc": "2.0", "method": "echo", "params": {{"volUUID": "{U}"}}, "id": {rid}}}'
+    r = _strict(await dispatcher.dispatch(body))
+    assert r["result"]["volUUID"] == U
+    assert r["id"] == json.loads(rid)
+
+
+@pytest.mark.parametrize("n", ["1e999", "9" * 5000, "-" + "1" * 400])
+async def test_huge_numbers_in_params_are_invalid_params(dispatcher, n):
+    body = (f'{{"jsonrpc": "2.0", "method": "echo", "params": {{"volUUID": "{U}", "n": {n}}}, '
+            '"id": 1}')
+    r = _strict(await dispatcher.dispatch(body))
+    assert r["error"]["code"] == -32602 and r["error"]["data"]["field"] == "n", r
+
+
+async def test_a_non_finite_result_is_not_sent_as_json(dispatcher):
+    async def nan(peer):
+        return Success({"x": float("nan")})
+    dispatcher.methods["nan"] = nan
+    r = _strict(await dispatcher.dispatch('{"jsonrpc": "2.0", "method": "nan", "id": 4}'))
+    assert r["error"]["code"] == 100 and r["id"] == 4

@@ -16,7 +16,7 @@ import pytest
 
 from storage.connections.base import Connection
 from storage.connections.fcp import FcpBackend
-from storage.connections.iscsi import IscsiBackend, iface_for
+from storage.connections.iscsi import IscsiBackend, iface_for, is_address
 from storage.errors import (
     HostAgentError,
     ISCSILoginAuthError,
@@ -343,3 +343,15 @@ async def test_shared_poll_coalesces_and_is_never_stale() -> None:
     assert await first == 1
     # those who asked while fetch 1 ran get fetch 2, which they all share
     assert await asyncio.gather(*late) == [2] * 5 and calls == 2
+
+
+@pytest.mark.parametrize(("text", "ok"), [
+    ("127.0.0.1", True), ("::1", True), ("[fe80::1]", True), ("san-1.example.com", True),
+    ("host.", True), ("300.1.1.1", False), ("1.2.3", False), ("-bad.example", False),
+    ("bad-.example", False), ("a..b", False), ("a b", False), ("under_score", False),
+    ("", False), ("x" * 64, False),
+])
+def test_portal_address_syntax(text: str, ok: bool) -> None:
+    """Addresses that can never name a portal are refused (472) before any
+    resolver is asked: a guest or host without DNS answers EAI_AGAIN for them."""
+    assert is_address(text) is ok

@@ -18,6 +18,7 @@ from storage.errors import (
     InvalidParameter,
     ISCSIDiscoveryError,
     ISCSILoginAuthError,
+    ISCSILogoutError,
     ISCSISetupError,
     ResourceTimeout,
     StorageServerConnectionError,
@@ -156,6 +157,22 @@ async def test_logout_and_delete_of_nothing_are_fine() -> None:
     assert await iscsiadm.logout(IQN, P, timeout=5, runner=fake) is False
     assert await iscsiadm.node_delete(IQN, P, timeout=5, runner=fake) is False
     assert fake.argvs() == [[*NODE, "--logout"], [*NODE, "-o", "delete"]]
+
+
+async def test_failed_logout_with_rc_21_is_474() -> None:
+    """iscsiadm's own words with iscsid gone (lab guest, open-iscsi 2.1): it
+    found the session, could not log out, and still exits 21."""
+    err = ("iscsiadm: can not connect to iSCSI daemon (111)!\n"
+           f"iscsiadm: Could not logout of [sid: 1, target: {IQN}, portal: 127.0.0.1,3260].\n"
+           "iscsiadm: initiator reported error (20 - could not connect to iscsid)\n"
+           "iscsiadm: No matching sessions found\n")
+    fake = FakeRunner(lambda argv: (21, "Logging out of session [sid: 1]\n", err))
+    with pytest.raises(ISCSILogoutError) as e:
+        await iscsiadm.logout(IQN, P, timeout=5, runner=fake)
+    wire = e.value.to_dict()
+    assert (wire["code"], wire["data"]["name"]) == (474, "iSCSILogoutError"), wire
+    assert "could not connect to iscsid" in e.value.message
+    assert "No matching" not in e.value.message
 
 
 async def test_rescan_argv() -> None:

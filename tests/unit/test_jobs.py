@@ -177,7 +177,6 @@ async def test_records_survive_restart_and_interrupted_jobs_recover(tmp_path):
     # Simulate a crash: records on disk, nothing shut down cleanly.
     reg._writer.cancel()
     reg._sweeper.cancel()
-    reg.get(running).task.cancel()
     reg._flush()
     record = json.loads((tmp_path / "jobs" / f"{running}.json").read_text())
     assert record["status"] == "running" and record["params"] == {"dst": "x"}
@@ -195,6 +194,57 @@ async def test_records_survive_restart_and_interrupted_jobs_recover(tmp_path):
     assert recovered == [(running, {"dst": "x"})]
     assert reg2.get(done).status == "done"
     await reg2.shutdown(1)
+    task = reg.get(running).task
+    task.cancel()
+    await asyncio.wait([task])
+
+
+class RecordReadingBus(EventBus):
+    """Reads a job's record on disk at the instant its end is published:
+    what a crash right after a client saw that end would leave."""
+
+    def __init__(self, records):
+        super().__init__()
+        self.records = records
+        self.seen = {}
+
+    def publish(self, method, params):
+        if method == "job.status" and params["status"] in ("done", "failed", "aborted"):
+            path = self.records / f"{params['jobUUID']}.json"
+            record = json.loads(path.read_text()) if path.exists() else {}
+            self.seen[params["jobUUID"]] = (params["status"], record.get("status"),
+                                            record.get("result"))
+        super().publish(method, params)
+
+
+async def test_an_end_is_on_disk_before_it_is_shown(tmp_path):
+    bus = RecordReadingBus(tmp_path / "jobs")
+    reg = JobRegistry(JobsConfig(), tmp_path, bus)
+    await reg.start()
+    started = asyncio.Event()
+
+    async def quick(ctx):
+        return {"volUUID": "v"}
+
+    async def failing(ctx):
+        raise VolumeDoesNotExist(volUUID="v")
+
+    async def forever(ctx):
+        started.set()
+        await asyncio.sleep(3600)
+
+    ok, bad, aborted = new_id(), new_id(), new_id()
+    reg.submit(ok, "test", quick)
+    reg.submit(bad, "test", failing)
+    reg.submit(aborted, "test", forever)
+    await started.wait()
+    await reg.abort(aborted)
+    await wait_ended(reg, ok)
+    await wait_ended(reg, bad)
+    assert bus.seen == {ok: ("done", "done", {"volUUID": "v"}),
+                        bad: ("failed", "failed", None),
+                        aborted: ("aborted", "aborted", None)}
+    await reg.shutdown(1)
 
 
 async def test_shutdown_cancels_after_grace(tmp_path):

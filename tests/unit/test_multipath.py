@@ -61,8 +61,14 @@ async def test_flush() -> None:
     assert fake.argvs() == [["multipath", "-f", "mpatha"]]
     in_use = FakeRunner(lambda argv: (1, "", "10.27 | mpatha: map in use"))
     with pytest.raises(StorageServerDisconnectionError) as e:
-        await multipath.flush("mpatha", timeout=5, runner=in_use)
+        await multipath.flush("mpatha", timeout=5, runner=in_use, retry_delays=(0, 0))
     assert e.value.code == 452 and "in use" in e.value.message
+    assert len(in_use.calls) == 3
+    # open for a moment (udev's blkid after an LV went): the next try flushes
+    answers = iter([(1, "", "mpatha: map in use"), (0, "", "")])
+    brief = FakeRunner(lambda argv: next(answers))
+    await multipath.flush("mpatha", timeout=5, runner=brief, retry_delays=(0, 0))
+    assert len(brief.calls) == 2
     gone = FakeRunner(lambda argv: (1, "", "mpatha is not a multipath device"))
     await multipath.flush("mpatha", timeout=5, runner=gone)
 
