@@ -54,6 +54,7 @@ test-lab: venv deps-test
 lint: venv
 	$(BIN)/ruff check agent rpc storage ovfstore tests
 	$(BIN)/mypy
+	$(BIN)/python -m tests.importgraph
 
 bench: venv deps-test
 	$(BIN)/python -m tests.bench

@@ -4,6 +4,12 @@ Loaded once in main() and passed down; nothing reads configuration at import
 time. Unknown sections or keys and wrong types are errors naming the key, so
 a typo in /etc/hostagent/hostagent.toml stops the agent instead of being
 silently ignored.
+
+Each setting is declared once: its type is its dataclass annotation (checked
+on load), and every number has its range in RANGES (a unit test fails on a
+number without one). A table over the stdlib dataclasses rather than a
+validation library: pydantic would be a second model of the same settings and
+a compiled dependency on every host for some thirty numbers.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import dataclasses
 import ipaddress
 import json
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,24 +187,14 @@ class Config:
         return "\n".join(lines) + "\n"
 
     def validate(self) -> None:
+        for name, declared, value in settings(self):
+            if is_number(declared):
+                RANGES[name].check(name, value)
         s = self.server
-        if not 0 < s.port < 65536:
-            raise ConfigError(f"server.port: {s.port} is not a port number")
         if not s.tls and not is_loopback(s.host):
             raise ConfigError(
                 f"server.tls is false but server.host {s.host!r} is not a loopback "
                 "address: plain HTTP is allowed only on loopback")
-        if s.max_body_bytes < 1024:
-            raise ConfigError("server.max_body_bytes: must be at least 1024")
-        if s.max_peer_handshakes < 1:
-            raise ConfigError("server.max_peer_handshakes: must be at least 1")
-        for name in ("idle_timeout", "body_timeout", "handshake_timeout"):
-            if not getattr(s, name) > 0:
-                raise ConfigError(f"server.{name}: must be more than 0")
-        if self.jobs.max_running < 1:
-            raise ConfigError("jobs.max_running: must be at least 1")
-        if not -1 <= self.ovf.data_port < 65536:
-            raise ConfigError("ovf.data_port: not a port (-1: none, 0: any free port)")
         le = self.leases
         for name in le.backends:
             if name not in ("local", "sanlock"):
@@ -207,18 +204,81 @@ class Config:
             raise ConfigError("leases.backends: must include \"local\"")
         if le.policy not in le.backends:
             raise ConfigError(f"leases.policy: {le.policy!r} is not one of leases.backends")
-        if not 1 <= le.host_id <= 2000:
-            raise ConfigError(f"leases.host_id: {le.host_id} not in 1..2000")
-        if not 1 <= le.io_timeout <= 300:
-            raise ConfigError("leases.io_timeout: must be 1..300 seconds")
-        if not le.check_interval > 0:
-            raise ConfigError("leases.check_interval: must be more than 0")
-        if le.domain_lease_timeout < 0:
-            raise ConfigError("leases.domain_lease_timeout: must not be negative")
-        if not 0 <= self.storage.vm_file_mode <= 0o777:
-            raise ConfigError("storage.vm_file_mode: not a file mode (0o000..0o777)")
         if self.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"logging.level: unknown level {self.logging.level!r}")
+
+
+@dataclass(frozen=True)
+class Range:
+    """Where a number may be: at least `low` (more than it when `open_low`),
+    at most `high`; None: unbounded."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+
+    def check(self, name: str, value: float) -> None:
+        if self.open_low and self.low is not None and not value > self.low:
+            raise ConfigError(f"{name}: {value!r} must be more than {self.low:g}")
+        if self.low is not None and value < self.low:
+            raise ConfigError(f"{name}: {value!r} must be at least {self.low:g}")
+        if self.high is not None and value > self.high:
+            raise ConfigError(f"{name}: {value!r} must be at most {self.high:g}")
+
+
+MiB = 1024 * 1024
+POSITIVE = Range(0, open_low=True)
+NOT_NEGATIVE = Range(0)
+AT_LEAST_1 = Range(1)
+
+# The range of every number of the configuration, "section.key".
+RANGES: dict[str, Range] = {
+    "server.port": Range(1, 65535),
+    "server.max_body_bytes": Range(1024),
+    "server.max_ws_clients": AT_LEAST_1,
+    "server.ws_queue_size": AT_LEAST_1,
+    "server.shutdown_timeout": NOT_NEGATIVE,
+    "server.idle_timeout": POSITIVE,
+    "server.body_timeout": POSITIVE,
+    "server.handshake_timeout": POSITIVE,
+    "server.max_peer_handshakes": AT_LEAST_1,
+    "jobs.max_running": AT_LEAST_1,
+    "jobs.keep_ended_seconds": NOT_NEGATIVE,
+    "jobs.shutdown_grace_seconds": NOT_NEGATIVE,
+    "jobs.progress_interval": POSITIVE,
+    "storage.command_timeout": POSITIVE,
+    "storage.mount_timeout": POSITIVE,
+    "storage.io_timeout": POSITIVE,
+    # 0 would read every domain's metadata in a busy loop
+    "storage.monitor_interval": POSITIVE,
+    # sizes are divided by it; LVM takes no extent under 1 KiB, 1 MiB keeps VGs sane
+    "storage.block_extent_size": Range(MiB),
+    "storage.vm_file_mode": Range(0, 0o777),
+    "ovf.max_tar_size": Range(MiB),
+    "ovf.max_member_size": AT_LEAST_1,
+    "ovf.ticket_ttl": POSITIVE,
+    # -1: no data listener, 0: any free port
+    "ovf.data_port": Range(-1, 65535),
+    "leases.host_id": Range(1, 2000),
+    "leases.io_timeout": Range(1, 300),
+    "leases.domain_lease_timeout": NOT_NEGATIVE,
+    "leases.check_interval": POSITIVE,
+}
+
+
+def settings(obj: Any, where: str = "") -> typing.Iterator[tuple[str, Any, Any]]:
+    """(section.key, declared type, value) of every setting under obj."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from settings(value, f"{where}{f.name}.")
+        else:
+            yield f"{where}{f.name}", hints[f.name], value
+
+
+def is_number(declared: Any) -> bool:
+    return declared in (int, float)
 
 
 def is_loopback(host: str) -> bool:
@@ -245,6 +305,7 @@ def _toml_value(value: Any) -> str:
 
 def _apply(obj: Any, data: dict[str, Any], where: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
     for key, value in data.items():
         name = f"{where}{key}"
         if key not in fields:
@@ -255,7 +316,7 @@ def _apply(obj: Any, data: dict[str, Any], where: str) -> None:
                 raise ConfigError(f"{name}: expected a table")
             _apply(current, value, f"{name}.")
             continue
-        expected = type(current)
+        expected = typing.get_origin(hints[key]) or hints[key]
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if expected is dict:

@@ -14,7 +14,6 @@ from agent.config import Config
 from agent.events import EventBus
 from agent.host import Host
 from agent.jobs import JobRegistry
-from agent.locks import LockManager
 from agent.metrics import Metrics
 from ovfstore.service import OvfService
 from ovfstore.store import volume_size
@@ -22,6 +21,7 @@ from storage.connections import ConnectionManager
 from storage.domains import DomainManager, VmAccess, imageops
 from storage.leases import Backend, LeaseManager, LocalBackend, SanlockBackend
 from storage.leases.lockholder import LockHolder
+from storage.locks import LockManager
 from storage.transfers import TransferService
 
 log = logging.getLogger("agent.context")

@@ -67,6 +67,10 @@ def load_config(args: argparse.Namespace) -> configmod.Config:
     # In dev mode the system config file is not read unless named explicitly:
     # a developer's agent must not pick up a production host's settings.
     path = args.config
+    # argparse hands over its default object itself: any other is --config FILE,
+    # which must exist (a typo must not start the agent on defaults)
+    if path is not configmod.DEFAULT_CONFIG_FILE and not path.is_file():
+        raise configmod.ConfigError(f"--config {path}: no such file")
     if args.dev and path == configmod.DEFAULT_CONFIG_FILE:
         path = args.state_dir / "hostagent.toml"
     return configmod.load(path, overrides)

@@ -11,6 +11,7 @@ from typing import Any
 import psutil
 
 from agent import __version__
+from storage.fileio import atomic_write
 
 API_VERSION = 1
 DOM_TYPES = ("nfs", "posixfs", "localfs", "iscsi", "fcp")
@@ -33,9 +34,7 @@ class Host:
             self.host_id = str(uuid.UUID(path.read_text().strip()))
         except (FileNotFoundError, ValueError):
             self.host_id = str(uuid.uuid4())
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(self.host_id + "\n")
-            os.replace(tmp, path)
+            atomic_write(path, (self.host_id + "\n").encode())
 
     def capabilities(self, features: list[str]) -> dict[str, Any]:
         return {"version": __version__, "apiVersion": API_VERSION,

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.locks import LockManager, request
 from ovfstore import ovf
 from ovfstore.store import Body, Header, OvfStore, UploadError, read_members, slot_size
 from storage.domains import Domain, DomainManager
@@ -31,6 +30,7 @@ from storage.errors import (
     OvfTicketError,
     VolumeDoesNotExist,
 )
+from storage.locks import LockManager, request
 from storage.metadata import LEGAL, READY, VolumeMetadata
 
 log = logging.getLogger("ovfstore")

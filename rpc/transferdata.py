@@ -50,7 +50,7 @@ from storage.nbdclient import NbdClient
 from storage.transfers import Transfer, TransferService
 
 if TYPE_CHECKING:
-    from rpc.ovfdata import _Connection, _Request
+    from rpc.httpconn import _Connection, _Request
 
 log = logging.getLogger("rpc.transferdata")
 

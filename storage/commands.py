@@ -315,11 +315,41 @@ async def _write_input(stream: asyncio.StreamWriter | None, data: bytes) -> None
         pass
 
 
+class Child(Protocol):
+    """A long-running child `start()` started: what its callers use (a fake
+    in unit tests implements the same)."""
+
+    pid: int
+    stdin: asyncio.StreamWriter | None
+    stdout: asyncio.StreamReader | None
+    stderr: asyncio.StreamReader | None
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def kill(self) -> None: ...
+
+    def close(self) -> None:
+        """Close this end of its pipes (once it is gone)."""
+
+
+class Spawner(Protocol):
+    """The signature of `start()`. Modules that keep a child running take
+    `spawner: Spawner = start`; tests pass a fake instead."""
+
+    async def __call__(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                       stdin: bool = False, stdout: bool = False, stderr: bool = False,
+                       line_limit: int = _READ_SIZE) -> Child: ...
+
+
 class _Child:
     """A started command: its pipes as asyncio streams, its exit as a future
     (a pidfd on the event loop: no thread waits for it)."""
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], line_limit: int = _READ_SIZE) -> None:
+        self.line_limit = line_limit
         self.popen = popen
         self.pid = popen.pid
         self.stdin: asyncio.StreamWriter | None = None
@@ -353,7 +383,9 @@ class _Child:
             self._transports.append(wtransport)
         for name in ("stdout", "stderr"):
             pipe = getattr(self.popen, name)
-            reader = asyncio.StreamReader(limit=_READ_SIZE)
+            if pipe is None:
+                continue
+            reader = asyncio.StreamReader(limit=self.line_limit)
             rtransport, _ = await loop.connect_read_pipe(
                 lambda r=reader: asyncio.StreamReaderProtocol(r), pipe)   # type: ignore[misc]
             self._transports.append(rtransport)
@@ -362,18 +394,41 @@ class _Child:
     async def wait(self) -> int:
         return await asyncio.shield(self._exited)
 
+    def kill(self) -> None:
+        """SIGKILL the child's process group (it leads its own)."""
+        _signal_group(self.pid, signal.SIGKILL)
+
     def close_pipes(self) -> None:
         for transport in self._transports:
             transport.close()
 
+    def close(self) -> None:
+        self.close_pipes()
+
+
+def _kill_orphan(started: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+    """A child whose caller was cancelled while it was being started: killed,
+    and reaped by a spawner thread."""
+    if started.cancelled() or started.exception() is not None:
+        return
+    popen = started.result()
+    _signal_group(popen.pid, signal.SIGKILL)
+    _SPAWNERS.submit(popen.wait)
+
 
 async def _spawn(argv: Sequence[str], *, stdin: int, env: dict[str, str],
-                 cwd: str | os.PathLike[str] | None) -> _Child:
+                 cwd: str | os.PathLike[str] | None, stdout: int | None = subprocess.PIPE,
+                 stderr: int | None = subprocess.PIPE, line_limit: int = _READ_SIZE) -> _Child:
     loop = asyncio.get_running_loop()
-    popen = await loop.run_in_executor(_SPAWNERS, lambda: subprocess.Popen(
-        list(argv), stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    started = loop.run_in_executor(_SPAWNERS, lambda: subprocess.Popen(
+        list(argv), stdin=stdin, stdout=stdout, stderr=stderr, env=env,
         cwd=cwd, start_new_session=True, close_fds=True))
-    child = _Child(popen)
+    try:
+        popen = await asyncio.shield(started)
+    except asyncio.CancelledError:
+        started.add_done_callback(_kill_orphan)
+        raise
+    child = _Child(popen, line_limit)
     try:
         await child.attach()
     except BaseException:
@@ -466,6 +521,30 @@ def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
     return merged
 
 
+async def start(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                stdin: bool = False, stdout: bool = False, stderr: bool = False,
+                line_limit: int = _READ_SIZE) -> Child:
+    """Start a long-running child (a helper daemon, an export) off the event
+    loop, as `run()` starts commands, in its own process group; the caller
+    keeps it and must end it (`kill()`, then `wait()` and `close()`).
+
+    A stream asked for is a pipe (stdout and stderr read with lines of up to
+    `line_limit` bytes); else stdin and stdout are /dev/null and stderr is the
+    agent's own (the journal).
+
+    Started from a spawner thread: such a thread lives as long as the agent,
+    so a child's PR_SET_PDEATHSIG (sent when the thread that forked it ends)
+    still means "when the agent dies".
+    """
+    try:
+        return await _spawn(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
+                            stderr=subprocess.PIPE if stderr else None,
+                            env=_child_env(env), cwd=None, line_limit=line_limit)
+    except (FileNotFoundError, PermissionError) as e:
+        raise CommandNotFound(argv, f"cannot run {argv[0]}: {e.strerror}") from e
+
+
 async def run(
     argv: Sequence[str],
     *,
@@ -512,7 +591,7 @@ async def run(
     shown = redact_argv(argv, redact)
     cmd = shlex.join(shown)
 
-    start = time.monotonic()
+    began = time.monotonic()
     try:
         proc = await _spawn(argv, stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
                             env=_child_env(env), cwd=cwd)
@@ -543,7 +622,7 @@ async def run(
                 # It still holds its pipes: close them now.
                 proc.close_pipes()
                 _lingering[proc] = shown
-        elapsed = time.monotonic() - start
+        elapsed = time.monotonic() - began
         rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
         if isinstance(e, TimeoutError) and deadline.expired():
             log.warning("%s: timed out after %.3f s, killed", cmd, elapsed)
@@ -561,7 +640,7 @@ async def run(
         log.debug("%s: interrupted (%s) after %.3f s, killed", cmd, type(e).__name__, elapsed)
         raise
 
-    elapsed = time.monotonic() - start
+    elapsed = time.monotonic() - began
     log.debug("%s: rc=%d in %.3f s", cmd, rc, elapsed)
     result = CommandResult(shown, rc, out.data(), err.data(), elapsed)
     if check and rc not in ok_rcs:

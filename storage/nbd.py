@@ -7,16 +7,14 @@ allocation answers are the bitmap's, inverted: a dirty area reads as a hole
 ("data": false), a clean one as data.
 
 qemu-nbd runs read-only on a private UNIX socket, as our child in its own
-process group, and is killed whatever happens.
+process group (started off the event loop, commands.start), and is killed
+whatever happens. Tests pass a fake spawner and runner.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -30,16 +28,17 @@ class NbdError(GeneralException):
 
 
 async def dirty_extents(path: str, bitmap: str, *, fmt: str = "qcow2",
-                        timeout: float = 600) -> list[tuple[int, int]]:
+                        timeout: float = 600, runner: commands.Runner = commands.run,
+                        spawner: commands.Spawner = commands.start,
+                        ) -> list[tuple[int, int]]:
     """(offset, length) of every area the bitmap marks dirty, in order."""
     commands.check_arg(bitmap, "bitmap")
     with tempfile.TemporaryDirectory(prefix="hostagent-nbd-") as tmp:
         sock = Path(tmp) / "nbd.sock"
-        proc = await asyncio.create_subprocess_exec(
-            "qemu-nbd", "--read-only", "--format", fmt, "--bitmap", bitmap,
-            "--socket", str(sock), "--export-name", "disk", "--shared", "1", path,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        proc = await spawner(
+            ["qemu-nbd", "--read-only", "--format", fmt, "--bitmap", bitmap,
+             "--socket", str(sock), "--export-name", "disk", "--shared", "1", path],
+            stderr=True)
         try:
             deadline = time.monotonic() + min(timeout, 30)
             while not sock.exists():   # a socket file: no event to wait on
@@ -52,15 +51,15 @@ async def dirty_extents(path: str, bitmap: str, *, fmt: str = "qcow2",
                 await asyncio.sleep(0.01)
             opts = (f"driver=nbd,server.type=unix,server.path={sock},export=disk,"
                     f"x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}")
-            r = await commands.run(["qemu-img", "map", "--output", "json", "--image-opts",
+            r = await runner(["qemu-img", "map", "--output", "json", "--image-opts",
                                     opts], timeout=timeout)
         except commands.CommandError as e:
             raise NbdError(op="map", reason=e.err_text.strip() or f"rc={e.rc}") from None
         finally:
             if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
             await proc.wait()
+            proc.close()
     try:
         extents = json.loads(r.out)
         dirty = [(int(e["start"]), int(e["length"])) for e in extents if not e["data"]]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from storage.fileio import atomic_write
 
 # Parameters never shown in results, logs or errors.
 SECRET_PARAMS = frozenset({"password"})
@@ -102,14 +103,7 @@ class RecordStore:
 
     def save(self, conn: Connection) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self.dir / f"{conn.id}.json"
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(conn.record(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(self.dir / f"{conn.id}.json", json.dumps(conn.record()).encode(), 0o600)
 
     def remove(self, conn_id: str) -> None:
         (self.dir / f"{conn_id}.json").unlink(missing_ok=True)

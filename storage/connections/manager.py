@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from agent.locks import LockManager, request
 from storage import commands
 from storage.connections.base import (
     CONNECTED,
@@ -34,6 +33,7 @@ from storage.errors import (
     ResourceInUse,
     StorageServerConnectionError,
 )
+from storage.locks import LockManager, request
 
 log = logging.getLogger("storage.connections")
 

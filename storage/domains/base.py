@@ -7,7 +7,7 @@ written in one metadata write. Removal writes REMOVING first. Whatever a
 crash leaves CREATING or REMOVING is removed by `collect_garbage` at
 start-up and on activate; a volume is never LEGAL unless complete.
 
-Hosts sharing the domain meet in `self.leases` (leasing.py): a volume is
+Hosts sharing the domain meet in `self.leases` (leaseapi.py, leasing.py): a volume is
 allocated under the domain lease and made, written or removed under its
 own lease; garbage collection leaves alone what another host holds.
 """
@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from storage import commands, qemuimg
-from storage.domains.leasing import UNLEASED, Unleased
+from storage.domains.leaseapi import UNLEASED, Leases
 from storage.errors import (
     AcquireLockFailure,
     CreateIllegalVolumeSnapshotError,
@@ -109,7 +109,7 @@ class Domain(abc.ABC):
         self.md = md
         self.io = io
         # set by the DomainManager to this host's leases on the domain
-        self.leases: Unleased = UNLEASED
+        self.leases: Leases = UNLEASED
         # Half-made volumes this host failed to remove (the storage failed):
         # the DomainManager removes them once the domain answers again.
         self.pending_discards: dict[str, VolumeMetadata] = {}

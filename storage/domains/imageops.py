@@ -25,7 +25,6 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.locks import SHARED, Request, request
 from storage import nbd, qemuimg
 from storage.domains.base import (
     Domain,
@@ -50,6 +49,7 @@ from storage.errors import (
     VolumeImageHasChildren,
     VolumeIsBusy,
 )
+from storage.locks import SHARED, Request, request
 from storage.metadata import LEGAL, READY, VolumeMetadata
 
 if TYPE_CHECKING:

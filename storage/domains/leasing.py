@@ -29,61 +29,42 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from storage.errors import AcquireHostIdFailure, AcquireLockFailure, HostAgentError, LeaseHeld
-from storage.leases import HostIdState, LeaseContext, LeaseManager, Resource
-from storage.metadata import VolumeMetadata
-
-if TYPE_CHECKING:
-    from storage.domains.base import Domain
+from storage.leases import (
+    BlockDomainLeases,
+    FileDomainLeases,
+    HostIdState,
+    LeaseContext,
+    LeaseManager,
+    Resource,
+)
+from storage.metadata import DomainMetadata, VolumeMetadata
 
 log = logging.getLogger("storage.domains.leasing")
 
 
-class Unleased:
-    """The leases of a domain no LeaseManager watches (a Domain used on its
-    own: unit tests, tools). Every lease is granted at once."""
+class LeasedDomain(Protocol):
+    """What DomainLeases needs of its domain (not the Domain class: base.py
+    holds its leases, so importing it here would make a cycle)."""
 
-    io_timeout = 10
+    @property
+    def uuid(self) -> str: ...
 
-    def joined(self) -> bool:
-        return True
+    @property
+    def md(self) -> DomainMetadata: ...
 
-    async def ensure_writable(self) -> None:
-        return None
+    def lease_areas(self) -> FileDomainLeases | BlockDomainLeases: ...
 
-    @contextlib.asynccontextmanager
-    async def metadata(self) -> AsyncIterator[None]:
-        yield
+    def forget_cache(self) -> None: ...
 
-    @contextlib.asynccontextmanager
-    async def volume(self, md: VolumeMetadata) -> AsyncIterator[None]:
-        yield
-
-    async def hold(self, md: VolumeMetadata) -> None:
-        return None
-
-    async def drop(self, md: VolumeMetadata) -> None:
-        return None
-
-    def check(self, md: VolumeMetadata) -> None:
-        return None
-
-    async def busy(self, md: VolumeMetadata) -> bool:
-        return False
-
-    async def leave(self) -> None:
-        return None
-
-    def status(self) -> dict[str, Any]:
-        return {"hostId": None, "state": "unleased", "backend": None}
+    async def volume_lease(self, img: str, vol: str) -> Resource: ...
 
 
-UNLEASED = Unleased()
+class DomainLeases:
+    """The Leases (leaseapi.py) of a domain that the host's LeaseManager watches."""
 
-
-class DomainLeases(Unleased):
     # Fairness between hosts: sanlock keeps no queue, and other hosts poll
     # for the domain lease (LeaseManager.retry_interval); this host's queued
     # writers would take it again the moment it is released and starve them
@@ -94,7 +75,7 @@ class DomainLeases(Unleased):
     SDM_TURN = 10.0
     SDM_YIELD = 2.0
 
-    def __init__(self, manager: LeaseManager, domain: Domain, *, host_id: int,
+    def __init__(self, manager: LeaseManager, domain: LeasedDomain, *, host_id: int,
                  io_timeout: int, domain_timeout: float, join_wait: float = 120.0,
                  on_joined: Callable[[], Awaitable[None]] | None = None) -> None:
         self.manager = manager

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent.locks import SHARED, LockManager, request
 from storage import commands, lvm, multipath
 from storage.connections import ConnectionManager
 from storage.connections.base import CONNECTED
@@ -57,8 +56,9 @@ from storage.errors import (
     VolumeIsBusy,
     VolumeNonWritable,
 )
-from storage.fileio import IOPool
+from storage.fileio import IOPool, atomic_write
 from storage.leases import LeaseManager, init_domain_areas
+from storage.locks import SHARED, LockManager, request
 from storage.metadata import (
     CREATING,
     LEGAL,
@@ -160,10 +160,7 @@ class DomainManager:
             self.prepared = {}
 
     def _save(self, name: str, data: Any) -> None:
-        path = self.state_dir / name
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write(self.state_dir / name, json.dumps(data, sort_keys=True).encode())
 
     def _save_active(self) -> None:
         self._save("domains.json", {"active": sorted(self.active)})

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import logging
 import os
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -41,47 +39,9 @@ from storage.fileio import IOPool
 from storage.leases.base import LeaseBusy, LostCallback
 from storage.leases.layout import Lockspace, Resource
 from storage.leases.lockholder import HolderLocker, LockHolder
+from storage.leases.ofdlock import lock_visible, try_lock
 
 log = logging.getLogger("storage.leases.local")
-
-# struct flock {short l_type; short l_whence; off_t l_start; off_t l_len; pid_t l_pid;}
-# on 64-bit Linux: native alignment pads after l_whence and at the end (32 bytes).
-FLOCK = struct.Struct("@hhqqi4x")
-
-
-def _flock(kind: int, offset: int) -> bytes:
-    # l_pid must be 0 for OFD requests
-    return FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0)
-
-
-def try_lock(path: str, offset: int) -> int | None:
-    """Open path and take a write lock on byte `offset`: the fd, or None
-    when another open file holds a conflicting lock (blocking: IOPool)."""
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, offset))
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EAGAIN, errno.EACCES):
-            return None
-        raise
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def lock_visible(path: str, offset: int) -> bool:
-    """True if some open file holds a lock on byte `offset` of path, as seen
-    from a new open file (ours conflicts with it, so it shows)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        out = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, offset))
-    finally:
-        os.close(fd)
-    kind = FLOCK.unpack(out)[0]
-    return bool(kind != fcntl.F_UNLCK)
-
 
 class Locker(Protocol):
     """Where one lockspace's locks are taken and held (with its deadline:

@@ -43,7 +43,9 @@ import sys
 import threading
 from typing import Any
 
+from storage import commands
 from storage.errors import ResourceTimeout
+from storage.leases.ofdlock import lock_visible, try_lock
 
 log = logging.getLogger("storage.leases.lockholder")
 
@@ -70,7 +72,6 @@ class _Helper:
             self.out.flush()
 
     def handle(self, req: dict[str, Any]) -> None:
-        from storage.leases.local import lock_visible, try_lock
         rid = req.get("id")
         try:
             op = req["op"]
@@ -147,8 +148,11 @@ class LockHolder:
     """The agent's helper process, started on first use and again if it died
     (every lock it held is then gone: callers find that by their checks)."""
 
-    def __init__(self) -> None:
-        self._proc: asyncio.subprocess.Process | None = None
+    def __init__(self, spawner: commands.Spawner = commands.start) -> None:
+        # started off the event loop (commands.py says why: this helper
+        # exists because a fork can hang on hung FUSE storage)
+        self._spawner = spawner
+        self._proc: commands.Child | None = None
         self._reader: asyncio.Task[None] | None = None
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = 0
@@ -156,22 +160,23 @@ class LockHolder:
         # bumped each time a helper starts: handles of an older one are void
         self.generation = 0
 
-    async def _ensure(self) -> asyncio.subprocess.Process:
+    async def _ensure(self) -> commands.Child:
         async with self._start_lock:
-            if self._proc is not None and self._proc.returncode is None:
-                return self._proc
-            env = {**os.environ, "PYTHONPATH": _ROOT + os.pathsep + os.environ.get(
+            if self._proc is not None:
+                if self._proc.returncode is None:
+                    return self._proc
+                self._proc.close()      # a helper that died
+            env = {"PYTHONPATH": _ROOT + os.pathsep + os.environ.get(
                 "PYTHONPATH", "")}
-            self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", "from storage.leases.lockholder import main; main()",
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
-                limit=1 << 20)
+            self._proc = await self._spawner(
+                [sys.executable, "-c", "from storage.leases.lockholder import main; main()"],
+                env=env, stdin=True, stdout=True, line_limit=1 << 20)
             self.generation += 1
             self._reader = asyncio.create_task(self._read(self._proc), name="lockholder")
             log.info("Lock holder started (pid %d)", self._proc.pid)
             return self._proc
 
-    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+    async def _read(self, proc: commands.Child) -> None:
         assert proc.stdout is not None
         while line := await proc.stdout.readline():
             try:
@@ -227,12 +232,12 @@ class LockHolder:
             async with asyncio.timeout(1):
                 await proc.wait()
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+            proc.kill()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+        proc.close()
 
 
 class HolderLocker:

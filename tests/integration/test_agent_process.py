@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import aiohttp
 import psutil
@@ -21,6 +22,7 @@ import pytest
 from agent.pki import write_pki
 from rpc.client import Client, RpcError, client_ssl_context, verifying_context
 from tests.agentproc import ROOT, AgentProcess
+from tests.polling import until
 
 # Every verb of API.md implemented so far (the contract's names, unchanged).
 API_VERBS_SO_FAR = {
@@ -266,9 +268,10 @@ async def test_sigterm_with_running_job_exits_zero(agent_factory, tmp_path):
     jid = new_id()
     async with agent.client() as c:
         await c.call("testStepJob", jobUUID=jid, steps=100, stepSeconds=1)
-        await asyncio.sleep(0.5)
     pid = agent.proc.pid
+    await until(lambda: _sleep_children(pid), "the job's child runs", timeout=10)
     children = _sleep_children(pid)
+    assert children
     start = time.monotonic()
     rc = agent.stop(signal.SIGTERM, timeout=30)
     assert rc == 0 and time.monotonic() - start < 15
@@ -276,6 +279,13 @@ async def test_sigterm_with_running_job_exits_zero(agent_factory, tmp_path):
     record = json.loads((state / "jobs" / f"{jid}.json").read_text())
     assert record["status"] == "failed"
     assert record["error"]["data"]["name"] == "JobInterrupted"
+
+
+def _record_status(path: Path) -> str | None:
+    try:
+        return str(json.loads(path.read_text())["status"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
 
 
 async def test_kill9_then_restart_reports_job_interrupted(agent_factory, tmp_path):
@@ -287,7 +297,9 @@ async def test_kill9_then_restart_reports_job_interrupted(agent_factory, tmp_pat
         async with asyncio.timeout(10):
             while (await c.call("getJobs", jobUUIDs=[jid]))[jid]["status"] != "running":
                 await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)  # the record writer runs off the loop
+    # the record writer runs off the loop: wait for the running record on disk
+    await until(lambda: _record_status(state / "jobs" / f"{jid}.json") == "running",
+                "the job's running record is on disk", timeout=10)
     agent.kill()
     again = agent_factory(state, port=agent.port)
     async with again.client() as c:

@@ -90,7 +90,7 @@ class Holder:
 
 @pytest.fixture(params=[("ext4", 512), ("xfs", 4096)], ids=["ext4-512", "xfs-4096"])
 def domain(request: pytest.FixtureRequest,
-           make_fs_mount: Callable[..., FsMount]) -> Iterator[FileDomainLeases]:
+           make_fs_mount: Callable[..., FsMount]) -> FileDomainLeases:
     """A file domain's lease areas laid out as filedomain.py makes them."""
     fstype, sector = request.param
     fs = make_fs_mount(fstype, sector)
@@ -102,7 +102,7 @@ def domain(request: pytest.FixtureRequest,
         with open(root / "dom_md" / name, "wb") as f:
             f.truncate(MiB)
     create_lease_file(root / "images" / IMG / f"{VOL}.lease", geometry)
-    yield FileDomainLeases(SD, root, geometry)
+    return FileDomainLeases(SD, root, geometry)
 
 
 @pytest.fixture

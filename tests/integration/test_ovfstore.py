@@ -33,6 +33,7 @@ from storage.errors import ResourceInUse
 from storage.metadata import decode, encode
 from tests.agentproc import AgentProcess
 from tests.integration.storagefixtures import wait_for
+from tests.polling import until
 
 MiB = 1024**2
 
@@ -255,6 +256,13 @@ BAD_TARS: dict[str, list[Any]] = {
 }
 
 
+
+def _uploads_ended_badly(agent: AgentProcess, sd: str) -> int:
+    """How many uploads to sd the agent logged as interrupted or refused (a cut
+    body is either, by port and by where the cut falls)."""
+    return sum(1 for line in agent.log().splitlines()
+               if f"OVF upload to {sd}" in line and ("interrupted" in line or "refused" in line))
+
 async def check_refusals(agent: AgentProcess, c: Client, sd: str, via: str = "url") -> bytes:
     """Every hostile or broken upload to domain sd is refused and the stored
     tar stays as it was; uploads go to each ticket's `via` (see target_of).
@@ -278,6 +286,7 @@ async def check_refusals(agent: AgentProcess, c: Client, sd: str, via: str = "ur
     # body shorter than Content-Length: the client goes away mid-body
     t = await c.call("uploadOvfTar", sdUUID=sd, size=len(full))
     host, port, _ = address(agent, target_of(t, via))
+    cut_before = _uploads_ended_badly(agent, sd)
     _, writer = await asyncio.open_connection(host, port, ssl=ssl_ctx(agent))
     writer.write(f"PUT {t['path']} HTTP/1.1\r\nHost: x\r\n"
                  f"Content-Length: {len(full)}\r\n\r\n".encode() + full[:len(full) // 2])
@@ -285,7 +294,8 @@ async def check_refusals(agent: AgentProcess, c: Client, sd: str, via: str = "ur
     writer.close()
     with contextlib.suppress(OSError, ssl.SSLError):
         await writer.wait_closed()
-    await asyncio.sleep(0.5)   # the agent notices the closed connection
+    await until(lambda: _uploads_ended_badly(agent, sd) > cut_before,
+                "the agent noticed the closed connection (its log says so)")
     assert (await get(agent, sd))[1] == good
     # the ticket of the cut upload was used up
     assert (await put(agent, target_of(t, via), full))[0] == 403

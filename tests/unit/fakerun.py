@@ -5,6 +5,7 @@ real tools), and a fake sysfs tree with iSCSI sessions like the kernel's."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,60 @@ class FakeRunner:
 
     def argvs(self, prog: str | None = None) -> list[list[str]]:
         return [c.argv for c in self.calls if prog is None or c.argv[0] == prog]
+
+
+@dataclass
+class FakeChild:
+    """What `commands.start` returns, for a child that runs until killed
+    (or exits at once with `rc` and `err` on stderr)."""
+
+    argv: list[str]
+    rc: int | None = None
+    err: bytes = b""
+    pid: int = 4242
+    stdin: asyncio.StreamWriter | None = None
+    stdout: asyncio.StreamReader | None = None
+    stderr: asyncio.StreamReader | None = None
+    killed: bool = False
+    closed: bool = False
+
+    def __post_init__(self) -> None:
+        self.stderr = asyncio.StreamReader()
+        self.stderr.feed_data(self.err)
+        if self.rc is not None:
+            self.stderr.feed_eof()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.rc
+
+    async def wait(self) -> int:
+        assert self.rc is not None, "waited for a child that was neither killed nor done"
+        return self.rc
+
+    def kill(self) -> None:
+        self.killed = True
+        if self.rc is None:
+            self.rc = -9
+            assert self.stderr is not None
+            self.stderr.feed_eof()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class FakeSpawner:
+    """A fake `commands.Spawner`: `start(argv)` makes the child (and may make
+    what the real program would, e.g. a socket file)."""
+
+    start: Callable[[list[str]], FakeChild] = lambda argv: FakeChild(argv)
+    children: list[FakeChild] = field(default_factory=list)
+
+    async def __call__(self, argv: Sequence[str], **kwargs: Any) -> FakeChild:
+        child = self.start(list(argv))
+        self.children.append(child)
+        return child
 
 
 def table(*rules: tuple[Sequence[str], Answer | Callable[[list[str]], Answer]]

@@ -53,3 +53,37 @@ def test_show_config_is_toml_that_loads_back(tmp_path):
     path = tmp_path / "again.toml"
     path.write_text(text)
     assert cfg.load(path) == c
+
+
+def test_every_number_has_a_range():
+    numbers = {name for name, declared, _ in cfg.settings(cfg.Config())
+               if cfg.is_number(declared)}
+    assert "storage.monitor_interval" in numbers
+    assert numbers == set(cfg.RANGES)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[storage]\nblock_extent_size = 0\n", "storage.block_extent_size: 0 must be at least"),
+    ("[storage]\nmonitor_interval = 0\n", "storage.monitor_interval: 0.0 must be more than 0"),
+    ("[storage]\nio_timeout = -1\n", "storage.io_timeout: -1.0 must be more than 0"),
+    ("[jobs]\nprogress_interval = 0\n", "jobs.progress_interval: 0.0 must be more than 0"),
+    ("[ovf]\nmax_tar_size = 0\n", "ovf.max_tar_size: 0 must be at least"),
+    ("[server]\nmax_ws_clients = 0\n", "server.max_ws_clients: 0 must be at least 1"),
+    ("[leases]\nhost_id = 2001\n", "leases.host_id: 2001 must be at most 2000"),
+    ("[storage]\nmonitor_interval = true\n", "storage.monitor_interval: expected float"),
+    ("[leases]\nbackends = 'local'\n", "leases.backends: expected a list of strings"),
+])
+def test_numbers_out_of_range_name_the_key(tmp_path, text, message):
+    path = tmp_path / "hostagent.toml"
+    path.write_text(text)
+    with pytest.raises(cfg.ConfigError, match=message.replace(".", r"\.")):
+        cfg.load(path)
+
+
+def test_missing_config_file_is_an_error(tmp_path, capsys):
+    from agent import daemon
+    missing = tmp_path / "nosuch.toml"
+    assert daemon.main(["--config", str(missing), "--show-config"]) == 2
+    assert f"--config {missing}: no such file" in capsys.readouterr().err
+    # without --config, a missing default file means the defaults
+    assert daemon.main(["--dev", "--state-dir", str(tmp_path), "--show-config"]) == 0

@@ -5,10 +5,10 @@ import uuid
 
 import pytest
 
-from agent.locks import LockManager
 from storage.connections import ConnectionManager
 from storage.connections.filebased import escape_spec
 from storage.errors import ResourceInUse
+from storage.locks import LockManager
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.locks import LockManager
 from storage.connections import ConnectionManager
 from storage.connections.base import Connection
 from storage.connections.filebased import (
@@ -19,6 +18,7 @@ from storage.connections.filebased import (
     unescape_spec,
 )
 from storage.errors import InvalidParameter, StorageServerConnectionError
+from storage.locks import LockManager
 from tests.unit.fakerun import FakeRunner
 
 # specs as they come: paths and NFS exports, heavy on the characters escaped

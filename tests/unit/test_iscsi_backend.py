@@ -23,6 +23,7 @@ from storage.errors import (
     StorageServerConnectionError,
     StorageServerDisconnectionError,
 )
+from tests.polling import until
 from tests.unit.fakerun import Answer, FakeRunner, make_session
 
 IQN = "iqn.2024-01.lab.local:t1"
@@ -325,11 +326,19 @@ async def test_shared_poll_coalesces_and_is_never_stale() -> None:
         await gate.wait()
         return n
 
+    asked = 0
+
+    async def ask() -> int:
+        nonlocal asked
+        asked += 1      # poll() runs on from here to its first wait in this same step
+        return await poll()
+
     poll = SharedPoll(fetch, interval=0.0)
     first = asyncio.ensure_future(poll())
-    await asyncio.sleep(0.01)            # the first fetch is running
-    late = [asyncio.ensure_future(poll()) for _ in range(5)]
-    await asyncio.sleep(0.01)
+    await until(lambda: calls == 1, "the first fetch is running")
+    late = [asyncio.ensure_future(ask()) for _ in range(5)]
+    await until(lambda: asked == 5, "five more callers wait")
+    assert calls == 1
     gate.set()
     assert await first == 1
     # those who asked while fetch 1 ran get fetch 2, which they all share

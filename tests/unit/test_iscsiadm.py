@@ -20,6 +20,7 @@ from storage.errors import (
     ISCSILoginAuthError,
     ISCSILogoutError,
     ISCSISetupError,
+    ResourceTimeout,
     StorageServerConnectionError,
 )
 from storage.iscsiadm import Portal
@@ -267,9 +268,9 @@ async def test_find_session_and_wait_disks_made(tmp_path: Path) -> None:
     make_session(tmp_path, 1, 0, IQN, "127.0.0.1", 3260, {"1": (0, None)})
     s = await iscsiadm.find_session(IQN, Portal("127.0.0.1", 3260), sysfs=tmp_path)
     assert s is not None and s.pending == ("0:0:0:1",)
-    with pytest.raises(Exception) as timed_out:
+    with pytest.raises(ResourceTimeout) as timed_out:
         await iscsiadm.wait_disks_made(1, timeout=0.2, sysfs=tmp_path)
-    assert getattr(timed_out.value, "code", None) == 851
+    assert timed_out.value.code == 851
     (tmp_path / "devices" / "platform" / "host0" / "session1" / "target0:0:0" / "0:0:0:1"
      / "block" / "sdc").mkdir(parents=True)
     done = await iscsiadm.wait_disks_made(1, timeout=2, sysfs=tmp_path)

@@ -8,6 +8,7 @@ import asyncio
 import fcntl
 import os
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,11 @@ from storage.leases import (
     create_lease_file,
     init_domain_areas,
     init_volume_lease,
+    ofdlock,
 )
 from storage.leases import local as local_mod
 from storage.leases.layout import MiB
+from storage.leases.lockholder import LockHolder
 from tests.unit.fakerun import FakeRunner
 
 SD = "0f6b3c0e-8f0a-4d8e-9d55-2f9e0c1b7a11"
@@ -164,10 +167,28 @@ def domain(tmp_path: Path) -> FileDomainLeases:
 
 
 def manager(check_interval: float = 3600, fail_after: float | None = None,
-            retry_interval: float = 0.5) -> LeaseManager:
-    return LeaseManager({"local": LocalBackend(check_interval=check_interval,
-                                               fail_after=fail_after)},
-                        retry_interval=retry_interval)
+            retry_interval: float = 0.5, in_process: bool = False) -> LeaseManager:
+    """The local backend as the agent runs it: its locks in the lock holder
+    process. `in_process`: in this process (ThreadLocker), for the tests that
+    reach into a lock's fd or patch the lock primitives."""
+    holder = None if in_process else LockHolder()
+    m = LeaseManager({"local": LocalBackend(check_interval=check_interval,
+                                            fail_after=fail_after, holder=holder)},
+                     retry_interval=retry_interval)
+    _made.append(m)
+    return m
+
+
+_made: list[LeaseManager] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_managers() -> AsyncIterator[None]:
+    """Every manager a test made is closed (its lock holder process ends),
+    also those a test leaves open."""
+    yield
+    while _made:
+        await _made.pop().close()
 
 
 async def test_host_id_join_leave(domain: FileDomainLeases) -> None:
@@ -298,13 +319,13 @@ def _drop_lock_behind_its_back(backend: LocalBackend, name: str) -> None:
         for lease in space.leases:
             if lease.lock.what.endswith(name) and lease.lock.fd is not None:
                 fcntl.fcntl(lease.lock.fd, fcntl.F_OFD_SETLK,
-                            local_mod._flock(fcntl.F_UNLCK, lease.lock.offset))
+                            ofdlock._flock(fcntl.F_UNLCK, lease.lock.offset))
                 return
     raise AssertionError(f"no lease {name}")
 
 
 async def test_lost_lease_cancels_holder_with_lease_lost(domain: FileDomainLeases) -> None:
-    m = manager()
+    m = manager(in_process=True)
     await m.add_lockspace(domain.lockspace(), 1, "local")
     steps: list[str] = []
 
@@ -337,7 +358,7 @@ async def test_swallowed_cancellation_is_repeated(domain: FileDomainLeases,
     """Work that swallows one cancellation (3.11's wait_for can) is cancelled
     again until it leaves the block."""
     monkeypatch.setattr(LeaseContext, "RECANCEL_INTERVAL", 0.05)
-    m = manager()
+    m = manager(in_process=True)
     await m.add_lockspace(domain.lockspace(), 1, "local")
     steps: list[str] = []
 
@@ -367,7 +388,7 @@ async def test_swallowed_cancellation_is_repeated(domain: FileDomainLeases,
 
 async def test_lost_and_cancelled_from_outside(domain: FileDomainLeases) -> None:
     """A job aborted while its lease is lost ends cancelled (abort wins)."""
-    m = manager()
+    m = manager(in_process=True)
     await m.add_lockspace(domain.lockspace(), 1, "local")
     entered = asyncio.Event()
 
@@ -387,7 +408,7 @@ async def test_lost_and_cancelled_from_outside(domain: FileDomainLeases) -> None
 
 
 async def test_lost_without_cancel_sets_event(domain: FileDomainLeases) -> None:
-    m = manager()
+    m = manager(in_process=True)
     await m.add_lockspace(domain.lockspace(), 1, "local")
     with pytest.raises(LeaseLost):
         async with m.acquire(domain.domain_resource(), cancel_on_lost=False) as lease:
@@ -442,7 +463,7 @@ async def test_storage_gone_loses_host_id_and_leases(domain: FileDomainLeases) -
 
 
 async def test_monitor_runs_by_itself(domain: FileDomainLeases) -> None:
-    m = manager(check_interval=0.05)
+    m = manager(check_interval=0.05, in_process=True)
     await m.add_lockspace(domain.lockspace(), 1, "local")
     with pytest.raises(LeaseLost) as e:
         async with m.acquire(domain.domain_resource(), cancel_on_lost=False) as lease:
@@ -456,7 +477,7 @@ async def test_blocked_storage_times_out(domain: FileDomainLeases,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A check that hangs (dead NFS server) counts as a failure after the
     lockspace's io_timeout and loses the lease after fail_after."""
-    m = manager(fail_after=0)
+    m = manager(fail_after=0, in_process=True)
     await m.add_lockspace(domain.lockspace(), 1, "local", io_timeout=1)
     gate = threading.Event()
 

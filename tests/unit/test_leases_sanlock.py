@@ -17,6 +17,7 @@ from storage.errors import AcquireHostIdFailure, AcquireLockFailure, LeaseLost
 from storage.leases import FileDomainLeases, Geometry, LeaseManager, SanlockBackend
 from storage.leases import sanlockproto as proto
 from storage.leases.layout import MiB
+from tests.polling import until
 
 SD = "0f6b3c0e-8f0a-4d8e-9d55-2f9e0c1b7a11"
 
@@ -80,7 +81,7 @@ def test_header_result_is_signed() -> None:
     raw = proto.header(proto.ACQUIRE, 8, 10, data=-243, data2=proto.NO_PID)
     h = proto.parse_header(raw)
     assert (h.cmd, h.cmd_flags, h.length, h.result, h.data2) == (7, 8, 42, -243, 0xFFFFFFFF)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="bad magic"):
         proto.parse_header(b"\0" * 32)
     assert proto.describe(-243) == "-243 (owner's host id is live)"
     assert proto.describe(-errno.EAGAIN) == "-11 (EAGAIN)"
@@ -118,7 +119,7 @@ def test_killpath_fits_and_splits(tmp_path: Path) -> None:
         assert len(raw) == 2 * proto.MAX_HELPER_LEN
     finally:
         fifo.close()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="under 128 bytes"):
         proto.killpath("/bin/sh", "x" * 128)
 
 
@@ -321,8 +322,9 @@ async def test_acquire_conflict_release(daemon: FakeSanlock, tmp_path: Path,
     async with b.acquire(res):
         pass
     # every lease had its own registered connection, closed after release
-    await asyncio.sleep(0.05)
-    assert not any(c.registered for c in daemon.clients)
+    assert daemon.clients
+    await until(lambda: not any(c.registered for c in daemon.clients),
+                "every lease's connection closed")
     await a.close()
     await b.close()
 
@@ -336,7 +338,7 @@ async def test_killpath_makes_lease_lost(daemon: FakeSanlock, tmp_path: Path,
     async def job() -> None:
         async with m.acquire(areas.domain_resource()):
             entered.set()
-            await asyncio.sleep(30)
+            await asyncio.Event().wait()    # held until the lease is lost
 
     task = asyncio.create_task(job())
     await entered.wait()
@@ -348,8 +350,7 @@ async def test_killpath_makes_lease_lost(daemon: FakeSanlock, tmp_path: Path,
     assert "revoked" in e.value.message
     assert m.host_id_status(SD)["state"] == "failed"
     # the lost lease was let go: its connection closed, the fake freed it
-    await asyncio.sleep(0.05)
-    assert daemon.owners == {}
+    await until(lambda: daemon.owners == {}, "the fake daemon freed the lost lease")
     assert m.held() == []
     await m.close()
 
@@ -371,10 +372,7 @@ async def test_monitor_sees_lockspace_gone(daemon: FakeSanlock, tmp_path: Path,
     m = sanlock_manager(daemon, tmp_path, "a", check_interval=0.05)
     await m.add_lockspace(areas.lockspace(), 1, "sanlock")
     daemon.spaces.clear()
-    for _ in range(100):
-        if m.host_id_status(SD)["state"] == "failed":
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: m.host_id_status(SD)["state"] == "failed", "the monitor saw it gone")
     assert m.host_id_status(SD)["state"] == "failed"
     with pytest.raises(AcquireLockFailure):
         async with m.acquire(areas.domain_resource()):
@@ -391,9 +389,6 @@ async def test_lost_lease_force_closed_when_holder_hangs(daemon: FakeSanlock, tm
             await daemon.fail_lockspace(SD)
             await asyncio.wait_for(lease.lost.wait(), 5)
             # the holder ignores it; the backend closes the connection itself
-            for _ in range(100):
-                if not daemon.owners:
-                    break
-                await asyncio.sleep(0.02)
+            await until(lambda: not daemon.owners, "the backend closed the connection")
             assert daemon.owners == {}
     await m.close()

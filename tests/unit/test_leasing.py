@@ -21,6 +21,7 @@ from storage.leases import (
     create_lease_file,
 )
 from storage.leases.local import try_lock
+from storage.leases.lockholder import LockHolder
 from storage.metadata import BLANK_UUID, DomainMetadata, VolumeMetadata
 
 
@@ -60,7 +61,7 @@ def volume(dom: FakeDomain) -> VolumeMetadata:
 
 @pytest.fixture
 async def leases(tmp_path: Path) -> Any:
-    manager = LeaseManager({"local": LocalBackend()})
+    manager = LeaseManager({"local": LocalBackend(holder=LockHolder())})
     dom = FakeDomain(tmp_path / "sd")
     dl = DomainLeases(manager, dom, host_id=1, io_timeout=1,  # type: ignore[arg-type]
                       domain_timeout=5.0)
@@ -114,7 +115,7 @@ async def test_volume_lease_held_by_another_task_or_holder(leases: DomainLeases)
 
 
 async def test_writes_refused_without_the_policy_backend(tmp_path: Path) -> None:
-    manager = LeaseManager({"local": LocalBackend()})
+    manager = LeaseManager({"local": LocalBackend(holder=LockHolder())})
     dom = FakeDomain(tmp_path / "sd", policy="sanlock")
     dl = DomainLeases(manager, dom, host_id=1, io_timeout=1,  # type: ignore[arg-type]
                       domain_timeout=5.0)

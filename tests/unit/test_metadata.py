@@ -53,6 +53,6 @@ def test_missing_key_is_refused():
 
 
 def test_values_must_be_single_lines():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="DESCRIPTION has a line break"):
         encode({"DESCRIPTION": "two\nlines"})
     assert decode(encode({"A": "x=y"})) == {"A": "x=y"}
