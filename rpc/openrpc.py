@@ -66,6 +66,8 @@ VERB_ERRORS: dict[str, tuple[ErrorClass, ...]] = {
     "getImagesList": _DOMAIN,
     "extendVolumeSize": (*_ACTIVE, *_VOLUME, e.VolumeResizeValueError, e.GenerationMismatch,
                          e.ResourceInUse, *_WRITE),
+    "updateVolume": (*_ACTIVE, *_VOLUME, e.GenerationMismatch, e.ResourceInUse,
+                     e.InvalidParameter, e.AcquireLockFailure, e.LeaseLost),
     "deleteVolume": (*_ACTIVE, *_VOLUME, e.VolumeIsBusy, e.VolumeImageHasChildren,
                      e.ResourceInUse,
                      e.GenerationMismatch, e.AcquireLockFailure, e.LeaseLost,

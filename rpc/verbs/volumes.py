@@ -91,6 +91,38 @@ async def extend_volume_size(agent: Agent, sdUUID: str, imgUUID: str, volUUID: s
     return await agent.domains.extend_volume(sdUUID, imgUUID, volUUID, newSize, generation)
 
 
+# VDSM's limit (storage/constants.py DESCRIPTION_SIZE): the description must
+# fit, UTF-8 encoded, in a block volume's 512-byte metadata slot beside the
+# other keys. VDSM truncates longer ones; a new verb refuses them instead.
+DESCRIPTION_BYTES = 210
+
+
+def _check_update(values: dict[str, Any], path: str) -> None:
+    if values["description"] is None and values["legality"] is None:
+        raise InvalidParams("description", "give description or legality (or both)")
+    if values["description"] is not None and \
+            len(values["description"].encode()) > DESCRIPTION_BYTES:
+        raise InvalidParams("description", f"must be at most {DESCRIPTION_BYTES} bytes "
+                                           "in UTF-8")
+
+
+@TABLE.verb("updateVolume", "Change a volume's description and/or legality (LEGAL, "
+            "ILLEGAL): one atomic metadata write under the volume's lease, with a new "
+            "generation (none when the values are already the volume's). Not for the "
+            "domain's OVF store volume.",
+            [SD_UUID, IMG_UUID, VOL_UUID,
+             Field("description", Str(min_len=0, max_len=DESCRIPTION_BYTES), required=False,
+                   description=f"At most {DESCRIPTION_BYTES} bytes in UTF-8 (VDSM's limit)"),
+             Field("legality", Enum(["LEGAL", "ILLEGAL"]), required=False),
+             GENERATION],
+            check=_check_update, result=VOLUME_INFO, tags=["volumes"])
+async def update_volume(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,
+                        description: str | None, legality: str | None,
+                        generation: int | None) -> dict[str, Any]:
+    return await agent.domains.update_volume(sdUUID, imgUUID, volUUID, description=description,
+                                             legality=legality, generation=generation)
+
+
 @TABLE.verb("deleteVolume", "Delete a volume that has no children and is not prepared.",
             [SD_UUID, IMG_UUID, VOL_UUID, GENERATION], result={"type": "object"},
             tags=["volumes"])

@@ -681,6 +681,16 @@ class DomainManager:
             apparent, true = await domain.volume_sizes(img, vol)
             return volume_info(md, apparent, true)
 
+    async def update_volume(self, sd: str, img: str, vol: str, *, description: str | None,
+                            legality: str | None,
+                            generation: int | None = None) -> dict[str, Any]:
+        async with self._volume_locks(sd, img, vol):
+            domain = await self.active_domain(sd)
+            md = await domain.update_volume(img, vol, description=description,
+                                            legality=legality, generation=generation)
+            apparent, true = await domain.volume_sizes(img, vol)
+            return volume_info(md, apparent, true)
+
     async def delete_volume(self, sd: str, img: str, vol: str,
                             generation: int | None = None) -> None:
         async with self._volume_locks(sd, img, vol):
