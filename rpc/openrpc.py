@@ -68,6 +68,8 @@ VERB_ERRORS: dict[str, tuple[ErrorClass, ...]] = {
                          e.ResourceInUse, *_WRITE),
     "updateVolume": (*_ACTIVE, *_VOLUME, e.GenerationMismatch, e.ResourceInUse,
                      e.InvalidParameter, e.AcquireLockFailure, e.LeaseLost),
+    "measureVolume": (*_DOMAIN, e.StorageDomainNotActive, *_VOLUME,
+                      e.PrepareIllegalVolumeError, e.LVMCommandError),
     "deleteVolume": (*_ACTIVE, *_VOLUME, e.VolumeIsBusy, e.VolumeImageHasChildren,
                      e.ResourceInUse,
                      e.GenerationMismatch, e.AcquireLockFailure, e.LeaseLost,

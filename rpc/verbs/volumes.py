@@ -6,7 +6,7 @@ from typing import Any
 
 from agent.context import Agent
 from agent.jobs import JobContext
-from rpc.schema import UUID, Enum, Field, Int, InvalidParams, Str
+from rpc.schema import UUID, Bool, Enum, Field, Int, InvalidParams, Str
 from rpc.table import TABLE
 from rpc.verbs.common import IMG_UUID, JOB_RESULT, JOB_UUID, SD_UUID, VOL_UUID
 from storage.domains import VolumeSpec
@@ -121,6 +121,25 @@ async def update_volume(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,
                         generation: int | None) -> dict[str, Any]:
     return await agent.domains.update_volume(sdUUID, imgUUID, volUUID, description=description,
                                              legality=legality, generation=generation)
+
+
+@TABLE.verb("measureVolume", "What converting a volume to `format` needs, as qemu-img "
+            "measure says: `required` (bytes a sparse target takes) and `fullyAllocated` "
+            "(a preallocated one), for cow also `bitmaps` (room for its persistent bitmaps, "
+            "in neither figure). The volume's chain collapsed, or with collapse=false its "
+            "own layer only. Read-only; ILLEGAL volumes are refused (227).",
+            [SD_UUID, IMG_UUID, VOL_UUID, Field("format", Enum(["raw", "cow"])),
+             Field("collapse", Bool(), required=False, default=True,
+                   description="false: the top layer alone, without its parents' data")],
+            result={"type": "object", "required": ["required", "fullyAllocated"],
+                    "properties": {"required": {"type": "integer"},
+                                   "fullyAllocated": {"type": "integer"},
+                                   "bitmaps": {"type": "integer"}}},
+            tags=["volumes"])
+async def measure_volume(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str, format: str,
+                         collapse: bool) -> dict[str, Any]:
+    return dict(await agent.domains.measure_volume(sdUUID, imgUUID, volUUID, format,
+                                                   collapse))
 
 
 @TABLE.verb("deleteVolume", "Delete a volume that has no children and is not prepared.",

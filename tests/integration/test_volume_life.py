@@ -95,7 +95,52 @@ async def test_update_volume_refuses_ovf_store(storage: Storage) -> None:
     assert await c.call("getVolumeInfo", **ids) == before
 
 
-def qemu_measure(path: str, fmt: str, *extra: str) -> dict[str, Any]:
-    out = subprocess.run(["qemu-img", "measure", "--output", "json", "-O", fmt, *extra,
-                          path], capture_output=True, text=True, check=True).stdout
+def qemu_measure(fmt: str, *args: str) -> dict[str, Any]:
+    """qemu-img measure run directly, as the agent's wrapper asks it."""
+    opts = ["-o", "compat=1.1"] if fmt == "qcow2" else []
+    out = subprocess.run(["qemu-img", "measure", "--output", "json", "-O", fmt, *opts, *args],
+                         capture_output=True, text=True, check=True).stdout
     return dict(json.loads(out))
+
+
+async def test_measure_volume(storage: Storage) -> None:
+    c = storage.c
+    await storage.create_domain()
+    img, base, top = new_id(), new_id(), new_id()
+    await create_volume(c, storage.sd, img, base, size=64 * MiB, fmt="cow")
+    await create_volume(c, storage.sd, img, top, size=64 * MiB, fmt="cow", parent=base)
+    p = await c.call("prepareImage", sdUUID=storage.sd, imgUUID=img, volUUID=top,
+                     purpose="read")
+    base_path, top_path = p["chain"][0]["path"], p["path"]
+    # 8 MiB in the base, 4 MiB in the top: the layers measure differently
+    for path, cmd in [(base_path, "write -P 1 0 8M"), (top_path, "write -P 2 16M 4M")]:
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", cmd, path], check=True,
+                       capture_output=True)
+    await c.call("teardownImage", sdUUID=storage.sd, imgUUID=img)
+    ids = dict(sdUUID=storage.sd, imgUUID=img, volUUID=top)
+    one_layer = ('json:{"driver": "qcow2", "backing": null, '
+                 f'"file": {{"driver": "file", "filename": "{top_path}"}}}}')
+    seen = {}
+    for fmt, qfmt in [("cow", "qcow2"), ("raw", "raw")]:
+        for collapse, args in [(True, ["-f", "qcow2", top_path]), (False, [one_layer])]:
+            want = qemu_measure(qfmt, *args)
+            got = await c.call("measureVolume", **ids, format=fmt, collapse=collapse)
+            assert got["required"] == want["required"], (fmt, collapse, got, want)
+            assert got["fullyAllocated"] == want["fully-allocated"], (fmt, collapse, got)
+            if fmt == "cow":
+                assert got["bitmaps"] == want["bitmaps"]
+            seen[fmt, collapse] = got["required"]
+    # the default collapses the chain; the top alone holds less than the chain
+    assert await c.call("measureVolume", **ids, format="cow") == \
+        await c.call("measureVolume", **ids, format="cow", collapse=True)
+    assert seen["cow", False] < seen["cow", True]
+    # read-only: no new generation
+    assert (await c.call("getVolumeInfo", **ids))["generation"] == 1
+    with pytest.raises(RpcError) as e:
+        await c.call("measureVolume", **ids, format="qcow2")
+    assert e.value.code == -32602 and e.value.data["field"] == "format"
+    await c.call("updateVolume", sdUUID=storage.sd, imgUUID=img, volUUID=base,
+                 legality="ILLEGAL")
+    with pytest.raises(RpcError) as e:
+        await c.call("measureVolume", **ids, format="raw")
+    assert e.value.code == 227, e.value      # PrepareIllegalVolumeError
