@@ -175,20 +175,57 @@ def _reason(e: commands.CommandError) -> str:
 
 
 async def discover_sendtargets(p: Portal, *, timeout: float, iface: str | None = None,
+                               user: str | None = None, password: str | None = None,
                                runner: commands.Runner = commands.run
                                ) -> list[DiscoveredTarget]:
     """SendTargets discovery that leaves no record behind (`-o nonpersistent`:
-    no discovery db entry and no node records are written)."""
-    argv = [ISCSIADM, "-m", "discovery", "-t", "sendtargets", "-p", p.hostport]
-    if iface:
-        argv += ["-I", commands.check_arg(iface, "ifaceName")]
-    argv += ["-o", "nonpersistent"]
-    try:
-        result = await runner(argv, timeout=timeout, rc_names=RC_NAMES)
-    except commands.CommandError as e:
-        raise ISCSIDiscoveryError(reason=f"discovery on {p.hostport} failed: {_reason(e)}") \
-            from None
+    no discovery db entry and no node records are written). With `user` and
+    `password`, CHAP for the discovery session: the credentials can only be
+    given through a discovery db record, made for this call and deleted
+    after it (the password is redacted from whatever is logged or raised)."""
+    iface_args = ["-I", commands.check_arg(iface, "ifaceName")] if iface else []
+    if not (user and password):
+        argv = [ISCSIADM, "-m", "discovery", "-t", "sendtargets", "-p", p.hostport,
+                *iface_args, "-o", "nonpersistent"]
+        try:
+            result = await runner(argv, timeout=timeout, rc_names=RC_NAMES)
+        except commands.CommandError as e:
+            raise ISCSIDiscoveryError(reason=f"discovery on {p.hostport} failed: "
+                                             f"{_reason(e)}") from None
+        return parse_discovery(result.text)
+    settings = {"discovery.sendtargets.auth.authmethod": "CHAP",
+                "discovery.sendtargets.auth.username": commands.check_arg(user, "user"),
+                "discovery.sendtargets.auth.password": commands.check_arg(password,
+                                                                          "password")}
+    record = [ISCSIADM, "-m", "discoverydb", "-t", "sendtargets", "-p", p.hostport,
+              *iface_args]
+    update = [*record, "-o", "update"]
+    for key, value in settings.items():
+        update += ["-n", key, "-v", value]
+    # one discovery with credentials per portal at a time: the record is the
+    # host's, keyed by portal and iface, and another call's would be replaced
+    async with _DISCOVERY_LOCKS.setdefault(p.hostport, asyncio.Lock()):
+        try:
+            await _db(runner, [*record, "-o", "new"], timeout=timeout)
+            await _db(runner, update, timeout=timeout, redact=[password])
+            # VDSM answers 475 for any failed discovery, CHAP refused too
+            # (its iSCSIDiscoveryError): iscsiadm exits 24 then
+            result = await runner([*record, "--discover", "-o", "nonpersistent"],
+                                  timeout=timeout, rc_names=RC_NAMES, redact=[password])
+        except commands.CommandError as e:
+            raise ISCSIDiscoveryError(reason=f"discovery on {p.hostport} failed: "
+                                             f"{_reason(e)}") from None
+        finally:
+            try:
+                await _db(runner, [*record, "-o", "delete"], timeout=timeout,
+                          ok_rcs=(0, ERR_NO_OBJS_FOUND))
+            except commands.CommandError as e:
+                log.error("Discovery record of %s with CHAP credentials left on the host: "
+                          "%s", p.hostport, _reason(e))
     return parse_discovery(result.text)
+
+
+_DISCOVERY_LOCKS: dict[str, asyncio.Lock] = {}
 
 
 # iscsiadm locks its record database with a lock file it retries for a while,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from agent.context import Agent
-from rpc.schema import Bool, Field, List, Str
+from rpc.schema import Bool, Field, InvalidParams, List, Str
 from rpc.table import TABLE
 from rpc.verbs.connections import CONNECTION_TYPES
 from storage import devices
@@ -23,10 +23,18 @@ GUID = Str(max_len=128, safe_arg=True, pattern=r"[A-Za-z0-9][A-Za-z0-9_.:-]*",
            pattern_doc="must be a device WWID like 36001405...")
 
 
+def _check_chap(values: dict[str, Any], path: str) -> None:
+    if bool(values["user"]) != bool(values["password"]):
+        raise InvalidParams("password" if values["user"] else "user",
+                            "CHAP needs both user and password")
+
+
 @TABLE.verb("discoverSendTargets", "iSCSI SendTargets discovery on a portal: the targets it "
-            "offers, each with its portal and portal group tag. Leaves no node record on "
-            "the host.",
-            [_ISCSI["connection"], _ISCSI["port"]],
+            "offers, each with its portal and portal group tag; with user and password, "
+            "CHAP authenticates the discovery session (refused: 475). Leaves no record on "
+            "the host; the password is in no log, result or error.",
+            [_ISCSI["connection"], _ISCSI["port"], _ISCSI["user"], _ISCSI["password"]],
+            check=_check_chap,
             result={"type": "array", "items": {
                 "type": "object", "required": ["iqn", "portal", "tpgt"],
                 "properties": {"iqn": {"type": "string"}, "portal": {"type": "string"},
@@ -34,8 +42,9 @@ GUID = Str(max_len=128, safe_arg=True, pattern=r"[A-Za-z0-9][A-Za-z0-9_.:-]*",
                                "connection": {"type": "string"},
                                "port": {"type": "integer"}}}},
             tags=["devices", "connections"])
-async def discover_send_targets(agent: Agent, connection: str, port: int) -> list[dict[str, Any]]:
-    return await iscsi.discover_send_targets(connection, port,
+async def discover_send_targets(agent: Agent, connection: str, port: int, user: str | None,
+                                password: str | None) -> list[dict[str, Any]]:
+    return await iscsi.discover_send_targets(connection, port, user=user, password=password,
                                              timeout=agent.config.storage.io_timeout)
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from agent.context import Agent
 from agent.jobs import JobContext
-from rpc.schema import UUID, Enum, Field, Int, InvalidParams, Str
+from rpc.schema import UUID, Bool, Enum, Field, Int, InvalidParams, Str
 from rpc.table import TABLE
 from rpc.verbs.common import IMG_UUID, JOB_RESULT, JOB_UUID, SD_UUID, VOL_UUID
 from storage.domains import VolumeSpec
@@ -89,6 +89,57 @@ async def get_images_list(agent: Agent, sdUUID: str) -> list[str]:
 async def extend_volume_size(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,
                              newSize: int, generation: int | None) -> dict[str, Any]:
     return await agent.domains.extend_volume(sdUUID, imgUUID, volUUID, newSize, generation)
+
+
+# VDSM's limit (storage/constants.py DESCRIPTION_SIZE): the description must
+# fit, UTF-8 encoded, in a block volume's 512-byte metadata slot beside the
+# other keys. VDSM truncates longer ones; a new verb refuses them instead.
+DESCRIPTION_BYTES = 210
+
+
+def _check_update(values: dict[str, Any], path: str) -> None:
+    if values["description"] is None and values["legality"] is None:
+        raise InvalidParams("description", "give description or legality (or both)")
+    if values["description"] is not None and \
+            len(values["description"].encode()) > DESCRIPTION_BYTES:
+        raise InvalidParams("description", f"must be at most {DESCRIPTION_BYTES} bytes "
+                                           "in UTF-8")
+
+
+@TABLE.verb("updateVolume", "Change a volume's description and/or legality (LEGAL, "
+            "ILLEGAL): one atomic metadata write under the volume's lease, with a new "
+            "generation (none when the values are already the volume's). Not for the "
+            "domain's OVF store volume.",
+            [SD_UUID, IMG_UUID, VOL_UUID,
+             Field("description", Str(min_len=0, max_len=DESCRIPTION_BYTES), required=False,
+                   description=f"At most {DESCRIPTION_BYTES} bytes in UTF-8 (VDSM's limit)"),
+             Field("legality", Enum(["LEGAL", "ILLEGAL"]), required=False),
+             GENERATION],
+            check=_check_update, result=VOLUME_INFO, tags=["volumes"])
+async def update_volume(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,
+                        description: str | None, legality: str | None,
+                        generation: int | None) -> dict[str, Any]:
+    return await agent.domains.update_volume(sdUUID, imgUUID, volUUID, description=description,
+                                             legality=legality, generation=generation)
+
+
+@TABLE.verb("measureVolume", "What converting a volume to `format` needs, as qemu-img "
+            "measure says: `required` (bytes a sparse target takes) and `fullyAllocated` "
+            "(a preallocated one), for cow also `bitmaps` (room for its persistent bitmaps, "
+            "in neither figure). The volume's chain collapsed, or with collapse=false its "
+            "own layer only. Read-only; ILLEGAL volumes are refused (227).",
+            [SD_UUID, IMG_UUID, VOL_UUID, Field("format", Enum(["raw", "cow"])),
+             Field("collapse", Bool(), required=False, default=True,
+                   description="false: the top layer alone, without its parents' data")],
+            result={"type": "object", "required": ["required", "fullyAllocated"],
+                    "properties": {"required": {"type": "integer"},
+                                   "fullyAllocated": {"type": "integer"},
+                                   "bitmaps": {"type": "integer"}}},
+            tags=["volumes"])
+async def measure_volume(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str, format: str,
+                         collapse: bool) -> dict[str, Any]:
+    return dict(await agent.domains.measure_volume(sdUUID, imgUUID, volUUID, format,
+                                                   collapse))
 
 
 @TABLE.verb("deleteVolume", "Delete a volume that has no children and is not prepared.",

@@ -118,16 +118,19 @@ async def probe_tcp(p: Portal, timeout: float) -> str | None:
 
 
 async def discover_send_targets(address: str, port: int = DEFAULT_PORT, *, timeout: float,
+                                user: str | None = None, password: str | None = None,
                                 runner: commands.Runner = commands.run
                                 ) -> list[dict[str, Any]]:
-    """SendTargets discovery on a portal, leaving no record on the host:
-    [{iqn, portal, tpgt, connection, port}]."""
+    """SendTargets discovery on a portal (with CHAP if user and password are
+    given), leaving no record on the host: [{iqn, portal, tpgt, connection,
+    port}]."""
     p = iscsiadm.portal(address, port)
     await check_address(p, timeout)
     why = await probe_tcp(p, timeout)
     if why is not None:
         raise StorageServerConnectionError(reason=why)
-    found = await iscsiadm.discover_sendtargets(p, timeout=timeout, runner=runner)
+    found = await iscsiadm.discover_sendtargets(p, timeout=timeout, user=user,
+                                                password=password, runner=runner)
     return [{"iqn": t.iqn, "portal": t.portal.hostport, "tpgt": t.portal.tpgt,
              "connection": t.portal.address, "port": t.portal.port} for t in found]
 

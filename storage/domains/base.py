@@ -670,6 +670,33 @@ class Domain(abc.ABC):
             await self.write_volume_md(done)
         return done
 
+    async def update_volume(self, img: str, vol: str, *, description: str | None = None,
+                            legality: str | None = None,
+                            generation: int | None = None) -> VolumeMetadata:
+        """Change a volume's description and/or legality (updateVolume): one
+        atomic metadata write with a new generation, under the volume lease;
+        no change at all when the values are already the volume's."""
+        await self.refuse_ovf_store(img, vol)
+        md = await self.volume(img, vol)
+        check_generation(md, generation)
+        async with self.leases.volume(md):
+            # read again under the lease: another host may have changed it
+            md = await self.volume(img, vol)
+            check_generation(md, generation)
+            if md.state != READY:
+                # a CREATING volume is LEGAL only once complete (commit_volume)
+                raise InvalidParameter(field="volUUID",
+                                       reason=f"volume is {md.state}, not complete")
+            done = replace(md, description=md.description if description is None
+                           else description, legality=legality or md.legality)
+            if done == md:
+                return md
+            done = replace(done, generation=md.generation + 1)
+            await self.write_volume_md(done)
+        log.info("Updated volume %s/%s/%s: legality %s, generation %d", self.uuid, img, vol,
+                 done.legality, done.generation)
+        return done
+
     async def collect_garbage(self) -> dict[str, list[str]]:
         """Remove what a crash left half-made or half-removed; report volumes
         whose metadata cannot be read (they are left alone). Under the

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from storage import commands, lvm, multipath
+from storage import commands, lvm, multipath, qemuimg
 from storage.connections import ConnectionManager
 from storage.connections.base import CONNECTED
 from storage.domains.base import (
@@ -677,6 +677,42 @@ class DomainManager:
             md = await domain.extend_volume(img, vol, new_size, generation)
             apparent, true = await domain.volume_sizes(img, vol)
             return volume_info(md, apparent, true)
+
+    async def update_volume(self, sd: str, img: str, vol: str, *, description: str | None,
+                            legality: str | None,
+                            generation: int | None = None) -> dict[str, Any]:
+        async with self._volume_locks(sd, img, vol):
+            domain = await self.active_domain(sd)
+            md = await domain.update_volume(img, vol, description=description,
+                                            legality=legality, generation=generation)
+            apparent, true = await domain.volume_sizes(img, vol)
+            return volume_info(md, apparent, true)
+
+    async def measure_volume(self, sd: str, img: str, vol: str, fmt: str,
+                             collapse: bool = True) -> dict[str, int]:
+        """What converting the volume to `fmt` ("raw", "cow") needs (qemu-img
+        measure): its chain collapsed, or with collapse=False its own layer
+        only. Read-only: locks shared like a copy's source; the chain is
+        used (LVs active) only while measured."""
+        async with self.locks.hold(request("domain", sd, SHARED),
+                                   request("image", f"{sd}/{img}", SHARED)):
+            domain = await self.active_domain(sd)
+            chain = await domain.chain(img, vol)
+            for md in chain:
+                if md.legality != LEGAL or md.state != READY:
+                    raise PrepareIllegalVolumeError(volUUID=md.uuid)
+            top = chain[-1]
+            async with self.using(domain, chain if collapse else [top]):
+                m = await qemuimg.measure(path=domain.volume_path(img, vol),
+                                          src_fmt="qcow2" if top.format == "COW" else "raw",
+                                          dst_fmt="qcow2" if fmt == "cow" else "raw",
+                                          backing=collapse,
+                                          block=isinstance(domain, BlockDomain),
+                                          timeout=self.io_timeout, runner=self.runner)
+        out = {"required": m["required"], "fullyAllocated": m["fully-allocated"]}
+        if fmt == "cow":
+            out["bitmaps"] = m["bitmaps"]
+        return out
 
     async def delete_volume(self, sd: str, img: str, vol: str,
                             generation: int | None = None) -> None:

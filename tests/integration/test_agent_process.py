@@ -36,6 +36,8 @@ API_VERBS_SO_FAR = {
     "prepareImage", "teardownImage", "uploadOvfTar", "getOvfStoreInfo", "listOvfEntities",
     "copyImage", "moveImage", "snapshotImages", "createHibernationVolumes", "backupVolume",
 }
+# issue 17 (API.md "Additions (v1.1)")
+API_VERBS_SO_FAR |= {"updateVolume", "measureVolume"}
 
 
 def new_id() -> str:

@@ -353,6 +353,54 @@ async def test_test_and_discovery_change_nothing(make_target: Callable[..., g.Ta
     assert (await disconnect(client, "fcp", fc))[0]["status"] == 0
 
 
+@pytest.fixture
+def discovery_chap(target_server: g.TargetServer) -> Iterator[g.Chap]:
+    """CHAP for every SendTargets discovery on tgtd (an account bound with no
+    target id is tgtd's discovery account), removed after the test."""
+    chap = g.Chap("labdisco", CHAP_SECRET)
+    target_server.tgtadm("--op", "new", "--mode", "account", "--user", chap.username,
+                         "--password", chap.password)
+    try:
+        target_server.tgtadm("--op", "bind", "--mode", "account", "--user", chap.username)
+        yield chap
+    finally:
+        target_server.tgtadm("--op", "delete", "--mode", "account", "--user", chap.username)
+
+
+async def test_discovery_with_chap(make_target: Callable[..., g.Target],
+                                   discovery_chap: g.Chap, agent: AgentProcess,
+                                   client: Client) -> None:
+    target = make_target("discochap", (16 * MiB,))
+    before = (iscsi_db(), node_records(), g.Initiator.sessions())
+    portal = g.PORTALS[0]
+    # the portal now wants CHAP for discovery: without it, or with a wrong
+    # secret, discovery fails as VDSM's does (475 iSCSIDiscoveryError)
+    for creds in ({}, {"user": discovery_chap.username, "password": WRONG_SECRET}):
+        with pytest.raises(RpcError) as e:
+            await client.call("discoverSendTargets", connection=PORTAL1, port=3260, **creds)
+        assert (e.value.code, e.value.name) == (475, "iSCSIDiscoveryError"), e.value
+        assert WRONG_SECRET not in str(e.value) + str(e.value.data)
+    found = await client.call("discoverSendTargets", connection=PORTAL1, port=3260,
+                              user=discovery_chap.username, password=CHAP_SECRET)
+    assert {"iqn": target.iqn, "portal": portal, "tpgt": 1, "connection": PORTAL1,
+            "port": 3260} in found
+    assert CHAP_SECRET not in str(found)
+    with pytest.raises(RpcError) as e:
+        await client.call("discoverSendTargets", connection=PORTAL1, port=3260,
+                          user=discovery_chap.username)
+    assert e.value.code == -32602 and e.value.data["field"] == "password", e.value
+    # no record left on the host (the discovery db one held the secret);
+    # iscsiadm keeps the empty directory of its discovery db, no record
+    db = Path("/etc/iscsi/send_targets")
+    assert not db.exists() or list(db.iterdir()) == []
+    assert ([p for p in iscsi_db() if p != str(db)], node_records(),
+            g.Initiator.sessions()) == before
+    for secret in (CHAP_SECRET, WRONG_SECRET):
+        assert secret not in agent.log()
+        assert not any(secret.encode() in p.read_bytes()
+                       for p in Path("/etc/iscsi").rglob("*") if p.is_file())
+
+
 async def test_restart_reestablishes_a_lost_session(
         make_target: Callable[..., g.Target], multipathd: g.Multipathd,
         tmp_path: Path) -> None:

@@ -76,6 +76,36 @@ async def test_discovery_failure_is_discovery_error() -> None:
     assert "127.0.0.1:3261" in e.value.message
 
 
+@pytest.mark.parametrize("rc", [0, 24])
+async def test_discovery_with_chap_uses_a_record_it_deletes(rc: int) -> None:
+    """CHAP for discovery goes through a discovery db record, made for the
+    call and deleted after it whether discovery worked or not (24: CHAP
+    refused, VDSM's 475); the password is in no error."""
+    fake = FakeRunner(table((["--discover"], (rc, DISCOVERY if rc == 0 else "",
+                                              "iscsiadm: Login failed to authenticate")),
+                            (["discoverydb"], (0, "", ""))))
+    p = Portal("127.0.0.1", 3260)
+    if rc == 0:
+        found = await iscsiadm.discover_sendtargets(p, timeout=5, user="joe",
+                                                    password=SECRET, runner=fake)
+        assert len(found) == 4
+    else:
+        with pytest.raises(ISCSIDiscoveryError) as e:
+            await iscsiadm.discover_sendtargets(p, timeout=5, user="joe", password=SECRET,
+                                                runner=fake)
+        assert e.value.code == 475 and "authenticate" in e.value.message
+        assert SECRET not in str(e.value) and SECRET not in repr(e.value.to_dict())
+    record = ["iscsiadm", "-m", "discoverydb", "-t", "sendtargets", "-p", "127.0.0.1:3260"]
+    assert fake.argvs() == [
+        [*record, "-o", "new"],
+        [*record, "-o", "update", "-n", "discovery.sendtargets.auth.authmethod", "-v", "CHAP",
+         "-n", "discovery.sendtargets.auth.username", "-v", "joe",
+         "-n", "discovery.sendtargets.auth.password", "-v", SECRET],
+        [*record, "--discover", "-o", "nonpersistent"],
+        [*record, "-o", "delete"]]
+    assert [c.kwargs["redact"] for c in fake.calls[1:3]] == [[SECRET], [SECRET]]
+
+
 @pytest.mark.parametrize("address, port, tpgt, arg", [
     ("10.1.2.3", 3260, None, "10.1.2.3:3260"),
     ("Storage.Example.COM", 3261, 2, "storage.example.com:3261,2"),
