@@ -72,6 +72,8 @@ class _Record:
     """A dataclass stored as KEY=VALUE: each field names its key in metadata."""
 
     KEYS: ClassVar[dict[str, str]] = {}
+    # set per class by _spec()
+    _SPEC: ClassVar[list[tuple[str, str, bool, str]] | None] = None
 
     def to_values(self) -> dict[str, Any]:
         out = {}
@@ -86,21 +88,35 @@ class _Record:
         return encode(self.to_values())
 
     @classmethod
+    def _spec(cls) -> list[tuple[str, str, bool, str]]:
+        """(field, key, optional, kind) per field, worked out once per class:
+        dataclasses.fields() and the type checks per decode were most of a
+        large domain's listing time (issue 21)."""
+        spec = cls.__dict__.get("_SPEC")
+        if spec is None:
+            spec = [(f.name, cls.KEYS[f.name],
+                     f.default is not MISSING or f.default_factory is not MISSING,
+                     "int" if f.type in ("int", int) else
+                     "bool" if f.type in ("bool", bool) else "str")
+                    for f in fields(cls)]
+            cls._SPEC = spec
+        return spec
+
+    @classmethod
     def from_values(cls: type[R], values: dict[str, str]) -> R:
         kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            key = cls.KEYS[f.name]
+        for name, key, optional, kind in cls._spec():
             if key not in values:
-                if f.default is not MISSING or f.default_factory is not MISSING:
+                if optional:
                     continue     # a key added later: records written before lack it
                 raise MetadataError(f"missing {key}")
             raw = values[key]
-            if f.type in ("int", int):
-                kwargs[f.name] = int(raw)
-            elif f.type in ("bool", bool):
-                kwargs[f.name] = raw == "true"
+            if kind == "int":
+                kwargs[name] = int(raw)
+            elif kind == "bool":
+                kwargs[name] = raw == "true"
             else:
-                kwargs[f.name] = raw
+                kwargs[name] = raw
         return cls(**kwargs)
 
     @classmethod

@@ -67,6 +67,24 @@ async def _io(io: IOPool, root: Path, fn: Callable[..., T], *args: Any,
         raise
 
 
+def _read_meta(dir_fd: int, name: str, limit: int = 65536) -> bytes:
+    """The first `limit` bytes of a metadata file, as open().read(limit)
+    returns them, but on a bare fd: the file's one read ends at its EOF
+    marker; a short read without it reads on until EOF or `limit`."""
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        data = os.read(fd, limit)
+        if b"\nEOF\n" in data:
+            return data
+        chunks = [data]
+        while data and (size := sum(map(len, chunks))) < limit:
+            data = os.read(fd, limit - size)
+            chunks.append(data)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def probe_block_size(directory: Path) -> int:
     """The smallest O_DIRECT write size the file system takes (512 or 4096);
     512 where it has no O_DIRECT at all (tmpfs on older kernels)."""
@@ -106,6 +124,13 @@ class FileDomain(Domain):
         # once it is gone, paths under it are the mount point's empty
         # directory, where every volume would look deleted (201).
         self.mountpoint: Path | None = None
+        # Each volume's metadata file as the last full scan read it, and what
+        # it decoded to: a file whose bytes did not change is not parsed
+        # again (the parse was most of a large domain's listing, issue 21).
+        # Every file is still read on each scan, so what other hosts wrote
+        # counts as before; the cache holds only the files the last full scan
+        # saw (one image's scan only looks up).
+        self._decoded: dict[bytes, VolumeMetadata] = {}
 
     def check_mounted(self) -> None:
         # mountinfo comes from the kernel: reading it never waits on storage.
@@ -204,28 +229,43 @@ class FileDomain(Domain):
 
     async def scan(self, img: str | None = None) -> list[VolumeMetadata]:
         """All metadata in one executor call: one listing and one read per
-        volume, with no event loop round trip in between."""
+        volume, with no event loop round trip in between. Each file is
+        opened relative to its image directory's fd and read with a bare
+        os.read: no Path or buffered file object per volume (issue 21)."""
+        known = self._decoded
+        seen: dict[bytes, VolumeMetadata] = {}
+
         def read_all() -> list[VolumeMetadata]:
+            images_dir = str(self.images)
             try:
-                images = [img] if img else [n for n in os.listdir(self.images) if is_uuid(n)]
+                images = [img] if img else [n for n in os.listdir(images_dir) if is_uuid(n)]
             except FileNotFoundError:
                 return []
             out = []
             for image in sorted(images):
                 try:
-                    names = os.listdir(self.images / image)
+                    dfd = os.open(os.path.join(images_dir, image), os.O_RDONLY | os.O_DIRECTORY)
                 except FileNotFoundError:
                     continue
-                for name in sorted(names):
-                    if not name.endswith(META_SUFFIX) or not is_uuid(name[:-len(META_SUFFIX)]):
-                        continue
-                    try:
-                        with open(self.images / image / name, "rb") as f:
-                            out.append(VolumeMetadata.decode(f.read(65536)))
-                    except (FileNotFoundError, MetadataError):
-                        continue
+                try:
+                    for name in sorted(os.listdir(dfd)):
+                        if not name.endswith(META_SUFFIX) or \
+                                not is_uuid(name[:-len(META_SUFFIX)]):
+                            continue
+                        try:
+                            data = _read_meta(dfd, name)
+                            md = known.get(data) or VolumeMetadata.decode(data)
+                        except (FileNotFoundError, MetadataError):
+                            continue
+                        seen[data] = md
+                        out.append(md)
+                finally:
+                    os.close(dfd)
             return out
-        return await _io(self.io, self.root, read_all, timeout=max(self.io.timeout, 120))
+        out = await _io(self.io, self.root, read_all, timeout=max(self.io.timeout, 120))
+        if img is None:
+            self._decoded = seen
+        return out
 
     def _meta(self, img: str, vol: str) -> Path:
         return self.images / img / f"{vol}{META_SUFFIX}"

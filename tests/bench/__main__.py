@@ -9,8 +9,8 @@ import importlib
 import sys
 import time
 
-BENCHMARKS = ["ping", "connections", "volumes", "copy", "backup", "ovf", "transfer", "leases",
-              "blockvolumes", "load"]
+BENCHMARKS = ["ping", "gcpause", "connections", "volumes", "volumelist", "copy", "backup", "ovf",
+              "transfer", "leases", "blockvolumes", "load"]
 
 
 def main(names: list[str]) -> int:

@@ -1,0 +1,88 @@
+"""getVolumesList on a file domain of 5,000 and 10,000 volumes (issue 21):
+median time per call and per volume, beside the I/O floor measured in the
+same run, in turns: a bare Python pass that lists the domain's images and
+reads every volume's metadata file (what the listing must do to hide
+REMOVING volumes).
+
+    python -m tests.bench volumelist
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.agentproc import AgentProcess
+from tests.bench.common import drop_localfs_domain, localfs_domain, median, save, table
+from tests.bench.volumes import populate
+
+
+def bare_read(images: Path) -> int:
+    """The floor: raw open/read/close of each metadata file, no parsing."""
+    count = 0
+    for img in os.listdir(images):
+        dfd = os.open(images / img, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name in os.listdir(dfd):
+                if name.endswith(".meta"):
+                    fd = os.open(name, os.O_RDONLY, dir_fd=dfd)
+                    try:
+                        os.read(fd, 65536)
+                    finally:
+                        os.close(fd)
+                    count += 1
+        finally:
+            os.close(dfd)
+    return count
+
+
+async def _bench(work: Path, runs: int, sizes: list[int]) -> dict[str, Any]:
+    data = work / "data"
+    data.mkdir()
+    agent = AgentProcess(work / "state").start()
+    out: dict[str, dict[str, float]] = {}
+    try:
+        async with agent.client() as c:
+            conn, sd, root = await localfs_domain(c, data)
+            # the domain starts with its OVF store volume
+            have = len(await c.call("getVolumesList", sdUUID=sd))
+            for size in sizes:
+                populate(root, sd, size - have)
+                have = size
+                agent_ms, bare_ms = [], []
+                for _ in range(runs):
+                    t = time.perf_counter()
+                    vols = await c.call("getVolumesList", sdUUID=sd)
+                    agent_ms.append(1000 * (time.perf_counter() - t))
+                    assert len(vols) == size, (len(vols), size)
+                    t = time.perf_counter()
+                    assert bare_read(root / "images") == size, size
+                    bare_ms.append(1000 * (time.perf_counter() - t))
+                out[str(size)] = {"agent_ms": median(agent_ms), "bare_read_ms": median(bare_ms)}
+            await drop_localfs_domain(c, conn, sd)
+    finally:
+        agent.stop()
+    return out
+
+
+def run(runs: int = 9, sizes: list[int] | None = None) -> dict[str, Any]:
+    sizes = sizes or [5000, 10000]
+    with tempfile.TemporaryDirectory(prefix="bench-volumelist-", dir="/var/tmp") as tmp:
+        os.chmod(tmp, 0o755)
+        result: dict[str, Any] = {"list": asyncio.run(_bench(Path(tmp), runs, sizes))}
+    result["params"] = {"runs": runs, "sizes": sizes, "storage": "localfs on /var/tmp"}
+    save("volumelist", result)
+    return result
+
+
+def report(r: dict[str, Any]) -> str:
+    rows = [[int(s), v["agent_ms"], v["agent_ms"] / int(s) * 1000, v["bare_read_ms"],
+             v["agent_ms"] / v["bare_read_ms"]] for s, v in r["list"].items()]
+    return "\n".join([f"getVolumesList on a file domain, median of {r['params']['runs']} "
+                      f"({r['params']['storage']})",
+                      table(rows, ["volumes", "agent ms", "us per volume",
+                                   "bare read of every .meta ms", "ratio"])])
