@@ -9,7 +9,6 @@ import asyncio
 import http.client
 import json
 import os
-import ssl
 import subprocess
 import urllib.parse
 import uuid
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from rpc.client import Client, RpcError
+from rpc.client import Client, RpcError, verifying_context
 from tests.agentproc import AgentProcess
 from tests.integration.storagefixtures import wait_for
 
@@ -68,7 +67,7 @@ class Dom:
                 headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         """One request on the transfer url, without a client certificate."""
         u = urllib.parse.urlsplit(url)
-        ctx = ssl.create_default_context(cafile=self.ca)
+        ctx = verifying_context(self.ca)
         con = http.client.HTTPSConnection(u.hostname or "", u.port, context=ctx, timeout=30)
         try:
             con.request(method, u.path + path, body=body, headers=headers or {})
