@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -149,3 +150,10 @@ class AgentProcess:
         from rpc.client import Client
 
         return Client.for_dev(self.state_dir, port=self.port)
+
+    def tls(self) -> ssl.SSLContext:
+        """A strictly verifying client context with the dev client certificate."""
+        from rpc.client import client_ssl_context
+
+        return client_ssl_context(self.pki / "ca.pem", self.pki / "client.pem",
+                                  self.pki / "client.key")

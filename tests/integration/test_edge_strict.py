@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rpc.client import Client, client_ssl_context
+from rpc.client import Client
 from tests.agentproc import AgentProcess
 
 # aiohttp's WebSocket client over TLS sometimes leaves its socket to the
@@ -58,8 +58,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
 
 
 def tls(agent: AgentProcess) -> ssl.SSLContext:
-    pki = agent.pki
-    return client_ssl_context(pki / "ca.pem", pki / "client.pem", pki / "client.key")
+    return agent.tls()
 
 
 async def post(agent: AgentProcess, body: str) -> tuple[int, str]:

@@ -51,8 +51,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
 
 
 def tls(agent: AgentProcess) -> ssl.SSLContext:
-    pki = agent.pki
-    return client_ssl_context(pki / "ca.pem", pki / "client.pem", pki / "client.key")
+    return agent.tls()
 
 
 def _complete(response: bytes) -> bool:
