@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG_FILE = Path("/etc/hostagent/hostagent.toml")
+MiB = 1 << 20
+TiB = 1 << 40
 
 
 class ConfigError(Exception):
@@ -73,6 +75,15 @@ class StorageConfig:
     monitor_interval: float = 10.0
     # LVM extent size of new block domains.
     block_extent_size: int = 128 * 1024 * 1024
+
+
+@dataclass
+class ThinConfig:
+    # Sparse cow volumes on block domains start at one chunk (or createVolume's
+    # initialSize) and are grown by a chunk when less than watermark_percent
+    # of a chunk is free (VDSM's defaults: 2560 MiB, 20%).
+    chunk_size: int = 2560 * 1024 * 1024
+    watermark_percent: int = 20
 
 
 @dataclass
@@ -141,6 +152,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    thin: ThinConfig = field(default_factory=ThinConfig)
     ovf: OvfConfig = field(default_factory=OvfConfig)
     leases: LeasesConfig = field(default_factory=LeasesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -184,6 +196,11 @@ class Config:
                 raise ConfigError(f"server.{name}: must be more than 0")
         if self.jobs.max_running < 1:
             raise ConfigError("jobs.max_running: must be at least 1")
+        th = self.thin
+        if not 16 * MiB <= th.chunk_size <= TiB or th.chunk_size % MiB:
+            raise ConfigError("thin.chunk_size: must be whole MiB, 16 MiB..1 TiB")
+        if not 1 <= th.watermark_percent <= 99:
+            raise ConfigError("thin.watermark_percent: must be 1..99")
         if not -1 <= self.ovf.data_port < 65536:
             raise ConfigError("ovf.data_port: not a port (-1: none, 0: any free port)")
         le = self.leases

@@ -18,6 +18,7 @@ from storage.connections import ConnectionManager
 from storage.domains import DomainManager, imageops
 from storage.leases import Backend, LeaseManager, LocalBackend, SanlockBackend
 from storage.leases.lockholder import LockHolder
+from storage.thin import ThinPolicy
 
 
 @dataclass
@@ -61,7 +62,9 @@ class Agent:
                                 leases=None if config.debug.no_leases else leases,
                                 host_id=le.host_id, lock_policy=le.policy,
                                 lease_io_timeout=le.io_timeout,
-                                domain_lease_timeout=le.domain_lease_timeout)
+                                domain_lease_timeout=le.domain_lease_timeout,
+                                thin=ThinPolicy(config.thin.chunk_size,
+                                                config.thin.watermark_percent))
         ovf = OvfService(domains, locks, slot_size=config.ovf.max_tar_size,
                          member_limit=config.ovf.max_member_size,
                          ticket_ttl=config.ovf.ticket_ttl)

@@ -62,6 +62,7 @@ from storage.metadata import (
     MetadataError,
     VolumeMetadata,
 )
+from storage.thin import ThinPolicy
 
 log = logging.getLogger("storage.domains")
 
@@ -107,6 +108,8 @@ class Domain(abc.ABC):
         # record was looked for, and an older domain's store recorded: no
         # record in it means no store.
         self._ovf_checked: DomainMetadata | None = None
+        # set by the DomainManager: how thin cow volumes are grown
+        self.thin = ThinPolicy()
 
     @property
     def uuid(self) -> str:
@@ -132,8 +135,10 @@ class Domain(abc.ABC):
         """Raises VolumeDoesNotExist, or MetadataError if it is damaged."""
 
     @abc.abstractmethod
-    async def write_volume_md(self, md: VolumeMetadata) -> None:
-        """One atomic write of the volume's metadata."""
+    async def write_volume_md(self, md: VolumeMetadata,
+                              initial_size: int | None = None) -> None:
+        """One atomic write of the volume's metadata; for a new volume
+        `initial_size` is createVolume's (block: the size of its LV)."""
 
     @abc.abstractmethod
     async def create_volume_data(self, md: VolumeMetadata, parent: VolumeMetadata | None,
@@ -373,7 +378,7 @@ class Domain(abc.ABC):
             if spec.vol in await self._all_volume_ids():
                 raise await self._exists_error(spec.vol, spec.img)
             try:
-                await self.write_volume_md(md)
+                await self.write_volume_md(md, spec.initial_size)
             except OSError as e:
                 raise os_error(e, self.uuid) from None
             try:

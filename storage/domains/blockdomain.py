@@ -142,12 +142,6 @@ def volume_tags(md: VolumeMetadata, slot: int) -> list[str]:
             f"{SLOT_PREFIX}{slot}"]
 
 
-def initial_lv_size(md: VolumeMetadata, extent: int) -> int:
-    """The LV of a new volume: raw holds its whole capacity; a qcow2 starts
-    with one extent and `create_volume_data` grows it as asked."""
-    if md.format == "RAW":
-        return round_up(md.capacity, extent)
-    return extent
 
 
 @dataclass(frozen=True)
@@ -275,6 +269,9 @@ class BlockDomain(Domain):
         # and the leases LV's size: a new volume's lease needs no lvs.
         self._slots: dict[str, int] = {}
         self._leases_size: int | None = None
+        # capacity -> qemu-img measure's fully-allocated qcow2 size (the most
+        # a cow LV of that capacity ever needs)
+        self._full_sizes: dict[int, int] = {}
 
     @property
     def vg(self) -> str:
@@ -443,7 +440,31 @@ class BlockDomain(Domain):
                 continue
         return out
 
-    async def write_volume_md(self, md: VolumeMetadata) -> None:
+    async def full_size(self, capacity: int) -> int:
+        """What a qcow2 volume of `capacity` holds when every cluster is
+        written (qemu-img measure), in whole extents."""
+        full = self._full_sizes.get(capacity)
+        if full is None:
+            measured = await qemuimg.measure(size=capacity, runner=self.runner)
+            full = self._full_sizes[capacity] = round_up(measured["fully-allocated"],
+                                                         self.extent_size)
+        return full
+
+    async def lv_start_size(self, md: VolumeMetadata, initial_size: int | None) -> int:
+        """The LV of a new volume: raw holds its whole capacity; preallocated
+        cow what its full capacity needs; sparse cow `initial_size` or one
+        chunk of the thin policy, at most what the full capacity needs."""
+        if md.format == "RAW":
+            return round_up(md.capacity, self.extent_size)
+        if md.allocation == "PREALLOCATED":
+            return await self.full_size(md.capacity)
+        want = initial_size or self.thin.chunk_size
+        # qcow2 never needs less than its capacity: no measure below it
+        full = await self.full_size(md.capacity) if want > md.capacity else want
+        return self.thin.start_size(initial_size, full, self.extent_size)
+
+    async def write_volume_md(self, md: VolumeMetadata,
+                              initial_size: int | None = None) -> None:
         data = md.encode()
         encode_copy(data)   # refuse metadata too large before making anything
         v = await self._volume_lv(md.uuid)
@@ -458,15 +479,13 @@ class BlockDomain(Domain):
                                                  add=[f"{PARENT_PREFIX}{md.parent}"],
                                                  remove=[f"{PARENT_PREFIX}{v.parent}"])
             return
-        await self._create_lv(md, data)
+        await self._create_lv(md, data, initial_size)
 
-    async def _create_lv(self, md: VolumeMetadata, data: bytes) -> None:
+    async def _create_lv(self, md: VolumeMetadata, data: bytes,
+                         initial_size: int | None) -> None:
         lvm.check_name(md.uuid, "volUUID")
-        size = initial_lv_size(md, self.extent_size)
-        if md.format == "COW" and md.allocation == "PREALLOCATED":
-            # Made at its final size: no lvextend in create_volume_data.
-            measured = await qemuimg.measure(size=md.capacity, runner=self.runner)
-            size = max(size, round_up(measured["fully-allocated"], self.extent_size))
+        # Made at its final size: no lvextend in create_volume_data.
+        size = await self.lv_start_size(md, initial_size)
         async with self.leases.metadata(), self._slot_lock:
             # (fresh: taking the domain lease dropped the cached reports, and
             # every change since went through this object, under the lease)
@@ -515,16 +534,15 @@ class BlockDomain(Domain):
                                  initial_size: int | None) -> None:
         path = self.volume_path(md.image, md.uuid)
         made = self._new_lvs.pop(md.uuid, None)
-        want = round_up(initial_size, self.extent_size) if initial_size else 0
+        want = 0
         if made is None:
             # Not made by _create_lv of this object: find its size, activate it.
             v = await self._volume_lv(md.uuid)
             if v is None:
                 raise VolumeDoesNotExist(volUUID=md.uuid, reason="its LV is gone")
             made = v.size
-            if md.format == "COW" and md.allocation == "PREALLOCATED" and not want:
-                measured = await qemuimg.measure(size=md.capacity, runner=self.runner)
-                want = round_up(measured["fully-allocated"], self.extent_size)
+            if md.format == "COW":
+                want = await self.lv_start_size(md, initial_size)
             await self.lvm.activate(self.vg, [md.uuid])
         try:
             if md.format == "COW" and want > made:

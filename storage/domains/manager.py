@@ -66,6 +66,7 @@ from storage.metadata import (
     MetadataError,
     VolumeMetadata,
 )
+from storage.thin import ThinPolicy
 
 log = logging.getLogger("storage.domains")
 
@@ -108,9 +109,10 @@ class DomainManager:
                  ovf_store_size: int = 0, block_extent_size: int = 128 << 20,
                  leases: LeaseManager | None = None, host_id: int = 1,
                  lock_policy: str = "local", lease_io_timeout: int = 10,
-                 domain_lease_timeout: float = 60.0,
+                 domain_lease_timeout: float = 60.0, thin: ThinPolicy | None = None,
                  runner: commands.Runner = commands.run) -> None:
         self.block_extent_size = block_extent_size
+        self.thin = thin or ThinPolicy()
         # Size of the OVF store volume made with each new domain.
         self.ovf_store_size = ovf_store_size
         self.state_dir = state_dir
@@ -208,6 +210,7 @@ class DomainManager:
 
     def _attach(self, domain: Domain) -> Domain:
         """Give a domain found or made here this host's leases on it."""
+        domain.thin = self.thin
         if self.leases is not None:
             domain.leases = DomainLeases(
                 self.leases, domain, host_id=self.host_id, io_timeout=self.lease_io_timeout,
