@@ -26,6 +26,9 @@ class Metrics:
                               "Last measured event loop lag", registry=self.registry)
         self.loop_lag_max = Gauge("hostagent_event_loop_lag_max_seconds",
                                   "Largest event loop lag since start", registry=self.registry)
+        self.volume_extends = Counter(
+            "hostagent_volume_extends", "Extensions of thin volumes by outcome (ok, failed)",
+            ["outcome"], registry=self.registry)
         self.ws_clients = Gauge("hostagent_websocket_clients", "Connected WebSocket clients",
                                 registry=self.registry)
 

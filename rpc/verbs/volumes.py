@@ -91,6 +91,35 @@ async def extend_volume_size(agent: Agent, sdUUID: str, imgUUID: str, volUUID: s
     return await agent.domains.extend_volume(sdUUID, imgUUID, volUUID, newSize, generation)
 
 
+@TABLE.verb("extendVolume", "Grow the space a thin (cow) volume on a block domain may use "
+            "(its LV, not the virtual size) to at least minSize bytes, in whole extents, "
+            "never past what its full capacity needs; idempotent; one lvextend under the "
+            "domain lease, none when the LV is large enough. A raw volume or a file domain's "
+            "volume grows by itself: a no-op returning its size. Sends volume.extended (or "
+            "volume.extendFailed, e.g. 397 when the domain is full) on the WebSocket.",
+            [SD_UUID, IMG_UUID, VOL_UUID,
+             Field("minSize", Int(1, 1 << 50), description="Bytes the volume must be able to "
+                                                           "hold (a writer's next offset)"),
+             GENERATION],
+            result={"type": "object", "required": ["size"],
+                    "properties": {"size": {"type": "integer",
+                                            "description": "The LV's size now"}}},
+            tags=["volumes"])
+async def extend_volume(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str, minSize: int,
+                        generation: int | None) -> dict[str, Any]:
+    return await agent.domains.extend_allocation(sdUUID, imgUUID, volUUID, minSize,
+                                                 generation)
+
+
+@TABLE.verb("refreshVolume", "A host that has the volume prepared (its LV active) sees the "
+            "size another host gave it (lvchange --refresh); elsewhere nothing to do.",
+            [SD_UUID, IMG_UUID, VOL_UUID],
+            result={"type": "object", "required": ["size"]}, tags=["volumes"])
+async def refresh_volume(agent: Agent, sdUUID: str, imgUUID: str,
+                         volUUID: str) -> dict[str, Any]:
+    return await agent.domains.refresh_volume(sdUUID, imgUUID, volUUID)
+
+
 @TABLE.verb("deleteVolume", "Delete a volume that has no children and is not prepared.",
             [SD_UUID, IMG_UUID, VOL_UUID, GENERATION], result={"type": "object"},
             tags=["volumes"])

@@ -606,6 +606,22 @@ class Domain(abc.ABC):
             await self.write_volume_md(done)
         return done
 
+    # ---- thin volumes (extendVolume, refreshVolume): file domains grow by themselves
+
+    async def extend_allocation(self, img: str, vol: str, min_size: int,
+                                generation: int | None = None) -> tuple[int, bool]:
+        """Let the volume use at least `min_size` bytes of storage: (its size
+        afterwards, whether it grew). A file grows as it is written:
+        nothing to do."""
+        md = await self.volume(img, vol)
+        check_generation(md, generation)
+        return (await self.volume_sizes(img, vol))[0], False
+
+    async def refresh_volume(self, img: str, vol: str) -> int:
+        """See the size another host gave the volume; its size."""
+        await self.volume(img, vol)
+        return (await self.volume_sizes(img, vol))[0]
+
     async def collect_garbage(self) -> dict[str, list[str]]:
         """Remove what a crash left half-made or half-removed; report volumes
         whose metadata cannot be read (they are left alone). Under the

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from storage import commands, lvm, qemuimg
-from storage.domains.base import Domain, os_error, read_check
+from storage.domains.base import Domain, check_generation, os_error, read_check
 from storage.errors import (
     DeviceBlockSizeError,
     HostAgentError,
     InvalidParameter,
+    LVMCommandError,
     NoSpaceLeftOnDomain,
     StorageDomainAlreadyExists,
     StorageDomainDoesNotExist,
@@ -590,6 +591,54 @@ class BlockDomain(Domain):
         finally:
             if inactive:
                 await self.deactivate_volumes(inactive)
+
+    async def extend_allocation(self, img: str, vol: str, min_size: int,
+                                generation: int | None = None) -> tuple[int, bool]:
+        """Grow a cow volume's LV to at least `min_size` (whole extents, never
+        past what its full capacity needs) with one lvextend under the domain
+        lease; when the LV is large enough already, no LVM command at all
+        (the cached report; a stale one is smaller, never larger). The LV's
+        size is not in the volume's metadata: a crash leaves the LV at its
+        old size or the new one, both usable. A raw volume's LV is its
+        capacity: nothing to do."""
+        md = await self.volume(img, vol)
+        check_generation(md, generation)
+        v = await self._volume_lv(vol)
+        if v is None or v.image != img:
+            raise VolumeDoesNotExist(volUUID=vol)
+        if md.format != "COW":
+            return v.size, False
+        want = self.thin.extend_size(min_size, await self.full_size(md.capacity),
+                                     self.extent_size)
+        if v.size >= want:
+            return v.size, False
+        async with self.leases.metadata():
+            try:
+                await self.lvm.lvextend(self.vg, vol, want)
+            except LVMCommandError as e:
+                reason = str(e)
+                if "Insufficient free space" in reason:
+                    raise NoSpaceLeftOnDomain(sdUUID=self.uuid, volUUID=vol,
+                                              needed=want - v.size) from None
+                if "not larger than existing" not in reason:
+                    raise
+                # another host (or call) grew it further meanwhile
+                now = await self._volume_lv(vol)
+                return (now.size if now is not None else want), False
+        log.info("Extended LV %s/%s to %d bytes", self.vg, vol, want)
+        return want, True
+
+    async def refresh_volume(self, img: str, vol: str) -> int:
+        """lvchange --refresh of an LV active here: its mapping takes the
+        size another host's lvextend recorded. An inactive LV is read from
+        the metadata when it is activated: nothing to do."""
+        self.lvm.invalidate(self.vg)
+        v = await self._volume_lv(vol)
+        if v is None or v.image != img or v.initializing:
+            raise VolumeDoesNotExist(volUUID=vol)
+        if v.active:
+            await self.lvm.refresh(self.vg, [vol])
+        return v.size
 
     async def volume_sizes(self, img: str, vol: str) -> tuple[int, int]:
         v = await self._volume_lv(vol)

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from storage.domains.imageops import ImageOps
 from storage.domains.leasing import DomainLeases
 from storage.errors import (
     BackupDomainRestricted,
+    GenerationMismatch,
     HostAgentError,
     InaccessiblePhysDev,
     InvalidParameter,
@@ -113,6 +114,11 @@ class DomainManager:
                  runner: commands.Runner = commands.run) -> None:
         self.block_extent_size = block_extent_size
         self.thin = thin or ThinPolicy()
+        # Told of every extension of a thin volume (extendVolume, the writers
+        # the agent watches): (params, error); the agent sends them as
+        # volume.extended / volume.extendFailed and counts them.
+        self.on_extend: Callable[[dict[str, Any], HostAgentError | None], None] = (
+            lambda params, error: None)
         # Size of the OVF store volume made with each new domain.
         self.ovf_store_size = ovf_store_size
         self.state_dir = state_dir
@@ -669,6 +675,28 @@ class DomainManager:
             md = await domain.extend_volume(img, vol, new_size, generation)
             apparent, true = await domain.volume_sizes(img, vol)
             return volume_info(md, apparent, true)
+
+    async def extend_allocation(self, sd: str, img: str, vol: str, min_size: int,
+                                generation: int | None = None) -> dict[str, Any]:
+        """extendVolume. Only the domain (shared) is locked: a VM's extension
+        never waits behind a long job on its image; LVM orders lvextends."""
+        event: dict[str, Any] = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
+        try:
+            async with self.locks.hold(request("domain", sd, SHARED)):
+                domain = await self.active_domain(sd)
+                size, grew = await domain.extend_allocation(img, vol, min_size, generation)
+        except HostAgentError as e:
+            if not isinstance(e, VolumeDoesNotExist | GenerationMismatch | InvalidParameter):
+                self.on_extend({**event, "size": min_size}, e)
+            raise
+        if grew:
+            self.on_extend({**event, "size": size}, None)
+        return {"size": size}
+
+    async def refresh_volume(self, sd: str, img: str, vol: str) -> dict[str, Any]:
+        async with self.locks.hold(request("domain", sd, SHARED)):
+            domain = await self.active_domain(sd)
+            return {"size": await domain.refresh_volume(img, vol)}
 
     async def delete_volume(self, sd: str, img: str, vol: str,
                             generation: int | None = None) -> None:
