@@ -13,7 +13,8 @@ PORT ?= 54321
 RUN_DEBS := lvm2 qemu-utils xfsprogs e2fsprogs util-linux nfs-common open-iscsi \
 	multipath-tools sanlock
 TEST_DEBS := $(RUN_DEBS) tgt python3-sanlock nfs-kernel-server libiscsi-bin \
-	user-mode-linux busybox-static gcc libc6-dev fuse3 libfuse3-dev qemu-block-extra
+	user-mode-linux busybox-static gcc libc6-dev fuse3 libfuse3-dev qemu-block-extra \
+	qemu-system-common
 
 .PHONY: all venv deps-run deps-test run test test-unit test-host test-lab lint bench clean
 
