@@ -68,6 +68,8 @@ VERB_ERRORS: dict[str, tuple[ErrorClass, ...]] = {
     "extendVolume": (*_ACTIVE, *_VOLUME, e.GenerationMismatch, e.NoSpaceLeftOnDomain,
                      e.AcquireLockFailure, e.LeaseLost, e.LVMCommandError),
     "refreshVolume": (*_ACTIVE, *_VOLUME, e.LVMCommandError),
+    "reduceVolume": (*_JOB, *_ACTIVE, *_VOLUME, e.VolumeIsBusy, e.GenerationMismatch,
+                     e.AcquireLockFailure, e.LeaseLost, e.LVMCommandError, e.InvalidParameter),
     "deleteVolume": (*_ACTIVE, *_VOLUME, e.VolumeIsBusy, e.VolumeImageHasChildren,
                      e.GenerationMismatch, e.AcquireLockFailure, e.LeaseLost,
                      e.LVMCommandError),

@@ -120,6 +120,23 @@ async def refresh_volume(agent: Agent, sdUUID: str, imgUUID: str,
     return await agent.domains.refresh_volume(sdUUID, imgUUID, volUUID)
 
 
+@TABLE.verb("reduceVolume", "Shrink a sparse cow volume's LV on a block domain to what it "
+            "holds (qemu-img check's image end) plus the thin margin (a job; its result is "
+            "{size}). Refused (203) while the volume is prepared for a VM on this host; "
+            "other volumes and file domains: nothing to do.",
+            [JOB_UUID, SD_UUID, IMG_UUID, VOL_UUID, GENERATION], result=JOB_RESULT, job=True,
+            tags=["volumes"])
+async def reduce_volume(agent: Agent, jobUUID: str, sdUUID: str, imgUUID: str, volUUID: str,
+                        generation: int | None) -> dict[str, Any]:
+    async def work(ctx: JobContext) -> dict[str, Any]:
+        return await agent.domains.reduce_volume(sdUUID, imgUUID, volUUID, generation)
+
+    job = await agent.jobs.submit_recorded(
+        jobUUID, "reduceVolume", work, description=f"reduce volume {volUUID}",
+        params={"sdUUID": sdUUID, "imgUUID": imgUUID, "volUUID": volUUID})
+    return {"jobUUID": job.job_uuid}
+
+
 @TABLE.verb("deleteVolume", "Delete a volume that has no children and is not prepared.",
             [SD_UUID, IMG_UUID, VOL_UUID, GENERATION], result={"type": "object"},
             tags=["volumes"])

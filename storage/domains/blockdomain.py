@@ -628,6 +628,35 @@ class BlockDomain(Domain):
         log.info("Extended LV %s/%s to %d bytes", self.vg, vol, want)
         return want, True
 
+    async def reduce_volume(self, md: VolumeMetadata) -> int:
+        """Shrink a sparse cow volume's LV (its chain active, no writer) to
+        qemu-img check's image-end-offset plus the thin margin, in whole
+        extents. Under the volume's lease, the lvreduce under the domain
+        lease. Crash-safe without a metadata step: everything qcow2 holds
+        lies below image-end-offset, the LV's size is no metadata, and
+        lvreduce is one LVM metadata commit (the old size or the new one)."""
+        v = await self._volume_lv(md.uuid)
+        if v is None or v.image != md.image:
+            raise VolumeDoesNotExist(volUUID=md.uuid)
+        if md.format != "COW" or md.allocation != "SPARSE":
+            return v.size
+        async with self.leases.volume(md):
+            checked = await qemuimg.check(self.volume_path(md.image, md.uuid),
+                                          runner=self.runner)
+            end = int(checked.get("image-end-offset", 0))
+            if not end:
+                raise InvalidParameter(field="volUUID",
+                                       reason=f"qemu-img check gave no image end: {checked}")
+            want = self.thin.reduced_size(end, await self.full_size(md.capacity),
+                                          self.extent_size)
+            if want >= v.size:
+                return v.size
+            async with self.leases.metadata():
+                await self.lvm.lvreduce(self.vg, md.uuid, want)
+        log.info("Reduced LV %s/%s from %d to %d bytes (image end %d)", self.vg, md.uuid,
+                 v.size, want, end)
+        return want
+
     async def refresh_volume(self, img: str, vol: str) -> int:
         """lvchange --refresh of an LV active here: its mapping takes the
         size another host's lvextend recorded. An inactive LV is read from

@@ -32,6 +32,7 @@ from storage.domains.base import (
     Domain,
     Progress,
     VolumeSpec,
+    check_generation,
     volume_info,
 )
 from storage.domains.blockdomain import INITIALIZING as VG_INITIALIZING
@@ -692,6 +693,22 @@ class DomainManager:
         if grew:
             self.on_extend({**event, "size": size}, None)
         return {"size": size}
+
+    async def reduce_volume(self, sd: str, img: str, vol: str,
+                            generation: int | None = None) -> dict[str, Any]:
+        """reduceVolume (a job): refused while a VM may write the volume on
+        this host (prepared for vm); its chain active for qemu-img check."""
+        async with self._volume_locks(sd, img, vol):
+            domain = await self.active_domain(sd)
+            if self.prepared.get(self._prepared_key(sd, img, vol), {}).get("vm"):
+                raise VolumeIsBusy(resource=f"volume {vol}",
+                                   reason="it is prepared for a VM, which may write it")
+            md = await domain.volume(img, vol)
+            check_generation(md, generation)
+            chain = await domain.chain(img, vol)
+            async with self.using(domain, chain):
+                size = await domain.reduce_volume(md)
+            return {"size": size}
 
     async def refresh_volume(self, sd: str, img: str, vol: str) -> dict[str, Any]:
         async with self.locks.hold(request("domain", sd, SHARED)):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -29,7 +30,7 @@ import pytest
 from rpc.client import Client, RpcError
 from storage.qmp import QMPClient
 from tests.agentproc import AgentProcess
-from tests.integration.test_domains_file import create_volume, new_id
+from tests.integration.test_domains_file import create_volume, new_id, run_job
 from tests.lab import guestlib as g
 from tests.lab.test_connections_lab import disconnect_all
 from tests.lab.test_domains_block_lab import connect_luns, deactivate_vgs, lvs, start
@@ -135,6 +136,29 @@ async def test_extend_volume_verb(make_target: Callable[..., g.Target],
             assert failed["volUUID"] == big and failed["error"]["code"] == 397, failed
             assert lvs(sd) == before
             assert await counted(c) == {"ok": 2.0, "failed": 1.0}
+
+        # reduceVolume: not while a VM may write it; then to what it holds
+        # plus the margin (20% of 64 MiB), the data intact
+        await c.call("deleteVolume", sdUUID=sd, imgUUID=img, volUUID=big)
+        path = f"/dev/{sd}/{vol}"
+        g.run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 40M", path)
+        job = await run_job(c, "reduceVolume", **ref)
+        assert job["status"] == "failed" and job["error"]["code"] == 203, job
+        assert lvs(sd)[vol]["size"] == full
+        await c.call("teardownImage", **ref)
+        job = await run_job(c, "reduceVolume", **ref)
+        assert job["status"] == "done", job
+        reduced = job["result"]["size"]
+        assert lvs(sd)[vol]["size"] == reduced and not lvs(sd)[vol]["active"]
+        await c.call("prepareImage", **ref, purpose="read")
+        end = json.loads(g.run("qemu-img", "check", "--output", "json", path))[
+            "image-end-offset"]
+        assert 40 * MiB < end < 41 * MiB, end      # the data, qcow2's header and tables
+        assert reduced == (end + 64 * MiB // 5 + EXTENT - 1) // EXTENT * EXTENT, (reduced, end)
+        g.run("qemu-io", "-f", "qcow2", "-c", "read -P 0x5a 0 40M", path)
+        await c.call("teardownImage", **ref)
+        job = await run_job(c, "reduceVolume", **ref)     # again: nothing to do
+        assert job["result"] == {"size": reduced}, job
 
 
 # ---- the VM side: qemu-storage-daemon writing, the test as the VM manager ---------------
