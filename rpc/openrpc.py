@@ -76,7 +76,7 @@ VERB_ERRORS: dict[str, tuple[ErrorClass, ...]] = {
     "deleteImage": (*_JOB, *_ACTIVE, *_VOLUME, e.VolumeIsBusy, e.VolumeImageHasChildren,
                     e.AcquireLockFailure, e.LeaseLost, e.LVMCommandError),
     "prepareImage": (*_ACTIVE, *_VOLUME, e.PrepareIllegalVolumeError,
-                     e.BackupDomainRestricted, e.LVMCommandError),
+                     e.BackupDomainRestricted, e.LVMCommandError, e.InvalidParameter),
     "teardownImage": (*_DOMAIN, *_VOLUME),
     "copyImage": (*_JOB, *_ACTIVE, *_VOLUME, *_MAKE, e.VolumeCopyError,
                   e.PrepareIllegalVolumeError, *_WRITE),

@@ -42,11 +42,15 @@ class QMPClient:
         self.closed = asyncio.Event()
 
     async def connect(self) -> QMPClient:
-        reader, self._writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(self.path, limit=_LINE_LIMIT), self.timeout)
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a
+        # cancellation that arrives as its awaitable completes (gh-86296)
+        async with asyncio.timeout(self.timeout):
+            reader, self._writer = await asyncio.open_unix_connection(
+                self.path, limit=_LINE_LIMIT)
         self._reader = reader
         try:
-            greeting = await asyncio.wait_for(reader.readline(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                greeting = await reader.readline()
             if "QMP" not in json.loads(greeting or b"{}"):
                 raise QMPError(f"{self.path}: not a QMP monitor")
             self._read_task = asyncio.create_task(self._read_loop())
@@ -77,7 +81,8 @@ class QMPClient:
         try:
             self._writer.write(json.dumps(msg).encode() + b"\n")
             await self._writer.drain()
-            return await asyncio.wait_for(fut, timeout or self.timeout)
+            async with asyncio.timeout(timeout or self.timeout):
+                return await fut
         except (OSError, ConnectionError) as e:
             raise QMPError(f"{self.path}: {e}") from None
         finally:
@@ -87,7 +92,8 @@ class QMPClient:
                          timeout: float | None = None) -> dict[str, Any]:
         """The next event (named `name`; others are dropped)."""
         while True:
-            ev = await asyncio.wait_for(self.events.get(), timeout)
+            async with asyncio.timeout(timeout):
+                ev = await self.events.get()
             if ev.get("event") == "_CLOSED":
                 raise QMPError(f"{self.path}: connection closed")
             if name is None or ev.get("event") == name:
@@ -129,6 +135,7 @@ class QMPClient:
                 await self._writer.wait_closed()
         if self._read_task is not None:
             self._read_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._read_task
+            # not `await task` under suppress(CancelledError): that would
+            # swallow a cancellation of the caller arriving here
+            await asyncio.wait([self._read_task])
         self.closed.set()

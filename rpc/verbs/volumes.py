@@ -6,7 +6,7 @@ from typing import Any
 
 from agent.context import Agent
 from agent.jobs import JobContext
-from rpc.schema import UUID, Enum, Field, Int, InvalidParams, Str
+from rpc.schema import UUID, Enum, Field, Int, InvalidParams, Object, Str
 from rpc.table import TABLE
 from rpc.verbs.common import IMG_UUID, JOB_RESULT, JOB_UUID, SD_UUID, VOL_UUID
 from storage.domains import VolumeSpec
@@ -17,6 +17,16 @@ GENERATION = Field("generation", Int(0, (1 << 63) - 1), required=False,
                    description="The volume's generation as the caller last saw it "
                                "(getVolumeInfo): if the volume's is no longer that, the "
                                "call fails with 911 GenerationMismatch and changes nothing")
+# QMP node names: qemu's id rules (a letter first, at most 31 characters)
+WRITER = Object([
+    Field("qmpSocket", Str(max_len=107, pattern=r"/[^\0]*",
+                           pattern_doc="must be an absolute path (a Unix socket)"),
+          description="The writer's QMP monitor (a Unix socket the agent alone uses: a "
+                      "monitor serves one client at a time)"),
+    Field("nodeName", Str(max_len=31, pattern=r"[A-Za-z][A-Za-z0-9_.-]*",
+                          pattern_doc="must be a QMP node name"),
+          description="The node that opens the volume's device or file (the protocol "
+                      "node under the qcow2 node): its write offset is the allocation")])
 VOLUME_INFO = {"type": "object", "required": [
     "uuid", "image", "domain", "parent", "format", "type", "voltype", "capacity",
     "apparentSize", "trueSize", "legality", "generation", "description", "diskType", "ctime"]}
@@ -163,11 +173,18 @@ async def delete_image(agent: Agent, jobUUID: str, sdUUID: str,
 @TABLE.verb("prepareImage", "Make a volume and its chain usable on this host; returns the "
             "path and the chain (base first). ILLEGAL volumes cannot be prepared; a backup "
             "domain's volume cannot be prepared for a VM.",
-            [SD_UUID, IMG_UUID, VOL_UUID, Field("purpose", Enum(["vm", "read", "copy"]))],
+            [SD_UUID, IMG_UUID, VOL_UUID, Field("purpose", Enum(["vm", "read", "copy"])),
+             Field("writer", WRITER, required=False,
+                   description="purpose vm: the qemu (or qemu-storage-daemon) writing the "
+                               "volume. The agent connects to qmpSocket when it appears (and "
+                               "again after the writer restarts) until teardownImage, arms "
+                               "block-set-write-threshold on nodeName, extends the volume on "
+                               "BLOCK_WRITE_THRESHOLD (volume.extended), re-arms, and resumes "
+                               "(cont) a VM paused on ENOSPC.")],
             result={"type": "object", "required": ["path", "chain"]}, tags=["volumes"])
 async def prepare_image(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,
-                        purpose: str) -> dict[str, Any]:
-    return await agent.domains.prepare(sdUUID, imgUUID, volUUID, purpose)
+                        purpose: str, writer: dict[str, str] | None) -> dict[str, Any]:
+    return await agent.domains.prepare(sdUUID, imgUUID, volUUID, purpose, writer)
 
 
 @TABLE.verb("teardownImage", "Undo one prepareImage of a volume (or of every prepared volume "

@@ -40,6 +40,7 @@ from storage.domains.blockdomain import VG_TAG, BlockDomain
 from storage.domains.filedomain import FileDomain
 from storage.domains.imageops import ImageOps
 from storage.domains.leasing import DomainLeases
+from storage.domains.writers import WriterWatch
 from storage.errors import (
     BackupDomainRestricted,
     GenerationMismatch,
@@ -150,6 +151,10 @@ class DomainManager:
         connections.in_use = self.connection_in_use
         connections.release = self.release_connection
         self.images = ImageOps(self)
+        # "sd/img/vol" -> the writer prepareImage named ({qmpSocket, nodeName})
+        # and the watch extending the volume ahead of it
+        self.writers: dict[str, dict[str, str]] = {}
+        self._watches: dict[str, WriterWatch] = {}
 
     # ---- host state --------------------------------------------------------------
 
@@ -163,6 +168,10 @@ class DomainManager:
             self.prepared = json.loads((self.state_dir / "prepared.json").read_text())
         except FileNotFoundError:
             self.prepared = {}
+        try:
+            self.writers = json.loads((self.state_dir / "writers.json").read_text())
+        except FileNotFoundError:
+            self.writers = {}
 
     def _save(self, name: str, data: Any) -> None:
         path = self.state_dir / name
@@ -175,6 +184,7 @@ class DomainManager:
 
     def _save_prepared(self) -> None:
         self._save("prepared.json", self.prepared)
+        self._save("writers.json", self.writers)
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -188,6 +198,10 @@ class DomainManager:
                 continue
             await self._activate(entry)
         await self._count_prepared()
+        # VMs outlive the agent: their writers are watched again
+        for key, writer in self.writers.items():
+            if key in self.prepared:
+                self._watch_writer(key, writer)
         self._started = True
 
     async def _count_prepared(self) -> None:
@@ -207,6 +221,9 @@ class DomainManager:
                 self.active_refs[ref] = self.active_refs.get(ref, 0) + 1
 
     async def stop(self) -> None:
+        for watch in self._watches.values():
+            await watch.stop()
+        self._watches.clear()
         for entry in self.entries.values():
             # Block domains keep their metadata LV active: running VMs' LVs
             # outlive the agent too, and another agent on this host (tests)
@@ -808,7 +825,28 @@ class DomainManager:
         if entry.monitor.state == "failing":
             raise StorageDomainAccessError(sdUUID=sd, reason=entry.monitor.error)
 
-    async def prepare(self, sd: str, img: str, vol: str, purpose: str) -> dict[str, Any]:
+    def _watch_writer(self, key: str, writer: dict[str, str]) -> None:
+        sd, img, vol = key.split("/")
+
+        async def current() -> int:
+            return int((await self.extend_allocation(sd, img, vol, 1))["size"])
+
+        async def extend(min_size: int) -> int:
+            return int((await self.extend_allocation(sd, img, vol, min_size))["size"])
+
+        self._watches[key] = WriterWatch(key, writer["qmpSocket"], writer["nodeName"],
+                                         self.thin, current=current, extend=extend).start()
+
+    async def _unwatch_writer(self, key: str) -> None:
+        self.writers.pop(key, None)
+        watch = self._watches.pop(key, None)
+        if watch is not None:
+            await watch.stop()
+
+    async def prepare(self, sd: str, img: str, vol: str, purpose: str,
+                      writer: dict[str, str] | None = None) -> dict[str, Any]:
+        if writer is not None and purpose != "vm":
+            raise InvalidParameter(field="writer", reason="only with purpose vm")
         async with self._volume_locks(sd, img):
             domain = await self.active_domain(sd)
             if purpose == "vm" and domain.md.backup:
@@ -827,6 +865,11 @@ class DomainManager:
                 await self.use_volumes(domain, chain)
             counts = self.prepared.setdefault(key, {})
             counts[purpose] = counts.get(purpose, 0) + 1
+            if writer is not None and self.writers.get(key) != writer:
+                # a VM started again (or another one): the new writer
+                await self._unwatch_writer(key)
+                self.writers[key] = writer
+                self._watch_writer(key, writer)
             self._save_prepared()
             return {"path": domain.volume_path(img, vol),
                     "chain": [{"volUUID": m.uuid, "imgUUID": m.image,
@@ -848,6 +891,8 @@ class DomainManager:
                         if not counts[purpose]:
                             del counts[purpose]
                         break
+                if not counts.get("vm"):
+                    await self._unwatch_writer(key)
                 if not counts:
                     del self.prepared[key]
                     _, _, v = key.split("/")
