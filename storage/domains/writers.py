@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -63,6 +64,9 @@ class WriterWatch:
                     log.info("Writer of %s: watching node %s through %s", self.name,
                              self.node, self.qmp_socket)
                     await self._watch(qmp)
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                # not started yet, or gone: looked for again
+                log.debug("Writer of %s: %s", self.name, e)
             except (TimeoutError, OSError, QMPError) as e:
                 log.info("Writer of %s: %s (connecting again)", self.name, e)
             finally:
@@ -90,6 +94,7 @@ class WriterWatch:
 
     async def _grow(self, qmp: QMPClient, allocation: int) -> None:
         """Extend until it works (a full VG: every retry_interval), re-arm, resume."""
+        started = time.monotonic()
         old = self.size
         want = self.thin.next_size(old, allocation)
         while True:
@@ -102,6 +107,8 @@ class WriterWatch:
                 await asyncio.sleep(self.retry_interval)
         if self.size > old:
             await self._arm(qmp)
+            log.info("Writer of %s: extended from %d to %d, threshold re-armed %.3f s after "
+                     "the event", self.name, old, self.size, time.monotonic() - started)
         else:
             # as large as the full capacity needs: nothing more to watch
             log.info("Writer of %s: at its full size %d", self.name, self.size)

@@ -55,12 +55,16 @@ async def counted(c: Client) -> dict[str, float]:
     return extends_counted(body)
 
 
-async def notes_until(q: asyncio.Queue[dict[str, Any]], method: str, count: int,
-                      timeout: float = 30) -> list[dict[str, Any]]:
-    """The first `count` notifications named `method` (others are skipped)."""
+async def notes_until(q: asyncio.Queue[dict[str, Any]], method: str, count: int = 0,
+                      timeout: float = 30,
+                      until: Callable[[dict[str, Any]], bool] | None = None
+                      ) -> list[dict[str, Any]]:
+    """Notifications named `method` (others are skipped): the first `count`,
+    or up to the first for which `until(params)` holds."""
     got: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
-    while len(got) < count:
+    while (until is None and len(got) < count) or (
+            until is not None and not (got and until(got[-1]))):
         note = await asyncio.wait_for(q.get(), max(0.01, deadline - time.monotonic()))
         if note.get("method") == method:
             got.append(note["params"])
@@ -69,7 +73,7 @@ async def notes_until(q: asyncio.Queue[dict[str, Any]], method: str, count: int,
 
 @contextlib.asynccontextmanager
 async def block_domain(make_target: Callable[..., g.Target], tmp_path: Path, lun_size: int,
-                       **agent_kw: Any) -> AsyncIterator[tuple[Client, str]]:
+                       **agent_kw: Any) -> AsyncIterator[tuple[Client, str, AgentProcess]]:
     target = make_target("thin", (lun_size,))
     agent: AgentProcess = start(tmp_path / "agent", monitor_interval=60, **agent_kw)
     sd = new_id()
@@ -78,7 +82,7 @@ async def block_domain(make_target: Callable[..., g.Target], tmp_path: Path, lun
             _, [lun] = await connect_luns(c, target)
             await c.call("createStorageDomain", sdUUID=sd, domType="iscsi", name="thin",
                          devices=[lun["guid"]], ovfStore=False)
-            yield c, sd
+            yield c, sd, agent
             for img in await c.call("getImagesList", sdUUID=sd):
                 await c.call("teardownImage", sdUUID=sd, imgUUID=img)
             await c.call("formatStorageDomain", sdUUID=sd)
@@ -93,7 +97,7 @@ async def block_domain(make_target: Callable[..., g.Target], tmp_path: Path, lun
 @pytest.mark.timeout(300)
 async def test_extend_volume_verb(make_target: Callable[..., g.Target],
                                   multipathd: g.Multipathd, tmp_path: Path) -> None:
-    async with block_domain(make_target, tmp_path, GiB, chunk_size=64 * MiB) as (c, sd):
+    async with block_domain(make_target, tmp_path, GiB, chunk_size=64 * MiB) as (c, sd, _):
         img, vol, big = new_id(), new_id(), new_id()
         ref = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
         v = await create_volume(c, sd, img, vol, size=256 * MiB)
@@ -179,6 +183,8 @@ class StorageDaemon:
 
     def __init__(self, path: str, work: Path) -> None:
         self.qmp_path = str(work / "qmp.sock")
+        # a monitor serves one client at a time: a second one for the test
+        self.qmp2_path = str(work / "qmp2.sock")
         self.nbd_url = f"nbd+unix:///e0?socket={work / 'nbd.sock'}"
         self.daemon = g.Daemon("qemu-storage-daemon", [
             "qemu-storage-daemon",
@@ -188,7 +194,9 @@ class StorageDaemon:
             "--nbd-server", f"addr.type=unix,addr.path={work / 'nbd.sock'}",
             "--export", "type=nbd,id=e0,node-name=fmt0,name=e0,writable=on",
             "--chardev", f"socket,id=m0,path={self.qmp_path},server=on,wait=off",
-            "--monitor", "chardev=m0"])
+            "--monitor", "chardev=m0",
+            "--chardev", f"socket,id=m1,path={self.qmp2_path},server=on,wait=off",
+            "--monitor", "chardev=m1"])
 
     def start(self) -> StorageDaemon:
         self.daemon.start()
@@ -207,7 +215,7 @@ async def test_vm_manager_extends_a_writing_qemu(make_target: Callable[..., g.Ta
         for _ in range(DATA // (16 * MiB)):
             f.write(os.urandom(16 * MiB))
     async with block_domain(make_target, tmp_path, GiB, chunk_size=CHUNK,
-                            watermark_percent=WATERMARK) as (c, sd):
+                            watermark_percent=WATERMARK) as (c, sd, _):
         img, vol = new_id(), new_id()
         ref = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
         await create_volume(c, sd, img, vol, size=GiB)
@@ -259,3 +267,60 @@ async def test_vm_manager_extends_a_writing_qemu(make_target: Callable[..., g.Ta
               timeout=300)
         print(f"\nthin: {DATA // MiB} MiB at {RATE // MiB} MiB/s, LV sizes (MiB): "
               f"{[s // MiB for s in sizes]}, highest write offset {highest // MiB} MiB")
+
+
+@pytest.mark.timeout(400)
+async def test_agent_extends_a_writing_qemu(make_target: Callable[..., g.Target],
+                                            multipathd: g.Multipathd, tmp_path: Path) -> None:
+    """The same writer, the agent watching it by itself (prepareImage's
+    writer), prepared before the daemon starts, as a VM's disks are."""
+    src = tmp_path / "src.raw"
+    with open(src, "wb") as f:
+        for _ in range(DATA // (16 * MiB)):
+            f.write(os.urandom(16 * MiB))
+    async with block_domain(make_target, tmp_path, GiB, chunk_size=CHUNK,
+                            watermark_percent=WATERMARK) as (c, sd, agent):
+        img, vol = new_id(), new_id()
+        ref = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
+        await create_volume(c, sd, img, vol, size=GiB)
+        qsd = StorageDaemon(f"/dev/{sd}/{vol}", tmp_path)
+        async with c.notifications() as q:
+            p = await c.call("prepareImage", **ref, purpose="vm",
+                             writer={"qmpSocket": qsd.qmp_path, "nodeName": "file0"})
+            qsd.start()
+            try:
+                writer = await asyncio.create_subprocess_exec(
+                    "qemu-img", "convert", "-n", "-r", str(RATE), "-f", "raw", "-O", "raw",
+                    str(src), qsd.nbd_url, stderr=asyncio.subprocess.PIPE)
+                _, err = await asyncio.wait_for(writer.communicate(), 300)
+                assert writer.returncode == 0, f"a write failed: {err.decode()}"
+                async with QMPClient(qsd.qmp2_path) as qmp:
+                    stats = await qmp.execute("query-blockstats", {"query-nodes": True})
+                [highest] = [s["stats"]["wr_highest_offset"] for s in stats
+                             if s.get("node-name") == "file0"]
+                # the agent keeps the margin free beyond the last write
+                notes = [n["size"] for n in await notes_until(
+                    q, "volume.extended", until=lambda n: n["size"] >= highest + MARGIN)]
+            finally:
+                qsd.daemon.stop()
+            size = lvs(sd)[vol]["size"]
+        g.run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), p["path"],
+              timeout=300)
+        end = json.loads(g.run("qemu-img", "check", "--output", "json", p["path"]))[
+            "image-end-offset"]
+        await c.call("teardownImage", **ref)
+        # grown in chunks, ahead of the writer, each step told
+        assert len(notes) >= 2, notes
+        assert notes == list(range(2 * CHUNK, size + 1, CHUNK)), (notes, size)
+        assert DATA < end <= size, (end, size)
+        assert await counted(c) == {"ok": float(len(notes))}
+        info = await c.call("getVolumeInfo", **ref)
+        assert info["apparentSize"] == info["trueSize"] == size, info
+        latencies = sorted(float(line.rsplit(" re-armed ", 1)[1].split()[0])
+                           for line in agent.log().splitlines()
+                           if "threshold re-armed" in line)
+        # (the daemon may stop between the last extension and its re-arming)
+        assert len(notes) - 1 <= len(latencies) <= len(notes), agent.log()
+        print(f"\nthin, agent watching: {DATA // MiB} MiB at {RATE // MiB} MiB/s, LV sizes "
+              f"(MiB): {[s // MiB for s in notes]}; threshold event to re-armed (s): "
+              f"{latencies}")
