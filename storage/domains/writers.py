@@ -69,6 +69,10 @@ class WriterWatch:
                 log.debug("Writer of %s: %s", self.name, e)
             except (TimeoutError, OSError, QMPError) as e:
                 log.info("Writer of %s: %s (connecting again)", self.name, e)
+            except HostAgentError as e:
+                # the volume's size unknown for now (its domain not active yet
+                # after a restart, the storage failing): tried again
+                log.warning("Writer of %s: %s (trying again)", self.name, e.message)
             finally:
                 self.connected.clear()
             await asyncio.sleep(self.retry_interval)
