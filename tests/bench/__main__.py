@@ -10,7 +10,7 @@ import sys
 import time
 
 BENCHMARKS = ["ping", "connections", "volumes", "copy", "backup", "ovf", "leases", "blockvolumes",
-              "load"]
+              "thin", "load"]
 
 
 def main(names: list[str]) -> int:

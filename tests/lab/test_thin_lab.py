@@ -21,7 +21,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +177,21 @@ DATA = 320 * MiB
 RATE = 8 * MiB
 
 
+@pytest.fixture
+def src(tmp_path: Path) -> Iterator[Path]:
+    """DATA bytes that do not compress or read as zeros, removed after the
+    test: the guest's /tmp (a tmpfs) also holds the LUN files, and a full
+    tmpfs fails the LUN's writes (tgtd: medium error)."""
+    path = tmp_path / "src.raw"
+    with open(path, "wb") as f:
+        for _ in range(DATA // (16 * MiB)):
+            f.write(os.urandom(16 * MiB))
+    try:
+        yield path
+    finally:
+        path.unlink()
+
+
 class StorageDaemon:
     """qemu-storage-daemon on a prepared volume: qcow2 over host_device,
     the qcow2 node exported over NBD, QMP on a Unix socket."""
@@ -209,11 +224,7 @@ class StorageDaemon:
 @pytest.mark.timeout(400)
 async def test_vm_manager_extends_a_writing_qemu(make_target: Callable[..., g.Target],
                                                  multipathd: g.Multipathd,
-                                                 tmp_path: Path) -> None:
-    src = tmp_path / "src.raw"
-    with open(src, "wb") as f:
-        for _ in range(DATA // (16 * MiB)):
-            f.write(os.urandom(16 * MiB))
+                                                 tmp_path: Path, src: Path) -> None:
     async with block_domain(make_target, tmp_path, GiB, chunk_size=CHUNK,
                             watermark_percent=WATERMARK) as (c, sd, _):
         img, vol = new_id(), new_id()
@@ -271,13 +282,10 @@ async def test_vm_manager_extends_a_writing_qemu(make_target: Callable[..., g.Ta
 
 @pytest.mark.timeout(400)
 async def test_agent_extends_a_writing_qemu(make_target: Callable[..., g.Target],
-                                            multipathd: g.Multipathd, tmp_path: Path) -> None:
+                                            multipathd: g.Multipathd, tmp_path: Path,
+                                            src: Path) -> None:
     """The same writer, the agent watching it by itself (prepareImage's
     writer), prepared before the daemon starts, as a VM's disks are."""
-    src = tmp_path / "src.raw"
-    with open(src, "wb") as f:
-        for _ in range(DATA // (16 * MiB)):
-            f.write(os.urandom(16 * MiB))
     async with block_domain(make_target, tmp_path, GiB, chunk_size=CHUNK,
                             watermark_percent=WATERMARK) as (c, sd, agent):
         img, vol = new_id(), new_id()
