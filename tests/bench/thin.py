@@ -103,7 +103,10 @@ async def _guest(runs: int, work: Path, big: Path) -> dict[str, Any]:
         steps.push("stop iscsid", initiator.stop)
         mpd = g.Multipathd().start()
         steps.push("stop multipathd", mpd.stop)
-        target = server.create_target("benchthin", (DATA + (runs + 4) * CHUNK + 2 * GiB,))
+        # sparse: the written volume (DATA and the margin), the idle one and
+        # the bare LV (runs + 2 chunks each), the domain's own LVs
+        target = server.create_target("benchthin",
+                                      (2 * DATA + 2 * (runs + 2) * CHUNK + 2 * GiB,))
         steps.push("release target", lambda: [
             g.run_ok("iscsiadm", "-m", "node", "-T", target.iqn, "--logout"),
             g.run_ok("multipath", "-F")])
