@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from rpc.client import RpcError
-from tests.integration.test_domains_file import Storage, create_volume, new_id
+from tests.integration.test_domains_file import Storage, create_volume, new_id, run_job
 from tests.integration.test_domains_file import backing as backing
 from tests.integration.test_domains_file import storage as file_storage
 
@@ -61,3 +61,28 @@ async def test_extend_and_refresh_on_file_domain_change_nothing(storage: Storage
     assert extends_counted(body).get("ok", 0) == 0, body
     assert extends_counted(body).get("failed", 0) == 0, body
     await c.call("teardownImage", **ref)
+
+
+async def test_new_layer_on_a_disk_a_vm_writes(storage: Storage) -> None:
+    """snapshotImages on a disk prepared for a VM with no writer: 203 naming
+    the disk, nothing made, unless the caller switches the VM itself."""
+    c = storage.c
+    await storage.create_domain()
+    img, vol, new = new_id(), new_id(), new_id()
+    await create_volume(c, storage.sd, img, vol, size=64 * MiB)
+    ref = {"sdUUID": storage.sd, "imgUUID": img, "volUUID": vol}
+    await c.call("prepareImage", **ref, purpose="vm")
+    disk = {**ref, "newVolUUID": new}
+    info = await run_job(c, "snapshotImages", disks=[disk])
+    assert info["status"] == "failed" and info["error"]["code"] == 203, info
+    assert "disks[0]" in info["error"]["message"] and vol in info["error"]["message"], info
+    assert await c.call("getVolumesList", sdUUID=storage.sd, imgUUID=img) == [vol]
+    info = await run_job(c, "snapshotImages", disks=[{**disk, "switch": "caller"}])
+    assert info["status"] == "done", info
+    assert sorted(await c.call("getVolumesList", sdUUID=storage.sd, imgUUID=img)) == \
+        sorted([vol, new])
+    await c.call("teardownImage", **ref)
+    # not prepared for a VM: no switch needed
+    info = await run_job(c, "snapshotImages", disks=[{**ref, "volUUID": new,
+                                                      "newVolUUID": new_id()}])
+    assert info["status"] == "done", info
