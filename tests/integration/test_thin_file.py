@@ -65,7 +65,8 @@ async def test_extend_and_refresh_on_file_domain_change_nothing(storage: Storage
 
 async def test_new_layer_on_a_disk_a_vm_writes(storage: Storage) -> None:
     """snapshotImages on a disk prepared for a VM with no writer: 203 naming
-    the disk, nothing made, unless the caller switches the VM itself."""
+    the disk, nothing made, unless the caller switches the VM itself;
+    backupVolume of it: 203."""
     c = storage.c
     await storage.create_domain()
     img, vol, new = new_id(), new_id(), new_id()
@@ -77,6 +78,16 @@ async def test_new_layer_on_a_disk_a_vm_writes(storage: Storage) -> None:
     assert info["status"] == "failed" and info["error"]["code"] == 203, info
     assert "disks[0]" in info["error"]["message"] and vol in info["error"]["message"], info
     assert await c.call("getVolumesList", sdUUID=storage.sd, imgUUID=img) == [vol]
+    # a backup would copy the layer the VM writes: refused as well
+    backup = new_id()
+    await c.call("createStorageDomain", sdUUID=backup, domType=storage.dom_type,
+                 name="backup", domClass="backup", connectionId=storage.conn_id,
+                 ovfStore=False)
+    info = await run_job(c, "backupVolume", src=ref,
+                         dst={"sdUUID": backup, "imgUUID": new_id(), "volUUID": new_id()})
+    assert info["status"] == "failed" and info["error"]["code"] == 203, info
+    assert await c.call("getVolumesList", sdUUID=storage.sd, imgUUID=img) == [vol]
+    assert await c.call("getImagesList", sdUUID=backup) == []
     info = await run_job(c, "snapshotImages", disks=[{**disk, "switch": "caller"}])
     assert info["status"] == "done", info
     assert sorted(await c.call("getVolumesList", sdUUID=storage.sd, imgUUID=img)) == \
