@@ -88,8 +88,12 @@ class Container:
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
         r = subprocess.run(["nsenter", "-t", str(self.pid), "-a", "sh", "-c", command],
                            capture_output=True, text=True, timeout=timeout)
-        if check:
-            assert r.returncode == 0, (command, r)
+        if check and r.returncode != 0:
+            journal = subprocess.run(
+                ["nsenter", "-t", str(self.pid), "-a", "journalctl", "--no-pager", "-n", "60",
+                 "-u", "hostagent"], capture_output=True, text=True, timeout=30).stdout
+            raise AssertionError(f"{command}: rc {r.returncode}\n{r.stdout}{r.stderr}\n"
+                                 f"journal:\n{journal}")
         return r
 
     def show(self, prop: str) -> str:
