@@ -98,11 +98,7 @@ async def move_image(agent: Agent, jobUUID: str, sdUUID: str, imgUUID: str,
 
 SNAPSHOT_DISK = Object([SD_UUID, IMG_UUID, VOL_UUID, Field("newVolUUID", UUID()),
                         Field("description", Str(min_len=0, max_len=1000), required=False,
-                              default=""),
-                        Field("switch", Enum(["caller"]), required=False,
-                              description="For a disk prepared for a VM: the caller "
-                                          "switches its VM onto the new layer itself "
-                                          "(without it such a disk is refused with 203)")])
+                              default="")])
 
 
 def _check_snapshot(values: dict[str, Any], path: str) -> None:
