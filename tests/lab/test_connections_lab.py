@@ -373,6 +373,12 @@ async def test_discovery_with_chap(make_target: Callable[..., g.Target],
     target = make_target("discochap", (16 * MiB,))
     before = (iscsi_db(), node_records(), g.Initiator.sessions())
     db = Path("/etc/iscsi/send_targets")
+    # A record other tests' discoveries left for this portal would be reused
+    # and then deleted by the CHAP discovery (a known defect, see the issue's
+    # note): start from none for it, so what is asserted is the agent's own.
+    subprocess.run(["iscsiadm", "-m", "discoverydb", "-t", "st", "-p", f"{PORTAL1}:3260",
+                    "-o", "delete"], capture_output=True, check=False)
+    before = (iscsi_db(), node_records(), g.Initiator.sessions())
     db_before = sorted(db.iterdir()) if db.exists() else []
     portal = g.PORTALS[0]
     # the portal now wants CHAP for discovery: without it, or with a wrong
