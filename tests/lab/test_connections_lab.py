@@ -402,7 +402,7 @@ async def test_discovery_with_chap(make_target: Callable[..., g.Target],
     # tests' discoveries left there), no record of this one
     assert (sorted(db.iterdir()) if db.exists() else []) == db_before
     assert ([p for p in iscsi_db() if p != str(db)], node_records(),
-            g.Initiator.sessions()) == before
+            g.Initiator.sessions()) == ([p for p in before[0] if p != str(db)], *before[1:])
     for secret in (CHAP_SECRET, WRONG_SECRET):
         assert secret not in agent.log()
         assert not any(secret.encode() in p.read_bytes()
