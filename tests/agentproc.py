@@ -7,6 +7,7 @@ READY=1, so a test never sleeps and never races the listener.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -157,3 +158,16 @@ class AgentProcess:
 
         return client_ssl_context(self.pki / "ca.pem", self.pki / "client.pem",
                                   self.pki / "client.key")
+
+
+@contextlib.contextmanager
+def clean_agent(state_dir: Path) -> Iterator[AgentProcess]:
+    """An agent for a module of hostile requests: it must stop cleanly
+    (status 0) and never have logged a traceback, whatever it was sent."""
+    proc = AgentProcess(state_dir).start()
+    try:
+        yield proc
+    finally:
+        rc = proc.stop()
+    assert rc == 0, proc.log()
+    assert "Traceback" not in proc.log_path.read_text(errors="replace")

@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rpc.client import Client
-from tests.agentproc import AgentProcess
+from tests.agentproc import AgentProcess, clean_agent
 
 # aiohttp's WebSocket client over TLS sometimes leaves its socket to the
 # garbage collector (as in test_http_abuse); a ResourceWarning of the test
@@ -48,13 +48,8 @@ def strict_json(text: str | bytes) -> Any:
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    proc = AgentProcess(tmp_path_factory.mktemp("edge") / "state").start()
-    try:
+    with clean_agent(tmp_path_factory.mktemp("edge") / "state") as proc:
         yield proc
-    finally:
-        rc = proc.stop()
-    assert rc == 0, proc.log()
-    assert "Traceback" not in proc.log_path.read_text(errors="replace")
 
 
 def tls(agent: AgentProcess) -> ssl.SSLContext:

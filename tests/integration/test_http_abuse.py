@@ -28,7 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from rpc.client import Client, client_ssl_context
 from rpc.dispatch import MAX_BATCH
 from rpc.server import BODY_TIMEOUT, IDLE_TIMEOUT
-from tests.agentproc import AgentProcess
+from tests.agentproc import AgentProcess, clean_agent
 
 MiB = 1024 * 1024
 
@@ -41,13 +41,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    proc = AgentProcess(tmp_path_factory.mktemp("abuse") / "state").start()
-    try:
+    with clean_agent(tmp_path_factory.mktemp("abuse") / "state") as proc:
         yield proc
-    finally:
-        rc = proc.stop()
-    assert rc == 0, proc.log()
-    assert "Traceback" not in proc.log_path.read_text(errors="replace")
 
 
 def tls(agent: AgentProcess) -> ssl.SSLContext:
