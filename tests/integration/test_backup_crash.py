@@ -163,11 +163,14 @@ async def test_kill9_during_backup(make_fs_mount: Callable[..., FsMount],
         img = disk.img
         aim = {"time": None,
                "layer": Aim("snapshot layer", lambda: bool(new_volumes(img, t.chain)), 0.1),
-               "copy": Aim("copy", lambda: bool(new_volumes(img, t.chain, READY)), 0.15),
+               # (the copy of a trial's few MiB takes tens of ms)
+               "copy": Aim("copy", lambda: bool(new_volumes(img, t.chain, READY)), 0.03),
                "merge back": Aim("merge back", lambda: backup_legal(params["dst"]), 0.3),
-               # (or once it is over: the layer gone)
+               # (or once it is over: the layer gone). A commit of the few MiB
+               # a trial writes lasts a few ms, about what one look at the
+               # agent's processes takes: the kill comes the moment it is seen.
                "commit": Aim("commit", lambda: running(trials.agent, "qemu-img", "commit") or (
-                   backup_legal(params["dst"]) and not new_volumes(img, t.chain)), 0.02),
+                   backup_legal(params["dst"]) and not new_volumes(img, t.chain)), 0.0),
                "end": Aim("end", lambda: backup_legal(params["dst"]), 0.05),
                }[step]
         return Job("backupVolume", params, [src_root, bak_root], t, aim)

@@ -138,6 +138,9 @@ async def test_lun_listing_with_multipathd_stopped_is_467(
         assert sd not in vg_names()
     finally:
         multipathd.start()
+    # a restarted multipathd checks its paths anew: until the first check is
+    # done a path's checker reads "i/o pending", not the "ready" of before
+    multipathd.wait_active_paths(lun["guid"], len(lun["pathstatus"]))
     assert await client.call("getDeviceList", guids=[lun["guid"]]) == [lun]
 
 
