@@ -14,7 +14,7 @@ RUN_DEBS := lvm2 qemu-utils xfsprogs e2fsprogs util-linux nfs-common open-iscsi 
 	multipath-tools sanlock uuid-runtime
 TEST_DEBS := $(RUN_DEBS) tgt python3-sanlock nfs-kernel-server libiscsi-bin \
 	user-mode-linux busybox-static gcc libc6-dev fuse3 libfuse3-dev qemu-block-extra \
-	systemd systemd-container
+	systemd systemd-container qemu-system-common
 
 .PHONY: all venv deps-run deps-test run test test-unit test-host test-lab lint bench clean
 

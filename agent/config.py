@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG_FILE = Path("/etc/hostagent/hostagent.toml")
+MiB = 1 << 20
+TiB = 1 << 40
 
 
 class ConfigError(Exception):
@@ -93,6 +95,15 @@ class StorageConfig:
 
 
 @dataclass
+class ThinConfig:
+    # Sparse cow volumes on block domains start at one chunk (or createVolume's
+    # initialSize) and are grown by a chunk when less than watermark_percent
+    # of a chunk is free (VDSM's defaults: 2560 MiB, 20%).
+    chunk_size: int = 2560 * 1024 * 1024
+    watermark_percent: int = 20
+
+
+@dataclass
 class OvfConfig:
     # Largest OVF tar a domain's store takes. The store volume holds two
     # slots of this size (sparse on file domains).
@@ -158,6 +169,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    thin: ThinConfig = field(default_factory=ThinConfig)
     ovf: OvfConfig = field(default_factory=OvfConfig)
     leases: LeasesConfig = field(default_factory=LeasesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -195,6 +207,8 @@ class Config:
             raise ConfigError(
                 f"server.tls is false but server.host {s.host!r} is not a loopback "
                 "address: plain HTTP is allowed only on loopback")
+        if self.thin.chunk_size % MiB:
+            raise ConfigError("thin.chunk_size: must be whole MiB")
         le = self.leases
         for name in le.backends:
             if name not in ("local", "sanlock"):
@@ -219,11 +233,11 @@ class Range:
 
     def check(self, name: str, value: float) -> None:
         if self.open_low and self.low is not None and not value > self.low:
-            raise ConfigError(f"{name}: {value!r} must be more than {self.low:g}")
+            raise ConfigError(f"{name}: {value!r} must be more than {self.low!r}")
         if self.low is not None and value < self.low:
-            raise ConfigError(f"{name}: {value!r} must be at least {self.low:g}")
+            raise ConfigError(f"{name}: {value!r} must be at least {self.low!r}")
         if self.high is not None and value > self.high:
-            raise ConfigError(f"{name}: {value!r} must be at most {self.high:g}")
+            raise ConfigError(f"{name}: {value!r} must be at most {self.high!r}")
 
 
 MiB = 1024 * 1024
@@ -254,6 +268,8 @@ RANGES: dict[str, Range] = {
     # sizes are divided by it; LVM takes no extent under 1 KiB, 1 MiB keeps VGs sane
     "storage.block_extent_size": Range(MiB),
     "storage.vm_file_mode": Range(0, 0o777),
+    "thin.chunk_size": Range(16 * MiB, TiB),
+    "thin.watermark_percent": Range(1, 99),
     "ovf.max_tar_size": Range(MiB),
     "ovf.max_member_size": AT_LEAST_1,
     "ovf.ticket_ttl": POSITIVE,

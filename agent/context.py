@@ -9,6 +9,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agent.config import Config
 from agent.events import EventBus
@@ -19,9 +20,11 @@ from ovfstore.service import OvfService
 from ovfstore.store import volume_size
 from storage.connections import ConnectionManager
 from storage.domains import DomainManager, VmAccess, imageops
+from storage.errors import HostAgentError
 from storage.leases import Backend, LeaseManager, LocalBackend, SanlockBackend
 from storage.leases.lockholder import LockHolder
 from storage.locks import LockManager
+from storage.thin import ThinPolicy
 from storage.transfers import TransferService
 
 log = logging.getLogger("agent.context")
@@ -71,10 +74,21 @@ class Agent:
                                 lease_io_timeout=le.io_timeout,
                                 domain_lease_timeout=le.domain_lease_timeout,
                                 vm_access=vm_access(storage.vm_group, storage.vm_file_mode,
-                                                    Path(storage.storage_root)))
+                                                    Path(storage.storage_root)),
+                                thin=ThinPolicy(config.thin.chunk_size,
+                                                config.thin.watermark_percent))
         ovf = OvfService(domains, locks, slot_size=config.ovf.max_tar_size,
                          member_limit=config.ovf.max_member_size,
                          ticket_ttl=config.ovf.ticket_ttl)
+        def extended(params: dict[str, Any], error: HostAgentError | None) -> None:
+            if error is None:
+                metrics.volume_extends.labels(outcome="ok").inc()
+                events.publish("volume.extended", params)
+            else:
+                metrics.volume_extends.labels(outcome="failed").inc()
+                events.publish("volume.extendFailed", {
+                    **params, "error": {"code": error.code, "message": error.message}})
+        domains.on_extend = extended
         # What an interrupted createVolume or deleteImage left is CREATING or
         # REMOVING on storage: the domain's garbage collection removes it.
         for job_type in ("createVolume", "deleteImage"):

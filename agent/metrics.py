@@ -29,6 +29,9 @@ class Metrics:
         self.transfer_bytes = Counter("hostagent_transfer_bytes",
                                       "Bytes moved by disk transfers (data listener)",
                                       ["direction"], registry=self.registry)
+        self.volume_extends = Counter(
+            "hostagent_volume_extends", "Extensions of thin volumes by outcome (ok, failed)",
+            ["outcome"], registry=self.registry)
         self.ws_clients = Gauge("hostagent_websocket_clients", "Connected WebSocket clients",
                                 registry=self.registry)
 

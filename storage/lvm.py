@@ -555,6 +555,14 @@ class LVM:
             if "matches existing size" not in str(e):
                 raise
 
+    async def lvreduce(self, vg: str, lv: str, size: int) -> None:
+        """Shrink `vg/lv` to `size` bytes (whole extents); what lies past it
+        is gone. --force: no prompt (the LV holds no file system)."""
+        check_name(vg, "vg_name")
+        check_name(lv, "lv_name")
+        _check_size(size, "size")
+        await self._change(vg, "lvreduce", ["--force", "--size", _bytes(size), f"{vg}/{lv}"])
+
     async def lvchange_tags(self, vg: str, lv: str, *, add: Iterable[str] = (),
                             remove: Iterable[str] = ()) -> None:
         """Add and remove tags of `vg/lv` in one command: one atomic metadata change."""

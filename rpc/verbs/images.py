@@ -98,7 +98,11 @@ async def move_image(agent: Agent, jobUUID: str, sdUUID: str, imgUUID: str,
 
 SNAPSHOT_DISK = Object([SD_UUID, IMG_UUID, VOL_UUID, Field("newVolUUID", UUID()),
                         Field("description", Str(min_len=0, max_len=1000), required=False,
-                              default="")])
+                              default=""),
+                        Field("switch", Enum(["caller"]), required=False,
+                              description="For a disk prepared for a VM: the caller "
+                                          "switches its VM onto the new layer itself "
+                                          "(without it such a disk is refused with 203)")])
 
 
 def _check_snapshot(values: dict[str, Any], path: str) -> None:

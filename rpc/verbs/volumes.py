@@ -6,7 +6,7 @@ from typing import Any
 
 from agent.context import Agent
 from agent.jobs import JobContext
-from rpc.schema import UUID, Bool, Enum, Field, Int, InvalidParams, Str
+from rpc.schema import UUID, Bool, Enum, Field, Int, InvalidParams, Object, Str
 from rpc.table import TABLE
 from rpc.verbs.common import IMG_UUID, JOB_RESULT, JOB_UUID, SD_UUID, VOL_UUID
 from storage.domains import VolumeSpec
@@ -17,6 +17,16 @@ GENERATION = Field("generation", Int(0, (1 << 63) - 1), required=False,
                    description="The volume's generation as the caller last saw it "
                                "(getVolumeInfo): if the volume's is no longer that, the "
                                "call fails with 911 GenerationMismatch and changes nothing")
+# QMP node names: qemu's id rules (a letter first, at most 31 characters)
+WRITER = Object([
+    Field("qmpSocket", Str(max_len=107, pattern=r"/[^\0]*",
+                           pattern_doc="must be an absolute path (a Unix socket)"),
+          description="The writer's QMP monitor (a Unix socket the agent alone uses: a "
+                      "monitor serves one client at a time)"),
+    Field("nodeName", Str(max_len=31, pattern=r"[A-Za-z][A-Za-z0-9_.-]*",
+                          pattern_doc="must be a QMP node name"),
+          description="The node that opens the volume's device or file (the protocol "
+                      "node under the qcow2 node): its write offset is the allocation")])
 VOLUME_INFO = {"type": "object", "required": [
     "uuid", "image", "domain", "parent", "format", "type", "voltype", "capacity",
     "apparentSize", "trueSize", "legality", "generation", "description", "diskType", "ctime"]}
@@ -142,6 +152,52 @@ async def measure_volume(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str, 
                                                    collapse))
 
 
+@TABLE.verb("extendVolume", "Grow the space a thin (cow) volume on a block domain may use "
+            "(its LV, not the virtual size) to at least minSize bytes, in whole extents, "
+            "never past what its full capacity needs; idempotent; one lvextend under the "
+            "domain lease, none when the LV is large enough. A raw volume or a file domain's "
+            "volume grows by itself: a no-op returning its size. Sends volume.extended (or "
+            "volume.extendFailed, e.g. 397 when the domain is full) on the WebSocket.",
+            [SD_UUID, IMG_UUID, VOL_UUID,
+             Field("minSize", Int(1, 1 << 50), description="Bytes the volume must be able to "
+                                                           "hold (a writer's next offset)"),
+             GENERATION],
+            result={"type": "object", "required": ["size"],
+                    "properties": {"size": {"type": "integer",
+                                            "description": "The LV's size now"}}},
+            tags=["volumes"])
+async def extend_volume(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str, minSize: int,
+                        generation: int | None) -> dict[str, Any]:
+    return await agent.domains.extend_allocation(sdUUID, imgUUID, volUUID, minSize,
+                                                 generation)
+
+
+@TABLE.verb("refreshVolume", "A host that has the volume prepared (its LV active) sees the "
+            "size another host gave it (lvchange --refresh); elsewhere nothing to do.",
+            [SD_UUID, IMG_UUID, VOL_UUID],
+            result={"type": "object", "required": ["size"]}, tags=["volumes"])
+async def refresh_volume(agent: Agent, sdUUID: str, imgUUID: str,
+                         volUUID: str) -> dict[str, Any]:
+    return await agent.domains.refresh_volume(sdUUID, imgUUID, volUUID)
+
+
+@TABLE.verb("reduceVolume", "Shrink a sparse cow volume's LV on a block domain to what it "
+            "holds (qemu-img check's image end) plus the thin margin (a job; its result is "
+            "{size}). Refused (203) while the volume is prepared for a VM on this host; "
+            "other volumes and file domains: nothing to do.",
+            [JOB_UUID, SD_UUID, IMG_UUID, VOL_UUID, GENERATION], result=JOB_RESULT, job=True,
+            tags=["volumes"])
+async def reduce_volume(agent: Agent, jobUUID: str, sdUUID: str, imgUUID: str, volUUID: str,
+                        generation: int | None) -> dict[str, Any]:
+    async def work(ctx: JobContext) -> dict[str, Any]:
+        return await agent.domains.reduce_volume(sdUUID, imgUUID, volUUID, generation)
+
+    job = await agent.jobs.submit_recorded(
+        jobUUID, "reduceVolume", work, description=f"reduce volume {volUUID}",
+        params={"sdUUID": sdUUID, "imgUUID": imgUUID, "volUUID": volUUID})
+    return {"jobUUID": job.job_uuid}
+
+
 @TABLE.verb("deleteVolume", "Delete a volume that has no children and is not prepared.",
             [SD_UUID, IMG_UUID, VOL_UUID, GENERATION], result={"type": "object"},
             tags=["volumes"])
@@ -169,11 +225,18 @@ async def delete_image(agent: Agent, jobUUID: str, sdUUID: str,
             "path and the chain (base first). ILLEGAL volumes cannot be prepared; a backup "
             "domain's volume cannot be prepared for a VM, nor a volume with children "
             "(213 VolumeNonWritable: a VM writing it would corrupt them).",
-            [SD_UUID, IMG_UUID, VOL_UUID, Field("purpose", Enum(["vm", "read", "copy"]))],
+            [SD_UUID, IMG_UUID, VOL_UUID, Field("purpose", Enum(["vm", "read", "copy"])),
+             Field("writer", WRITER, required=False,
+                   description="purpose vm: the qemu (or qemu-storage-daemon) writing the "
+                               "volume. The agent connects to qmpSocket when it appears (and "
+                               "again after the writer restarts) until teardownImage, arms "
+                               "block-set-write-threshold on nodeName, extends the volume on "
+                               "BLOCK_WRITE_THRESHOLD (volume.extended), re-arms, and resumes "
+                               "(cont) a VM paused on ENOSPC.")],
             result={"type": "object", "required": ["path", "chain"]}, tags=["volumes"])
 async def prepare_image(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,
-                        purpose: str) -> dict[str, Any]:
-    return await agent.domains.prepare(sdUUID, imgUUID, volUUID, purpose)
+                        purpose: str, writer: dict[str, str] | None) -> dict[str, Any]:
+    return await agent.domains.prepare(sdUUID, imgUUID, volUUID, purpose, writer)
 
 
 @TABLE.verb("teardownImage", "Undo one prepareImage of a volume (or of every prepared volume "

@@ -63,6 +63,7 @@ from storage.metadata import (
     MetadataError,
     VolumeMetadata,
 )
+from storage.thin import ThinPolicy
 
 log = logging.getLogger("storage.domains")
 
@@ -117,6 +118,8 @@ class Domain(abc.ABC):
         # record was looked for, and an older domain's store recorded: no
         # record in it means no store.
         self._ovf_checked: DomainMetadata | None = None
+        # set by the DomainManager: how thin cow volumes are grown
+        self.thin = ThinPolicy()
 
     @property
     def uuid(self) -> str:
@@ -142,8 +145,10 @@ class Domain(abc.ABC):
         """Raises VolumeDoesNotExist, or MetadataError if it is damaged."""
 
     @abc.abstractmethod
-    async def write_volume_md(self, md: VolumeMetadata) -> None:
-        """One atomic write of the volume's metadata."""
+    async def write_volume_md(self, md: VolumeMetadata,
+                              initial_size: int | None = None) -> None:
+        """One atomic write of the volume's metadata; for a new volume
+        `initial_size` is createVolume's (block: the size of its LV)."""
 
     @abc.abstractmethod
     async def create_volume_data(self, md: VolumeMetadata, parent: VolumeMetadata | None,
@@ -409,7 +414,7 @@ class Domain(abc.ABC):
                 # under the domain lease: another host adding to the image waits
                 await self.check_image_chain(spec.img, parent)
             try:
-                await self.write_volume_md(md)
+                await self.write_volume_md(md, spec.initial_size)
             except OSError as e:
                 raise os_error(e, self.uuid) from None
             try:
@@ -696,6 +701,28 @@ class Domain(abc.ABC):
         log.info("Updated volume %s/%s/%s: legality %s, generation %d", self.uuid, img, vol,
                  done.legality, done.generation)
         return done
+
+    # ---- thin volumes (extendVolume, refreshVolume): file domains grow by themselves
+
+    async def extend_allocation(self, img: str, vol: str, min_size: int,
+                                generation: int | None = None) -> tuple[int, bool]:
+        """Let the volume use at least `min_size` bytes of storage: (its size
+        afterwards, whether it grew). A file grows as it is written:
+        nothing to do."""
+        md = await self.volume(img, vol)
+        check_generation(md, generation)
+        return (await self.volume_sizes(img, vol))[0], False
+
+    async def reduce_volume(self, md: VolumeMetadata) -> int:
+        """Shrink what the volume may use to what it holds plus the thin
+        margin; its size afterwards. A file holds only what was written:
+        nothing to do."""
+        return (await self.volume_sizes(md.image, md.uuid))[0]
+
+    async def refresh_volume(self, img: str, vol: str) -> int:
+        """See the size another host gave the volume; its size."""
+        await self.volume(img, vol)
+        return (await self.volume_sizes(img, vol))[0]
 
     async def collect_garbage(self) -> dict[str, list[str]]:
         """Remove what a crash left half-made or half-removed; report volumes

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from storage import commands, lvm, qemuimg
-from storage.domains.base import Domain, VmAccess, os_error, read_check
+from storage.domains.base import Domain, VmAccess, check_generation, os_error, read_check
 from storage.errors import (
     DeviceBlockSizeError,
     HostAgentError,
     InvalidParameter,
+    LVMCommandError,
     NoSpaceLeftOnDomain,
     StorageDomainAlreadyExists,
     StorageDomainDoesNotExist,
@@ -143,12 +144,6 @@ def volume_tags(md: VolumeMetadata, slot: int) -> list[str]:
             f"{SLOT_PREFIX}{slot}"]
 
 
-def initial_lv_size(md: VolumeMetadata, extent: int) -> int:
-    """The LV of a new volume: raw holds its whole capacity; a qcow2 starts
-    with one extent and `create_volume_data` grows it as asked."""
-    if md.format == "RAW":
-        return round_up(md.capacity, extent)
-    return extent
 
 
 @dataclass(frozen=True)
@@ -276,6 +271,9 @@ class BlockDomain(Domain):
         # and the leases LV's size: a new volume's lease needs no lvs.
         self._slots: dict[str, int] = {}
         self._leases_size: int | None = None
+        # capacity -> qemu-img measure's fully-allocated qcow2 size (the most
+        # a cow LV of that capacity ever needs)
+        self._full_sizes: dict[int, int] = {}
 
     @property
     def vg(self) -> str:
@@ -444,7 +442,31 @@ class BlockDomain(Domain):
                 continue
         return out
 
-    async def write_volume_md(self, md: VolumeMetadata) -> None:
+    async def full_size(self, capacity: int) -> int:
+        """What a qcow2 volume of `capacity` holds when every cluster is
+        written (qemu-img measure), in whole extents."""
+        full = self._full_sizes.get(capacity)
+        if full is None:
+            measured = await qemuimg.measure(size=capacity, runner=self.runner)
+            full = self._full_sizes[capacity] = round_up(measured["fully-allocated"],
+                                                         self.extent_size)
+        return full
+
+    async def lv_start_size(self, md: VolumeMetadata, initial_size: int | None) -> int:
+        """The LV of a new volume: raw holds its whole capacity; preallocated
+        cow what its full capacity needs; sparse cow `initial_size` or one
+        chunk of the thin policy, at most what the full capacity needs."""
+        if md.format == "RAW":
+            return round_up(md.capacity, self.extent_size)
+        if md.allocation == "PREALLOCATED":
+            return await self.full_size(md.capacity)
+        want = initial_size or self.thin.chunk_size
+        # qcow2 never needs less than its capacity: no measure below it
+        full = await self.full_size(md.capacity) if want > md.capacity else want
+        return self.thin.start_size(initial_size, full, self.extent_size)
+
+    async def write_volume_md(self, md: VolumeMetadata,
+                              initial_size: int | None = None) -> None:
         data = md.encode()
         encode_copy(data)   # refuse metadata too large before making anything
         v = await self._volume_lv(md.uuid)
@@ -459,15 +481,13 @@ class BlockDomain(Domain):
                                                  add=[f"{PARENT_PREFIX}{md.parent}"],
                                                  remove=[f"{PARENT_PREFIX}{v.parent}"])
             return
-        await self._create_lv(md, data)
+        await self._create_lv(md, data, initial_size)
 
-    async def _create_lv(self, md: VolumeMetadata, data: bytes) -> None:
+    async def _create_lv(self, md: VolumeMetadata, data: bytes,
+                         initial_size: int | None) -> None:
         lvm.check_name(md.uuid, "volUUID")
-        size = initial_lv_size(md, self.extent_size)
-        if md.format == "COW" and md.allocation == "PREALLOCATED":
-            # Made at its final size: no lvextend in create_volume_data.
-            measured = await qemuimg.measure(size=md.capacity, runner=self.runner)
-            size = max(size, round_up(measured["fully-allocated"], self.extent_size))
+        # Made at its final size: no lvextend in create_volume_data.
+        size = await self.lv_start_size(md, initial_size)
         async with self.leases.metadata(), self._slot_lock:
             # (fresh: taking the domain lease dropped the cached reports, and
             # every change since went through this object, under the lease)
@@ -538,16 +558,15 @@ class BlockDomain(Domain):
                                  initial_size: int | None) -> None:
         path = self.volume_path(md.image, md.uuid)
         made = self._new_lvs.pop(md.uuid, None)
-        want = round_up(initial_size, self.extent_size) if initial_size else 0
+        want = 0
         if made is None:
             # Not made by _create_lv of this object: find its size, activate it.
             v = await self._volume_lv(md.uuid)
             if v is None:
                 raise VolumeDoesNotExist(volUUID=md.uuid, reason="its LV is gone")
             made = v.size
-            if md.format == "COW" and md.allocation == "PREALLOCATED" and not want:
-                measured = await qemuimg.measure(size=md.capacity, runner=self.runner)
-                want = round_up(measured["fully-allocated"], self.extent_size)
+            if md.format == "COW":
+                want = await self.lv_start_size(md, initial_size)
             await self.lvm.activate(self.vg, [md.uuid])
         try:
             if md.format == "COW" and want > made:
@@ -595,6 +614,83 @@ class BlockDomain(Domain):
         finally:
             if inactive:
                 await self.deactivate_volumes(inactive)
+
+    async def extend_allocation(self, img: str, vol: str, min_size: int,
+                                generation: int | None = None) -> tuple[int, bool]:
+        """Grow a cow volume's LV to at least `min_size` (whole extents, never
+        past what its full capacity needs) with one lvextend under the domain
+        lease; when the LV is large enough already, no LVM command at all
+        (the cached report; a stale one is smaller, never larger). The LV's
+        size is not in the volume's metadata: a crash leaves the LV at its
+        old size or the new one, both usable. A raw volume's LV is its
+        capacity: nothing to do."""
+        md = await self.volume(img, vol)
+        check_generation(md, generation)
+        v = await self._volume_lv(vol)
+        if v is None or v.image != img:
+            raise VolumeDoesNotExist(volUUID=vol)
+        if md.format != "COW":
+            return v.size, False
+        want = self.thin.extend_size(min_size, await self.full_size(md.capacity),
+                                     self.extent_size)
+        if v.size >= want:
+            return v.size, False
+        async with self.leases.metadata():
+            try:
+                await self.lvm.lvextend(self.vg, vol, want)
+            except LVMCommandError as e:
+                reason = str(e)
+                if "Insufficient free space" in reason:
+                    raise NoSpaceLeftOnDomain(sdUUID=self.uuid, volUUID=vol,
+                                              needed=want - v.size) from None
+                if "not larger than existing" not in reason:
+                    raise
+                # another host (or call) grew it further meanwhile
+                now = await self._volume_lv(vol)
+                return (now.size if now is not None else want), False
+        log.info("Extended LV %s/%s to %d bytes", self.vg, vol, want)
+        return want, True
+
+    async def reduce_volume(self, md: VolumeMetadata) -> int:
+        """Shrink a sparse cow volume's LV (its chain active, no writer) to
+        qemu-img check's image-end-offset plus the thin margin, in whole
+        extents. Under the volume's lease, the lvreduce under the domain
+        lease. Crash-safe without a metadata step: everything qcow2 holds
+        lies below image-end-offset, the LV's size is no metadata, and
+        lvreduce is one LVM metadata commit (the old size or the new one)."""
+        v = await self._volume_lv(md.uuid)
+        if v is None or v.image != md.image:
+            raise VolumeDoesNotExist(volUUID=md.uuid)
+        if md.format != "COW" or md.allocation != "SPARSE":
+            return v.size
+        async with self.leases.volume(md):
+            checked = await qemuimg.check(self.volume_path(md.image, md.uuid),
+                                          runner=self.runner)
+            end = int(checked.get("image-end-offset", 0))
+            if not end:
+                raise InvalidParameter(field="volUUID",
+                                       reason=f"qemu-img check gave no image end: {checked}")
+            want = self.thin.reduced_size(end, await self.full_size(md.capacity),
+                                          self.extent_size)
+            if want >= v.size:
+                return v.size
+            async with self.leases.metadata():
+                await self.lvm.lvreduce(self.vg, md.uuid, want)
+        log.info("Reduced LV %s/%s from %d to %d bytes (image end %d)", self.vg, md.uuid,
+                 v.size, want, end)
+        return want
+
+    async def refresh_volume(self, img: str, vol: str) -> int:
+        """lvchange --refresh of an LV active here: its mapping takes the
+        size another host's lvextend recorded. An inactive LV is read from
+        the metadata when it is activated: nothing to do."""
+        self.lvm.invalidate(self.vg)
+        v = await self._volume_lv(vol)
+        if v is None or v.image != img or v.initializing:
+            raise VolumeDoesNotExist(volUUID=vol)
+        if v.active:
+            await self.lvm.refresh(self.vg, [vol])
+        return v.size
 
     async def volume_sizes(self, img: str, vol: str) -> tuple[int, int]:
         v = await self._volume_lv(vol)

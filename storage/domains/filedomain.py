@@ -279,7 +279,8 @@ class FileDomain(Domain):
                 raise VolumeDoesNotExist(volUUID=vol) from None
         return VolumeMetadata.decode(await _io(self.io, self.root, read))
 
-    async def write_volume_md(self, md: VolumeMetadata) -> None:
+    async def write_volume_md(self, md: VolumeMetadata,
+                              initial_size: int | None = None) -> None:
         def write() -> None:
             (self.images / md.image).mkdir(exist_ok=True)
             atomic_write(self._meta(md.image, md.uuid), md.encode(), 0o660)

@@ -400,6 +400,8 @@ class ImageOps:
                                              reason=f"disks[{i}]: {e.message}") from None
                 if parent.legality != LEGAL or parent.state != READY:
                     raise CreateIllegalVolumeSnapshotError(volUUID=parent.uuid)
+                self.dm.check_not_written(f"disks[{i}]", d["sdUUID"], d["imgUUID"],
+                                          d["volUUID"], d.get("switch"))
                 if await domain.children(parent):
                     raise InvalidParameter(field=f"disks[{i}].volUUID",
                                            reason=f"volume {parent.uuid} is not the disk's "
@@ -574,6 +576,8 @@ class ImageOps:
                                    reason=f"domain {dst.sd} is not a backup domain")
         top = await sdom.volume(src.img, src.vol)
         self._legal([top])
+        # the agent copies the layer below the new one: a VM must not write it
+        self.dm.check_not_written(name("src"), src.sd, src.img, src.vol)
         if await sdom.children(top):
             raise InvalidParameter(field=name("src.volUUID"),
                                    reason=f"volume {top.uuid} is not the disk's top volume")

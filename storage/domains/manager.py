@@ -17,7 +17,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from storage.domains.base import (
     Progress,
     VmAccess,
     VolumeSpec,
+    check_generation,
     volume_info,
 )
 from storage.domains.blockdomain import INITIALIZING as VG_INITIALIZING
@@ -39,8 +40,10 @@ from storage.domains.blockdomain import VG_TAG, BlockDomain
 from storage.domains.filedomain import FileDomain
 from storage.domains.imageops import ImageOps
 from storage.domains.leasing import DomainLeases
+from storage.domains.writers import WriterWatch
 from storage.errors import (
     BackupDomainRestricted,
+    GenerationMismatch,
     HostAgentError,
     InaccessiblePhysDev,
     InvalidParameter,
@@ -68,6 +71,7 @@ from storage.metadata import (
     MetadataError,
     VolumeMetadata,
 )
+from storage.thin import ThinPolicy
 
 log = logging.getLogger("storage.domains")
 
@@ -111,8 +115,15 @@ class DomainManager:
                  leases: LeaseManager | None = None, host_id: int = 1,
                  lock_policy: str = "local", lease_io_timeout: int = 10,
                  domain_lease_timeout: float = 60.0, vm_access: VmAccess | None = None,
+                 thin: ThinPolicy | None = None,
                  runner: commands.Runner = commands.run) -> None:
         self.block_extent_size = block_extent_size
+        self.thin = thin or ThinPolicy()
+        # Told of every extension of a thin volume (extendVolume, the writers
+        # the agent watches): (params, error); the agent sends them as
+        # volume.extended / volume.extendFailed and counts them.
+        self.on_extend: Callable[[dict[str, Any], HostAgentError | None], None] = (
+            lambda params, error: None)
         # Size of the OVF store volume made with each new domain.
         self.ovf_store_size = ovf_store_size
         self.state_dir = state_dir
@@ -145,6 +156,10 @@ class DomainManager:
         connections.in_use = self.connection_in_use
         connections.release = self.release_connection
         self.images = ImageOps(self)
+        # "sd/img/vol" -> the writer prepareImage named ({qmpSocket, nodeName})
+        # and the watch extending the volume ahead of it
+        self.writers: dict[str, dict[str, str]] = {}
+        self._watches: dict[str, WriterWatch] = {}
 
     # ---- host state --------------------------------------------------------------
 
@@ -158,6 +173,10 @@ class DomainManager:
             self.prepared = json.loads((self.state_dir / "prepared.json").read_text())
         except FileNotFoundError:
             self.prepared = {}
+        try:
+            self.writers = json.loads((self.state_dir / "writers.json").read_text())
+        except FileNotFoundError:
+            self.writers = {}
 
     def _save(self, name: str, data: Any) -> None:
         atomic_write(self.state_dir / name, json.dumps(data, sort_keys=True).encode())
@@ -167,6 +186,7 @@ class DomainManager:
 
     def _save_prepared(self) -> None:
         self._save("prepared.json", self.prepared)
+        self._save("writers.json", self.writers)
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -180,6 +200,10 @@ class DomainManager:
                 continue
             await self._activate(entry)
         await self._count_prepared()
+        # VMs outlive the agent: their writers are watched again
+        for key, writer in self.writers.items():
+            if key in self.prepared:
+                self._watch_writer(key, writer)
         self._started = True
 
     async def _count_prepared(self) -> None:
@@ -199,6 +223,9 @@ class DomainManager:
                 self.active_refs[ref] = self.active_refs.get(ref, 0) + 1
 
     async def stop(self) -> None:
+        for watch in self._watches.values():
+            await watch.stop()
+        self._watches.clear()
         for entry in self.entries.values():
             # Block domains keep their metadata LV active: running VMs' LVs
             # outlive the agent too, and another agent on this host (tests)
@@ -209,6 +236,7 @@ class DomainManager:
 
     def _attach(self, domain: Domain) -> Domain:
         """Give a domain found or made here this host's leases on it."""
+        domain.thin = self.thin
         if self.leases is not None:
             domain.leases = DomainLeases(
                 self.leases, domain, host_id=self.host_id, io_timeout=self.lease_io_timeout,
@@ -714,6 +742,44 @@ class DomainManager:
             out["bitmaps"] = m["bitmaps"]
         return out
 
+    async def extend_allocation(self, sd: str, img: str, vol: str, min_size: int,
+                                generation: int | None = None) -> dict[str, Any]:
+        """extendVolume. Only the domain (shared) is locked: a VM's extension
+        never waits behind a long job on its image; LVM orders lvextends."""
+        event: dict[str, Any] = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
+        try:
+            async with self.locks.hold(request("domain", sd, SHARED)):
+                domain = await self.active_domain(sd)
+                size, grew = await domain.extend_allocation(img, vol, min_size, generation)
+        except HostAgentError as e:
+            if not isinstance(e, VolumeDoesNotExist | GenerationMismatch | InvalidParameter):
+                self.on_extend({**event, "size": min_size}, e)
+            raise
+        if grew:
+            self.on_extend({**event, "size": size}, None)
+        return {"size": size}
+
+    async def reduce_volume(self, sd: str, img: str, vol: str,
+                            generation: int | None = None) -> dict[str, Any]:
+        """reduceVolume (a job): refused while a VM may write the volume on
+        this host (prepared for vm); its chain active for qemu-img check."""
+        async with self._volume_locks(sd, img, vol):
+            domain = await self.active_domain(sd)
+            if self.prepared.get(self._prepared_key(sd, img, vol), {}).get("vm"):
+                raise VolumeIsBusy(resource=f"volume {vol}",
+                                   reason="it is prepared for a VM, which may write it")
+            md = await domain.volume(img, vol)
+            check_generation(md, generation)
+            chain = await domain.chain(img, vol)
+            async with self.using(domain, chain):
+                size = await domain.reduce_volume(md)
+            return {"size": size}
+
+    async def refresh_volume(self, sd: str, img: str, vol: str) -> dict[str, Any]:
+        async with self.locks.hold(request("domain", sd, SHARED)):
+            domain = await self.active_domain(sd)
+            return {"size": await domain.refresh_volume(img, vol)}
+
     async def delete_volume(self, sd: str, img: str, vol: str,
                             generation: int | None = None) -> None:
         async with self._volume_locks(sd, img, vol):
@@ -798,6 +864,22 @@ class DomainManager:
         return any(k.startswith(f"{sd}/{img}/") and (purpose is None or v.get(purpose))
                    for k, v in self.prepared.items())
 
+    def check_not_written(self, field: str, sd: str, img: str, vol: str,
+                          switch: str | None = None) -> None:
+        """A new layer on a disk a VM may write (prepared for vm on this
+        host) is consistent only if the VM is switched onto it: by the
+        caller ("switch": "caller"). Switching a registered QMP writer in a
+        transaction is not done yet: refused too, rather than a layer the
+        VM does not use or a copy of a layer it still writes."""
+        if switch == "caller" or not self.is_prepared(sd, img, "vm"):
+            return
+        how = ("its QMP writer cannot be switched by the agent yet"
+               if self._prepared_key(sd, img, vol) in self.writers
+               else "prepared for a VM with no writer registered")
+        raise VolumeIsBusy(resource=f"{field} (volume {vol} of image {img} on {sd})",
+                           reason=f"{how}; say \"switch\": \"caller\" if the VM manager "
+                                  "switches the VM onto the new layer itself")
+
     def check_writable(self, entry: Entry) -> None:
         """A domain new data may be written to: active here, not failing."""
         sd = entry.domain.uuid
@@ -807,7 +889,28 @@ class DomainManager:
         if entry.monitor.state == "failing":
             raise StorageDomainAccessError(sdUUID=sd, reason=entry.monitor.error)
 
-    async def prepare(self, sd: str, img: str, vol: str, purpose: str) -> dict[str, Any]:
+    def _watch_writer(self, key: str, writer: dict[str, str]) -> None:
+        sd, img, vol = key.split("/")
+
+        async def current() -> int:
+            return int((await self.extend_allocation(sd, img, vol, 1))["size"])
+
+        async def extend(min_size: int) -> int:
+            return int((await self.extend_allocation(sd, img, vol, min_size))["size"])
+
+        self._watches[key] = WriterWatch(key, writer["qmpSocket"], writer["nodeName"],
+                                         self.thin, current=current, extend=extend).start()
+
+    async def _unwatch_writer(self, key: str) -> None:
+        self.writers.pop(key, None)
+        watch = self._watches.pop(key, None)
+        if watch is not None:
+            await watch.stop()
+
+    async def prepare(self, sd: str, img: str, vol: str, purpose: str,
+                      writer: dict[str, str] | None = None) -> dict[str, Any]:
+        if writer is not None and purpose != "vm":
+            raise InvalidParameter(field="writer", reason="only with purpose vm")
         async with self._volume_locks(sd, img):
             domain = await self.active_domain(sd)
             if purpose == "vm" and domain.md.backup:
@@ -842,6 +945,11 @@ class DomainManager:
                     raise
             counts = self.prepared.setdefault(key, {})
             counts[purpose] = counts.get(purpose, 0) + 1
+            if writer is not None and self.writers.get(key) != writer:
+                # a VM started again (or another one): the new writer
+                await self._unwatch_writer(key)
+                self.writers[key] = writer
+                self._watch_writer(key, writer)
             self._save_prepared()
             return {"path": domain.volume_path(img, vol),
                     "chain": [{"volUUID": m.uuid, "imgUUID": m.image,
@@ -863,6 +971,8 @@ class DomainManager:
                         if not counts[purpose]:
                             del counts[purpose]
                         break
+                if not counts.get("vm"):
+                    await self._unwatch_writer(key)
                 if not counts:
                     del self.prepared[key]
                     _, _, v = key.split("/")

@@ -254,6 +254,8 @@ class SimHost:
         sections: dict[str, dict[str, Any]] = {
             "storage": {"block_extent_size": 8 * 1024 * 1024, "monitor_interval": 30.0},
             "ovf": {"max_tar_size": 16 * 1024 * 1024},
+            # small LUNs: thin cow volumes start at 64 MiB, not VDSM's 2560 MiB
+            "thin": {"chunk_size": 64 * 1024 * 1024},
             "leases": {"host_id": self.host_id, "backends": self.backends,
                        "policy": self.policy, "sanlock_socket": SANLOCK_SOCKET,
                        "run_dir": RUN_DIR, "io_timeout": self.io_timeout,

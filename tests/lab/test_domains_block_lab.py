@@ -34,14 +34,17 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-def start(state: Path, port: int | None = None, monitor_interval: float = 2.0) -> AgentProcess:
+def start(state: Path, port: int | None = None, monitor_interval: float = 2.0,
+          chunk_size: int = 64 * MiB, watermark_percent: int = 20) -> AgentProcess:
     """An agent with 8 MiB extents. Domain monitoring costs a dd and a vgs per
     domain and interval: tests that do not look at it pass a long interval
     (in the guest every LVM command takes most of a second of CPU)."""
     state.mkdir(parents=True, exist_ok=True)
     (state / "hostagent.toml").write_text(
         f"[storage]\nblock_extent_size = 8388608\nmonitor_interval = {monitor_interval}\n"
-        "[ovf]\nmax_tar_size = 16777216\n")
+        "[ovf]\nmax_tar_size = 16777216\n"
+        # small LUNs: thin cow volumes start at 64 MiB, not VDSM's 2560 MiB
+        f"[thin]\nchunk_size = {chunk_size}\nwatermark_percent = {watermark_percent}\n")
     agent = AgentProcess(state, port=port)
     g.LOG_DIR.mkdir(parents=True, exist_ok=True)
     agent.log_path = g.LOG_DIR / f"agent-block-{agent.port}.log"

@@ -77,7 +77,7 @@ def agent(io_timeout: float, tmp_path: Path) -> Iterator[AgentProcess]:
     state.mkdir()
     (state / "hostagent.toml").write_text(
         f"[storage]\nio_timeout = {io_timeout}\nmonitor_interval = {MONITOR_INTERVAL}\n"
-        "block_extent_size = 8388608\n")
+        "block_extent_size = 8388608\n[thin]\nchunk_size = 67108864\n")
     a = AgentProcess(state)
     g.LOG_DIR.mkdir(parents=True, exist_ok=True)
     a.log_path = g.LOG_DIR / f"agent-faults-{a.port}.log"

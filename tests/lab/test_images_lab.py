@@ -106,7 +106,9 @@ async def env(make_target: Callable[..., g.Target], multipathd: g.Multipathd,
     state = tmp_path / "agent"
     state.mkdir()
     (state / "hostagent.toml").write_text(
-        f"[storage]\nblock_extent_size = {EXTENT}\nmonitor_interval = 2.0\n")
+        f"[storage]\nblock_extent_size = {EXTENT}\nmonitor_interval = 2.0\n"
+        # small LUNs: thin cow volumes start at 64 MiB, not VDSM's 2560 MiB
+        f"[thin]\nchunk_size = {64 * MiB}\n")
     agent = AgentProcess(state)
     g.LOG_DIR.mkdir(parents=True, exist_ok=True)
     agent.log_path = g.LOG_DIR / f"agent-images-{agent.port}.log"

@@ -17,6 +17,7 @@ from storage.domains import blockdomain as bd
 from storage.errors import HostAgentError, InvalidParameter
 from storage.fileio import IOPool
 from storage.metadata import BLANK_UUID, DomainMetadata, MetadataError, VolumeMetadata
+from storage.thin import ThinPolicy
 from tests.unit.fakerun import FakeRunner
 
 SD = "1b4e28ba-2fa1-4d3b-a3f5-ef19b5a7633b"
@@ -111,8 +112,6 @@ def test_sizes_round_to_extents() -> None:
     ext = 128 * MiB
     assert bd.round_up(1, ext) == ext
     assert bd.round_up(ext, ext) == ext
-    assert bd.initial_lv_size(vol(capacity=ext + 1), ext) == 2 * ext
-    assert bd.initial_lv_size(vol(format="COW", capacity=10 * ext), ext) == ext
     assert bd.volume_tags(vol(parent=V2), 5) == [f"IU_{IMG}", f"PU_{V2}", "MD_5"]
 
 
@@ -129,6 +128,11 @@ class FakeLVM:
     async def __call__(self, argv: Sequence[str], *, timeout: float,
                        check: bool = True, **kwargs: Any) -> commands.CommandResult:
         argv = list(argv)
+        if argv[:2] == ["qemu-img", "measure"]:
+            self.ops.append("measure")
+            size = int(argv[argv.index("--size") + 1])
+            out = json.dumps({"required": 393216, "fully-allocated": size + 393216})
+            return commands.CommandResult(tuple(argv), 0, out.encode(), b"")
         if argv[0] != "lvm":
             return commands.CommandResult(tuple(argv), 0, b"", b"")
         op, args = argv[1], argv[4:]
@@ -199,9 +203,11 @@ async def test_new_volume_sequence(domain: FileBlockDomain) -> None:
     await domain.write_volume_md(vol(V2, format="COW"))
     assert fake.lvs[V1]["tags"] == [f"IU_{IMG}", f"PU_{BLANK_UUID}", "MD_1"]
     assert fake.lvs[V1]["size"] == 12 * MiB           # 10 MiB rounded to extents
-    assert fake.lvs[V2]["tags"][-1] == "MD_2" and fake.lvs[V2]["size"] == 4 * MiB
+    # sparse cow: one chunk (2560 MiB) capped by what 10 MiB of qcow2 can
+    # hold (measured: 10 MiB + 384 KiB), in extents
+    assert fake.lvs[V2]["tags"][-1] == "MD_2" and fake.lvs[V2]["size"] == 12 * MiB
     assert [o for o in fake.ops if o != "lvs"] == [
-        "lvcreate", "lvchange --deltag", "lvcreate", "lvchange --deltag"]
+        "lvcreate", "lvchange --deltag", "measure", "lvcreate", "lvchange --deltag"]
     assert await domain.read_volume_md(IMG, V1) == vol(V1)
     assert [v.uuid for v in await domain.scan()] == [V1, V2]
 
@@ -262,3 +268,39 @@ async def test_block_size_refused_before_anything_is_made(sizes: dict[str, int],
     assert (wire["code"], wire["data"]["name"]) == (code, name), wire
     ran = [c.argv for c in fake.calls]
     assert ran and not [a for a in ran if "pvcreate" in a or "vgcreate" in a], ran
+
+
+async def test_thin_start_sizes(domain: FileBlockDomain) -> None:
+    """A sparse cow LV starts at initialSize or one chunk, never past what its
+    full capacity needs; no qemu-img measure when the chunk is below the
+    capacity (qcow2 always needs more than its capacity when full)."""
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    domain.thin = ThinPolicy(chunk_size=64 * MiB, watermark_percent=20)
+    cases = [(vol(V1, format="COW", capacity=1 << 30), None, 64 * MiB, False),
+             (vol(V1, format="COW", capacity=1 << 30), 10 * MiB, 12 * MiB, False),
+             (vol(V1, format="COW", capacity=10 * MiB), None, 12 * MiB, True),
+             (vol(V1, format="COW", capacity=10 * MiB), 100 * MiB, 12 * MiB, True),
+             (vol(V1, format="COW", capacity=1 << 30, allocation="PREALLOCATED"), None,
+              (1 << 30) + 4 * MiB, True),
+             (vol(V1, capacity=10 * MiB), None, 12 * MiB, False)]
+    for md, initial, size, measured in cases:
+        fake.ops.clear()
+        domain._full_sizes.clear()
+        assert await domain.lv_start_size(md, initial) == size, (md, initial)
+        assert ("measure" in fake.ops) == measured, (md, initial, fake.ops)
+
+
+def test_thin_policy() -> None:
+    p = ThinPolicy()     # VDSM's defaults
+    assert (p.chunk_size, p.margin) == (2560 * MiB, 512 * MiB)
+    assert p.threshold(2560 * MiB) == 2048 * MiB
+    assert p.threshold(100 * MiB) == 0
+    assert p.next_size(2560 * MiB, 2100 * MiB) == 5120 * MiB
+    # a writer already far past the LV's end gets the margin beyond it
+    assert p.next_size(2560 * MiB, 5000 * MiB) == 5512 * MiB
+    ext = 128 * MiB
+    assert p.extend_size(1, 10 * ext, ext) == ext
+    assert p.extend_size(3 * ext + 1, 10 * ext, ext) == 4 * ext
+    assert p.extend_size(100 * ext, 10 * ext, ext) == 10 * ext
+    assert p.reduced_size(ext, 100 * ext, ext) == 5 * ext     # 128 + 512 MiB margin
+    assert p.reduced_size(99 * ext, 100 * ext, ext) == 100 * ext

@@ -31,6 +31,10 @@ def test_file_and_dropins_in_order(tmp_path):
     ("[server]\nport = 70000\n", "server.port"),
     ("[server]\ntls = false\n", "plain HTTP is allowed only on loopback"),
     ("[server\n", "hostagent.toml"),
+    ("[thin]\nchunk_size = 1048576\n", "thin.chunk_size: 1048576 must be at least"),
+    ("[thin]\nchunk_size = 268435457\n", "thin.chunk_size"),
+    ("[thin]\nwatermark_percent = 0\n", "thin.watermark_percent: 0 must be at least 1"),
+    ("[thin]\nwatermark_percent = 100\n", "thin.watermark_percent"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, message):
     path = tmp_path / "hostagent.toml"

@@ -23,7 +23,8 @@ QUIET=0
 fail() { echo "lab install: $*" >&2; exit 1; }
 
 PKGS=(user-mode-linux busybox-static lvm2 tgt open-iscsi multipath-tools nfs-kernel-server
-      sanlock python3-sanlock qemu-utils xfsprogs e2fsprogs util-linux gcc libc6-dev)
+      sanlock python3-sanlock qemu-utils qemu-system-common xfsprogs e2fsprogs util-linux gcc
+      libc6-dev)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed' \
@@ -46,7 +47,7 @@ grep -qx insmod <(/bin/busybox --list 2>/dev/null) \
 grep -q 'not a dynamic executable' <(LC_ALL=C ldd /bin/busybox 2>&1 || true) \
     || fail "/bin/busybox is not static (package busybox-static)"
 for t in tgtd tgtadm iscsid iscsiadm multipathd multipath lvm sanlock rpc.nfsd exportfs \
-         rpc.mountd rpcbind rpc.statd mkfs.ext4 losetup /lib/udev/scsi_id \
+         rpc.mountd rpcbind rpc.statd mkfs.ext4 losetup qemu-storage-daemon /lib/udev/scsi_id \
          /lib/systemd/systemd-udevd; do
     command -v "$t" >/dev/null || fail "$t not found"
 done

@@ -1,0 +1,334 @@
+"""Thin cow volumes on a block domain (multipath iSCSI LUN) grown ahead of
+their writer, in the lab guest.
+
+- extendVolume through the API: a sparse cow volume starts at one chunk;
+  the LV grows to minSize in whole extents, never past what the full
+  capacity needs; a second call changes nothing and counts nothing; a full
+  VG is 397 with a volume.extendFailed notification and the failure counted;
+  getVolumeInfo and lvs agree.
+- The VM side as libvirt does it: qemu-storage-daemon opens the prepared
+  volume and exports it over NBD; the test, acting as the VM manager, arms
+  block-set-write-threshold through QMP and on each BLOCK_WRITE_THRESHOLD
+  calls extendVolume and re-arms, while `qemu-img convert` writes into the
+  export. No write fails, the data equals the source, the LV grew in chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rpc.client import Client, RpcError
+from storage.qmp import QMPClient
+from tests.agentproc import AgentProcess
+from tests.integration.test_domains_file import create_volume, new_id, run_job
+from tests.lab import guestlib as g
+from tests.lab.test_connections_lab import disconnect_all
+from tests.lab.test_domains_block_lab import connect_luns, deactivate_vgs, lvs, start
+
+MiB = 1 << 20
+GiB = 1 << 30
+EXTENT = 8 * MiB
+
+
+def extends_counted(metrics: bytes) -> dict[str, float]:
+    out = {}
+    for line in metrics.decode().splitlines():
+        if line.startswith("hostagent_volume_extends_total{"):
+            name, value = line.rsplit(" ", 1)
+            out[name.split('"')[1]] = float(value)
+    return out
+
+
+async def counted(c: Client) -> dict[str, float]:
+    status, body = await c.get("/metrics")
+    assert status == 200, body
+    return extends_counted(body)
+
+
+async def notes_until(q: asyncio.Queue[dict[str, Any]], method: str, count: int = 0,
+                      timeout: float = 30,
+                      until: Callable[[dict[str, Any]], bool] | None = None
+                      ) -> list[dict[str, Any]]:
+    """Notifications named `method` (others are skipped): the first `count`,
+    or up to the first for which `until(params)` holds."""
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while (until is None and len(got) < count) or (
+            until is not None and not (got and until(got[-1]))):
+        note = await asyncio.wait_for(q.get(), max(0.01, deadline - time.monotonic()))
+        if note.get("method") == method:
+            got.append(note["params"])
+    return got
+
+
+@contextlib.asynccontextmanager
+async def block_domain(make_target: Callable[..., g.Target], tmp_path: Path, lun_size: int,
+                       **agent_kw: Any) -> AsyncIterator[tuple[Client, str, AgentProcess]]:
+    target = make_target("thin", (lun_size,))
+    agent: AgentProcess = start(tmp_path / "agent", monitor_interval=60, **agent_kw)
+    sd = new_id()
+    try:
+        async with agent.client() as c:
+            _, [lun] = await connect_luns(c, target)
+            await c.call("createStorageDomain", sdUUID=sd, domType="iscsi", name="thin",
+                         devices=[lun["guid"]], ovfStore=False)
+            yield c, sd, agent
+            for img in await c.call("getImagesList", sdUUID=sd):
+                await c.call("teardownImage", sdUUID=sd, imgUUID=img)
+            await c.call("formatStorageDomain", sdUUID=sd)
+            for st in await disconnect_all(c):
+                assert st["status"] == 0, st
+    finally:
+        rc = agent.stop()
+        deactivate_vgs(sd)
+        assert rc == 0, f"agent exit status {rc}; log:\n{agent.log()}"
+
+
+@pytest.mark.timeout(300)
+async def test_extend_volume_verb(make_target: Callable[..., g.Target],
+                                  multipathd: g.Multipathd, tmp_path: Path) -> None:
+    async with block_domain(make_target, tmp_path, GiB, chunk_size=64 * MiB) as (c, sd, _):
+        img, vol, big = new_id(), new_id(), new_id()
+        ref = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
+        v = await create_volume(c, sd, img, vol, size=256 * MiB)
+        # one chunk, not one extent
+        assert lvs(sd)[vol]["size"] == 64 * MiB
+        assert v["apparentSize"] == v["trueSize"] == 64 * MiB, v
+        await c.call("prepareImage", **ref, purpose="vm")
+        async with c.notifications() as q:
+            assert await c.call("extendVolume", **ref, minSize=100 * MiB) == {"size": 104 * MiB}
+            [note] = await notes_until(q, "volume.extended", 1)
+            assert note == {**ref, "size": 104 * MiB}, note
+            assert lvs(sd)[vol]["size"] == 104 * MiB
+            assert await counted(c) == {"ok": 1.0}
+            # idempotent: large enough already, nothing done nor counted
+            for size in (100 * MiB, 104 * MiB, MiB):
+                assert await c.call("extendVolume", **ref, minSize=size,
+                                    generation=v["generation"]) == {"size": 104 * MiB}
+            assert await counted(c) == {"ok": 1.0}
+            # never past what the full capacity needs: 256 MiB of qcow2 + tables
+            full = (await c.call("extendVolume", **ref, minSize=8 * GiB))["size"]
+            assert 256 * MiB < full <= 264 * MiB and full % EXTENT == 0, full
+            assert lvs(sd)[vol]["size"] == full
+            info = await c.call("getVolumeInfo", **ref)
+            assert info["apparentSize"] == info["trueSize"] == full, info
+            assert info["generation"] == v["generation"], "the LV's size is no metadata"
+            assert (await c.call("refreshVolume", **ref)) == {"size": full}
+            with pytest.raises(RpcError) as e:
+                await c.call("extendVolume", **ref, minSize=full + MiB,
+                             generation=v["generation"] + 1)
+            assert e.value.code == 911
+
+            # the VG cannot give it: 397, told at once, counted, nothing changed
+            await create_volume(c, sd, img, big, size=8 * GiB, parent=vol)
+            before = lvs(sd)
+            with pytest.raises(RpcError) as e:
+                await c.call("extendVolume", sdUUID=sd, imgUUID=img, volUUID=big,
+                             minSize=4 * GiB)
+            assert e.value.code == 397, e.value
+            [failed] = await notes_until(q, "volume.extendFailed", 1)
+            assert failed["volUUID"] == big and failed["error"]["code"] == 397, failed
+            assert lvs(sd) == before
+            assert await counted(c) == {"ok": 2.0, "failed": 1.0}
+
+        # reduceVolume: not while a VM may write it; then to what it holds
+        # plus the margin (20% of 64 MiB), the data intact
+        await c.call("deleteVolume", sdUUID=sd, imgUUID=img, volUUID=big)
+        path = f"/dev/{sd}/{vol}"
+        g.run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 40M", path)
+        job = await run_job(c, "reduceVolume", **ref)
+        assert job["status"] == "failed" and job["error"]["code"] == 203, job
+        assert lvs(sd)[vol]["size"] == full
+        await c.call("teardownImage", **ref)
+        job = await run_job(c, "reduceVolume", **ref)
+        assert job["status"] == "done", job
+        reduced = job["result"]["size"]
+        assert lvs(sd)[vol]["size"] == reduced and not lvs(sd)[vol]["active"]
+        await c.call("prepareImage", **ref, purpose="read")
+        end = json.loads(g.run("qemu-img", "check", "--output", "json", path))[
+            "image-end-offset"]
+        assert 40 * MiB < end < 41 * MiB, end      # the data, qcow2's header and tables
+        assert reduced == (end + 64 * MiB // 5 + EXTENT - 1) // EXTENT * EXTENT, (reduced, end)
+        g.run("qemu-io", "-f", "qcow2", "-c", "read -P 0x5a 0 40M", path)
+        await c.call("teardownImage", **ref)
+        job = await run_job(c, "reduceVolume", **ref)     # again: nothing to do
+        assert job["result"] == {"size": reduced}, job
+
+
+# ---- the VM side: qemu-storage-daemon writing, the test as the VM manager ---------------
+
+CHUNK = 128 * MiB
+WATERMARK = 50          # percent of a chunk kept free ahead of the writer
+MARGIN = CHUNK * WATERMARK // 100
+DATA = 320 * MiB
+# The guest's one vCPU runs the writer, LVM and the agent: an lvextend takes
+# 3-5 s while a writer runs (shared/lab/README.md). At this rate the margin
+# lasts 8 s.
+RATE = 8 * MiB
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Iterator[Path]:
+    """DATA bytes that do not compress or read as zeros, removed after the
+    test: the guest's /tmp (a tmpfs) also holds the LUN files, and a full
+    tmpfs fails the LUN's writes (tgtd: medium error)."""
+    path = tmp_path / "src.raw"
+    with open(path, "wb") as f:
+        for _ in range(DATA // (16 * MiB)):
+            f.write(os.urandom(16 * MiB))
+    try:
+        yield path
+    finally:
+        path.unlink()
+
+
+class StorageDaemon:
+    """qemu-storage-daemon on a prepared volume: qcow2 over host_device,
+    the qcow2 node exported over NBD, QMP on a Unix socket."""
+
+    def __init__(self, path: str, work: Path) -> None:
+        self.qmp_path = str(work / "qmp.sock")
+        # a monitor serves one client at a time: a second one for the test
+        self.qmp2_path = str(work / "qmp2.sock")
+        self.nbd_url = f"nbd+unix:///e0?socket={work / 'nbd.sock'}"
+        self.daemon = g.Daemon("qemu-storage-daemon", [
+            "qemu-storage-daemon",
+            "--blockdev", f"driver=host_device,node-name=file0,filename={path},"
+                          "cache.direct=on",
+            "--blockdev", "driver=qcow2,node-name=fmt0,file=file0",
+            "--nbd-server", f"addr.type=unix,addr.path={work / 'nbd.sock'}",
+            "--export", "type=nbd,id=e0,node-name=fmt0,name=e0,writable=on",
+            "--chardev", f"socket,id=m0,path={self.qmp_path},server=on,wait=off",
+            "--monitor", "chardev=m0",
+            "--chardev", f"socket,id=m1,path={self.qmp2_path},server=on,wait=off",
+            "--monitor", "chardev=m1"])
+
+    def start(self) -> StorageDaemon:
+        self.daemon.start()
+        g.wait_until(lambda: os.path.exists(self.qmp_path) or not self.daemon.check_alive(),
+                     "qemu-storage-daemon's QMP socket", 30)
+        assert self.daemon.check_alive(), self.daemon.log_tail()
+        return self
+
+
+@pytest.mark.timeout(400)
+async def test_vm_manager_extends_a_writing_qemu(make_target: Callable[..., g.Target],
+                                                 multipathd: g.Multipathd,
+                                                 tmp_path: Path, src: Path) -> None:
+    async with block_domain(make_target, tmp_path, GiB, chunk_size=CHUNK,
+                            watermark_percent=WATERMARK) as (c, sd, _):
+        img, vol = new_id(), new_id()
+        ref = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
+        await create_volume(c, sd, img, vol, size=GiB)
+        p = await c.call("prepareImage", **ref, purpose="vm")
+        size = lvs(sd)[vol]["size"]
+        assert size == CHUNK
+        qsd = StorageDaemon(p["path"], tmp_path).start()
+        sizes = [size]
+        try:
+            async with QMPClient(qsd.qmp_path) as qmp:
+                async def arm(size: int) -> None:
+                    await qmp.execute("block-set-write-threshold",
+                                      {"node-name": "file0", "write-threshold": size - MARGIN})
+
+                await arm(size)
+                writer = await asyncio.create_subprocess_exec(
+                    "qemu-img", "convert", "-n", "-r", str(RATE), "-f", "raw", "-O", "raw",
+                    str(src), qsd.nbd_url, stderr=asyncio.subprocess.PIPE)
+                done = asyncio.create_task(writer.communicate())
+                while True:
+                    event = asyncio.create_task(qmp.next_event("BLOCK_WRITE_THRESHOLD"))
+                    await asyncio.wait([done, event], return_when=asyncio.FIRST_COMPLETED)
+                    if not event.done():
+                        event.cancel()
+                        break
+                    data = event.result()["data"]
+                    reached = data["write-threshold"] + data["amount-exceeded"]
+                    r = await c.call("extendVolume", **ref,
+                                     minSize=max(size + CHUNK, reached + MARGIN))
+                    assert r["size"] > size, (r, size)
+                    size = r["size"]
+                    sizes.append(size)
+                    await arm(size)
+                _, err = await done
+                assert writer.returncode == 0, f"a write failed: {err.decode()}"
+                stats = await qmp.execute("query-blockstats", {"query-nodes": True})
+                [highest] = [s["stats"]["wr_highest_offset"] for s in stats
+                             if s.get("node-name") == "file0"]
+        finally:
+            qsd.daemon.stop()
+        # grown in chunks, ahead of the writer
+        assert len(sizes) >= 3, sizes
+        assert all(b - a == CHUNK for a, b in itertools.pairwise(sizes)), sizes
+        assert highest <= size, (highest, size)
+        assert lvs(sd)[vol]["size"] == size
+        info = await c.call("getVolumeInfo", **ref)
+        assert info["apparentSize"] == info["trueSize"] == size, info
+        g.run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), p["path"],
+              timeout=300)
+        print(f"\nthin: {DATA // MiB} MiB at {RATE // MiB} MiB/s, LV sizes (MiB): "
+              f"{[s // MiB for s in sizes]}, highest write offset {highest // MiB} MiB")
+
+
+@pytest.mark.timeout(400)
+async def test_agent_extends_a_writing_qemu(make_target: Callable[..., g.Target],
+                                            multipathd: g.Multipathd, tmp_path: Path,
+                                            src: Path) -> None:
+    """The same writer, the agent watching it by itself (prepareImage's
+    writer), prepared before the daemon starts, as a VM's disks are."""
+    async with block_domain(make_target, tmp_path, GiB, chunk_size=CHUNK,
+                            watermark_percent=WATERMARK) as (c, sd, agent):
+        img, vol = new_id(), new_id()
+        ref = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
+        await create_volume(c, sd, img, vol, size=GiB)
+        qsd = StorageDaemon(f"/dev/{sd}/{vol}", tmp_path)
+        async with c.notifications() as q:
+            p = await c.call("prepareImage", **ref, purpose="vm",
+                             writer={"qmpSocket": qsd.qmp_path, "nodeName": "file0"})
+            qsd.start()
+            try:
+                writer = await asyncio.create_subprocess_exec(
+                    "qemu-img", "convert", "-n", "-r", str(RATE), "-f", "raw", "-O", "raw",
+                    str(src), qsd.nbd_url, stderr=asyncio.subprocess.PIPE)
+                _, err = await asyncio.wait_for(writer.communicate(), 300)
+                assert writer.returncode == 0, f"a write failed: {err.decode()}"
+                async with QMPClient(qsd.qmp2_path) as qmp:
+                    stats = await qmp.execute("query-blockstats", {"query-nodes": True})
+                [highest] = [s["stats"]["wr_highest_offset"] for s in stats
+                             if s.get("node-name") == "file0"]
+                # the agent keeps the margin free beyond the last write
+                notes = [n["size"] for n in await notes_until(
+                    q, "volume.extended", until=lambda n: n["size"] >= highest + MARGIN)]
+            finally:
+                qsd.daemon.stop()
+            size = lvs(sd)[vol]["size"]
+        g.run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), p["path"],
+              timeout=300)
+        end = json.loads(g.run("qemu-img", "check", "--output", "json", p["path"]))[
+            "image-end-offset"]
+        await c.call("teardownImage", **ref)
+        # grown in chunks, ahead of the writer, each step told
+        assert len(notes) >= 2, notes
+        assert notes == list(range(2 * CHUNK, size + 1, CHUNK)), (notes, size)
+        assert DATA < end <= size, (end, size)
+        assert await counted(c) == {"ok": float(len(notes))}
+        info = await c.call("getVolumeInfo", **ref)
+        assert info["apparentSize"] == info["trueSize"] == size, info
+        latencies = sorted(float(line.rsplit(" re-armed ", 1)[1].split()[0])
+                           for line in agent.log().splitlines()
+                           if "threshold re-armed" in line)
+        # (the daemon may stop between the last extension and its re-arming)
+        assert len(notes) - 1 <= len(latencies) <= len(notes), agent.log()
+        print(f"\nthin, agent watching: {DATA // MiB} MiB at {RATE // MiB} MiB/s, LV sizes "
+              f"(MiB): {[s // MiB for s in notes]}; threshold event to re-armed (s): "
+              f"{latencies}")
