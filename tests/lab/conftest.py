@@ -143,9 +143,10 @@ class TargetFactory:
         self.made: list[g.Target] = []
 
     def __call__(self, name: str, lun_sizes: tuple[int, ...] = (GiB,),
-                 chap: g.Chap | None = None, block_sizes: tuple[int, ...] = ()) -> g.Target:
+                 chap: g.Chap | None = None, block_sizes: tuple[int, ...] = (),
+                 lun_dir: Path | None = None) -> g.Target:
         target = self.server.create_target(f"{name}-{uuid.uuid4().hex[:6]}", lun_sizes, chap,
-                                           block_sizes)
+                                           block_sizes, lun_dir)
         self.made.append(target)
         return target
 
@@ -178,6 +179,21 @@ class TargetFactory:
             steps.push(f"release {target.iqn}", functools.partial(self.release, target))
         self.made.clear()
         steps.run()
+
+
+@pytest.fixture
+def host_scratch() -> Iterator[Path]:
+    """A directory on the host's disk (under the checkout's git-ignored
+    build/, which the guest shares read-write), removed after the test: room
+    for LUN files and data of hundreds of MiB, which would fill the guest's
+    small tmpfs under the other tests' files (tgtd then fails the LUN's
+    writes: medium errors)."""
+    path = Path(__file__).resolve().parents[2] / "build" / "lab-scratch" / uuid.uuid4().hex
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

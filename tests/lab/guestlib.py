@@ -283,9 +283,11 @@ class TargetServer:
 
     def create_target(self, name: str, lun_sizes: Iterable[int],
                       chap: Chap | None = None,
-                      block_sizes: Iterable[int] = ()) -> Target:
+                      block_sizes: Iterable[int] = (), lun_dir: Path | None = None) -> Target:
         """Export a new target NAME with one sparse file LUN per size (LUN 1..n);
-        `block_sizes`, one per LUN, are their logical block sizes (default 512)."""
+        `block_sizes`, one per LUN, are their logical block sizes (default 512);
+        the LUN files go in `lun_dir` (default: the server's, on the guest's
+        small tmpfs)."""
         sizes = list(lun_sizes)
         blocks = list(block_sizes) or [512] * len(sizes)
         tid = self._next_tid
@@ -294,7 +296,7 @@ class TargetServer:
         self.tgtadm("--op", "new", "--mode", "target", "--tid", str(tid), "-T", target.iqn)
         self.targets[tid] = target
         for number, (size, block) in enumerate(zip(sizes, blocks, strict=True), start=1):
-            path = self.lun_dir / f"t{tid}-lun{number}.img"
+            path = (lun_dir or self.lun_dir) / f"t{tid}-lun{number}.img"
             with open(path, "wb") as f:
                 f.truncate(size)
             self.tgtadm("--op", "new", "--mode", "logicalunit", "--tid", str(tid),

@@ -73,8 +73,9 @@ async def notes_until(q: asyncio.Queue[dict[str, Any]], method: str, count: int 
 
 @contextlib.asynccontextmanager
 async def block_domain(make_target: Callable[..., g.Target], tmp_path: Path, lun_size: int,
-                       **agent_kw: Any) -> AsyncIterator[tuple[Client, str, AgentProcess]]:
-    target = make_target("thin", (lun_size,))
+                       lun_dir: Path, **agent_kw: Any
+                       ) -> AsyncIterator[tuple[Client, str, AgentProcess]]:
+    target = make_target("thin", (lun_size,), lun_dir=lun_dir)
     agent: AgentProcess = start(tmp_path / "agent", monitor_interval=60, **agent_kw)
     sd = new_id()
     try:
@@ -96,8 +97,10 @@ async def block_domain(make_target: Callable[..., g.Target], tmp_path: Path, lun
 
 @pytest.mark.timeout(300)
 async def test_extend_volume_verb(make_target: Callable[..., g.Target],
-                                  multipathd: g.Multipathd, tmp_path: Path) -> None:
-    async with block_domain(make_target, tmp_path, GiB, chunk_size=64 * MiB) as (c, sd, _):
+                                  multipathd: g.Multipathd, tmp_path: Path,
+                                  host_scratch: Path) -> None:
+    async with block_domain(make_target, tmp_path, GiB, host_scratch,
+                            chunk_size=64 * MiB) as (c, sd, _):
         img, vol, big = new_id(), new_id(), new_id()
         ref = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
         v = await create_volume(c, sd, img, vol, size=256 * MiB)
@@ -178,11 +181,10 @@ RATE = 8 * MiB
 
 
 @pytest.fixture
-def src(tmp_path: Path) -> Iterator[Path]:
-    """DATA bytes that do not compress or read as zeros, removed after the
-    test: the guest's /tmp (a tmpfs) also holds the LUN files, and a full
-    tmpfs fails the LUN's writes (tgtd: medium error)."""
-    path = tmp_path / "src.raw"
+def src(host_scratch: Path) -> Iterator[Path]:
+    """DATA bytes that do not compress or read as zeros, on the host's disk
+    (the guest's /tmp is a small tmpfs shared with the other tests)."""
+    path = host_scratch / "src.raw"
     with open(path, "wb") as f:
         for _ in range(DATA // (16 * MiB)):
             f.write(os.urandom(16 * MiB))
@@ -224,8 +226,9 @@ class StorageDaemon:
 @pytest.mark.timeout(400)
 async def test_vm_manager_extends_a_writing_qemu(make_target: Callable[..., g.Target],
                                                  multipathd: g.Multipathd,
-                                                 tmp_path: Path, src: Path) -> None:
-    async with block_domain(make_target, tmp_path, GiB, chunk_size=CHUNK,
+                                                 tmp_path: Path, host_scratch: Path,
+                                                 src: Path) -> None:
+    async with block_domain(make_target, tmp_path, GiB, host_scratch, chunk_size=CHUNK,
                             watermark_percent=WATERMARK) as (c, sd, _):
         img, vol = new_id(), new_id()
         ref = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
@@ -283,10 +286,10 @@ async def test_vm_manager_extends_a_writing_qemu(make_target: Callable[..., g.Ta
 @pytest.mark.timeout(400)
 async def test_agent_extends_a_writing_qemu(make_target: Callable[..., g.Target],
                                             multipathd: g.Multipathd, tmp_path: Path,
-                                            src: Path) -> None:
+                                            host_scratch: Path, src: Path) -> None:
     """The same writer, the agent watching it by itself (prepareImage's
     writer), prepared before the daemon starts, as a VM's disks are."""
-    async with block_domain(make_target, tmp_path, GiB, chunk_size=CHUNK,
+    async with block_domain(make_target, tmp_path, GiB, host_scratch, chunk_size=CHUNK,
                             watermark_percent=WATERMARK) as (c, sd, agent):
         img, vol = new_id(), new_id()
         ref = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
