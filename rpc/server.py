@@ -98,8 +98,14 @@ async def handle_jsonrpc(request: web.Request) -> web.StreamResponse:
         raise web.HTTPRequestEntityTooLarge(max_size=limit,
                                             actual_size=request.content_length)
     try:
-        async with asyncio.timeout(request.app[BODY_TIMEOUT_KEY]):
+        if request.content.is_eof():
+            # The whole body came with the head (every small call): reading
+            # it cannot wait, so no timer is armed and cancelled (issue 21:
+            # 3% of a ping's CPU).
             raw = await request.read()
+        else:
+            async with asyncio.timeout(request.app[BODY_TIMEOUT_KEY]):
+                raw = await request.read()
     except TimeoutError:
         log.info("%s: request body not received in time, closing", request.remote)
         raise web.HTTPRequestTimeout(text="request body not received in time") from None
