@@ -1,7 +1,9 @@
 """getVolumesList on a file domain of 5,000 and 10,000 volumes (issue 21):
-median time per call and per volume, beside the I/O floor measured in the
-same run, in turns: a bare Python pass that lists the domain's images and
-reads every volume's metadata file (what the listing must do to hide
+median time per call and per volume (and the first call, which reads every
+file: on a localfs domain the later ones read only the image directories
+that changed), beside the I/O floor measured in the same run, in turns: a
+bare Python pass that lists the domain's images and reads every volume's
+metadata file (what the listing must do to hide
 REMOVING volumes).
 
     python -m tests.bench volumelist
@@ -62,7 +64,11 @@ async def _bench(work: Path, runs: int, sizes: list[int]) -> dict[str, Any]:
                     t = time.perf_counter()
                     assert bare_read(root / "images") == size, size
                     bare_ms.append(1000 * (time.perf_counter() - t))
-                out[str(size)] = {"agent_ms": median(agent_ms), "bare_read_ms": median(bare_ms)}
+                # the first call after populating reads every file (its image
+                # directories changed just now); the later ones, on a localfs
+                # domain, only what changed since (none here)
+                out[str(size)] = {"agent_ms": median(agent_ms[1:]), "agent_first_ms": agent_ms[0],
+                                  "bare_read_ms": median(bare_ms)}
             await drop_localfs_domain(c, conn, sd)
     finally:
         agent.stop()
@@ -80,9 +86,9 @@ def run(runs: int = 9, sizes: list[int] | None = None) -> dict[str, Any]:
 
 
 def report(r: dict[str, Any]) -> str:
-    rows = [[int(s), v["agent_ms"], v["agent_ms"] / int(s) * 1000, v["bare_read_ms"],
-             v["agent_ms"] / v["bare_read_ms"]] for s, v in r["list"].items()]
+    rows = [[int(s), v["agent_ms"], v["agent_ms"] / int(s) * 1000, v.get("agent_first_ms", "-"),
+             v["bare_read_ms"], v["agent_ms"] / v["bare_read_ms"]] for s, v in r["list"].items()]
     return "\n".join([f"getVolumesList on a file domain, median of {r['params']['runs']} "
                       f"({r['params']['storage']})",
-                      table(rows, ["volumes", "agent ms", "us per volume",
+                      table(rows, ["volumes", "agent ms", "us per volume", "first call ms",
                                    "bare read of every .meta ms", "ratio"])])

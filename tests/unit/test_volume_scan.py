@@ -1,15 +1,20 @@
 """A file domain's scan (getVolumesList, issue 21): a metadata file whose
 bytes did not change since the last full scan is not parsed again, and
-what another host wrote since counts at once."""
+what another host wrote since counts at once. On a domain of this host's
+own (localfs), an image directory whose times did not move is not read
+again at all."""
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from storage.domains import filedomain
 from storage.domains.filedomain import FileDomain
 from storage.fileio import IOPool
 from storage.metadata import BLANK_UUID, DomainMetadata, VolumeMetadata
@@ -72,5 +77,95 @@ async def test_a_rescan_sees_what_another_host_wrote(tmp_path: Path) -> None:
         meta.write_bytes(bytes(data))
         assert [v.uuid for v in await domain.all_volumes()] == [vols[2].uuid]
         assert await domain.image_volumes(vols[0].image) == []
+    finally:
+        io.close()
+
+
+def count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The metadata files a scan reads, by name."""
+    reads: list[str] = []
+    real = filedomain._read_meta
+
+    def counting(dir_fd: int, name: str, limit: int = 65536) -> bytes:
+        reads.append(name)
+        return real(dir_fd, name, limit)
+    monkeypatch.setattr(filedomain, "_read_meta", counting)
+    return reads
+
+
+def settled_clock(domain: FileDomain) -> None:
+    """The domain's clock a minute ahead: every directory looks settled
+    (changed longer than RACY_NS ago), whatever the test just wrote."""
+    domain.clock_ns = lambda: time.time_ns() + 60 * 10**9
+
+
+async def test_an_unchanged_image_directory_is_not_read_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    io = IOPool("test", timeout=10)
+    try:
+        domain, vols = await make_domain(tmp_path, io, 4)
+        settled_clock(domain)
+        first = await domain.all_volumes()
+        reads = count_reads(monkeypatch)
+        assert await domain.all_volumes() == first
+        assert {v.uuid for v in first} == {v.uuid for v in vols}
+        assert reads == []
+    finally:
+        io.close()
+
+
+async def test_a_changed_image_directory_is_read_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    io = IOPool("test", timeout=10)
+    try:
+        domain, vols = await make_domain(tmp_path, io, 3)
+        settled_clock(domain)
+        await domain.all_volumes()
+        stamps = {img: os.stat(domain.images / img).st_ctime_ns for img in
+                  (v.image for v in vols)}
+        reads = count_reads(monkeypatch)
+        # another writer: one volume REMOVING (a rename), one more volume in
+        # the second image, the third image's volume gone
+        other = FileDomain(domain.md, domain.root, io)
+        await other.write_volume_md(replace(vols[0], state="REMOVING"))
+        added = replace(vols[1], uuid=new_id())
+        await other.write_volume_md(added)
+        (domain.images / vols[2].image / f"{vols[2].uuid}.meta").unlink()
+        for v in vols:   # the kernel moved each directory's times
+            assert os.stat(domain.images / v.image).st_ctime_ns != stamps[v.image]
+        assert {v.uuid for v in await domain.all_volumes()} == {vols[1].uuid, added.uuid}
+        assert sorted(reads) == sorted(f"{v.uuid}.meta" for v in (vols[0], vols[1], added))
+    finally:
+        io.close()
+
+
+async def test_a_domain_on_a_mount_reads_every_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    io = IOPool("test", timeout=10)
+    try:
+        domain, vols = await make_domain(tmp_path, io, 3)
+        domain.mountpoint = tmp_path     # NFS, posixfs: other hosts write there
+        settled_clock(domain)
+        await domain.all_volumes()
+        reads = count_reads(monkeypatch)
+        await domain.all_volumes()
+        assert sorted(reads) == sorted(f"{v.uuid}.meta" for v in vols)
+    finally:
+        io.close()
+
+
+async def test_a_recently_changed_directory_is_read_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within RACY_NS of a directory's change its times prove nothing (a
+    second change in the same clock tick keeps them): its files are read."""
+    io = IOPool("test", timeout=10)
+    try:
+        domain, vols = await make_domain(tmp_path, io, 2)
+        domain.clock_ns = lambda: max(os.stat(domain.images / v.image).st_ctime_ns
+                                      for v in vols)
+        await domain.all_volumes()
+        reads = count_reads(monkeypatch)
+        await domain.all_volumes()
+        assert sorted(reads) == sorted(f"{v.uuid}.meta" for v in vols)
     finally:
         io.close()
