@@ -85,5 +85,6 @@ def report(s: dict[str, Any]) -> str:
             + table(rows, ["server", "req/s", "p50 ms", "p99 ms", "server CPU us/req",
                            "errors"])
             + f"\nratio agent/bare: throughput {s['ratio_rps']:.2f}, "
-              f"CPU efficiency {s['ratio_cpu']:.2f} (must be >= 0.5); "
+              f"CPU efficiency {s['ratio_cpu']:.2f} (issue 21: >= 0.7), "
+              f"p99 {s['agent']['p99_ms'] / s['bare']['p99_ms']:.2f}x of bare (<= 2); "
               f"agent RSS {s['agent_rss_mib']:.0f} MiB")
