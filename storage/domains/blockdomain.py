@@ -9,9 +9,11 @@
 A slot holds two copies of the same metadata, A then B, each written with
 O_DIRECT and fsync'd before the next: a crash tears at most one copy, and a
 reader takes A when its checksum is good, else B; so it sees the old
-metadata or the new, never a mix. A volume's LV is created tagged
-INITIALIZING, its slot written, then the tag dropped in one lvchange; an LV
-still INITIALIZING is a crash leftover that `collect_garbage` removes.
+metadata or the new, never a mix. A volume's slot is written first, then its
+LV created with its final tags: a slot no LV names is free. (Agents before
+issue 21 created the LV tagged INITIALIZING, then wrote the slot and dropped
+the tag; an LV still INITIALIZING is a crash leftover that
+`collect_garbage` removes.)
 """
 
 from __future__ import annotations
@@ -488,33 +490,48 @@ class BlockDomain(Domain):
         lvm.check_name(md.uuid, "volUUID")
         # Made at its final size: no lvextend in create_volume_data.
         size = await self.lv_start_size(md, initial_size)
-        async with self.leases.metadata(), self._slot_lock:
-            # (fresh: taking the domain lease dropped the cached reports, and
-            # every change since went through this object, under the lease)
-            lvs = await self.lvm.lvs(self.vg)
-            slot = free_slot((lv.tags for lv in lvs), self.slots)
-            if slot is None:
-                raise NoSpaceLeftOnDomain(sdUUID=self.uuid)
-            # Active at once: create_volume_data writes to it next. A crash
-            # leaves it active; lvremove --force in _remove_lv deactivates it.
-            await self.lvm.lvcreate(self.vg, md.uuid, size, activate=True,
-                                    tags=[*volume_tags(md, slot), INITIALIZING])
-            self._new_lvs[md.uuid] = size
-            self._slots[md.uuid] = slot
-            self._leases_size = next((lv.size for lv in lvs if lv.name == LEASES_LV),
-                                     self._leases_size)
+        slot: int | None = None
         try:
-            async with self.leases.metadata():
+            async with self.leases.metadata(), self._slot_lock:
+                # (fresh: taking the domain lease dropped the cached reports,
+                # and every change since went through this object, under it)
+                lvs = await self.lvm.lvs(self.vg)
+                slot = free_slot((lv.tags for lv in lvs), self.slots)
+                if slot is None:
+                    raise NoSpaceLeftOnDomain(sdUUID=self.uuid)
+                # The slot first, then the LV that names it, with its final
+                # tags: one LVM command (issue 21; it was lvcreate tagged
+                # INITIALIZING and an lvchange dropping the tag after the
+                # slot write). A crash in between leaves a slot that no LV's
+                # MD_ tag names, which is free: the next volume taking it
+                # overwrites it.
                 await self._write_slot(slot, data)
-                await self.lvm.lvchange_tags(self.vg, md.uuid, remove=[INITIALIZING])
+                # Active at once: create_volume_data writes to it next. A
+                # crash leaves it active; lvremove --force in _remove_lv
+                # deactivates it.
+                await self.lvm.lvcreate(self.vg, md.uuid, size, activate=True,
+                                        tags=volume_tags(md, slot))
+                self._new_lvs[md.uuid] = size
+                self._slots[md.uuid] = slot
+                self._leases_size = next((lv.size for lv in lvs if lv.name == LEASES_LV),
+                                         self._leases_size)
         except BaseException:
-            self._new_lvs.pop(md.uuid, None)
-            try:
-                await self._remove_lv(md.uuid, slot)
-            except HostAgentError as e:
-                # Still INITIALIZING: collect_garbage removes it later.
-                log.warning("Cannot remove LV %s/%s: %s", self.vg, md.uuid, e)
+            if slot is not None:
+                await self._undo_lvcreate(md.uuid, slot)
             raise
+
+    async def _undo_lvcreate(self, vol: str, slot: int) -> None:
+        """After a failed or cut off lvcreate: an LV that LVM made anyway
+        goes, with its slot. Only one that names this slot: it was free,
+        so no other LV can (an LV of that name made by another job stays)."""
+        try:
+            self.lvm.invalidate(self.vg)
+            v = next((v for v in await self._volume_lvs() if v.name == vol), None)
+            if v is not None and v.slot == slot:
+                await self._remove_lv(vol, slot)
+        except HostAgentError as e:
+            # collect_garbage removes a CREATING volume later
+            log.warning("Cannot remove LV %s/%s: %s", self.vg, vol, e)
 
     async def _remove_lv(self, vol: str, slot: int | None) -> None:
         self._new_lvs.pop(vol, None)

@@ -1,6 +1,7 @@
 """Block domain pieces without root: slot copies (torn A, B wins), slot
 allocation from MD_ tags, sizes rounded to extents, and the LV/slot sequence
-of a new volume against a fake LVM (the metadata "LV" a plain file)."""
+of a new volume against a fake LVM (the metadata "LV" a plain file): its
+slot written first, then its LV made with its final tags."""
 
 from __future__ import annotations
 
@@ -124,6 +125,7 @@ class FakeLVM:
         self.lvs: dict[str, dict[str, Any]] = {}
         self.ops: list[str] = []
         self.fail: str | None = None
+        self.fail_after: str | None = None     # the op is done, then fails (cut off)
 
     async def __call__(self, argv: Sequence[str], *, timeout: float,
                        check: bool = True, **kwargs: Any) -> commands.CommandResult:
@@ -163,6 +165,8 @@ class FakeLVM:
         elif op == "lvremove":
             for path in args[1:]:
                 del self.lvs[path.split("/")[1]]
+        if op == self.fail_after:
+            raise commands.CommandError(argv, 5, b"", b"cut off")
         return commands.CommandResult(tuple(argv), 0, out, b"")
 
 
@@ -206,8 +210,9 @@ async def test_new_volume_sequence(domain: FileBlockDomain) -> None:
     # sparse cow: one chunk (2560 MiB) capped by what 10 MiB of qcow2 can
     # hold (measured: 10 MiB + 384 KiB), in extents
     assert fake.lvs[V2]["tags"][-1] == "MD_2" and fake.lvs[V2]["size"] == 12 * MiB
-    assert [o for o in fake.ops if o != "lvs"] == [
-        "lvcreate", "lvchange --deltag", "measure", "lvcreate", "lvchange --deltag"]
+    # one LVM change per new volume: the LV is made with its final tags
+    # (issue 21), after its slot was written
+    assert [o for o in fake.ops if o != "lvs"] == ["lvcreate", "measure", "lvcreate"]
     assert await domain.read_volume_md(IMG, V1) == vol(V1)
     assert [v.uuid for v in await domain.scan()] == [V1, V2]
 
@@ -223,13 +228,40 @@ async def test_new_volume_sequence(domain: FileBlockDomain) -> None:
     assert "MD_1" in fake.lvs[V1]["tags"]
 
 
-async def test_failed_slot_write_removes_lv(domain: FileBlockDomain) -> None:
+async def test_failed_lvcreate_leaves_no_lv(domain: FileBlockDomain) -> None:
     fake: FakeLVM = domain.runner   # type: ignore[assignment]
-    fake.fail = "lvchange --deltag"
+    fake.fail = "lvcreate"
     with pytest.raises(Exception, match="boom"):
         await domain.write_volume_md(vol(V1))
     fake.fail = None
     assert fake.lvs == {}
+    assert await domain.scan() == []
+    # the slot it wrote is free: the next volume takes it
+    await domain.write_volume_md(vol(V2))
+    assert "MD_1" in fake.lvs[V2]["tags"]
+    assert await domain.read_volume_md(IMG, V2) == vol(V2)
+
+
+async def test_cut_off_lvcreate_removes_the_lv_it_made(domain: FileBlockDomain) -> None:
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    fake.fail_after = "lvcreate"     # LVM made the LV, the command did not end well
+    with pytest.raises(Exception, match="cut off"):
+        await domain.write_volume_md(vol(V1))
+    fake.fail_after = None
+    assert fake.lvs == {}
+    assert bd._read_slots(domain.md_path, [1])[1] == bytes(bd.SLOT_SIZE)
+
+
+async def test_a_crash_between_slot_and_lvcreate_leaves_a_free_slot(
+        domain: FileBlockDomain) -> None:
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    # what a kill -9 after the slot write leaves: the slot, no LV naming it
+    bd._write_slot(domain.md_path, 1, bd.encode_copy(vol(V1).encode()))
+    assert await domain.scan() == []
+    assert await domain.volume_ids(IMG) == []
+    await domain.write_volume_md(vol(V2))
+    assert "MD_1" in fake.lvs[V2]["tags"]
+    assert [v.uuid for v in await domain.scan()] == [V2]
 
 
 async def test_initializing_lv_collected(domain: FileBlockDomain) -> None:
