@@ -395,10 +395,12 @@ class BlockDomain(Domain):
     async def _volume_lvs(self) -> list[VolumeLV]:
         return [v for lv in await self.lvm.lvs(self.vg) if (v := VolumeLV.from_lv(lv))]
 
-    async def _volume_lv(self, vol: str) -> VolumeLV | None:
+    async def _volume_lv(self, vol: str, ask_again: bool = True) -> VolumeLV | None:
         for v in await self._volume_lvs():
             if v.name == vol:
                 return v
+        if not ask_again:
+            return None
         # Not in the cached lvs: another host may have made it since (the
         # cache is only dropped under the domain lease). Ask LVM again.
         self.lvm.invalidate(self.vg)
@@ -471,7 +473,16 @@ class BlockDomain(Domain):
                               initial_size: int | None = None) -> None:
         data = md.encode()
         encode_copy(data)   # refuse metadata too large before making anything
-        v = await self._volume_lv(md.uuid)
+        v = await self._volume_lv(md.uuid, ask_again=False)
+        if v is None:
+            # Not in the cached report: _create_lv looks under the domain
+            # lease, where the report is fresh (issue 21: asking LVM again
+            # here was one command of every create). False: it exists.
+            if await self._create_lv(md, data, initial_size):
+                return
+            v = await self._volume_lv(md.uuid)
+            if v is None:
+                raise VolumeDoesNotExist(volUUID=md.uuid, reason="its LV is gone")
         if v is not None:
             if v.image != md.image or v.slot is None:
                 raise InvalidParameter(field="volUUID",
@@ -483,10 +494,10 @@ class BlockDomain(Domain):
                                                  add=[f"{PARENT_PREFIX}{md.parent}"],
                                                  remove=[f"{PARENT_PREFIX}{v.parent}"])
             return
-        await self._create_lv(md, data, initial_size)
 
     async def _create_lv(self, md: VolumeMetadata, data: bytes,
-                         initial_size: int | None) -> None:
+                         initial_size: int | None) -> bool:
+        """Make the volume's LV and slot; False if an LV of that name exists."""
         lvm.check_name(md.uuid, "volUUID")
         # Made at its final size: no lvextend in create_volume_data.
         size = await self.lv_start_size(md, initial_size)
@@ -496,6 +507,8 @@ class BlockDomain(Domain):
                 # (fresh: taking the domain lease dropped the cached reports,
                 # and every change since went through this object, under it)
                 lvs = await self.lvm.lvs(self.vg)
+                if any(lv.name == md.uuid for lv in lvs):
+                    return False
                 slot = free_slot((lv.tags for lv in lvs), self.slots)
                 if slot is None:
                     raise NoSpaceLeftOnDomain(sdUUID=self.uuid)
@@ -519,6 +532,7 @@ class BlockDomain(Domain):
             if slot is not None:
                 await self._undo_lvcreate(md.uuid, slot)
             raise
+        return True
 
     async def _undo_lvcreate(self, vol: str, slot: int) -> None:
         """After a failed or cut off lvcreate: an LV that LVM made anyway
