@@ -32,7 +32,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,10 @@ class Transfer:
     opened: bool = False      # transfer.state "open" was published
     notified: float = 0.0     # monotonic time of the last notification
     _extents: list[dict[str, Any]] | None = None
+    # percent done, for the transfer's job (set by its job's work)
+    on_progress: Callable[[float], None] | None = None
+    # set when the transfer's life is over (closed, volume released)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
 
@@ -126,6 +130,9 @@ class TransferService:
         self.runner = runner
         self.transfers: dict[str, Transfer] = {}
         self.tickets: dict[str, Transfer] = {}     # by ticket, while open
+        # track(t): make t a job whose record is on disk before the volume
+        # changes (agent/transferjobs.py sets it), so a crash is recovered
+        self.track: Callable[[Transfer], Awaitable[None]] | None = None
         # The port of the data listener once it listens (set by the edge).
         self.data_port: int | None = None
 
@@ -169,10 +176,15 @@ class TransferService:
         self.transfers[t.id] = t
         self.tickets[t.ticket] = t
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        t._task = asyncio.create_task(self._life(t, ready), name=f"transfer-{t.id}")
         try:
+            if self.track is not None:
+                await self.track(t)
+            t._task = asyncio.create_task(self._life(t, ready), name=f"transfer-{t.id}")
+            t._task.add_done_callback(lambda _: t.closed.set())
             await asyncio.shield(ready)
         except BaseException:
+            if t._task is None:
+                t.closed.set()
             del self.transfers[t.id]
             del self.tickets[t.ticket]
             raise
@@ -232,6 +244,26 @@ class TransferService:
         await asyncio.gather(*(t._task for t in self.transfers.values() if t._task),
                              return_exceptions=True)
 
+    async def recover(self, params: dict[str, Any]) -> None:
+        """After a crash: the upload of a transfer that never closed is
+        removed, as cancelTransfer would (its ticket died with the agent, so
+        nobody can finish it); a volume it had made LEGAL is kept."""
+        if params.get("direction") != "upload":
+            return
+        sd, img, vol = str(params["sdUUID"]), str(params["imgUUID"]), str(params["volUUID"])
+        try:
+            md = await (await self.domains.active_domain(sd)).volume(img, vol)
+        except HostAgentError as e:
+            log.warning("Interrupted upload %s/%s/%s: %s", sd, img, vol, e.message)
+            return
+        if md.legality != ILLEGAL:
+            return
+        log.warning("Removing volume %s/%s/%s of an interrupted upload", sd, img, vol)
+        try:
+            await self.domains.delete_volume(sd, img, vol)
+        except HostAgentError as e:
+            log.error("Cannot remove %s/%s/%s: %s", sd, img, vol, e.message)
+
     def _prune(self) -> None:
         now = time.monotonic()
         for key in [k for k, t in self.transfers.items()
@@ -272,6 +304,10 @@ class TransferService:
         t._wake.set()
         if transferred and self.count_bytes is not None:
             self.count_bytes(t.direction, transferred)
+        if transferred and t.on_progress is not None and t.size:
+            # bytes moved over the volume's size: a sparse upload sends less,
+            # a client reading twice more; 100 only once finalized
+            t.on_progress(min(99.0, t.transferred * 100 / t.size))
         if transferred and t.last_activity - t.notified >= PROGRESS_INTERVAL:
             self._publish(t)
 

@@ -23,7 +23,9 @@ TRANSFER_INFO = {"type": "object", "required": [
             "credential. The volume is leased and kept active until the transfer closes. "
             "format raw (default): the guest's view through qemu-nbd; qcow2: a cow volume's "
             "file as it is. An upload's volume (a leaf) is ILLEGAL until finalizeTransfer "
-            "checked it. dirty: a bitmap whose changes /extents?context=dirty reports.",
+            "checked it. dirty: a bitmap whose changes /extents?context=dirty reports. The "
+            "transfer is also a job (type transfer, jobUUID = transferId): getJobs, "
+            "job.status, abortJob.",
             [SD_UUID, IMG_UUID, VOL_UUID,
              Field("direction", Enum(["upload", "download"])),
              Field("format", Enum(["raw", "qcow2"]), required=False, default="raw"),

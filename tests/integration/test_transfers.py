@@ -382,9 +382,11 @@ def qemu_nbd_of(vol: str) -> list[int]:
 async def test_agent_killed_mid_upload_leaves_nothing(
         make_fs_mount: Callable[..., Any], agent_factory: Callable[..., AgentProcess],
         tmp_path: Path) -> None:
-    """kill -9 in the middle of an upload: its qemu-nbd ends with the agent,
-    and after a restart the volume is ILLEGAL, not prepared, not leased (it
-    can be deleted)."""
+    """kill -9 with an upload and a download open: their qemu-nbd end with
+    the agent; after a restart both transfer jobs are failed as interrupted,
+    the upload's ILLEGAL volume is removed (its ticket died, nobody can
+    finish it), and the download's volume is LEGAL, not prepared, not
+    leased (a new transfer takes it)."""
     fs = make_fs_mount("ext4", size=256 * MiB)
     agent = agent_factory(tmp_path / "state")
     conn = {"id": new_id(), "connection": str(fs.path)}
@@ -395,18 +397,91 @@ async def test_agent_killed_mid_upload_leaves_nothing(
                      connectionId=conn["id"], ovfStore=False)
         d = Dom(agent, c, sd)
         img, vol = await d.volume(16 * MiB)
-        t = await d.start(img, vol, "upload")
-        status, _ = d.request(t["url"], "PUT", body=os.urandom(MiB),
+        kept_img, kept = await d.volume(16 * MiB)
+        up = await d.start(img, vol, "upload")
+        status, _ = d.request(up["url"], "PUT", body=os.urandom(MiB),
                               headers={"Content-Range": f"bytes 0-{MiB - 1}/*"})
         assert status == 200
-        assert len(qemu_nbd_of(vol)) == 1
+        down = await d.start(kept_img, kept, "download")
+        assert d.request(down["url"], "GET", headers={"Range": "bytes=0-4095"})[0] == 206
+        assert len(qemu_nbd_of(vol)) == 1 and len(qemu_nbd_of(kept)) == 1
     agent.kill()
-    wait_for("the transfer's qemu-nbd to end", lambda: not qemu_nbd_of(vol), timeout=10)
+    wait_for("the transfers' qemu-nbd to end",
+             lambda: not qemu_nbd_of(vol) and not qemu_nbd_of(kept), timeout=10)
     agent = agent_factory(agent.state_dir, port=agent.port)
     async with agent.client() as c:
         d = Dom(agent, c, sd)
-        assert (await d.info(img, vol))["legality"] == "ILLEGAL"
-        await c.call("deleteVolume", sdUUID=sd, imgUUID=img, volUUID=vol)
+        jobs = await c.call("getJobs", jobUUIDs=[up["transferId"], down["transferId"]])
+        assert len(jobs) == 2, jobs
+        for job in jobs.values():
+            assert job["status"] == "failed" and job["error"]["code"] == 2106, job
         assert img not in await c.call("getImagesList", sdUUID=sd)
+        assert (await d.info(kept_img, kept))["legality"] == "LEGAL"
+        t = await d.start(kept_img, kept, "upload")
+        await c.call("cancelTransfer", transferId=t["transferId"])
+        assert kept_img not in await c.call("getImagesList", sdUUID=sd)
         await c.call("formatStorageDomain", sdUUID=sd)
         await c.call("disconnectStorageServer", domType="localfs", connectionParams=[conn])
+
+
+async def job_statuses(q: asyncio.Queue[dict[str, Any]], job: str) -> list[dict[str, Any]]:
+    """The job.status notifications of one job until it ended."""
+    seen: list[dict[str, Any]] = []
+    while not seen or seen[-1]["status"] not in ("done", "failed", "aborted"):
+        msg = await asyncio.wait_for(q.get(), 30)
+        if msg["method"] == "job.status" and msg["params"]["jobUUID"] == job:
+            seen.append(msg["params"])
+    return seen
+
+
+def statuses(seen: list[dict[str, Any]]) -> list[str]:
+    """The statuses in order, each once (progress steps repeat one)."""
+    return [s["status"] for i, s in enumerate(seen)
+            if i == 0 or seen[i - 1]["status"] != s["status"]]
+
+
+async def test_transfers_are_jobs(dom: Dom, tmp_path: Path) -> None:
+    """A transfer is a job (type transfer, id = transferId): getJobs, job.status
+    on every change, progress, abortJob; finalized done, cancelled aborted,
+    expired failed."""
+    d = dom
+    size = 4 * MiB
+    img, vol = await d.volume(size)
+    async with d.c.notifications() as q:
+        t = await d.start(img, vol, "upload")
+        tid = t["transferId"]
+        job = (await d.c.call("getJobs", jobUUIDs=[tid]))[tid]
+        assert job["type"] == "transfer" and job["status"] == "running", job
+        assert job["progress"] == 0
+        status, body = d.request(t["url"], "PUT", body=os.urandom(MiB),
+                                 headers={"Content-Range": f"bytes 0-{MiB - 1}/*"})
+        assert status == 200, body
+        # a quarter of the volume moved (counted once the request ended,
+        # just after its reply)
+        deadline = asyncio.get_running_loop().time() + 10
+        while (await d.c.call("getJobs", jobUUIDs=[tid]))[tid]["progress"] != 25:
+            assert asyncio.get_running_loop().time() < deadline, "no progress 25"
+            await asyncio.sleep(0.05)
+        await d.c.call("finalizeTransfer", transferId=tid)
+        seen = await job_statuses(q, tid)
+    assert statuses(seen) == ["pending", "running", "done"], seen
+    assert seen[-1]["progress"] == 100 and seen[-1]["result"] == {"transferred": MiB}
+    assert tid in await d.c.call("getJobs")
+
+    # cancelTransfer: aborted
+    async with d.c.notifications() as q:
+        t = await d.start(img, vol, "download")
+        await d.c.call("cancelTransfer", transferId=t["transferId"])
+        seen = await job_statuses(q, t["transferId"])
+    assert statuses(seen) == ["pending", "running", "aborted"], seen
+    # abortJob closes the transfer: aborted, its ticket refused
+    t = await d.start(img, vol, "download")
+    job = await d.c.call("abortJob", jobUUID=t["transferId"])
+    assert job["status"] == "aborted", job
+    assert (await d.c.call("getTransfer", transferId=t["transferId"]))["state"] == "cancelled"
+    assert d.request(t["url"], "OPTIONS")[0] == 403
+    # an expired ticket: failed with 481
+    t = await d.start(img, vol, "download", inactivityTimeout=1)
+    job = await d.c.wait_job(t["transferId"], timeout=30, poll=0.2)
+    assert job["status"] == "failed" and job["error"]["code"] == 481, job
+    assert (await d.info(img, vol))["legality"] == "LEGAL"
