@@ -313,12 +313,16 @@ class TransferService:
 
     async def extents(self, t: Transfer, context: str) -> list[dict[str, Any]]:
         """imageio's extents: zero ({start, length, zero, hole}) or dirty
-        ({start, length, dirty, zero})."""
+        ({start, length, dirty, zero}). A dirty extent's zero is the guest's
+        view there, as imageio's nbd backend reports it (the dirty bitmap
+        over base:allocation): its client zeroes a dirty zero area instead of
+        reading it."""
         if context == "dirty":
             if t.dirty is None:
                 raise InvalidParameter(field="context",
                                        reason="the transfer was started without dirty")
-            return await self._map(t, dirty=True)
+            dirty = await self._map(t, dirty=True)
+            return _merge(_overlay(dirty, await self.extents(t, "zero")), "dirty")
         if t._extents is not None:
             return t._extents
         out = await self._map(t, dirty=False)
@@ -547,6 +551,29 @@ class TransferService:
                         e.message)
             t.error = e
             raise
+
+
+def _overlay(dirty: list[dict[str, Any]], zero: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Dirty extents cut where the zero extents change, each with the zero
+    flag of the area it covers (both lists cover the image from 0, sorted)."""
+    out: list[dict[str, Any]] = []
+    zi = 0
+    for d in dirty:
+        pos, end = d["start"], d["start"] + d["length"]
+        while pos < end:
+            while zi < len(zero) and zero[zi]["start"] + zero[zi]["length"] <= pos:
+                zi += 1
+            if zi == len(zero):     # past the zero map (not expected): data
+                stop, is_zero = end, False
+            elif zero[zi]["start"] > pos:    # a gap in the zero map: data
+                stop, is_zero = min(end, zero[zi]["start"]), False
+            else:
+                z = zero[zi]
+                stop, is_zero = min(end, z["start"] + z["length"]), bool(z["zero"])
+            out.append({"start": pos, "length": stop - pos, "dirty": d["dirty"],
+                        "zero": is_zero})
+            pos = stop
+    return out
 
 
 def _merge(extents: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
