@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import secrets
 import shutil
 import tempfile
@@ -61,6 +62,9 @@ KEEP_CLOSED = 3600.0      # s a closed transfer stays visible to getTransfer
 # connections one qemu-nbd serves at once: the data listener's, plus extents
 NBD_CLIENTS = 20
 DEFAULT_TTL = 24 * 3600.0
+# a backing file name in another image of the domain: ../<image uuid>/<volume uuid>
+TEMPLATE_BACKING = re.compile(r"\.\./[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
+                              r"[0-9a-f]{12}/[0-9a-f-]{36}")
 
 
 @dataclass(eq=False)
@@ -520,10 +524,12 @@ class TransferService:
                                                 f"volume's capacity {md.capacity}")
         backing = info.backing_filename
         expected = md.parent if md.has_parent else None
-        # the names the domains write: the parent's id, or ../image/id (a template)
+        # the names the domains write: the parent's id, or ../<image>/<id> (a
+        # template's volume in its own image); nothing else reaches out of the
+        # image's directory (../../<id> is out of the domain's images)
         if not (backing == expected or (
                 expected is not None and backing is not None
-                and backing.startswith("../") and backing.count("/") == 2
+                and TEMPLATE_BACKING.fullmatch(backing) is not None
                 and backing.endswith(f"/{expected}"))):
             raise ImageVerificationError(volUUID=t.vol,
                                          reason=f"backing file {backing!r}, the metadata "

@@ -9,6 +9,7 @@ import asyncio
 import http.client
 import json
 import os
+import struct
 import subprocess
 import urllib.parse
 import uuid
@@ -286,34 +287,76 @@ async def test_qcow2_file_upload_download(dom: Dom, tmp_path: Path) -> None:
     await d.c.call("finalizeTransfer", transferId=t["transferId"])
 
 
-@pytest.mark.parametrize("bad", ["backing-outside", "too-large", "not-qcow2"])
+def qcow2_bomb(path: Path, size: int, **fields: int) -> None:
+    """A small qcow2 of `size` whose header fields (l1_size,
+    refcount_table_clusters) announce tables far larger than the file."""
+    qemu_img("create", "-f", "qcow2", str(path), str(size))
+    offsets = {"l1_size": (36, ">I"), "refcount_table_clusters": (56, ">I")}
+    header = bytearray(path.read_bytes())
+    for name, value in fields.items():
+        offset, fmt = offsets[name]
+        struct.pack_into(fmt, header, offset, value)
+    path.write_bytes(header)
+
+
+@pytest.mark.parametrize("bad", ["backing-outside", "backing-escape", "too-large",
+                                 "not-qcow2", "l1-past-end", "l1-too-large",
+                                 "refcount-past-end", "refcount-too-large"])
 async def test_hostile_qcow2_upload_stays_illegal(dom: Dom, tmp_path: Path, bad: str) -> None:
+    """Refused at finalize (484), left ILLEGAL, removed by cancel. The
+    bombs: 192 KiB files whose L1 or refcount table (32 MiB, 8 MiB past the
+    file's end; 512 MiB, 1 TiB over qemu's own limits) `qemu-img info`
+    and `qemu-img check` must not trust."""
     d = dom
     size = 16 * MiB
     src = tmp_path / "bad.qcow2"
+    img, vol = new_id(), None
     if bad == "backing-outside":
         outside = tmp_path / "host-secret.raw"
         outside.write_bytes(b"secret" * 1000)
         qemu_img("create", "-f", "qcow2", "-b", str(outside), "-F", "raw", str(src),
                  str(size))
+    elif bad == "backing-escape":
+        # a layer over a parent in the image: its backing names the parent,
+        # but out of the images' directory (only the parent's own name, or a
+        # template's ../<image>/<volume>, is a volume of the domain)
+        img, parent = await d.volume(size)
+        vol, job = new_id(), new_id()
+        await d.c.call("createVolume", jobUUID=job, sdUUID=d.sd, imgUUID=img, volUUID=vol,
+                       size=size, format="cow", preallocate="sparse", parentVolUUID=parent)
+        assert (await d.c.wait_job(job, timeout=60, poll=0.5))["status"] == "done"
+        qemu_img("create", "-f", "qcow2", "-u", "-b", f"../../{parent}", "-F", "qcow2",
+                 str(src), str(size))
     elif bad == "too-large":
         # a header announcing more than the volume's capacity
         qemu_img("create", "-f", "qcow2", str(src), str(1024 * GiB))
+    elif bad == "l1-past-end":
+        qcow2_bomb(src, size, l1_size=4 * 1024 * 1024)
+    elif bad == "l1-too-large":
+        qcow2_bomb(src, size, l1_size=64 * 1024 * 1024)
+    elif bad == "refcount-past-end":
+        qcow2_bomb(src, size, refcount_table_clusters=128)
+    elif bad == "refcount-too-large":
+        qcow2_bomb(src, size, refcount_table_clusters=0xffffff)
     else:
         src.write_bytes(os.urandom(MiB))
-    img, vol = await d.volume(size)
+    if vol is None:
+        img, vol = await d.volume(size)
     t = await d.start(img, vol, "upload", format="qcow2")
     put_file(d, t["url"], src)
     with pytest.raises(RpcError) as e:
         await d.c.call("finalizeTransfer", transferId=t["transferId"])
     assert e.value.code == 484, e.value
+    if bad.startswith("backing"):
+        # refused for its backing file itself, before qemu-img opens it
+        assert "the metadata says" in e.value.message, e.value
     assert (await d.info(img, vol))["legality"] == "ILLEGAL"
     got = await d.c.call("getTransfer", transferId=t["transferId"])
     assert got["active"] is False and got["error"]["code"] == 484
     # a failed upload can be cancelled: its volume goes
     got = await d.c.call("cancelTransfer", transferId=t["transferId"])
     assert got["state"] == "cancelled"
-    assert img not in await d.c.call("getImagesList", sdUUID=d.sd)
+    assert vol not in await d.c.call("getVolumesList", sdUUID=d.sd)
 
 
 async def test_incremental_download_reads_only_changes(dom: Dom, tmp_path: Path) -> None:
