@@ -26,7 +26,7 @@ from storage.leases import Backend, LeaseManager, LocalBackend, SanlockBackend
 from storage.leases.lockholder import LockHolder
 from storage.locks import LockManager
 from storage.thin import ThinPolicy
-from storage.transfers import TransferService
+from storage.transfers import TicketLimits, TransferService
 
 log = logging.getLogger("agent.context")
 
@@ -114,7 +114,10 @@ class Agent:
                                                        job.params["memory"]["metaVolUUID"])],
                                    job.started))
         transfers = TransferService(
-            domains, publish=events.publish,
+            domains, publish=events.publish, limits=TicketLimits(
+                ticket_lifetime=config.transfers.ticket_lifetime,
+                inactivity_timeout=config.transfers.inactivity_timeout,
+                max_inactivity_timeout=config.transfers.max_inactivity_timeout),
             count_bytes=lambda d, n: metrics.transfer_bytes.labels(d).inc(n))
         transferjobs.attach(jobs, transfers)
         return cls(config=config, events=events, metrics=metrics, jobs=jobs, host=host,

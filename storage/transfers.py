@@ -61,10 +61,28 @@ PROGRESS_INTERVAL = 1.0   # s between transfer.progress notifications of one tra
 KEEP_CLOSED = 3600.0      # s a closed transfer stays visible to getTransfer
 # connections one qemu-nbd serves at once: the data listener's, plus extents
 NBD_CLIENTS = 20
-DEFAULT_TTL = 24 * 3600.0
 # a backing file name in another image of the domain: ../<image uuid>/<volume uuid>
 TEMPLATE_BACKING = re.compile(r"\.\./[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
                               r"[0-9a-f]{12}/[0-9a-f-]{36}")
+
+
+@dataclass(frozen=True)
+class TicketLimits:
+    """A ticket's lifetime, and its inactivity timeout: the default and the
+    most a startTransfer may ask (the agent's [transfers] settings)."""
+
+    ticket_lifetime: float = 24 * 3600.0
+    inactivity_timeout: float = 60.0
+    max_inactivity_timeout: float = 24 * 3600.0
+
+    def inactivity(self, asked: float | None) -> float:
+        if asked is None:
+            return self.inactivity_timeout
+        if asked > self.max_inactivity_timeout:
+            raise InvalidParameter(field="inactivityTimeout",
+                                   reason=f"more than {self.max_inactivity_timeout:g} s "
+                                          "(transfers.max_inactivity_timeout)")
+        return asked
 
 
 @dataclass(eq=False)
@@ -114,7 +132,7 @@ class Transfer:
                                "format": self.format, "sdUUID": self.sd, "imgUUID": self.img,
                                "volUUID": self.vol, "state": self.state,
                                "active": self.state == "open", "transferred": self.transferred,
-                               "expires": self.expires}
+                               "expires": self.expires, "inactivityTimeout": self.inactivity}
         if self.error is not None:
             out["error"] = {"code": self.error.code, "message": self.error.message}
         return out
@@ -124,13 +142,14 @@ class TransferService:
     def __init__(self, domains: DomainManager, *,
                  publish: Callable[[str, dict[str, Any]], None] | None = None,
                  count_bytes: Callable[[str, int], None] | None = None,
-                 ttl: float = DEFAULT_TTL, runner: commands.Runner = commands.run) -> None:
+                 limits: TicketLimits | None = None,
+                 runner: commands.Runner = commands.run) -> None:
         """publish(method, params): a notification; count_bytes(direction, n):
         the metric (both wired by agent.context)."""
         self.domains = domains
         self.publish = publish
         self.count_bytes = count_bytes
-        self.ttl = ttl
+        self.limits = limits or TicketLimits()
         self.runner = runner
         self.transfers: dict[str, Transfer] = {}
         self.tickets: dict[str, Transfer] = {}     # by ticket, while open
@@ -143,8 +162,11 @@ class TransferService:
     # ---- verbs ---------------------------------------------------------------------------
 
     async def start(self, sd: str, img: str, vol: str, direction: str, fmt: str,
-                    dirty: str | None, inactivity: float) -> Transfer:
+                    dirty: str | None, inactivity: float | None) -> Transfer:
+        """inactivity: seconds without a request before the ticket closes
+        (None: the configured default)."""
         self._prune()
+        inactivity = self.limits.inactivity(inactivity)
         if dirty is not None:
             commands.check_arg(dirty, "dirty")
             if fmt != "raw":
@@ -176,7 +198,8 @@ class TransferService:
                                            reason=f"volume {m.uuid} of the chain is not LEGAL")
         t = Transfer(id=str(uuid.uuid4()), ticket=secrets.token_urlsafe(24), sd=sd, img=img,
                      vol=vol, direction=direction, format=fmt, dirty=dirty, inactivity=inactivity,
-                     expires=time.time() + self.ttl, domain=domain, md=md)
+                     expires=time.time() + self.limits.ticket_lifetime, domain=domain,
+                     md=md)
         self.transfers[t.id] = t
         self.tickets[t.ticket] = t
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -11,6 +11,7 @@ import json
 import os
 import struct
 import subprocess
+import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -538,3 +539,42 @@ async def test_transfers_are_jobs(dom: Dom, tmp_path: Path) -> None:
     job = await d.c.wait_job(t["transferId"], timeout=30, poll=0.2)
     assert job["status"] == "failed" and job["error"]["code"] == 481, job
     assert (await d.info(img, vol))["legality"] == "LEGAL"
+
+
+async def test_ticket_limits_from_config(
+        make_fs_mount: Callable[..., Any], agent_factory: Callable[..., AgentProcess],
+        tmp_path: Path) -> None:
+    """[transfers]: a ticket closes at ticket_lifetime however busy; without
+    inactivityTimeout a transfer gets inactivity_timeout; more than
+    max_inactivity_timeout is refused (1000)."""
+    conf = tmp_path / "hostagent.toml"
+    conf.write_text("[transfers]\nticket_lifetime = 3\ninactivity_timeout = 30\n"
+                    "max_inactivity_timeout = 40\n")
+    fs = make_fs_mount("ext4", size=256 * MiB)
+    agent = agent_factory(tmp_path / "state", extra_args=("--config", str(conf)))
+    conn = {"id": new_id(), "connection": str(fs.path)}
+    sd = new_id()
+    async with agent.client() as c:
+        await c.call("connectStorageServer", domType="localfs", connectionParams=[conn])
+        await c.call("createStorageDomain", sdUUID=sd, domType="localfs", name="xfer",
+                     connectionId=conn["id"], ovfStore=False)
+        d = Dom(agent, c, sd)
+        img, vol = await d.volume(4 * MiB)
+        with pytest.raises(RpcError) as e:
+            await d.start(img, vol, "download", inactivityTimeout=41)
+        assert e.value.code == 1000 and "max_inactivity_timeout" in e.value.message
+        before = time.time()
+        t = await d.start(img, vol, "download")
+        assert before + 3 - 1 <= t["expires"] <= time.time() + 3 + 1, t
+        got = await c.call("getTransfer", transferId=t["transferId"])
+        assert got["inactivityTimeout"] == 30 and got["active"] is True
+        # requests all along: the ticket still closes at its lifetime
+        deadline = time.monotonic() + 20
+        while d.request(t["url"], "GET", headers={"Range": "bytes=0-4095"})[0] == 206:
+            assert time.monotonic() < deadline, "the ticket never closed"
+        assert time.time() >= t["expires"]
+        job = await c.wait_job(t["transferId"], timeout=10, poll=0.2)
+        assert job["status"] == "failed" and job["error"]["code"] == 481, job
+        assert "expired" in job["error"]["message"], job
+        await c.call("formatStorageDomain", sdUUID=sd)
+        await c.call("disconnectStorageServer", domType="localfs", connectionParams=[conn])
