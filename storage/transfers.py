@@ -272,18 +272,22 @@ class TransferService:
                              return_exceptions=True)
 
     async def recover(self, params: dict[str, Any]) -> None:
-        """After a crash: the upload of a transfer that never closed is
-        removed, as cancelTransfer would (its ticket died with the agent, so
-        nobody can finish it); a volume it had made LEGAL is kept."""
-        if params.get("direction") != "upload":
-            return
+        """After a crash, what a transfer that never closed left: its chain's
+        LVs (block) that the dead agent had active and nothing prepared
+        uses are deactivated, as its close would have; an upload is removed,
+        as cancelTransfer would (its ticket died with the agent, so nobody
+        can finish it); a volume it had made LEGAL is kept."""
         sd, img, vol = str(params["sdUUID"]), str(params["imgUUID"]), str(params["volUUID"])
         try:
-            md = await (await self.domains.active_domain(sd)).volume(img, vol)
+            domain = await self.domains.active_domain(sd)
+            chain = await domain.chain(img, vol)
+            # one use and its release: LVs that only the transfer used go
+            async with self.domains.using(domain, chain):
+                pass
         except HostAgentError as e:
-            log.warning("Interrupted upload %s/%s/%s: %s", sd, img, vol, e.message)
+            log.warning("Interrupted transfer of %s/%s/%s: %s", sd, img, vol, e.message)
             return
-        if md.legality != ILLEGAL:
+        if params.get("direction") != "upload" or chain[-1].legality != ILLEGAL:
             return
         log.warning("Removing volume %s/%s/%s of an interrupted upload", sd, img, vol)
         try:
