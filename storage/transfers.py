@@ -17,8 +17,10 @@ checked what was written (`qemu-img info` under resource limits, the format
 and backing file the metadata records, the virtual size, `qemu-img check`);
 then LEGAL with a new generation, in one metadata write under the lease.
 cancelTransfer removes an upload's volume. A crash leaves no lease (it dies
-with the process) and nothing recorded as prepared; an upload's volume stays
-ILLEGAL.
+with the process) and nothing recorded as prepared; each transfer is a job
+(agent/transferjobs.py) whose record is on disk before the volume changes,
+and its recovery at the next start (recover) deactivates what the transfer
+had active and removes an upload left ILLEGAL.
 """
 
 from __future__ import annotations
