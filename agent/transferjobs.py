@@ -34,7 +34,7 @@ def attach(jobs: JobRegistry, transfers: TransferService) -> None:
                 raise
             if t.state == "finished":
                 return {"transferred": t.transferred}
-            if t.state == "cancelled":
+            if t.state == "cancelled" and t.error is None:
                 # cancelTransfer: reported as an aborted job, as abortJob's
                 # (the registry's way to end a job aborted)
                 ctx.job.abort_requested = True

@@ -264,10 +264,12 @@ class TransferService:
         return t.info()
 
     async def stop(self) -> None:
-        """Agent shutdown: every open transfer is closed (uploads stay ILLEGAL)."""
+        """Agent shutdown: every open transfer is closed, an upload's volume
+        removed as cancelTransfer would (its ticket ends with the agent:
+        nobody can finish it; after a crash, recover does the same)."""
         for t in list(self.transfers.values()):
             if t.state == "open":
-                t.state = "expired"
+                t.state = "cancelling" if t.writable else "expired"
                 t.error = TransferTicketError(reason="the agent stopped")
                 t._wake.set()
         await asyncio.gather(*(t._task for t in self.transfers.values() if t._task),

@@ -583,3 +583,42 @@ async def test_ticket_limits_from_config(
         assert "expired" in job["error"]["message"], job
         await c.call("formatStorageDomain", sdUUID=sd)
         await c.call("disconnectStorageServer", domType="localfs", connectionParams=[conn])
+
+
+async def test_agent_stopped_with_upload_open_removes_it(
+        make_fs_mount: Callable[..., Any], agent_factory: Callable[..., AgentProcess],
+        tmp_path: Path) -> None:
+    """SIGTERM with an upload and a download open: the agent exits 0, the
+    upload's volume is removed as a cancel would (nobody can finish it once
+    its ticket is gone, as after a crash), the download's kept; both jobs
+    failed (481, the agent stopped)."""
+    fs = make_fs_mount("ext4", size=256 * MiB)
+    agent = agent_factory(tmp_path / "state")
+    conn = {"id": new_id(), "connection": str(fs.path)}
+    sd = new_id()
+    async with agent.client() as c:
+        await c.call("connectStorageServer", domType="localfs", connectionParams=[conn])
+        await c.call("createStorageDomain", sdUUID=sd, domType="localfs", name="xfer",
+                     connectionId=conn["id"], ovfStore=False)
+        d = Dom(agent, c, sd)
+        img, vol = await d.volume(16 * MiB)
+        kept_img, kept = await d.volume(16 * MiB)
+        up = await d.start(img, vol, "upload")
+        status, _ = d.request(up["url"], "PUT", body=os.urandom(MiB),
+                              headers={"Content-Range": f"bytes 0-{MiB - 1}/*"})
+        assert status == 200
+        down = await d.start(kept_img, kept, "download")
+    assert agent.stop() == 0
+    assert not qemu_nbd_of(vol) and not qemu_nbd_of(kept)
+    agent = agent_factory(agent.state_dir, port=agent.port)
+    async with agent.client() as c:
+        d = Dom(agent, c, sd)
+        jobs = await c.call("getJobs", jobUUIDs=[up["transferId"], down["transferId"]])
+        assert len(jobs) == 2, jobs
+        for job in jobs.values():
+            assert job["status"] == "failed" and job["error"]["code"] == 481, job
+            assert "the agent stopped" in job["error"]["message"], job
+        assert img not in await c.call("getImagesList", sdUUID=sd)
+        assert (await d.info(kept_img, kept))["legality"] == "LEGAL"
+        await c.call("formatStorageDomain", sdUUID=sd)
+        await c.call("disconnectStorageServer", domType="localfs", connectionParams=[conn])
