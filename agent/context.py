@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import transferjobs
 from agent.config import Config
 from agent.events import EventBus
 from agent.host import Host
@@ -25,7 +26,7 @@ from storage.leases import Backend, LeaseManager, LocalBackend, SanlockBackend
 from storage.leases.lockholder import LockHolder
 from storage.locks import LockManager
 from storage.thin import ThinPolicy
-from storage.transfers import TransferService
+from storage.transfers import TicketLimits, TransferService
 
 log = logging.getLogger("agent.context")
 
@@ -112,11 +113,16 @@ class Agent:
                                              for v in (job.params["memory"]["dumpVolUUID"],
                                                        job.params["memory"]["metaVolUUID"])],
                                    job.started))
+        transfers = TransferService(
+            domains, publish=events.publish, limits=TicketLimits(
+                ticket_lifetime=config.transfers.ticket_lifetime,
+                inactivity_timeout=config.transfers.inactivity_timeout,
+                max_inactivity_timeout=config.transfers.max_inactivity_timeout),
+            count_bytes=lambda d, n: metrics.transfer_bytes.labels(d).inc(n))
+        transferjobs.attach(jobs, transfers)
         return cls(config=config, events=events, metrics=metrics, jobs=jobs, host=host,
                    locks=locks, connections=connections, domains=domains, leases=leases,
-                   ovf=ovf, transfers=TransferService(
-                       domains, publish=events.publish,
-                       count_bytes=lambda d, n: metrics.transfer_bytes.labels(d).inc(n)))
+                   ovf=ovf, transfers=transfers)
 
     async def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
