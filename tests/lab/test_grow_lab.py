@@ -1,0 +1,197 @@
+"""Growing a block domain and wiping its volumes, on multipath iSCSI in the
+lab guest (issue 17):
+
+- a domain on one LUN; extendStorageDomain adds a second LUN (again: nothing
+  changes); the domain metadata lists both PVs; a volume larger than the
+  first LUN's free space is made in the new space;
+- the array grows that LUN (tgtd: file truncated larger, LU re-added);
+  getDeviceList(refresh) shows the new capacity; resizePV: the domain's
+  free space grows by exactly the PV's growth while a prepared volume stays
+  active and reads the same;
+- wipe: after deleteVolume / deleteImage with wipe, the volumes' former
+  extents read zeros on the LUN; a volume deleted without wipe leaves its
+  data there (what wipe is for).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rpc.client import Client
+from tests.integration.test_domains_file import create_volume, new_id, run_job
+from tests.lab import guestlib as g
+from tests.lab.test_connections_lab import disconnect_all
+from tests.lab.test_domains_block_lab import (
+    connect_luns,
+    deactivate_vgs,
+    lvs,
+    read_slots,
+    start,
+)
+
+MiB = 1 << 20
+EXTENT = 8 * MiB        # the lab agents' block_extent_size
+
+
+def dev(path: str) -> str:
+    """A block device by its node (/dev/dm-N): lvm may name a map either way."""
+    return os.path.realpath(path)
+
+
+def pvs(vg: str) -> dict[str, dict[str, int]]:
+    """{device node: {size, free, pe_start}} of the VG's PVs, as lvm reports them."""
+    out = g.lvm("pvs", "--reportformat", "json", "--units", "b", "--nosuffix",
+                "-o", "pv_name,vg_name,pv_size,pv_free,pe_start")
+    return {dev(r["pv_name"]): {"size": int(r["pv_size"]), "free": int(r["pv_free"]),
+                                "pe_start": int(r["pe_start"])}
+            for r in json.loads(out)["report"][0]["pv"] if r["vg_name"] == vg}
+
+
+def extents(vg: str, lv: str) -> list[tuple[str, int, int]]:
+    """(PV device node, first extent, last extent) of each segment of vg/lv
+    (`lvs -o seg_pe_ranges`)."""
+    out = g.lvm("lvs", "--reportformat", "json", "--segments", "-o", "seg_pe_ranges",
+                f"{vg}/{lv}")
+    report = json.loads(out)["report"][0]
+    ranges = []
+    for row in report.get("seg") or report.get("lv") or []:
+        for part in row["seg_pe_ranges"].split():
+            path, _, span = part.rpartition(":")
+            first, _, last = span.partition("-")
+            ranges.append((dev(path), int(first), int(last)))
+    assert ranges, out
+    return ranges
+
+
+def read_extents(vg: str, ranges: list[tuple[str, int, int]]) -> bytes:
+    """What the LUNs hold at those extents (read from the multipath maps
+    with O_DIRECT, past the LV layer)."""
+    starts = {dev: pv["pe_start"] for dev, pv in pvs(vg).items()}
+    data = b""
+    for node, first, last in ranges:
+        data += g.direct_read(node, (last - first + 1) * EXTENT,
+                              starts[node] + first * EXTENT)
+    return data
+
+
+def pattern(size: int, seed: int) -> bytes:
+    block = bytes((seed + i) % 251 for i in range(4096))
+    return block * (size // 4096)
+
+
+SPACE = ("capacity", "free", "used", "volumes")
+
+
+async def stats(c: Client, sd: str) -> dict[str, Any]:
+    return {k: v for k, v in (await c.call("getStorageDomainStats", sdUUID=sd)).items()
+            if k in SPACE}
+
+
+async def written_volume(c: Client, sd: str, size: int, seed: int) -> tuple[str, str]:
+    """A raw volume filled with pattern(seed), torn down again."""
+    img, vol = new_id(), new_id()
+    await create_volume(c, sd, img, vol, size=size, fmt="raw", prealloc="preallocated")
+    path = (await c.call("prepareImage", sdUUID=sd, imgUUID=img, volUUID=vol,
+                         purpose="copy"))["path"]
+    g.direct_write(path, pattern(size, seed))
+    await c.call("teardownImage", sdUUID=sd, imgUUID=img, volUUID=vol)
+    return img, vol
+
+
+@pytest.mark.timeout(600)
+async def test_extend_resize_and_wipe(make_target: Callable[..., g.Target],
+                                      target_server: g.TargetServer,
+                                      multipathd: g.Multipathd, tmp_path: Path,
+                                      host_scratch: Path) -> None:
+    target = make_target("grow", (512 * MiB, 768 * MiB), lun_dir=host_scratch)
+    agent = start(tmp_path / "agent", monitor_interval=60)
+    sd = new_id()
+    try:
+        async with agent.client() as c:
+            _, [first, second] = await connect_luns(c, target)
+            lun1, lun2 = dev(first["path"]), dev(second["path"])
+            await c.call("createStorageDomain", sdUUID=sd, domType="iscsi", name="grow",
+                         devices=[first["guid"]], ovfStore=False)
+            before = await stats(c, sd)
+            assert list(pvs(sd)) == [lun1]
+
+            # ---- a second LUN -----------------------------------------------------
+            after = await c.call("extendStorageDomain", sdUUID=sd, devices=[second["guid"]])
+            added = pvs(sd)[lun2]
+            assert set(pvs(sd)) == {lun1, lun2}
+            assert after["capacity"] == before["capacity"] + added["size"], (before, after)
+            assert after["free"] == before["free"] + added["size"], (before, after)
+            # again: nothing changes
+            again = await c.call("extendStorageDomain", sdUUID=sd, devices=[second["guid"]])
+            assert {k: again[k] for k in SPACE} == {k: after[k] for k in SPACE}
+            assert set(pvs(sd)) == {lun1, lun2}
+            # the domain metadata (slot 0 of the metadata LV) lists both PVs
+            md = read_slots(sd, 1)[:4096].decode(errors="replace")
+            [listed] = [ln[4:] for ln in md.splitlines() if ln.startswith("PVS=")]
+            assert sorted(p.split(":")[0] for p in listed.split(",")) == sorted(
+                [os.path.basename(first["path"]), os.path.basename(second["path"])]), md
+            # the new space is used: a volume larger than the first LUN's free space
+            big_img, big = new_id(), new_id()
+            first_free = pvs(sd)[lun1]["free"]
+            await create_volume(c, sd, big_img, big, size=first_free + 64 * MiB, fmt="raw",
+                                prealloc="preallocated")
+            assert lun2 in {node for node, _, _ in extents(sd, big)}
+
+            # ---- the array grows the second LUN -----------------------------------
+            ref = {"sdUUID": sd, "imgUUID": big_img, "volUUID": big}
+            path = (await c.call("prepareImage", **ref, purpose="vm"))["path"]
+            data = pattern(4 * MiB, 7)
+            g.direct_write(path, data, offset=first_free)   # on the second LUN
+            pv_before = pvs(sd)[lun2]
+            space_before = await stats(c, sd)
+            target_server.grow_lun(target, 2, 1024 * MiB)
+            multipathd.wait_active_paths(second["guid"], len(g.PORTALS))
+            [seen] = await c.call("getDeviceList", guids=[second["guid"]], refresh=True)
+            assert seen["capacity"] == 1024 * MiB, seen
+            assert {p["capacity"] for p in seen["pathstatus"]} == {1024 * MiB}, seen
+            resized = await c.call("resizePV", sdUUID=sd, guid=second["guid"])
+            pv_after = pvs(sd)[lun2]
+            grown = pv_after["size"] - pv_before["size"]
+            assert grown == 256 * MiB, (pv_before, pv_after)
+            assert resized["size"] == pv_after["size"]
+            assert resized["free"] == space_before["free"] + grown, (space_before, resized)
+            assert resized["capacity"] == space_before["capacity"] + grown
+            # the prepared volume stayed active and reads what was written
+            assert lvs(sd)[big]["active"]
+            assert g.direct_read(path, len(data), first_free) == data
+            await c.call("teardownImage", **ref)
+
+            # ---- wipe -------------------------------------------------------------
+            size = 4 * EXTENT
+            kept_img, kept = await written_volume(c, sd, size, 1)
+            wiped_img, wiped = await written_volume(c, sd, size, 2)
+            job_img, job_vol = await written_volume(c, sd, size, 3)
+            places = {v: extents(sd, v) for v in (kept, wiped, job_vol)}
+            for v, seed in ((kept, 1), (wiped, 2), (job_vol, 3)):
+                assert read_extents(sd, places[v]) == pattern(size, seed)
+            await c.call("deleteVolume", sdUUID=sd, imgUUID=kept_img, volUUID=kept)
+            await c.call("deleteVolume", sdUUID=sd, imgUUID=wiped_img, volUUID=wiped,
+                         wipe=True)
+            info = await run_job(c, "deleteImage", sdUUID=sd, imgUUID=job_img, wipe=True)
+            assert info["status"] == "done", info
+            names = set(lvs(sd))
+            assert not {kept, wiped, job_vol} & names, names
+            zeros = bytes(size)
+            assert read_extents(sd, places[wiped]) == zeros
+            assert read_extents(sd, places[job_vol]) == zeros
+            # without wipe the data stays on the LUN
+            assert read_extents(sd, places[kept]) == pattern(size, 1)
+
+            await c.call("formatStorageDomain", sdUUID=sd)
+            for st in await disconnect_all(c):
+                assert st["status"] == 0, st
+    finally:
+        rc = agent.stop()
+        deactivate_vgs(sd)
+        assert rc == 0, f"agent exit status {rc}; log:\n{agent.log()}"
