@@ -29,11 +29,11 @@ import logging
 import mmap
 import os
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from storage import commands, devices, lvm, qemuimg
+from storage import commands, devices, lvm, multipath, qemuimg
 from storage.domains.base import Domain, VmAccess, check_generation, os_error, read_check
 from storage.errors import (
     CouldNotResizePhysicalVolume,
@@ -186,10 +186,28 @@ class VolumeLV:
                    wipe=WIPE in tags)
 
 
-def pv_list(pvs: Iterable[lvm.PV]) -> str:
-    """The PVS value of the domain metadata: "<device name>:<pv uuid>" of
-    each PV (the multipath map's name is the LUN's WWID), sorted."""
-    return ",".join(sorted(f"{os.path.basename(pv.name)}:{pv.uuid}" for pv in pvs))
+def lun_id(path: str, sysfs: str = "/sys") -> str:
+    """The WWID of a multipath map (its dm uuid is "mpath-<wwid>"), the same
+    on every host whatever the map is called there; else the device's name."""
+    name = os.path.basename(os.path.realpath(path))
+    try:
+        with open(f"{sysfs}/block/{name}/dm/uuid") as f:
+            uuid = f.read().strip()
+    except OSError:
+        uuid = ""
+    return uuid[len("mpath-"):] if uuid.startswith("mpath-") else os.path.basename(path)
+
+
+def pv_list(pvs: Iterable[lvm.PV], ids: Mapping[str, str]) -> str:
+    """The PVS value of the domain metadata: "<LUN id>:<pv uuid>" of each PV
+    (`ids`: device path -> WWID), sorted."""
+    return ",".join(sorted(f"{ids.get(pv.name, os.path.basename(pv.name))}:{pv.uuid}"
+                           for pv in pvs))
+
+
+def pvs_ids(value: str) -> list[str]:
+    """The LUN ids of a PVS value."""
+    return [entry.rpartition(":")[0] for entry in value.split(",") if entry]
 
 
 def new_devices(vg: str, wanted: Sequence[str], pvs: Iterable[lvm.PV]
@@ -378,7 +396,7 @@ class BlockDomain(Domain):
         await lvm_.pvcreate(devices, metadata_size=mda_size, force=force)
         await lvm_.vgcreate(vg, devices, extent_size=extent_size,
                             tags=[VG_TAG, INITIALIZING])
-        md.pvs = pv_list(await lvm_.pvs(vg))
+        md.pvs = await _pv_list(await lvm_.pvs(vg))
         lease_size = lease_size or extent_size
         await lvm_.lvcreate(vg, METADATA_LV, metadata_size)
         await lvm_.lvcreate(vg, IDS_LV, lease_size)
@@ -737,7 +755,7 @@ class BlockDomain(Domain):
 
     async def _record_pvs(self) -> None:
         md = await self.read_domain_md()
-        listed = pv_list(await self.lvm.pvs(self.vg))
+        listed = await _pv_list(await self.lvm.pvs(self.vg))
         if md.pvs != listed:
             await self.write_domain_md(replace(md, pvs=listed))
 
@@ -878,7 +896,31 @@ class BlockDomain(Domain):
 
     async def space(self) -> dict[str, int]:
         vg = await self.lvm.vg(self.vg)
+        if vg.pv_count > len(self.lvm.devices or ()) and await self.follow_pvs():
+            vg = await self.lvm.vg(self.vg)
         return {"capacity": vg.size, "free": vg.free, "used": vg.size - vg.free}
+
+    async def follow_pvs(self) -> bool:
+        """Another host added LUNs to the domain (its VG has more PVs than
+        this host's filter lets LVM see, so LVM finds it partial and changes
+        nothing): add the maps of the LUNs the domain metadata lists (PVS)
+        to the filter. Run from the domain monitor's space check. True if
+        the filter changed."""
+        md = await self.read_domain_md()
+        maps = {m.wwid: f"/dev/mapper/{m.name}"
+                for m in await multipath.maps(timeout=self.io.timeout, runner=self.runner)}
+        have = self.lvm.devices or ()
+        new = [maps[i] for i in pvs_ids(md.pvs) if i in maps and maps[i] not in have]
+        missing = [i for i in pvs_ids(md.pvs) if i not in maps]
+        if missing:
+            log.warning("Domain %s: LUNs %s are not visible on this host", self.uuid,
+                        ", ".join(missing))
+        if not new:
+            return False
+        self.lvm.set_devices([*have, *new])
+        self.md = md
+        log.info("Domain %s: LUNs added by another host: %s", self.uuid, ", ".join(new))
+        return True
 
     async def remove_image_dir(self, img: str) -> None:
         return None   # an image is only the IU_ tags of its volumes
@@ -945,6 +987,11 @@ async def _sector_size(device: str, runner: commands.Runner) -> int:
     except ValueError:
         raise InvalidParameter(field="devices",
                                reason=f"blockdev --getss {device}: {r.text.strip()!r}") from None
+
+
+async def _pv_list(pvs: Sequence[lvm.PV]) -> str:
+    ids = await asyncio.to_thread(lambda: {pv.name: lun_id(pv.name) for pv in pvs})
+    return pv_list(pvs, ids)
 
 
 async def _check_blank(device: str, timeout: float, runner: commands.Runner) -> None:

@@ -131,11 +131,15 @@ async def test_extend_resize_and_wipe(make_target: Callable[..., g.Target],
             again = await c.call("extendStorageDomain", sdUUID=sd, devices=[second["guid"]])
             assert {k: again[k] for k in SPACE} == {k: after[k] for k in SPACE}
             assert set(pvs(sd)) == {lun1, lun2}
-            # the domain metadata (slot 0 of the metadata LV) lists both PVs
+            # the domain metadata (slot 0 of the metadata LV) lists both LUNs by
+            # WWID (map names differ between hosts) with their PV uuids
             md = read_slots(sd, 1)[:4096].decode(errors="replace")
             [listed] = [ln[4:] for ln in md.splitlines() if ln.startswith("PVS=")]
             assert sorted(p.split(":")[0] for p in listed.split(",")) == sorted(
-                [os.path.basename(first["path"]), os.path.basename(second["path"])]), md
+                [first["guid"], second["guid"]]), md
+            assert {p.split(":")[1] for p in listed.split(",")} == {
+                lun["pvUUID"] for lun in await c.call(
+                    "getDeviceList", guids=[first["guid"], second["guid"]])}, md
             # the new space is used: a volume larger than the first LUN's free space
             big_img, big = new_id(), new_id()
             first_free = pvs(sd)[lun1]["free"]

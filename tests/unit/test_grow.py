@@ -50,8 +50,25 @@ def test_new_devices_refuse_a_pv_of_another_vg() -> None:
     assert e.value.fields["devices"] == OTHER and "vg-of-someone" in e.value.message
 
 
-def test_pv_list_is_sorted_names_and_uuids() -> None:
-    assert bd.pv_list([pv(NEW, SD, "u2"), pv(OLD, SD, "u1")]) == "3600a:u1,3600b:u2"
+def test_pv_list_names_luns_by_wwid() -> None:
+    listed = bd.pv_list([pv(NEW, SD, "u2"), pv(OLD, SD, "u1")],
+                        {NEW: "36001405b", OLD: "36001405a"})
+    assert listed == "36001405a:u1,36001405b:u2"
+    assert bd.pvs_ids(listed) == ["36001405a", "36001405b"]
+    assert bd.pvs_ids("") == []
+
+
+def test_lun_id_of_a_multipath_map(tmp_path: Path) -> None:
+    (tmp_path / "block" / "dm-3" / "dm").mkdir(parents=True)
+    (tmp_path / "block" / "dm-3" / "dm" / "uuid").write_text("mpath-36001405abc\n")
+    (tmp_path / "block" / "dm-4" / "dm").mkdir(parents=True)
+    (tmp_path / "block" / "dm-4" / "dm" / "uuid").write_text("LVM-xyz\n")
+    link = tmp_path / "mpatha"
+    link.symlink_to("/dev/dm-3")
+    assert bd.lun_id(str(link), sysfs=str(tmp_path)) == "36001405abc"
+    other = tmp_path / "lv"
+    other.symlink_to("/dev/dm-4")
+    assert bd.lun_id(str(other), sysfs=str(tmp_path)) == "lv"
 
 
 class GrowLVM(FakeLVM):
@@ -77,6 +94,16 @@ class GrowLVM(FakeLVM):
             if sig is None:
                 return commands.CommandResult(tuple(argv), 2, b"", b"")
             out = f"DEVNAME={argv[-1]}\nTYPE={sig}\n"
+        elif argv[:3] == ["multipathd", "show", "maps"]:
+            self.ops.append("maps")
+            out = "".join(f"{d.rsplit('/', 1)[1]}|{d.rsplit('/', 1)[1]}|dm-0|2|active\n"
+                          for d in self.pvs)
+        elif argv[0] == "lvm" and argv[1] == "vgs":
+            vg = {"vg_name": SD, "vg_uuid": "", "vg_attr": "wz--n-", "vg_size": "100",
+                  "vg_free": "10", "vg_extent_size": "1", "vg_extent_count": "100",
+                  "vg_free_count": "10", "vg_tags": "", "pv_count": str(len(self.pvs)),
+                  "lv_count": "0", "vg_mda_size": "1", "vg_mda_free": "1"}
+            out = json.dumps({"report": [{"vg": [vg]}]})
         elif argv[0] == "lvm" and argv[1] in ("pvs", "pvcreate", "vgextend", "pvresize"):
             op, args = argv[1], argv[4:]
             self.ops.append(op)
@@ -116,11 +143,29 @@ async def test_add_devices_then_again_changes_nothing(grow: FileBlockDomain) -> 
     assert fake.pvs == {OLD: SD, NEW: SD}
     assert [o for o in fake.ops if o in ("pvcreate", "vgextend")] == ["pvcreate", "vgextend"]
     # the domain metadata on storage lists both PVs; this host's filter has both
+    # (not multipath maps here: named by their device names)
     assert (await grow.read_domain_md()).pvs == "3600a:uuid-a,3600b:uuid-b"
     assert grow.lvm.devices == (OLD, NEW)
     fake.ops.clear()
     await grow.add_devices([NEW, OLD], timeout=10)
     assert not [o for o in fake.ops if o in ("pvcreate", "vgextend", "blkid")], fake.ops
+
+
+async def test_space_follows_luns_another_host_added(grow: FileBlockDomain) -> None:
+    """Host B's domain object sees only the first LUN; host A added a second
+    (PVS names it): B's space check adds it to B's filter."""
+    fake: GrowLVM = grow.runner   # type: ignore[assignment]
+    fake.pvs[NEW] = SD
+    md = replace(grow.md, pvs="3600a:uuid-a,3600b:uuid-b")
+    bd._write_slot(grow.md_path, bd.DOMAIN_SLOT, bd.encode_copy(md.encode()))
+    assert grow.lvm.devices == (OLD,)
+    await grow.space()
+    assert grow.lvm.devices == (OLD, NEW)
+    assert grow.md.pvs == md.pvs and "maps" in fake.ops
+    # in step now: no map listing
+    fake.ops.clear()
+    await grow.space()
+    assert grow.lvm.devices == (OLD, NEW) and "maps" not in fake.ops, fake.ops
 
 
 async def test_add_devices_takes_an_orphan_pv_without_pvcreate(grow: FileBlockDomain) -> None:
