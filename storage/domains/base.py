@@ -77,6 +77,10 @@ Progress = Callable[[float], None]
 Fill = Callable[[VolumeMetadata], Awaitable[None]]
 
 
+# LUN guids -> their devices on this host (606 for one it lacks)
+LunPaths = Callable[[list[str]], Awaitable[list[str]]]
+
+
 def _no_progress(_: float) -> None:
     pass
 
@@ -251,12 +255,14 @@ class Domain(abc.ABC):
         log.info("Domain %s: wipe ignored, a file domain (volumes %s)", self.uuid,
                  ", ".join(v.uuid for v in vols))
 
-    async def add_devices(self, paths: Sequence[str], *, timeout: float) -> None:
-        """Add LUNs to the domain (block domains)."""
+    async def add_devices(self, guids: Sequence[str], paths: LunPaths, *,
+                          timeout: float) -> None:
+        """Add LUNs to the domain (block domains); `paths` finds their
+        devices on this host."""
         raise InvalidParameter(field="sdUUID", reason=f"domain {self.uuid} is not a block "
                                                       "domain: it has no LUNs")
 
-    async def resize_device(self, path: str) -> int:
+    async def resize_device(self, guid: str, paths: LunPaths, *, timeout: float) -> int:
         """Use the new size of a LUN of the domain that grew (block domains);
         the PV's size after."""
         raise InvalidParameter(field="sdUUID", reason=f"domain {self.uuid} is not a block "

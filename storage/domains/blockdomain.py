@@ -34,7 +34,14 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from storage import commands, devices, lvm, multipath, qemuimg
-from storage.domains.base import Domain, VmAccess, check_generation, os_error, read_check
+from storage.domains.base import (
+    Domain,
+    LunPaths,
+    VmAccess,
+    check_generation,
+    os_error,
+    read_check,
+)
 from storage.errors import (
     CouldNotResizePhysicalVolume,
     DeviceBlockSizeError,
@@ -706,7 +713,8 @@ class BlockDomain(Domain):
 
     # ---- growing the domain --------------------------------------------------------
 
-    async def add_devices(self, paths: Sequence[str], *, timeout: float) -> None:
+    async def add_devices(self, guids: Sequence[str], paths: LunPaths, *,
+                          timeout: float) -> None:
         """Add LUNs (their multipath devices) to the VG, under the domain
         lease: a device already in the VG is skipped (a call repeated after
         a crash or a lost reply finishes the job); one of another VG, with
@@ -714,7 +722,7 @@ class BlockDomain(Domain):
         changes. The domain metadata's PVS is written last: a crash between
         vgextend and it leaves a usable domain that the next call (or
         resize_pv) lists."""
-        wanted = [lvm.check_device(p, "devices") for p in paths]
+        wanted = [lvm.check_device(p, "devices") for p in await paths(list(guids))]
         async with self.leases.metadata():
             self.lvm.invalidate(self.vg)
             old = self.lvm.devices
@@ -759,16 +767,18 @@ class BlockDomain(Domain):
         if md.pvs != listed:
             await self.write_domain_md(replace(md, pvs=listed))
 
-    async def resize_device(self, path: str) -> int:
-        """pvresize a PV of the VG whose LUN grew (its multipath map resized
-        already), under the domain lease; online: volumes in use go on.
-        The PV's size after."""
+    async def resize_device(self, guid: str, paths: LunPaths, *, timeout: float) -> int:
+        """Rescan the paths of LUN `guid` and resize its multipath map, then
+        pvresize its PV, under the domain lease; online: volumes in use go
+        on. The PV's size after."""
+        [path] = await paths([guid])
         lvm.check_device(path, "guid")
+        self.lvm.invalidate(self.vg)
+        if path not in {pv.name for pv in await self.lvm.pvs(self.vg)}:
+            raise CouldNotResizePhysicalVolume(device=path,
+                                               reason=f"not a PV of domain {self.uuid}")
+        await devices.resize_lun(guid, timeout=timeout, runner=self.runner)
         async with self.leases.metadata():
-            self.lvm.invalidate(self.vg)
-            if path not in {pv.name for pv in await self.lvm.pvs(self.vg)}:
-                raise CouldNotResizePhysicalVolume(device=path,
-                                                   reason=f"not a PV of domain {self.uuid}")
             try:
                 await self.lvm.pvresize(self.vg, path)
             except LVMCommandError as e:

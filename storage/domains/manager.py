@@ -25,7 +25,6 @@ from typing import Any
 from storage import commands, lvm, multipath, qemuimg
 from storage.connections import ConnectionManager
 from storage.connections.base import CONNECTED
-from storage.devices import resize_lun
 from storage.domains.base import (
     OVF_STORE_DESCRIPTION,
     OVF_STORE_DISK_TYPE,
@@ -652,7 +651,7 @@ class DomainManager:
         the domain's lock (and, in the domain, its lease)."""
         async with self.locks.hold(request("domain", sd)):
             domain = await self.active_domain(sd)
-            await domain.add_devices(await self._lun_paths(guids), timeout=self.io_timeout)
+            await domain.add_devices(guids, self._lun_paths, timeout=self.io_timeout)
         return await self.stats(sd)
 
     async def resize_pv(self, sd: str, guid: str) -> dict[str, Any]:
@@ -660,9 +659,7 @@ class DomainManager:
         pvresize; the domain's space after."""
         async with self.locks.hold(request("domain", sd)):
             domain = await self.active_domain(sd)
-            [path] = await self._lun_paths([guid])
-            await resize_lun(guid, timeout=self.io_timeout, runner=self.runner)
-            size = await domain.resize_device(path)
+            size = await domain.resize_device(guid, self._lun_paths, timeout=self.io_timeout)
         return {**await self.stats(sd), "size": size}
 
     def summary(self) -> dict[str, Any]:

@@ -128,6 +128,15 @@ class GrowLVM(FakeLVM):
         return commands.CommandResult(tuple(argv), 0, out.encode(), b"")
 
 
+async def luns(guids: list[str]) -> list[str]:
+    """The LUN paths of the tests: their maps are named by WWID."""
+    return [f"/dev/mapper/{g}" for g in guids]
+
+
+def wwid(path: str) -> str:
+    return path.rsplit("/", 1)[1]
+
+
 @pytest.fixture
 def grow(domain: FileBlockDomain) -> FileBlockDomain:
     fake = GrowLVM()
@@ -139,7 +148,7 @@ def grow(domain: FileBlockDomain) -> FileBlockDomain:
 
 async def test_add_devices_then_again_changes_nothing(grow: FileBlockDomain) -> None:
     fake: GrowLVM = grow.runner   # type: ignore[assignment]
-    await grow.add_devices([NEW], timeout=10)
+    await grow.add_devices([wwid(NEW)], luns, timeout=10)
     assert fake.pvs == {OLD: SD, NEW: SD}
     assert [o for o in fake.ops if o in ("pvcreate", "vgextend")] == ["pvcreate", "vgextend"]
     # the domain metadata on storage lists both PVs; this host's filter has both
@@ -147,7 +156,7 @@ async def test_add_devices_then_again_changes_nothing(grow: FileBlockDomain) -> 
     assert (await grow.read_domain_md()).pvs == "3600a:uuid-a,3600b:uuid-b"
     assert grow.lvm.devices == (OLD, NEW)
     fake.ops.clear()
-    await grow.add_devices([NEW, OLD], timeout=10)
+    await grow.add_devices([wwid(NEW), wwid(OLD)], luns, timeout=10)
     assert not [o for o in fake.ops if o in ("pvcreate", "vgextend", "blkid")], fake.ops
 
 
@@ -171,7 +180,7 @@ async def test_space_follows_luns_another_host_added(grow: FileBlockDomain) -> N
 async def test_add_devices_takes_an_orphan_pv_without_pvcreate(grow: FileBlockDomain) -> None:
     fake: GrowLVM = grow.runner   # type: ignore[assignment]
     fake.pvs[NEW] = ""          # an extend cut short between pvcreate and vgextend
-    await grow.add_devices([NEW], timeout=10)
+    await grow.add_devices([wwid(NEW)], luns, timeout=10)
     assert fake.pvs[NEW] == SD
     assert "pvcreate" not in fake.ops and "vgextend" in fake.ops
 
@@ -187,7 +196,7 @@ async def test_add_devices_refused_before_anything_changes(grow: FileBlockDomain
     setup(fake)
     before = dict(fake.pvs)
     with pytest.raises(HostAgentError) as e:
-        await grow.add_devices([device], timeout=10)
+        await grow.add_devices([wwid(device)], luns, timeout=10)
     assert e.value.code == code, e.value
     assert fake.pvs == before
     assert not [o for o in fake.ops if o in ("pvcreate", "vgextend")], fake.ops
@@ -199,7 +208,7 @@ async def test_failed_vgextend_is_503_and_restores_the_filter(grow: FileBlockDom
     fake: GrowLVM = grow.runner   # type: ignore[assignment]
     fake.fail = "vgextend"
     with pytest.raises(HostAgentError) as e:
-        await grow.add_devices([NEW], timeout=10)
+        await grow.add_devices([wwid(NEW)], luns, timeout=10)
     assert (e.value.code, e.value.name) == (503, "VolumeGroupExtendError")
     assert grow.lvm.devices == (OLD,)
 
@@ -207,10 +216,10 @@ async def test_failed_vgextend_is_503_and_restores_the_filter(grow: FileBlockDom
 async def test_resize_device_refuses_a_lun_not_in_the_domain(grow: FileBlockDomain) -> None:
     fake: GrowLVM = grow.runner   # type: ignore[assignment]
     with pytest.raises(HostAgentError) as e:
-        await grow.resize_device(NEW)
+        await grow.resize_device(wwid(NEW), luns, timeout=10)
     assert (e.value.code, e.value.name) == (615, "CouldNotResizePhysicalVolume")
     assert "pvresize" not in fake.ops
-    assert await grow.resize_device(OLD) == MiB
+    assert await grow.resize_device(wwid(OLD), luns, timeout=10) == MiB
     assert "pvresize" in fake.ops
 
 
