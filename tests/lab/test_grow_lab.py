@@ -1,13 +1,15 @@
 """Growing a block domain and wiping its volumes, on multipath iSCSI in the
 lab guest (issue 17):
 
-- a domain on one LUN; extendStorageDomain adds a second LUN (again: nothing
-  changes); the domain metadata lists both PVs; a volume larger than the
-  first LUN's free space is made in the new space;
+- a domain on one LUN; extendStorageDomain refuses a LUN this host does not
+  see (606) and a PV of another VG (601), changing nothing; it adds a second
+  LUN (again: nothing changes); the domain metadata lists both PVs; a volume
+  larger than the first LUN's free space is made in the new space;
 - the array grows that LUN (tgtd: file truncated larger, LU re-added);
   getDeviceList(refresh) shows the new capacity; resizePV: the domain's
   free space grows by exactly the PV's growth while a prepared volume stays
-  active and reads the same;
+  active and is read without a failed read all through the refresh and the
+  resize;
 - wipe: after deleteVolume / deleteImage with wipe, the volumes' former
   extents read zeros on the LUN; a volume deleted without wipe leaves its
   data there (what wipe is for).
@@ -17,13 +19,15 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from rpc.client import Client
+from rpc.client import Client, RpcError
 from tests.integration.test_domains_file import create_volume, new_id, run_job
 from tests.lab import guestlib as g
 from tests.lab.test_connections_lab import disconnect_all
@@ -88,6 +92,35 @@ def pattern(size: int, seed: int) -> bytes:
 SPACE = ("capacity", "free", "used", "volumes")
 
 
+class Reader:
+    """Reads a block of a device with O_DIRECT over and over in a thread
+    until stopped: the reads done, and what failed or read wrong."""
+
+    def __init__(self, path: str, offset: int, data: bytes) -> None:
+        self.reads = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(path, offset, data),
+                                        daemon=True)
+
+    def _run(self, path: str, offset: int, data: bytes) -> None:
+        while not self._stop.is_set():
+            try:
+                if g.direct_read(path, len(data), offset) != data:
+                    self.errors.append(f"read {self.reads}: other data")
+            except OSError as e:
+                self.errors.append(f"read {self.reads}: {e}")
+            self.reads += 1
+
+    def __enter__(self) -> Reader:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
 async def stats(c: Client, sd: str) -> dict[str, Any]:
     return {k: v for k, v in (await c.call("getStorageDomainStats", sdUUID=sd)).items()
             if k in SPACE}
@@ -109,17 +142,34 @@ async def test_extend_resize_and_wipe(make_target: Callable[..., g.Target],
                                       target_server: g.TargetServer,
                                       multipathd: g.Multipathd, tmp_path: Path,
                                       host_scratch: Path) -> None:
-    target = make_target("grow", (512 * MiB, 768 * MiB), lun_dir=host_scratch)
+    target = make_target("grow", (64 * MiB, 512 * MiB, 768 * MiB), lun_dir=host_scratch)
     agent = start(tmp_path / "agent", monitor_interval=60)
     sd = new_id()
     try:
         async with agent.client() as c:
-            _, [first, second] = await connect_luns(c, target)
+            _, [foreign, first, second] = await connect_luns(c, target)
             lun1, lun2 = dev(first["path"]), dev(second["path"])
             await c.call("createStorageDomain", sdUUID=sd, domType="iscsi", name="grow",
                          devices=[first["guid"]], ovfStore=False)
             before = await stats(c, sd)
             assert list(pvs(sd)) == [lun1]
+
+            # ---- refused: a LUN this host does not see, a PV of another VG --------
+            with pytest.raises(RpcError) as e:
+                await c.call("extendStorageDomain", sdUUID=sd,
+                             devices=[second["guid"], "36001405000000000000000000000dead"])
+            assert e.value.code == 606, e.value
+            other_vg = f"foreign-{uuid.uuid4().hex[:8]}"
+            g.lvm("pvcreate", foreign["path"])
+            g.lvm("vgcreate", other_vg, foreign["path"])
+            try:
+                with pytest.raises(RpcError) as e:
+                    await c.call("extendStorageDomain", sdUUID=sd,
+                                 devices=[second["guid"], foreign["guid"]])
+                assert e.value.code == 601 and other_vg in e.value.message, e.value
+            finally:
+                g.lvm_wipe(foreign["path"])
+            assert list(pvs(sd)) == [lun1] and await stats(c, sd) == before
 
             # ---- a second LUN -----------------------------------------------------
             after = await c.call("extendStorageDomain", sdUUID=sd, devices=[second["guid"]])
@@ -154,12 +204,16 @@ async def test_extend_resize_and_wipe(make_target: Callable[..., g.Target],
             g.direct_write(path, data, offset=first_free)   # on the second LUN
             pv_before = pvs(sd)[lun2]
             space_before = await stats(c, sd)
-            target_server.grow_lun(target, 2, 1024 * MiB)
+            target_server.grow_lun(target, 3, 1024 * MiB)
             multipathd.wait_active_paths(second["guid"], len(g.PORTALS))
-            [seen] = await c.call("getDeviceList", guids=[second["guid"]], refresh=True)
+            # a VM reading its disk all along: no read fails while the LUN's
+            # paths are rescanned, its map resized and its PV resized
+            with Reader(path, first_free, data) as reader:
+                [seen] = await c.call("getDeviceList", guids=[second["guid"]], refresh=True)
+                resized = await c.call("resizePV", sdUUID=sd, guid=second["guid"])
+            assert reader.reads > 0 and reader.errors == [], (reader.reads, reader.errors)
             assert seen["capacity"] == 1024 * MiB, seen
             assert {p["capacity"] for p in seen["pathstatus"]} == {1024 * MiB}, seen
-            resized = await c.call("resizePV", sdUUID=sd, guid=second["guid"])
             pv_after = pvs(sd)[lun2]
             grown = pv_after["size"] - pv_before["size"]
             assert grown == 256 * MiB, (pv_before, pv_after)
