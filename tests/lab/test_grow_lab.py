@@ -12,7 +12,8 @@ lab guest (issue 17):
   resize;
 - wipe: after deleteVolume / deleteImage with wipe, the volumes' former
   extents read zeros on the LUN; a volume deleted without wipe leaves its
-  data there (what wipe is for).
+  data there (what wipe is for); an agent killed while it zeroes finishes
+  the wipe after its restart.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from tests.lab.test_domains_block_lab import (
     read_slots,
     start,
 )
+from tests.polling import until
 
 MiB = 1 << 20
 EXTENT = 8 * MiB        # the lab agents' block_extent_size
@@ -246,6 +248,58 @@ async def test_extend_resize_and_wipe(make_target: Callable[..., g.Target],
             # without wipe the data stays on the LUN
             assert read_extents(sd, places[kept]) == pattern(size, 1)
 
+            await c.call("formatStorageDomain", sdUUID=sd)
+            for st in await disconnect_all(c):
+                assert st["status"] == 0, st
+    finally:
+        rc = agent.stop()
+        deactivate_vgs(sd)
+        assert rc == 0, f"agent exit status {rc}; log:\n{agent.log()}"
+
+
+def zeroing(lv: str) -> bool:
+    """A `blkdiscard --zeroout` of that LV runs (any process's cmdline)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[:2] == [b"blkdiscard", b"--zeroout"] and any(lv.encode() in a for a in argv):
+            return True
+    return False
+
+
+@pytest.mark.timeout(400)
+async def test_wipe_finished_after_a_kill(make_target: Callable[..., g.Target],
+                                          multipathd: g.Multipathd, tmp_path: Path,
+                                          host_scratch: Path) -> None:
+    """kill -9 the agent while it zeroes a volume of a deleteImage with wipe:
+    the LV is left tagged WIPE (its metadata REMOVING); after the restart the
+    job's recovery (garbage collection) zeroes it, then removes it."""
+    target = make_target("wipekill", (1024 * MiB,), lun_dir=host_scratch)
+    state = tmp_path / "agent"
+    agent = start(state, monitor_interval=60)
+    sd = new_id()
+    size = 128 * MiB
+    try:
+        async with agent.client() as c:
+            _, [lun] = await connect_luns(c, target)
+            await c.call("createStorageDomain", sdUUID=sd, domType="iscsi", name="wipekill",
+                         devices=[lun["guid"]], ovfStore=False)
+            img, vol = await written_volume(c, sd, size, 9)
+            places = extents(sd, vol)
+            await c.call("deleteImage", jobUUID=new_id(), sdUUID=sd, imgUUID=img, wipe=True)
+            g.wait_until(lambda: zeroing(vol), "blkdiscard --zeroout of the volume", 60, 0.005)
+            agent.kill()
+        left = lvs(sd)
+        assert vol in left and "WIPE" in left[vol]["tags"], left
+        agent = start(state, port=agent.port, monitor_interval=60)
+        async with agent.client() as c:
+            await until(lambda: vol not in lvs(sd), "the wiped LV removed", 120)
+            assert read_extents(sd, places) == bytes(size)
+            assert await c.call("getImagesList", sdUUID=sd) == []
             await c.call("formatStorageDomain", sdUUID=sd)
             for st in await disconnect_all(c):
                 assert st["status"] == 0, st
