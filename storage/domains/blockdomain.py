@@ -336,6 +336,8 @@ def discards(dm_name: str, sysfs: str = "/sys") -> bool:
 # ---- the domain -----------------------------------------------------------------------
 
 class BlockDomain(Domain):
+    sysfs = "/sys"      # (tests point it elsewhere)
+
     def __init__(self, md: DomainMetadata, lvm_: lvm.LVM, io: IOPool,
                  runner: commands.Runner = commands.run, *, extent_size: int,
                  slots: int) -> None:
@@ -703,7 +705,7 @@ class BlockDomain(Domain):
         try:
             await self.runner(["blkdiscard", "--zeroout", path], timeout=wipe_timeout(v.size))
             dm = os.path.basename(await asyncio.to_thread(os.path.realpath, path))
-            if await asyncio.to_thread(discards, dm):
+            if await asyncio.to_thread(discards, dm, self.sysfs):
                 await self.runner(["blkdiscard", path], timeout=wipe_timeout(v.size))
         except BaseException:
             with contextlib.suppress(HostAgentError):

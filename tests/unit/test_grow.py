@@ -259,6 +259,24 @@ async def test_delete_with_wipe_tags_then_zeroes_then_removes(
     assert V1 not in fake.lvs
 
 
+async def test_wipe_also_discards_where_the_lun_takes_discards(wiping: FileBlockDomain,
+                                                               tmp_path: Path) -> None:
+    fake: WipeLVM = wiping.runner   # type: ignore[assignment]
+    # the LV's device-mapper node (here: its path's last part, no such node)
+    queue = tmp_path / "sys" / "block" / V1 / "queue"
+    queue.mkdir(parents=True)
+    (queue / "discard_max_bytes").write_text("4294966784\n")
+    wiping.sysfs = str(tmp_path / "sys")
+    await wiping.write_volume_md(replace(vol(V1), legality="LEGAL"))
+    fake.ops.clear()
+    await wiping.delete_volume(IMG, V1, wipe=True)
+    assert wipe_order(fake.ops) == ["lvchange --addtag", "blkdiscard", "blkdiscard",
+                                    "lvremove"]
+    assert fake.wiped == ["blkdiscard", f"/dev/{SD}/{V1}"]     # the discard, last
+    (queue / "discard_max_bytes").write_text("0\n")
+    assert not bd.discards(V1, str(tmp_path / "sys"))
+
+
 async def test_delete_without_wipe_zeroes_nothing(wiping: FileBlockDomain) -> None:
     fake: WipeLVM = wiping.runner   # type: ignore[assignment]
     await wiping.write_volume_md(replace(vol(V1), legality="LEGAL"))
