@@ -17,8 +17,9 @@ Deleting with wipe tags the volume's LV WIPE before its metadata says
 REMOVING; whoever removes an LV tagged WIPE (the delete, or `collect_garbage`
 after a crash) zeroes it first, so its data never stays on the LUN.
 
-LUNs are added to the VG (`extend`) and grown PVs resized (`resize_pv`)
-under the domain lease; the domain metadata lists the VG's PVs (PVS).
+LUNs are added to the VG (`add_devices`) and grown PVs resized
+(`resize_device`) under the domain lease; the domain metadata lists the VG's
+PVs by LUN WWID (PVS), so another host finds them (`follow_pvs`).
 """
 
 from __future__ import annotations
@@ -698,8 +699,8 @@ class BlockDomain(Domain):
         zero-out (WRITE ZEROES / WRITE SAME where the LUN has them, written
         zeros otherwise), so the LUN reads zeros there whatever it does with
         discards; then, where the LUN takes discards, discard the extents too
-        (a thin LUN frees them). Left active only if it fails (lvremove
-        --force deactivates it)."""
+        (a thin LUN frees them). Deactivated again if that fails; else left
+        active for the lvremove --force that follows (it deactivates)."""
         path = self.volume_path(v.image, v.name)
         await self.lvm.activate(self.vg, [v.name])
         try:
@@ -723,7 +724,7 @@ class BlockDomain(Domain):
         data on it, in use, or of another sector size is refused and nothing
         changes. The domain metadata's PVS is written last: a crash between
         vgextend and it leaves a usable domain that the next call (or
-        resize_pv) lists."""
+        resize_device) lists."""
         wanted = [lvm.check_device(p, "devices") for p in await paths(list(guids))]
         async with self.leases.metadata():
             self.lvm.invalidate(self.vg)
