@@ -360,6 +360,17 @@ async def test_refresh_rescans_sessions_then_resizes_maps(tmp_path: Path) -> Non
     assert ran[-1] == ["multipathd", "resize", "map", "mpatha"]
 
 
+async def test_refresh_scans_fc_hosts(tmp_path: Path) -> None:
+    (tmp_path / "class" / "fc_host" / "host3").mkdir(parents=True)
+    (tmp_path / "class" / "scsi_host" / "host3").mkdir(parents=True)
+    (tmp_path / "class" / "scsi_host" / "host3" / "scan").write_text("")
+    (tmp_path / "class" / "scsi_host" / "host4").mkdir(parents=True)   # iSCSI: not scanned
+    (tmp_path / "class" / "scsi_host" / "host4" / "scan").write_text("")
+    await devices.refresh(timeout=5, runner=FakeRunner(), sysfs=tmp_path)
+    assert (tmp_path / "class" / "scsi_host" / "host3" / "scan").read_text() == "- - -"
+    assert (tmp_path / "class" / "scsi_host" / "host4" / "scan").read_text() == ""
+
+
 async def test_refresh_without_iscsi_sessions_goes_on(tmp_path: Path) -> None:
     def respond(argv: list[str]) -> tuple[int, str, str]:
         if argv[0] == "iscsiadm":
