@@ -321,6 +321,24 @@ class InaccessiblePhysDev(HostAgentError):
     template = "Cannot access device(s): {devices}"
 
 
+class PhysDevInitializationError(HostAgentError):
+    """A LUN cannot become a PV of the domain: it belongs to another VG,
+    holds data or is in use."""
+
+    code = 601
+    template = "Failed to initialize physical device: {devices}: {reason}"
+
+
+class VolumeGroupExtendError(HostAgentError):
+    code = 503
+    template = "Cannot extend volume group {vgName}: {reason}"
+
+
+class CouldNotResizePhysicalVolume(HostAgentError):
+    code = 615
+    template = "Could not resize physical volume {device}: {reason}"
+
+
 class TransferTicketError(HostAgentError):
     """A disk transfer's ticket that is unknown, expired, closed or does not
     allow the request (HTTP 403 on the data listener)."""

@@ -397,6 +397,16 @@ async def rescan_session(sid: int, *, timeout: float,
                  rc_names=RC_NAMES)
 
 
+async def rescan_sessions(*, timeout: float,
+                          runner: commands.Runner = commands.run) -> bool:
+    """Rescan every session's LUNs (`iscsiadm -m session -R`: new LUNs
+    appear, each disk's capacity is read again); False when there is no
+    session (rc 21)."""
+    result = await runner([ISCSIADM, "-m", "session", "-R"], timeout=timeout,
+                          rc_names=RC_NAMES, ok_rcs=(0, ERR_NO_OBJS_FOUND))
+    return result.rc == 0
+
+
 # ---- ifaces (for initiatorName) -------------------------------------------------------
 
 def parse_ifaces(text: str) -> dict[str, str]:

@@ -143,12 +143,15 @@ class DomainMetadata(_Record):
     # volume's disk type (anyone may set that), says which volume it is.
     ovf_image: str = ""
     ovf_volume: str = ""
+    # Block domains: the VG's PVs, "<device>:<pv uuid>" comma separated
+    # (VDSM's PV mapping): which LUNs a host must see to have the whole domain.
+    pvs: str = ""
 
     KEYS: ClassVar[dict[str, str]] = {
         "uuid": "SDUUID", "name": "DESCRIPTION", "dom_type": "TYPE", "dom_class": "CLASS",
         "version": "VERSION", "backup": "BACKUP", "lock_policy": "LOCKPOLICY",
         "block_size": "BLOCK_SIZE", "alignment": "ALIGNMENT", "created": "CTIME",
-        "ovf_image": "OVF_IMAGE", "ovf_volume": "OVF_VOLUME",
+        "ovf_image": "OVF_IMAGE", "ovf_volume": "OVF_VOLUME", "pvs": "PVS",
     }
 
 

@@ -198,26 +198,35 @@ async def reduce_volume(agent: Agent, jobUUID: str, sdUUID: str, imgUUID: str, v
     return {"jobUUID": job.job_uuid}
 
 
+WIPE = Field("wipe", Bool(), required=False, default=False,
+             description="Block domains: zero the volumes' extents before their LVs go "
+                         "(and discard them where the LUN takes discards); crash-safe: a "
+                         "volume tagged for wiping is zeroed by whoever removes it, also the "
+                         "garbage collection after a crash. File domains: ignored, as VDSM "
+                         "does (a file's blocks go back to the file system).")
+
+
 @TABLE.verb("deleteVolume", "Delete a volume that has no children and is not prepared.",
-            [SD_UUID, IMG_UUID, VOL_UUID, GENERATION], result={"type": "object"},
+            [SD_UUID, IMG_UUID, VOL_UUID, GENERATION, WIPE], result={"type": "object"},
             tags=["volumes"])
 async def delete_volume(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,
-                        generation: int | None) -> dict[str, Any]:
-    await agent.domains.delete_volume(sdUUID, imgUUID, volUUID, generation)
+                        generation: int | None, wipe: bool) -> dict[str, Any]:
+    await agent.domains.delete_volume(sdUUID, imgUUID, volUUID, generation, wipe=wipe)
     return {}
 
 
 @TABLE.verb("deleteImage", "Delete an image and all its volumes (a job).",
-            [JOB_UUID, SD_UUID, IMG_UUID], result=JOB_RESULT, job=True, tags=["volumes"])
-async def delete_image(agent: Agent, jobUUID: str, sdUUID: str,
-                       imgUUID: str) -> dict[str, Any]:
+            [JOB_UUID, SD_UUID, IMG_UUID, WIPE], result=JOB_RESULT, job=True,
+            tags=["volumes"])
+async def delete_image(agent: Agent, jobUUID: str, sdUUID: str, imgUUID: str,
+                       wipe: bool) -> dict[str, Any]:
     async def work(ctx: JobContext) -> None:
-        await agent.domains.delete_image(sdUUID, imgUUID, ctx.progress)
+        await agent.domains.delete_image(sdUUID, imgUUID, ctx.progress, wipe=wipe)
 
     job = await agent.jobs.submit_recorded(
         jobUUID, "deleteImage", work,
-        description=f"delete image {imgUUID}",
-        params={"sdUUID": sdUUID, "imgUUID": imgUUID})
+        description=f"delete image {imgUUID}" + (" (wipe)" if wipe else ""),
+        params={"sdUUID": sdUUID, "imgUUID": imgUUID, "wipe": wipe})
     return {"jobUUID": job.job_uuid}
 
 

@@ -18,7 +18,7 @@ import abc
 import contextlib
 import errno
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -75,6 +75,10 @@ OVF_STORE_DESCRIPTION = "OVF_STORE"
 
 Progress = Callable[[float], None]
 Fill = Callable[[VolumeMetadata], Awaitable[None]]
+
+
+# LUN guids -> their devices on this host (606 for one it lacks)
+LunPaths = Callable[[list[str]], Awaitable[list[str]]]
 
 
 def _no_progress(_: float) -> None:
@@ -241,6 +245,28 @@ class Domain(abc.ABC):
         """Drop what is cached of shared metadata (taking the domain lease:
         another host may have changed it)."""
         return None
+
+    async def mark_wipe(self, vols: list[VolumeMetadata]) -> None:
+        """Have the volumes' data zeroed when they are removed (delete with
+        wipe), by whoever removes them, also garbage collection after a
+        crash: called before they are marked REMOVING. File domains: as VDSM
+        ("won't be zeroed"), nothing: a file's blocks go back to the file
+        system, which never hands out their old contents."""
+        log.info("Domain %s: wipe ignored, a file domain (volumes %s)", self.uuid,
+                 ", ".join(v.uuid for v in vols))
+
+    async def add_devices(self, guids: Sequence[str], paths: LunPaths, *,
+                          timeout: float) -> None:
+        """Add LUNs to the domain (block domains); `paths` finds their
+        devices on this host."""
+        raise InvalidParameter(field="sdUUID", reason=f"domain {self.uuid} is not a block "
+                                                      "domain: it has no LUNs")
+
+    async def resize_device(self, guid: str, paths: LunPaths, *, timeout: float) -> int:
+        """Use the new size of a LUN of the domain that grew (block domains);
+        the PV's size after."""
+        raise InvalidParameter(field="sdUUID", reason=f"domain {self.uuid} is not a block "
+                                                      "domain: it has no LUNs")
 
     # ---- the OVF store ---------------------------------------------------------
 
@@ -589,7 +615,8 @@ class Domain(abc.ABC):
         if not await self.volume_ids(md.image):
             await self.remove_image_dir(md.image)
 
-    async def delete_volume(self, img: str, vol: str, generation: int | None = None) -> None:
+    async def delete_volume(self, img: str, vol: str, generation: int | None = None, *,
+                            wipe: bool = False) -> None:
         await self.refuse_ovf_store(img, vol)
         md = await self.volume(img, vol)
         check_generation(md, generation)
@@ -598,6 +625,8 @@ class Domain(abc.ABC):
             raise VolumeImageHasChildren(resource=f"volume {vol}",
                                          reason=f"it has {len(kids)} child volume(s)")
         async with self.leases.volume(md):
+            if wipe:
+                await self.mark_wipe([md])
             await self.write_volume_md(replace(md, state=REMOVING, legality=ILLEGAL))
             await self.remove_volume_data(img, vol)
         await self.remove_volume_lease(img, vol)
@@ -609,7 +638,8 @@ class Domain(abc.ABC):
             await self.remove_image_dir(img)
         log.info("Deleted volume %s/%s/%s", self.uuid, img, vol)
 
-    async def delete_image(self, img: str, progress: Progress = _no_progress) -> None:
+    async def delete_image(self, img: str, progress: Progress = _no_progress, *,
+                           wipe: bool = False) -> None:
         await self.refuse_ovf_store(img)
         vols = await self.image_volumes(img)
         ids = {v.uuid for v in vols}
@@ -622,6 +652,8 @@ class Domain(abc.ABC):
         async with contextlib.AsyncExitStack() as held:
             for v in vols:
                 await held.enter_async_context(self.leases.volume(v))
+            if wipe:
+                await self.mark_wipe(vols)
             await self.remove_image_volumes(img, vols, progress)
         await self.purge_removed_image(img, progress)
         # A template parent in another image may now be a leaf again.

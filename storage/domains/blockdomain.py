@@ -12,31 +12,50 @@ reader takes A when its checksum is good, else B; so it sees the old
 metadata or the new, never a mix. A volume's LV is created tagged
 INITIALIZING, its slot written, then the tag dropped in one lvchange; an LV
 still INITIALIZING is a crash leftover that `collect_garbage` removes.
+
+Deleting with wipe tags the volume's LV WIPE before its metadata says
+REMOVING; whoever removes an LV tagged WIPE (the delete, or `collect_garbage`
+after a crash) zeroes it first, so its data never stays on the LUN.
+
+LUNs are added to the VG (`add_devices`) and grown PVs resized
+(`resize_device`) under the domain lease; the domain metadata lists the VG's
+PVs by LUN WWID (PVS), so another host finds them (`follow_pvs`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import mmap
 import os
 import stat
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from storage import commands, lvm, qemuimg
-from storage.domains.base import Domain, VmAccess, check_generation, os_error, read_check
+from storage import commands, devices, lvm, multipath, qemuimg
+from storage.domains.base import (
+    Domain,
+    LunPaths,
+    VmAccess,
+    check_generation,
+    os_error,
+    read_check,
+)
 from storage.errors import (
+    CouldNotResizePhysicalVolume,
     DeviceBlockSizeError,
     HostAgentError,
     InvalidParameter,
     LVMCommandError,
     NoSpaceLeftOnDomain,
+    PhysDevInitializationError,
     StorageDomainAlreadyExists,
     StorageDomainDoesNotExist,
     VolumeDoesNotExist,
     VolumeGroupBlockSizeError,
+    VolumeGroupExtendError,
 )
 from storage.fileio import IOPool
 from storage.ids import is_uuid
@@ -50,6 +69,7 @@ GiB = 1 << 30
 
 VG_TAG = "HOSTAGENT_SD"
 INITIALIZING = "INITIALIZING"
+WIPE = "WIPE"
 IMAGE_PREFIX = "IU_"
 PARENT_PREFIX = "PU_"
 SLOT_PREFIX = "MD_"
@@ -110,11 +130,12 @@ def decode_slot(slot: bytes, parse: Callable[[bytes], R]) -> R:
 
 
 def parse_tags(tags: Iterable[str]) -> dict[str, str]:
-    """{IU_, PU_, MD_: value} of an LV's tags, and INITIALIZING if tagged so."""
+    """{IU_, PU_, MD_: value} of an LV's tags, and INITIALIZING, WIPE if
+    tagged so."""
     out = {}
     for tag in tags:
-        if tag == INITIALIZING:
-            out[INITIALIZING] = ""
+        if tag in (INITIALIZING, WIPE):
+            out[tag] = ""
             continue
         for prefix in (IMAGE_PREFIX, PARENT_PREFIX, SLOT_PREFIX):
             if tag.startswith(prefix):
@@ -157,6 +178,7 @@ class VolumeLV:
     initializing: bool
     size: int
     active: bool | None
+    wipe: bool = False
 
     @classmethod
     def from_lv(cls, lv: lvm.LV) -> VolumeLV | None:
@@ -168,7 +190,53 @@ class VolumeLV:
             return None
         return cls(name=lv.name, image=tags[IMAGE_PREFIX],
                    parent=tags.get(PARENT_PREFIX, BLANK_UUID), slot=slot_of(lv.tags),
-                   initializing=INITIALIZING in tags, size=lv.size, active=lv.active)
+                   initializing=INITIALIZING in tags, size=lv.size, active=lv.active,
+                   wipe=WIPE in tags)
+
+
+def lun_id(path: str, sysfs: str = "/sys") -> str:
+    """The WWID of a multipath map (its dm uuid is "mpath-<wwid>"), the same
+    on every host whatever the map is called there; else the device's name."""
+    name = os.path.basename(os.path.realpath(path))
+    try:
+        with open(f"{sysfs}/block/{name}/dm/uuid") as f:
+            uuid = f.read().strip()
+    except OSError:
+        uuid = ""
+    return uuid[len("mpath-"):] if uuid.startswith("mpath-") else os.path.basename(path)
+
+
+def pv_list(pvs: Iterable[lvm.PV], ids: Mapping[str, str]) -> str:
+    """The PVS value of the domain metadata: "<LUN id>:<pv uuid>" of each PV
+    (`ids`: device path -> WWID), sorted."""
+    return ",".join(sorted(f"{ids.get(pv.name, os.path.basename(pv.name))}:{pv.uuid}"
+                           for pv in pvs))
+
+
+def pvs_ids(value: str) -> list[str]:
+    """The LUN ids of a PVS value."""
+    return [entry.rpartition(":")[0] for entry in value.split(",") if entry]
+
+
+def new_devices(vg: str, wanted: Sequence[str], pvs: Iterable[lvm.PV]
+                ) -> tuple[list[str], list[str]]:
+    """(devices to add to `vg`, of them those that are PVs of no VG already)
+    of `wanted`, given the PVs LVM sees on them and on `vg`: a device that
+    is a PV of `vg` is there already (idempotent); one of another VG is
+    refused (601)."""
+    by_name = {pv.name: pv for pv in pvs}
+    add, orphans = [], []
+    for d in dict.fromkeys(wanted):
+        pv = by_name.get(d)
+        if pv is not None and pv.vg_name == vg:
+            continue
+        if pv is not None and pv.vg_name:
+            raise PhysDevInitializationError(devices=d,
+                                             reason=f"it is a PV of volume group {pv.vg_name}")
+        add.append(d)
+        if pv is not None:
+            orphans.append(d)
+    return add, orphans
 
 
 # ---- blocking I/O on the metadata LV, run through IOPool.call ------------------------
@@ -247,9 +315,30 @@ def _zero(path: str, offset: int, length: int) -> None:
         os.close(fd)
 
 
+# Wiping: the slowest a LUN may zero before the wipe counts as hung (the
+# runner's deadline): 1 MiB/s, after a minute's allowance.
+_WIPE_MIN_RATE = MiB
+_WIPE_GRACE = 60.0
+
+
+def wipe_timeout(size: int) -> float:
+    return _WIPE_GRACE + size / _WIPE_MIN_RATE
+
+
+def discards(dm_name: str, sysfs: str = "/sys") -> bool:
+    """The device passes discards down (a thin LUN can free the space)."""
+    try:
+        with open(f"{sysfs}/block/{dm_name}/queue/discard_max_bytes") as f:
+            return int(f.read().strip() or 0) > 0
+    except (OSError, ValueError):
+        return False
+
+
 # ---- the domain -----------------------------------------------------------------------
 
 class BlockDomain(Domain):
+    sysfs = "/sys"      # (tests point it elsewhere)
+
     def __init__(self, md: DomainMetadata, lvm_: lvm.LVM, io: IOPool,
                  runner: commands.Runner = commands.run, *, extent_size: int,
                  slots: int) -> None:
@@ -317,6 +406,7 @@ class BlockDomain(Domain):
         await lvm_.pvcreate(devices, metadata_size=mda_size, force=force)
         await lvm_.vgcreate(vg, devices, extent_size=extent_size,
                             tags=[VG_TAG, INITIALIZING])
+        md.pvs = await _pv_list(await lvm_.pvs(vg))
         lease_size = lease_size or extent_size
         await lvm_.lvcreate(vg, METADATA_LV, metadata_size)
         await lvm_.lvcreate(vg, IDS_LV, lease_size)
@@ -591,7 +681,116 @@ class BlockDomain(Domain):
         v = await self._volume_lv(vol)
         if v is None or v.image != img:
             return
+        if v.wipe:
+            await self._wipe_lv(v)
         await self._remove_lv(vol, v.slot)
+
+    async def mark_wipe(self, vols: list[VolumeMetadata]) -> None:
+        """Tag the volumes' LVs WIPE (one lvchange each, under the domain
+        lease): from then on whoever removes them zeroes them first."""
+        async with self.leases.metadata():
+            for md in vols:
+                v = await self._volume_lv(md.uuid)
+                if v is not None and v.image == md.image and not v.wipe:
+                    await self.lvm.lvchange_tags(self.vg, md.uuid, add=[WIPE])
+
+    async def _wipe_lv(self, v: VolumeLV) -> None:
+        """Zero every extent of the LV: `blkdiscard --zeroout`, the kernel's
+        zero-out (WRITE ZEROES / WRITE SAME where the LUN has them, written
+        zeros otherwise), so the LUN reads zeros there whatever it does with
+        discards; then, where the LUN takes discards, discard the extents too
+        (a thin LUN frees them). Deactivated again if that fails; else left
+        active for the lvremove --force that follows (it deactivates)."""
+        path = self.volume_path(v.image, v.name)
+        await self.lvm.activate(self.vg, [v.name])
+        try:
+            await self.runner(["blkdiscard", "--zeroout", path], timeout=wipe_timeout(v.size))
+            dm = os.path.basename(await asyncio.to_thread(os.path.realpath, path))
+            if await asyncio.to_thread(discards, dm, self.sysfs):
+                await self.runner(["blkdiscard", path], timeout=wipe_timeout(v.size))
+        except BaseException:
+            with contextlib.suppress(HostAgentError):
+                await self.lvm.deactivate(self.vg, [v.name])
+            raise
+        log.info("Wiped LV %s/%s (%d bytes)", self.vg, v.name, v.size)
+
+    # ---- growing the domain --------------------------------------------------------
+
+    async def add_devices(self, guids: Sequence[str], paths: LunPaths, *,
+                          timeout: float) -> None:
+        """Add LUNs (their multipath devices) to the VG, under the domain
+        lease: a device already in the VG is skipped (a call repeated after
+        a crash or a lost reply finishes the job); one of another VG, with
+        data on it, in use, or of another sector size is refused and nothing
+        changes. The domain metadata's PVS is written last: a crash between
+        vgextend and it leaves a usable domain that the next call (or
+        resize_device) lists."""
+        wanted = [lvm.check_device(p, "devices") for p in await paths(list(guids))]
+        async with self.leases.metadata():
+            self.lvm.invalidate(self.vg)
+            old = self.lvm.devices
+            probe = lvm.LVM(self.runner, devices=[*(old or ()), *wanted], timeout=timeout)
+            seen = await probe.pvs()
+            add, orphans = new_devices(self.vg, wanted, seen)
+            fresh = [d for d in add if d not in orphans]
+            for d in add:
+                size = await _sector_size(d, self.runner)
+                if size != self.md.block_size:
+                    raise VolumeGroupBlockSizeError(
+                        reason=f"{d}: {size}, the domain's: {self.md.block_size}")
+            for d in fresh:
+                await _check_blank(d, timeout, self.runner)
+            if add:
+                self.lvm.set_devices([*(old or ()), *add])
+                try:
+                    if fresh:
+                        mda = max((pv.mda_size for pv in seen if pv.vg_name == self.vg),
+                                  default=DEFAULT_MDA_SIZE)
+                        try:
+                            await self.lvm.pvcreate(fresh,
+                                                    metadata_size=round_up(mda, lvm.SECTOR))
+                        except LVMCommandError as e:
+                            raise PhysDevInitializationError(
+                                devices=", ".join(fresh),
+                                reason=e.fields.get("reason", str(e))) from None
+                    try:
+                        await self.lvm.vgextend(self.vg, add)
+                    except LVMCommandError as e:
+                        raise VolumeGroupExtendError(
+                            vgName=self.vg, reason=e.fields.get("reason", str(e))) from None
+                except BaseException:
+                    self.lvm.set_devices(old)
+                    raise
+                log.info("Domain %s: added %s", self.uuid, ", ".join(add))
+            await self._record_pvs()
+
+    async def _record_pvs(self) -> None:
+        md = await self.read_domain_md()
+        listed = await _pv_list(await self.lvm.pvs(self.vg))
+        if md.pvs != listed:
+            await self.write_domain_md(replace(md, pvs=listed))
+
+    async def resize_device(self, guid: str, paths: LunPaths, *, timeout: float) -> int:
+        """Rescan the paths of LUN `guid` and resize its multipath map, then
+        pvresize its PV, under the domain lease; online: volumes in use go
+        on. The PV's size after."""
+        [path] = await paths([guid])
+        lvm.check_device(path, "guid")
+        self.lvm.invalidate(self.vg)
+        if path not in {pv.name for pv in await self.lvm.pvs(self.vg)}:
+            raise CouldNotResizePhysicalVolume(device=path,
+                                               reason=f"not a PV of domain {self.uuid}")
+        await devices.resize_lun(guid, timeout=timeout, runner=self.runner)
+        async with self.leases.metadata():
+            try:
+                await self.lvm.pvresize(self.vg, path)
+            except LVMCommandError as e:
+                raise CouldNotResizePhysicalVolume(
+                    device=path, reason=e.fields.get("reason", str(e))) from None
+            await self._record_pvs()
+            size = next(pv.size for pv in await self.lvm.pvs(self.vg) if pv.name == path)
+        log.info("Domain %s: resized PV %s to %d bytes", self.uuid, path, size)
+        return size
 
     async def extend_volume_data(self, md: VolumeMetadata, new_size: int) -> None:
         if md.format == "RAW":
@@ -710,7 +909,31 @@ class BlockDomain(Domain):
 
     async def space(self) -> dict[str, int]:
         vg = await self.lvm.vg(self.vg)
+        if vg.pv_count > len(self.lvm.devices or ()) and await self.follow_pvs():
+            vg = await self.lvm.vg(self.vg)
         return {"capacity": vg.size, "free": vg.free, "used": vg.size - vg.free}
+
+    async def follow_pvs(self) -> bool:
+        """Another host added LUNs to the domain (its VG has more PVs than
+        this host's filter lets LVM see, so LVM finds it partial and changes
+        nothing): add the maps of the LUNs the domain metadata lists (PVS)
+        to the filter. Run from the domain monitor's space check. True if
+        the filter changed."""
+        md = await self.read_domain_md()
+        maps = {m.wwid: f"/dev/mapper/{m.name}"
+                for m in await multipath.maps(timeout=self.io.timeout, runner=self.runner)}
+        have = self.lvm.devices or ()
+        new = [maps[i] for i in pvs_ids(md.pvs) if i in maps and maps[i] not in have]
+        missing = [i for i in pvs_ids(md.pvs) if i not in maps]
+        if missing:
+            log.warning("Domain %s: LUNs %s are not visible on this host", self.uuid,
+                        ", ".join(missing))
+        if not new:
+            return False
+        self.lvm.set_devices([*have, *new])
+        self.md = md
+        log.info("Domain %s: LUNs added by another host: %s", self.uuid, ", ".join(new))
+        return True
 
     async def remove_image_dir(self, img: str) -> None:
         return None   # an image is only the IU_ tags of its volumes
@@ -777,6 +1000,20 @@ async def _sector_size(device: str, runner: commands.Runner) -> int:
     except ValueError:
         raise InvalidParameter(field="devices",
                                reason=f"blockdev --getss {device}: {r.text.strip()!r}") from None
+
+
+async def _pv_list(pvs: Sequence[lvm.PV]) -> str:
+    ids = await asyncio.to_thread(lambda: {pv.name: lun_id(pv.name) for pv in pvs})
+    return pv_list(pvs, ids)
+
+
+async def _check_blank(device: str, timeout: float, runner: commands.Runner) -> None:
+    """A LUN to become a new PV: no data signature, not open exclusively."""
+    sig = await devices.has_signature(device, timeout=timeout, runner=runner)
+    if sig:
+        raise PhysDevInitializationError(devices=device, reason=f"it holds {sig}")
+    if await asyncio.wait_for(asyncio.to_thread(devices.busy, device), timeout):
+        raise PhysDevInitializationError(devices=device, reason="it is in use")
 
 
 async def _remove_vg(lvm_: lvm.LVM, vg: str) -> None:

@@ -416,16 +416,19 @@ class DomainManager:
             log.info("Created %s domain %s (%s) on %s", dom_type, sd, name, mount)
             return await self.info(sd)
 
+    async def _lun_paths(self, guids: list[str]) -> list[str]:
+        """The multipath devices of LUN guids; 606 for one this host lacks."""
+        known = await self._mpath_devices()
+        missing = [guid for guid in guids if guid not in known]
+        if missing:
+            raise InaccessiblePhysDev(devices=", ".join(missing))
+        return [known[guid] for guid in guids]
+
     async def _create_block(self, md: DomainMetadata, devices: list[str] | None) -> Entry:
         if not devices:
             raise InvalidParameter(field="devices",
                                    reason=f"a {md.dom_type} domain needs LUN devices")
-        known = await self._mpath_devices()
-        paths = []
-        for guid in devices:
-            if guid not in known:
-                raise InaccessiblePhysDev(devices=guid)
-            paths.append(known[guid])
+        paths = await self._lun_paths(devices)
         domain = await BlockDomain.create(paths, md, lvm.LVM(self.runner, devices=paths),
                                           IOPool(md.uuid[:8], timeout=self.io_timeout),
                                           self.runner, extent_size=self.block_extent_size)
@@ -643,6 +646,22 @@ class DomainManager:
                 await domain.write_domain_md(md)
         return await self.info(sd)
 
+    async def extend_domain(self, sd: str, guids: list[str]) -> dict[str, Any]:
+        """extendStorageDomain: add LUNs to an active block domain, under
+        the domain's lock (and, in the domain, its lease)."""
+        async with self.locks.hold(request("domain", sd)):
+            domain = await self.active_domain(sd)
+            await domain.add_devices(guids, self._lun_paths, timeout=self.io_timeout)
+        return await self.stats(sd)
+
+    async def resize_pv(self, sd: str, guid: str) -> dict[str, Any]:
+        """resizePV: rescan the LUN's paths, resize its multipath map, then
+        pvresize; the domain's space after."""
+        async with self.locks.hold(request("domain", sd)):
+            domain = await self.active_domain(sd)
+            size = await domain.resize_device(guid, self._lun_paths, timeout=self.io_timeout)
+        return {**await self.stats(sd), "size": size}
+
     def summary(self) -> dict[str, Any]:
         """State and space of every known domain, as of its last check (no
         storage I/O here: getStats must answer while storage hangs)."""
@@ -781,19 +800,20 @@ class DomainManager:
             return {"size": await domain.refresh_volume(img, vol)}
 
     async def delete_volume(self, sd: str, img: str, vol: str,
-                            generation: int | None = None) -> None:
+                            generation: int | None = None, *, wipe: bool = False) -> None:
         async with self._volume_locks(sd, img, vol):
             domain = await self.active_domain(sd)
             if self._prepared_key(sd, img, vol) in self.prepared:
                 raise VolumeIsBusy(resource=f"volume {vol}", reason="it is prepared")
-            await domain.delete_volume(img, vol, generation)
+            await domain.delete_volume(img, vol, generation, wipe=wipe)
 
-    async def delete_image(self, sd: str, img: str, progress: Progress) -> None:
+    async def delete_image(self, sd: str, img: str, progress: Progress, *,
+                           wipe: bool = False) -> None:
         async with self._volume_locks(sd, img):
             domain = await self.active_domain(sd)
             if any(k.startswith(f"{sd}/{img}/") for k in self.prepared):
                 raise VolumeIsBusy(resource=f"image {img}", reason="volumes are prepared")
-            await domain.delete_image(img, progress)
+            await domain.delete_image(img, progress, wipe=wipe)
 
     async def collect_garbage(self, sd: str) -> None:
         entry = self.entries.get(sd)

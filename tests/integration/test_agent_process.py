@@ -38,6 +38,7 @@ API_VERBS_SO_FAR = {
 }
 # issue 17 (API.md "Additions (v1.1)")
 API_VERBS_SO_FAR |= {"updateVolume", "measureVolume"}
+API_VERBS_SO_FAR |= {"extendStorageDomain", "resizePV"}
 
 
 def new_id() -> str:
