@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from storage import commands, qemuimg
-from storage.domains import Domain, DomainManager
+from storage.domains import Domain
+from storage.domains.volumes import VolumeOps
 from storage.errors import (
     HostAgentError,
     ImageVerificationError,
@@ -113,13 +114,15 @@ class Transfer:
 
 
 class TransferService:
-    def __init__(self, domains: DomainManager, *,
+    def __init__(self, volumes: VolumeOps, *,
                  publish: Callable[[str, dict[str, Any]], None] | None = None,
                  count_bytes: Callable[[str, int], None] | None = None,
                  ttl: float = DEFAULT_TTL, runner: commands.Runner = commands.run) -> None:
         """publish(method, params): a notification; count_bytes(direction, n):
         the metric (both wired by agent.context)."""
-        self.domains = domains
+        self.volumes = volumes
+        self.domains = volumes.registry
+        self.prepared = volumes.prepared
         self.publish = publish
         self.count_bytes = count_bytes
         self.ttl = ttl
@@ -146,7 +149,7 @@ class TransferService:
                 raise VolumeIsBusy(resource=f"volume {vol}",
                                    reason=f"transfer {t.id} is open on it")
         if direction == "upload":
-            if self.domains.is_prepared(sd, img):
+            if self.prepared.is_prepared(sd, img):
                 # a VM (or a reader) has the image: writing under it corrupts what it reads
                 raise VolumeIsBusy(resource=f"image {img}", reason="it is prepared")
             if await domain.children(md):
@@ -327,7 +330,7 @@ class TransferService:
             return
         try:
             chain = await domain.chain(t.img, t.vol)
-            async with self.domains.using(domain, chain):
+            async with self.prepared.using(domain, chain):
                 if t.writable:
                     md = replace(await domain.volume(t.img, t.vol), legality=ILLEGAL)
                     await domain.write_volume_md(md)
@@ -505,7 +508,7 @@ class TransferService:
 
     async def _remove_upload(self, t: Transfer) -> None:
         try:
-            await self.domains.delete_volume(t.sd, t.img, t.vol)
+            await self.volumes.delete_volume(t.sd, t.img, t.vol)
         except HostAgentError as e:
             log.warning("Transfer %s: cannot remove volume %s: %s", t.id, t.vol,
                         e.message)
