@@ -49,7 +49,7 @@ from storage.errors import (
     VolumeImageHasChildren,
     VolumeIsBusy,
 )
-from storage.metadata import ILLEGAL, LEGAL, READY, VolumeMetadata
+from storage.metadata import ILLEGAL, LEGAL, READY, VolumeFormat, VolumeMetadata
 from storage.nbd import NbdError
 from storage.nbdclient import NbdClient
 
@@ -469,7 +469,7 @@ class TransferService:
         says (format, backing file, size) and not corrupt."""
         domain = t.domain
         path = domain.volume_path(t.img, t.vol)
-        fmt = "qcow2" if md.format == "COW" else "raw"
+        fmt = VolumeFormat.of(md.format).qemu
         try:
             [info] = await qemuimg.info(path, fmt=fmt)
         except qemuimg.QemuImgError as e:

@@ -34,6 +34,7 @@ from storage.domains.common import no_progress
 from storage.domains.common import os_error as os_error
 from storage.domains.common import read_check as read_check
 from storage.domains.common import volume_info as volume_info
+from storage.domains.holding import VolumeHolding
 from storage.domains.leaseapi import UNLEASED, Leases
 from storage.errors import (
     AcquireLockFailure,
@@ -52,6 +53,7 @@ from storage.errors import (
     VolumeImageHasChildren,
     VolumeMetadataReadError,
     VolumeResizeValueError,
+    out_of_space,
 )
 from storage.fileio import IOPool
 from storage.leases import BlockDomainLeases, FileDomainLeases, Resource
@@ -69,6 +71,7 @@ from storage.metadata import (
     SHARED,
     DomainMetadata,
     MetadataError,
+    VolumeFormat,
     VolumeMetadata,
 )
 from storage.thin import ThinPolicy
@@ -81,7 +84,7 @@ log = logging.getLogger("storage.domains")
 OVF_STORE_DISK_TYPE = "OVFS"
 OVF_STORE_DESCRIPTION = "OVF_STORE"
 
-class Domain(abc.ABC):
+class Domain(VolumeHolding, abc.ABC):
     """A storage domain as this host sees it."""
 
     def __init__(self, md: DomainMetadata, io: IOPool) -> None:
@@ -370,7 +373,7 @@ class Domain(abc.ABC):
         if parent is None and spec.parent and spec.parent != BLANK_UUID:
             # A retried create of a volume that exists is 212 whatever its
             # parent now looks like (it has a child: the volume itself).
-            if spec.vol in await self._all_volume_ids():
+            if spec.vol in await self.all_volume_ids():
                 raise await self._exists_error(spec.vol, spec.img)
             parent = await self._parent_for(spec)
         if parent is not None and spec.size < parent.capacity:
@@ -407,7 +410,7 @@ class Domain(abc.ABC):
         """The new volume's metadata (CREATING) and its lease, held, under the
         domain lease; nothing of it is left if this fails."""
         async with self.leases.metadata():
-            if spec.vol in await self._all_volume_ids():
+            if spec.vol in await self.all_volume_ids():
                 raise await self._exists_error(spec.vol, spec.img)
             if chain:
                 # under the domain lease: another host adding to the image waits
@@ -421,7 +424,7 @@ class Domain(abc.ABC):
                 try:
                     await self.make_volume_lease(md)
                 except commands.CommandError as e:
-                    if "-28" in e.message or "No space" in e.message:
+                    if out_of_space(e):
                         raise NoSpaceLeftOnDomain(sdUUID=self.uuid) from None
                     raise VolumeCreationError(volUUID=spec.vol,
                                               reason=f"its lease: {e.message}") from None
@@ -476,7 +479,7 @@ class Domain(abc.ABC):
             self.pending_discards[md.uuid] = md
         if isinstance(e, qemuimg.QemuImgError):
             # what qemu-img refused (a size the file system cannot hold, ...)
-            if "No space left" in e.message:
+            if out_of_space(e):
                 raise NoSpaceLeftOnDomain(sdUUID=self.uuid) from None
             raise VolumeCreationError(volUUID=md.uuid, reason=e.message) from None
         if isinstance(e, HostAgentError) or not isinstance(e, Exception):
@@ -552,7 +555,7 @@ class Domain(abc.ABC):
                              reason="the volume is being made by another host or job")
         return VolumeAlreadyExists(volUUID=vol)
 
-    async def _all_volume_ids(self) -> set[str]:
+    async def all_volume_ids(self) -> set[str]:
         ids: set[str] = set()
         for img in await self.image_ids():
             ids.update(await self.volume_ids(img))
@@ -656,7 +659,7 @@ class Domain(abc.ABC):
             try:
                 await self.extend_volume_data(md, new_size)
             except qemuimg.QemuImgError as e:
-                if "No space left" in e.message:
+                if out_of_space(e):
                     raise NoSpaceLeftOnDomain(sdUUID=self.uuid) from None
                 if "too large" in e.message.lower():
                     raise InvalidParameter(field="newSize", reason=e.message) from None
@@ -788,5 +791,5 @@ class Domain(abc.ABC):
 
     async def verify_image_file(self, md: VolumeMetadata) -> qemuimg.ImageInfo:
         [info] = await qemuimg.info(self.volume_path(md.image, md.uuid),
-                                    fmt="qcow2" if md.format == "COW" else "raw")
+                                    fmt=VolumeFormat.of(md.format).qemu)
         return info

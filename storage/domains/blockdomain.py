@@ -27,6 +27,7 @@ from typing import TypeVar
 
 from storage import commands, lvm, qemuimg
 from storage.domains.base import Domain, VmAccess, check_generation, os_error, read_check
+from storage.domains.holding import LVHolding
 from storage.errors import (
     DeviceBlockSizeError,
     HostAgentError,
@@ -41,7 +42,7 @@ from storage.errors import (
 from storage.fileio import IOPool
 from storage.ids import is_uuid
 from storage.leases import BlockDomainLeases, Geometry, Resource, init_volume_lease
-from storage.metadata import BLANK_UUID, DomainMetadata, MetadataError, VolumeMetadata
+from storage.metadata import BLANK_UUID, DomainMetadata, MetadataError, VolumeFormat, VolumeMetadata
 
 log = logging.getLogger("storage.domains")
 
@@ -249,7 +250,7 @@ def _zero(path: str, offset: int, length: int) -> None:
 
 # ---- the domain -----------------------------------------------------------------------
 
-class BlockDomain(Domain):
+class BlockDomain(LVHolding, Domain):
     def __init__(self, md: DomainMetadata, lvm_: lvm.LVM, io: IOPool,
                  runner: commands.Runner = commands.run, *, extent_size: int,
                  slots: int) -> None:
@@ -581,7 +582,7 @@ class BlockDomain(Domain):
                 await qemuimg.create(
                     path, "qcow2", md.capacity,
                     backing=parent.uuid if parent is not None else None,
-                    backing_fmt=("qcow2" if parent.format == "COW" else "raw")
+                    backing_fmt=VolumeFormat.of(parent.format).qemu
                     if parent is not None else None,
                     unsafe=parent is not None, runner=self.runner)
         finally:

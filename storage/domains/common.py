@@ -17,6 +17,7 @@ from storage.errors import (
     HostAgentError,
     NoSpaceLeftOnDomain,
     StorageDomainAccessError,
+    out_of_space,
 )
 from storage.metadata import READY, VolumeMetadata
 
@@ -50,7 +51,6 @@ class VolumeSpec:
     initial_size: int | None = None
 
 
-
 async def read_check(runner: commands.Runner, sd: str, path: str, timeout: float, *,
                      buffered_fallback: bool = False) -> None:
     """Read one block of `path` with O_DIRECT in a child process with a
@@ -72,7 +72,7 @@ async def read_check(runner: commands.Runner, sd: str, path: str, timeout: float
 
 def os_error(e: OSError, sd: str) -> HostAgentError:
     """A storage error for what the file system answered."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if out_of_space(e):
         return NoSpaceLeftOnDomain(sdUUID=sd)
     if e.errno == errno.ESTALE:
         return FileStorageDomainStaleNFSHandle(path=e.filename or sd)

@@ -18,9 +18,7 @@ all or nothing. The rules that keep storage safe:
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -31,11 +29,8 @@ from storage.domains.base import (
     Progress,
     VolumeSpec,
     leaf_first,
-    os_error,
     volume_info,
 )
-from storage.domains.blockdomain import BlockDomain
-from storage.domains.filedomain import FileDomain
 from storage.domains.prepared import PreparedVolumes
 from storage.domains.registry import DomainRegistry
 from storage.errors import (
@@ -50,9 +45,10 @@ from storage.errors import (
     VolumeDoesNotExist,
     VolumeImageHasChildren,
     VolumeIsBusy,
+    out_of_space,
 )
 from storage.locks import SHARED, LockManager, Request, request
-from storage.metadata import LEGAL, READY, VolumeMetadata
+from storage.metadata import LEGAL, READY, VolumeFormat, VolumeMetadata
 
 log = logging.getLogger("storage.images")
 
@@ -76,7 +72,7 @@ class VolRef:
 
 
 def qemu_format(md: VolumeMetadata) -> str:
-    return "qcow2" if md.format == "COW" else "raw"
+    return VolumeFormat.of(md.format).qemu
 
 
 def parents_first(vols: list[VolumeMetadata]) -> list[VolumeMetadata]:
@@ -89,7 +85,7 @@ def _span(progress: Progress, start: float, end: float) -> Progress:
 
 
 def _no_space(e: HostAgentError, sd: str) -> HostAgentError:
-    if "No space left" in e.message or "ENOSPC" in e.message:
+    if out_of_space(e):
         return NoSpaceLeftOnDomain(sdUUID=sd)
     return e
 
@@ -101,7 +97,6 @@ class ImageOps:
         self.prepared = prepared
         self.locks = locks
         self.runner = runner
-        self._direct: dict[str, bool] = {}
 
     # ---- helpers -----------------------------------------------------------------
 
@@ -133,12 +128,12 @@ class ImageOps:
         writes where the target is raw. With `backing` the target is one
         layer of a chain: only what the source layer holds is written."""
         dst_fmt = qemu_format(dst_md)
-        fresh_zero = not (isinstance(dst, BlockDomain) and dst_md.format == "RAW")
+        fresh_zero = dst.zeroed_when_made(dst_md)
         try:
             await qemuimg.convert(
                 src.volume_path(src_md.image, src_md.uuid),
                 dst.volume_path(dst_md.image, dst_md.uuid),
-                src_cache=await self._cache(src), dst_cache=await self._cache(dst),
+                src_cache=await src.cache_mode(), dst_cache=await dst.cache_mode(),
                 src_fmt=qemu_format(src_md), dst_fmt=dst_fmt, create=False,
                 target_is_zero=fresh_zero and backing is None,
                 unordered=dst_fmt == "raw",
@@ -150,27 +145,6 @@ class ImageOps:
             raise (VolumeCopyError(reason=e.message) if error is e else error) from None
         except HostAgentError as e:
             raise _no_space(e, dst.uuid) from None
-
-    async def _cache(self, domain: Domain) -> str:
-        """qemu-img's cache mode on a domain: "none" (O_DIRECT, the page cache
-        bypassed), or "writeback" on a file system without O_DIRECT (tmpfs
-        before Linux 6.6); qemu-img flushes before it exits either way."""
-        if not isinstance(domain, FileDomain):
-            return "none"
-        if domain.uuid not in self._direct:
-            def probe(path: str) -> bool:
-                try:
-                    os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-                    return True
-                except OSError as e:
-                    if e.errno == errno.EINVAL:
-                        return False
-                    raise
-            try:
-                self._direct[domain.uuid] = await domain.io.call(probe, str(domain.md_path))
-            except OSError as e:
-                raise os_error(e, domain.uuid) from None
-        return "none" if self._direct[domain.uuid] else "writeback"
 
     # ---- copyImage -------------------------------------------------------------------
 
@@ -209,16 +183,12 @@ class ImageOps:
         async with self.prepared.using(sdom, chain):
             size = await qemuimg.measure(path=sdom.volume_path(top.image, top.uuid),
                                          src_fmt=qemu_format(top),
-                                         dst_fmt="qcow2" if fmt == "cow" else "raw",
+                                         dst_fmt=VolumeFormat.of(fmt).qemu,
                                          runner=self.runner)
             need = size["fully-allocated" if prealloc == "preallocated" else "required"]
-            initial = None
-            if isinstance(ddom, BlockDomain):
-                if fmt == "cow":
-                    # Room for the data and qcow2's tables, rounded up to extents.
-                    need = initial = max(need, MiB) + MiB
-                else:
-                    need = top.capacity     # a raw LV holds its whole capacity
+            # Room for the data and qcow2's tables, rounded up (block: made that size).
+            initial = ddom.initial_size(max(need, MiB) + MiB) if fmt == "cow" else None
+            need = initial or ddom.space_for(fmt, top.capacity, need)
             await self._check_space(ddom, need)
             spec = VolumeSpec(img=dst.img, vol=dst.vol, size=top.capacity, format=fmt,
                               preallocate=prealloc, description=top.description,
@@ -254,13 +224,12 @@ class ImageOps:
                                                  "or copy collapsed") from None
                 self._legal([t])
                 templates[m.parent] = t
-        existing = await ddom._all_volume_ids()
+        existing = await ddom.all_volume_ids()
         for m in order:
             if ids[m.uuid] in existing:
                 raise VolumeAlreadyExists(volUUID=ids[m.uuid])
         sizes = {m.uuid: (await sdom.volume_sizes(m.image, m.uuid))[1] for m in order}
-        need = sum(m.capacity if m.format == "RAW" and isinstance(ddom, BlockDomain)
-                   else sizes[m.uuid] for m in order)
+        need = sum(ddom.space_for(m.format, m.capacity, sizes[m.uuid]) for m in order)
         await self._check_space(ddom, need)
         total = max(1, sum(sizes.values()))
         done_bytes = 0
@@ -274,9 +243,8 @@ class ImageOps:
                     if m.has_parent:
                         parent = templates.get(m.parent) or next(
                             t for t, _ in made if t.uuid == ids[m.parent])
-                    initial = None
-                    if m.format == "COW" and isinstance(ddom, BlockDomain):
-                        initial = sizes[m.uuid] + MiB
+                    initial = (ddom.initial_size(sizes[m.uuid] + MiB)
+                               if m.format == VolumeFormat.COW else None)
                     spec = VolumeSpec(img=dst_img, vol=ids[m.uuid], size=m.capacity,
                                       format=m.format.lower(),
                                       preallocate=m.allocation.lower(),
@@ -370,7 +338,7 @@ class ImageOps:
         parents = {v.parent for v in vols}
         leaves = [v for v in vols if v.uuid not in parents]
         # one -T for both images: O_DIRECT only if both domains have it
-        modes = {await self._cache(sdom), await self._cache(ddom)}
+        modes = {await sdom.cache_mode(), await ddom.cache_mode()}
         cache = "none" if modes == {"none"} else "writeback"
         async with self.prepared.using(sdom, await self._with_templates(sdom, vols)), \
                 self.prepared.using(ddom, await self._with_templates(ddom, copies)):
@@ -404,7 +372,7 @@ class ImageOps:
                 if parent.legality != LEGAL or parent.state != READY:
                     raise CreateIllegalVolumeSnapshotError(volUUID=parent.uuid)
                 self.prepared.check_not_written(f"disks[{i}]", d["sdUUID"], d["imgUUID"],
-                                          d["volUUID"], d.get("switch"))
+                                                d["volUUID"], d.get("switch"))
                 if await domain.children(parent):
                     raise InvalidParameter(field=f"disks[{i}].volUUID",
                                            reason=f"volume {parent.uuid} is not the disk's "
@@ -417,8 +385,7 @@ class ImageOps:
             # domain: a full domain fails here, before anything is made.
             need: dict[str, int] = {}
             for domain, _, _ in plan:
-                need[domain.uuid] = need.get(domain.uuid, 0) + (
-                    domain.extent_size if isinstance(domain, BlockDomain) else MiB)
+                need[domain.uuid] = need.get(domain.uuid, 0) + domain.layer_space()
             for domain, _, _ in plan:
                 await self._check_space(domain, need[domain.uuid])
             made: list[tuple[Domain, VolumeMetadata]] = []
@@ -459,7 +426,7 @@ class ImageOps:
             if domain.md.backup:
                 raise BackupDomainRestricted(sdUUID=sd, reason="memory: a backup domain "
                                                                "cannot hold a VM's memory")
-            prealloc = "preallocated" if isinstance(domain, BlockDomain) else "sparse"
+            prealloc = domain.memory_allocation()
             dump = VolumeSpec(img=img, vol=memory["dumpVolUUID"], size=memory["size"],
                               format="raw", preallocate=prealloc,
                               description="memory dump", disk_type="MEMD")
@@ -584,7 +551,7 @@ class ImageOps:
         if await sdom.children(top):
             raise InvalidParameter(field=name("src.volUUID"),
                                    reason=f"volume {top.uuid} is not the disk's top volume")
-        if dst.vol in await ddom._all_volume_ids():
+        if dst.vol in await ddom.all_volume_ids():
             raise VolumeAlreadyExists(volUUID=dst.vol)
         base = None
         if inc is not None:
@@ -651,9 +618,7 @@ class ImageOps:
             extents = nbd.coalesce(await nbd.dirty_extents(top_path, bitmap_name(base.uuid)),
                                    gap=MiB)
             changed = sum(length for _, length in extents)
-            initial = None
-            if isinstance(ddom, BlockDomain):
-                initial = changed + changed // 8 + 2 * MiB   # data, tables, rounding
+            initial = ddom.initial_size(changed + changed // 8 + 2 * MiB)  # data, tables
             await self._check_space(ddom, initial or changed)
             spec = VolumeSpec(img=dst.img, vol=dst.vol, size=top.capacity, format="cow",
                               preallocate="sparse", parent=base.uuid,
@@ -665,7 +630,7 @@ class ImageOps:
                 async with self.prepared.using(ddom, [*chain, md]):
                     await qemuimg.copy_extents(
                         top_path, ddom.volume_path(md.image, md.uuid), extents,
-                        src_fmt="qcow2", dst_fmt="qcow2", cache=await self._cache(sdom),
+                        src_fmt="qcow2", dst_fmt="qcow2", cache=await sdom.cache_mode(),
                         progress=_span(progress, 5, 95), runner=self.runner)
 
             md = await ddom.create_volume(spec, progress, fill=fill, parent=base)

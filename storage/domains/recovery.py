@@ -32,7 +32,7 @@ async def recover_copy(ops: ImageOps, params: dict[str, Any]) -> None:
             params.get("started") is None:
         return
     async with ops.locks.hold(request("image", f"{src_sd}/{src_img}"),
-                             request("image", f"{dst_sd}/{dst_img}")):
+                              request("image", f"{dst_sd}/{dst_img}")):
         try:
             sdom = await ops.registry.domain(str(src_sd))
             ddom = await ops.registry.domain(str(dst_sd))

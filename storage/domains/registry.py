@@ -348,9 +348,7 @@ class DomainRegistry:
                 "lockPolicy": md.lock_policy, "created": md.created,
                 "connectionId": entry.conn_id, "monitoring": entry.monitor.info(),
                 "lockspace": entry.domain.leases.status()}
-        if isinstance(entry.domain, FileDomain):
-            info["path"] = str(entry.domain.root)
-        return info
+        return {**info, **entry.domain.location()}
 
     async def stats(self, sd: str) -> dict[str, Any]:
         entry = await self.entry(sd)

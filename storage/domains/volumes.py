@@ -11,7 +11,6 @@ from typing import Any
 
 from storage import commands, qemuimg
 from storage.domains.base import Progress, VmAccess, VolumeSpec, check_generation, volume_info
-from storage.domains.blockdomain import BlockDomain
 from storage.domains.prepared import PURPOSES, PreparedVolumes, prepared_key
 from storage.domains.registry import DomainRegistry
 from storage.domains.writers import WriterWatch
@@ -26,7 +25,7 @@ from storage.errors import (
     VolumeNonWritable,
 )
 from storage.locks import SHARED, LockManager, request
-from storage.metadata import LEGAL, READY
+from storage.metadata import LEGAL, READY, VolumeFormat
 from storage.thin import ThinPolicy
 
 log = logging.getLogger("storage.domains")
@@ -135,10 +134,10 @@ class VolumeOps:
             top = chain[-1]
             async with self.prepared.using(domain, chain if collapse else [top]):
                 m = await qemuimg.measure(path=domain.volume_path(img, vol),
-                                          src_fmt="qcow2" if top.format == "COW" else "raw",
-                                          dst_fmt="qcow2" if fmt == "cow" else "raw",
+                                          src_fmt=VolumeFormat.of(top.format).qemu,
+                                          dst_fmt=VolumeFormat.of(fmt).qemu,
                                           backing=collapse,
-                                          block=isinstance(domain, BlockDomain),
+                                          block=domain.volumes_are_devices,
                                           timeout=self.io_timeout, runner=self.runner)
         out = {"required": m["required"], "fullyAllocated": m["fully-allocated"]}
         if fmt == "cow":
