@@ -22,7 +22,7 @@ import pytest
 from agent.pki import write_pki
 from rpc.client import Client, RpcError, client_ssl_context, verifying_context
 from tests.agentproc import ROOT, AgentProcess
-from tests.polling import until
+from tests.polling import until, until_async
 
 # Every verb of API.md implemented so far (the contract's names, unchanged).
 API_VERBS_SO_FAR = {
@@ -297,9 +297,11 @@ async def test_kill9_then_restart_reports_job_interrupted(agent_factory, tmp_pat
     jid = new_id()
     async with agent.client() as c:
         await c.call("testStepJob", jobUUID=jid, steps=100, stepSeconds=1)
-        async with asyncio.timeout(10):
-            while (await c.call("getJobs", jobUUIDs=[jid]))[jid]["status"] != "running":
-                await asyncio.sleep(0.05)
+
+        async def running() -> bool:
+            return bool((await c.call("getJobs", jobUUIDs=[jid]))[jid]["status"] == "running")
+
+        await until_async(running, "the job runs", timeout=10)
     # the record writer runs off the loop: wait for the running record on disk
     await until(lambda: _record_status(state / "jobs" / f"{jid}.json") == "running",
                 "the job's running record is on disk", timeout=10)
