@@ -28,12 +28,12 @@ from agent.events import EventBus
 from agent.metrics import Metrics
 from storage.errors import (
     ActionStopped,
-    GeneralException,
     HostAgentError,
     JobExists,
     JobInterrupted,
     JobNotDone,
     UnknownTask,
+    wire_error,
 )
 from storage.fileio import atomic_write
 
@@ -258,16 +258,14 @@ class JobRegistry:
                 result = await work(JobContext(self, job))
         except asyncio.CancelledError:
             if job.abort_requested:
-                await self._end(job, ABORTED, error=ActionStopped().to_dict())
+                await self._end(job, ABORTED, error=wire_error(ActionStopped()))
             else:
                 await self._end(job, FAILED,
-                                error=JobInterrupted(jobUUID=job.job_uuid).to_dict())
-        except HostAgentError as e:
-            await self._end(job, FAILED, error=e.to_dict())
-        except Exception:
-            log.exception("Job %s (%s) failed unexpectedly", job.job_uuid, job.type)
-            await self._end(job, FAILED, error=GeneralException(
-                reason="unexpected error, see the agent log").to_dict())
+                                error=wire_error(JobInterrupted(jobUUID=job.job_uuid)))
+        except Exception as e:
+            if not isinstance(e, HostAgentError):
+                log.exception("Job %s (%s) failed unexpectedly", job.job_uuid, job.type)
+            await self._end(job, FAILED, error=wire_error(e))
         else:
             await self._end(job, DONE, result=result)
 

@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from storage import commands, qemuimg
-from storage.domains import Domain, DomainManager
+from storage.domains import Domain
+from storage.domains.volumes import VolumeOps
 from storage.errors import (
     HostAgentError,
     ImageVerificationError,
@@ -51,7 +52,7 @@ from storage.errors import (
     VolumeImageHasChildren,
     VolumeIsBusy,
 )
-from storage.metadata import ILLEGAL, LEGAL, READY, VolumeMetadata
+from storage.metadata import ILLEGAL, LEGAL, READY, VolumeFormat, VolumeMetadata
 from storage.nbd import NbdError
 from storage.nbdclient import NbdClient
 
@@ -141,14 +142,16 @@ class Transfer:
 
 
 class TransferService:
-    def __init__(self, domains: DomainManager, *,
+    def __init__(self, volumes: VolumeOps, *,
                  publish: Callable[[str, dict[str, Any]], None] | None = None,
                  count_bytes: Callable[[str, int], None] | None = None,
                  limits: TicketLimits | None = None,
                  runner: commands.Runner = commands.run) -> None:
         """publish(method, params): a notification; count_bytes(direction, n):
         the metric (both wired by agent.context)."""
-        self.domains = domains
+        self.volumes = volumes
+        self.domains = volumes.registry
+        self.prepared = volumes.prepared
         self.publish = publish
         self.count_bytes = count_bytes
         self.limits = limits or TicketLimits()
@@ -181,7 +184,7 @@ class TransferService:
                 raise VolumeIsBusy(resource=f"volume {vol}",
                                    reason=f"transfer {t.id} is open on it")
         if direction == "upload":
-            if self.domains.is_prepared(sd, img):
+            if self.prepared.is_prepared(sd, img):
                 # a VM (or a reader) has the image: writing under it corrupts what it reads
                 raise VolumeIsBusy(resource=f"image {img}", reason="it is prepared")
             if await domain.children(md):
@@ -286,7 +289,7 @@ class TransferService:
             domain = await self.domains.active_domain(sd)
             chain = await domain.chain(img, vol)
             # one use and its release: LVs that only the transfer used go
-            async with self.domains.using(domain, chain):
+            async with self.volumes.prepared.using(domain, chain):
                 pass
         except HostAgentError as e:
             log.warning("Interrupted transfer of %s/%s/%s: %s", sd, img, vol, e.message)
@@ -295,7 +298,7 @@ class TransferService:
             return
         log.warning("Removing volume %s/%s/%s of an interrupted upload", sd, img, vol)
         try:
-            await self.domains.delete_volume(sd, img, vol)
+            await self.volumes.delete_volume(sd, img, vol)
         except HostAgentError as e:
             log.error("Cannot remove %s/%s/%s: %s", sd, img, vol, e.message)
 
@@ -402,7 +405,7 @@ class TransferService:
             return
         try:
             chain = await domain.chain(t.img, t.vol)
-            async with self.domains.using(domain, chain):
+            async with self.prepared.using(domain, chain):
                 if t.writable:
                     md = replace(await domain.volume(t.img, t.vol), legality=ILLEGAL)
                     await domain.write_volume_md(md)
@@ -541,7 +544,7 @@ class TransferService:
         says (format, backing file, size) and not corrupt."""
         domain = t.domain
         path = domain.volume_path(t.img, t.vol)
-        fmt = "qcow2" if md.format == "COW" else "raw"
+        fmt = VolumeFormat.of(md.format).qemu
         try:
             [info] = await qemuimg.info(path, fmt=fmt)
         except qemuimg.QemuImgError as e:
@@ -582,7 +585,7 @@ class TransferService:
 
     async def _remove_upload(self, t: Transfer) -> None:
         try:
-            await self.domains.delete_volume(t.sd, t.img, t.vol)
+            await self.volumes.delete_volume(t.sd, t.img, t.vol)
         except HostAgentError as e:
             log.warning("Transfer %s: cannot remove volume %s: %s", t.id, t.vol,
                         e.message)

@@ -54,7 +54,7 @@ async def copy_image(agent: Agent, jobUUID: str, src: dict[str, str], dst: dict[
     s, d = VolRef.of(src), VolRef.of(dst)
 
     async def work(ctx: JobContext) -> dict[str, Any]:
-        return await agent.domains.images.copy(s, d, format, preallocate, collapse,
+        return await agent.images.copy(s, d, format, preallocate, collapse,
                                                ctx.progress)
 
     job = await agent.jobs.submit_recorded(
@@ -80,12 +80,12 @@ async def move_image(agent: Agent, jobUUID: str, sdUUID: str, imgUUID: str,
     # (read now, for the recovery of an interrupted move; the move reads
     # them again under its locks).
     try:
-        vols = await agent.domains.volumes_list(sdUUID, imgUUID)
+        vols = await agent.volumes.volumes_list(sdUUID, imgUUID)
     except HostAgentError:   # the job reports the real error
         vols = []
 
     async def work(ctx: JobContext) -> None:
-        await agent.domains.images.move(sdUUID, imgUUID, dstSdUUID, ctx.progress)
+        await agent.images.move(sdUUID, imgUUID, dstSdUUID, ctx.progress)
 
     job = await agent.jobs.submit_recorded(
         jobUUID, "moveImage", work,
@@ -125,7 +125,7 @@ def _check_snapshot(values: dict[str, Any], path: str) -> None:
 async def snapshot_images(agent: Agent, jobUUID: str,
                           disks: list[dict[str, Any]]) -> dict[str, Any]:
     async def work(ctx: JobContext) -> list[dict[str, Any]]:
-        return await agent.domains.images.snapshot(disks, ctx.progress)
+        return await agent.images.snapshot(disks, ctx.progress)
 
     job = await agent.jobs.submit_recorded(
         jobUUID, "snapshotImages", work,
@@ -155,7 +155,7 @@ def _check_hibernation(values: dict[str, Any], path: str) -> None:
 async def create_hibernation_volumes(agent: Agent, jobUUID: str, memory: dict[str, Any],
                                      disks: list[dict[str, Any]]) -> dict[str, Any]:
     async def work(ctx: JobContext) -> dict[str, Any]:
-        return await agent.domains.images.hibernation(memory, disks, ctx.progress)
+        return await agent.images.hibernation(memory, disks, ctx.progress)
 
     job = await agent.jobs.submit_recorded(
         jobUUID, "createHibernationVolumes", work,
@@ -210,7 +210,7 @@ async def backup_volume(agent: Agent, jobUUID: str, src: Any, dst: Any, keepSnap
              for s, d, i in _pairs({"src": src, "dst": dst, "incrementalFrom": incrementalFrom})]
 
     async def work(ctx: JobContext) -> Any:
-        out = await agent.domains.images.backup(items, keepSnapshot, ctx.progress)
+        out = await agent.images.backup(items, keepSnapshot, ctx.progress)
         return out if isinstance(src, list) else out[0]
 
     job = await agent.jobs.submit_recorded(

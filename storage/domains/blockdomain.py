@@ -25,42 +25,46 @@ PVs by LUN WWID (PVS), so another host finds them (`follow_pvs`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import mmap
 import os
 import stat
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
-from storage import commands, devices, lvm, multipath, qemuimg
+from storage import commands, lvm, qemuimg
 from storage.domains.base import (
     Domain,
-    LunPaths,
     VmAccess,
     check_generation,
     os_error,
     read_check,
 )
+from storage.domains.holding import LVHolding
+from storage.domains.vgdevices import (
+    DEFAULT_MDA_SIZE,
+    WIPE,
+    LUNs,
+    pv_list_of,
+    remove_vg,
+    sector_size,
+)
 from storage.errors import (
-    CouldNotResizePhysicalVolume,
     DeviceBlockSizeError,
     HostAgentError,
     InvalidParameter,
     LVMCommandError,
     NoSpaceLeftOnDomain,
-    PhysDevInitializationError,
     StorageDomainAlreadyExists,
     StorageDomainDoesNotExist,
     VolumeDoesNotExist,
     VolumeGroupBlockSizeError,
-    VolumeGroupExtendError,
 )
 from storage.fileio import IOPool
 from storage.ids import is_uuid
 from storage.leases import BlockDomainLeases, Geometry, Resource, init_volume_lease
-from storage.metadata import BLANK_UUID, DomainMetadata, MetadataError, VolumeMetadata
+from storage.metadata import BLANK_UUID, DomainMetadata, MetadataError, VolumeFormat, VolumeMetadata
 
 log = logging.getLogger("storage.domains")
 
@@ -69,7 +73,6 @@ GiB = 1 << 30
 
 VG_TAG = "HOSTAGENT_SD"
 INITIALIZING = "INITIALIZING"
-WIPE = "WIPE"
 IMAGE_PREFIX = "IU_"
 PARENT_PREFIX = "PU_"
 SLOT_PREFIX = "MD_"
@@ -81,13 +84,6 @@ SPECIAL_LVS = (METADATA_LV, IDS_LV, LEASES_LV)
 
 DEFAULT_EXTENT_SIZE = 128 * MiB
 DEFAULT_METADATA_SIZE = 128 * MiB
-# LVM's metadata area on each PV. LVM rewrites the whole VG text (about 450
-# bytes per volume LV with our tags) on every change and needs room for the
-# new copy beside the old one: pvcreate's default (1 MiB) stops a domain at
-# about 1,200 volumes (lvcreate: "VG ... metadata on ... exceeds maximum
-# metadata size"). 32 MiB holds the text of a full metadata LV's worth of
-# volumes (one per 8 KiB slot) with room for multi-segment LVs.
-DEFAULT_MDA_SIZE = 32 * MiB
 
 # One slot: copy A in the first half, copy B in the second. 4 KiB copies are
 # aligned for 512 and 4096 byte sectors alike.
@@ -194,51 +190,6 @@ class VolumeLV:
                    wipe=WIPE in tags)
 
 
-def lun_id(path: str, sysfs: str = "/sys") -> str:
-    """The WWID of a multipath map (its dm uuid is "mpath-<wwid>"), the same
-    on every host whatever the map is called there; else the device's name."""
-    name = os.path.basename(os.path.realpath(path))
-    try:
-        with open(f"{sysfs}/block/{name}/dm/uuid") as f:
-            uuid = f.read().strip()
-    except OSError:
-        uuid = ""
-    return uuid[len("mpath-"):] if uuid.startswith("mpath-") else os.path.basename(path)
-
-
-def pv_list(pvs: Iterable[lvm.PV], ids: Mapping[str, str]) -> str:
-    """The PVS value of the domain metadata: "<LUN id>:<pv uuid>" of each PV
-    (`ids`: device path -> WWID), sorted."""
-    return ",".join(sorted(f"{ids.get(pv.name, os.path.basename(pv.name))}:{pv.uuid}"
-                           for pv in pvs))
-
-
-def pvs_ids(value: str) -> list[str]:
-    """The LUN ids of a PVS value."""
-    return [entry.rpartition(":")[0] for entry in value.split(",") if entry]
-
-
-def new_devices(vg: str, wanted: Sequence[str], pvs: Iterable[lvm.PV]
-                ) -> tuple[list[str], list[str]]:
-    """(devices to add to `vg`, of them those that are PVs of no VG already)
-    of `wanted`, given the PVs LVM sees on them and on `vg`: a device that
-    is a PV of `vg` is there already (idempotent); one of another VG is
-    refused (601)."""
-    by_name = {pv.name: pv for pv in pvs}
-    add, orphans = [], []
-    for d in dict.fromkeys(wanted):
-        pv = by_name.get(d)
-        if pv is not None and pv.vg_name == vg:
-            continue
-        if pv is not None and pv.vg_name:
-            raise PhysDevInitializationError(devices=d,
-                                             reason=f"it is a PV of volume group {pv.vg_name}")
-        add.append(d)
-        if pv is not None:
-            orphans.append(d)
-    return add, orphans
-
-
 # ---- blocking I/O on the metadata LV, run through IOPool.call ------------------------
 
 def slot_runs(slots: Iterable[int], max_gap: int = 16,
@@ -315,28 +266,11 @@ def _zero(path: str, offset: int, length: int) -> None:
         os.close(fd)
 
 
-# Wiping: the slowest a LUN may zero before the wipe counts as hung (the
-# runner's deadline): 1 MiB/s, after a minute's allowance.
-_WIPE_MIN_RATE = MiB
-_WIPE_GRACE = 60.0
-
-
-def wipe_timeout(size: int) -> float:
-    return _WIPE_GRACE + size / _WIPE_MIN_RATE
-
-
-def discards(dm_name: str, sysfs: str = "/sys") -> bool:
-    """The device passes discards down (a thin LUN can free the space)."""
-    try:
-        with open(f"{sysfs}/block/{dm_name}/queue/discard_max_bytes") as f:
-            return int(f.read().strip() or 0) > 0
-    except (OSError, ValueError):
-        return False
 
 
 # ---- the domain -----------------------------------------------------------------------
 
-class BlockDomain(Domain):
+class BlockDomain(LUNs, LVHolding, Domain):
     sysfs = "/sys"      # (tests point it elsewhere)
 
     def __init__(self, md: DomainMetadata, lvm_: lvm.LVM, io: IOPool,
@@ -393,8 +327,8 @@ class BlockDomain(Domain):
             if INITIALIZING not in found.tags:
                 raise StorageDomainAlreadyExists(sdUUID=vg)
             log.warning("Removing domain %s left half-made by an earlier create", vg)
-            await _remove_vg(lvm_, vg)
-        sizes = {d: await _sector_size(d, runner) for d in devices}
+            await remove_vg(lvm_, vg)
+        sizes = {d: await sector_size(d, runner) for d in devices}
         if len(set(sizes.values())) > 1:
             raise VolumeGroupBlockSizeError(reason=", ".join(
                 f"{d}: {s}" for d, s in sizes.items()))
@@ -406,7 +340,7 @@ class BlockDomain(Domain):
         await lvm_.pvcreate(devices, metadata_size=mda_size, force=force)
         await lvm_.vgcreate(vg, devices, extent_size=extent_size,
                             tags=[VG_TAG, INITIALIZING])
-        md.pvs = await _pv_list(await lvm_.pvs(vg))
+        md.pvs = await pv_list_of(await lvm_.pvs(vg))
         lease_size = lease_size or extent_size
         await lvm_.lvcreate(vg, METADATA_LV, metadata_size)
         await lvm_.lvcreate(vg, IDS_LV, lease_size)
@@ -671,7 +605,7 @@ class BlockDomain(Domain):
                 await qemuimg.create(
                     path, "qcow2", md.capacity,
                     backing=parent.uuid if parent is not None else None,
-                    backing_fmt=("qcow2" if parent.format == "COW" else "raw")
+                    backing_fmt=VolumeFormat.of(parent.format).qemu
                     if parent is not None else None,
                     unsafe=parent is not None, runner=self.runner)
         finally:
@@ -682,115 +616,8 @@ class BlockDomain(Domain):
         if v is None or v.image != img:
             return
         if v.wipe:
-            await self._wipe_lv(v)
+            await self.wipe_lv(v.image, v.name, v.size)
         await self._remove_lv(vol, v.slot)
-
-    async def mark_wipe(self, vols: list[VolumeMetadata]) -> None:
-        """Tag the volumes' LVs WIPE (one lvchange each, under the domain
-        lease): from then on whoever removes them zeroes them first."""
-        async with self.leases.metadata():
-            for md in vols:
-                v = await self._volume_lv(md.uuid)
-                if v is not None and v.image == md.image and not v.wipe:
-                    await self.lvm.lvchange_tags(self.vg, md.uuid, add=[WIPE])
-
-    async def _wipe_lv(self, v: VolumeLV) -> None:
-        """Zero every extent of the LV: `blkdiscard --zeroout`, the kernel's
-        zero-out (WRITE ZEROES / WRITE SAME where the LUN has them, written
-        zeros otherwise), so the LUN reads zeros there whatever it does with
-        discards; then, where the LUN takes discards, discard the extents too
-        (a thin LUN frees them). Deactivated again if that fails; else left
-        active for the lvremove --force that follows (it deactivates)."""
-        path = self.volume_path(v.image, v.name)
-        await self.lvm.activate(self.vg, [v.name])
-        try:
-            await self.runner(["blkdiscard", "--zeroout", path], timeout=wipe_timeout(v.size))
-            dm = os.path.basename(await asyncio.to_thread(os.path.realpath, path))
-            if await asyncio.to_thread(discards, dm, self.sysfs):
-                await self.runner(["blkdiscard", path], timeout=wipe_timeout(v.size))
-        except BaseException:
-            with contextlib.suppress(HostAgentError):
-                await self.lvm.deactivate(self.vg, [v.name])
-            raise
-        log.info("Wiped LV %s/%s (%d bytes)", self.vg, v.name, v.size)
-
-    # ---- growing the domain --------------------------------------------------------
-
-    async def add_devices(self, guids: Sequence[str], paths: LunPaths, *,
-                          timeout: float) -> None:
-        """Add LUNs (their multipath devices) to the VG, under the domain
-        lease: a device already in the VG is skipped (a call repeated after
-        a crash or a lost reply finishes the job); one of another VG, with
-        data on it, in use, or of another sector size is refused and nothing
-        changes. The domain metadata's PVS is written last: a crash between
-        vgextend and it leaves a usable domain that the next call (or
-        resize_device) lists."""
-        wanted = [lvm.check_device(p, "devices") for p in await paths(list(guids))]
-        async with self.leases.metadata():
-            self.lvm.invalidate(self.vg)
-            old = self.lvm.devices
-            probe = lvm.LVM(self.runner, devices=[*(old or ()), *wanted], timeout=timeout)
-            seen = await probe.pvs()
-            add, orphans = new_devices(self.vg, wanted, seen)
-            fresh = [d for d in add if d not in orphans]
-            for d in add:
-                size = await _sector_size(d, self.runner)
-                if size != self.md.block_size:
-                    raise VolumeGroupBlockSizeError(
-                        reason=f"{d}: {size}, the domain's: {self.md.block_size}")
-            for d in fresh:
-                await _check_blank(d, timeout, self.runner)
-            if add:
-                self.lvm.set_devices([*(old or ()), *add])
-                try:
-                    if fresh:
-                        mda = max((pv.mda_size for pv in seen if pv.vg_name == self.vg),
-                                  default=DEFAULT_MDA_SIZE)
-                        try:
-                            await self.lvm.pvcreate(fresh,
-                                                    metadata_size=round_up(mda, lvm.SECTOR))
-                        except LVMCommandError as e:
-                            raise PhysDevInitializationError(
-                                devices=", ".join(fresh),
-                                reason=e.fields.get("reason", str(e))) from None
-                    try:
-                        await self.lvm.vgextend(self.vg, add)
-                    except LVMCommandError as e:
-                        raise VolumeGroupExtendError(
-                            vgName=self.vg, reason=e.fields.get("reason", str(e))) from None
-                except BaseException:
-                    self.lvm.set_devices(old)
-                    raise
-                log.info("Domain %s: added %s", self.uuid, ", ".join(add))
-            await self._record_pvs()
-
-    async def _record_pvs(self) -> None:
-        md = await self.read_domain_md()
-        listed = await _pv_list(await self.lvm.pvs(self.vg))
-        if md.pvs != listed:
-            await self.write_domain_md(replace(md, pvs=listed))
-
-    async def resize_device(self, guid: str, paths: LunPaths, *, timeout: float) -> int:
-        """Rescan the paths of LUN `guid` and resize its multipath map, then
-        pvresize its PV, under the domain lease; online: volumes in use go
-        on. The PV's size after."""
-        [path] = await paths([guid])
-        lvm.check_device(path, "guid")
-        self.lvm.invalidate(self.vg)
-        if path not in {pv.name for pv in await self.lvm.pvs(self.vg)}:
-            raise CouldNotResizePhysicalVolume(device=path,
-                                               reason=f"not a PV of domain {self.uuid}")
-        await devices.resize_lun(guid, timeout=timeout, runner=self.runner)
-        async with self.leases.metadata():
-            try:
-                await self.lvm.pvresize(self.vg, path)
-            except LVMCommandError as e:
-                raise CouldNotResizePhysicalVolume(
-                    device=path, reason=e.fields.get("reason", str(e))) from None
-            await self._record_pvs()
-            size = next(pv.size for pv in await self.lvm.pvs(self.vg) if pv.name == path)
-        log.info("Domain %s: resized PV %s to %d bytes", self.uuid, path, size)
-        return size
 
     async def extend_volume_data(self, md: VolumeMetadata, new_size: int) -> None:
         if md.format == "RAW":
@@ -913,28 +740,6 @@ class BlockDomain(Domain):
             vg = await self.lvm.vg(self.vg)
         return {"capacity": vg.size, "free": vg.free, "used": vg.size - vg.free}
 
-    async def follow_pvs(self) -> bool:
-        """Another host added LUNs to the domain (its VG has more PVs than
-        this host's filter lets LVM see, so LVM finds it partial and changes
-        nothing): add the maps of the LUNs the domain metadata lists (PVS)
-        to the filter. Run from the domain monitor's space check. True if
-        the filter changed."""
-        md = await self.read_domain_md()
-        maps = {m.wwid: f"/dev/mapper/{m.name}"
-                for m in await multipath.maps(timeout=self.io.timeout, runner=self.runner)}
-        have = self.lvm.devices or ()
-        new = [maps[i] for i in pvs_ids(md.pvs) if i in maps and maps[i] not in have]
-        missing = [i for i in pvs_ids(md.pvs) if i not in maps]
-        if missing:
-            log.warning("Domain %s: LUNs %s are not visible on this host", self.uuid,
-                        ", ".join(missing))
-        if not new:
-            return False
-        self.lvm.set_devices([*have, *new])
-        self.md = md
-        log.info("Domain %s: LUNs added by another host: %s", self.uuid, ", ".join(new))
-        return True
-
     async def remove_image_dir(self, img: str) -> None:
         return None   # an image is only the IU_ tags of its volumes
 
@@ -954,7 +759,7 @@ class BlockDomain(Domain):
         return report
 
     async def remove_all(self) -> None:
-        await _remove_vg(self.lvm, self.vg)
+        await remove_vg(self.lvm, self.vg)
 
     async def health_check(self, timeout: float) -> None:
         await read_check(self.runner, self.uuid, str(self.md_path), timeout)
@@ -990,40 +795,3 @@ class BlockDomain(Domain):
                 self._leases_size = size
         await init_volume_lease(res, self.md.lock_policy, self.leases.io_timeout,
                                 runner=self.runner)
-
-
-async def _sector_size(device: str, runner: commands.Runner) -> int:
-    lvm.check_device(device)
-    r = await runner(["blockdev", "--getss", device], timeout=30)
-    try:
-        return int(r.text.strip())
-    except ValueError:
-        raise InvalidParameter(field="devices",
-                               reason=f"blockdev --getss {device}: {r.text.strip()!r}") from None
-
-
-async def _pv_list(pvs: Sequence[lvm.PV]) -> str:
-    ids = await asyncio.to_thread(lambda: {pv.name: lun_id(pv.name) for pv in pvs})
-    return pv_list(pvs, ids)
-
-
-async def _check_blank(device: str, timeout: float, runner: commands.Runner) -> None:
-    """A LUN to become a new PV: no data signature, not open exclusively."""
-    sig = await devices.has_signature(device, timeout=timeout, runner=runner)
-    if sig:
-        raise PhysDevInitializationError(devices=device, reason=f"it holds {sig}")
-    if await asyncio.wait_for(asyncio.to_thread(devices.busy, device), timeout):
-        raise PhysDevInitializationError(devices=device, reason="it is in use")
-
-
-async def _remove_vg(lvm_: lvm.LVM, vg: str) -> None:
-    """Deactivate every LV of `vg`, remove it and its PVs' labels."""
-    lvm_.invalidate(vg)
-    pvs = [pv.name for pv in await lvm_.pvs(vg)]
-    names = [lv.name for lv in await lvm_.lvs(vg)]
-    if names:
-        await lvm_.deactivate(vg, names)
-    await lvm_.vgremove(vg)
-    if pvs:
-        await lvm_.pvremove(pvs)
-

@@ -16,6 +16,7 @@ import pytest
 
 from storage import commands, devices, lvm, multipath
 from storage.domains import blockdomain as bd
+from storage.domains import vgdevices as vgd
 from storage.errors import HostAgentError, PhysDevInitializationError
 from storage.metadata import REMOVING, DomainMetadata
 from tests.unit.fakerun import FakeRunner
@@ -38,24 +39,24 @@ def pv(name: str, vg: str, uuid: str = "") -> lvm.PV:
 
 def test_new_devices_skip_own_pvs_and_keep_orphans() -> None:
     seen = [pv(OLD, SD), pv(OTHER, "")]
-    add, orphans = bd.new_devices(SD, [OLD, NEW, OTHER, NEW], seen)
+    add, orphans = vgd.new_devices(SD, [OLD, NEW, OTHER, NEW], seen)
     assert (add, orphans) == ([NEW, OTHER], [OTHER])
-    assert bd.new_devices(SD, [OLD], seen) == ([], [])
+    assert vgd.new_devices(SD, [OLD], seen) == ([], [])
 
 
 def test_new_devices_refuse_a_pv_of_another_vg() -> None:
     with pytest.raises(PhysDevInitializationError) as e:
-        bd.new_devices(SD, [NEW, OTHER], [pv(OTHER, "vg-of-someone")])
+        vgd.new_devices(SD, [NEW, OTHER], [pv(OTHER, "vg-of-someone")])
     assert e.value.code == 601
     assert e.value.fields["devices"] == OTHER and "vg-of-someone" in e.value.message
 
 
 def test_pv_list_names_luns_by_wwid() -> None:
-    listed = bd.pv_list([pv(NEW, SD, "u2"), pv(OLD, SD, "u1")],
+    listed = vgd.pv_list([pv(NEW, SD, "u2"), pv(OLD, SD, "u1")],
                         {NEW: "36001405b", OLD: "36001405a"})
     assert listed == "36001405a:u1,36001405b:u2"
-    assert bd.pvs_ids(listed) == ["36001405a", "36001405b"]
-    assert bd.pvs_ids("") == []
+    assert vgd.pvs_ids(listed) == ["36001405a", "36001405b"]
+    assert vgd.pvs_ids("") == []
 
 
 def test_lun_id_of_a_multipath_map(tmp_path: Path) -> None:
@@ -65,10 +66,10 @@ def test_lun_id_of_a_multipath_map(tmp_path: Path) -> None:
     (tmp_path / "block" / "dm-4" / "dm" / "uuid").write_text("LVM-xyz\n")
     link = tmp_path / "mpatha"
     link.symlink_to("/dev/dm-3")
-    assert bd.lun_id(str(link), sysfs=str(tmp_path)) == "36001405abc"
+    assert vgd.lun_id(str(link), sysfs=str(tmp_path)) == "36001405abc"
     other = tmp_path / "lv"
     other.symlink_to("/dev/dm-4")
-    assert bd.lun_id(str(other), sysfs=str(tmp_path)) == "lv"
+    assert vgd.lun_id(str(other), sysfs=str(tmp_path)) == "lv"
 
 
 class GrowLVM(FakeLVM):
@@ -274,7 +275,7 @@ async def test_wipe_also_discards_where_the_lun_takes_discards(wiping: FileBlock
                                     "lvremove"]
     assert fake.wiped == ["blkdiscard", f"/dev/{SD}/{V1}"]     # the discard, last
     (queue / "discard_max_bytes").write_text("0\n")
-    assert not bd.discards(V1, str(tmp_path / "sys"))
+    assert not vgd.discards(V1, str(tmp_path / "sys"))
 
 
 async def test_delete_without_wipe_zeroes_nothing(wiping: FileBlockDomain) -> None:
@@ -300,8 +301,8 @@ async def test_gc_wipes_a_volume_left_removing_with_wipe(wiping: FileBlockDomain
 
 
 def test_wipe_timeout_grows_with_the_lv() -> None:
-    assert bd.wipe_timeout(0) == 60
-    assert bd.wipe_timeout(1024 * MiB) == 60 + 1024
+    assert vgd.wipe_timeout(0) == 60
+    assert vgd.wipe_timeout(1024 * MiB) == 60 + 1024
 
 
 # ---- rescans ------------------------------------------------------------------------
