@@ -19,7 +19,7 @@ from agent.metrics import Metrics
 from ovfstore.service import OvfService
 from ovfstore.store import volume_size
 from storage.connections import ConnectionManager
-from storage.domains import DomainManager, VmAccess, imageops
+from storage.domains import DomainManager, VmAccess, imageops, merge
 from storage.errors import HostAgentError
 from storage.leases import Backend, LeaseManager, LocalBackend, SanlockBackend
 from storage.leases.lockholder import LockHolder
@@ -105,6 +105,9 @@ class Agent:
         # An interrupted backup leaves no backup volume, and no snapshot layer
         # unless a VM runs on the disk.
         jobs.register_recovery("backupVolume", lambda job: imageops.recover_backup(
+            domains, job.params, job.started))
+        # An interrupted merge past its point of no return is finished.
+        jobs.register_recovery("mergeSnapshots", lambda job: merge.recover_merge(
             domains, job.params, job.started))
         jobs.register_recovery("createHibernationVolumes",
                                lambda job: imageops.recover_new_volumes(

@@ -25,6 +25,7 @@ from typing import Any
 from storage import commands, lvm, multipath, qemuimg
 from storage.connections import ConnectionManager
 from storage.connections.base import CONNECTED
+from storage.domains import merge
 from storage.domains.base import (
     OVF_STORE_DESCRIPTION,
     OVF_STORE_DISK_TYPE,
@@ -668,7 +669,9 @@ class DomainManager:
         async with self._volume_locks(sd, spec.img, spec.vol, parent=spec.parent):
             entry = await self.entry(sd)
             self.check_writable(entry)
-            md = await entry.domain.create_volume(spec, progress)
+            # a layer carries its parent's dirty bitmaps (VDSM's addBitmaps)
+            fill = merge.bitmaps_fill(self, entry.domain) if spec.parent else None
+            md = await entry.domain.create_volume(spec, progress, fill=fill)
             domain = entry.domain
             apparent, true = await domain.volume_sizes(md.image, md.uuid)
             return volume_info(md, apparent, true)
