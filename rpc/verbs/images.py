@@ -229,7 +229,7 @@ async def backup_volume(agent: Agent, jobUUID: str, src: Any, dst: Any, keepSnap
             "job, cold merge as VDSM's): its data is committed into its parent baseVolUUID, "
             "its child (if any) layered on baseVolUUID, and topVolUUID removed; every "
             "remaining volume reads as before and dirty bitmaps are kept. Refused (203) "
-            "while the image is prepared for a VM (a live merge is the VM side's).",
+            "while the image is prepared (for a VM: a live merge is the VM side's).",
             [JOB_UUID, SD_UUID, IMG_UUID,
              Field("baseVolUUID", UUID(), description="The parent of topVolUUID"),
              Field("topVolUUID", UUID(), description="The layer that goes"),

@@ -146,6 +146,9 @@ async def _plan(dm: DomainManager, domain: Domain, img: str, base_id: str,
         raise VolumeIsBusy(resource=f"image {img}",
                            reason="prepared for a VM: merging a disk a VM writes is the VM "
                                   "side's live merge")
+    if dm.is_prepared(domain.uuid, img):
+        # a reader's chain would lose a volume under it (as deleteImage)
+        raise VolumeIsBusy(resource=f"image {img}", reason="volumes are prepared")
     top = await domain.volume(img, top_id)
     try:
         base = await domain.volume(img, base_id)

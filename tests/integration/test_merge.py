@@ -225,6 +225,11 @@ async def test_merge_refused(make_fs_mount: Callable[..., FsMount], agent: Agent
         info = await run_job(c, "mergeSnapshots", **ids, baseVolUUID=mid, topVolUUID=top)
         assert info["status"] == "failed" and info["error"]["code"] == 203, info
         await c.call("teardownImage", **ids)
+        # a reader's chain would lose a volume under it
+        await c.call("prepareImage", **ids, volUUID=top, purpose="read")
+        info = await run_job(c, "mergeSnapshots", **ids, baseVolUUID=mid, topVolUUID=top)
+        assert info["status"] == "failed" and info["error"]["code"] == 203, info
+        await c.call("teardownImage", **ids)
 
         for params, field in [({"baseVolUUID": "nope", "topVolUUID": top}, "baseVolUUID"),
                               ({"baseVolUUID": mid, "topVolUUID": mid}, "topVolUUID"),
