@@ -98,9 +98,14 @@ async def carry_bitmaps(dm: DomainManager, domain: Domain, parent: VolumeMetadat
     incremental backup reads)."""
     if parent.format != COW or md.format != COW:
         return
+    # most parents have none: asked with the parent alone active (block: one
+    # LV, not the chain the bitmaps' qemu-img runs open)
+    async with dm.using(domain, [parent]):
+        have, _ = await bitmap_names(dm, domain, parent)
+    if not have:
+        return
     live = dm.is_prepared(domain.uuid, parent.image, "vm")
     async with dm.using(domain, [*await domain.chain(parent.image, parent.uuid), md]):
-        have, _ = await bitmap_names(dm, domain, parent)
         path = domain.volume_path(md.image, md.uuid)
         for bm in have:
             await qemuimg.bitmap(path, bm, action="add", runner=dm.runner)
