@@ -307,21 +307,31 @@ async def recover_merge(dm: DomainManager, params: dict[str, Any],
                                  request("image", f"{sd}/{img}")):
             domain = await dm.domain(sd)
             try:
-                top = await domain.read_volume_md(img, top_id)
-                base = await domain.volume(img, base_id)
-            except VolumeDoesNotExist:
-                return          # top gone: the merge was over (or never here)
-            if top.state != READY or top.parent != base_id or top.legality == LEGAL:
-                log.warning("Interrupted merge of %s/%s/%s: the chain is as it was; "
-                            "merge again", sd, img, top_id)
-                return
-            log.warning("Interrupted merge of %s/%s/%s into %s: finishing", sd, img, top_id,
-                        base_id)
-            kids = [v for v in await domain.image_volumes(img) if v.parent == top_id]
-            for child in kids:
-                async with dm.using(domain, await domain.chain(img, child.uuid)):
-                    await _rebase(dm, domain, child, base)
-            await domain.delete_volume(img, top_id)
+                await _finish(dm, domain, sd, img, base_id, top_id)
+            finally:
+                # The killed job's volumes were active (block: LVs): those no
+                # prepared chain uses are deactivated (taken and released).
+                async with dm.using(domain, await domain.image_volumes(img)):
+                    pass
     except HostAgentError as e:
         log.error("Cannot finish the interrupted merge of %s/%s/%s: %s", sd, img, top_id,
                   e.message)
+
+
+async def _finish(dm: DomainManager, domain: Domain, sd: str, img: str, base_id: str,
+                  top_id: str) -> None:
+    try:
+        top = await domain.read_volume_md(img, top_id)
+        base = await domain.volume(img, base_id)
+    except VolumeDoesNotExist:
+        return          # top gone: the merge was over (or never here)
+    if top.state != READY or top.parent != base_id or top.legality == LEGAL:
+        log.warning("Interrupted merge of %s/%s/%s: the chain is as it was; merge again",
+                    sd, img, top_id)
+        return
+    log.warning("Interrupted merge of %s/%s/%s into %s: finishing", sd, img, top_id, base_id)
+    kids = [v for v in await domain.image_volumes(img) if v.parent == top_id]
+    for child in kids:
+        async with dm.using(domain, await domain.chain(img, child.uuid)):
+            await _rebase(dm, domain, child, base)
+    await domain.delete_volume(img, top_id)
