@@ -20,7 +20,7 @@ from agent.metrics import Metrics
 from ovfstore.service import OvfService
 from ovfstore.store import volume_size
 from storage.connections import ConnectionManager
-from storage.domains import DomainRegistry, VmAccess, recovery
+from storage.domains import DomainRegistry, VmAccess, merge, recovery
 from storage.domains.imageops import ImageOps
 from storage.domains.monitor import DomainMonitor
 from storage.domains.prepared import PreparedVolumes
@@ -97,6 +97,9 @@ class Domains:
         # An interrupted backup leaves no backup volume, and no snapshot layer
         # unless a VM runs on the disk.
         jobs.register_recovery("backupVolume", lambda job: recovery.recover_backup(
+            images, job.params, job.started))
+        # An interrupted merge past its point of no return is finished.
+        jobs.register_recovery("mergeSnapshots", lambda job: merge.recover_merge(
             images, job.params, job.started))
         jobs.register_recovery("createHibernationVolumes",
                                lambda job: recovery.recover_new_volumes(

@@ -99,6 +99,8 @@ VERB_ERRORS: dict[str, tuple[ErrorClass, ...]] = {
                   e.BackupDomainRestricted, *_WRITE),
     "snapshotImages": (*_JOB, *_ACTIVE, *_VOLUME, *_MAKE, e.CreateIllegalVolumeSnapshotError,
                        e.VolumeIsBusy, *_WRITE),
+    "mergeSnapshots": (*_JOB, *_ACTIVE, *_VOLUME, *_WRITE, e.VolumeIsBusy,
+                       e.PrepareIllegalVolumeError, e.ResourceInUse, e.GenerationMismatch),
     "createHibernationVolumes": (*_JOB, *_ACTIVE, *_VOLUME, *_MAKE,
                                  e.PrepareIllegalVolumeError, e.BackupDomainRestricted,
                                  *_WRITE),

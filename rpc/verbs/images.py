@@ -3,6 +3,7 @@ hibernation volumes. Each is a job."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from agent.context import Agent
@@ -21,7 +22,8 @@ from rpc.schema import (
 )
 from rpc.table import TABLE
 from rpc.verbs.common import IMG_UUID, JOB_RESULT, JOB_UUID, SD_UUID, VOL_UUID
-from rpc.verbs.volumes import SIZE
+from rpc.verbs.volumes import GENERATION, SIZE
+from storage.domains import merge
 from storage.domains.imageops import VolRef
 from storage.errors import HostAgentError
 
@@ -220,4 +222,32 @@ async def backup_volume(agent: Agent, jobUUID: str, src: Any, dst: Any, keepSnap
                             for _, d, _ in items],
                 "sources": [{"sdUUID": s.sd, "imgUUID": s.img, "volUUID": s.vol}
                             for s, _, _ in items]})
+    return {"jobUUID": job.job_uuid}
+
+
+@TABLE.verb("mergeSnapshots", "Delete the snapshot layer topVolUUID of a disk no VM writes (a "
+            "job, cold merge as VDSM's): its data is committed into its parent baseVolUUID, "
+            "its child (if any) layered on baseVolUUID, and topVolUUID removed; every "
+            "remaining volume reads as before and dirty bitmaps are kept. Refused (203) "
+            "while the image is prepared (for a VM: a live merge is the VM side's).",
+            [JOB_UUID, SD_UUID, IMG_UUID,
+             Field("baseVolUUID", UUID(), description="The parent of topVolUUID"),
+             Field("topVolUUID", UUID(), description="The layer that goes"),
+             replace(GENERATION, description="baseVolUUID's generation as the caller last "
+                     "saw it: if it is no longer that, 911 and nothing changes")],
+            result=JOB_RESULT, job=True, tags=["images"])
+async def merge_snapshots(agent: Agent, jobUUID: str, sdUUID: str, imgUUID: str,
+                          baseVolUUID: str, topVolUUID: str,
+                          generation: int | None) -> dict[str, Any]:
+    if baseVolUUID == topVolUUID:
+        raise InvalidParams("topVolUUID", "the same volume as baseVolUUID")
+
+    async def work(ctx: JobContext) -> dict[str, Any]:
+        return await merge.merge_snapshots(agent.images, sdUUID, imgUUID, baseVolUUID,
+                                           topVolUUID, ctx.progress, generation)
+
+    job = await agent.jobs.submit_recorded(
+        jobUUID, "mergeSnapshots", work, description=f"merge {topVolUUID} into {baseVolUUID}",
+        params={"sdUUID": sdUUID, "imgUUID": imgUUID, "baseVolUUID": baseVolUUID,
+                "topVolUUID": topVolUUID})
     return {"jobUUID": job.job_uuid}

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from storage import commands, nbd, qemuimg
+from storage.domains import merge
 from storage.domains.base import (
     Domain,
     Progress,
@@ -392,7 +393,8 @@ class ImageOps:
             try:
                 for i, (domain, _, spec) in enumerate(plan):
                     try:
-                        md = await domain.create_volume(spec)
+                        md = await domain.create_volume(
+                            spec, fill=merge.bitmaps_fill(self, domain))
                     except HostAgentError as e:
                         raise _no_space(e, domain.uuid) from None
                     made.append((domain, md))

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from storage import commands, qemuimg
+from storage.domains import merge
 from storage.domains.base import Progress, VmAccess, VolumeSpec, check_generation, volume_info
 from storage.domains.prepared import PURPOSES, PreparedVolumes, prepared_key
 from storage.domains.registry import DomainRegistry
@@ -70,7 +71,9 @@ class VolumeOps:
         async with self.locks.volumes(sd, spec.img, spec.vol, parent=spec.parent):
             entry = await self.registry.entry(sd)
             self.registry.check_writable(entry)
-            md = await entry.domain.create_volume(spec, progress)
+            # a layer carries its parent's dirty bitmaps (VDSM's addBitmaps)
+            fill = merge.bitmaps_fill(self, entry.domain) if spec.parent else None
+            md = await entry.domain.create_volume(spec, progress, fill=fill)
             domain = entry.domain
             apparent, true = await domain.volume_sizes(md.image, md.uuid)
             return volume_info(md, apparent, true)

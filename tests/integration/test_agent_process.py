@@ -37,7 +37,7 @@ API_VERBS_SO_FAR = {
     "copyImage", "moveImage", "snapshotImages", "createHibernationVolumes", "backupVolume",
 }
 # issue 17 (API.md "Additions (v1.1)")
-API_VERBS_SO_FAR |= {"updateVolume", "measureVolume"}
+API_VERBS_SO_FAR |= {"updateVolume", "measureVolume", "mergeSnapshots"}
 API_VERBS_SO_FAR |= {"extendStorageDomain", "resizePV"}
 
 
