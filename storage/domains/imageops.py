@@ -54,6 +54,7 @@ from storage.metadata import LEGAL, READY, VolumeMetadata
 
 if TYPE_CHECKING:
     from storage.domains.manager import DomainManager
+    from storage.domains.writers import WriterWatch
 
 log = logging.getLogger("storage.images")
 
@@ -391,6 +392,7 @@ class ImageOps:
                      request("volume", f"{d['sdUUID']}/{d['newVolUUID']}")]
         async with self.dm.locks.hold(*reqs):
             plan: list[tuple[Domain, VolumeMetadata, VolumeSpec]] = []
+            writers: list[WriterWatch | None] = []
             for i, d in enumerate(disks):
                 domain = await self._writable(d["sdUUID"])
                 try:
@@ -400,8 +402,9 @@ class ImageOps:
                                              reason=f"disks[{i}]: {e.message}") from None
                 if parent.legality != LEGAL or parent.state != READY:
                     raise CreateIllegalVolumeSnapshotError(volUUID=parent.uuid)
-                self.dm.check_not_written(f"disks[{i}]", d["sdUUID"], d["imgUUID"],
-                                          d["volUUID"], d.get("switch"))
+                writers.append(self.dm.live_writer(f"disks[{i}]", d["sdUUID"],
+                                                   d["imgUUID"], d["volUUID"],
+                                                   d.get("switch")))
                 if await domain.children(parent):
                     raise InvalidParameter(field=f"disks[{i}].volUUID",
                                            reason=f"volume {parent.uuid} is not the disk's "
@@ -427,6 +430,10 @@ class ImageOps:
                         raise _no_space(e, domain.uuid) from None
                     made.append((domain, md))
                     progress(100 * (i + 1) / len(plan))
+                # the VM's writers onto the new layers, all in one transaction
+                await self.dm.switch_writers([(f"disks[{i}]", dom, md, w) for i, ((dom, md), w)
+                                              in enumerate(zip(made, writers, strict=True))
+                                              if w is not None])
             except BaseException:
                 await _undo(made, "snapshot layer")
                 raise

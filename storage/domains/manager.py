@@ -40,7 +40,7 @@ from storage.domains.blockdomain import VG_TAG, BlockDomain
 from storage.domains.filedomain import FileDomain
 from storage.domains.imageops import ImageOps
 from storage.domains.leasing import DomainLeases
-from storage.domains.writers import WriterWatch
+from storage.domains.writers import Link, Switch, WriterWatch, switch_writers
 from storage.errors import (
     BackupDomainRestricted,
     GenerationMismatch,
@@ -160,6 +160,8 @@ class DomainManager:
         # and the watch extending the volume ahead of it
         self.writers: dict[str, dict[str, str]] = {}
         self._watches: dict[str, WriterWatch] = {}
+        # a writer's monitor socket -> the one connection its disks' watches share
+        self._links: dict[str, Link] = {}
 
     # ---- host state --------------------------------------------------------------
 
@@ -226,6 +228,7 @@ class DomainManager:
         for watch in self._watches.values():
             await watch.stop()
         self._watches.clear()
+        self._links.clear()
         for entry in self.entries.values():
             # Block domains keep their metadata LV active: running VMs' LVs
             # outlive the agent too, and another agent on this host (tests)
@@ -880,6 +883,54 @@ class DomainManager:
                            reason=f"{how}; say \"switch\": \"caller\" if the VM manager "
                                   "switches the VM onto the new layer itself")
 
+    def live_writer(self, field: str, sd: str, img: str, vol: str,
+                    switch: str | None = None) -> WriterWatch | None:
+        """The writer a new layer over this volume must be switched onto by
+        the agent (its registered QMP writer), None if nothing or the caller
+        switches; 203 for a VM disk with no writer (check_not_written)."""
+        watch = self._watches.get(self._prepared_key(sd, img, vol))
+        if switch == "caller" or watch is None:
+            self.check_not_written(field, sd, img, vol, switch)
+            return None
+        return watch
+
+    async def switch_writers(self, layers: list[tuple[str, Domain, VolumeMetadata,
+                                                      WriterWatch]]) -> None:
+        """Move VMs' writers onto the new layers (`field`, domain, the new
+        layer, the old top's watch) in one transaction; the new top is then
+        what is prepared for the VM and watched. On failure the writers stay
+        on their old tops and the new layers are released (still there)."""
+        chains = [(d, await d.chain(md.image, md.uuid)) for _, d, md, _ in layers]
+        used: list[tuple[Domain, list[VolumeMetadata]]] = []
+        try:
+            for domain, chain in chains:
+                await self.use_volumes(domain, chain)
+                used.append((domain, chain))
+                if self.vm_access is not None:
+                    await domain.grant_access(chain[-1:], self.vm_access)
+            nodes = await switch_writers([
+                Switch(watch, field, domain.volume_path(md.image, md.uuid),
+                       "ha-" + md.uuid.replace("-", "")[:12])
+                for field, domain, md, watch in layers])
+        except BaseException:
+            for domain, chain in used:
+                await self.release_volumes(domain, chain)
+            raise
+        for (_, domain, md, watch), node, (_, chain) in zip(layers, nodes, chains,
+                                                            strict=True):
+            old, new = watch.name, self._prepared_key(domain.uuid, md.image, md.uuid)
+            counts = self.prepared.get(old, {})
+            self.prepared[new] = {"vm": counts.pop("vm", 1)}
+            # watched on the new node first: the writer's connection stays up
+            self.writers[new] = {**self.writers[old], "nodeName": node}
+            self._watch_writer(new, self.writers[new])
+            await self._unwatch_writer(old)
+            if not counts:
+                self.prepared.pop(old, None)
+                with contextlib.suppress(HostAgentError):
+                    await self.release_volumes(domain, chain[:-1])
+        self._save_prepared()
+
     def check_writable(self, entry: Entry) -> None:
         """A domain new data may be written to: active here, not failing."""
         sd = entry.domain.uuid
@@ -898,14 +949,18 @@ class DomainManager:
         async def extend(min_size: int) -> int:
             return int((await self.extend_allocation(sd, img, vol, min_size))["size"])
 
-        self._watches[key] = WriterWatch(key, writer["qmpSocket"], writer["nodeName"],
-                                         self.thin, current=current, extend=extend).start()
+        path = writer["qmpSocket"]
+        link = self._links.setdefault(path, Link(path))
+        self._watches[key] = WriterWatch(key, path, writer["nodeName"], self.thin,
+                                         current=current, extend=extend, link=link).start()
 
     async def _unwatch_writer(self, key: str) -> None:
         self.writers.pop(key, None)
         watch = self._watches.pop(key, None)
         if watch is not None:
             await watch.stop()
+            if watch.link.idle:
+                self._links.pop(watch.qmp_socket, None)
 
     async def prepare(self, sd: str, img: str, vol: str, purpose: str,
                       writer: dict[str, str] | None = None) -> dict[str, Any]:
