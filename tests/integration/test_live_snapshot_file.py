@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from rpc.client import Client
+from storage.qmp import QMPClient
 from tests.conftest import require_tools
 from tests.integration.storagefixtures import FsMount
 from tests.integration.test_domains_file import Storage, create_volume, new_id, run_job
@@ -100,8 +101,12 @@ class VM:
             argv += ["--blockdev", f"driver=file,node-name=file{i},filename={path}",
                      "--blockdev", f"driver=qcow2,node-name=fmt{i},file=file{i}",
                      "--export", f"type=nbd,id=e{i},node-name=fmt{i},name=e{i},writable=on"]
+        # a monitor for the agent, one for the test (as a VM manager's)
+        self.qmp_test = str(work / "qmp-test.sock")
         argv += ["--chardev", f"socket,id=m0,path={self.qmp},server=on,wait=off",
-                 "--monitor", "chardev=m0"]
+                 "--monitor", "chardev=m0",
+                 "--chardev", f"socket,id=m1,path={self.qmp_test},server=on,wait=off",
+                 "--monitor", "chardev=m1"]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
 
     def url(self, i: int) -> str:
@@ -246,3 +251,48 @@ async def test_live_snapshot_of_three_disks_being_written(
 
 def _top_bytes(map_json: str) -> int:
     return sum(e["length"] for e in json.loads(map_json) if e["depth"] == 0 and e["data"])
+
+
+async def test_live_snapshot_all_or_none(
+        domains: list[Storage], client: Client, vm_factory: Callable[[list[str]], VM],
+        tmp_path: Path) -> None:
+    """The third disk's writer cannot be switched (its node is not in the
+    VM): no disk is switched, every new layer is gone, the overlays the
+    writer opened are closed, the disks go on being written where they were."""
+    disks, paths = [], []
+    qmp = str(tmp_path / "qmp.sock")
+    for i, s in enumerate(domains):
+        img, vol = new_id(), new_id()
+        await create_volume(client, s.sd, img, vol, size=SIZE)
+        disks.append({"sdUUID": s.sd, "imgUUID": img, "volUUID": vol})
+        p = await client.call("prepareImage", **disks[-1], purpose="vm", writer={
+            "qmpSocket": qmp, "nodeName": "nosuch" if i == 2 else f"file{i}"})
+        paths.append(p["path"])
+    vm = vm_factory(paths)
+    await until(lambda: os.path.exists(vm.nbd), "the VM's NBD server", timeout=20)
+    writers = [Writer(vm.url(i)).start() for i in range(3)]
+    try:
+        await until(lambda: all(w.at_least(256) for w in writers), "writes before",
+                    timeout=60)
+        info = await run_job(client, "snapshotImages",
+                             disks=[{**d, "newVolUUID": new_id()} for d in disks])
+        assert info["status"] == "failed", info
+        assert info["error"]["code"] == 203 and "disks[2]" in info["error"]["message"], \
+            info["error"]
+        at_failure = [w.written for w in writers]
+        await until(lambda: all(w.at_least(n + 256) for w, n in
+                                zip(writers, at_failure, strict=True)),
+                    "writes after", timeout=60)
+        async with QMPClient(vm.qmp_test) as mon:
+            nodes = await mon.execute("query-named-block-nodes", {"flat": True})
+        assert sorted(n["node-name"] for n in nodes) == \
+            sorted([f"{kind}{i}" for kind in ("file", "fmt") for i in range(3)])
+    finally:
+        for w in writers:
+            await w.stop()
+    vm.stop()
+    for d, path, w in zip(disks, paths, writers, strict=True):
+        assert await client.call("getVolumesList", sdUUID=d["sdUUID"],
+                                 imgUUID=d["imgUUID"]) == [d["volUUID"]]
+        # every write in the volume the VM had, none lost
+        assert blocks_written(read_raw(path, tmp_path / "disk.raw")) == w.written
