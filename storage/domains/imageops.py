@@ -532,9 +532,18 @@ class ImageOps:
                     for i, item in enumerate(items)]
             layers: list[tuple[Domain, VolumeMetadata, VolumeMetadata]] = []
             made: list[tuple[Domain, VolumeMetadata]] = []
+            writers = [self.dm.live_writer(f"src[{i}]" if many else "src", src.sd, src.img,
+                                           src.vol) for i, (src, _, _) in enumerate(items)]
+            switched = False
             try:
                 for sdom, top, _, dst, _ in plan:
                     layers.append((sdom, top, await self._backup_layer(sdom, top, dst)))
+                # a VM's writers onto the layers: what is copied is written no more
+                await self.dm.switch_writers([
+                    (f"src[{i}]" if many else "src", sdom, layer, w)
+                    for i, ((sdom, _, layer), w) in enumerate(zip(layers, writers, strict=True))
+                    if w is not None])
+                switched = True
                 step = 90 / len(plan)
                 for i, (sdom, top, ddom, dst, base) in enumerate(plan):
                     span = _span(progress, 5 + i * step, 5 + (i + 1) * step)
@@ -548,10 +557,10 @@ class ImageOps:
             except BaseException:
                 await _undo(made, "backup")
                 # a layer only holds bitmaps so far (nothing writes it unless
-                # a VM runs on the disk: then it stays)
-                await _undo([(sdom, layer) for sdom, top, layer in layers
-                             if not self.dm.is_prepared(sdom.uuid, top.image, "vm")],
-                            "snapshot layer")
+                # a VM was switched onto it: then it stays)
+                await _undo([(sdom, layer) for (sdom, _, layer), w
+                             in zip(layers, writers, strict=False)
+                             if not (switched and w is not None)], "snapshot layer")
                 raise
             out: list[dict[str, Any]] = []
             for (sdom, top, ddom, _, base), (_, _, layer), (_, md) in zip(
@@ -583,8 +592,9 @@ class ImageOps:
                                    reason=f"domain {dst.sd} is not a backup domain")
         top = await sdom.volume(src.img, src.vol)
         self._legal([top])
-        # the agent copies the layer below the new one: a VM must not write it
-        self.dm.check_not_written(name("src"), src.sd, src.img, src.vol)
+        # the agent copies the layer below the new one: a VM must not write
+        # it (its registered writer is switched onto the new layer: below)
+        self.dm.live_writer(name("src"), src.sd, src.img, src.vol)
         if await sdom.children(top):
             raise InvalidParameter(field=name("src.volUUID"),
                                    reason=f"volume {top.uuid} is not the disk's top volume")

@@ -871,17 +871,15 @@ class DomainManager:
                           switch: str | None = None) -> None:
         """A new layer on a disk a VM may write (prepared for vm on this
         host) is consistent only if the VM is switched onto it: by the
-        caller ("switch": "caller"). Switching a registered QMP writer in a
-        transaction is not done yet: refused too, rather than a layer the
+        agent (a registered QMP writer: live_writer) or by the caller
+        ("switch": "caller"). Otherwise refused, rather than a layer the
         VM does not use or a copy of a layer it still writes."""
         if switch == "caller" or not self.is_prepared(sd, img, "vm"):
             return
-        how = ("its QMP writer cannot be switched by the agent yet"
-               if self._prepared_key(sd, img, vol) in self.writers
-               else "prepared for a VM with no writer registered")
         raise VolumeIsBusy(resource=f"{field} (volume {vol} of image {img} on {sd})",
-                           reason=f"{how}; say \"switch\": \"caller\" if the VM manager "
-                                  "switches the VM onto the new layer itself")
+                           reason="prepared for a VM with no writer registered; say "
+                                  "\"switch\": \"caller\" if the VM manager switches the "
+                                  "VM onto the new layer itself")
 
     def live_writer(self, field: str, sd: str, img: str, vol: str,
                     switch: str | None = None) -> WriterWatch | None:

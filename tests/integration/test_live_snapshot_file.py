@@ -296,3 +296,53 @@ async def test_live_snapshot_all_or_none(
                                  imgUUID=d["imgUUID"]) == [d["volUUID"]]
         # every write in the volume the VM had, none lost
         assert blocks_written(read_raw(path, tmp_path / "disk.raw")) == w.written
+
+
+async def test_backup_of_a_disk_being_written(
+        domains: list[Storage], client: Client, vm_factory: Callable[[list[str]], VM],
+        make_fs_mount: Callable[..., FsMount], tmp_path: Path) -> None:
+    """backupVolume of a disk a VM writes (keepSnapshot false): the VM is
+    switched onto the backup's layer first, so the copy is the disk at one
+    point in time, the layer the VM writes is kept (for a live merge), and
+    every write is in the disk's chain."""
+    s = domains[0]
+    img, vol = new_id(), new_id()
+    await create_volume(client, s.sd, img, vol, size=SIZE)
+    disk = {"sdUUID": s.sd, "imgUUID": img, "volUUID": vol}
+    qmp = str(tmp_path / "qmp.sock")
+    path = (await client.call("prepareImage", **disk, purpose="vm",
+                              writer={"qmpSocket": qmp, "nodeName": "file0"}))["path"]
+    d = make_fs_mount("ext4", size=1024 * MiB).path / "backup"
+    d.mkdir()
+    backup = Storage(client, "localfs", {"connection": str(d)})
+    await backup.connect()
+    domains.append(backup)          # cleaned up with them
+    await backup.create_domain(name="backup", domClass="backup")
+    dst = {"sdUUID": backup.sd, "imgUUID": new_id(), "volUUID": new_id()}
+    vm = vm_factory([path])
+    await until(lambda: os.path.exists(vm.nbd), "the VM's NBD server", timeout=20)
+    writer = Writer(vm.url(0)).start()
+    try:
+        await until(lambda: writer.at_least(256), "writes before", timeout=60)
+        info = await run_job(client, "backupVolume", src=disk, dst=dst, keepSnapshot=False)
+        assert info["status"] == "done", info.get("error")
+        at_end = writer.written
+        result = info["result"]
+        assert result["merged"] is False and result["snapshotVolUUID"], result
+        layer = result["snapshotVolUUID"]
+        old_sum = sha256(path)
+        await until(lambda: writer.at_least(at_end + 256), "writes after", timeout=60)
+    finally:
+        await writer.stop()
+    assert sha256(path) == old_sum, "the backed-up layer was written after the backup"
+    vm.stop()
+    assert sorted(await client.call("getVolumesList", sdUUID=s.sd, imgUUID=img)) == \
+        sorted([vol, layer])
+    copied = await client.call("prepareImage", **dst, purpose="read")
+    k = blocks_written(read_raw(copied["path"], tmp_path / "backup.raw"))
+    assert 256 <= k <= at_end, (k, at_end)
+    assert read_raw(path, tmp_path / "old.raw") == read_raw(copied["path"],
+                                                            tmp_path / "backup2.raw")
+    await client.call("teardownImage", **dst)
+    top = str(Path(path).with_name(layer))
+    assert blocks_written(read_raw(top, tmp_path / "chain.raw")) == writer.written
