@@ -40,7 +40,14 @@ from storage.domains.blockdomain import VG_TAG, BlockDomain
 from storage.domains.filedomain import FileDomain
 from storage.domains.imageops import ImageOps
 from storage.domains.leasing import DomainLeases
-from storage.domains.writers import Link, Switch, WriterWatch, switch_writers
+from storage.domains.writers import (
+    Link,
+    Switch,
+    WriterWatch,
+    layer_nodes,
+    switch_writers,
+    switched,
+)
 from storage.errors import (
     BackupDomainRestricted,
     GenerationMismatch,
@@ -201,6 +208,7 @@ class DomainManager:
                 log.warning("Active domain %s not found on connected storage", sd)
                 continue
             await self._activate(entry)
+        await self._resolve_switches()
         await self._count_prepared()
         # VMs outlive the agent: their writers are watched again
         for key, writer in self.writers.items():
@@ -898,7 +906,17 @@ class DomainManager:
         layer, the old top's watch) in one transaction; the new top is then
         what is prepared for the VM and watched. On failure the writers stay
         on their old tops and the new layers are released (still there)."""
+        if not layers:
+            return
         chains = [(d, await d.chain(md.image, md.uuid)) for _, d, md, _ in layers]
+        news = [self._prepared_key(d.uuid, md.image, md.uuid) for _, d, md, _ in layers]
+        # Recorded first: a restart after a kill asks the writer which side
+        # of the transaction it is on (resolve_switches), and an interrupted
+        # job's recovery never removes a layer a VM may write.
+        for (_, _, md, watch), new in zip(layers, news, strict=True):
+            self.writers[new] = {**self.writers[watch.name],
+                                 "nodeName": layer_nodes(md.uuid)[0], "switchedFrom": watch.name}
+        self._save_prepared()
         used: list[tuple[Domain, list[VolumeMetadata]]] = []
         try:
             for domain, chain in chains:
@@ -906,28 +924,60 @@ class DomainManager:
                 used.append((domain, chain))
                 if self.vm_access is not None:
                     await domain.grant_access(chain[-1:], self.vm_access)
-            nodes = await switch_writers([
-                Switch(watch, field, domain.volume_path(md.image, md.uuid),
-                       "ha-" + md.uuid.replace("-", "")[:12])
-                for field, domain, md, watch in layers])
+            await switch_writers([Switch(watch, field, domain.volume_path(md.image, md.uuid),
+                                         md.uuid) for field, domain, md, watch in layers])
         except BaseException:
             for domain, chain in used:
                 await self.release_volumes(domain, chain)
+            for new in news:
+                self.writers.pop(new, None)
+            self._save_prepared()
             raise
-        for (_, domain, md, watch), node, (_, chain) in zip(layers, nodes, chains,
-                                                            strict=True):
-            old, new = watch.name, self._prepared_key(domain.uuid, md.image, md.uuid)
-            counts = self.prepared.get(old, {})
-            self.prepared[new] = {"vm": counts.pop("vm", 1)}
-            # watched on the new node first: the writer's connection stays up
-            self.writers[new] = {**self.writers[old], "nodeName": node}
-            self._watch_writer(new, self.writers[new])
-            await self._unwatch_writer(old)
-            if not counts:
-                self.prepared.pop(old, None)
-                with contextlib.suppress(HostAgentError):
+        for (_, domain, _, watch), new, (_, chain) in zip(layers, news, chains, strict=True):
+            await self._switched(watch.name, new)
+            with contextlib.suppress(HostAgentError):
+                if watch.name not in self.prepared:
                     await self.release_volumes(domain, chain[:-1])
         self._save_prepared()
+
+    async def _switched(self, old: str, new: str) -> None:
+        """The VM writes `new` now, not `old`: prepared for vm and watched."""
+        counts = self.prepared.get(old, {})
+        self.prepared[new] = {"vm": counts.pop("vm", 1)}
+        if not counts:
+            self.prepared.pop(old, None)
+        self.writers[new].pop("switchedFrom", None)
+        # watched on the new node first: the writer's connection stays up
+        self._watch_writer(new, self.writers[new])
+        await self._unwatch_writer(old)
+
+    async def _resolve_switches(self) -> None:
+        """Live snapshots a kill cut: the writer says whether it holds the
+        new layer. Unknown (the writer not running): both kept, the old one
+        watched, the new layer kept by the job's recovery."""
+        for new, writer in list(self.writers.items()):
+            old = writer.get("switchedFrom")
+            if old is None:
+                continue
+            on_new = await switched(writer["qmpSocket"], new.split("/")[2])
+            log.warning("Live snapshot cut by a restart: the writer of %s %s", old,
+                        {True: f"writes {new}", False: "was not switched",
+                         None: "cannot be asked: both layers kept"}[on_new])
+            if on_new:
+                counts = self.prepared.get(old, {})
+                self.prepared[new] = {"vm": counts.pop("vm", 1)}
+                if not counts:
+                    self.prepared.pop(old, None)
+                writer.pop("switchedFrom")
+                self.writers.pop(old, None)
+            elif on_new is False:
+                self.writers.pop(new)
+        self._save_prepared()
+
+    def switching(self, sd: str, img: str, vol: str) -> bool:
+        """A layer a VM writes or may write (a live snapshot cut by a crash)."""
+        key = self._prepared_key(sd, img, vol)
+        return key in self.writers or bool(self.prepared.get(key, {}).get("vm"))
 
     def check_writable(self, entry: Entry) -> None:
         """A domain new data may be written to: active here, not failing."""

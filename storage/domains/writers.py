@@ -238,7 +238,7 @@ class Switch:
     watch: WriterWatch
     disk: str           # named in errors: "disks[0]"
     path: str
-    node_prefix: str    # unique per layer: its node names are prefix-file, prefix-fmt
+    vol: str            # the new layer's volume: its node names
 
 
 async def switch_writers(switches: list[Switch]) -> list[str]:
@@ -286,7 +286,7 @@ async def switch_writers(switches: list[Switch]) -> list[str]:
                                        reason=f"the writer has no node {s.watch.node}")
                 top = _format_node(graph, s.watch.node)
                 cache = proto.get("cache") or {}
-                file_node, fmt_node = f"{s.node_prefix}-file", f"{s.node_prefix}-fmt"
+                file_node, fmt_node = layer_nodes(s.vol)
                 await qmp.execute("blockdev-add", {
                     "driver": proto["drv"], "node-name": file_node, "filename": s.path,
                     "cache": {"direct": bool(cache.get("direct")),
@@ -312,7 +312,36 @@ async def switch_writers(switches: list[Switch]) -> list[str]:
                                   f"{e}") from None
     log.info("Live snapshot: %s switched onto %s in one transaction", watch.qmp_socket,
              ", ".join(s.path for s in switches))
-    return [f"{s.node_prefix}-file" for s in switches]
+    return [layer_nodes(s.vol)[0] for s in switches]
+
+
+def layer_nodes(vol: str) -> tuple[str, str]:
+    """The protocol and format node names a live snapshot gives a new layer
+    in its writer (unique per volume, known before the switch: a restart
+    asks the writer whether they are there)."""
+    prefix = "ha-" + vol.replace("-", "")[:16]
+    return f"{prefix}-file", f"{prefix}-fmt"
+
+
+async def switched(qmp_socket: str, vol: str, timeout: float = 5.0) -> bool | None:
+    """Whether a writer holds the new layer `vol` (a live snapshot cut by a
+    crash: did its transaction happen?); None if the writer cannot be asked
+    (not running)."""
+    file_node, fmt_node = layer_nodes(vol)
+    try:
+        async with QMPClient(qmp_socket, timeout=timeout) as qmp:
+            nodes = {n["node-name"]: n for n in
+                     await qmp.execute("query-named-block-nodes", {"flat": True})}
+            if fmt_node in nodes and nodes[fmt_node].get("backing_file_depth"):
+                return True
+            # opened before the transaction, never switched onto: closed
+            for node in (fmt_node, file_node):
+                if node in nodes:
+                    await qmp.execute("blockdev-del", {"node-name": node})
+            return False
+    except (OSError, TimeoutError, QMPError) as e:
+        log.warning("Writer %s: cannot ask it about layer %s: %s", qmp_socket, vol, e)
+        return None
 
 
 def _format_node(graph: dict[str, Any], proto: str) -> str:
