@@ -335,3 +335,64 @@ async def test_agent_extends_a_writing_qemu(make_target: Callable[..., g.Target]
         print(f"\nthin, agent watching: {DATA // MiB} MiB at {RATE // MiB} MiB/s, LV sizes "
               f"(MiB): {[s // MiB for s in notes]}; threshold event to re-armed (s): "
               f"{latencies}")
+
+
+@pytest.mark.timeout(600)
+async def test_writer_on_a_full_vg_continues_once_space_is_back(
+        make_target: Callable[..., g.Target], multipathd: g.Multipathd, tmp_path: Path,
+        host_scratch: Path, src: Path) -> None:
+    """The VG cannot give the writer's next chunk: the agent says so at once
+    (volume.extendFailed with 397, counted) and keeps asking; the writer
+    (qemu-storage-daemon does not pause) gets ENOSPC past the LV's end.
+    Once another volume is deleted the agent extends by itself, and the
+    writer, started again, writes everything: the data equals the source."""
+    async with block_domain(make_target, tmp_path, GiB, host_scratch, chunk_size=CHUNK,
+                            watermark_percent=WATERMARK) as (c, sd, agent):
+        img, vol = new_id(), new_id()
+        ref = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
+        await create_volume(c, sd, img, vol, size=GiB)
+        assert lvs(sd)[vol]["size"] == CHUNK
+        # a volume taking all but half a chunk of what the VG has left
+        free = (await c.call("getStorageDomainStats", sdUUID=sd))["free"]
+        filler = {"sdUUID": sd, "imgUUID": new_id(), "volUUID": new_id()}
+        await create_volume(c, sd, filler["imgUUID"], filler["volUUID"],
+                            size=(free - CHUNK // 2) // EXTENT * EXTENT,
+                            fmt="raw", prealloc="preallocated")
+        assert (await c.call("getStorageDomainStats", sdUUID=sd))["free"] < CHUNK
+        qsd = StorageDaemon(f"/dev/{sd}/{vol}", tmp_path)
+        async with c.notifications() as q:
+            p = await c.call("prepareImage", **ref, purpose="vm",
+                             writer={"qmpSocket": qsd.qmp_path, "nodeName": "file0"})
+            qsd.start()
+            try:
+                writer = await asyncio.create_subprocess_exec(
+                    "qemu-img", "convert", "-n", "-r", str(RATE), "-f", "raw", "-O", "raw",
+                    str(src), qsd.nbd_url, stderr=asyncio.subprocess.PIPE)
+                [failed] = await notes_until(q, "volume.extendFailed", 1, timeout=120)
+                assert failed["volUUID"] == vol and failed["error"]["code"] == 397, failed
+                assert failed["size"] == 2 * CHUNK, failed
+                assert (await counted(c)).get("failed", 0) >= 1
+                _, err = await asyncio.wait_for(writer.communicate(), 300)
+                assert writer.returncode != 0, "the writer went past the LV's end"
+                assert b"No space left on device" in err, err
+                assert lvs(sd)[vol]["size"] == CHUNK
+
+                # space comes back: the agent extends without being asked again
+                await c.call("deleteVolume", **filler)
+                [grown] = await notes_until(q, "volume.extended", 1, timeout=120)
+                assert grown == {**ref, "size": 2 * CHUNK}, grown
+                # the writer goes on (started again: the daemon did not pause it)
+                writer = await asyncio.create_subprocess_exec(
+                    "qemu-img", "convert", "-n", "-r", str(RATE), "-f", "raw", "-O", "raw",
+                    str(src), qsd.nbd_url, stderr=asyncio.subprocess.PIPE)
+                _, err = await asyncio.wait_for(writer.communicate(), 300)
+                assert writer.returncode == 0, f"a write failed: {err.decode()}"
+            finally:
+                qsd.daemon.stop()
+        g.run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), p["path"],
+              timeout=300)
+        await c.call("teardownImage", **ref)
+        info = await c.call("getVolumeInfo", **ref)
+        assert info["apparentSize"] == lvs(sd)[vol]["size"] > DATA, info
+        # asked again and again while the VG was full
+        assert agent.log().count(f"extending to {2 * CHUNK} failed") >= 2, agent.log()
