@@ -332,7 +332,11 @@ async def switched(qmp_socket: str, vol: str, timeout: float = 5.0) -> bool | No
         async with QMPClient(qmp_socket, timeout=timeout) as qmp:
             nodes = {n["node-name"]: n for n in
                      await qmp.execute("query-named-block-nodes", {"flat": True})}
-            if fmt_node in nodes and nodes[fmt_node].get("backing_file_depth"):
+            # switched onto: its backing attached (a node's info says nothing
+            # of it: backing_file is the header's, backing_file_depth 0)
+            graph = await qmp.execute("x-debug-query-block-graph")
+            ids = {n["id"] for n in graph["nodes"] if n.get("name") == fmt_node}
+            if any(e["parent"] in ids and e["name"] == "backing" for e in graph["edges"]):
                 return True
             # opened before the transaction, never switched onto: closed
             for node in (fmt_node, file_node):

@@ -42,8 +42,9 @@ class Writer:
     """A qemu-io writing 4 KiB blocks in a row through NBD, one at a time,
     counting those it completed (`written`) until stopped."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, size: int = SIZE) -> None:
         self.url = url
+        self.size = size
         self.written = 0
         self.stopping = False
         self.task: asyncio.Task[None] | None = None
@@ -54,7 +55,7 @@ class Writer:
             stdout=asyncio.subprocess.PIPE)
         assert p.stdin is not None and p.stdout is not None
         try:
-            while not self.stopping and (self.written + 1) * BLOCK <= SIZE:
+            while not self.stopping and (self.written + 1) * BLOCK <= self.size:
                 j = self.written
                 p.stdin.write(f"write -P {pattern(j)} {j * BLOCK} {BLOCK}\n".encode())
                 await p.stdin.drain()
