@@ -30,10 +30,12 @@ import pytest
 from rpc.client import Client, RpcError
 from storage.qmp import QMPClient
 from tests.agentproc import AgentProcess
+from tests.integration.crashharness import _argv, descendants, kill_tree
 from tests.integration.test_domains_file import create_volume, new_id, run_job
 from tests.lab import guestlib as g
 from tests.lab.test_connections_lab import disconnect_all
 from tests.lab.test_domains_block_lab import connect_luns, deactivate_vgs, lvs, start
+from tests.polling import until
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -396,3 +398,83 @@ async def test_writer_on_a_full_vg_continues_once_space_is_back(
         assert info["apparentSize"] == lvs(sd)[vol]["size"] > DATA, info
         # asked again and again while the VG was full
         assert agent.log().count(f"extending to {2 * CHUNK} failed") >= 2, agent.log()
+
+
+def extending(agent: AgentProcess) -> bool:
+    """The agent runs an lvextend."""
+    return agent.proc is not None and any(
+        "lvextend" in _argv(pid) for pid in descendants(agent.proc.pid))
+
+
+# A margin that outlasts a restart of the agent in the guest: at 3 MiB/s
+# with 64 MiB the writer got ENOSPC first (the agent took 15 s to start:
+# connections, the lockspace, listeners; then its lvextend).
+SLOW_RATE = 2 * MiB
+SLOW_WATERMARK = 75
+SLOW_MARGIN = CHUNK * SLOW_WATERMARK // 100      # 96 MiB: 48 s at SLOW_RATE
+
+
+@pytest.mark.timeout(600)
+async def test_agent_killed_while_extending(make_target: Callable[..., g.Target],
+                                            multipathd: g.Multipathd, tmp_path: Path,
+                                            host_scratch: Path, src: Path) -> None:
+    """kill -9 of the agent (and its lvextend) twice while it extends a
+    writer's volume: the restarted agent watches the writer again from its
+    state (writers.json) and extends it; the writer never fails, the data
+    equals the source, the LV and getVolumeInfo agree."""
+    target = make_target("thin", (GiB,), lun_dir=host_scratch)
+    state = tmp_path / "agent"
+    conf = {"monitor_interval": 60, "chunk_size": CHUNK, "watermark_percent": SLOW_WATERMARK}
+    agent: AgentProcess = start(state, **conf)
+    sd, img, vol = new_id(), new_id(), new_id()
+    ref = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
+    qsd = StorageDaemon(f"/dev/{sd}/{vol}", tmp_path)
+    try:
+        async with agent.client() as c:
+            _, [lun] = await connect_luns(c, target)
+            await c.call("createStorageDomain", sdUUID=sd, domType="iscsi", name="thin",
+                         devices=[lun["guid"]], ovfStore=False)
+            await create_volume(c, sd, img, vol, size=GiB)
+            p = await c.call("prepareImage", **ref, purpose="vm",
+                             writer={"qmpSocket": qsd.qmp_path, "nodeName": "file0"})
+        qsd.start()
+        writer = await asyncio.create_subprocess_exec(
+            "qemu-img", "convert", "-n", "-r", str(SLOW_RATE), "-f", "raw", "-O", "raw",
+            str(src), qsd.nbd_url, stderr=asyncio.subprocess.PIPE)
+        written = asyncio.ensure_future(writer.communicate())
+        killed = []
+        for _ in range(2):
+            await until(lambda a=agent: extending(a) or written.done(),  # type: ignore[misc]
+                        "an lvextend", timeout=200)
+            assert not written.done(), "the writer ended before the kills"
+            killed.append(kill_tree(agent))
+            agent = start(state, port=agent.port, **conf)
+        _, err = await asyncio.wait_for(written, 300)
+        assert writer.returncode == 0, f"a write failed: {err.decode()}"
+        async with agent.client() as c:
+            async with QMPClient(qsd.qmp2_path) as qmp:
+                stats = await qmp.execute("query-blockstats", {"query-nodes": True})
+            [highest] = [s["stats"]["wr_highest_offset"] for s in stats
+                         if s.get("node-name") == "file0"]
+            # the margin ahead of the last write, given by the last agent
+            await until(lambda: lvs(sd)[vol]["size"] >= highest + SLOW_MARGIN,
+                        "the last extension", timeout=60)
+            qsd.daemon.stop()
+            size = lvs(sd)[vol]["size"]
+            assert size % CHUNK == 0, size
+            g.run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), p["path"],
+                  timeout=300)
+            await c.call("teardownImage", **ref)
+            info = await c.call("getVolumeInfo", **ref)
+            assert info["apparentSize"] == info["trueSize"] == size, info
+            assert info["legality"] == "LEGAL", info
+            await c.call("formatStorageDomain", sdUUID=sd)
+            for st in await disconnect_all(c):
+                assert st["status"] == 0, st
+        print(f"\nthin, agent killed while extending: LV {size // MiB} MiB, killed with "
+              f"{killed}")
+    finally:
+        qsd.daemon.stop()
+        rc = agent.stop()
+        deactivate_vgs(sd)
+        assert rc == 0, f"agent exit status {rc}; log:\n{agent.log()}"
