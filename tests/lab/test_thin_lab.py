@@ -478,3 +478,57 @@ async def test_agent_killed_while_extending(make_target: Callable[..., g.Target]
         rc = agent.stop()
         deactivate_vgs(sd)
         assert rc == 0, f"agent exit status {rc}; log:\n{agent.log()}"
+
+
+@pytest.mark.timeout(600)
+async def test_live_snapshot_of_a_thin_block_disk(make_target: Callable[..., g.Target],
+                                                  multipathd: g.Multipathd, tmp_path: Path,
+                                                  host_scratch: Path, src: Path) -> None:
+    """snapshotImages while qemu-storage-daemon writes a thin block volume
+    the agent watches: the writer is switched onto the new layer (a
+    host_device node on its LV, one chunk to start with), the agent then
+    watches and extends the new layer; the writer never fails and the chain
+    reads the source."""
+    async with block_domain(make_target, tmp_path, GiB, host_scratch, chunk_size=CHUNK,
+                            watermark_percent=WATERMARK) as (c, sd, _):
+        img, vol, new = new_id(), new_id(), new_id()
+        ref = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
+        await create_volume(c, sd, img, vol, size=GiB)
+        qsd = StorageDaemon(f"/dev/{sd}/{vol}", tmp_path)
+        async with c.notifications() as q:
+            await c.call("prepareImage", **ref, purpose="vm",
+                         writer={"qmpSocket": qsd.qmp_path, "nodeName": "file0"})
+            qsd.start()
+            try:
+                writer = await asyncio.create_subprocess_exec(
+                    "qemu-img", "convert", "-n", "-r", str(RATE), "-f", "raw", "-O", "raw",
+                    str(src), qsd.nbd_url, stderr=asyncio.subprocess.PIPE)
+                written = asyncio.ensure_future(writer.communicate())
+                # the old layer grown once: the writer is past 64 MiB
+                [first] = await notes_until(q, "volume.extended", 1, timeout=120)
+                assert first == {**ref, "size": 2 * CHUNK}, first
+                info = await run_job(c, "snapshotImages",
+                                     disks=[{**ref, "newVolUUID": new}])
+                assert info["status"] == "done", info.get("error")
+                assert not written.done(), "the writer ended before the snapshot"
+                assert lvs(sd)[new]["size"] == CHUNK
+                # the new layer, written from the switch on, grown by the agent
+                grown = await notes_until(q, "volume.extended", timeout=200,
+                                          until=lambda n: n["volUUID"] == new)
+                assert grown[-1] == {**ref, "volUUID": new, "size": 2 * CHUNK}, grown
+                _, err = await asyncio.wait_for(written, 300)
+                assert writer.returncode == 0, f"a write failed: {err.decode()}"
+                async with QMPClient(qsd.qmp2_path) as qmp:
+                    stats = await qmp.execute("query-blockstats", {"query-nodes": True})
+            finally:
+                qsd.daemon.stop()
+        nodes = {s.get("node-name"): s["stats"]["wr_highest_offset"] for s in stats}
+        assert set(nodes) >= {"file0", "fmt0"} and len(nodes) == 4, nodes
+        assert sorted(await c.call("getVolumesList", **{k: ref[k] for k in ("sdUUID",
+                                                                          "imgUUID")})) == \
+            sorted([vol, new])
+        g.run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), f"/dev/{sd}/{new}",
+              timeout=300)
+        print(f"\nthin, live snapshot while writing: old layer LV "
+              f"{lvs(sd)[vol]['size'] // MiB} MiB, new layer LV {lvs(sd)[new]['size'] // MiB} "
+              f"MiB, highest write offsets {nodes}")
