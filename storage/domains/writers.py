@@ -277,7 +277,8 @@ async def switch_writers(switches: list[Switch]) -> list[str]:
         # "x-debug" but unchanged since)
         graph = await qmp.execute("x-debug-query-block-graph")
         added: list[str] = []
-        actions = []
+        actions: list[dict[str, Any]] = []
+        tops: list[tuple[str, str]] = []
         try:
             for s in switches:
                 proto = nodes.get(s.watch.node)
@@ -298,6 +299,8 @@ async def switch_writers(switches: list[Switch]) -> list[str]:
                 added.append(fmt_node)
                 actions.append({"type": "blockdev-snapshot",
                                 "data": {"node": top, "overlay": fmt_node}})
+                tops.append((top, fmt_node))
+            actions += await _carry_bitmaps(qmp, nodes, tops)
             await qmp.execute("transaction", {"actions": actions})
         except BaseException:
             for node in reversed(added):
@@ -313,6 +316,30 @@ async def switch_writers(switches: list[Switch]) -> list[str]:
     log.info("Live snapshot: %s switched onto %s in one transaction", watch.qmp_socket,
              ", ".join(s.path for s in switches))
     return [layer_nodes(s.vol)[0] for s in switches]
+
+
+async def _carry_bitmaps(qmp: QMPClient, nodes: dict[str, dict[str, Any]],
+                         tops: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Actions giving each overlay the persistent dirty bitmaps of the top
+    it goes over (the writer holds them: the copy on storage is stale while
+    it runs), merged in the same transaction, as libvirt does; a name the
+    overlay has already (a backup's own, added when it was made) is left."""
+    have = {n["node-name"]: {b["name"] for b in n.get("dirty-bitmaps") or []}
+            for n in await qmp.execute("query-named-block-nodes", {"flat": True})}
+    actions: list[dict[str, Any]] = []
+    for top, overlay in tops:
+        for bm in nodes[top].get("dirty-bitmaps") or []:
+            if not bm.get("persistent") or bm["name"] in have.get(overlay, set()):
+                continue
+            actions += [
+                {"type": "block-dirty-bitmap-add",
+                 "data": {"node": overlay, "name": bm["name"], "persistent": True,
+                          "granularity": bm["granularity"],
+                          "disabled": not bm.get("recording", True)}},
+                {"type": "block-dirty-bitmap-merge",
+                 "data": {"node": overlay, "target": bm["name"],
+                          "bitmaps": [{"node": top, "name": bm["name"]}]}}]
+    return actions
 
 
 def layer_nodes(vol: str) -> tuple[str, str]:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from rpc.client import Client
+from storage import nbd
 from storage.qmp import QMPClient
 from tests.conftest import require_tools
 from tests.integration.storagefixtures import FsMount
@@ -347,3 +348,45 @@ async def test_backup_of_a_disk_being_written(
     await client.call("teardownImage", **dst)
     top = str(Path(path).with_name(layer))
     assert blocks_written(read_raw(top, tmp_path / "chain.raw")) == writer.written
+
+
+async def test_live_snapshot_carries_dirty_bitmaps(
+        domains: list[Storage], client: Client, vm_factory: Callable[[list[str]], VM],
+        tmp_path: Path) -> None:
+    """The VM holds a disk's persistent dirty bitmaps while it runs (the copy
+    on storage is stale, flagged in-use): the new layer gets each one in the
+    switch's transaction, with what it recorded so far, and goes on
+    recording; after the VM stops both layers hold it, consistent."""
+    s = domains[0]
+    img, vol, new = new_id(), new_id(), new_id()
+    await create_volume(client, s.sd, img, vol, size=SIZE)
+    ref = {"sdUUID": s.sd, "imgUUID": img, "volUUID": vol}
+    qmp = str(tmp_path / "qmp.sock")
+    path = (await client.call("prepareImage", **ref, purpose="vm",
+                              writer={"qmpSocket": qmp, "nodeName": "file0"}))["path"]
+    subprocess.run(["qemu-img", "bitmap", "--add", path, "since-backup"], check=True)
+    vm = vm_factory([path])
+    await until(lambda: os.path.exists(vm.nbd), "the VM's NBD server", timeout=20)
+    writer = Writer(vm.url(0)).start()
+    try:
+        await until(lambda: writer.at_least(256), "writes before", timeout=60)
+        info = await run_job(client, "snapshotImages", disks=[{**ref, "newVolUUID": new}])
+        assert info["status"] == "done", info.get("error")
+        at_switch = writer.written
+        await until(lambda: writer.at_least(at_switch + 256), "writes after", timeout=60)
+    finally:
+        await writer.stop()
+    vm.stop()
+    top = str(Path(path).with_name(new))
+    for p in (path, top):
+        info = json.loads(subprocess.run(
+            ["qemu-img", "info", "--output", "json", p], capture_output=True, text=True,
+            check=True).stdout)
+        bitmaps = info["format-specific"]["data"].get("bitmaps", [])
+        assert [(b["name"], b["flags"]) for b in bitmaps] == [("since-backup", ["auto"])], \
+            (p, bitmaps)
+    # every block written since the bitmap was added, before the switch and
+    # after, in the bitmap's granularity (64 KiB)
+    dirty = nbd.coalesce(await nbd.dirty_extents(top, "since-backup"), gap=1)
+    end = writer.written * BLOCK
+    assert dirty == [(0, (end + 65535) // 65536 * 65536)], (dirty, writer.written)
