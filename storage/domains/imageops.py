@@ -435,7 +435,10 @@ class ImageOps:
                                               in enumerate(zip(made, writers, strict=True))
                                               if w is not None])
             except BaseException:
-                await _undo(made, "snapshot layer")
+                # not a layer a VM may be on (a switch left unanswered)
+                await _undo([(d, m) for d, m in made
+                             if not self.dm.switching(d.uuid, m.image, m.uuid)],
+                            "snapshot layer")
                 raise
             out = []
             for domain, md in made:
@@ -560,7 +563,9 @@ class ImageOps:
                 # a VM was switched onto it: then it stays)
                 await _undo([(sdom, layer) for (sdom, _, layer), w
                              in zip(layers, writers, strict=False)
-                             if not (switched and w is not None)], "snapshot layer")
+                             if not (switched and w is not None)
+                             and not self.dm.switching(sdom.uuid, layer.image, layer.uuid)],
+                            "snapshot layer")
                 raise
             out: list[dict[str, Any]] = []
             for (sdom, top, ddom, _, base), (_, _, layer), (_, md) in zip(

@@ -43,6 +43,7 @@ from storage.domains.leasing import DomainLeases
 from storage.domains.writers import (
     Link,
     Switch,
+    SwitchUncertain,
     WriterWatch,
     layer_nodes,
     switch_writers,
@@ -926,6 +927,9 @@ class DomainManager:
                     await domain.grant_access(chain[-1:], self.vm_access)
             await switch_writers([Switch(watch, field, domain.volume_path(md.image, md.uuid),
                                          md.uuid) for field, domain, md, watch in layers])
+        except SwitchUncertain:
+            # kept in use and recorded as switching (see _resolve_switches)
+            raise
         except BaseException:
             for domain, chain in used:
                 await self.release_volumes(domain, chain)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from storage.errors import HostAgentError, VolumeIsBusy
-from storage.qmp import QMPClient, QMPError
+from storage.qmp import DEFAULT_TIMEOUT, QMPClient, QMPError
 from storage.thin import ThinPolicy
 
 log = logging.getLogger("storage.writers")
@@ -37,9 +37,11 @@ class Link:
     a time: a connection per disk would leave all but one waiting).
     Connects whenever the socket is there, until its last watch leaves."""
 
-    def __init__(self, path: str, retry_interval: float = RETRY_INTERVAL) -> None:
+    def __init__(self, path: str, retry_interval: float = RETRY_INTERVAL,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
         self.path = path
         self.retry_interval = retry_interval
+        self.timeout = timeout      # of a reply
         self.qmp: QMPClient | None = None
         self.connected = asyncio.Event()
         self._watches: set[WriterWatch] = set()
@@ -72,7 +74,7 @@ class Link:
     async def _run(self) -> None:
         while True:
             try:
-                async with QMPClient(self.path) as qmp:
+                async with QMPClient(self.path, timeout=self.timeout) as qmp:
                     self.qmp = qmp
                     self.connected.set()
                     log.info("Writer %s: connected", self.path)
@@ -230,6 +232,12 @@ class WriterWatch:
 CONNECT_WAIT = 10.0
 
 
+class SwitchUncertain(VolumeIsBusy):
+    """The switch's transaction went unanswered: the writer may hold the new
+    layers. They stay (and the switch's record: the restarted agent asks the
+    writer), rather than a layer a VM writes removed."""
+
+
 @dataclass(frozen=True)
 class Switch:
     """One disk of a live snapshot: its writer, onto the new layer at `path`
@@ -301,7 +309,22 @@ async def switch_writers(switches: list[Switch]) -> list[str]:
                                 "data": {"node": top, "overlay": fmt_node}})
                 tops.append((top, fmt_node))
             actions += await _carry_bitmaps(qmp, nodes, tops)
-            await qmp.execute("transaction", {"actions": actions})
+            uncertain: Exception | None = None
+            try:
+                await qmp.execute("transaction", {"actions": actions})
+            except QMPError as e:
+                if e.error_class:
+                    raise       # an error reply: the transaction did nothing
+                uncertain = e
+            except TimeoutError as e:
+                uncertain = e
+            if uncertain is not None:
+                # no reply: the writer may be on the new layers; what it
+                # opened stays, and so must the layers (SwitchUncertain)
+                added.clear()
+                raise SwitchUncertain(resource=", ".join(s.disk for s in switches),
+                                      reason=f"the writer did not answer the switch onto "
+                                             f"the new layers ({uncertain}): they are kept")
         except BaseException:
             for node in reversed(added):
                 try:
