@@ -66,11 +66,12 @@ class Domains:
                                                 Path(storage.storage_root)),
                             thin=thin)
         return cls(registry=registry, prepared=prepared, volumes=volumes,
-                   images=ImageOps(registry, prepared, locks))
+                   images=ImageOps(registry, prepared, locks, volumes))
 
     async def start(self) -> None:
         self.prepared.load()
         await self.registry.start()
+        await self.volumes.resolve_switches()
         await self.prepared.count(self.registry.lookup)
         await self.volumes.start()
 

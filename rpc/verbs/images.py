@@ -104,7 +104,10 @@ SNAPSHOT_DISK = Object([SD_UUID, IMG_UUID, VOL_UUID, Field("newVolUUID", UUID())
                         Field("switch", Enum(["caller"]), required=False,
                               description="For a disk prepared for a VM: the caller "
                                           "switches its VM onto the new layer itself "
-                                          "(without it such a disk is refused with 203)")])
+                                          "(without it, the agent switches a writer "
+                                          "registered by prepareImage in one QMP "
+                                          "transaction, and refuses a disk with none "
+                                          "with 203)")])
 
 
 def _check_snapshot(values: dict[str, Any], path: str) -> None:

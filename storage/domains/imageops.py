@@ -51,6 +51,10 @@ from storage.errors import (
 from storage.locks import SHARED, LockManager, Request, request
 from storage.metadata import LEGAL, READY, VolumeFormat, VolumeMetadata
 
+if TYPE_CHECKING:
+    from storage.domains.volumes import VolumeOps
+    from storage.domains.writers import WriterWatch
+
 log = logging.getLogger("storage.images")
 
 MiB = 1 << 20
@@ -93,10 +97,13 @@ def _no_space(e: HostAgentError, sd: str) -> HostAgentError:
 
 class ImageOps:
     def __init__(self, registry: DomainRegistry, prepared: PreparedVolumes,
-                 locks: LockManager, runner: commands.Runner = commands.run) -> None:
+                 locks: LockManager, volumes: VolumeOps,
+                 runner: commands.Runner = commands.run) -> None:
         self.registry = registry
         self.prepared = prepared
         self.locks = locks
+        # the writers of VMs' disks, switched onto new layers (live snapshot)
+        self.volumes = volumes
         self.runner = runner
 
     # ---- helpers -----------------------------------------------------------------
@@ -363,6 +370,7 @@ class ImageOps:
                      request("volume", f"{d['sdUUID']}/{d['newVolUUID']}")]
         async with self.locks.hold(*reqs):
             plan: list[tuple[Domain, VolumeMetadata, VolumeSpec]] = []
+            writers: list[WriterWatch | None] = []
             for i, d in enumerate(disks):
                 domain = await self._writable(d["sdUUID"])
                 try:
@@ -372,8 +380,9 @@ class ImageOps:
                                              reason=f"disks[{i}]: {e.message}") from None
                 if parent.legality != LEGAL or parent.state != READY:
                     raise CreateIllegalVolumeSnapshotError(volUUID=parent.uuid)
-                self.prepared.check_not_written(f"disks[{i}]", d["sdUUID"], d["imgUUID"],
-                                                d["volUUID"], d.get("switch"))
+                writers.append(self.volumes.live_writer(f"disks[{i}]", d["sdUUID"],
+                                                        d["imgUUID"], d["volUUID"],
+                                                        d.get("switch")))
                 if await domain.children(parent):
                     raise InvalidParameter(field=f"disks[{i}].volUUID",
                                            reason=f"volume {parent.uuid} is not the disk's "
@@ -399,8 +408,15 @@ class ImageOps:
                         raise _no_space(e, domain.uuid) from None
                     made.append((domain, md))
                     progress(100 * (i + 1) / len(plan))
+                # the VM's writers onto the new layers, all in one transaction
+                await self.volumes.switch_writers([(f"disks[{i}]", dom, md, w) for i, ((dom, md), w)
+                                              in enumerate(zip(made, writers, strict=True))
+                                              if w is not None])
             except BaseException:
-                await _undo(made, "snapshot layer")
+                # not a layer a VM may be on (a switch left unanswered)
+                await _undo([(d, m) for d, m in made
+                             if not self.prepared.switching(d.uuid, m.image, m.uuid)],
+                            "snapshot layer")
                 raise
             out = []
             for domain, md in made:
@@ -497,9 +513,18 @@ class ImageOps:
                     for i, item in enumerate(items)]
             layers: list[tuple[Domain, VolumeMetadata, VolumeMetadata]] = []
             made: list[tuple[Domain, VolumeMetadata]] = []
+            writers = [self.volumes.live_writer(f"src[{i}]" if many else "src", src.sd, src.img,
+                                           src.vol) for i, (src, _, _) in enumerate(items)]
+            switched = False
             try:
                 for sdom, top, _, dst, _ in plan:
                     layers.append((sdom, top, await self._backup_layer(sdom, top, dst)))
+                # a VM's writers onto the layers: what is copied is written no more
+                await self.volumes.switch_writers([
+                    (f"src[{i}]" if many else "src", sdom, layer, w)
+                    for i, ((sdom, _, layer), w) in enumerate(zip(layers, writers, strict=True))
+                    if w is not None])
+                switched = True
                 step = 90 / len(plan)
                 for i, (sdom, top, ddom, dst, base) in enumerate(plan):
                     span = _span(progress, 5 + i * step, 5 + (i + 1) * step)
@@ -513,9 +538,12 @@ class ImageOps:
             except BaseException:
                 await _undo(made, "backup")
                 # a layer only holds bitmaps so far (nothing writes it unless
-                # a VM runs on the disk: then it stays)
-                await _undo([(sdom, layer) for sdom, top, layer in layers
-                             if not self.prepared.is_prepared(sdom.uuid, top.image, "vm")],
+                # a VM was switched onto it: then it stays)
+                await _undo([(sdom, layer) for (sdom, _, layer), w
+                             in zip(layers, writers, strict=False)
+                             if not (switched and w is not None)
+                             and not self.prepared.switching(sdom.uuid, layer.image,
+                                                             layer.uuid)],
                             "snapshot layer")
                 raise
             out: list[dict[str, Any]] = []
@@ -548,8 +576,9 @@ class ImageOps:
                                    reason=f"domain {dst.sd} is not a backup domain")
         top = await sdom.volume(src.img, src.vol)
         self._legal([top])
-        # the agent copies the layer below the new one: a VM must not write it
-        self.prepared.check_not_written(name("src"), src.sd, src.img, src.vol)
+        # the agent copies the layer below the new one: a VM must not write
+        # it (its registered writer is switched onto the new layer: below)
+        self.volumes.live_writer(name("src"), src.sd, src.img, src.vol)
         if await sdom.children(top):
             raise InvalidParameter(field=name("src.volUUID"),
                                    reason=f"volume {top.uuid} is not the disk's top volume")

@@ -86,17 +86,20 @@ class PreparedVolumes:
                           switch: str | None = None) -> None:
         """A new layer on a disk a VM may write (prepared for vm on this
         host) is consistent only if the VM is switched onto it: by the
-        caller ("switch": "caller"). Switching a registered QMP writer in a
-        transaction is not done yet: refused too, rather than a layer the
-        VM does not use or a copy of a layer it still writes."""
+        agent (a registered QMP writer: VolumeOps.live_writer) or by the
+        caller ("switch": "caller"). Otherwise refused, rather than a layer
+        the VM does not use or a copy of a layer it still writes."""
         if switch == "caller" or not self.is_prepared(sd, img, "vm"):
             return
-        how = ("its QMP writer cannot be switched by the agent yet"
-               if prepared_key(sd, img, vol) in self.writers
-               else "prepared for a VM with no writer registered")
         raise VolumeIsBusy(resource=f"{field} (volume {vol} of image {img} on {sd})",
-                           reason=f"{how}; say \"switch\": \"caller\" if the VM manager "
-                                  "switches the VM onto the new layer itself")
+                           reason="prepared for a VM with no writer registered; say "
+                                  "\"switch\": \"caller\" if the VM manager switches the "
+                                  "VM onto the new layer itself")
+
+    def switching(self, sd: str, img: str, vol: str) -> bool:
+        """A layer a VM writes or may write (a live snapshot cut by a crash)."""
+        key = prepared_key(sd, img, vol)
+        return key in self.writers or bool(self.counts.get(key, {}).get("vm"))
 
     # ---- users of volumes ---------------------------------------------------------
 

@@ -123,6 +123,10 @@ async def recover_new_volumes(ops: ImageOps, vols: list[dict[str, Any]],
             continue
         if md.ctime < int(started) - 1:
             continue
+        if ops.prepared.switching(sd, img, vol):
+            log.warning("Volume %s/%s/%s of an interrupted job: a VM writes it or may "
+                        "(a live snapshot), kept", sd, img, vol)
+            continue
         log.warning("Removing volume %s/%s/%s of an interrupted job", sd, img, vol)
         try:
             async with ops.locks.hold(request("image", f"{sd}/{img}")):

@@ -11,10 +11,25 @@ from typing import Any
 
 from storage import commands, qemuimg
 from storage.domains import merge
-from storage.domains.base import Progress, VmAccess, VolumeSpec, check_generation, volume_info
+from storage.domains.base import (
+    Domain,
+    Progress,
+    VmAccess,
+    VolumeSpec,
+    check_generation,
+    volume_info,
+)
 from storage.domains.prepared import PURPOSES, PreparedVolumes, prepared_key
 from storage.domains.registry import DomainRegistry
-from storage.domains.writers import WriterWatch
+from storage.domains.writers import (
+    Link,
+    Switch,
+    SwitchUncertain,
+    WriterWatch,
+    layer_nodes,
+    switch_writers,
+    switched,
+)
 from storage.errors import (
     BackupDomainRestricted,
     GenerationMismatch,
@@ -26,7 +41,7 @@ from storage.errors import (
     VolumeNonWritable,
 )
 from storage.locks import SHARED, LockManager, request
-from storage.metadata import LEGAL, READY, VolumeFormat
+from storage.metadata import LEGAL, READY, VolumeFormat, VolumeMetadata
 from storage.thin import ThinPolicy
 
 log = logging.getLogger("storage.domains")
@@ -52,6 +67,8 @@ class VolumeOps:
             lambda params, error: None)
         # "sd/img/vol" -> the watch extending the volume ahead of its writer
         self._watches: dict[str, WriterWatch] = {}
+        # a writer's monitor socket -> the one connection its disks' watches share
+        self._links: dict[str, Link] = {}
 
     async def start(self) -> None:
         """VMs outlive the agent: their writers are watched again."""
@@ -63,6 +80,7 @@ class VolumeOps:
         for watch in self._watches.values():
             await watch.stop()
         self._watches.clear()
+        self._links.clear()
 
     # ---- volumes ---------------------------------------------------------------------------
 
@@ -212,14 +230,111 @@ class VolumeOps:
         async def extend(min_size: int) -> int:
             return int((await self.extend_allocation(sd, img, vol, min_size))["size"])
 
-        self._watches[key] = WriterWatch(key, writer["qmpSocket"], writer["nodeName"],
-                                         self.thin, current=current, extend=extend).start()
+        path = writer["qmpSocket"]
+        link = self._links.setdefault(path, Link(path))
+        self._watches[key] = WriterWatch(key, path, writer["nodeName"], self.thin,
+                                         current=current, extend=extend, link=link).start()
 
     async def _unwatch_writer(self, key: str) -> None:
         self.prepared.writers.pop(key, None)
         watch = self._watches.pop(key, None)
         if watch is not None:
             await watch.stop()
+            if watch.link.idle:
+                self._links.pop(watch.qmp_socket, None)
+
+    # ---- live snapshots: a VM's writers moved onto new layers ------------------------
+
+    def live_writer(self, field: str, sd: str, img: str, vol: str,
+                    switch: str | None = None) -> WriterWatch | None:
+        """The writer a new layer over this volume must be switched onto by
+        the agent (its registered QMP writer), None if nothing or the caller
+        switches; 203 for a VM disk with no writer (check_not_written)."""
+        watch = self._watches.get(prepared_key(sd, img, vol))
+        if switch == "caller" or watch is None:
+            self.prepared.check_not_written(field, sd, img, vol, switch)
+            return None
+        return watch
+
+    async def switch_writers(self, layers: list[tuple[str, Domain, VolumeMetadata,
+                                                      WriterWatch]]) -> None:
+        """Move VMs' writers onto the new layers (`field`, domain, the new
+        layer, the old top's watch) in one transaction; the new top is then
+        what is prepared for the VM and watched. On failure the writers stay
+        on their old tops and the new layers are released (still there)."""
+        if not layers:
+            return
+        writers, prepared = self.prepared.writers, self.prepared
+        chains = [(d, await d.chain(md.image, md.uuid)) for _, d, md, _ in layers]
+        news = [prepared_key(d.uuid, md.image, md.uuid) for _, d, md, _ in layers]
+        # Recorded first: a restart after a kill asks the writer which side
+        # of the transaction it is on (resolve_switches), and an interrupted
+        # job's recovery never removes a layer a VM may write.
+        for (_, _, md, watch), new in zip(layers, news, strict=True):
+            writers[new] = {**writers[watch.name],
+                            "nodeName": layer_nodes(md.uuid)[0], "switchedFrom": watch.name}
+        prepared.save()
+        used: list[tuple[Domain, list[VolumeMetadata]]] = []
+        try:
+            for domain, chain in chains:
+                await prepared.use_volumes(domain, chain)
+                used.append((domain, chain))
+                if self.vm_access is not None:
+                    await domain.grant_access(chain[-1:], self.vm_access)
+            await switch_writers([Switch(watch, field, domain.volume_path(md.image, md.uuid),
+                                         md.uuid) for field, domain, md, watch in layers])
+        except SwitchUncertain:
+            # kept in use and recorded as switching (see resolve_switches)
+            raise
+        except BaseException:
+            for domain, chain in used:
+                await prepared.release_volumes(domain, chain)
+            for new in news:
+                writers.pop(new, None)
+            prepared.save()
+            raise
+        for (_, domain, _, watch), new, (_, chain) in zip(layers, news, chains, strict=True):
+            await self._switched(watch.name, new)
+            with contextlib.suppress(HostAgentError):
+                if watch.name not in prepared.counts:
+                    await prepared.release_volumes(domain, chain[:-1])
+        prepared.save()
+
+    def _move_vm(self, old: str, new: str) -> None:
+        """The VM's prepare count goes from the old top to the new one."""
+        counts = self.prepared.counts.get(old, {})
+        self.prepared.counts[new] = {"vm": counts.pop("vm", 1)}
+        if not counts:
+            self.prepared.counts.pop(old, None)
+
+    async def _switched(self, old: str, new: str) -> None:
+        """The VM writes `new` now, not `old`: prepared for vm and watched."""
+        self._move_vm(old, new)
+        self.prepared.writers[new].pop("switchedFrom", None)
+        # watched on the new node first: the writer's connection stays up
+        self._watch_writer(new, self.prepared.writers[new])
+        await self._unwatch_writer(old)
+
+    async def resolve_switches(self) -> None:
+        """Live snapshots a kill cut: the writer says whether it holds the
+        new layer. Unknown (the writer not running): both kept, the old one
+        watched, the new layer kept by the job's recovery."""
+        writers = self.prepared.writers
+        for new, writer in list(writers.items()):
+            old = writer.get("switchedFrom")
+            if old is None:
+                continue
+            on_new = await switched(writer["qmpSocket"], new.split("/")[2])
+            log.warning("Live snapshot cut by a restart: the writer of %s %s", old,
+                        {True: f"writes {new}", False: "was not switched",
+                         None: "cannot be asked: both layers kept"}[on_new])
+            if on_new:
+                self._move_vm(old, new)
+                writer.pop("switchedFrom")
+                writers.pop(old, None)
+            elif on_new is False:
+                writers.pop(new)
+        self.prepared.save()
 
     async def prepare(self, sd: str, img: str, vol: str, purpose: str,
                       writer: dict[str, str] | None = None) -> dict[str, Any]:
