@@ -309,22 +309,7 @@ async def switch_writers(switches: list[Switch]) -> list[str]:
                                 "data": {"node": top, "overlay": fmt_node}})
                 tops.append((top, fmt_node))
             actions += await _carry_bitmaps(qmp, nodes, tops)
-            uncertain: Exception | None = None
-            try:
-                await qmp.execute("transaction", {"actions": actions})
-            except QMPError as e:
-                if e.error_class:
-                    raise       # an error reply: the transaction did nothing
-                uncertain = e
-            except TimeoutError as e:
-                uncertain = e
-            if uncertain is not None:
-                # no reply: the writer may be on the new layers; what it
-                # opened stays, and so must the layers (SwitchUncertain)
-                added.clear()
-                raise SwitchUncertain(resource=", ".join(s.disk for s in switches),
-                                      reason=f"the writer did not answer the switch onto "
-                                             f"the new layers ({uncertain}): they are kept")
+            await _transaction(qmp, actions, switches, added)
         except BaseException:
             for node in reversed(added):
                 try:
@@ -339,6 +324,28 @@ async def switch_writers(switches: list[Switch]) -> list[str]:
     log.info("Live snapshot: %s switched onto %s in one transaction", watch.qmp_socket,
              ", ".join(s.path for s in switches))
     return [layer_nodes(s.vol)[0] for s in switches]
+
+
+async def _transaction(qmp: QMPClient, actions: list[dict[str, Any]],
+                       switches: list[Switch], added: list[str]) -> None:
+    """Run the switch's transaction. An error reply: it did nothing. No
+    reply (timeout, connection lost): the writer may be on the new layers;
+    what it opened stays (`added` emptied), and so must the layers
+    (SwitchUncertain)."""
+    uncertain: Exception | None = None
+    try:
+        await qmp.execute("transaction", {"actions": actions})
+    except QMPError as e:
+        if e.error_class:
+            raise
+        uncertain = e
+    except TimeoutError as e:
+        uncertain = e
+    if uncertain is not None:
+        added.clear()
+        raise SwitchUncertain(resource=", ".join(s.disk for s in switches),
+                              reason=f"the writer did not answer the switch onto "
+                                     f"the new layers ({uncertain}): they are kept")
 
 
 async def _carry_bitmaps(qmp: QMPClient, nodes: dict[str, dict[str, Any]],

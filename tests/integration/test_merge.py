@@ -286,18 +286,23 @@ async def test_kill9_during_merge(make_fs_mount: Callable[..., FsMount],
         for parent, vol in itertools.pairwise(chain):
             await done(c, "createVolume", sdUUID=sd, imgUUID=img, volUUID=vol, size=8 * MiB,
                        format="cow", preallocate="sparse", parentVolUUID=parent)
-            write(path(img, vol), "qcow2", rng.randrange(8) * MiB, MiB, rng.randrange(1, 255))
+            write(path(img, vol), "qcow2", rng.randrange(5) * MiB, 4 * MiB,
+                  rng.randrange(1, 255))
         # the middle layer or the top (the leaf)
         i = 1 + started % 2
         params = {"sdUUID": sd, "imgUUID": img, "baseVolUUID": chain[i - 1],
                   "topVolUUID": chain[i]}
         want = digest(path(img, chain[-1]))
         top = chain[i]
-        # (a commit of a trial's MiB lasts about one look at the processes)
+        # A commit of a trial's few MiB lasts a few looks at the processes,
+        # the first of them opening the images: the kill comes once it has
+        # written into base (base's mtime moved), not before.
+        base = path(img, chain[i - 1])
+        base_mtime = base.stat().st_mtime_ns
         step = ("time", "commit", "finish")[started % 3]
         aim = {"time": None,
-               "commit": Aim("commit", lambda: running(trials.agent, "qemu-img", "commit"),
-                             0.0),
+               "commit": Aim("commit", lambda: running(trials.agent, "qemu-img", "commit")
+                             and base.stat().st_mtime_ns != base_mtime, 0.0),
                "finish": Aim("finish", lambda: marked(img, top), 0.0)}[step]
         return Job("mergeSnapshots", params, [root], (chain, want), aim)
 
