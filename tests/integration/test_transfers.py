@@ -438,16 +438,11 @@ def qemu_nbd_of(vol: str) -> list[int]:
     return out
 
 
-async def test_agent_killed_mid_upload_leaves_nothing(
-        make_fs_mount: Callable[..., Any], agent_factory: Callable[..., AgentProcess],
-        tmp_path: Path) -> None:
-    """kill -9 with an upload and a download open: their qemu-nbd end with
-    the agent; after a restart both transfer jobs are failed as interrupted,
-    the upload's ILLEGAL volume is removed (its ticket died, nobody can
-    finish it), and the download's volume is LEGAL, not prepared, not
-    leased (a new transfer takes it)."""
-    fs = make_fs_mount("ext4", size=256 * MiB)
-    agent = agent_factory(tmp_path / "state")
+async def open_upload_and_download(agent: AgentProcess, fs: Any) -> tuple[
+        dict[str, str], str, str, str, str, str, dict[str, Any], dict[str, Any]]:
+    """A new localfs domain on `fs` with two volumes, an upload open on one
+    (1 MiB written) and a download on the other: (connection, sdUUID, img,
+    vol, kept_img, kept, upload, download)."""
     conn = {"id": new_id(), "connection": str(fs.path)}
     sd = new_id()
     async with agent.client() as c:
@@ -462,6 +457,22 @@ async def test_agent_killed_mid_upload_leaves_nothing(
                               headers={"Content-Range": f"bytes 0-{MiB - 1}/*"})
         assert status == 200
         down = await d.start(kept_img, kept, "download")
+    return conn, sd, img, vol, kept_img, kept, up, down
+
+
+async def test_agent_killed_mid_upload_leaves_nothing(
+        make_fs_mount: Callable[..., Any], agent_factory: Callable[..., AgentProcess],
+        tmp_path: Path) -> None:
+    """kill -9 with an upload and a download open: their qemu-nbd end with
+    the agent; after a restart both transfer jobs are failed as interrupted,
+    the upload's ILLEGAL volume is removed (its ticket died, nobody can
+    finish it), and the download's volume is LEGAL, not prepared, not
+    leased (a new transfer takes it)."""
+    fs = make_fs_mount("ext4", size=256 * MiB)
+    agent = agent_factory(tmp_path / "state")
+    conn, sd, img, vol, kept_img, kept, up, down = await open_upload_and_download(agent, fs)
+    async with agent.client() as c:
+        d = Dom(agent, c, sd)
         assert d.request(down["url"], "GET", headers={"Range": "bytes=0-4095"})[0] == 206
         assert len(qemu_nbd_of(vol)) == 1 and len(qemu_nbd_of(kept)) == 1
     agent.kill()
@@ -594,20 +605,7 @@ async def test_agent_stopped_with_upload_open_removes_it(
     failed (481, the agent stopped)."""
     fs = make_fs_mount("ext4", size=256 * MiB)
     agent = agent_factory(tmp_path / "state")
-    conn = {"id": new_id(), "connection": str(fs.path)}
-    sd = new_id()
-    async with agent.client() as c:
-        await c.call("connectStorageServer", domType="localfs", connectionParams=[conn])
-        await c.call("createStorageDomain", sdUUID=sd, domType="localfs", name="xfer",
-                     connectionId=conn["id"], ovfStore=False)
-        d = Dom(agent, c, sd)
-        img, vol = await d.volume(16 * MiB)
-        kept_img, kept = await d.volume(16 * MiB)
-        up = await d.start(img, vol, "upload")
-        status, _ = d.request(up["url"], "PUT", body=os.urandom(MiB),
-                              headers={"Content-Range": f"bytes 0-{MiB - 1}/*"})
-        assert status == 200
-        down = await d.start(kept_img, kept, "download")
+    conn, sd, img, vol, kept_img, kept, up, down = await open_upload_and_download(agent, fs)
     assert agent.stop() == 0
     assert not qemu_nbd_of(vol) and not qemu_nbd_of(kept)
     agent = agent_factory(agent.state_dir, port=agent.port)

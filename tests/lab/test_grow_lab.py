@@ -31,13 +31,13 @@ import pytest
 from rpc.client import Client, RpcError
 from tests.integration.test_domains_file import create_volume, new_id, run_job
 from tests.lab import guestlib as g
-from tests.lab.test_connections_lab import disconnect_all
 from tests.lab.test_domains_block_lab import (
     connect_luns,
-    deactivate_vgs,
+    format_and_disconnect,
     lvs,
     read_slots,
     start,
+    stop_agent,
 )
 from tests.polling import until
 
@@ -248,13 +248,9 @@ async def test_extend_resize_and_wipe(make_target: Callable[..., g.Target],
             # without wipe the data stays on the LUN
             assert read_extents(sd, places[kept]) == pattern(size, 1)
 
-            await c.call("formatStorageDomain", sdUUID=sd)
-            for st in await disconnect_all(c):
-                assert st["status"] == 0, st
+            await format_and_disconnect(c, sd)
     finally:
-        rc = agent.stop()
-        deactivate_vgs(sd)
-        assert rc == 0, f"agent exit status {rc}; log:\n{agent.log()}"
+        stop_agent(agent, sd)
 
 
 def zeroing(lv: str) -> bool:
@@ -300,10 +296,6 @@ async def test_wipe_finished_after_a_kill(make_target: Callable[..., g.Target],
             await until(lambda: vol not in lvs(sd), "the wiped LV removed", 120)
             assert read_extents(sd, places) == bytes(size)
             assert await c.call("getImagesList", sdUUID=sd) == []
-            await c.call("formatStorageDomain", sdUUID=sd)
-            for st in await disconnect_all(c):
-                assert st["status"] == 0, st
+            await format_and_disconnect(c, sd)
     finally:
-        rc = agent.stop()
-        deactivate_vgs(sd)
-        assert rc == 0, f"agent exit status {rc}; log:\n{agent.log()}"
+        stop_agent(agent, sd)

@@ -33,8 +33,13 @@ from tests.agentproc import AgentProcess
 from tests.integration.crashharness import _argv, descendants, kill_tree
 from tests.integration.test_domains_file import create_volume, new_id, run_job
 from tests.lab import guestlib as g
-from tests.lab.test_connections_lab import disconnect_all
-from tests.lab.test_domains_block_lab import connect_luns, deactivate_vgs, lvs, start
+from tests.lab.test_domains_block_lab import (
+    connect_luns,
+    format_and_disconnect,
+    lvs,
+    start,
+    stop_agent,
+)
 from tests.polling import until
 
 MiB = 1 << 20
@@ -88,13 +93,9 @@ async def block_domain(make_target: Callable[..., g.Target], tmp_path: Path, lun
             yield c, sd, agent
             for img in await c.call("getImagesList", sdUUID=sd):
                 await c.call("teardownImage", sdUUID=sd, imgUUID=img)
-            await c.call("formatStorageDomain", sdUUID=sd)
-            for st in await disconnect_all(c):
-                assert st["status"] == 0, st
+            await format_and_disconnect(c, sd)
     finally:
-        rc = agent.stop()
-        deactivate_vgs(sd)
-        assert rc == 0, f"agent exit status {rc}; log:\n{agent.log()}"
+        stop_agent(agent, sd)
 
 
 @pytest.mark.timeout(300)
@@ -468,16 +469,12 @@ async def test_agent_killed_while_extending(make_target: Callable[..., g.Target]
             info = await c.call("getVolumeInfo", **ref)
             assert info["apparentSize"] == info["trueSize"] == size, info
             assert info["legality"] == "LEGAL", info
-            await c.call("formatStorageDomain", sdUUID=sd)
-            for st in await disconnect_all(c):
-                assert st["status"] == 0, st
+            await format_and_disconnect(c, sd)
         print(f"\nthin, agent killed while extending: LV {size // MiB} MiB, killed with "
               f"{killed}")
     finally:
         qsd.daemon.stop()
-        rc = agent.stop()
-        deactivate_vgs(sd)
-        assert rc == 0, f"agent exit status {rc}; log:\n{agent.log()}"
+        stop_agent(agent, sd)
 
 
 @pytest.mark.timeout(600)
