@@ -55,6 +55,7 @@ lint: venv
 	$(BIN)/ruff check agent rpc storage ovfstore tests
 	$(BIN)/mypy
 	$(BIN)/python -m tests.importgraph
+	$(BIN)/python -m tests.sizes
 
 bench: venv deps-test
 	$(BIN)/python -m tests.bench

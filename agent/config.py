@@ -120,6 +120,18 @@ class OvfConfig:
 
 
 @dataclass
+class TransfersConfig:
+    # A disk transfer's ticket (startTransfer's url) closes this long after
+    # it opened, however busy (imageio's tickets expire too; the engine
+    # opens a new transfer for a longer copy).
+    ticket_lifetime: float = 24 * 3600.0
+    # ... and after this many seconds without a request, unless startTransfer
+    # asks for another inactivityTimeout, at most max_inactivity_timeout.
+    inactivity_timeout: float = 60.0
+    max_inactivity_timeout: float = 24 * 3600.0
+
+
+@dataclass
 class LeasesConfig:
     # This host's id in every domain's lockspace (1..2000 on 512-byte
     # storage, 1..250 on 4K): unique among the hosts sharing storage, the
@@ -171,6 +183,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     thin: ThinConfig = field(default_factory=ThinConfig)
     ovf: OvfConfig = field(default_factory=OvfConfig)
+    transfers: TransfersConfig = field(default_factory=TransfersConfig)
     leases: LeasesConfig = field(default_factory=LeasesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
@@ -218,6 +231,10 @@ class Config:
             raise ConfigError("leases.backends: must include \"local\"")
         if le.policy not in le.backends:
             raise ConfigError(f"leases.policy: {le.policy!r} is not one of leases.backends")
+        xfer = self.transfers
+        if xfer.inactivity_timeout > xfer.max_inactivity_timeout:
+            raise ConfigError("transfers.inactivity_timeout: more than "
+                              "transfers.max_inactivity_timeout")
         if self.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"logging.level: unknown level {self.logging.level!r}")
 
@@ -275,6 +292,11 @@ RANGES: dict[str, Range] = {
     "ovf.ticket_ttl": POSITIVE,
     # -1: no data listener, 0: any free port
     "ovf.data_port": Range(-1, 65535),
+    # a ticket of less than a second could not serve one request; a year is
+    # more than any copy, and a ticket is a credential
+    "transfers.ticket_lifetime": Range(1, 365 * 24 * 3600),
+    "transfers.inactivity_timeout": Range(1, 24 * 3600),
+    "transfers.max_inactivity_timeout": Range(1, 24 * 3600),
     "leases.host_id": Range(1, 2000),
     "leases.io_timeout": Range(1, 300),
     "leases.domain_lease_timeout": NOT_NEGATIVE,

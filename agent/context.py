@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import transferjobs
 from agent.config import Config
 from agent.events import EventBus
 from agent.host import Host
@@ -19,15 +20,94 @@ from agent.metrics import Metrics
 from ovfstore.service import OvfService
 from ovfstore.store import volume_size
 from storage.connections import ConnectionManager
-from storage.domains import DomainManager, VmAccess, imageops
+from storage.domains import DomainRegistry, VmAccess, merge, recovery
+from storage.domains.imageops import ImageOps
+from storage.domains.monitor import DomainMonitor
+from storage.domains.prepared import PreparedVolumes
+from storage.domains.volumes import VolumeOps
 from storage.errors import HostAgentError
 from storage.leases import Backend, LeaseManager, LocalBackend, SanlockBackend
 from storage.leases.lockholder import LockHolder
 from storage.locks import LockManager
 from storage.thin import ThinPolicy
-from storage.transfers import TransferService
+from storage.transfers import TicketLimits, TransferService
 
 log = logging.getLogger("agent.context")
+
+
+@dataclass
+class Domains:
+    """The pieces of the storage domains: which domains this host sees
+    (registry), which volumes are prepared here, the volume verbs and the
+    operations on a VM's disks across domains."""
+    registry: DomainRegistry
+    prepared: PreparedVolumes
+    volumes: VolumeOps
+    images: ImageOps
+
+    @classmethod
+    def create(cls, config: Config, connections: ConnectionManager, locks: LockManager,
+               leases: LeaseManager) -> Domains:
+        storage, le = config.storage, config.leases
+        thin = ThinPolicy(config.thin.chunk_size, config.thin.watermark_percent)
+        prepared = PreparedVolumes(config.state_dir)
+        monitor = DomainMonitor(locks, io_timeout=storage.io_timeout,
+                                interval=storage.monitor_interval)
+        registry = DomainRegistry(config.state_dir, connections, locks, prepared, monitor,
+                                  io_timeout=storage.io_timeout,
+                                  ovf_store_size=volume_size(config.ovf.max_tar_size),
+                                  block_extent_size=storage.block_extent_size,
+                                  leases=None if config.debug.no_leases else leases,
+                                  host_id=le.host_id, lock_policy=le.policy,
+                                  lease_io_timeout=le.io_timeout,
+                                  domain_lease_timeout=le.domain_lease_timeout, thin=thin)
+        volumes = VolumeOps(registry, prepared, locks, io_timeout=storage.io_timeout,
+                            vm_access=vm_access(storage.vm_group, storage.vm_file_mode,
+                                                Path(storage.storage_root)),
+                            thin=thin)
+        return cls(registry=registry, prepared=prepared, volumes=volumes,
+                   images=ImageOps(registry, prepared, locks, volumes))
+
+    async def start(self) -> None:
+        self.prepared.load()
+        await self.registry.start()
+        await self.volumes.resolve_switches()
+        await self.prepared.count(self.registry.lookup)
+        await self.volumes.start()
+
+    async def stop(self) -> None:
+        await self.volumes.stop()
+        await self.registry.stop()
+
+    def register_recoveries(self, jobs: JobRegistry) -> None:
+        """What an interrupted job left on storage is removed at start-up."""
+        registry, images = self.registry, self.images
+        # What an interrupted createVolume or deleteImage left is CREATING or
+        # REMOVING on storage: the domain's garbage collection removes it.
+        for job_type in ("createVolume", "deleteImage"):
+            jobs.register_recovery(job_type, lambda job: registry.collect_garbage(
+                str(job.params.get("sdUUID", ""))))
+        # A copy or move that did not end leaves no target; a snapshot of
+        # several disks or the hibernation volumes, nothing at all.
+        for job_type in ("copyImage", "moveImage"):
+            jobs.register_recovery(job_type, lambda job: recovery.recover_copy(
+                images, {**job.params, "started": job.started}))
+        jobs.register_recovery("snapshotImages", lambda job: recovery.recover_new_volumes(
+            images, [{**d, "volUUID": d["newVolUUID"]} for d in job.params.get("disks", [])],
+            job.started))
+        # An interrupted backup leaves no backup volume, and no snapshot layer
+        # unless a VM runs on the disk.
+        jobs.register_recovery("backupVolume", lambda job: recovery.recover_backup(
+            images, job.params, job.started))
+        # An interrupted merge past its point of no return is finished.
+        jobs.register_recovery("mergeSnapshots", lambda job: merge.recover_merge(
+            images, job.params, job.started))
+        jobs.register_recovery("createHibernationVolumes",
+                               lambda job: recovery.recover_new_volumes(
+                                   images, [{**job.params["memory"], "volUUID": v}
+                                            for v in (job.params["memory"]["dumpVolUUID"],
+                                                      job.params["memory"]["metaVolUUID"])],
+                                   job.started))
 
 
 @dataclass
@@ -39,11 +119,24 @@ class Agent:
     host: Host
     locks: LockManager
     connections: ConnectionManager
-    domains: DomainManager
+    storage: Domains
     leases: LeaseManager
     ovf: OvfService
     transfers: TransferService
     started: float = field(default_factory=time.time)
+
+    # the pieces the verbs call
+    @property
+    def domains(self) -> DomainRegistry:
+        return self.storage.registry
+
+    @property
+    def volumes(self) -> VolumeOps:
+        return self.storage.volumes
+
+    @property
+    def images(self) -> ImageOps:
+        return self.storage.images
 
     @classmethod
     def create(cls, config: Config) -> Agent:
@@ -64,22 +157,11 @@ class Agent:
             backends["sanlock"] = SanlockBackend(socket_path=le.sanlock_socket,
                                                  run_dir=le.run_dir)
         leases = LeaseManager(backends, default_io_timeout=le.io_timeout)
-        domains = DomainManager(config.state_dir, connections, locks,
-                                io_timeout=storage.io_timeout,
-                                monitor_interval=storage.monitor_interval,
-                                ovf_store_size=volume_size(config.ovf.max_tar_size),
-                                block_extent_size=storage.block_extent_size,
-                                leases=None if config.debug.no_leases else leases,
-                                host_id=le.host_id, lock_policy=le.policy,
-                                lease_io_timeout=le.io_timeout,
-                                domain_lease_timeout=le.domain_lease_timeout,
-                                vm_access=vm_access(storage.vm_group, storage.vm_file_mode,
-                                                    Path(storage.storage_root)),
-                                thin=ThinPolicy(config.thin.chunk_size,
-                                                config.thin.watermark_percent))
-        ovf = OvfService(domains, locks, slot_size=config.ovf.max_tar_size,
+        domains = Domains.create(config, connections, locks, leases)
+        ovf = OvfService(domains.registry, locks, slot_size=config.ovf.max_tar_size,
                          member_limit=config.ovf.max_member_size,
                          ticket_ttl=config.ovf.ticket_ttl)
+
         def extended(params: dict[str, Any], error: HostAgentError | None) -> None:
             if error is None:
                 metrics.volume_extends.labels(outcome="ok").inc()
@@ -88,48 +170,31 @@ class Agent:
                 metrics.volume_extends.labels(outcome="failed").inc()
                 events.publish("volume.extendFailed", {
                     **params, "error": {"code": error.code, "message": error.message}})
-        domains.on_extend = extended
-        # What an interrupted createVolume or deleteImage left is CREATING or
-        # REMOVING on storage: the domain's garbage collection removes it.
-        for job_type in ("createVolume", "deleteImage"):
-            jobs.register_recovery(job_type, lambda job: domains.collect_garbage(
-                str(job.params.get("sdUUID", ""))))
-        # A copy or move that did not end leaves no target; a snapshot of
-        # several disks or the hibernation volumes, nothing at all.
-        for job_type in ("copyImage", "moveImage"):
-            jobs.register_recovery(job_type, lambda job: imageops.recover_copy(
-                domains, {**job.params, "started": job.started}))
-        jobs.register_recovery("snapshotImages", lambda job: imageops.recover_new_volumes(
-            domains, [{**d, "volUUID": d["newVolUUID"]} for d in job.params.get("disks", [])],
-            job.started))
-        # An interrupted backup leaves no backup volume, and no snapshot layer
-        # unless a VM runs on the disk.
-        jobs.register_recovery("backupVolume", lambda job: imageops.recover_backup(
-            domains, job.params, job.started))
-        jobs.register_recovery("createHibernationVolumes",
-                               lambda job: imageops.recover_new_volumes(
-                                   domains, [{**job.params["memory"], "volUUID": v}
-                                             for v in (job.params["memory"]["dumpVolUUID"],
-                                                       job.params["memory"]["metaVolUUID"])],
-                                   job.started))
+        domains.volumes.on_extend = extended
+        domains.register_recoveries(jobs)
+        transfers = TransferService(
+            domains.volumes, publish=events.publish, limits=TicketLimits(
+                ticket_lifetime=config.transfers.ticket_lifetime,
+                inactivity_timeout=config.transfers.inactivity_timeout,
+                max_inactivity_timeout=config.transfers.max_inactivity_timeout),
+            count_bytes=lambda d, n: metrics.transfer_bytes.labels(d).inc(n))
+        transferjobs.attach(jobs, transfers)
         return cls(config=config, events=events, metrics=metrics, jobs=jobs, host=host,
-                   locks=locks, connections=connections, domains=domains, leases=leases,
-                   ovf=ovf, transfers=TransferService(
-                       domains, publish=events.publish,
-                       count_bytes=lambda d, n: metrics.transfer_bytes.labels(d).inc(n)))
+                   locks=locks, connections=connections, storage=domains, leases=leases,
+                   ovf=ovf, transfers=transfers)
 
     async def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.host.load()
         # Storage first: the recovery hooks of interrupted jobs use it.
         await self.connections.start()
-        await self.domains.start()
+        await self.storage.start()
         await self.jobs.start()
 
     async def stop(self) -> None:
         await self.transfers.stop()
         await self.jobs.shutdown()
-        await self.domains.stop()
+        await self.storage.stop()
         await self.leases.close()
 
 

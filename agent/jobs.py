@@ -28,12 +28,12 @@ from agent.events import EventBus
 from agent.metrics import Metrics
 from storage.errors import (
     ActionStopped,
-    GeneralException,
     HostAgentError,
     JobExists,
     JobInterrupted,
     JobNotDone,
     UnknownTask,
+    wire_error,
 )
 from storage.fileio import atomic_write
 
@@ -180,9 +180,11 @@ class JobRegistry:
     # ---- verbs -------------------------------------------------------------
 
     def submit(self, job_uuid: str, job_type: str, work: Work, *, description: str = "",
-               params: dict[str, Any] | None = None) -> Job:
+               params: dict[str, Any] | None = None, slot: bool = True) -> Job:
         """Start `work` as job `job_uuid`; the same id again returns the
-        existing job and starts nothing."""
+        existing job and starts nothing. `slot=False`: the job runs at once,
+        outside jobs.max_running (a disk transfer's job, which waits on its
+        client for hours and must not keep other jobs pending)."""
         existing = self._jobs.get(job_uuid)
         if existing is not None:
             if existing.type != job_type:
@@ -192,17 +194,18 @@ class JobRegistry:
                   params=params or {})
         self._jobs[job_uuid] = job
         self._save(job)
-        job.task = asyncio.create_task(self._run(job, work), name=f"job-{job_uuid}")
+        job.task = asyncio.create_task(self._run(job, work, slot), name=f"job-{job_uuid}")
         self._changed(job)
         return job
 
     async def submit_recorded(self, job_uuid: str, job_type: str, work: Work, *,
                               description: str = "",
-                              params: dict[str, Any] | None = None) -> Job:
+                              params: dict[str, Any] | None = None, slot: bool = True) -> Job:
         """`submit`, answering once the job's record is on disk: a job its
         caller was told about is known after a crash right after (and its
         recovery hook runs), never lost."""
-        job = self.submit(job_uuid, job_type, work, description=description, params=params)
+        job = self.submit(job_uuid, job_type, work, description=description, params=params,
+                          slot=slot)
         await asyncio.to_thread(self._flush)
         return job
 
@@ -244,27 +247,25 @@ class JobRegistry:
 
     # ---- internals ---------------------------------------------------------
 
-    async def _run(self, job: Job, work: Work) -> None:
+    async def _run(self, job: Job, work: Work, slot: bool = True) -> None:
         logs.job_id.set(job.job_uuid)
         logs.request_id.set("")
         try:
-            async with self._slots:
+            async with self._slots if slot else contextlib.nullcontext():
                 job.status, job.started = RUNNING, time.time()
                 self._changed(job)
                 log.info("Job %s (%s) started", job.job_uuid, job.type)
                 result = await work(JobContext(self, job))
         except asyncio.CancelledError:
             if job.abort_requested:
-                await self._end(job, ABORTED, error=ActionStopped().to_dict())
+                await self._end(job, ABORTED, error=wire_error(ActionStopped()))
             else:
                 await self._end(job, FAILED,
-                                error=JobInterrupted(jobUUID=job.job_uuid).to_dict())
-        except HostAgentError as e:
-            await self._end(job, FAILED, error=e.to_dict())
-        except Exception:
-            log.exception("Job %s (%s) failed unexpectedly", job.job_uuid, job.type)
-            await self._end(job, FAILED, error=GeneralException(
-                reason="unexpected error, see the agent log").to_dict())
+                                error=wire_error(JobInterrupted(jobUUID=job.job_uuid)))
+        except Exception as e:
+            if not isinstance(e, HostAgentError):
+                log.exception("Job %s (%s) failed unexpectedly", job.job_uuid, job.type)
+            await self._end(job, FAILED, error=wire_error(e))
         else:
             await self._end(job, DONE, result=result)
 

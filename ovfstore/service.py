@@ -19,7 +19,7 @@ from typing import Any
 
 from ovfstore import ovf
 from ovfstore.store import Body, Header, OvfStore, UploadError, read_members, slot_size
-from storage.domains import Domain, DomainManager
+from storage.domains import Domain, DomainRegistry
 from storage.errors import (
     AcquireLockFailure,
     HostAgentError,
@@ -47,7 +47,7 @@ class Ticket:
 
 
 class OvfService:
-    def __init__(self, domains: DomainManager, locks: LockManager, *, slot_size: int,
+    def __init__(self, domains: DomainRegistry, locks: LockManager, *, slot_size: int,
                  member_limit: int, ticket_ttl: float) -> None:
         self.domains = domains
         self.locks = locks

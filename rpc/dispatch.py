@@ -33,11 +33,11 @@ from agent.context import Agent
 from rpc.openrpc import error_object, method_errors
 from rpc.schema import InvalidParams, field_schema, redact
 from rpc.table import Verb
-from storage.errors import GeneralException, HostAgentError, error_table
+from storage.errors import GeneralException, HostAgentError, error_table, wire_error
 
 log = logging.getLogger("rpc.dispatch")
 
-GENERIC_MESSAGE = "General exception: unexpected error, see the agent log"
+GENERIC_MESSAGE = wire_error(Exception())["message"]
 
 # Requests in one batch. They run concurrently, so a batch is also a
 # concurrency limit; a larger one is refused whole with -32600.
@@ -145,12 +145,12 @@ class Dispatcher:
             except HostAgentError as e:
                 outcome = e.name
                 log.info("%s failed: %s (%d)", verb.name, e.message, e.code)
-                return _error(e.to_dict())
-            except Exception:
+                return _error(wire_error(e))
+            except Exception as e:
                 outcome = "unexpected"
                 log.exception("%s failed unexpectedly (request %s)", verb.name, rid)
-                return Error(100, GENERIC_MESSAGE, {"name": "GeneralException",
-                                                    "requestId": rid})
+                err = wire_error(e)
+                return _error({**err, "data": {**err["data"], "requestId": rid}})
             finally:
                 latency.observe(time.perf_counter() - start)
                 if outcome == "ok":
@@ -218,8 +218,7 @@ def _dumps(answer: dict[str, Any]) -> str:
         log.error("answer to request id %r is not JSON (a non-finite number)",
                   answer.get("id"))
         return json.dumps({"jsonrpc": "2.0", "id": answer.get("id"),
-                           "error": {"code": 100, "message": GENERIC_MESSAGE,
-                                     "data": {"name": "GeneralException"}}})
+                           "error": wire_error(ValueError())})
 
 
 def _no_constant(name: str) -> Any:

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from email.message import Message
 from typing import Any, TypeVar, cast
 
-from rpc.ovfroutes import error_status
-from storage.errors import HostAgentError, OvfStoreError
+from storage.errors import HostAgentError, OvfStoreError, http_status, wire_error
 
 log = logging.getLogger("rpc.ovfdata")
 
@@ -94,7 +93,7 @@ def _json_response(status: int, obj: Any, headers: dict[str, str] | None = None)
 
 
 def _error_response(e: HostAgentError, status: int | None = None) -> bytes:
-    return _json_response(status or error_status(e), {"error": e.to_dict()})
+    return _json_response(status or http_status(e), {"error": wire_error(e)})
 
 
 class _Connection:

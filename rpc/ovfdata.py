@@ -34,7 +34,6 @@ from typing import TypeVar
 
 from agent.context import Agent
 from rpc import transferdata
-from rpc.dispatch import GENERIC_MESSAGE
 from rpc.httpconn import (
     LINGER,
     _ClientGone,
@@ -50,7 +49,7 @@ from rpc.ovfroutes import NOT_A_UUID, byte_range, download_headers
 from rpc.schema import UUID_RE
 from rpc.server import ssl_context
 from rpc.tlsguard import HandshakeGuard
-from storage.errors import HostAgentError, OvfStoreError
+from storage.errors import HostAgentError, OvfStoreError, wire_error
 
 log = logging.getLogger("rpc.ovfdata")
 
@@ -184,8 +183,7 @@ class DataListener:
             if not conn.replied:
                 with contextlib.suppress(Exception):
                     await conn.run(conn.sendall, _json_response(
-                        500, {"error": {"code": 100, "message": GENERIC_MESSAGE,
-                                        "data": {"name": "GeneralException"}}}))
+                        500, {"error": wire_error(Exception())}))
 
     async def _exchange(self, conn: _Connection) -> None:
         try:

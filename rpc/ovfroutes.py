@@ -21,13 +21,10 @@ from ovfstore.store import ChunkBody, Header
 from rpc.schema import UUID_RE
 from rpc.server import AGENT_KEY
 from storage.errors import (
-    AcquireLockFailure,
     HostAgentError,
-    NoSpaceLeftOnDomain,
     OvfStoreError,
-    OvfTicketError,
-    StorageDomainDoesNotExist,
-    VolumeDoesNotExist,
+    http_status,
+    wire_error,
 )
 
 log = logging.getLogger("rpc.ovfstore")
@@ -37,17 +34,10 @@ CHUNK = 1 << 20
 # at most 19: a position past any tar's size, and far below Python's
 # 4300-digit int() limit (issue 22.11: 5000 digits were a 500).
 RANGE_RE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")
-STATUS = {OvfTicketError: 403, AcquireLockFailure: 409, OvfStoreError: 400,
-          StorageDomainDoesNotExist: 404, VolumeDoesNotExist: 404,
-          NoSpaceLeftOnDomain: 507}
 
 
 NOT_A_UUID = {"error": {"code": -32602, "message": "not a UUID",
                         "data": {"name": "InvalidParams", "field": "sdUUID"}}}
-
-
-def error_status(e: HostAgentError) -> int:
-    return next((s for cls, s in STATUS.items() if isinstance(e, cls)), 500)
 
 
 def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -76,7 +66,7 @@ def download_headers(header: Header, start: int, end: int, partial: bool) -> dic
 
 
 def _error(e: HostAgentError) -> web.Response:
-    return web.json_response({"error": e.to_dict()}, status=error_status(e))
+    return web.json_response({"error": wire_error(e)}, status=http_status(e))
 
 
 async def _stall_limited(chunks: AsyncIterator[bytes], seconds: float) -> AsyncIterator[bytes]:

@@ -545,6 +545,47 @@ async def start(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
         raise CommandNotFound(argv, f"cannot run {argv[0]}: {e.strerror}") from e
 
 
+def _checked_argv(argv: Sequence[str], timeout: float) -> tuple[str, ...]:
+    if isinstance(argv, (str, bytes)):
+        raise TypeError("argv must be a sequence of arguments, not a string")
+    if not argv:
+        raise ValueError("argv is empty")
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive, not {timeout}")
+    return tuple(argv)
+
+
+async def _kill(proc: _Child, shown: tuple[str, ...]) -> None:
+    """Kill an interrupted command's process group; one that does not die
+    (D state on hung storage) is left lingering, its pipes closed."""
+    dead = False
+    try:
+        dead = await _terminate(proc)
+    finally:
+        if dead:
+            await _discard_output(proc)
+        else:
+            # It still holds its pipes: close them now.
+            proc.close_pipes()
+            _lingering[proc] = shown
+
+
+def _raise_stream_error(argv: Sequence[str], cmd: str, rc: int, out: _Collector,
+                        err: _Collector, output_limit: int, redact: Sequence[str]) -> None:
+    """What a killed command's output streams ended it with, raised: a line
+    callback's error, or too much output."""
+    for stream in (out, err):
+        if stream.callback_error is not None:
+            log.debug("%s: %s callback failed, killed", cmd, stream.name)
+            raise stream.callback_error from None
+        if stream.overflow:
+            log.warning("%s: more than %d bytes on %s, killed", cmd, output_limit,
+                        stream.name)
+            raise CommandOutputTooLarge(argv, rc, out.data(), err.data(),
+                                        stream=stream.name, limit=output_limit,
+                                        redact=redact) from None
+
+
 async def run(
     argv: Sequence[str],
     *,
@@ -581,13 +622,7 @@ async def run(
     (daemons call setsid anyway), but run() waits for EOF on stdout and
     stderr: a descendant that keeps them open counts against the timeout.
     """
-    if isinstance(argv, (str, bytes)):
-        raise TypeError("argv must be a sequence of arguments, not a string")
-    argv = tuple(argv)
-    if not argv:
-        raise ValueError("argv is empty")
-    if timeout <= 0:
-        raise ValueError(f"timeout must be positive, not {timeout}")
+    argv = _checked_argv(argv, timeout)
     shown = redact_argv(argv, redact)
     cmd = shlex.join(shown)
 
@@ -612,31 +647,13 @@ async def run(
                 tasks.create_task(err.drain(proc.stderr))
             rc = await proc.wait()
     except BaseException as e:
-        dead = False
-        try:
-            dead = await _terminate(proc)
-        finally:
-            if dead:
-                await _discard_output(proc)
-            else:
-                # It still holds its pipes: close them now.
-                proc.close_pipes()
-                _lingering[proc] = shown
+        await _kill(proc, shown)
         elapsed = time.monotonic() - began
         rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
         if isinstance(e, TimeoutError) and deadline.expired():
             log.warning("%s: timed out after %.3f s, killed", cmd, elapsed)
             raise CommandTimeout(argv, timeout, redact=redact) from None
-        for stream in (out, err):
-            if stream.callback_error is not None:
-                log.debug("%s: %s callback failed, killed", cmd, stream.name)
-                raise stream.callback_error from None
-            if stream.overflow:
-                log.warning("%s: more than %d bytes on %s, killed", cmd, output_limit,
-                            stream.name)
-                raise CommandOutputTooLarge(argv, rc, out.data(), err.data(),
-                                            stream=stream.name, limit=output_limit,
-                                            redact=redact) from None
+        _raise_stream_error(argv, cmd, rc, out, err, output_limit, redact)
         log.debug("%s: interrupted (%s) after %.3f s, killed", cmd, type(e).__name__, elapsed)
         raise
 

@@ -1,6 +1,7 @@
 """The LUNs this host sees (getDeviceList): each multipath map with its paths'
 states, the SCSI disks and iSCSI sessions behind them, its LVM identity, and
-whether it is free for a new domain.
+whether it is free for a new domain. `refresh` rescans first (new LUNs, LUNs
+the array grew), as VDSM's getDeviceList does with its rescan.
 
 A LUN is listed once per map, however many paths reach it. The LVM and
 signature probes are limited to the maps listed: pvs (storage/lvm.py) gets a
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from storage import commands, iscsiadm, lvm, multipath, udev
+from storage.errors import HostAgentError, InaccessiblePhysDev
 
 log = logging.getLogger("storage.devices")
 
@@ -44,7 +46,7 @@ async def has_signature(device: str, *, timeout: float,
     return values.get("TYPE") or values.get("PTTYPE") or "unknown"
 
 
-def _busy(device: str) -> bool:
+def busy(device: str) -> bool:
     """True if the device is held: mounted, an LV or partition map on it, or
     opened exclusively by another process (O_EXCL on a block device)."""
     try:
@@ -53,6 +55,81 @@ def _busy(device: str) -> bool:
         return e.errno == errno.EBUSY
     os.close(fd)
     return False
+
+
+async def refresh(*, timeout: float, runner: commands.Runner = commands.run,
+                  sysfs: Path = udev.SYSFS) -> list[str]:
+    """Rescan what the host sees: every iSCSI session (new LUNs appear and
+    each disk reads its capacity again), every FC host, then each path of
+    each multipath map, and resize the maps whose paths grew. Returns the
+    names of the maps resized. A host without iSCSI or FC skips that part."""
+    try:
+        await iscsiadm.rescan_sessions(timeout=timeout, runner=runner)
+    except commands.CommandError as e:
+        log.warning("Cannot rescan iSCSI sessions: %s", e)
+    fc_hosts = await asyncio.to_thread(udev.scsi_hosts, sysfs, "fc_host")
+    await asyncio.gather(*(udev.scan_host(h, timeout=timeout, sysfs=sysfs) for h in fc_hosts))
+    try:
+        maps = await multipath.maps(timeout=timeout, runner=runner)
+    except commands.CommandError as e:
+        await multipath.check_down(str(e.fields.get("stderr") or e.message), sysfs=sysfs)
+        return []
+    if not maps:
+        return []
+    paths = await multipath.paths(timeout=timeout, runner=runner)
+    resized = []
+    for m in maps:
+        if await resize_map(m, paths, timeout=timeout, runner=runner, sysfs=sysfs):
+            resized.append(m.name)
+    return resized
+
+
+async def resize_lun(guid: str, *, timeout: float, runner: commands.Runner = commands.run,
+                     sysfs: Path = udev.SYSFS) -> bool:
+    """Rescan the paths of the map of LUN `guid` and resize the map if they
+    grew (resizePV, before pvresize); 606 when no map has that WWID."""
+    found = [m for m in await multipath.maps(timeout=timeout, runner=runner) if m.wwid == guid]
+    if not found:
+        raise InaccessiblePhysDev(devices=guid)
+    paths = await multipath.paths(timeout=timeout, runner=runner)
+    return await resize_map(found[0], paths, timeout=timeout, runner=runner, sysfs=sysfs)
+
+
+async def resize_map(m: multipath.Map, paths: Sequence[multipath.MPath], *, timeout: float,
+                     runner: commands.Runner = commands.run, sysfs: Path = udev.SYSFS
+                     ) -> bool:
+    """Rescan the disks of the map's active paths; when they all agree on a
+    size larger than the map's, `multipathd resize map` (online: I/O goes on).
+    True if the map was resized. A path whose rescan fails keeps its old
+    size, and the map is then left alone (multipathd refuses paths of
+    different sizes): the next refresh tries again."""
+    disks = sorted(p.dev for p in paths if p.map == m.name and p.active)
+    if not disks:
+        return False
+    done = await asyncio.gather(*(udev.rescan_disk(d, timeout=timeout, sysfs=sysfs)
+                                  for d in disks), return_exceptions=True)
+    for d, r in zip(disks, done, strict=True):
+        if isinstance(r, BaseException):
+            if not isinstance(r, (OSError, HostAgentError)):
+                raise r
+            log.warning("Cannot rescan %s, a path of %s: %s", d, m.name, r)
+
+    def sizes() -> tuple[int, set[int]]:
+        return (udev.size_bytes(m.sysfs, sysfs),
+                {udev.size_bytes(d, sysfs) for d in disks})
+
+    current, grown = await asyncio.wait_for(asyncio.to_thread(sizes), timeout)
+    if len(grown) != 1:
+        log.warning("Paths of %s disagree on its size (%s): not resized", m.name,
+                    ", ".join(str(s) for s in sorted(grown)))
+        return False
+    size = grown.pop()
+    if size <= current:
+        return False
+    await multipath.resize(m.name, timeout=timeout, runner=runner)
+    log.info("Multipath map %s (%s) resized from %d to %d bytes", m.name, m.wwid, current,
+             size)
+    return True
 
 
 def _pathlist(disk_names: Collection[str], disks: Mapping[str, udev.ScsiDisk],
@@ -113,7 +190,7 @@ async def device_list(guids: Collection[str] | None = None, check_status: bool =
         sig = await has_signature(path, timeout=timeout, runner=runner)
         if sig:
             return f"holds {sig}"
-        if await asyncio.wait_for(asyncio.to_thread(_busy, path), timeout):
+        if await asyncio.wait_for(asyncio.to_thread(busy, path), timeout):
             return "open by another user"
         return None
 

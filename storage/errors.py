@@ -11,14 +11,18 @@ its storage/exception.py); 2100-2999 is a gap in both files.
 
 Each class has a message template filled from its fields; the fields travel
 to the client in the JSON-RPC error's `data` (never secrets: callers pass
-what is safe to show). The RPC edge is the only place that turns these into
-JSON-RPC errors (rpc/dispatch.py). A subclass that does not set its own
+what is safe to show). One translator, `wire_error()` below, turns them
+into wire errors (rpc/dispatch.py, the jobs, the connection results, the OVF
+data paths, which add `http_status()`). A subclass that does not set its own
 `code` is the same condition on the wire: it answers its parent's code and
 name (LeaseHeld is an AcquireLockFailure; a CommandError a GeneralException).
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 from typing import Any, ClassVar
 
 
@@ -321,6 +325,24 @@ class InaccessiblePhysDev(HostAgentError):
     template = "Cannot access device(s): {devices}"
 
 
+class PhysDevInitializationError(HostAgentError):
+    """A LUN cannot become a PV of the domain: it belongs to another VG,
+    holds data or is in use."""
+
+    code = 601
+    template = "Failed to initialize physical device: {devices}: {reason}"
+
+
+class VolumeGroupExtendError(HostAgentError):
+    code = 503
+    template = "Cannot extend volume group {vgName}: {reason}"
+
+
+class CouldNotResizePhysicalVolume(HostAgentError):
+    code = 615
+    template = "Could not resize physical volume {device}: {reason}"
+
+
 class TransferTicketError(HostAgentError):
     """A disk transfer's ticket that is unknown, expired, closed or does not
     allow the request (HTTP 403 on the data listener)."""
@@ -391,6 +413,51 @@ ALL_ERRORS: tuple[type[HostAgentError], ...] = tuple(
     cls for cls in list(globals().values())
     if isinstance(cls, type) and issubclass(cls, HostAgentError)
 )
+
+
+# ---- the one translation to the wire --------------------------------------------
+
+UNEXPECTED = "unexpected error, see the agent log"
+
+
+def wire_error(e: BaseException) -> dict[str, Any]:
+    """An error as the wire's error object {code, message, data}: an expected
+    error with its code and fields; anything else (a bug) as 100 with a
+    generic message, nothing of it shown (the caller logs its traceback)."""
+    if isinstance(e, HostAgentError):
+        return e.to_dict()
+    return GeneralException(reason=UNEXPECTED).to_dict()
+
+
+# The HTTP status of an error on the data paths (OVF store PUT/GET); 500 for
+# any other, expected or not.
+HTTP_STATUS: dict[type[HostAgentError], int] = {
+    OvfTicketError: 403, AcquireLockFailure: 409, OvfStoreError: 400,
+    StorageDomainDoesNotExist: 404, VolumeDoesNotExist: 404, NoSpaceLeftOnDomain: 507}
+
+
+def http_status(e: BaseException) -> int:
+    return next((s for cls, s in HTTP_STATUS.items() if isinstance(e, cls)), 500)
+
+
+# ---- out of space, recognised in one place ------------------------------------------
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# What a tool says for those errnos: the C library's text (qemu-img, dd, lvm),
+# or the negative errno (sanlock: "-28").
+_NO_SPACE_TEXT = re.compile("|".join(
+    [re.escape(os.strerror(n)) for n in _NO_SPACE]
+    + [rf"(?<![0-9])-{n}(?![0-9])" for n in _NO_SPACE] + ["ENOSPC", "EDQUOT"]))
+
+
+def out_of_space(e: BaseException) -> bool:
+    """Whether an error means the storage has no room: an OSError by its
+    errno, a tool's error by the errno it reports."""
+    if isinstance(e, OSError):
+        return e.errno in _NO_SPACE
+    if isinstance(e, NoSpaceLeftOnDomain):
+        return True
+    return isinstance(e, HostAgentError) and bool(_NO_SPACE_TEXT.search(e.message))
 
 
 def error_table() -> list[dict[str, Any]]:

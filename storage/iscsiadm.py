@@ -181,8 +181,11 @@ async def discover_sendtargets(p: Portal, *, timeout: float, iface: str | None =
     """SendTargets discovery that leaves no record behind (`-o nonpersistent`:
     no discovery db entry and no node records are written). With `user` and
     `password`, CHAP for the discovery session: the credentials can only be
-    given through a discovery db record, made for this call and deleted
-    after it (the password is redacted from whatever is logged or raised)."""
+    given through the host's discovery db record of the portal (one per
+    portal, whatever the iface). A record made for the call is deleted after
+    it; a record the host already had (an admin's discovery) gets its CHAP
+    settings back as they were. Passwords, ours and the record's, are
+    redacted from whatever is logged or raised."""
     iface_args = ["-I", commands.check_arg(iface, "ifaceName")] if iface else []
     if not (user and password):
         argv = [ISCSIADM, "-m", "discovery", "-t", "sendtargets", "-p", p.hostport,
@@ -193,21 +196,24 @@ async def discover_sendtargets(p: Portal, *, timeout: float, iface: str | None =
             raise ISCSIDiscoveryError(reason=f"discovery on {p.hostport} failed: "
                                              f"{_reason(e)}") from None
         return parse_discovery(result.text)
-    settings = {"discovery.sendtargets.auth.authmethod": "CHAP",
-                "discovery.sendtargets.auth.username": commands.check_arg(user, "user"),
-                "discovery.sendtargets.auth.password": commands.check_arg(password,
-                                                                          "password")}
+    settings = {AUTH_METHOD: "CHAP", AUTH_USER: commands.check_arg(user, "user"),
+                AUTH_PASSWORD: commands.check_arg(password, "password")}
     record = [ISCSIADM, "-m", "discoverydb", "-t", "sendtargets", "-p", p.hostport,
               *iface_args]
-    update = [*record, "-o", "update"]
-    for key, value in settings.items():
-        update += ["-n", key, "-v", value]
     # one discovery with credentials per portal at a time: the record is the
-    # host's, keyed by portal and iface, and another call's would be replaced
+    # host's, keyed by portal, and another call's would be replaced
     async with _DISCOVERY_LOCKS.setdefault(p.hostport, asyncio.Lock()):
         try:
-            await _db(runner, [*record, "-o", "new"], timeout=timeout)
-            await _db(runner, update, timeout=timeout, redact=[password])
+            saved = await _discovery_auth(p, timeout=timeout, runner=runner)
+        except commands.CommandError as e:
+            raise ISCSIDiscoveryError(reason=f"discovery on {p.hostport} failed: cannot "
+                                             f"read its discovery record: {_reason(e)}"
+                                      ) from None
+        secrets_ = [password, *(v for v in (saved or {}).values() if v)]
+        try:
+            if saved is None:
+                await _db(runner, [*record, "-o", "new"], timeout=timeout)
+            await _db(runner, _update(record, settings), timeout=timeout, redact=[password])
             # VDSM answers 475 for any failed discovery, CHAP refused too
             # (its iSCSIDiscoveryError): iscsiadm exits 24 then
             result = await runner([*record, "--discover", "-o", "nonpersistent"],
@@ -217,15 +223,56 @@ async def discover_sendtargets(p: Portal, *, timeout: float, iface: str | None =
                                              f"{_reason(e)}") from None
         finally:
             try:
-                await _db(runner, [*record, "-o", "delete"], timeout=timeout,
-                          ok_rcs=(0, ERR_NO_OBJS_FOUND))
+                if saved is None:
+                    await _db(runner, [*record, "-o", "delete"], timeout=timeout,
+                              ok_rcs=(0, ERR_NO_OBJS_FOUND))
+                else:
+                    await _db(runner, _update(record, saved), timeout=timeout,
+                              redact=secrets_)
             except commands.CommandError as e:
-                log.error("Discovery record of %s with CHAP credentials left on the host: "
+                log.error("Discovery record of %s left with this call's CHAP credentials: "
                           "%s", p.hostport, _reason(e))
     return parse_discovery(result.text)
 
 
+AUTH_METHOD = "discovery.sendtargets.auth.authmethod"
+AUTH_USER = "discovery.sendtargets.auth.username"
+AUTH_PASSWORD = "discovery.sendtargets.auth.password"  # noqa: S105 (a key, not a secret)
 _DISCOVERY_LOCKS: dict[str, asyncio.Lock] = {}
+
+
+def _update(record: Sequence[str], settings: Mapping[str, str]) -> list[str]:
+    argv = [*record, "-o", "update"]
+    for key, value in settings.items():
+        argv += ["-n", key, "-v", value]
+    return argv
+
+
+def parse_record(text: str) -> dict[str, str]:
+    """An iscsiadm record as printed ('key = value' lines) -> {key: value},
+    '<empty>' read as ''."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(" = ")
+        if sep and not key.startswith("#"):
+            value = value.strip()
+            fields[key.strip()] = "" if value == "<empty>" else value
+    return fields
+
+
+async def _discovery_auth(p: Portal, *, timeout: float,
+                          runner: commands.Runner) -> dict[str, str] | None:
+    """The CHAP settings of the host's discovery record of portal `p` (the
+    password in clear: `-S`), None if it has none. Listed first: showing a
+    missing record fails like a busy database (rc 6)."""
+    listed = await _db(runner, [ISCSIADM, "-m", "discoverydb"], timeout=timeout,
+                       ok_rcs=(0, ERR_NO_OBJS_FOUND))
+    if f"{p.hostport} via sendtargets" not in {ln.strip() for ln in listed.text.splitlines()}:
+        return None
+    shown = await runner([ISCSIADM, "-m", "discoverydb", "-t", "sendtargets", "-p", p.hostport,
+                          "-o", "show", "-S"], timeout=timeout, rc_names=RC_NAMES)
+    fields = parse_record(shown.text)
+    return {k: fields.get(k, "") for k in (AUTH_METHOD, AUTH_USER, AUTH_PASSWORD)}
 
 
 # iscsiadm locks its record database with a lock file it retries for a while,
@@ -348,6 +395,16 @@ async def rescan_session(sid: int, *, timeout: float,
     returns when the kernel's scan is done."""
     await runner([ISCSIADM, "-m", "session", "-r", str(int(sid)), "-R"], timeout=timeout,
                  rc_names=RC_NAMES)
+
+
+async def rescan_sessions(*, timeout: float,
+                          runner: commands.Runner = commands.run) -> bool:
+    """Rescan every session's LUNs (`iscsiadm -m session -R`: new LUNs
+    appear, each disk's capacity is read again); False when there is no
+    session (rc 21)."""
+    result = await runner([ISCSIADM, "-m", "session", "-R"], timeout=timeout,
+                          rc_names=RC_NAMES, ok_rcs=(0, ERR_NO_OBJS_FOUND))
+    return result.rc == 0
 
 
 # ---- ifaces (for initiatorName) -------------------------------------------------------

@@ -74,6 +74,16 @@ class LockManager:
             for r in reversed(taken):
                 await self._release(r)
 
+    def volumes(self, sd: str, img: str, *vols: str,
+                parent: str | None = None) -> contextlib.AbstractAsyncContextManager[None]:
+        """The locks of a change to volumes: their domain shared, their image
+        and the volumes exclusive, a parent they are made on shared."""
+        reqs = [request("domain", sd, SHARED), request("image", f"{sd}/{img}")]
+        reqs += [request("volume", f"{sd}/{v}") for v in vols]
+        if parent:
+            reqs.append(request("volume", f"{sd}/{parent}", SHARED))
+        return self.hold(*reqs)
+
     async def _acquire(self, r: Request, timeout: float | None, nowait: bool) -> None:
         key = (r.namespace, r.name)
         lk = self._locks.setdefault(key, _RWLock())

@@ -9,8 +9,8 @@ are never scanned), no devices file, no hints, no cache file, and
 (the host tier has no device-mapper; metadata-only commands still work).
 LVM 2.03 has no lvmetad and no locking_type, so neither is set.
 
-Locking: commands that change a VG's metadata (vgcreate, vgremove,
-vgchange --addtag/--deltag, lvcreate, lvremove, lvrename, lvextend,
+Locking: commands that change a VG's metadata (vgcreate, vgextend, vgremove,
+pvresize, vgchange --addtag/--deltag, lvcreate, lvremove, lvrename, lvextend,
 lvchange --addtag/--deltag) hold an `asyncio.Lock` for that VG name, one
 lock per VG per LVM object: concurrent changes to one VG run one after the
 other, changes to different VGs run in parallel. Activation, refresh and
@@ -493,6 +493,17 @@ class LVM:
         for tag in _tags(tags, "tags"):
             args += ["--addtag", tag]
         await self._change(vg, "vgcreate", [*args, vg, *devs])
+
+    async def vgextend(self, vg: str, devices: Sequence[str]) -> None:
+        """Add PVs (pvcreate'd, in this object's filter) to `vg`."""
+        check_name(vg, "vg_name")
+        await self._change(vg, "vgextend", [vg, *self._known_devices(devices)])
+
+    async def pvresize(self, vg: str, device: str) -> None:
+        """Make a PV of `vg` take its device's size (the LUN grew); online,
+        under `vg`'s lock: it changes the VG's metadata."""
+        check_name(vg, "vg_name")
+        await self._change(vg, "pvresize", self._known_devices([device]))
 
     async def vgremove(self, vg: str) -> None:
         """Remove `vg` and all its LVs (they must be inactive)."""

@@ -12,12 +12,37 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import MISSING, dataclass, field, fields
+from enum import StrEnum
 from typing import Any, ClassVar, TypeVar
 
 BLANK_UUID = "00000000-0000-0000-0000-000000000000"
 
+
+
+class VolumeFormat(StrEnum):
+    """A volume's format as stored (VDSM's spelling, the value), as the API
+    spells it (`wire`) and as qemu names it (`qemu`). Equal to its stored
+    string, so metadata keeps plain strings."""
+
+    RAW = "RAW"
+    COW = "COW"
+
+    @classmethod
+    def of(cls, name: str) -> VolumeFormat:
+        """The format of a stored ("COW") or API ("cow") name."""
+        return cls(name.upper())
+
+    @property
+    def wire(self) -> str:
+        return self.value.lower()
+
+    @property
+    def qemu(self) -> str:
+        return "qcow2" if self is VolumeFormat.COW else "raw"
+
+
 # Volume enums as stored (VDSM's spelling) and as the API spells them.
-FORMATS = {"raw": "RAW", "cow": "COW"}
+FORMATS = {f.wire: f.value for f in VolumeFormat}
 ALLOCATIONS = {"sparse": "SPARSE", "preallocated": "PREALLOCATED"}
 LEGAL, ILLEGAL = "LEGAL", "ILLEGAL"
 LEAF, INTERNAL, SHARED = "LEAF", "INTERNAL", "SHARED"
@@ -143,12 +168,15 @@ class DomainMetadata(_Record):
     # volume's disk type (anyone may set that), says which volume it is.
     ovf_image: str = ""
     ovf_volume: str = ""
+    # Block domains: the VG's PVs, "<device>:<pv uuid>" comma separated
+    # (VDSM's PV mapping): which LUNs a host must see to have the whole domain.
+    pvs: str = ""
 
     KEYS: ClassVar[dict[str, str]] = {
         "uuid": "SDUUID", "name": "DESCRIPTION", "dom_type": "TYPE", "dom_class": "CLASS",
         "version": "VERSION", "backup": "BACKUP", "lock_policy": "LOCKPOLICY",
         "block_size": "BLOCK_SIZE", "alignment": "ALIGNMENT", "created": "CTIME",
-        "ovf_image": "OVF_IMAGE", "ovf_volume": "OVF_VOLUME",
+        "ovf_image": "OVF_IMAGE", "ovf_volume": "OVF_VOLUME", "pvs": "PVS",
     }
 
 

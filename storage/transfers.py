@@ -17,8 +17,10 @@ checked what was written (`qemu-img info` under resource limits, the format
 and backing file the metadata records, the virtual size, `qemu-img check`);
 then LEGAL with a new generation, in one metadata write under the lease.
 cancelTransfer removes an upload's volume. A crash leaves no lease (it dies
-with the process) and nothing recorded as prepared; an upload's volume stays
-ILLEGAL.
+with the process) and nothing recorded as prepared; each transfer is a job
+(agent/transferjobs.py) whose record is on disk before the volume changes,
+and its recovery at the next start (recover) deactivates what the transfer
+had active and removes an upload left ILLEGAL.
 """
 
 from __future__ import annotations
@@ -27,18 +29,20 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import secrets
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from storage import commands, qemuimg
-from storage.domains import Domain, DomainManager
+from storage.domains import Domain
+from storage.domains.volumes import VolumeOps
 from storage.errors import (
     HostAgentError,
     ImageVerificationError,
@@ -48,7 +52,7 @@ from storage.errors import (
     VolumeImageHasChildren,
     VolumeIsBusy,
 )
-from storage.metadata import ILLEGAL, LEGAL, READY, VolumeMetadata
+from storage.metadata import ILLEGAL, LEGAL, READY, VolumeFormat, VolumeMetadata
 from storage.nbd import NbdError
 from storage.nbdclient import NbdClient
 
@@ -60,7 +64,28 @@ PROGRESS_INTERVAL = 1.0   # s between transfer.progress notifications of one tra
 KEEP_CLOSED = 3600.0      # s a closed transfer stays visible to getTransfer
 # connections one qemu-nbd serves at once: the data listener's, plus extents
 NBD_CLIENTS = 20
-DEFAULT_TTL = 24 * 3600.0
+# a backing file name in another image of the domain: ../<image uuid>/<volume uuid>
+TEMPLATE_BACKING = re.compile(r"\.\./[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
+                              r"[0-9a-f]{12}/[0-9a-f-]{36}")
+
+
+@dataclass(frozen=True)
+class TicketLimits:
+    """A ticket's lifetime, and its inactivity timeout: the default and the
+    most a startTransfer may ask (the agent's [transfers] settings)."""
+
+    ticket_lifetime: float = 24 * 3600.0
+    inactivity_timeout: float = 60.0
+    max_inactivity_timeout: float = 24 * 3600.0
+
+    def inactivity(self, asked: float | None) -> float:
+        if asked is None:
+            return self.inactivity_timeout
+        if asked > self.max_inactivity_timeout:
+            raise InvalidParameter(field="inactivityTimeout",
+                                   reason=f"more than {self.max_inactivity_timeout:g} s "
+                                          "(transfers.max_inactivity_timeout)")
+        return asked
 
 
 @dataclass(eq=False)
@@ -94,6 +119,10 @@ class Transfer:
     opened: bool = False      # transfer.state "open" was published
     notified: float = 0.0     # monotonic time of the last notification
     _extents: list[dict[str, Any]] | None = None
+    # percent done, for the transfer's job (set by its job's work)
+    on_progress: Callable[[float], None] | None = None
+    # set when the transfer's life is over (closed, volume released)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
 
@@ -106,34 +135,43 @@ class Transfer:
                                "format": self.format, "sdUUID": self.sd, "imgUUID": self.img,
                                "volUUID": self.vol, "state": self.state,
                                "active": self.state == "open", "transferred": self.transferred,
-                               "expires": self.expires}
+                               "expires": self.expires, "inactivityTimeout": self.inactivity}
         if self.error is not None:
             out["error"] = {"code": self.error.code, "message": self.error.message}
         return out
 
 
 class TransferService:
-    def __init__(self, domains: DomainManager, *,
+    def __init__(self, volumes: VolumeOps, *,
                  publish: Callable[[str, dict[str, Any]], None] | None = None,
                  count_bytes: Callable[[str, int], None] | None = None,
-                 ttl: float = DEFAULT_TTL, runner: commands.Runner = commands.run) -> None:
+                 limits: TicketLimits | None = None,
+                 runner: commands.Runner = commands.run) -> None:
         """publish(method, params): a notification; count_bytes(direction, n):
         the metric (both wired by agent.context)."""
-        self.domains = domains
+        self.volumes = volumes
+        self.domains = volumes.registry
+        self.prepared = volumes.prepared
         self.publish = publish
         self.count_bytes = count_bytes
-        self.ttl = ttl
+        self.limits = limits or TicketLimits()
         self.runner = runner
         self.transfers: dict[str, Transfer] = {}
         self.tickets: dict[str, Transfer] = {}     # by ticket, while open
+        # track(t): make t a job whose record is on disk before the volume
+        # changes (agent/transferjobs.py sets it), so a crash is recovered
+        self.track: Callable[[Transfer], Awaitable[None]] | None = None
         # The port of the data listener once it listens (set by the edge).
         self.data_port: int | None = None
 
     # ---- verbs ---------------------------------------------------------------------------
 
     async def start(self, sd: str, img: str, vol: str, direction: str, fmt: str,
-                    dirty: str | None, inactivity: float) -> Transfer:
+                    dirty: str | None, inactivity: float | None) -> Transfer:
+        """inactivity: seconds without a request before the ticket closes
+        (None: the configured default)."""
         self._prune()
+        inactivity = self.limits.inactivity(inactivity)
         if dirty is not None:
             commands.check_arg(dirty, "dirty")
             if fmt != "raw":
@@ -146,7 +184,7 @@ class TransferService:
                 raise VolumeIsBusy(resource=f"volume {vol}",
                                    reason=f"transfer {t.id} is open on it")
         if direction == "upload":
-            if self.domains.is_prepared(sd, img):
+            if self.prepared.is_prepared(sd, img):
                 # a VM (or a reader) has the image: writing under it corrupts what it reads
                 raise VolumeIsBusy(resource=f"image {img}", reason="it is prepared")
             if await domain.children(md):
@@ -165,14 +203,20 @@ class TransferService:
                                            reason=f"volume {m.uuid} of the chain is not LEGAL")
         t = Transfer(id=str(uuid.uuid4()), ticket=secrets.token_urlsafe(24), sd=sd, img=img,
                      vol=vol, direction=direction, format=fmt, dirty=dirty, inactivity=inactivity,
-                     expires=time.time() + self.ttl, domain=domain, md=md)
+                     expires=time.time() + self.limits.ticket_lifetime, domain=domain,
+                     md=md)
         self.transfers[t.id] = t
         self.tickets[t.ticket] = t
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        t._task = asyncio.create_task(self._life(t, ready), name=f"transfer-{t.id}")
         try:
+            if self.track is not None:
+                await self.track(t)
+            t._task = asyncio.create_task(self._life(t, ready), name=f"transfer-{t.id}")
+            t._task.add_done_callback(lambda _: t.closed.set())
             await asyncio.shield(ready)
         except BaseException:
+            if t._task is None:
+                t.closed.set()
             del self.transfers[t.id]
             del self.tickets[t.ticket]
             raise
@@ -223,14 +267,40 @@ class TransferService:
         return t.info()
 
     async def stop(self) -> None:
-        """Agent shutdown: every open transfer is closed (uploads stay ILLEGAL)."""
+        """Agent shutdown: every open transfer is closed, an upload's volume
+        removed as cancelTransfer would (its ticket ends with the agent:
+        nobody can finish it; after a crash, recover does the same)."""
         for t in list(self.transfers.values()):
             if t.state == "open":
-                t.state = "expired"
+                t.state = "cancelling" if t.writable else "expired"
                 t.error = TransferTicketError(reason="the agent stopped")
                 t._wake.set()
         await asyncio.gather(*(t._task for t in self.transfers.values() if t._task),
                              return_exceptions=True)
+
+    async def recover(self, params: dict[str, Any]) -> None:
+        """After a crash, what a transfer that never closed left: its chain's
+        LVs (block) that the dead agent had active and nothing prepared
+        uses are deactivated, as its close would have; an upload is removed,
+        as cancelTransfer would (its ticket died with the agent, so nobody
+        can finish it); a volume it had made LEGAL is kept."""
+        sd, img, vol = str(params["sdUUID"]), str(params["imgUUID"]), str(params["volUUID"])
+        try:
+            domain = await self.domains.active_domain(sd)
+            chain = await domain.chain(img, vol)
+            # one use and its release: LVs that only the transfer used go
+            async with self.volumes.prepared.using(domain, chain):
+                pass
+        except HostAgentError as e:
+            log.warning("Interrupted transfer of %s/%s/%s: %s", sd, img, vol, e.message)
+            return
+        if params.get("direction") != "upload" or chain[-1].legality != ILLEGAL:
+            return
+        log.warning("Removing volume %s/%s/%s of an interrupted upload", sd, img, vol)
+        try:
+            await self.volumes.delete_volume(sd, img, vol)
+        except HostAgentError as e:
+            log.error("Cannot remove %s/%s/%s: %s", sd, img, vol, e.message)
 
     def _prune(self) -> None:
         now = time.monotonic()
@@ -272,17 +342,25 @@ class TransferService:
         t._wake.set()
         if transferred and self.count_bytes is not None:
             self.count_bytes(t.direction, transferred)
+        if transferred and t.on_progress is not None and t.size:
+            # bytes moved over the volume's size: a sparse upload sends less,
+            # a client reading twice more; 100 only once finalized
+            t.on_progress(min(99.0, t.transferred * 100 / t.size))
         if transferred and t.last_activity - t.notified >= PROGRESS_INTERVAL:
             self._publish(t)
 
     async def extents(self, t: Transfer, context: str) -> list[dict[str, Any]]:
         """imageio's extents: zero ({start, length, zero, hole}) or dirty
-        ({start, length, dirty, zero})."""
+        ({start, length, dirty, zero}). A dirty extent's zero is the guest's
+        view there, as imageio's nbd backend reports it (the dirty bitmap
+        over base:allocation): its client zeroes a dirty zero area instead of
+        reading it."""
         if context == "dirty":
             if t.dirty is None:
                 raise InvalidParameter(field="context",
                                        reason="the transfer was started without dirty")
-            return await self._map(t, dirty=True)
+            dirty = await self._map(t, dirty=True)
+            return _merge(_overlay(dirty, await self.extents(t, "zero")), "dirty")
         if t._extents is not None:
             return t._extents
         out = await self._map(t, dirty=False)
@@ -327,7 +405,7 @@ class TransferService:
             return
         try:
             chain = await domain.chain(t.img, t.vol)
-            async with self.domains.using(domain, chain):
+            async with self.prepared.using(domain, chain):
                 if t.writable:
                     md = replace(await domain.volume(t.img, t.vol), legality=ILLEGAL)
                     await domain.write_volume_md(md)
@@ -466,7 +544,7 @@ class TransferService:
         says (format, backing file, size) and not corrupt."""
         domain = t.domain
         path = domain.volume_path(t.img, t.vol)
-        fmt = "qcow2" if md.format == "COW" else "raw"
+        fmt = VolumeFormat.of(md.format).qemu
         try:
             [info] = await qemuimg.info(path, fmt=fmt)
         except qemuimg.QemuImgError as e:
@@ -480,10 +558,12 @@ class TransferService:
                                                 f"volume's capacity {md.capacity}")
         backing = info.backing_filename
         expected = md.parent if md.has_parent else None
-        # the names the domains write: the parent's id, or ../image/id (a template)
+        # the names the domains write: the parent's id, or ../<image>/<id> (a
+        # template's volume in its own image); nothing else reaches out of the
+        # image's directory (../../<id> is out of the domain's images)
         if not (backing == expected or (
                 expected is not None and backing is not None
-                and backing.startswith("../") and backing.count("/") == 2
+                and TEMPLATE_BACKING.fullmatch(backing) is not None
                 and backing.endswith(f"/{expected}"))):
             raise ImageVerificationError(volUUID=t.vol,
                                          reason=f"backing file {backing!r}, the metadata "
@@ -505,12 +585,35 @@ class TransferService:
 
     async def _remove_upload(self, t: Transfer) -> None:
         try:
-            await self.domains.delete_volume(t.sd, t.img, t.vol)
+            await self.volumes.delete_volume(t.sd, t.img, t.vol)
         except HostAgentError as e:
             log.warning("Transfer %s: cannot remove volume %s: %s", t.id, t.vol,
                         e.message)
             t.error = e
             raise
+
+
+def _overlay(dirty: list[dict[str, Any]], zero: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Dirty extents cut where the zero extents change, each with the zero
+    flag of the area it covers (both lists cover the image from 0, sorted)."""
+    out: list[dict[str, Any]] = []
+    zi = 0
+    for d in dirty:
+        pos, end = d["start"], d["start"] + d["length"]
+        while pos < end:
+            while zi < len(zero) and zero[zi]["start"] + zero[zi]["length"] <= pos:
+                zi += 1
+            if zi == len(zero):     # past the zero map (not expected): data
+                stop, is_zero = end, False
+            elif zero[zi]["start"] > pos:    # a gap in the zero map: data
+                stop, is_zero = min(end, zero[zi]["start"]), False
+            else:
+                z = zero[zi]
+                stop, is_zero = min(end, z["start"] + z["length"]), bool(z["zero"])
+            out.append({"start": pos, "length": stop - pos, "dirty": d["dirty"],
+                        "zero": is_zero})
+            pos = stop
+    return out
 
 
 def _merge(extents: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:

@@ -246,6 +246,22 @@ async def scan_host(host: str, *, timeout: float, sysfs: Path = SYSFS) -> None:
                                      f"{timeout:g} s") from None
 
 
+_DISK = re.compile(r"sd[a-z]+")
+
+
+async def rescan_disk(name: str, *, timeout: float, sysfs: Path = SYSFS) -> None:
+    """Make the kernel read a SCSI disk's capacity again ("1" to its
+    device/rescan): a LUN the array grew shows its new size. The write
+    returns when the disk answered."""
+    if not _DISK.fullmatch(name):
+        raise InvalidParameter(field="disk", reason=f"{name!r} is not a SCSI disk name")
+    try:
+        await _write_in_own_thread(sysfs / "block" / name / "device" / "rescan", "1", timeout)
+    except TimeoutError:
+        raise ResourceTimeout(reason=f"rescan of SCSI disk {name} did not finish within "
+                                     f"{timeout:g} s") from None
+
+
 def scsi_hosts(sysfs: Path = SYSFS, kind: str = "scsi_host") -> list[str]:
     """Names of SCSI hosts (kind 'scsi_host'), or of FC hosts ('fc_host')."""
     try:

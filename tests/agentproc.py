@@ -59,6 +59,8 @@ class AgentProcess:
                 *self.extra_args]
 
     def start(self, timeout: float = 30.0) -> AgentProcess:
+        # a restart waits for this process's READY=1, not the last one's
+        self.notifications = []
         self._sock_dir = tempfile.mkdtemp(prefix="notify-")
         path = os.path.join(self._sock_dir, "notify.sock")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -51,16 +51,22 @@ async def discover_send_targets(agent: Agent, connection: str, port: int, user: 
 @TABLE.verb("getDeviceList", "The LUNs this host sees through multipath, with their paths "
             "and paths' states, the iSCSI sessions behind them, their LVM PV/VG and whether "
             "they are free. checkStatus also probes each LUN for data signatures and "
-            "exclusive users (slower).",
+            "exclusive users (slower). refresh first rescans every iSCSI session and FC "
+            "host and each multipath path, and resizes the maps whose LUN grew: new LUNs "
+            "and new capacities are listed.",
             [Field("guids", List(GUID, max_items=4096), required=False,
                    description="Only these LUNs (multipath WWIDs)"),
-             Field("checkStatus", Bool(), required=False, default=False)],
+             Field("checkStatus", Bool(), required=False, default=False),
+             Field("refresh", Bool(), required=False, default=False,
+                   description="Rescan iSCSI sessions, FC hosts and multipath maps first")],
             result={"type": "array", "items": {
                 "type": "object",
                 "required": ["guid", "capacity", "vendorID", "productID", "serial", "pathlist",
                              "pathstatus", "pvUUID", "vgUUID", "status"]}},
             tags=["devices"])
 async def get_device_list(agent: Agent, guids: list[str] | None,
-                          checkStatus: bool) -> list[dict[str, Any]]:
-    return await devices.device_list(guids, checkStatus,
-                                     timeout=agent.config.storage.command_timeout)
+                          checkStatus: bool, refresh: bool) -> list[dict[str, Any]]:
+    timeout = agent.config.storage.command_timeout
+    if refresh:
+        await devices.refresh(timeout=timeout)
+    return await devices.device_list(guids, checkStatus, timeout=timeout)

@@ -79,6 +79,34 @@ async def set_storage_domain_backup(agent: Agent, sdUUID: str,
     return await agent.domains.set_backup(sdUUID, backup)
 
 
+STATS = {"type": "object", "required": ["capacity", "free", "used", "volumes"]}
+
+
+@TABLE.verb("extendStorageDomain", "Add LUNs (multipath WWIDs from getDeviceList, connected "
+            "on this host) to an active block domain's volume group, under the domain lease; "
+            "the domain metadata lists its PVs (PVS). A LUN already in the domain is skipped "
+            "(idempotent); one in another volume group, holding data or in use is refused "
+            "(601), one this host does not see is 606, one of another sector size 517. "
+            "Returns the domain's space afterwards.",
+            [SD_UUID, Field("devices", List(GUID, min_items=1, max_items=64),
+                            description="LUN GUIDs from getDeviceList")],
+            result=STATS, tags=["domains"])
+async def extend_storage_domain(agent: Agent, sdUUID: str,
+                                devices: list[str]) -> dict[str, Any]:
+    return await agent.domains.extend_domain(sdUUID, devices)
+
+
+@TABLE.verb("resizePV", "Use the new size of a LUN of an active block domain that the "
+            "storage grew: its paths are rescanned, its multipath map resized "
+            "(multipathd resize map) and its PV resized (pvresize), online: prepared volumes "
+            "go on. Returns the domain's space afterwards and the PV's new size (size). "
+            "A LUN that is not a PV of the domain is 615.",
+            [SD_UUID, Field("guid", GUID, description="The LUN's GUID (multipath WWID)")],
+            result={**STATS, "required": [*STATS["required"], "size"]}, tags=["domains"])
+async def resize_pv(agent: Agent, sdUUID: str, guid: str) -> dict[str, Any]:
+    return await agent.domains.resize_pv(sdUUID, guid)
+
+
 @TABLE.verb("formatStorageDomain", "Remove a domain and everything on it; refused while "
             "volumes are prepared.", [SD_UUID], result={"type": "object"}, tags=["domains"])
 async def format_storage_domain(agent: Agent, sdUUID: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@ hibernation volumes. Each is a job."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from agent.context import Agent
@@ -21,7 +22,8 @@ from rpc.schema import (
 )
 from rpc.table import TABLE
 from rpc.verbs.common import IMG_UUID, JOB_RESULT, JOB_UUID, SD_UUID, VOL_UUID
-from rpc.verbs.volumes import SIZE
+from rpc.verbs.volumes import GENERATION, SIZE
+from storage.domains import merge
 from storage.domains.imageops import VolRef
 from storage.errors import HostAgentError
 
@@ -54,7 +56,7 @@ async def copy_image(agent: Agent, jobUUID: str, src: dict[str, str], dst: dict[
     s, d = VolRef.of(src), VolRef.of(dst)
 
     async def work(ctx: JobContext) -> dict[str, Any]:
-        return await agent.domains.images.copy(s, d, format, preallocate, collapse,
+        return await agent.images.copy(s, d, format, preallocate, collapse,
                                                ctx.progress)
 
     job = await agent.jobs.submit_recorded(
@@ -80,12 +82,12 @@ async def move_image(agent: Agent, jobUUID: str, sdUUID: str, imgUUID: str,
     # (read now, for the recovery of an interrupted move; the move reads
     # them again under its locks).
     try:
-        vols = await agent.domains.volumes_list(sdUUID, imgUUID)
+        vols = await agent.volumes.volumes_list(sdUUID, imgUUID)
     except HostAgentError:   # the job reports the real error
         vols = []
 
     async def work(ctx: JobContext) -> None:
-        await agent.domains.images.move(sdUUID, imgUUID, dstSdUUID, ctx.progress)
+        await agent.images.move(sdUUID, imgUUID, dstSdUUID, ctx.progress)
 
     job = await agent.jobs.submit_recorded(
         jobUUID, "moveImage", work,
@@ -102,7 +104,10 @@ SNAPSHOT_DISK = Object([SD_UUID, IMG_UUID, VOL_UUID, Field("newVolUUID", UUID())
                         Field("switch", Enum(["caller"]), required=False,
                               description="For a disk prepared for a VM: the caller "
                                           "switches its VM onto the new layer itself "
-                                          "(without it such a disk is refused with 203)")])
+                                          "(without it, the agent switches a writer "
+                                          "registered by prepareImage in one QMP "
+                                          "transaction, and refuses a disk with none "
+                                          "with 203)")])
 
 
 def _check_snapshot(values: dict[str, Any], path: str) -> None:
@@ -125,7 +130,7 @@ def _check_snapshot(values: dict[str, Any], path: str) -> None:
 async def snapshot_images(agent: Agent, jobUUID: str,
                           disks: list[dict[str, Any]]) -> dict[str, Any]:
     async def work(ctx: JobContext) -> list[dict[str, Any]]:
-        return await agent.domains.images.snapshot(disks, ctx.progress)
+        return await agent.images.snapshot(disks, ctx.progress)
 
     job = await agent.jobs.submit_recorded(
         jobUUID, "snapshotImages", work,
@@ -155,7 +160,7 @@ def _check_hibernation(values: dict[str, Any], path: str) -> None:
 async def create_hibernation_volumes(agent: Agent, jobUUID: str, memory: dict[str, Any],
                                      disks: list[dict[str, Any]]) -> dict[str, Any]:
     async def work(ctx: JobContext) -> dict[str, Any]:
-        return await agent.domains.images.hibernation(memory, disks, ctx.progress)
+        return await agent.images.hibernation(memory, disks, ctx.progress)
 
     job = await agent.jobs.submit_recorded(
         jobUUID, "createHibernationVolumes", work,
@@ -210,7 +215,7 @@ async def backup_volume(agent: Agent, jobUUID: str, src: Any, dst: Any, keepSnap
              for s, d, i in _pairs({"src": src, "dst": dst, "incrementalFrom": incrementalFrom})]
 
     async def work(ctx: JobContext) -> Any:
-        out = await agent.domains.images.backup(items, keepSnapshot, ctx.progress)
+        out = await agent.images.backup(items, keepSnapshot, ctx.progress)
         return out if isinstance(src, list) else out[0]
 
     job = await agent.jobs.submit_recorded(
@@ -220,4 +225,32 @@ async def backup_volume(agent: Agent, jobUUID: str, src: Any, dst: Any, keepSnap
                             for _, d, _ in items],
                 "sources": [{"sdUUID": s.sd, "imgUUID": s.img, "volUUID": s.vol}
                             for s, _, _ in items]})
+    return {"jobUUID": job.job_uuid}
+
+
+@TABLE.verb("mergeSnapshots", "Delete the snapshot layer topVolUUID of a disk no VM writes (a "
+            "job, cold merge as VDSM's): its data is committed into its parent baseVolUUID, "
+            "its child (if any) layered on baseVolUUID, and topVolUUID removed; every "
+            "remaining volume reads as before and dirty bitmaps are kept. Refused (203) "
+            "while the image is prepared (for a VM: a live merge is the VM side's).",
+            [JOB_UUID, SD_UUID, IMG_UUID,
+             Field("baseVolUUID", UUID(), description="The parent of topVolUUID"),
+             Field("topVolUUID", UUID(), description="The layer that goes"),
+             replace(GENERATION, description="baseVolUUID's generation as the caller last "
+                     "saw it: if it is no longer that, 911 and nothing changes")],
+            result=JOB_RESULT, job=True, tags=["images"])
+async def merge_snapshots(agent: Agent, jobUUID: str, sdUUID: str, imgUUID: str,
+                          baseVolUUID: str, topVolUUID: str,
+                          generation: int | None) -> dict[str, Any]:
+    if baseVolUUID == topVolUUID:
+        raise InvalidParams("topVolUUID", "the same volume as baseVolUUID")
+
+    async def work(ctx: JobContext) -> dict[str, Any]:
+        return await merge.merge_snapshots(agent.images, sdUUID, imgUUID, baseVolUUID,
+                                           topVolUUID, ctx.progress, generation)
+
+    job = await agent.jobs.submit_recorded(
+        jobUUID, "mergeSnapshots", work, description=f"merge {topVolUUID} into {baseVolUUID}",
+        params={"sdUUID": sdUUID, "imgUUID": imgUUID, "baseVolUUID": baseVolUUID,
+                "topVolUUID": topVolUUID})
     return {"jobUUID": job.job_uuid}

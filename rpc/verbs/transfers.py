@@ -23,21 +23,26 @@ TRANSFER_INFO = {"type": "object", "required": [
             "credential. The volume is leased and kept active until the transfer closes. "
             "format raw (default): the guest's view through qemu-nbd; qcow2: a cow volume's "
             "file as it is. An upload's volume (a leaf) is ILLEGAL until finalizeTransfer "
-            "checked it. dirty: a bitmap whose changes /extents?context=dirty reports.",
+            "checked it. dirty: a bitmap whose changes /extents?context=dirty reports. The "
+            "transfer is also a job (type transfer, jobUUID = transferId): getJobs, "
+            "job.status, abortJob.",
             [SD_UUID, IMG_UUID, VOL_UUID,
              Field("direction", Enum(["upload", "download"])),
              Field("format", Enum(["raw", "qcow2"]), required=False, default="raw"),
              Field("dirty", Str(max_len=1000, pattern=r"[A-Za-z0-9_.:-]+",
                                 pattern_doc="a bitmap name"), required=False),
-             Field("inactivityTimeout", Number(1, 86400), required=False, default=60,
-                   description="Seconds without a request before the ticket closes")],
+             Field("inactivityTimeout", Number(1, 86400), required=False,
+                   description="Seconds without a request before the ticket closes "
+                               "(default: the agent's transfers.inactivity_timeout, 60; "
+                               "at most transfers.max_inactivity_timeout)")],
             result={"type": "object", "required": ["transferId", "url", "expires"]},
             tags=["transfers"])
 async def start_transfer(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,
                          direction: str, format: str, dirty: str | None,
-                         inactivityTimeout: float) -> dict[str, Any]:
+                         inactivityTimeout: float | None) -> dict[str, Any]:
     t = await agent.transfers.start(sdUUID, imgUUID, volUUID, direction, format, dirty,
-                                    float(inactivityTimeout))
+                                    None if inactivityTimeout is None
+                                    else float(inactivityTimeout))
     scheme = "https" if agent.config.server.tls else "http"
     port = agent.transfers.data_port or agent.config.ovf.data_port
     return {"transferId": t.id, "expires": t.expires, "size": t.size,

@@ -64,7 +64,7 @@ async def create_volume(agent: Agent, jobUUID: str, sdUUID: str, imgUUID: str, v
                       description=description, disk_type=diskType, initial_size=initialSize)
 
     async def work(ctx: JobContext) -> dict[str, Any]:
-        return await agent.domains.create_volume(sdUUID, spec, ctx.progress)
+        return await agent.volumes.create_volume(sdUUID, spec, ctx.progress)
 
     job = await agent.jobs.submit_recorded(
         jobUUID, "createVolume", work,
@@ -77,20 +77,20 @@ async def create_volume(agent: Agent, jobUUID: str, sdUUID: str, imgUUID: str, v
             result=VOLUME_INFO, tags=["volumes"])
 async def get_volume_info(agent: Agent, sdUUID: str, imgUUID: str,
                           volUUID: str) -> dict[str, Any]:
-    return await agent.domains.volume_info(sdUUID, imgUUID, volUUID)
+    return await agent.volumes.volume_info(sdUUID, imgUUID, volUUID)
 
 
 @TABLE.verb("getVolumesList", "Volumes of a domain, or of one image.",
             [SD_UUID, Field("imgUUID", UUID(), required=False)],
             result={"type": "array", "items": {"type": "string"}}, tags=["volumes"])
 async def get_volumes_list(agent: Agent, sdUUID: str, imgUUID: str | None) -> list[str]:
-    return await agent.domains.volumes_list(sdUUID, imgUUID)
+    return await agent.volumes.volumes_list(sdUUID, imgUUID)
 
 
 @TABLE.verb("getImagesList", "Images of a domain.", [SD_UUID],
             result={"type": "array", "items": {"type": "string"}}, tags=["volumes"])
 async def get_images_list(agent: Agent, sdUUID: str) -> list[str]:
-    return await agent.domains.images_list(sdUUID)
+    return await agent.volumes.images_list(sdUUID)
 
 
 @TABLE.verb("extendVolumeSize", "Grow a volume's virtual size.",
@@ -98,7 +98,7 @@ async def get_images_list(agent: Agent, sdUUID: str) -> list[str]:
             result=VOLUME_INFO, tags=["volumes"])
 async def extend_volume_size(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,
                              newSize: int, generation: int | None) -> dict[str, Any]:
-    return await agent.domains.extend_volume(sdUUID, imgUUID, volUUID, newSize, generation)
+    return await agent.volumes.extend_volume(sdUUID, imgUUID, volUUID, newSize, generation)
 
 
 # VDSM's limit (storage/constants.py DESCRIPTION_SIZE): the description must
@@ -129,7 +129,7 @@ def _check_update(values: dict[str, Any], path: str) -> None:
 async def update_volume(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,
                         description: str | None, legality: str | None,
                         generation: int | None) -> dict[str, Any]:
-    return await agent.domains.update_volume(sdUUID, imgUUID, volUUID, description=description,
+    return await agent.volumes.update_volume(sdUUID, imgUUID, volUUID, description=description,
                                              legality=legality, generation=generation)
 
 
@@ -148,7 +148,7 @@ async def update_volume(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,
             tags=["volumes"])
 async def measure_volume(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str, format: str,
                          collapse: bool) -> dict[str, Any]:
-    return dict(await agent.domains.measure_volume(sdUUID, imgUUID, volUUID, format,
+    return dict(await agent.volumes.measure_volume(sdUUID, imgUUID, volUUID, format,
                                                    collapse))
 
 
@@ -168,7 +168,7 @@ async def measure_volume(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str, 
             tags=["volumes"])
 async def extend_volume(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str, minSize: int,
                         generation: int | None) -> dict[str, Any]:
-    return await agent.domains.extend_allocation(sdUUID, imgUUID, volUUID, minSize,
+    return await agent.volumes.extend_allocation(sdUUID, imgUUID, volUUID, minSize,
                                                  generation)
 
 
@@ -178,7 +178,7 @@ async def extend_volume(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str, m
             result={"type": "object", "required": ["size"]}, tags=["volumes"])
 async def refresh_volume(agent: Agent, sdUUID: str, imgUUID: str,
                          volUUID: str) -> dict[str, Any]:
-    return await agent.domains.refresh_volume(sdUUID, imgUUID, volUUID)
+    return await agent.volumes.refresh_volume(sdUUID, imgUUID, volUUID)
 
 
 @TABLE.verb("reduceVolume", "Shrink a sparse cow volume's LV on a block domain to what it "
@@ -190,7 +190,7 @@ async def refresh_volume(agent: Agent, sdUUID: str, imgUUID: str,
 async def reduce_volume(agent: Agent, jobUUID: str, sdUUID: str, imgUUID: str, volUUID: str,
                         generation: int | None) -> dict[str, Any]:
     async def work(ctx: JobContext) -> dict[str, Any]:
-        return await agent.domains.reduce_volume(sdUUID, imgUUID, volUUID, generation)
+        return await agent.volumes.reduce_volume(sdUUID, imgUUID, volUUID, generation)
 
     job = await agent.jobs.submit_recorded(
         jobUUID, "reduceVolume", work, description=f"reduce volume {volUUID}",
@@ -198,26 +198,35 @@ async def reduce_volume(agent: Agent, jobUUID: str, sdUUID: str, imgUUID: str, v
     return {"jobUUID": job.job_uuid}
 
 
+WIPE = Field("wipe", Bool(), required=False, default=False,
+             description="Block domains: zero the volumes' extents before their LVs go "
+                         "(and discard them where the LUN takes discards); crash-safe: a "
+                         "volume tagged for wiping is zeroed by whoever removes it, also the "
+                         "garbage collection after a crash. File domains: ignored, as VDSM "
+                         "does (a file's blocks go back to the file system).")
+
+
 @TABLE.verb("deleteVolume", "Delete a volume that has no children and is not prepared.",
-            [SD_UUID, IMG_UUID, VOL_UUID, GENERATION], result={"type": "object"},
+            [SD_UUID, IMG_UUID, VOL_UUID, GENERATION, WIPE], result={"type": "object"},
             tags=["volumes"])
 async def delete_volume(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,
-                        generation: int | None) -> dict[str, Any]:
-    await agent.domains.delete_volume(sdUUID, imgUUID, volUUID, generation)
+                        generation: int | None, wipe: bool) -> dict[str, Any]:
+    await agent.volumes.delete_volume(sdUUID, imgUUID, volUUID, generation, wipe=wipe)
     return {}
 
 
 @TABLE.verb("deleteImage", "Delete an image and all its volumes (a job).",
-            [JOB_UUID, SD_UUID, IMG_UUID], result=JOB_RESULT, job=True, tags=["volumes"])
-async def delete_image(agent: Agent, jobUUID: str, sdUUID: str,
-                       imgUUID: str) -> dict[str, Any]:
+            [JOB_UUID, SD_UUID, IMG_UUID, WIPE], result=JOB_RESULT, job=True,
+            tags=["volumes"])
+async def delete_image(agent: Agent, jobUUID: str, sdUUID: str, imgUUID: str,
+                       wipe: bool) -> dict[str, Any]:
     async def work(ctx: JobContext) -> None:
-        await agent.domains.delete_image(sdUUID, imgUUID, ctx.progress)
+        await agent.volumes.delete_image(sdUUID, imgUUID, ctx.progress, wipe=wipe)
 
     job = await agent.jobs.submit_recorded(
         jobUUID, "deleteImage", work,
-        description=f"delete image {imgUUID}",
-        params={"sdUUID": sdUUID, "imgUUID": imgUUID})
+        description=f"delete image {imgUUID}" + (" (wipe)" if wipe else ""),
+        params={"sdUUID": sdUUID, "imgUUID": imgUUID, "wipe": wipe})
     return {"jobUUID": job.job_uuid}
 
 
@@ -236,7 +245,7 @@ async def delete_image(agent: Agent, jobUUID: str, sdUUID: str,
             result={"type": "object", "required": ["path", "chain"]}, tags=["volumes"])
 async def prepare_image(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,
                         purpose: str, writer: dict[str, str] | None) -> dict[str, Any]:
-    return await agent.domains.prepare(sdUUID, imgUUID, volUUID, purpose, writer)
+    return await agent.volumes.prepare(sdUUID, imgUUID, volUUID, purpose, writer)
 
 
 @TABLE.verb("teardownImage", "Undo one prepareImage of a volume (or of every prepared volume "
@@ -244,5 +253,5 @@ async def prepare_image(agent: Agent, sdUUID: str, imgUUID: str, volUUID: str,
             result={"type": "object"}, tags=["volumes"])
 async def teardown_image(agent: Agent, sdUUID: str, imgUUID: str,
                          volUUID: str | None) -> dict[str, Any]:
-    await agent.domains.teardown(sdUUID, imgUUID, volUUID)
+    await agent.volumes.teardown(sdUUID, imgUUID, volUUID)
     return {}

@@ -32,6 +32,7 @@ from storage.errors import (
     InvalidParameter,
     ResourceInUse,
     StorageServerConnectionError,
+    wire_error,
 )
 from storage.locks import LockManager, request
 
@@ -44,6 +45,14 @@ Release = Callable[[str], Awaitable[None]]
 
 async def _release_nothing(conn_id: str) -> None:
     return None
+
+
+def _status(params: dict[str, Any], error: Exception | None) -> dict[str, Any]:
+    """One connection's entry in a connect or disconnect answer."""
+    if error is None:
+        return {"id": params.get("id"), "status": 0, "message": "OK"}
+    wire = wire_error(error)
+    return {"id": params.get("id"), "status": wire["code"], "message": wire["message"]}
 
 
 class ConnectionManager:
@@ -84,7 +93,16 @@ class ConnectionManager:
         self.storage_root.mkdir(parents=True, exist_ok=True)
         for conn in self.store.load():
             self.conns[conn.id] = conn
-        await asyncio.gather(*(self._recover(c) for c in list(self.conns.values())))
+        conns = list(self.conns.values())
+        results = await asyncio.gather(*(self._recover(c) for c in conns),
+                                       return_exceptions=True)
+        for conn, r in zip(conns, results, strict=True):
+            if isinstance(r, BaseException):
+                if not isinstance(r, Exception):
+                    raise r
+                conn.state, conn.message = FAILED, "unexpected error, see the agent log"
+                log.error("Connection %s (%s) cannot be checked: unexpected error", conn.id,
+                          conn.type, exc_info=r)
 
     async def _recover(self, conn: Connection) -> None:
         backend = self._backend(conn.type)
@@ -112,13 +130,28 @@ class ConnectionManager:
 
     async def connect(self, dom_type: str, params_list: list[dict[str, Any]]
                       ) -> list[dict[str, Any]]:
-        return list(await asyncio.gather(*(self._one(self._connect_one, dom_type, p)
-                                           for p in params_list)))
+        return await self._each(self._connect_one, dom_type, params_list)
 
     async def disconnect(self, dom_type: str, params_list: list[dict[str, Any]]
                          ) -> list[dict[str, Any]]:
-        return list(await asyncio.gather(*(self._one(self._disconnect_one, dom_type, p)
-                                           for p in params_list)))
+        return await self._each(self._disconnect_one, dom_type, params_list)
+
+    async def _each(self, fn: Callable[[str, dict[str, Any]], Any], dom_type: str,
+                    params_list: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """fn on every connection at once, each answered on its own: an
+        unexpected error is that connection's status 100 (its traceback
+        logged), not the whole call's while the others go on unobserved."""
+        results = await asyncio.gather(*(self._one(fn, dom_type, p) for p in params_list),
+                                       return_exceptions=True)
+        out: list[dict[str, Any]] = []
+        for params, r in zip(params_list, results, strict=True):
+            if isinstance(r, BaseException):
+                if not isinstance(r, Exception):
+                    raise r          # cancelled: every other one has ended too
+                log.error("Connection %s: unexpected error", params.get("id"), exc_info=r)
+                r = _status(params, r)
+            out.append(r)
+        return out
 
     def list(self) -> list[dict[str, Any]]:
         return [c.public() for c in sorted(self.conns.values(), key=lambda c: c.id)]
@@ -208,8 +241,8 @@ class ConnectionManager:
         try:
             await fn(dom_type, params)
         except HostAgentError as e:
-            return {"id": params.get("id"), "status": e.code, "message": e.message}
-        return {"id": params.get("id"), "status": 0, "message": "OK"}
+            return _status(params, e)
+        return _status(params, None)
 
     def _check_duplicate(self, conn: Connection, key: str) -> None:
         path = self._backend(conn.type).local_path(conn)

@@ -1,11 +1,10 @@
 """What every storage domain offers, whatever holds it (a directory on a
 mount, an LVM volume group), and the volume flows built on it.
 
-The flows keep storage crash-safe: a volume is born ILLEGAL with state
-CREATING, its data is made, then LEGAL + READY + a new generation are
-written in one metadata write. Removal writes REMOVING first. Whatever a
-crash leaves CREATING or REMOVING is removed by `collect_garbage` at
-start-up and on activate; a volume is never LEGAL unless complete.
+The flows keep storage crash-safe: a volume is born ILLEGAL with state CREATING, its data
+is made, then LEGAL + READY + a new generation are written in one metadata write. Removal
+writes REMOVING first. Whatever a crash leaves CREATING or REMOVING is removed by
+`collect_garbage` at start-up and on activate; a volume is never LEGAL unless complete.
 
 Hosts sharing the domain meet in `self.leases` (leaseapi.py, leasing.py): a volume is
 allocated under the domain lease and made, written or removed under its
@@ -18,17 +17,27 @@ import abc
 import contextlib
 import errno
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
+from typing import Any, NoReturn
 
 from storage import commands, qemuimg
+
+# the shapes of volumes, here for the modules that import them from base
+from storage.domains.common import Fill as Fill
+from storage.domains.common import Progress as Progress
+from storage.domains.common import VmAccess as VmAccess
+from storage.domains.common import VolumeSpec as VolumeSpec
+from storage.domains.common import check_generation as check_generation
+from storage.domains.common import leaf_first as leaf_first
+from storage.domains.common import no_progress
+from storage.domains.common import os_error as os_error
+from storage.domains.common import read_check as read_check
+from storage.domains.common import volume_info as volume_info
+from storage.domains.holding import VolumeHolding
 from storage.domains.leaseapi import UNLEASED, Leases
 from storage.errors import (
     AcquireLockFailure,
     CreateIllegalVolumeSnapshotError,
-    FileStorageDomainStaleNFSHandle,
-    GenerationMismatch,
     HostAgentError,
     ImageDoesNotExistInSD,
     ImageIsNotLegalChain,
@@ -37,13 +46,13 @@ from storage.errors import (
     LeaseLost,
     NoSpaceLeftOnDomain,
     ResourceInUse,
-    StorageDomainAccessError,
     VolumeAlreadyExists,
     VolumeCreationError,
     VolumeDoesNotExist,
     VolumeImageHasChildren,
     VolumeMetadataReadError,
     VolumeResizeValueError,
+    out_of_space,
 )
 from storage.fileio import IOPool
 from storage.leases import BlockDomainLeases, FileDomainLeases, Resource
@@ -61,6 +70,7 @@ from storage.metadata import (
     SHARED,
     DomainMetadata,
     MetadataError,
+    VolumeFormat,
     VolumeMetadata,
 )
 from storage.thin import ThinPolicy
@@ -73,52 +83,22 @@ log = logging.getLogger("storage.domains")
 OVF_STORE_DISK_TYPE = "OVFS"
 OVF_STORE_DESCRIPTION = "OVF_STORE"
 
-Progress = Callable[[float], None]
-Fill = Callable[[VolumeMetadata], Awaitable[None]]
-
-
-def _no_progress(_: float) -> None:
-    pass
-
-
-@dataclass(frozen=True)
-class VmAccess:
-    """The group that opens prepared volumes besides root (qemu's), and the
-    mode their files get."""
-
-    gid: int
-    file_mode: int = 0o660
-
-
-@dataclass(frozen=True)
-class VolumeSpec:
-    img: str
-    vol: str
-    size: int
-    format: str             # raw, cow
-    preallocate: str        # sparse, preallocated
-    parent: str | None = None
-    description: str = ""
-    disk_type: str = "DATA"
-    initial_size: int | None = None
-
-
-class Domain(abc.ABC):
+class Domain(VolumeHolding, abc.ABC):
     """A storage domain as this host sees it."""
 
     def __init__(self, md: DomainMetadata, io: IOPool) -> None:
         self.md = md
         self.io = io
-        # set by the DomainManager to this host's leases on the domain
+        # set by the DomainRegistry to this host's leases on the domain
         self.leases: Leases = UNLEASED
         # Half-made volumes this host failed to remove (the storage failed):
-        # the DomainManager removes them once the domain answers again.
+        # the DomainMonitor removes them once the domain answers again.
         self.pending_discards: dict[str, VolumeMetadata] = {}
         # The domain metadata (self.md as read then) in which the OVF store
         # record was looked for, and an older domain's store recorded: no
         # record in it means no store.
         self._ovf_checked: DomainMetadata | None = None
-        # set by the DomainManager: how thin cow volumes are grown
+        # set by the DomainRegistry: how thin cow volumes are grown
         self.thin = ThinPolicy()
 
     @property
@@ -373,7 +353,7 @@ class Domain(abc.ABC):
 
     # ---- volume flows ------------------------------------------------------------
 
-    async def create_volume(self, spec: VolumeSpec, progress: Progress = _no_progress, *,
+    async def create_volume(self, spec: VolumeSpec, progress: Progress = no_progress, *,
                             fill: Fill | None = None, parent: VolumeMetadata | None = None,
                             commit: bool = True, chain: bool = True) -> VolumeMetadata:
         """Create a volume: metadata CREATING + ILLEGAL, its data, then (with
@@ -392,7 +372,7 @@ class Domain(abc.ABC):
         if parent is None and spec.parent and spec.parent != BLANK_UUID:
             # A retried create of a volume that exists is 212 whatever its
             # parent now looks like (it has a child: the volume itself).
-            if spec.vol in await self._all_volume_ids():
+            if spec.vol in await self.all_volume_ids():
                 raise await self._exists_error(spec.vol, spec.img)
             parent = await self._parent_for(spec)
         if parent is not None and spec.size < parent.capacity:
@@ -407,8 +387,29 @@ class Domain(abc.ABC):
                             capacity=spec.size, legality=ILLEGAL, generation=0,
                             description=spec.description, disk_type=spec.disk_type,
                             state=CREATING)
+        await self._allocate_volume(md, spec, parent, chain)
+        progress(2 if fill else 10)
+        try:
+            await self.create_volume_data(md, parent, spec.initial_size)
+            if fill is not None:
+                progress(5)
+                await fill(md)
+            progress(95 if fill else 90)
+            if commit:
+                md = await self.commit_volume(md, parent)
+        except BaseException as e:
+            await self._creation_failed(md, e)
+        if commit:
+            log.info("Created volume %s/%s/%s (%s, %s, %d bytes)", self.uuid, spec.img,
+                     spec.vol, spec.format, spec.preallocate, spec.size)
+        return md
+
+    async def _allocate_volume(self, md: VolumeMetadata, spec: VolumeSpec,
+                               parent: VolumeMetadata | None, chain: bool) -> None:
+        """The new volume's metadata (CREATING) and its lease, held, under the
+        domain lease; nothing of it is left if this fails."""
         async with self.leases.metadata():
-            if spec.vol in await self._all_volume_ids():
+            if spec.vol in await self.all_volume_ids():
                 raise await self._exists_error(spec.vol, spec.img)
             if chain:
                 # under the domain lease: another host adding to the image waits
@@ -422,7 +423,7 @@ class Domain(abc.ABC):
                 try:
                     await self.make_volume_lease(md)
                 except commands.CommandError as e:
-                    if "-28" in e.message or "No space" in e.message:
+                    if out_of_space(e):
                         raise NoSpaceLeftOnDomain(sdUUID=self.uuid) from None
                     raise VolumeCreationError(volUUID=spec.vol,
                                               reason=f"its lease: {e.message}") from None
@@ -441,59 +442,50 @@ class Domain(abc.ABC):
                                 spec.vol, self.uuid, de)
                     self.pending_discards[md.uuid] = md
                 raise
-        progress(2 if fill else 10)
+
+    async def _creation_failed(self, md: VolumeMetadata, e: BaseException) -> NoReturn:
+        """A volume whose data could not be made (error or cancellation `e`):
+        its lease ended, the half-made volume removed (or left for removal),
+        and the error to report raised."""
+        # End the volume's lease first: LeaseLost if it was lost under the
+        # work (then `e` is the cancellation that stopped it).
+        lost = e if isinstance(e, LeaseLost) else None
         try:
-            await self.create_volume_data(md, parent, spec.initial_size)
-            if fill is not None:
-                progress(5)
-                await fill(md)
-            progress(95 if fill else 90)
-            if commit:
-                md = await self.commit_volume(md, parent)
-        except BaseException as e:
-            # End the volume's lease first: LeaseLost if it was lost under the
-            # work (then `e` is the cancellation that stopped it).
-            lost = e if isinstance(e, LeaseLost) else None
-            try:
-                await self.leases.drop(md)
-            except LeaseLost as ll:
-                lost = ll
-            log.warning("Creating volume %s failed (%s); removing it", spec.vol,
-                        type(lost or e).__name__)
-            # Also on cancellation (an aborted job): the half-made volume goes,
-            # under its lease again. If this is cut short too, or the lease
-            # cannot be had, garbage collection removes it once it can.
-            if lost is not None or isinstance(e, LeaseHeld):
-                try:
-                    await self.discard_volume(md)
-                except HostAgentError as de:
-                    log.warning("Volume %s left for garbage collection: %s", spec.vol,
-                                de.message)
-                if lost is not None:
-                    raise lost from (None if lost is e else e)
-                raise
+            await self.leases.drop(md)
+        except LeaseLost as ll:
+            lost = ll
+        log.warning("Creating volume %s failed (%s); removing it", md.uuid,
+                    type(lost or e).__name__)
+        # Also on cancellation (an aborted job): the half-made volume goes,
+        # under its lease again. If this is cut short too, or the lease
+        # cannot be had, garbage collection removes it once it can.
+        if lost is not None or isinstance(e, LeaseHeld):
             try:
                 await self.discard_volume(md)
-            except (HostAgentError, OSError) as de:
-                # Often the storage failing made the volume fail too: report
-                # the volume's own error, remove it once the domain answers.
-                log.warning("Volume %s left for removal when %s answers again: %s", spec.vol,
-                            self.uuid, de)
-                self.pending_discards[md.uuid] = md
-            if isinstance(e, qemuimg.QemuImgError):
-                # what qemu-img refused (a size the file system cannot hold, ...)
-                if "No space left" in e.message:
-                    raise NoSpaceLeftOnDomain(sdUUID=self.uuid) from None
-                raise VolumeCreationError(volUUID=spec.vol, reason=e.message) from None
-            if isinstance(e, HostAgentError) or not isinstance(e, Exception):
-                raise
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise os_error(e, self.uuid) from None
-            raise VolumeCreationError(volUUID=spec.vol, reason=str(e)) from e
-        if commit:
-            log.info("Created volume %s/%s/%s (%s, %s, %d bytes)", self.uuid, spec.img,
-                     spec.vol, spec.format, spec.preallocate, spec.size)
-        return md
+            except HostAgentError as de:
+                log.warning("Volume %s left for garbage collection: %s", md.uuid,
+                            de.message)
+            if lost is not None:
+                raise lost from (None if lost is e else e)
+            raise e
+        try:
+            await self.discard_volume(md)
+        except (HostAgentError, OSError) as de:
+            # Often the storage failing made the volume fail too: report
+            # the volume's own error, remove it once the domain answers.
+            log.warning("Volume %s left for removal when %s answers again: %s", md.uuid,
+                        self.uuid, de)
+            self.pending_discards[md.uuid] = md
+        if isinstance(e, qemuimg.QemuImgError):
+            # what qemu-img refused (a size the file system cannot hold, ...)
+            if out_of_space(e):
+                raise NoSpaceLeftOnDomain(sdUUID=self.uuid) from None
+            raise VolumeCreationError(volUUID=md.uuid, reason=e.message) from None
+        if isinstance(e, HostAgentError) or not isinstance(e, Exception):
+            raise e
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise os_error(e, self.uuid) from None
+        raise VolumeCreationError(volUUID=md.uuid, reason=str(e)) from e
 
     async def commit_volume(self, md: VolumeMetadata,
                             parent: VolumeMetadata | None) -> VolumeMetadata:
@@ -562,7 +554,7 @@ class Domain(abc.ABC):
                              reason="the volume is being made by another host or job")
         return VolumeAlreadyExists(volUUID=vol)
 
-    async def _all_volume_ids(self) -> set[str]:
+    async def all_volume_ids(self) -> set[str]:
         ids: set[str] = set()
         for img in await self.image_ids():
             ids.update(await self.volume_ids(img))
@@ -589,7 +581,8 @@ class Domain(abc.ABC):
         if not await self.volume_ids(md.image):
             await self.remove_image_dir(md.image)
 
-    async def delete_volume(self, img: str, vol: str, generation: int | None = None) -> None:
+    async def delete_volume(self, img: str, vol: str, generation: int | None = None, *,
+                            wipe: bool = False) -> None:
         await self.refuse_ovf_store(img, vol)
         md = await self.volume(img, vol)
         check_generation(md, generation)
@@ -598,6 +591,8 @@ class Domain(abc.ABC):
             raise VolumeImageHasChildren(resource=f"volume {vol}",
                                          reason=f"it has {len(kids)} child volume(s)")
         async with self.leases.volume(md):
+            if wipe:
+                await self.mark_wipe([md])
             await self.write_volume_md(replace(md, state=REMOVING, legality=ILLEGAL))
             await self.remove_volume_data(img, vol)
         await self.remove_volume_lease(img, vol)
@@ -609,7 +604,8 @@ class Domain(abc.ABC):
             await self.remove_image_dir(img)
         log.info("Deleted volume %s/%s/%s", self.uuid, img, vol)
 
-    async def delete_image(self, img: str, progress: Progress = _no_progress) -> None:
+    async def delete_image(self, img: str, progress: Progress = no_progress, *,
+                           wipe: bool = False) -> None:
         await self.refuse_ovf_store(img)
         vols = await self.image_volumes(img)
         ids = {v.uuid for v in vols}
@@ -622,6 +618,8 @@ class Domain(abc.ABC):
         async with contextlib.AsyncExitStack() as held:
             for v in vols:
                 await held.enter_async_context(self.leases.volume(v))
+            if wipe:
+                await self.mark_wipe(vols)
             await self.remove_image_volumes(img, vols, progress)
         await self.purge_removed_image(img, progress)
         # A template parent in another image may now be a leaf again.
@@ -666,7 +664,7 @@ class Domain(abc.ABC):
             try:
                 await self.extend_volume_data(md, new_size)
             except qemuimg.QemuImgError as e:
-                if "No space left" in e.message:
+                if out_of_space(e):
                     raise NoSpaceLeftOnDomain(sdUUID=self.uuid) from None
                 if "too large" in e.message.lower():
                     raise InvalidParameter(field="newSize", reason=e.message) from None
@@ -798,69 +796,5 @@ class Domain(abc.ABC):
 
     async def verify_image_file(self, md: VolumeMetadata) -> qemuimg.ImageInfo:
         [info] = await qemuimg.info(self.volume_path(md.image, md.uuid),
-                                    fmt="qcow2" if md.format == "COW" else "raw")
+                                    fmt=VolumeFormat.of(md.format).qemu)
         return info
-
-
-async def read_check(runner: commands.Runner, sd: str, path: str, timeout: float, *,
-                     buffered_fallback: bool = False) -> None:
-    """Read one block of `path` with O_DIRECT in a child process with a
-    deadline: hung storage costs the deadline, never the agent. With
-    `buffered_fallback`, a file system without O_DIRECT is read plainly."""
-    argv = ["dd", f"if={path}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct",
-            "status=none"]
-    try:
-        r = await runner(argv, timeout=timeout, check=False)
-        if buffered_fallback and r.rc != 0 and b"Invalid argument" in r.err:
-            r = await runner([*argv[:-2], "status=none"], timeout=timeout, check=False)
-    except commands.CommandTimeout:
-        raise StorageDomainAccessError(sdUUID=sd,
-                                   reason=f"metadata read took more than {timeout:g} s") \
-            from None
-    if r.rc != 0:
-        raise StorageDomainAccessError(sdUUID=sd, reason=r.err_text.strip() or f"dd rc={r.rc}")
-
-
-def os_error(e: OSError, sd: str) -> HostAgentError:
-    """A storage error for what the file system answered."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpaceLeftOnDomain(sdUUID=sd)
-    if e.errno == errno.ESTALE:
-        return FileStorageDomainStaleNFSHandle(path=e.filename or sd)
-    return StorageDomainAccessError(sdUUID=sd, reason=f"{e.strerror or e}")
-
-
-def leaf_first(vols: list[VolumeMetadata]) -> list[VolumeMetadata]:
-    """The volumes of one image ordered children before parents."""
-    ids = {v.uuid for v in vols}
-    depth: dict[str, int] = {}
-    by_id = {v.uuid: v for v in vols}
-
-    def level(v: VolumeMetadata) -> int:
-        if v.uuid not in depth:
-            depth[v.uuid] = 0  # guards against loops
-            depth[v.uuid] = 1 + level(by_id[v.parent]) if v.parent in ids else 0
-        return depth[v.uuid]
-
-    return sorted(vols, key=lambda v: (-level(v), v.uuid))
-
-
-def check_generation(md: VolumeMetadata, generation: int | None) -> None:
-    """VDSM's fence for verbs that change a volume: given the generation the
-    caller last saw, the verb goes on only if it is still the volume's (a
-    change made meanwhile, here or by another host, bumped it); else 911,
-    before anything is changed."""
-    if generation is not None and generation != md.generation:
-        raise GenerationMismatch(volUUID=md.uuid, expected=generation, actual=md.generation)
-
-
-def volume_info(md: VolumeMetadata, apparent: int, true: int) -> dict[str, Any]:
-    return {
-        "uuid": md.uuid, "image": md.image, "domain": md.domain,
-        "parent": md.parent, "format": md.format.lower(),
-        "type": md.allocation.lower(), "voltype": md.voltype,
-        "capacity": md.capacity, "apparentSize": apparent, "trueSize": true,
-        "legality": md.legality, "generation": md.generation,
-        "description": md.description, "diskType": md.disk_type, "ctime": md.ctime,
-        "status": "OK" if md.state == READY else md.state,
-    }

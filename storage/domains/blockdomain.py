@@ -14,21 +14,49 @@ LV created with its final tags: a slot no LV names is free. (Agents before
 issue 21 created the LV tagged INITIALIZING, then wrote the slot and dropped
 the tag; an LV still INITIALIZING is a crash leftover that
 `collect_garbage` removes.)
+
+Deleting with wipe tags the volume's LV WIPE before its metadata says
+REMOVING; whoever removes an LV tagged WIPE (the delete, or `collect_garbage`
+after a crash) zeroes it first, so its data never stays on the LUN.
+
+LUNs are added to the VG (`add_devices`) and grown PVs resized
+(`resize_device`) under the domain lease; the domain metadata lists the VG's
+PVs by LUN WWID (PVS), so another host finds them (`follow_pvs`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import mmap
 import os
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from storage import commands, lvm, qemuimg
-from storage.domains.base import Domain, VmAccess, check_generation, os_error, read_check
+from storage.domains.base import (
+    Domain,
+    VmAccess,
+    check_generation,
+    os_error,
+    read_check,
+)
+from storage.domains.holding import LVHolding
+from storage.domains.slots import COPY_SIZE as COPY_SIZE
+from storage.domains.slots import DOMAIN_SLOT as DOMAIN_SLOT
+from storage.domains.slots import SLOT_SIZE as SLOT_SIZE
+from storage.domains.slots import ZERO_CHUNK, read_slots, write_slot, zero
+from storage.domains.slots import decode_slot as decode_slot
+from storage.domains.slots import encode_copy as encode_copy
+from storage.domains.vgdevices import (
+    DEFAULT_MDA_SIZE,
+    WIPE,
+    LUNs,
+    pv_list_of,
+    remove_vg,
+    sector_size,
+)
 from storage.errors import (
     DeviceBlockSizeError,
     HostAgentError,
@@ -43,7 +71,7 @@ from storage.errors import (
 from storage.fileio import IOPool
 from storage.ids import is_uuid
 from storage.leases import BlockDomainLeases, Geometry, Resource, init_volume_lease
-from storage.metadata import BLANK_UUID, DomainMetadata, MetadataError, VolumeMetadata
+from storage.metadata import BLANK_UUID, DomainMetadata, MetadataError, VolumeFormat, VolumeMetadata
 
 log = logging.getLogger("storage.domains")
 
@@ -63,24 +91,6 @@ SPECIAL_LVS = (METADATA_LV, IDS_LV, LEASES_LV)
 
 DEFAULT_EXTENT_SIZE = 128 * MiB
 DEFAULT_METADATA_SIZE = 128 * MiB
-# LVM's metadata area on each PV. LVM rewrites the whole VG text (about 450
-# bytes per volume LV with our tags) on every change and needs room for the
-# new copy beside the old one: pvcreate's default (1 MiB) stops a domain at
-# about 1,200 volumes (lvcreate: "VG ... metadata on ... exceeds maximum
-# metadata size"). 32 MiB holds the text of a full metadata LV's worth of
-# volumes (one per 8 KiB slot) with room for multi-segment LVs.
-DEFAULT_MDA_SIZE = 32 * MiB
-
-# One slot: copy A in the first half, copy B in the second. 4 KiB copies are
-# aligned for 512 and 4096 byte sectors alike.
-SLOT_SIZE = 8192
-COPY_SIZE = SLOT_SIZE // 2
-DOMAIN_SLOT = 0
-
-# Zeroing the metadata LV at creation, one executor call per chunk.
-_ZERO_CHUNK = 4 * MiB
-# Reading slots: at most this much in one read.
-_READ_CHUNK = MiB
 
 R = TypeVar("R")
 
@@ -91,32 +101,13 @@ def round_up(size: int, unit: int) -> int:
     return (size + unit - 1) // unit * unit
 
 
-def encode_copy(data: bytes) -> bytes:
-    """One copy of a slot: the metadata padded with zeros to COPY_SIZE."""
-    if len(data) > COPY_SIZE:
-        raise InvalidParameter(field="metadata",
-                               reason=f"{len(data)} bytes do not fit a {COPY_SIZE} byte slot")
-    return data.ljust(COPY_SIZE, b"\0")
-
-
-def decode_slot(slot: bytes, parse: Callable[[bytes], R]) -> R:
-    """The metadata of a slot: copy A if it parses, else copy B (a crash tore
-    A while it was written, so B still holds the previous metadata)."""
-    errors = []
-    for name, start in (("A", 0), ("B", COPY_SIZE)):
-        try:
-            return parse(slot[start:start + COPY_SIZE])
-        except MetadataError as e:
-            errors.append(f"copy {name}: {e}")
-    raise MetadataError("; ".join(errors))
-
-
 def parse_tags(tags: Iterable[str]) -> dict[str, str]:
-    """{IU_, PU_, MD_: value} of an LV's tags, and INITIALIZING if tagged so."""
+    """{IU_, PU_, MD_: value} of an LV's tags, and INITIALIZING, WIPE if
+    tagged so."""
     out = {}
     for tag in tags:
-        if tag == INITIALIZING:
-            out[INITIALIZING] = ""
+        if tag in (INITIALIZING, WIPE):
+            out[tag] = ""
             continue
         for prefix in (IMAGE_PREFIX, PARENT_PREFIX, SLOT_PREFIX):
             if tag.startswith(prefix):
@@ -159,6 +150,7 @@ class VolumeLV:
     initializing: bool
     size: int
     active: bool | None
+    wipe: bool = False
 
     @classmethod
     def from_lv(cls, lv: lvm.LV) -> VolumeLV | None:
@@ -170,88 +162,15 @@ class VolumeLV:
             return None
         return cls(name=lv.name, image=tags[IMAGE_PREFIX],
                    parent=tags.get(PARENT_PREFIX, BLANK_UUID), slot=slot_of(lv.tags),
-                   initializing=INITIALIZING in tags, size=lv.size, active=lv.active)
-
-
-# ---- blocking I/O on the metadata LV, run through IOPool.call ------------------------
-
-def slot_runs(slots: Iterable[int], max_gap: int = 16,
-              max_len: int = _READ_CHUNK // SLOT_SIZE) -> list[tuple[int, int]]:
-    """(first slot, count) of the reads that cover `slots`: neighbours less
-    than `max_gap` slots apart share one read of at most `max_len` slots.
-    Slots are taken lowest first, so a domain's are dense: 1,000 volumes
-    are 8 reads of 1 MiB, not 1,000 round trips to the storage."""
-    runs: list[tuple[int, int]] = []
-    for slot in sorted(set(slots)):
-        if runs:
-            first, count = runs[-1]
-            if slot - (first + count) < max_gap and slot - first < max_len:
-                runs[-1] = (first, slot - first + 1)
-                continue
-        runs.append((slot, 1))
-    return runs
-
-
-def _read_slots(path: str, slots: Sequence[int]) -> dict[int, bytes]:
-    runs = slot_runs(slots)
-    if not runs:
-        return {}
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        # page aligned, as O_DIRECT wants
-        buf = mmap.mmap(-1, max(count for _, count in runs) * SLOT_SIZE)
-        try:
-            out = {}
-            for first, count in runs:
-                with memoryview(buf) as view:
-                    n = os.preadv(fd, [view[:count * SLOT_SIZE]], first * SLOT_SIZE)
-                for slot in range(first, first + count):
-                    at = (slot - first) * SLOT_SIZE
-                    # a short read (the end of the LV) leaves the slot short
-                    out[slot] = bytes(buf[at:max(at, min(n, at + SLOT_SIZE))])
-            return {slot: out[slot] for slot in slots}
-        finally:
-            buf.close()
-    finally:
-        os.close(fd)
-
-
-def _write_slot(path: str, slot: int, copy: bytes) -> None:
-    """Copy A, fsync, copy B, fsync: at most one copy is torn by a crash."""
-    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-    try:
-        buf = mmap.mmap(-1, COPY_SIZE)
-        try:
-            buf[:] = copy
-            for offset in (slot * SLOT_SIZE, slot * SLOT_SIZE + COPY_SIZE):
-                if os.pwritev(fd, [buf], offset) != COPY_SIZE:
-                    raise OSError(f"short write to {path} at {offset}")
-                os.fsync(fd)
-        finally:
-            buf.close()
-    finally:
-        os.close(fd)
-
-
-def _zero(path: str, offset: int, length: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-    try:
-        buf = mmap.mmap(-1, min(length, _ZERO_CHUNK))
-        try:
-            end = offset + length
-            while offset < end:
-                n = os.pwritev(fd, [memoryview(buf)[:min(len(buf), end - offset)]], offset)
-                offset += n
-            os.fsync(fd)
-        finally:
-            buf.close()
-    finally:
-        os.close(fd)
+                   initializing=INITIALIZING in tags, size=lv.size, active=lv.active,
+                   wipe=WIPE in tags)
 
 
 # ---- the domain -----------------------------------------------------------------------
 
-class BlockDomain(Domain):
+class BlockDomain(LUNs, LVHolding, Domain):
+    sysfs = "/sys"      # (tests point it elsewhere)
+
     def __init__(self, md: DomainMetadata, lvm_: lvm.LVM, io: IOPool,
                  runner: commands.Runner = commands.run, *, extent_size: int,
                  slots: int) -> None:
@@ -306,8 +225,8 @@ class BlockDomain(Domain):
             if INITIALIZING not in found.tags:
                 raise StorageDomainAlreadyExists(sdUUID=vg)
             log.warning("Removing domain %s left half-made by an earlier create", vg)
-            await _remove_vg(lvm_, vg)
-        sizes = {d: await _sector_size(d, runner) for d in devices}
+            await remove_vg(lvm_, vg)
+        sizes = {d: await sector_size(d, runner) for d in devices}
         if len(set(sizes.values())) > 1:
             raise VolumeGroupBlockSizeError(reason=", ".join(
                 f"{d}: {s}" for d, s in sizes.items()))
@@ -319,6 +238,7 @@ class BlockDomain(Domain):
         await lvm_.pvcreate(devices, metadata_size=mda_size, force=force)
         await lvm_.vgcreate(vg, devices, extent_size=extent_size,
                             tags=[VG_TAG, INITIALIZING])
+        md.pvs = await pv_list_of(await lvm_.pvs(vg))
         lease_size = lease_size or extent_size
         await lvm_.lvcreate(vg, METADATA_LV, metadata_size)
         await lvm_.lvcreate(vg, IDS_LV, lease_size)
@@ -328,8 +248,8 @@ class BlockDomain(Domain):
         domain = cls(md, lvm_, io, runner, extent_size=extent_size,
                      slots=md_lv.size // SLOT_SIZE)
         # Stale slots of an earlier domain on these LUNs must not read as valid.
-        for offset in range(0, md_lv.size, _ZERO_CHUNK):
-            await io.call(_zero, domain.md_path, offset, min(_ZERO_CHUNK, md_lv.size - offset))
+        for offset in range(0, md_lv.size, ZERO_CHUNK):
+            await io.call(zero, domain.md_path, offset, min(ZERO_CHUNK, md_lv.size - offset))
         await domain.write_domain_md(md)
         await lvm_.vgchange_tags(vg, remove=[INITIALIZING])
         log.info("Created block domain %s on %s", vg, ", ".join(devices))
@@ -352,7 +272,7 @@ class BlockDomain(Domain):
         await lvm_.activate(vg_name, [METADATA_LV, IDS_LV, LEASES_LV])
         md_lv = await lvm_.lv(vg_name, METADATA_LV)
         path = f"/dev/{vg_name}/{METADATA_LV}"
-        data = (await io.call(_read_slots, path, [DOMAIN_SLOT]))[DOMAIN_SLOT]
+        data = (await io.call(read_slots, path, [DOMAIN_SLOT]))[DOMAIN_SLOT]
         md = decode_slot(data, DomainMetadata.decode)
         if md.uuid != vg_name:
             raise MetadataError(f"metadata of {md.uuid} found in VG {vg_name}")
@@ -375,13 +295,13 @@ class BlockDomain(Domain):
             raise os_error(e, self.uuid) from None
 
     async def _read_slot(self, slot: int) -> bytes:
-        return (await self._io(_read_slots, self.md_path, [slot]))[slot]
+        return (await self._io(read_slots, self.md_path, [slot]))[slot]
 
     async def _write_slot(self, slot: int, data: bytes) -> None:
-        await self._io(_write_slot, self.md_path, slot, encode_copy(data))
+        await self._io(write_slot, self.md_path, slot, encode_copy(data))
 
     async def _clear_slot(self, slot: int) -> None:
-        await self._io(_zero, self.md_path, slot * SLOT_SIZE, SLOT_SIZE)
+        await self._io(zero, self.md_path, slot * SLOT_SIZE, SLOT_SIZE)
 
     async def write_domain_md(self, md: DomainMetadata) -> None:
         await self._write_slot(DOMAIN_SLOT, md.encode())
@@ -436,7 +356,7 @@ class BlockDomain(Domain):
                        if not v.initializing and v.slot is not None
                        and (img is None or v.image == img)),
                       key=lambda p: (p[0].image, p[0].name))
-        data = await self._io(_read_slots, self.md_path, [s for _, s in vols],
+        data = await self._io(read_slots, self.md_path, [s for _, s in vols],
                               timeout=max(self.io.timeout, 120))
         out = []
         for v, slot in vols:
@@ -605,14 +525,14 @@ class BlockDomain(Domain):
                     await self.lvm.lvextend(self.vg, md.uuid, want)
             if md.format == "RAW":
                 # Extents of deleted volumes are reused: no stale header here.
-                await self._io(_zero, path, 0, min(MiB, round_up(md.capacity, 4096)))
+                await self._io(zero, path, 0, min(MiB, round_up(md.capacity, 4096)))
             else:
                 # -u: the parent need not be active; relative, so the chain
                 # resolves in /dev/<sdUUID>/ wherever the volumes live.
                 await qemuimg.create(
                     path, "qcow2", md.capacity,
                     backing=parent.uuid if parent is not None else None,
-                    backing_fmt=("qcow2" if parent.format == "COW" else "raw")
+                    backing_fmt=VolumeFormat.of(parent.format).qemu
                     if parent is not None else None,
                     unsafe=parent is not None, runner=self.runner)
         finally:
@@ -622,6 +542,8 @@ class BlockDomain(Domain):
         v = await self._volume_lv(vol)
         if v is None or v.image != img:
             return
+        if v.wipe:
+            await self.wipe_lv(v.image, v.name, v.size)
         await self._remove_lv(vol, v.slot)
 
     async def extend_volume_data(self, md: VolumeMetadata, new_size: int) -> None:
@@ -741,6 +663,8 @@ class BlockDomain(Domain):
 
     async def space(self) -> dict[str, int]:
         vg = await self.lvm.vg(self.vg)
+        if vg.pv_count > len(self.lvm.devices or ()) and await self.follow_pvs():
+            vg = await self.lvm.vg(self.vg)
         return {"capacity": vg.size, "free": vg.free, "used": vg.size - vg.free}
 
     async def remove_image_dir(self, img: str) -> None:
@@ -762,7 +686,7 @@ class BlockDomain(Domain):
         return report
 
     async def remove_all(self) -> None:
-        await _remove_vg(self.lvm, self.vg)
+        await remove_vg(self.lvm, self.vg)
 
     async def health_check(self, timeout: float) -> None:
         await read_check(self.runner, self.uuid, str(self.md_path), timeout)
@@ -798,26 +722,3 @@ class BlockDomain(Domain):
                 self._leases_size = size
         await init_volume_lease(res, self.md.lock_policy, self.leases.io_timeout,
                                 runner=self.runner)
-
-
-async def _sector_size(device: str, runner: commands.Runner) -> int:
-    lvm.check_device(device)
-    r = await runner(["blockdev", "--getss", device], timeout=30)
-    try:
-        return int(r.text.strip())
-    except ValueError:
-        raise InvalidParameter(field="devices",
-                               reason=f"blockdev --getss {device}: {r.text.strip()!r}") from None
-
-
-async def _remove_vg(lvm_: lvm.LVM, vg: str) -> None:
-    """Deactivate every LV of `vg`, remove it and its PVs' labels."""
-    lvm_.invalidate(vg)
-    pvs = [pv.name for pv in await lvm_.pvs(vg)]
-    names = [lv.name for lv in await lvm_.lvs(vg)]
-    if names:
-        await lvm_.deactivate(vg, names)
-    await lvm_.vgremove(vg)
-    if pvs:
-        await lvm_.pvremove(pvs)
-

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from storage import commands, mount, qemuimg
-from storage.domains.base import Domain, Progress, VmAccess, read_check
+from storage.domains.base import Domain, Progress, VmAccess, os_error, read_check
 from storage.errors import (
     FileStorageDomainStaleNFSHandle,
     StorageDomainAlreadyExists,
@@ -42,7 +42,7 @@ from storage.leases import (
     create_lease_file,
     init_volume_lease,
 )
-from storage.metadata import DomainMetadata, MetadataError, VolumeMetadata
+from storage.metadata import DomainMetadata, MetadataError, VolumeFormat, VolumeMetadata
 
 T = TypeVar("T")
 
@@ -149,11 +149,35 @@ class FileDomain(Domain):
         # what other hosts wrote at once.
         self._images_read: dict[str, tuple[DirStamp, list[tuple[bytes, VolumeMetadata]]]] = {}
         self.clock_ns: Callable[[], int] = time.time_ns   # a test seam
+        # whether the file system takes O_DIRECT (probed once, cache_mode)
+        self._direct: bool | None = None
 
     def check_mounted(self) -> None:
         # mountinfo comes from the kernel: reading it never waits on storage.
         if self.mountpoint is not None and mount.find(self.mountpoint) is None:
             raise StorageDomainFSNotMounted(path=str(self.mountpoint))
+
+    async def cache_mode(self) -> str:
+        """qemu-img's cache mode on the domain: "none" (O_DIRECT, the page cache
+        bypassed), or "writeback" on a file system without O_DIRECT (tmpfs
+        before Linux 6.6); qemu-img flushes before it exits either way."""
+        if self._direct is None:
+            def probe(path: str) -> bool:
+                try:
+                    os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+                    return True
+                except OSError as e:
+                    if e.errno == errno.EINVAL:
+                        return False
+                    raise
+            try:
+                self._direct = await self.io.call(probe, str(self.md_path))
+            except OSError as e:
+                raise os_error(e, self.uuid) from None
+        return "none" if self._direct else "writeback"
+
+    def location(self) -> dict[str, Any]:
+        return {"path": str(self.root)}
 
     @property
     def md_path(self) -> Path:
@@ -364,7 +388,7 @@ class FileDomain(Domain):
                 # Relative, so the chain survives another mount point.
                 backing = parent.uuid if parent.image == md.image \
                     else f"../{parent.image}/{parent.uuid}"
-                backing_fmt = "qcow2" if parent.format == "COW" else "raw"
+                backing_fmt = VolumeFormat.of(parent.format).qemu
             # qemu-img (>= 6.0) preallocates a layer over a backing file only
             # with subclusters, which keep unwritten areas reading the backing
             options = ("extended_l2=on",) if backing and prealloc else ()

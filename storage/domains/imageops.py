@@ -18,24 +18,22 @@ all or nothing. The rules that keep storage safe:
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from storage import nbd, qemuimg
+from storage import commands, nbd, qemuimg
+from storage.domains import merge
 from storage.domains.base import (
     Domain,
     Progress,
     VolumeSpec,
     leaf_first,
-    os_error,
     volume_info,
 )
-from storage.domains.blockdomain import BlockDomain
-from storage.domains.filedomain import FileDomain
+from storage.domains.prepared import PreparedVolumes
+from storage.domains.registry import DomainRegistry
 from storage.errors import (
     BackupDomainRestricted,
     CreateIllegalVolumeSnapshotError,
@@ -48,12 +46,14 @@ from storage.errors import (
     VolumeDoesNotExist,
     VolumeImageHasChildren,
     VolumeIsBusy,
+    out_of_space,
 )
-from storage.locks import SHARED, Request, request
-from storage.metadata import LEGAL, READY, VolumeMetadata
+from storage.locks import SHARED, LockManager, Request, request
+from storage.metadata import LEGAL, READY, VolumeFormat, VolumeMetadata
 
 if TYPE_CHECKING:
-    from storage.domains.manager import DomainManager
+    from storage.domains.volumes import VolumeOps
+    from storage.domains.writers import WriterWatch
 
 log = logging.getLogger("storage.images")
 
@@ -77,7 +77,7 @@ class VolRef:
 
 
 def qemu_format(md: VolumeMetadata) -> str:
-    return "qcow2" if md.format == "COW" else "raw"
+    return VolumeFormat.of(md.format).qemu
 
 
 def parents_first(vols: list[VolumeMetadata]) -> list[VolumeMetadata]:
@@ -90,25 +90,31 @@ def _span(progress: Progress, start: float, end: float) -> Progress:
 
 
 def _no_space(e: HostAgentError, sd: str) -> HostAgentError:
-    if "No space left" in e.message or "ENOSPC" in e.message:
+    if out_of_space(e):
         return NoSpaceLeftOnDomain(sdUUID=sd)
     return e
 
 
 class ImageOps:
-    def __init__(self, domains: DomainManager) -> None:
-        self.dm = domains
-        self._direct: dict[str, bool] = {}
+    def __init__(self, registry: DomainRegistry, prepared: PreparedVolumes,
+                 locks: LockManager, volumes: VolumeOps,
+                 runner: commands.Runner = commands.run) -> None:
+        self.registry = registry
+        self.prepared = prepared
+        self.locks = locks
+        # the writers of VMs' disks, switched onto new layers (live snapshot)
+        self.volumes = volumes
+        self.runner = runner
 
     # ---- helpers -----------------------------------------------------------------
 
     async def _writable(self, sd: str) -> Domain:
-        entry = await self.dm.entry(sd)
-        self.dm.check_writable(entry)
+        entry = await self.registry.entry(sd)
+        self.registry.check_writable(entry)
         return entry.domain
 
     async def _readable(self, sd: str) -> Domain:
-        return await self.dm.active_domain(sd)
+        return await self.registry.active_domain(sd)
 
     @staticmethod
     def _legal(chain: list[VolumeMetadata]) -> None:
@@ -130,44 +136,23 @@ class ImageOps:
         writes where the target is raw. With `backing` the target is one
         layer of a chain: only what the source layer holds is written."""
         dst_fmt = qemu_format(dst_md)
-        fresh_zero = not (isinstance(dst, BlockDomain) and dst_md.format == "RAW")
+        fresh_zero = dst.zeroed_when_made(dst_md)
         try:
             await qemuimg.convert(
                 src.volume_path(src_md.image, src_md.uuid),
                 dst.volume_path(dst_md.image, dst_md.uuid),
-                src_cache=await self._cache(src), dst_cache=await self._cache(dst),
+                src_cache=await src.cache_mode(), dst_cache=await dst.cache_mode(),
                 src_fmt=qemu_format(src_md), dst_fmt=dst_fmt, create=False,
                 target_is_zero=fresh_zero and backing is None,
                 unordered=dst_fmt == "raw",
                 backing=dst.volume_path(backing.image, backing.uuid) if backing else None,
                 backing_fmt=qemu_format(backing) if backing else None,
-                progress=progress, runner=self.dm.runner)
+                progress=progress, runner=self.runner)
         except qemuimg.QemuImgError as e:
             error = _no_space(e, dst.uuid)
             raise (VolumeCopyError(reason=e.message) if error is e else error) from None
         except HostAgentError as e:
             raise _no_space(e, dst.uuid) from None
-
-    async def _cache(self, domain: Domain) -> str:
-        """qemu-img's cache mode on a domain: "none" (O_DIRECT, the page cache
-        bypassed), or "writeback" on a file system without O_DIRECT (tmpfs
-        before Linux 6.6); qemu-img flushes before it exits either way."""
-        if not isinstance(domain, FileDomain):
-            return "none"
-        if domain.uuid not in self._direct:
-            def probe(path: str) -> bool:
-                try:
-                    os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-                    return True
-                except OSError as e:
-                    if e.errno == errno.EINVAL:
-                        return False
-                    raise
-            try:
-                self._direct[domain.uuid] = await domain.io.call(probe, str(domain.md_path))
-            except OSError as e:
-                raise os_error(e, domain.uuid) from None
-        return "none" if self._direct[domain.uuid] else "writeback"
 
     # ---- copyImage -------------------------------------------------------------------
 
@@ -179,7 +164,7 @@ class ImageOps:
                                                            SHARED),
                 request("domain", dst.sd, SHARED), request("image", f"{dst.sd}/{dst.img}"),
                 request("volume", f"{dst.sd}/{dst.vol}")]
-        async with self.dm.locks.hold(*reqs):
+        async with self.locks.hold(*reqs):
             sdom = await self._readable(src.sd)
             ddom = await self._writable(dst.sd)
             chain = await sdom.chain(src.img, src.vol)
@@ -203,26 +188,22 @@ class ImageOps:
         top = chain[-1]
         fmt = fmt or top.format.lower()
         prealloc = prealloc or top.allocation.lower()
-        async with self.dm.using(sdom, chain):
+        async with self.prepared.using(sdom, chain):
             size = await qemuimg.measure(path=sdom.volume_path(top.image, top.uuid),
                                          src_fmt=qemu_format(top),
-                                         dst_fmt="qcow2" if fmt == "cow" else "raw",
-                                         runner=self.dm.runner)
+                                         dst_fmt=VolumeFormat.of(fmt).qemu,
+                                         runner=self.runner)
             need = size["fully-allocated" if prealloc == "preallocated" else "required"]
-            initial = None
-            if isinstance(ddom, BlockDomain):
-                if fmt == "cow":
-                    # Room for the data and qcow2's tables, rounded up to extents.
-                    need = initial = max(need, MiB) + MiB
-                else:
-                    need = top.capacity     # a raw LV holds its whole capacity
+            # Room for the data and qcow2's tables, rounded up (block: made that size).
+            initial = ddom.initial_size(max(need, MiB) + MiB) if fmt == "cow" else None
+            need = initial or ddom.space_for(fmt, top.capacity, need)
             await self._check_space(ddom, need)
             spec = VolumeSpec(img=dst.img, vol=dst.vol, size=top.capacity, format=fmt,
                               preallocate=prealloc, description=top.description,
                               disk_type=top.disk_type, initial_size=initial)
 
             async def fill(md: VolumeMetadata) -> None:
-                async with self.dm.using(ddom, [md]):
+                async with self.prepared.using(ddom, [md]):
                     await self._convert(sdom, top, ddom, md, _span(progress, 5, 95))
 
             md = await ddom.create_volume(spec, progress, fill=fill)
@@ -251,29 +232,27 @@ class ImageOps:
                                                  "or copy collapsed") from None
                 self._legal([t])
                 templates[m.parent] = t
-        existing = await ddom._all_volume_ids()
+        existing = await ddom.all_volume_ids()
         for m in order:
             if ids[m.uuid] in existing:
                 raise VolumeAlreadyExists(volUUID=ids[m.uuid])
         sizes = {m.uuid: (await sdom.volume_sizes(m.image, m.uuid))[1] for m in order}
-        need = sum(m.capacity if m.format == "RAW" and isinstance(ddom, BlockDomain)
-                   else sizes[m.uuid] for m in order)
+        need = sum(ddom.space_for(m.format, m.capacity, sizes[m.uuid]) for m in order)
         await self._check_space(ddom, need)
         total = max(1, sum(sizes.values()))
         done_bytes = 0
         made: list[tuple[VolumeMetadata, VolumeMetadata | None]] = []
         bases = await self._with_templates(ddom, list(templates.values()))
         # Source chain active for reading; the targets while they are written.
-        async with self.dm.using(sdom, await self._with_templates(sdom, order)):
+        async with self.prepared.using(sdom, await self._with_templates(sdom, order)):
             try:
                 for m in order:
                     parent = None
                     if m.has_parent:
                         parent = templates.get(m.parent) or next(
                             t for t, _ in made if t.uuid == ids[m.parent])
-                    initial = None
-                    if m.format == "COW" and isinstance(ddom, BlockDomain):
-                        initial = sizes[m.uuid] + MiB
+                    initial = (ddom.initial_size(sizes[m.uuid] + MiB)
+                               if m.format == VolumeFormat.COW else None)
                     spec = VolumeSpec(img=dst_img, vol=ids[m.uuid], size=m.capacity,
                                       format=m.format.lower(),
                                       preallocate=m.allocation.lower(),
@@ -289,7 +268,7 @@ class ImageOps:
                                    step: Progress = step) -> None:
                         # The target and what it is layered on, active while written.
                         need = [*bases, *(t for t, _ in made), md]
-                        async with self.dm.using(ddom, need):
+                        async with self.prepared.using(ddom, need):
                             await self._convert(sdom, m, ddom, md, step, backing=parent)
 
                     md = await ddom.create_volume(spec, fill=fill, parent=parent, commit=False)
@@ -333,13 +312,13 @@ class ImageOps:
             raise InvalidParameter(field="dstSdUUID", reason="the image is already there")
         reqs = [request("domain", sd, SHARED), request("image", f"{sd}/{img}"),
                 request("domain", dst_sd, SHARED), request("image", f"{dst_sd}/{img}")]
-        async with self.dm.locks.hold(*reqs):
+        async with self.locks.hold(*reqs):
             sdom = await self._writable(sd)
             ddom = await self._writable(dst_sd)
-            if ddom.md.backup and self.dm.is_prepared(sd, img, "vm"):
+            if ddom.md.backup and self.prepared.is_prepared(sd, img, "vm"):
                 raise BackupDomainRestricted(sdUUID=dst_sd,
                                              reason=f"image {img} is in use by a running VM")
-            if self.dm.is_prepared(sd, img):
+            if self.prepared.is_prepared(sd, img):
                 raise VolumeIsBusy(resource=f"image {img}", reason="volumes are prepared")
             await sdom.refuse_ovf_store(img)       # before the copy, not at the delete
             vols = await sdom.image_volumes(img)
@@ -367,15 +346,15 @@ class ImageOps:
         parents = {v.parent for v in vols}
         leaves = [v for v in vols if v.uuid not in parents]
         # one -T for both images: O_DIRECT only if both domains have it
-        modes = {await self._cache(sdom), await self._cache(ddom)}
+        modes = {await sdom.cache_mode(), await ddom.cache_mode()}
         cache = "none" if modes == {"none"} else "writeback"
-        async with self.dm.using(sdom, await self._with_templates(sdom, vols)), \
-                self.dm.using(ddom, await self._with_templates(ddom, copies)):
+        async with self.prepared.using(sdom, await self._with_templates(sdom, vols)), \
+                self.prepared.using(ddom, await self._with_templates(ddom, copies)):
             for leaf in leaves:
                 same = await qemuimg.compare(sdom.volume_path(leaf.image, leaf.uuid),
                                              ddom.volume_path(leaf.image, leaf.uuid),
                                              fmt_a=qemu_format(leaf), fmt_b=qemu_format(leaf),
-                                             cache=cache, runner=self.dm.runner)
+                                             cache=cache, runner=self.runner)
                 if not same:
                     raise VolumeCopyError(volUUID=leaf.uuid,
                                           reason="the copy differs from the source")
@@ -389,8 +368,9 @@ class ImageOps:
             reqs += [request("domain", d["sdUUID"], SHARED),
                      request("image", f"{d['sdUUID']}/{d['imgUUID']}"),
                      request("volume", f"{d['sdUUID']}/{d['newVolUUID']}")]
-        async with self.dm.locks.hold(*reqs):
+        async with self.locks.hold(*reqs):
             plan: list[tuple[Domain, VolumeMetadata, VolumeSpec]] = []
+            writers: list[WriterWatch | None] = []
             for i, d in enumerate(disks):
                 domain = await self._writable(d["sdUUID"])
                 try:
@@ -400,8 +380,9 @@ class ImageOps:
                                              reason=f"disks[{i}]: {e.message}") from None
                 if parent.legality != LEGAL or parent.state != READY:
                     raise CreateIllegalVolumeSnapshotError(volUUID=parent.uuid)
-                self.dm.check_not_written(f"disks[{i}]", d["sdUUID"], d["imgUUID"],
-                                          d["volUUID"], d.get("switch"))
+                writers.append(self.volumes.live_writer(f"disks[{i}]", d["sdUUID"],
+                                                        d["imgUUID"], d["volUUID"],
+                                                        d.get("switch")))
                 if await domain.children(parent):
                     raise InvalidParameter(field=f"disks[{i}].volUUID",
                                            reason=f"volume {parent.uuid} is not the disk's "
@@ -414,21 +395,28 @@ class ImageOps:
             # domain: a full domain fails here, before anything is made.
             need: dict[str, int] = {}
             for domain, _, _ in plan:
-                need[domain.uuid] = need.get(domain.uuid, 0) + (
-                    domain.extent_size if isinstance(domain, BlockDomain) else MiB)
+                need[domain.uuid] = need.get(domain.uuid, 0) + domain.layer_space()
             for domain, _, _ in plan:
                 await self._check_space(domain, need[domain.uuid])
             made: list[tuple[Domain, VolumeMetadata]] = []
             try:
                 for i, (domain, _, spec) in enumerate(plan):
                     try:
-                        md = await domain.create_volume(spec)
+                        md = await domain.create_volume(
+                            spec, fill=merge.bitmaps_fill(self, domain))
                     except HostAgentError as e:
                         raise _no_space(e, domain.uuid) from None
                     made.append((domain, md))
                     progress(100 * (i + 1) / len(plan))
+                # the VM's writers onto the new layers, all in one transaction
+                await self.volumes.switch_writers([(f"disks[{i}]", dom, md, w) for i, ((dom, md), w)
+                                              in enumerate(zip(made, writers, strict=True))
+                                              if w is not None])
             except BaseException:
-                await _undo(made, "snapshot layer")
+                # not a layer a VM may be on (a switch left unanswered)
+                await _undo([(d, m) for d, m in made
+                             if not self.prepared.switching(d.uuid, m.image, m.uuid)],
+                            "snapshot layer")
                 raise
             out = []
             for domain, md in made:
@@ -449,14 +437,14 @@ class ImageOps:
         for d in disks:
             reqs += [request("domain", d["sdUUID"], SHARED),
                      request("image", f"{d['sdUUID']}/{d['imgUUID']}", SHARED)]
-        async with self.dm.locks.hold(*reqs):
+        async with self.locks.hold(*reqs):
             for i, d in enumerate(disks):
                 await self._can_hibernate(d, f"disks[{i}]")
             domain = await self._writable(sd)
             if domain.md.backup:
                 raise BackupDomainRestricted(sdUUID=sd, reason="memory: a backup domain "
                                                                "cannot hold a VM's memory")
-            prealloc = "preallocated" if isinstance(domain, BlockDomain) else "sparse"
+            prealloc = domain.memory_allocation()
             dump = VolumeSpec(img=img, vol=memory["dumpVolUUID"], size=memory["size"],
                               format="raw", preallocate=prealloc,
                               description="memory dump", disk_type="MEMD")
@@ -483,9 +471,9 @@ class ImageOps:
             return out
 
     async def _can_hibernate(self, d: dict[str, Any], where: str) -> None:
-        entry = await self.dm.entry(d["sdUUID"])
+        entry = await self.registry.entry(d["sdUUID"])
         try:
-            self.dm.check_writable(entry)
+            self.registry.check_writable(entry)
         except HostAgentError as e:
             e.fields["disk"] = where
             raise
@@ -520,14 +508,23 @@ class ImageOps:
             reqs += [request("domain", src.sd, SHARED), request("image", f"{src.sd}/{src.img}"),
                      request("domain", dst.sd, SHARED), request("image", f"{dst.sd}/{dst.img}"),
                      request("volume", f"{dst.sd}/{dst.vol}")]
-        async with self.dm.locks.hold(*reqs):
+        async with self.locks.hold(*reqs):
             plan = [await self._backup_plan(i if many else None, *item)
                     for i, item in enumerate(items)]
             layers: list[tuple[Domain, VolumeMetadata, VolumeMetadata]] = []
             made: list[tuple[Domain, VolumeMetadata]] = []
+            writers = [self.volumes.live_writer(f"src[{i}]" if many else "src", src.sd, src.img,
+                                           src.vol) for i, (src, _, _) in enumerate(items)]
+            switched = False
             try:
                 for sdom, top, _, dst, _ in plan:
                     layers.append((sdom, top, await self._backup_layer(sdom, top, dst)))
+                # a VM's writers onto the layers: what is copied is written no more
+                await self.volumes.switch_writers([
+                    (f"src[{i}]" if many else "src", sdom, layer, w)
+                    for i, ((sdom, _, layer), w) in enumerate(zip(layers, writers, strict=True))
+                    if w is not None])
+                switched = True
                 step = 90 / len(plan)
                 for i, (sdom, top, ddom, dst, base) in enumerate(plan):
                     span = _span(progress, 5 + i * step, 5 + (i + 1) * step)
@@ -541,9 +538,12 @@ class ImageOps:
             except BaseException:
                 await _undo(made, "backup")
                 # a layer only holds bitmaps so far (nothing writes it unless
-                # a VM runs on the disk: then it stays)
-                await _undo([(sdom, layer) for sdom, top, layer in layers
-                             if not self.dm.is_prepared(sdom.uuid, top.image, "vm")],
+                # a VM was switched onto it: then it stays)
+                await _undo([(sdom, layer) for (sdom, _, layer), w
+                             in zip(layers, writers, strict=False)
+                             if not (switched and w is not None)
+                             and not self.prepared.switching(sdom.uuid, layer.image,
+                                                             layer.uuid)],
                             "snapshot layer")
                 raise
             out: list[dict[str, Any]] = []
@@ -576,12 +576,13 @@ class ImageOps:
                                    reason=f"domain {dst.sd} is not a backup domain")
         top = await sdom.volume(src.img, src.vol)
         self._legal([top])
-        # the agent copies the layer below the new one: a VM must not write it
-        self.dm.check_not_written(name("src"), src.sd, src.img, src.vol)
+        # the agent copies the layer below the new one: a VM must not write
+        # it (its registered writer is switched onto the new layer: below)
+        self.volumes.live_writer(name("src"), src.sd, src.img, src.vol)
         if await sdom.children(top):
             raise InvalidParameter(field=name("src.volUUID"),
                                    reason=f"volume {top.uuid} is not the disk's top volume")
-        if dst.vol in await ddom._all_volume_ids():
+        if dst.vol in await ddom.all_volume_ids():
             raise VolumeAlreadyExists(volUUID=dst.vol)
         base = None
         if inc is not None:
@@ -607,9 +608,9 @@ class ImageOps:
         merged or offered for an incremental backup: qemu refuses it."""
         if md.format != "COW":
             return (), ()
-        async with self.dm.using(domain, await domain.chain(md.image, md.uuid)):
+        async with self.prepared.using(domain, await domain.chain(md.image, md.uuid)):
             [info] = await qemuimg.info(domain.volume_path(md.image, md.uuid), fmt="qcow2",
-                                        runner=self.dm.runner)
+                                        runner=self.runner)
         broken = info.inconsistent_bitmaps
         return tuple(b for b in info.bitmaps if b not in broken), broken
 
@@ -630,13 +631,13 @@ class ImageOps:
 
         async def fill(md: VolumeMetadata) -> None:
             path = sdom.volume_path(md.image, md.uuid)
-            async with self.dm.using(sdom, [*await sdom.chain(top.image, top.uuid), md]):
+            async with self.prepared.using(sdom, [*await sdom.chain(top.image, top.uuid), md]):
                 for bm in names:
-                    await qemuimg.bitmap(path, bm, action="add", runner=self.dm.runner)
+                    await qemuimg.bitmap(path, bm, action="add", runner=self.runner)
                 for bm in carried:
                     await qemuimg.bitmap(path, bm, action="merge",
                                          source=sdom.volume_path(top.image, top.uuid),
-                                         runner=self.dm.runner)
+                                         runner=self.runner)
 
         return await sdom.create_volume(spec, fill=fill)
 
@@ -644,13 +645,11 @@ class ImageOps:
                                 dst: VolRef, base: VolumeMetadata,
                                 progress: Progress) -> VolumeMetadata:
         top_path = sdom.volume_path(top.image, top.uuid)
-        async with self.dm.using(sdom, await sdom.chain(top.image, top.uuid)):
+        async with self.prepared.using(sdom, await sdom.chain(top.image, top.uuid)):
             extents = nbd.coalesce(await nbd.dirty_extents(top_path, bitmap_name(base.uuid)),
                                    gap=MiB)
             changed = sum(length for _, length in extents)
-            initial = None
-            if isinstance(ddom, BlockDomain):
-                initial = changed + changed // 8 + 2 * MiB   # data, tables, rounding
+            initial = ddom.initial_size(changed + changed // 8 + 2 * MiB)  # data, tables
             await self._check_space(ddom, initial or changed)
             spec = VolumeSpec(img=dst.img, vol=dst.vol, size=top.capacity, format="cow",
                               preallocate="sparse", parent=base.uuid,
@@ -659,11 +658,11 @@ class ImageOps:
 
             async def fill(md: VolumeMetadata) -> None:
                 chain = await ddom.chain(base.image, base.uuid)
-                async with self.dm.using(ddom, [*chain, md]):
+                async with self.prepared.using(ddom, [*chain, md]):
                     await qemuimg.copy_extents(
                         top_path, ddom.volume_path(md.image, md.uuid), extents,
-                        src_fmt="qcow2", dst_fmt="qcow2", cache=await self._cache(sdom),
-                        progress=_span(progress, 5, 95), runner=self.dm.runner)
+                        src_fmt="qcow2", dst_fmt="qcow2", cache=await sdom.cache_mode(),
+                        progress=_span(progress, 5, 95), runner=self.runner)
 
             md = await ddom.create_volume(spec, progress, fill=fill, parent=base)
         log.info("Incremental backup of %s/%s/%s: %d bytes in %d extents since %s",
@@ -675,26 +674,26 @@ class ImageOps:
         """Fold the backup's snapshot layer into the disk's volume below it
         (qemu-img commit, with its bitmaps), then drop the layer. Not while
         a VM writes the layer: that merge is the engine's (live merge)."""
-        if self.dm.is_prepared(sdom.uuid, top.image, "vm"):
+        if self.prepared.is_prepared(sdom.uuid, top.image, "vm"):
             log.info("Disk %s/%s is in use by a VM: snapshot layer %s kept for a live merge",
                      sdom.uuid, top.image, layer.uuid)
             return False
         path = sdom.volume_path(layer.image, layer.uuid)
         async with sdom.leases.volume(top), sdom.leases.volume(layer):
-            async with self.dm.using(sdom, await sdom.chain(layer.image, layer.uuid)):
+            async with self.prepared.using(sdom, await sdom.chain(layer.image, layer.uuid)):
                 if top.format == "COW":
                     have, broken = await self._bitmap_names(sdom, top)
                     top_path = sdom.volume_path(top.image, top.uuid)
                     for bm in await self._bitmaps(sdom, layer):
                         if bm in broken:
                             await qemuimg.bitmap(top_path, bm, action="remove",
-                                                 runner=self.dm.runner)
+                                                 runner=self.runner)
                         if bm not in have:
                             await qemuimg.bitmap(top_path, bm, action="add",
-                                                 runner=self.dm.runner)
+                                                 runner=self.runner)
                         await qemuimg.bitmap(top_path, bm, action="merge", source=path,
-                                             runner=self.dm.runner)
-                await qemuimg.commit(path, fmt="qcow2", runner=self.dm.runner)
+                                             runner=self.runner)
+                await qemuimg.commit(path, fmt="qcow2", runner=self.runner)
             # What the layer held is in its parent now: remove it (a crash
             # before this leaves a consistent chain with one more layer).
             await sdom.delete_volume(layer.image, layer.uuid)
@@ -714,118 +713,3 @@ async def _undo(made: list[tuple[Domain, VolumeMetadata]], what: str) -> None:
 def bitmap_name(backup_vol: str) -> str:
     """The dirty bitmap that records a disk's changes since that backup."""
     return f"backup-{backup_vol}"
-
-
-# A job's recovery hook: what an interrupted copy or move left behind.
-
-async def recover_copy(dm: DomainManager, params: dict[str, Any]) -> None:
-    """An interrupted copyImage/moveImage: targets still CREATING are removed
-    by the domain's garbage collection; committed targets of a flow that did
-    not end are removed too, unless the source is gone (a move that was
-    removing its source: then the copy is complete and verified, and what
-    is left of the source is removed)."""
-    src_sd, dst_sd = params.get("sdUUID"), params.get("dstSdUUID")
-    src_img, dst_img = params.get("imgUUID"), params.get("dstImgUUID", params.get("imgUUID"))
-    targets: list[str] = list(params.get("targets", []))
-    for sd in {src_sd, dst_sd} - {None}:
-        await dm.collect_garbage(str(sd))
-    if not (src_sd and dst_sd and src_img and dst_img and targets) or \
-            params.get("started") is None:
-        return
-    async with dm.locks.hold(request("image", f"{src_sd}/{src_img}"),
-                             request("image", f"{dst_sd}/{dst_img}")):
-        try:
-            sdom, ddom = await dm.domain(str(src_sd)), await dm.domain(str(dst_sd))
-        except HostAgentError as e:
-            log.warning("Cannot recover interrupted copy: %s", e.message)
-            return
-        sources = list(params.get("sources", []))
-        try:
-            have = {v.uuid for v in await sdom.image_volumes(str(src_img))
-                    if v.state == READY}
-        except HostAgentError:
-            have = set()
-        if params.get("move") and not set(sources) <= have:
-            log.warning("Interrupted move of %s: the source was being removed; finishing",
-                        src_img)
-            if have:
-                await sdom.delete_image(str(src_img))
-            return
-        try:
-            vols = await ddom.image_volumes(str(dst_img))
-        except HostAgentError:
-            return
-        # Only what this job made: a target older than the job is not its own.
-        started = float(params["started"])
-        stale = [v for v in vols if v.uuid in targets and v.ctime >= int(started) - 1]
-        for v in leaf_first(stale):
-            log.warning("Removing target %s/%s/%s of an interrupted copy", dst_sd, dst_img,
-                        v.uuid)
-            await ddom.discard_volume(v)
-
-
-
-async def recover_backup(dm: DomainManager, params: dict[str, Any],
-                         started: float | None) -> None:
-    """An interrupted backupVolume: all or nothing, so its backup volumes are
-    removed, and so are the snapshot layers it put on the disks (a child of
-    the disk's top named after its backup, newer than the job): nothing
-    writes such a layer unless a VM runs on the disk, so without one the
-    disk is back as it was. A layer that holds data is left, and logged."""
-    targets = list(params.get("targets", []))
-    await recover_new_volumes(dm, targets, started)
-    if started is None:
-        return
-    for src, dst in zip(params.get("sources", []), targets, strict=False):
-        sd, img = str(src["sdUUID"]), str(src["imgUUID"])
-        if dm.is_prepared(sd, img, "vm"):
-            log.warning("Interrupted backup of %s/%s: a VM uses the disk, its snapshot layer "
-                        "stays", sd, img)
-            continue
-        try:
-            domain = await dm.domain(sd)
-            async with dm.locks.hold(request("image", f"{sd}/{img}")):
-                for v in await domain.image_volumes(img):
-                    if (v.parent != src["volUUID"] or v.state != READY
-                            or v.description != f"backup {dst['volUUID']}"
-                            or v.ctime < int(started) - 1 or await domain.children(v)):
-                        continue
-                    async with dm.using(domain, await domain.chain(img, v.uuid)):
-                        held = [e for e in await qemuimg.map_(
-                            domain.volume_path(img, v.uuid), fmt="qcow2",
-                            runner=dm.runner) if e["data"] and e["depth"] == 0]
-                    if held:
-                        log.error("Interrupted backup left snapshot layer %s/%s/%s with "
-                                  "data: kept", sd, img, v.uuid)
-                        continue
-                    log.warning("Removing snapshot layer %s/%s/%s of an interrupted backup",
-                                sd, img, v.uuid)
-                    await domain.delete_volume(img, v.uuid)
-        except HostAgentError as e:
-            log.error("Cannot recover the disk %s/%s of an interrupted backup: %s", sd, img,
-                      e.message)
-
-
-async def recover_new_volumes(dm: DomainManager, vols: list[dict[str, Any]],
-                              started: float | None) -> None:
-    """An interrupted snapshotImages or createHibernationVolumes: all or
-    nothing, so the volumes it made (newer than the job) are removed."""
-    for sd in {str(v["sdUUID"]) for v in vols}:
-        await dm.collect_garbage(sd)
-    if started is None:     # it never ran
-        return
-    for v in vols:
-        sd, img, vol = str(v["sdUUID"]), str(v["imgUUID"]), str(v["volUUID"])
-        try:
-            domain = await dm.domain(sd)
-            md = await domain.volume(img, vol)
-        except HostAgentError:
-            continue
-        if md.ctime < int(started) - 1:
-            continue
-        log.warning("Removing volume %s/%s/%s of an interrupted job", sd, img, vol)
-        try:
-            async with dm.locks.hold(request("image", f"{sd}/{img}")):
-                await domain.delete_volume(img, vol)
-        except HostAgentError as e:
-            log.error("Cannot remove %s/%s/%s: %s", sd, img, vol, e.message)

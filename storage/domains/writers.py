@@ -15,10 +15,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
-from storage.errors import HostAgentError
-from storage.qmp import QMPClient, QMPError
+from storage.errors import HostAgentError, VolumeIsBusy
+from storage.qmp import DEFAULT_TIMEOUT, QMPClient, QMPError
 from storage.thin import ThinPolicy
 
 log = logging.getLogger("storage.writers")
@@ -30,10 +31,88 @@ RETRY_INTERVAL = 1.0
 Extend = Callable[[int], Awaitable[int]]
 
 
+class Link:
+    """The agent's one connection to a writer's QMP monitor, shared by the
+    watches of every disk that writer holds (a monitor serves one client at
+    a time: a connection per disk would leave all but one waiting).
+    Connects whenever the socket is there, until its last watch leaves."""
+
+    def __init__(self, path: str, retry_interval: float = RETRY_INTERVAL,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.path = path
+        self.retry_interval = retry_interval
+        self.timeout = timeout      # of a reply
+        self.qmp: QMPClient | None = None
+        self.connected = asyncio.Event()
+        self._watches: set[WriterWatch] = set()
+        self._sessions: dict[WriterWatch, asyncio.Task[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def idle(self) -> bool:
+        return not self._watches
+
+    def attach(self, watch: WriterWatch) -> None:
+        self._watches.add(watch)
+        if self.qmp is not None:
+            self._start_session(watch, self.qmp)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"writer link {self.path}")
+
+    async def detach(self, watch: WriterWatch) -> None:
+        self._watches.discard(watch)
+        await _cancel(self._sessions.pop(watch, None))
+        if not self._watches:
+            task, self._task = self._task, None
+            await _cancel(task)
+
+    def _start_session(self, watch: WriterWatch, qmp: QMPClient) -> None:
+        watch.events = asyncio.Queue()
+        self._sessions[watch] = asyncio.create_task(watch.session(qmp),
+                                                    name=f"writer {watch.name}")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with QMPClient(self.path, timeout=self.timeout) as qmp:
+                    self.qmp = qmp
+                    self.connected.set()
+                    log.info("Writer %s: connected", self.path)
+                    for watch in list(self._watches):
+                        self._start_session(watch, qmp)
+                    while True:
+                        ev = await qmp.next_event()
+                        for watch in self._sessions:
+                            watch.events.put_nowait(ev)
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                # not started yet, or gone: looked for again
+                log.debug("Writer %s: %s", self.path, e)
+            except (TimeoutError, OSError, QMPError) as e:
+                log.info("Writer %s: %s (connecting again)", self.path, e)
+            finally:
+                self.qmp = None
+                self.connected.clear()
+                sessions, self._sessions = self._sessions, {}
+                for task in sessions.values():
+                    await _cancel(task)
+            await asyncio.sleep(self.retry_interval)
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    # not `await task` under suppress(CancelledError): that would swallow a
+    # cancellation of the caller arriving here
+    while task is not None and not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=1)
+
+
 class WriterWatch:
+    """One disk's writer: the threshold on its protocol node, through the
+    link to the writer's monitor (its own link unless one is given)."""
+
     def __init__(self, name: str, qmp_socket: str, node: str, thin: ThinPolicy, *,
                  current: Callable[[], Awaitable[int]], extend: Extend,
-                 retry_interval: float = RETRY_INTERVAL) -> None:
+                 retry_interval: float = RETRY_INTERVAL, link: Link | None = None) -> None:
         self.name = name
         self.qmp_socket = qmp_socket
         self.node = node
@@ -41,41 +120,44 @@ class WriterWatch:
         self._current = current
         self._extend = extend
         self.retry_interval = retry_interval
+        self.link = link or Link(qmp_socket, retry_interval)
         self.size = 0
+        # set while the watch runs on a connection to the writer
         self.connected = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    @property
+    def qmp(self) -> QMPClient | None:
+        return self.link.qmp
 
     def start(self) -> WriterWatch:
-        self._task = asyncio.create_task(self._run(), name=f"writer {self.name}")
+        self.link.attach(self)
         return self
 
     async def stop(self) -> None:
-        if self._task is not None:
-            while not self._task.done():
-                self._task.cancel()
-                await asyncio.wait([self._task], timeout=1)
-            self._task = None
+        await self.link.detach(self)
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                async with QMPClient(self.qmp_socket) as qmp:
+    async def session(self, qmp: QMPClient) -> None:
+        """Watch on one connection (cancelled when it closes)."""
+        try:
+            while True:
+                try:
                     self.connected.set()
                     log.info("Writer of %s: watching node %s through %s", self.name,
                              self.node, self.qmp_socket)
                     await self._watch(qmp)
-            except (FileNotFoundError, ConnectionRefusedError) as e:
-                # not started yet, or gone: looked for again
-                log.debug("Writer of %s: %s", self.name, e)
-            except (TimeoutError, OSError, QMPError) as e:
-                log.info("Writer of %s: %s (connecting again)", self.name, e)
-            except HostAgentError as e:
-                # the volume's size unknown for now (its domain not active yet
-                # after a restart, the storage failing): tried again
-                log.warning("Writer of %s: %s (trying again)", self.name, e.message)
-            finally:
-                self.connected.clear()
-            await asyncio.sleep(self.retry_interval)
+                except QMPError as e:
+                    if qmp.closed.is_set():
+                        return
+                    # the node not there yet (the VM starting)
+                    log.info("Writer of %s: %s (trying again)", self.name, e)
+                except HostAgentError as e:
+                    # the volume's size unknown for now (its domain not active
+                    # yet after a restart, the storage failing): tried again
+                    log.warning("Writer of %s: %s (trying again)", self.name, e.message)
+                await asyncio.sleep(self.retry_interval)
+        finally:
+            self.connected.clear()
 
     async def _watch(self, qmp: QMPClient) -> None:
         self.size = await self._current()
@@ -86,15 +168,18 @@ class WriterWatch:
         if highest is not None and highest > self.thin.threshold(self.size):
             await self._grow(qmp, highest)
         while True:
-            ev = await qmp.next_event()
+            ev = await self.events.get()
             data: dict[str, Any] = ev.get("data") or {}
             if ev.get("event") == "BLOCK_WRITE_THRESHOLD" and data.get("node-name") == self.node:
                 await self._grow(qmp, int(data["write-threshold"]) +
                                  int(data["amount-exceeded"]))
             elif ev.get("event") == "BLOCK_IO_ERROR" and data.get("nospace"):
-                # a VM paused on ENOSPC (werror=enospc): the threshold came too late
+                # a VM paused on ENOSPC (werror=enospc): the threshold came
+                # too late, for this disk if it is past its threshold (the
+                # event names the VM's device, not this node)
                 highest = await self._highest_offset(qmp)
-                await self._grow(qmp, max(highest or 0, self.size))
+                if highest is not None and highest > self.thin.threshold(self.size):
+                    await self._grow(qmp, highest)
 
     async def _grow(self, qmp: QMPClient, allocation: int) -> None:
         """Extend until it works (a full VG: every retry_interval), re-arm, resume."""
@@ -141,3 +226,196 @@ class WriterWatch:
         if status.get("status") == "io-error":
             log.info("Writer of %s: resuming the VM paused on an I/O error", self.name)
             await qmp.execute("cont")
+
+
+# How long a live snapshot waits for the agent's connection to a writer.
+CONNECT_WAIT = 10.0
+
+
+class SwitchUncertain(VolumeIsBusy):
+    """The switch's transaction went unanswered: the writer may hold the new
+    layers. They stay (and the switch's record: the restarted agent asks the
+    writer), rather than a layer a VM writes removed."""
+
+
+@dataclass(frozen=True)
+class Switch:
+    """One disk of a live snapshot: its writer, onto the new layer at `path`
+    (a qcow2 over the writer's current top, made and prepared already)."""
+
+    watch: WriterWatch
+    disk: str           # named in errors: "disks[0]"
+    path: str
+    vol: str            # the new layer's volume: its node names
+
+
+async def switch_writers(switches: list[Switch]) -> list[str]:
+    """Put each writer onto its new layer in one QMP `transaction` of
+    `blockdev-snapshot` actions (all disks or none): each overlay is opened
+    first (`blockdev-add`, with no backing: the snapshot action makes the
+    writer's top its backing and moves every user of the top onto it), so
+    after the transaction no write reaches the old layers. Returns the new
+    protocol nodes (the watches' nodes from now on). On failure the
+    overlays opened are closed again and the writers are unchanged.
+
+    As libvirt's external snapshots with -blockdev (qemuSnapshotDiskPrepare
+    ... qemuBlockSnapshotAddBlockdev)."""
+    if not switches:
+        return []
+    sockets = {s.watch.qmp_socket for s in switches}
+    if len(sockets) > 1:
+        raise VolumeIsBusy(resource=", ".join(s.disk for s in switches),
+                           reason="their writers are different processes "
+                                  f"({', '.join(sorted(sockets))}): one transaction "
+                                  "switches the disks of one VM")
+    watch = switches[0].watch
+    try:
+        async with asyncio.timeout(CONNECT_WAIT):
+            await watch.connected.wait()
+    except TimeoutError:
+        raise VolumeIsBusy(resource=", ".join(s.disk for s in switches),
+                           reason=f"the writer's QMP monitor {watch.qmp_socket} is not "
+                                  "reachable: the new layers cannot be switched to") from None
+    qmp = watch.qmp
+    assert qmp is not None
+    try:
+        nodes = {n["node-name"]: n for n in
+                 await qmp.execute("query-named-block-nodes", {"flat": True})}
+        # the one query that names each node's parents (qemu 4.0 and later;
+        # "x-debug" but unchanged since)
+        graph = await qmp.execute("x-debug-query-block-graph")
+        added: list[str] = []
+        actions: list[dict[str, Any]] = []
+        tops: list[tuple[str, str]] = []
+        try:
+            for s in switches:
+                proto = nodes.get(s.watch.node)
+                if proto is None:
+                    raise VolumeIsBusy(resource=s.disk,
+                                       reason=f"the writer has no node {s.watch.node}")
+                top = _format_node(graph, s.watch.node)
+                cache = proto.get("cache") or {}
+                file_node, fmt_node = layer_nodes(s.vol)
+                await qmp.execute("blockdev-add", {
+                    "driver": proto["drv"], "node-name": file_node, "filename": s.path,
+                    "cache": {"direct": bool(cache.get("direct")),
+                              "no-flush": bool(cache.get("no-flush"))}})
+                added.append(file_node)
+                await qmp.execute("blockdev-add", {
+                    "driver": "qcow2", "node-name": fmt_node, "file": file_node,
+                    "backing": None})
+                added.append(fmt_node)
+                actions.append({"type": "blockdev-snapshot",
+                                "data": {"node": top, "overlay": fmt_node}})
+                tops.append((top, fmt_node))
+            actions += await _carry_bitmaps(qmp, nodes, tops)
+            await _transaction(qmp, actions, switches, added)
+        except BaseException:
+            for node in reversed(added):
+                try:
+                    await qmp.execute("blockdev-del", {"node-name": node})
+                except QMPError as e:
+                    log.error("Live snapshot: cannot close node %s: %s", node, e)
+            raise
+    except QMPError as e:
+        raise VolumeIsBusy(resource=", ".join(s.disk for s in switches),
+                           reason=f"the writer refused the switch onto the new layers: "
+                                  f"{e}") from None
+    log.info("Live snapshot: %s switched onto %s in one transaction", watch.qmp_socket,
+             ", ".join(s.path for s in switches))
+    return [layer_nodes(s.vol)[0] for s in switches]
+
+
+async def _transaction(qmp: QMPClient, actions: list[dict[str, Any]],
+                       switches: list[Switch], added: list[str]) -> None:
+    """Run the switch's transaction. An error reply: it did nothing. No
+    reply (timeout, connection lost): the writer may be on the new layers;
+    what it opened stays (`added` emptied), and so must the layers
+    (SwitchUncertain)."""
+    uncertain: Exception | None = None
+    try:
+        await qmp.execute("transaction", {"actions": actions})
+    except QMPError as e:
+        if e.error_class:
+            raise
+        uncertain = e
+    except TimeoutError as e:
+        uncertain = e
+    if uncertain is not None:
+        added.clear()
+        raise SwitchUncertain(resource=", ".join(s.disk for s in switches),
+                              reason=f"the writer did not answer the switch onto "
+                                     f"the new layers ({uncertain}): they are kept")
+
+
+async def _carry_bitmaps(qmp: QMPClient, nodes: dict[str, dict[str, Any]],
+                         tops: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Actions giving each overlay the persistent dirty bitmaps of the top
+    it goes over (the writer holds them: the copy on storage is stale while
+    it runs), merged in the same transaction, as libvirt does; a name the
+    overlay has already (a backup's own, added when it was made) is left."""
+    have = {n["node-name"]: {b["name"] for b in n.get("dirty-bitmaps") or []}
+            for n in await qmp.execute("query-named-block-nodes", {"flat": True})}
+    actions: list[dict[str, Any]] = []
+    for top, overlay in tops:
+        for bm in nodes[top].get("dirty-bitmaps") or []:
+            if not bm.get("persistent") or bm["name"] in have.get(overlay, set()):
+                continue
+            actions += [
+                {"type": "block-dirty-bitmap-add",
+                 "data": {"node": overlay, "name": bm["name"], "persistent": True,
+                          "granularity": bm["granularity"],
+                          "disabled": not bm.get("recording", True)}},
+                {"type": "block-dirty-bitmap-merge",
+                 "data": {"node": overlay, "target": bm["name"],
+                          "bitmaps": [{"node": top, "name": bm["name"]}]}}]
+    return actions
+
+
+def layer_nodes(vol: str) -> tuple[str, str]:
+    """The protocol and format node names a live snapshot gives a new layer
+    in its writer (unique per volume, known before the switch: a restart
+    asks the writer whether they are there)."""
+    prefix = "ha-" + vol.replace("-", "")[:16]
+    return f"{prefix}-file", f"{prefix}-fmt"
+
+
+async def switched(qmp_socket: str, vol: str, timeout: float = 5.0) -> bool | None:
+    """Whether a writer holds the new layer `vol` (a live snapshot cut by a
+    crash: did its transaction happen?); None if the writer cannot be asked
+    (not running)."""
+    file_node, fmt_node = layer_nodes(vol)
+    try:
+        async with QMPClient(qmp_socket, timeout=timeout) as qmp:
+            nodes = {n["node-name"]: n for n in
+                     await qmp.execute("query-named-block-nodes", {"flat": True})}
+            # switched onto: its backing attached (a node's info says nothing
+            # of it: backing_file is the header's, backing_file_depth 0)
+            graph = await qmp.execute("x-debug-query-block-graph")
+            ids = {n["id"] for n in graph["nodes"] if n.get("name") == fmt_node}
+            if any(e["parent"] in ids and e["name"] == "backing" for e in graph["edges"]):
+                return True
+            # opened before the transaction, never switched onto: closed
+            for node in (fmt_node, file_node):
+                if node in nodes:
+                    await qmp.execute("blockdev-del", {"node-name": node})
+            return False
+    except (OSError, TimeoutError, QMPError) as e:
+        log.warning("Writer %s: cannot ask it about layer %s: %s", qmp_socket, vol, e)
+        return None
+
+
+def _format_node(graph: dict[str, Any], proto: str) -> str:
+    """The format node over a protocol node: the writer's top, which the
+    snapshot goes over. Read from the block graph (its `file` parent): a
+    node's filename does not tell (a snapshot overlay's is a json: string);
+    the protocol node itself when a writer uses a raw volume with no format
+    node."""
+    names = {n["id"]: n for n in graph["nodes"]}
+    ids = [i for i, n in names.items() if n.get("name") == proto]
+    parents = [str(names[e["parent"]]["name"]) for e in graph["edges"]
+               if e["child"] in ids and e["name"] == "file"
+               and names[e["parent"]].get("type") == "block-driver"]
+    if len(parents) > 1:
+        raise QMPError(f"node {proto} has {len(parents)} format nodes: {parents}")
+    return parents[0] if parents else proto

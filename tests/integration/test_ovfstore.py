@@ -33,7 +33,7 @@ from storage.errors import ResourceInUse
 from storage.metadata import decode, encode
 from tests.agentproc import AgentProcess
 from tests.integration.storagefixtures import wait_for
-from tests.polling import until
+from tests.polling import until, until_async
 
 MiB = 1024**2
 
@@ -315,7 +315,7 @@ async def check_refusals(agent: AgentProcess, c: Client, sd: str, via: str = "ur
     status, result = await put(agent, target_of(t, via), full)
     assert status == 403 and result["error"]["code"] == 2111
     t = await c.call("uploadOvfTar", sdUUID=sd, size=len(full))
-    await asyncio.sleep(2.2)
+    await asyncio.sleep(2.2)    # the ticket's ttl (2 s) passing is what is tested here
     status, _ = await put(agent, target_of(t, via), full)
     assert status == 403
     # no client certificate: refused at the TLS handshake on the main port;
@@ -384,10 +384,12 @@ async def test_stalled_upload_is_abandoned(dom: Dom, via: str) -> None:
     stalled = make_tar([(f"{new_id()}.ovf", b"<ovf/>" * 20000)])
     t = await c.call("uploadOvfTar", sdUUID=d.sd, size=len(stalled))
 
+    go_on = asyncio.Event()
+
     async def trickle() -> Any:
         async def gen() -> AsyncIterator[bytes]:
             yield stalled[:4096]
-            await asyncio.sleep(8)
+            await go_on.wait()      # stalled until the agent has answered
             yield stalled[4096:]
         conn = aiohttp.TCPConnector(ssl=ssl_ctx(agent))
         try:
@@ -400,17 +402,22 @@ async def test_stalled_upload_is_abandoned(dom: Dom, via: str) -> None:
             return e
 
     task = asyncio.create_task(trickle())
-    await asyncio.sleep(1.0)
+    await until_async(lambda: upload_holds_store(c, d.sd), "the stalled upload is under way",
+                      timeout=10)
     # while it stalls, the domain is busy
     busy = make_tar([(f"{new_id()}.ovf", b"<ovf n='busy'/>")])
     assert (await upload(c, agent, d.sd, busy))[0] == 409
     assert (await get(agent, d.sd))[1] == old
-    await asyncio.sleep(2.5)
+    # the agent answers the stalled client after body_timeout, its upload ended
+    try:
+        result = await asyncio.wait_for(task, 15)
+    finally:
+        go_on.set()
+    assert result != 200, result
+    assert not await upload_holds_store(c, d.sd)
     new = make_tar([(f"{new_id()}.ovf", b"<ovf n='new'/>")])
     assert (await upload(c, agent, d.sd, new))[0] == 200
     assert (await get(agent, d.sd))[1] == new
-    result = await task
-    assert result != 200, result
 
 
 async def kill9_trials(agent: AgentProcess, restart: Callable[[AgentProcess], AgentProcess],
@@ -627,7 +634,9 @@ async def test_data_listener_stops_with_agent(agent_factory: Callable[..., Agent
         writer.write(f"PUT {t['path']} HTTP/1.1\r\nHost: x\r\n"
                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100_000])
         await writer.drain()
-        await asyncio.sleep(0.5)
+        async with client_of(agent) as c:
+            await until_async(lambda: upload_holds_store(c, d.sd), "the upload is under way",
+                              timeout=10)
         start = time.monotonic()
         assert await asyncio.to_thread(agent.stop, signal.SIGTERM, 20.0) == 0
         assert time.monotonic() - start < 12
@@ -641,6 +650,13 @@ async def test_data_listener_stops_with_agent(agent_factory: Callable[..., Agent
 
 
 # ---- the store is the domain's recorded volume, not a disk type ---------------------
+
+
+async def upload_holds_store(c: Client, sd: str) -> bool:
+    """Whether an upload to sd is under way in the agent: it holds the lease of
+    the domain's OVF store volume while it writes."""
+    _, vol = await store_volume(c, sd)
+    return any(lease["resource"] == vol for lease in (await c.call("getStats"))["leases"])
 
 
 async def store_volume(c: Client, sd: str) -> tuple[str, str]:

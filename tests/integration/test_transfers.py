@@ -9,7 +9,9 @@ import asyncio
 import http.client
 import json
 import os
+import struct
 import subprocess
+import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -90,6 +92,11 @@ async def dom(make_fs_mount: Callable[..., Any], agent_factory: Callable[..., Ag
         await c.call("createStorageDomain", sdUUID=sd, domType="localfs", name="xfer",
                      connectionId=conn["id"], ovfStore=False)
         yield Dom(agent, c, sd)
+        # a test that failed with a transfer open: closed, or the format is
+        # refused (its volume is leased) and hides the test's own failure
+        for job in (await c.call("getJobs")).values():
+            if job["type"] == "transfer" and job["status"] == "running":
+                await c.call("abortJob", jobUUID=job["jobUUID"])
         await c.call("formatStorageDomain", sdUUID=sd)
         await c.call("disconnectStorageServer", domType="localfs", connectionParams=[conn])
 
@@ -286,34 +293,76 @@ async def test_qcow2_file_upload_download(dom: Dom, tmp_path: Path) -> None:
     await d.c.call("finalizeTransfer", transferId=t["transferId"])
 
 
-@pytest.mark.parametrize("bad", ["backing-outside", "too-large", "not-qcow2"])
+def qcow2_bomb(path: Path, size: int, **fields: int) -> None:
+    """A small qcow2 of `size` whose header fields (l1_size,
+    refcount_table_clusters) announce tables far larger than the file."""
+    qemu_img("create", "-f", "qcow2", str(path), str(size))
+    offsets = {"l1_size": (36, ">I"), "refcount_table_clusters": (56, ">I")}
+    header = bytearray(path.read_bytes())
+    for name, value in fields.items():
+        offset, fmt = offsets[name]
+        struct.pack_into(fmt, header, offset, value)
+    path.write_bytes(header)
+
+
+@pytest.mark.parametrize("bad", ["backing-outside", "backing-escape", "too-large",
+                                 "not-qcow2", "l1-past-end", "l1-too-large",
+                                 "refcount-past-end", "refcount-too-large"])
 async def test_hostile_qcow2_upload_stays_illegal(dom: Dom, tmp_path: Path, bad: str) -> None:
+    """Refused at finalize (484), left ILLEGAL, removed by cancel. The
+    bombs: 192 KiB files whose L1 or refcount table (32 MiB, 8 MiB past the
+    file's end; 512 MiB, 1 TiB over qemu's own limits) `qemu-img info`
+    and `qemu-img check` must not trust."""
     d = dom
     size = 16 * MiB
     src = tmp_path / "bad.qcow2"
+    img, vol = new_id(), None
     if bad == "backing-outside":
         outside = tmp_path / "host-secret.raw"
         outside.write_bytes(b"secret" * 1000)
         qemu_img("create", "-f", "qcow2", "-b", str(outside), "-F", "raw", str(src),
                  str(size))
+    elif bad == "backing-escape":
+        # a layer over a parent in the image: its backing names the parent,
+        # but out of the images' directory (only the parent's own name, or a
+        # template's ../<image>/<volume>, is a volume of the domain)
+        img, parent = await d.volume(size)
+        vol, job = new_id(), new_id()
+        await d.c.call("createVolume", jobUUID=job, sdUUID=d.sd, imgUUID=img, volUUID=vol,
+                       size=size, format="cow", preallocate="sparse", parentVolUUID=parent)
+        assert (await d.c.wait_job(job, timeout=60, poll=0.5))["status"] == "done"
+        qemu_img("create", "-f", "qcow2", "-u", "-b", f"../../{parent}", "-F", "qcow2",
+                 str(src), str(size))
     elif bad == "too-large":
         # a header announcing more than the volume's capacity
         qemu_img("create", "-f", "qcow2", str(src), str(1024 * GiB))
+    elif bad == "l1-past-end":
+        qcow2_bomb(src, size, l1_size=4 * 1024 * 1024)
+    elif bad == "l1-too-large":
+        qcow2_bomb(src, size, l1_size=64 * 1024 * 1024)
+    elif bad == "refcount-past-end":
+        qcow2_bomb(src, size, refcount_table_clusters=128)
+    elif bad == "refcount-too-large":
+        qcow2_bomb(src, size, refcount_table_clusters=0xffffff)
     else:
         src.write_bytes(os.urandom(MiB))
-    img, vol = await d.volume(size)
+    if vol is None:
+        img, vol = await d.volume(size)
     t = await d.start(img, vol, "upload", format="qcow2")
     put_file(d, t["url"], src)
     with pytest.raises(RpcError) as e:
         await d.c.call("finalizeTransfer", transferId=t["transferId"])
     assert e.value.code == 484, e.value
+    if bad.startswith("backing"):
+        # refused for its backing file itself, before qemu-img opens it
+        assert "the metadata says" in e.value.message, e.value
     assert (await d.info(img, vol))["legality"] == "ILLEGAL"
     got = await d.c.call("getTransfer", transferId=t["transferId"])
     assert got["active"] is False and got["error"]["code"] == 484
     # a failed upload can be cancelled: its volume goes
     got = await d.c.call("cancelTransfer", transferId=t["transferId"])
     assert got["state"] == "cancelled"
-    assert img not in await d.c.call("getImagesList", sdUUID=d.sd)
+    assert vol not in await d.c.call("getVolumesList", sdUUID=d.sd)
 
 
 async def test_incremental_download_reads_only_changes(dom: Dom, tmp_path: Path) -> None:
@@ -348,20 +397,30 @@ async def test_incremental_download_reads_only_changes(dom: Dom, tmp_path: Path)
             status, body = d.request(t["url"], "PUT", body=data, headers={
                 "Content-Range": f"bytes {offset}-{offset + length - 1}/*"})
             assert status == 200, body
+        # and an area of data zeroed: dirty, but nothing to read
+        zeroed = (20 * MiB, 512 * 1024)
+        f.seek(zeroed[0])
+        f.write(bytes(zeroed[1]))
+    status, body = d.request(t["url"], "PATCH", body=json.dumps(
+        {"op": "zero", "offset": zeroed[0], "size": zeroed[1]}).encode(),
+        headers={"Content-Type": "application/json"})
+    assert status == 200, body
     await d.c.call("finalizeTransfer", transferId=t["transferId"])
 
     t = await d.start(img, vol, "download", dirty="point1")
     status, body = d.request(t["url"], "GET", "/extents?context=dirty")
     assert status == 200, body
-    dirty = [(e["start"], e["length"]) for e in json.loads(body) if e["dirty"]]
-    assert dirty == changes
+    # as imageio reports them: a dirty extent says whether it reads as zeroes
+    dirty = [(e["start"], e["length"], e["zero"]) for e in json.loads(body) if e["dirty"]]
+    assert dirty == sorted([(o, n, False) for o, n in changes] + [(*zeroed, True)])
     inc = tmp_path / "inc.qcow2"
     await asyncio.to_thread(client.download, t["url"], str(inc), d.ca, fmt="qcow2",
                             incremental=True, backing_file=str(full), backing_format="qcow2")
     done = await d.c.call("finalizeTransfer", transferId=t["transferId"])
-    # the restored chain is the disk; the bytes read are within 2x of the change
+    # the restored chain is the disk; the bytes read are the changed data
+    # (the zeroed area is zeroed by the client, not read)
     qemu_img("compare", str(disk), str(inc))
-    assert changed <= done["transferred"] <= 2 * changed, done
+    assert done["transferred"] == changed, done
     # a transfer without dirty has no dirty extents
     t = await d.start(img, vol, "download")
     assert d.request(t["url"], "GET", "/extents?context=dirty")[0] == 404
@@ -379,14 +438,11 @@ def qemu_nbd_of(vol: str) -> list[int]:
     return out
 
 
-async def test_agent_killed_mid_upload_leaves_nothing(
-        make_fs_mount: Callable[..., Any], agent_factory: Callable[..., AgentProcess],
-        tmp_path: Path) -> None:
-    """kill -9 in the middle of an upload: its qemu-nbd ends with the agent,
-    and after a restart the volume is ILLEGAL, not prepared, not leased (it
-    can be deleted)."""
-    fs = make_fs_mount("ext4", size=256 * MiB)
-    agent = agent_factory(tmp_path / "state")
+async def open_upload_and_download(agent: AgentProcess, fs: Any) -> tuple[
+        dict[str, str], str, str, str, str, str, dict[str, Any], dict[str, Any]]:
+    """A new localfs domain on `fs` with two volumes, an upload open on one
+    (1 MiB written) and a download on the other: (connection, sdUUID, img,
+    vol, kept_img, kept, upload, download)."""
     conn = {"id": new_id(), "connection": str(fs.path)}
     sd = new_id()
     async with agent.client() as c:
@@ -395,18 +451,172 @@ async def test_agent_killed_mid_upload_leaves_nothing(
                      connectionId=conn["id"], ovfStore=False)
         d = Dom(agent, c, sd)
         img, vol = await d.volume(16 * MiB)
-        t = await d.start(img, vol, "upload")
-        status, _ = d.request(t["url"], "PUT", body=os.urandom(MiB),
+        kept_img, kept = await d.volume(16 * MiB)
+        up = await d.start(img, vol, "upload")
+        status, _ = d.request(up["url"], "PUT", body=os.urandom(MiB),
                               headers={"Content-Range": f"bytes 0-{MiB - 1}/*"})
         assert status == 200
-        assert len(qemu_nbd_of(vol)) == 1
+        down = await d.start(kept_img, kept, "download")
+    return conn, sd, img, vol, kept_img, kept, up, down
+
+
+async def test_agent_killed_mid_upload_leaves_nothing(
+        make_fs_mount: Callable[..., Any], agent_factory: Callable[..., AgentProcess],
+        tmp_path: Path) -> None:
+    """kill -9 with an upload and a download open: their qemu-nbd end with
+    the agent; after a restart both transfer jobs are failed as interrupted,
+    the upload's ILLEGAL volume is removed (its ticket died, nobody can
+    finish it), and the download's volume is LEGAL, not prepared, not
+    leased (a new transfer takes it)."""
+    fs = make_fs_mount("ext4", size=256 * MiB)
+    agent = agent_factory(tmp_path / "state")
+    conn, sd, img, vol, kept_img, kept, up, down = await open_upload_and_download(agent, fs)
+    async with agent.client() as c:
+        d = Dom(agent, c, sd)
+        assert d.request(down["url"], "GET", headers={"Range": "bytes=0-4095"})[0] == 206
+        assert len(qemu_nbd_of(vol)) == 1 and len(qemu_nbd_of(kept)) == 1
     agent.kill()
-    wait_for("the transfer's qemu-nbd to end", lambda: not qemu_nbd_of(vol), timeout=10)
+    wait_for("the transfers' qemu-nbd to end",
+             lambda: not qemu_nbd_of(vol) and not qemu_nbd_of(kept), timeout=10)
     agent = agent_factory(agent.state_dir, port=agent.port)
     async with agent.client() as c:
         d = Dom(agent, c, sd)
-        assert (await d.info(img, vol))["legality"] == "ILLEGAL"
-        await c.call("deleteVolume", sdUUID=sd, imgUUID=img, volUUID=vol)
+        jobs = await c.call("getJobs", jobUUIDs=[up["transferId"], down["transferId"]])
+        assert len(jobs) == 2, jobs
+        for job in jobs.values():
+            assert job["status"] == "failed" and job["error"]["code"] == 2106, job
         assert img not in await c.call("getImagesList", sdUUID=sd)
+        assert (await d.info(kept_img, kept))["legality"] == "LEGAL"
+        t = await d.start(kept_img, kept, "upload")
+        await c.call("cancelTransfer", transferId=t["transferId"])
+        assert kept_img not in await c.call("getImagesList", sdUUID=sd)
+        await c.call("formatStorageDomain", sdUUID=sd)
+        await c.call("disconnectStorageServer", domType="localfs", connectionParams=[conn])
+
+
+async def job_statuses(q: asyncio.Queue[dict[str, Any]], job: str) -> list[dict[str, Any]]:
+    """The job.status notifications of one job until it ended."""
+    seen: list[dict[str, Any]] = []
+    while not seen or seen[-1]["status"] not in ("done", "failed", "aborted"):
+        msg = await asyncio.wait_for(q.get(), 30)
+        if msg["method"] == "job.status" and msg["params"]["jobUUID"] == job:
+            seen.append(msg["params"])
+    return seen
+
+
+def statuses(seen: list[dict[str, Any]]) -> list[str]:
+    """The statuses in order, each once (progress steps repeat one)."""
+    return [s["status"] for i, s in enumerate(seen)
+            if i == 0 or seen[i - 1]["status"] != s["status"]]
+
+
+async def test_transfers_are_jobs(dom: Dom, tmp_path: Path) -> None:
+    """A transfer is a job (type transfer, id = transferId): getJobs, job.status
+    on every change, progress, abortJob; finalized done, cancelled aborted,
+    expired failed."""
+    d = dom
+    size = 4 * MiB
+    img, vol = await d.volume(size)
+    async with d.c.notifications() as q:
+        t = await d.start(img, vol, "upload")
+        tid = t["transferId"]
+        job = (await d.c.call("getJobs", jobUUIDs=[tid]))[tid]
+        assert job["type"] == "transfer" and job["status"] == "running", job
+        assert job["progress"] == 0
+        status, body = d.request(t["url"], "PUT", body=os.urandom(MiB),
+                                 headers={"Content-Range": f"bytes 0-{MiB - 1}/*"})
+        assert status == 200, body
+        # a quarter of the volume moved (counted once the request ended,
+        # just after its reply)
+        deadline = asyncio.get_running_loop().time() + 10
+        while (await d.c.call("getJobs", jobUUIDs=[tid]))[tid]["progress"] != 25:
+            assert asyncio.get_running_loop().time() < deadline, "no progress 25"
+            await asyncio.sleep(0.05)
+        await d.c.call("finalizeTransfer", transferId=tid)
+        seen = await job_statuses(q, tid)
+    assert statuses(seen) == ["pending", "running", "done"], seen
+    assert seen[-1]["progress"] == 100 and seen[-1]["result"] == {"transferred": MiB}
+    assert tid in await d.c.call("getJobs")
+
+    # cancelTransfer: aborted
+    async with d.c.notifications() as q:
+        t = await d.start(img, vol, "download")
+        await d.c.call("cancelTransfer", transferId=t["transferId"])
+        seen = await job_statuses(q, t["transferId"])
+    assert statuses(seen) == ["pending", "running", "aborted"], seen
+    # abortJob closes the transfer: aborted, its ticket refused
+    t = await d.start(img, vol, "download")
+    job = await d.c.call("abortJob", jobUUID=t["transferId"])
+    assert job["status"] == "aborted", job
+    assert (await d.c.call("getTransfer", transferId=t["transferId"]))["state"] == "cancelled"
+    assert d.request(t["url"], "OPTIONS")[0] == 403
+    # an expired ticket: failed with 481
+    t = await d.start(img, vol, "download", inactivityTimeout=1)
+    job = await d.c.wait_job(t["transferId"], timeout=30, poll=0.2)
+    assert job["status"] == "failed" and job["error"]["code"] == 481, job
+    assert (await d.info(img, vol))["legality"] == "LEGAL"
+
+
+async def test_ticket_limits_from_config(
+        make_fs_mount: Callable[..., Any], agent_factory: Callable[..., AgentProcess],
+        tmp_path: Path) -> None:
+    """[transfers]: a ticket closes at ticket_lifetime however busy; without
+    inactivityTimeout a transfer gets inactivity_timeout; more than
+    max_inactivity_timeout is refused (1000)."""
+    conf = tmp_path / "hostagent.toml"
+    conf.write_text("[transfers]\nticket_lifetime = 3\ninactivity_timeout = 30\n"
+                    "max_inactivity_timeout = 40\n")
+    fs = make_fs_mount("ext4", size=256 * MiB)
+    agent = agent_factory(tmp_path / "state", extra_args=("--config", str(conf)))
+    conn = {"id": new_id(), "connection": str(fs.path)}
+    sd = new_id()
+    async with agent.client() as c:
+        await c.call("connectStorageServer", domType="localfs", connectionParams=[conn])
+        await c.call("createStorageDomain", sdUUID=sd, domType="localfs", name="xfer",
+                     connectionId=conn["id"], ovfStore=False)
+        d = Dom(agent, c, sd)
+        img, vol = await d.volume(4 * MiB)
+        with pytest.raises(RpcError) as e:
+            await d.start(img, vol, "download", inactivityTimeout=41)
+        assert e.value.code == 1000 and "max_inactivity_timeout" in e.value.message
+        before = time.time()
+        t = await d.start(img, vol, "download")
+        assert before + 3 - 1 <= t["expires"] <= time.time() + 3 + 1, t
+        got = await c.call("getTransfer", transferId=t["transferId"])
+        assert got["inactivityTimeout"] == 30 and got["active"] is True
+        # requests all along: the ticket still closes at its lifetime
+        deadline = time.monotonic() + 20
+        while d.request(t["url"], "GET", headers={"Range": "bytes=0-4095"})[0] == 206:
+            assert time.monotonic() < deadline, "the ticket never closed"
+        assert time.time() >= t["expires"]
+        job = await c.wait_job(t["transferId"], timeout=10, poll=0.2)
+        assert job["status"] == "failed" and job["error"]["code"] == 481, job
+        assert "expired" in job["error"]["message"], job
+        await c.call("formatStorageDomain", sdUUID=sd)
+        await c.call("disconnectStorageServer", domType="localfs", connectionParams=[conn])
+
+
+async def test_agent_stopped_with_upload_open_removes_it(
+        make_fs_mount: Callable[..., Any], agent_factory: Callable[..., AgentProcess],
+        tmp_path: Path) -> None:
+    """SIGTERM with an upload and a download open: the agent exits 0, the
+    upload's volume is removed as a cancel would (nobody can finish it once
+    its ticket is gone, as after a crash), the download's kept; both jobs
+    failed (481, the agent stopped)."""
+    fs = make_fs_mount("ext4", size=256 * MiB)
+    agent = agent_factory(tmp_path / "state")
+    conn, sd, img, vol, kept_img, kept, up, down = await open_upload_and_download(agent, fs)
+    assert agent.stop() == 0
+    assert not qemu_nbd_of(vol) and not qemu_nbd_of(kept)
+    agent = agent_factory(agent.state_dir, port=agent.port)
+    async with agent.client() as c:
+        d = Dom(agent, c, sd)
+        jobs = await c.call("getJobs", jobUUIDs=[up["transferId"], down["transferId"]])
+        assert len(jobs) == 2, jobs
+        for job in jobs.values():
+            assert job["status"] == "failed" and job["error"]["code"] == 481, job
+            assert "the agent stopped" in job["error"]["message"], job
+        assert img not in await c.call("getImagesList", sdUUID=sd)
+        assert (await d.info(kept_img, kept))["legality"] == "LEGAL"
         await c.call("formatStorageDomain", sdUUID=sd)
         await c.call("disconnectStorageServer", domType="localfs", connectionParams=[conn])

@@ -144,3 +144,25 @@ async def test_measure_volume(storage: Storage) -> None:
     with pytest.raises(RpcError) as e:
         await c.call("measureVolume", **ids, format="raw")
     assert e.value.code == 227, e.value      # PrepareIllegalVolumeError
+
+
+async def test_wipe_on_a_file_domain_is_ignored(storage: Storage) -> None:
+    """As VDSM ("won't be zeroed"): deleteVolume / deleteImage with wipe on a
+    file domain delete as without it; the LUN verbs refuse a file domain."""
+    c = storage.c
+    await storage.create_domain()
+    img, vol, img2, vol2 = new_id(), new_id(), new_id(), new_id()
+    await create_volume(c, storage.sd, img, vol, size=16 * MiB, fmt="raw")
+    await create_volume(c, storage.sd, img2, vol2, size=16 * MiB, fmt="raw")
+    assert await c.call("deleteVolume", sdUUID=storage.sd, imgUUID=img, volUUID=vol,
+                        wipe=True) == {}
+    job = new_id()
+    await c.call("deleteImage", jobUUID=job, sdUUID=storage.sd, imgUUID=img2, wipe=True)
+    info = await c.wait_job(job, timeout=60)
+    assert info["status"] == "done", info
+    assert await c.call("getImagesList", sdUUID=storage.sd) == []
+    for verb, params in (("extendStorageDomain", {"devices": ["36001405aa"]}),
+                         ("resizePV", {"guid": "36001405aa"})):
+        with pytest.raises(RpcError) as e:
+            await c.call(verb, sdUUID=storage.sd, **params)
+        assert e.value.code == 1000, (verb, e.value)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.domains.writers import WriterWatch
+from storage.domains.writers import Link, WriterWatch
 from storage.errors import NoSpaceLeftOnDomain
 from storage.qmp import QMPClient, QMPError
 from storage.thin import ThinPolicy
@@ -170,3 +170,47 @@ async def test_qmp_errors(qsd: Qsd) -> None:
             await client.execute("query-status")
     finally:
         await client.close()
+
+
+async def test_disks_of_one_writer_share_its_monitor(tmp_path: Path) -> None:
+    """Two disks of one VM, one monitor (it serves one client at a time):
+    both watches run on one connection and each disk is extended on its
+    own threshold only."""
+    require_tools("qemu-storage-daemon", "qemu-img", "qemu-io")
+    argv = ["qemu-storage-daemon", "--nbd-server",
+            f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}"]
+    for i in range(2):
+        image = tmp_path / f"disk{i}.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1G"],
+                       check=True)
+        argv += ["--blockdev", f"driver=file,node-name=file{i},filename={image}",
+                 "--blockdev", f"driver=qcow2,node-name=fmt{i},file=file{i}",
+                 "--export", f"type=nbd,id=e{i},node-name=fmt{i},name=e{i},writable=on"]
+    qmp = str(tmp_path / "qmp.sock")
+    argv += ["--chardev", f"socket,id=m0,path={qmp},server=on,wait=off",
+             "--monitor", "chardev=m0"]
+    lvs = [FakeLV(CHUNK), FakeLV(CHUNK)]
+    link = Link(qmp, retry_interval=0.1)
+    watches = [WriterWatch(f"sd/img/vol{i}", qmp, f"file{i}", THIN, current=lv.current,
+                           extend=lv.extend, retry_interval=0.1, link=link).start()
+               for i, lv in enumerate(lvs)]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    try:
+        for w in watches:
+            await asyncio.wait_for(w.connected.wait(), 20)
+        for i, lv in enumerate(lvs):
+            p = await asyncio.create_subprocess_exec(
+                "qemu-io", "-f", "raw", "-c", f"write -P 0x33 0 {10 * MiB}",
+                f"nbd+unix:///e{i}?socket={tmp_path / 'nbd.sock'}",
+                stdout=asyncio.subprocess.DEVNULL)
+            assert await asyncio.wait_for(p.wait(), 60) == 0
+            await lv.wait_size(2 * CHUNK)
+            # the other disk's event did not extend this one
+            assert lv.asked == [2 * CHUNK], (i, lv.asked)
+        assert lvs[1].asked == [2 * CHUNK], lvs[1].asked
+    finally:
+        for w in watches:
+            await w.stop()
+        assert link.idle and link.qmp is None
+        proc.terminate()
+        proc.wait(10)

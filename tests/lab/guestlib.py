@@ -311,6 +311,29 @@ class TargetServer:
         self.tgtadm("--op", "bind", "--mode", "target", "--tid", str(tid), "-I", "ALL")
         return target
 
+    def grow_lun(self, target: Target, number: int, size: int) -> None:
+        """What an array does when its admin grows a LUN: the file made
+        `size` bytes, and the LU deleted and added again with the same file
+        and serial (tgtd reads a backing file's size only when the LU is
+        made; `--op update --params path=` is refused for a disk: found in
+        the lab). The SCSI id follows the target and LUN numbers, so the
+        initiator sees the same WWID, larger once it rescans."""
+        lun = next(x for x in target.luns if x.number == number)
+        block = 512
+        for line in self.tgtadm("--op", "show", "--mode", "target").splitlines():
+            if "Backing store path:" in line and line.split(":", 1)[1].strip() == str(lun.path):
+                break
+            if line.strip().startswith("Size:") and "Block size:" in line:
+                block = int(line.rsplit(":", 1)[1])
+        os.truncate(lun.path, size)
+        lu = ("--tid", str(target.tid), "--lun", str(number))
+        self.tgtadm("--op", "delete", "--mode", "logicalunit", *lu)
+        self.tgtadm("--op", "new", "--mode", "logicalunit", *lu, "-b", str(lun.path),
+                    "--blocksize", str(block))
+        self.tgtadm("--op", "update", "--mode", "logicalunit", *lu, "--params",
+                    f"scsi_sn=LAB{target.tid:04d}{number:04d}")
+        lun.size = size
+
     def lun_scsi_id(self, tid: int, lun: int) -> str:
         """The SCSI ID tgtd gives a LUN ('IET     00010001'): the NAA WWID the
         initiator sees is derived from it."""

@@ -23,6 +23,7 @@ from tests.lab import guestlib as g
 MiB = 1 << 20
 CHAP_SECRET = "lab-chap-Secret-9f3"
 WRONG_SECRET = "lab-wrong-Secret-77"
+ADMIN_SECRET = "lab-admin-Secret-31"
 PORTAL1, PORTAL2 = (p.split(":")[0] for p in g.PORTALS)
 
 
@@ -373,11 +374,10 @@ async def test_discovery_with_chap(make_target: Callable[..., g.Target],
     target = make_target("discochap", (16 * MiB,))
     before = (iscsi_db(), node_records(), g.Initiator.sessions())
     db = Path("/etc/iscsi/send_targets")
-    # A record other tests' discoveries left for this portal would be reused
-    # and then deleted by the CHAP discovery (a known defect, see the issue's
-    # note): start from none for it, so what is asserted is the agent's own.
-    subprocess.run(["iscsiadm", "-m", "discoverydb", "-t", "st", "-p", f"{PORTAL1}:3260",
-                    "-o", "delete"], capture_output=True, check=False)
+    rec = ["iscsiadm", "-m", "discoverydb", "-t", "st", "-p", f"{PORTAL1}:3260"]
+    # first with no discovery record of the portal on the host (another
+    # test's discovery may have left one): the one made for the call goes
+    subprocess.run([*rec, "-o", "delete"], capture_output=True, check=False)
     before = (iscsi_db(), node_records(), g.Initiator.sessions())
     db_before = sorted(db.iterdir()) if db.exists() else []
     portal = g.PORTALS[0]
@@ -407,6 +407,24 @@ async def test_discovery_with_chap(make_target: Callable[..., g.Target],
         assert secret not in agent.log()
         assert not any(secret.encode() in p.read_bytes()
                        for p in Path("/etc/iscsi").rglob("*") if p.is_file())
+    # then with the host's own record of the portal (an admin's discovery,
+    # with CHAP settings of its own): used for the call and given back as it
+    # was, neither deleted nor left with the call's secret
+    g.run(*rec, "-o", "new")
+    try:
+        g.run(*rec, "-o", "update", "-n", "discovery.sendtargets.auth.authmethod", "-v", "CHAP",
+              "-n", "discovery.sendtargets.auth.username", "-v", "admin",
+              "-n", "discovery.sendtargets.auth.password", "-v", ADMIN_SECRET,
+              "-n", "discovery.sendtargets.timeo.login_timeout", "-v", "17")
+        shown = g.run(*rec, "-o", "show", "-S")
+        assert found == await client.call("discoverSendTargets", connection=PORTAL1, port=3260,
+                                          user=discovery_chap.username, password=CHAP_SECRET)
+        assert g.run(*rec, "-o", "show", "-S") == shown
+        assert not any(CHAP_SECRET.encode() in p.read_bytes()
+                       for p in Path("/etc/iscsi").rglob("*") if p.is_file())
+        assert ADMIN_SECRET not in agent.log()
+    finally:
+        g.run(*rec, "-o", "delete")
 
 
 async def test_restart_reestablishes_a_lost_session(

@@ -91,6 +91,21 @@ def deactivate_vgs(*vgs: str) -> None:
         if vg in found:
             g.run_ok("lvm", "vgchange", "-an", vg)
 
+def stop_agent(agent: AgentProcess, *vgs: str) -> None:
+    """Stop a test's agent (it must exit 0) and leave no LV of its domains'
+    VGs active, also when the test failed before formatting them."""
+    rc = agent.stop()
+    deactivate_vgs(*vgs)
+    assert rc == 0, f"agent exit status {rc}; log:\n{agent.log()}"
+
+
+async def format_and_disconnect(c: Any, sd: str) -> None:
+    """The end of a test's block domain: formatted, every connection gone."""
+    await c.call("formatStorageDomain", sdUUID=sd)
+    for st in await disconnect_all(c):
+        assert st["status"] == 0, st
+
+
 
 async def connect_luns(c: Any, target: g.Target) -> tuple[list[dict[str, Any]],
                                                           list[dict[str, Any]]]:

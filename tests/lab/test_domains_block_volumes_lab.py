@@ -22,11 +22,11 @@ from tests.lab import guestlib as g
 from tests.lab.test_connections_lab import disconnect_all
 from tests.lab.test_domains_block_lab import (
     connect_luns,
-    deactivate_vgs,
     lv_slot,
     lvs,
     read_slots,
     start,
+    stop_agent,
 )
 from tests.lab.test_domains_nfs_lab import qemu_info_chain
 
@@ -109,9 +109,7 @@ async def test_block_volumes_through_the_api(make_target: Callable[..., g.Target
             for st in await disconnect_all(c):
                 assert st["status"] == 0, st
     finally:
-        rc = agent.stop()
-        deactivate_vgs(sd, other_sd)
-        assert rc == 0, f"agent exit status {rc}; log:\n{agent.log()}"
+        stop_agent(agent, sd, other_sd)
 
 
 async def scenario(c: Client, sd: str, other_sd: str) -> None:

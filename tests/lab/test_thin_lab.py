@@ -30,10 +30,17 @@ import pytest
 from rpc.client import Client, RpcError
 from storage.qmp import QMPClient
 from tests.agentproc import AgentProcess
+from tests.integration.crashharness import _argv, descendants, kill_tree
 from tests.integration.test_domains_file import create_volume, new_id, run_job
 from tests.lab import guestlib as g
-from tests.lab.test_connections_lab import disconnect_all
-from tests.lab.test_domains_block_lab import connect_luns, deactivate_vgs, lvs, start
+from tests.lab.test_domains_block_lab import (
+    connect_luns,
+    format_and_disconnect,
+    lvs,
+    start,
+    stop_agent,
+)
+from tests.polling import until
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -86,13 +93,9 @@ async def block_domain(make_target: Callable[..., g.Target], tmp_path: Path, lun
             yield c, sd, agent
             for img in await c.call("getImagesList", sdUUID=sd):
                 await c.call("teardownImage", sdUUID=sd, imgUUID=img)
-            await c.call("formatStorageDomain", sdUUID=sd)
-            for st in await disconnect_all(c):
-                assert st["status"] == 0, st
+            await format_and_disconnect(c, sd)
     finally:
-        rc = agent.stop()
-        deactivate_vgs(sd)
-        assert rc == 0, f"agent exit status {rc}; log:\n{agent.log()}"
+        stop_agent(agent, sd)
 
 
 @pytest.mark.timeout(300)
@@ -335,3 +338,194 @@ async def test_agent_extends_a_writing_qemu(make_target: Callable[..., g.Target]
         print(f"\nthin, agent watching: {DATA // MiB} MiB at {RATE // MiB} MiB/s, LV sizes "
               f"(MiB): {[s // MiB for s in notes]}; threshold event to re-armed (s): "
               f"{latencies}")
+
+
+@pytest.mark.timeout(600)
+async def test_writer_on_a_full_vg_continues_once_space_is_back(
+        make_target: Callable[..., g.Target], multipathd: g.Multipathd, tmp_path: Path,
+        host_scratch: Path, src: Path) -> None:
+    """The VG cannot give the writer's next chunk: the agent says so at once
+    (volume.extendFailed with 397, counted) and keeps asking; the writer
+    (qemu-storage-daemon does not pause) gets ENOSPC past the LV's end.
+    Once another volume is deleted the agent extends by itself, and the
+    writer, started again, writes everything: the data equals the source."""
+    async with block_domain(make_target, tmp_path, GiB, host_scratch, chunk_size=CHUNK,
+                            watermark_percent=WATERMARK) as (c, sd, agent):
+        img, vol = new_id(), new_id()
+        ref = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
+        await create_volume(c, sd, img, vol, size=GiB)
+        assert lvs(sd)[vol]["size"] == CHUNK
+        # a volume taking all but half a chunk of what the VG has left
+        free = (await c.call("getStorageDomainStats", sdUUID=sd))["free"]
+        filler = {"sdUUID": sd, "imgUUID": new_id(), "volUUID": new_id()}
+        await create_volume(c, sd, filler["imgUUID"], filler["volUUID"],
+                            size=(free - CHUNK // 2) // EXTENT * EXTENT,
+                            fmt="raw", prealloc="preallocated")
+        assert (await c.call("getStorageDomainStats", sdUUID=sd))["free"] < CHUNK
+        qsd = StorageDaemon(f"/dev/{sd}/{vol}", tmp_path)
+        async with c.notifications() as q:
+            p = await c.call("prepareImage", **ref, purpose="vm",
+                             writer={"qmpSocket": qsd.qmp_path, "nodeName": "file0"})
+            qsd.start()
+            try:
+                writer = await asyncio.create_subprocess_exec(
+                    "qemu-img", "convert", "-n", "-r", str(RATE), "-f", "raw", "-O", "raw",
+                    str(src), qsd.nbd_url, stderr=asyncio.subprocess.PIPE)
+                [failed] = await notes_until(q, "volume.extendFailed", 1, timeout=120)
+                assert failed["volUUID"] == vol and failed["error"]["code"] == 397, failed
+                assert failed["size"] == 2 * CHUNK, failed
+                assert (await counted(c)).get("failed", 0) >= 1
+                _, err = await asyncio.wait_for(writer.communicate(), 300)
+                assert writer.returncode != 0, "the writer went past the LV's end"
+                assert b"No space left on device" in err, err
+                assert lvs(sd)[vol]["size"] == CHUNK
+
+                # space comes back: the agent extends without being asked again
+                await c.call("deleteVolume", **filler)
+                [grown] = await notes_until(q, "volume.extended", 1, timeout=120)
+                assert grown == {**ref, "size": 2 * CHUNK}, grown
+                # the writer goes on (started again: the daemon did not pause it)
+                writer = await asyncio.create_subprocess_exec(
+                    "qemu-img", "convert", "-n", "-r", str(RATE), "-f", "raw", "-O", "raw",
+                    str(src), qsd.nbd_url, stderr=asyncio.subprocess.PIPE)
+                _, err = await asyncio.wait_for(writer.communicate(), 300)
+                assert writer.returncode == 0, f"a write failed: {err.decode()}"
+            finally:
+                qsd.daemon.stop()
+        g.run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), p["path"],
+              timeout=300)
+        await c.call("teardownImage", **ref)
+        info = await c.call("getVolumeInfo", **ref)
+        assert info["apparentSize"] == lvs(sd)[vol]["size"] > DATA, info
+        # asked again and again while the VG was full
+        assert agent.log().count(f"extending to {2 * CHUNK} failed") >= 2, agent.log()
+
+
+def extending(agent: AgentProcess) -> bool:
+    """The agent runs an lvextend."""
+    return agent.proc is not None and any(
+        "lvextend" in _argv(pid) for pid in descendants(agent.proc.pid))
+
+
+# A margin that outlasts a restart of the agent in the guest: at 3 MiB/s
+# with 64 MiB the writer got ENOSPC first (the agent took 15 s to start:
+# connections, the lockspace, listeners; then its lvextend).
+SLOW_RATE = 2 * MiB
+SLOW_WATERMARK = 75
+SLOW_MARGIN = CHUNK * SLOW_WATERMARK // 100      # 96 MiB: 48 s at SLOW_RATE
+
+
+@pytest.mark.timeout(600)
+async def test_agent_killed_while_extending(make_target: Callable[..., g.Target],
+                                            multipathd: g.Multipathd, tmp_path: Path,
+                                            host_scratch: Path, src: Path) -> None:
+    """kill -9 of the agent (and its lvextend) twice while it extends a
+    writer's volume: the restarted agent watches the writer again from its
+    state (writers.json) and extends it; the writer never fails, the data
+    equals the source, the LV and getVolumeInfo agree."""
+    target = make_target("thin", (GiB,), lun_dir=host_scratch)
+    state = tmp_path / "agent"
+    conf = {"monitor_interval": 60, "chunk_size": CHUNK, "watermark_percent": SLOW_WATERMARK}
+    agent: AgentProcess = start(state, **conf)
+    sd, img, vol = new_id(), new_id(), new_id()
+    ref = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
+    qsd = StorageDaemon(f"/dev/{sd}/{vol}", tmp_path)
+    try:
+        async with agent.client() as c:
+            _, [lun] = await connect_luns(c, target)
+            await c.call("createStorageDomain", sdUUID=sd, domType="iscsi", name="thin",
+                         devices=[lun["guid"]], ovfStore=False)
+            await create_volume(c, sd, img, vol, size=GiB)
+            p = await c.call("prepareImage", **ref, purpose="vm",
+                             writer={"qmpSocket": qsd.qmp_path, "nodeName": "file0"})
+        qsd.start()
+        writer = await asyncio.create_subprocess_exec(
+            "qemu-img", "convert", "-n", "-r", str(SLOW_RATE), "-f", "raw", "-O", "raw",
+            str(src), qsd.nbd_url, stderr=asyncio.subprocess.PIPE)
+        written = asyncio.ensure_future(writer.communicate())
+        killed = []
+        for _ in range(2):
+            await until(lambda a=agent: extending(a) or written.done(),  # type: ignore[misc]
+                        "an lvextend", timeout=200)
+            assert not written.done(), "the writer ended before the kills"
+            killed.append(kill_tree(agent))
+            agent = start(state, port=agent.port, **conf)
+        _, err = await asyncio.wait_for(written, 300)
+        assert writer.returncode == 0, f"a write failed: {err.decode()}"
+        async with agent.client() as c:
+            async with QMPClient(qsd.qmp2_path) as qmp:
+                stats = await qmp.execute("query-blockstats", {"query-nodes": True})
+            [highest] = [s["stats"]["wr_highest_offset"] for s in stats
+                         if s.get("node-name") == "file0"]
+            # the margin ahead of the last write, given by the last agent
+            await until(lambda: lvs(sd)[vol]["size"] >= highest + SLOW_MARGIN,
+                        "the last extension", timeout=60)
+            qsd.daemon.stop()
+            size = lvs(sd)[vol]["size"]
+            assert size % CHUNK == 0, size
+            g.run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), p["path"],
+                  timeout=300)
+            await c.call("teardownImage", **ref)
+            info = await c.call("getVolumeInfo", **ref)
+            assert info["apparentSize"] == info["trueSize"] == size, info
+            assert info["legality"] == "LEGAL", info
+            await format_and_disconnect(c, sd)
+        print(f"\nthin, agent killed while extending: LV {size // MiB} MiB, killed with "
+              f"{killed}")
+    finally:
+        qsd.daemon.stop()
+        stop_agent(agent, sd)
+
+
+@pytest.mark.timeout(600)
+async def test_live_snapshot_of_a_thin_block_disk(make_target: Callable[..., g.Target],
+                                                  multipathd: g.Multipathd, tmp_path: Path,
+                                                  host_scratch: Path, src: Path) -> None:
+    """snapshotImages while qemu-storage-daemon writes a thin block volume
+    the agent watches: the writer is switched onto the new layer (a
+    host_device node on its LV, one chunk to start with), the agent then
+    watches and extends the new layer; the writer never fails and the chain
+    reads the source."""
+    async with block_domain(make_target, tmp_path, GiB, host_scratch, chunk_size=CHUNK,
+                            watermark_percent=WATERMARK) as (c, sd, _):
+        img, vol, new = new_id(), new_id(), new_id()
+        ref = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
+        await create_volume(c, sd, img, vol, size=GiB)
+        qsd = StorageDaemon(f"/dev/{sd}/{vol}", tmp_path)
+        async with c.notifications() as q:
+            await c.call("prepareImage", **ref, purpose="vm",
+                         writer={"qmpSocket": qsd.qmp_path, "nodeName": "file0"})
+            qsd.start()
+            try:
+                writer = await asyncio.create_subprocess_exec(
+                    "qemu-img", "convert", "-n", "-r", str(RATE), "-f", "raw", "-O", "raw",
+                    str(src), qsd.nbd_url, stderr=asyncio.subprocess.PIPE)
+                written = asyncio.ensure_future(writer.communicate())
+                # the old layer grown once: the writer is past 64 MiB
+                [first] = await notes_until(q, "volume.extended", 1, timeout=120)
+                assert first == {**ref, "size": 2 * CHUNK}, first
+                info = await run_job(c, "snapshotImages",
+                                     disks=[{**ref, "newVolUUID": new}])
+                assert info["status"] == "done", info.get("error")
+                assert not written.done(), "the writer ended before the snapshot"
+                assert lvs(sd)[new]["size"] == CHUNK
+                # the new layer, written from the switch on, grown by the agent
+                grown = await notes_until(q, "volume.extended", timeout=200,
+                                          until=lambda n: n["volUUID"] == new)
+                assert grown[-1] == {**ref, "volUUID": new, "size": 2 * CHUNK}, grown
+                _, err = await asyncio.wait_for(written, 300)
+                assert writer.returncode == 0, f"a write failed: {err.decode()}"
+                async with QMPClient(qsd.qmp2_path) as qmp:
+                    stats = await qmp.execute("query-blockstats", {"query-nodes": True})
+            finally:
+                qsd.daemon.stop()
+        nodes = {s.get("node-name"): s["stats"]["wr_highest_offset"] for s in stats}
+        assert set(nodes) >= {"file0", "fmt0"} and len(nodes) == 4, nodes
+        assert sorted(await c.call("getVolumesList", **{k: ref[k] for k in ("sdUUID",
+                                                                          "imgUUID")})) == \
+            sorted([vol, new])
+        g.run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), f"/dev/{sd}/{new}",
+              timeout=300)
+        print(f"\nthin, live snapshot while writing: old layer LV "
+              f"{lvs(sd)[vol]['size'] // MiB} MiB, new layer LV {lvs(sd)[new]['size'] // MiB} "
+              f"MiB, highest write offsets {nodes}")

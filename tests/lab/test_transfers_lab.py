@@ -5,13 +5,21 @@ back, equal; the host tier's helpers (tests/integration/test_transfers.py)."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.agentproc import AgentProcess
-from tests.integration.test_transfers import Dom, client, make_image, new_id, qemu_img
+from tests.integration.test_transfers import (
+    Dom,
+    client,
+    make_image,
+    new_id,
+    qemu_img,
+    qemu_nbd_of,
+)
 from tests.lab import guestlib as g
 from tests.lab.conftest import TargetFactory
 from tests.lab.test_connections_lab import PORTAL1, PORTAL2, disconnect_all, iscsi_params
@@ -93,3 +101,46 @@ async def test_upload_download_block(block_agent: tuple[AgentProcess, str], tmp_
         qemu_img("compare", str(raw), str(out))
         # the LVs are deactivated once the transfer closed
         assert not Path(f"/dev/{sd}/{vol}").exists()
+
+
+# the module's domain is set up and formatted within this test's time when
+# it runs alone (about 100 s of the guest's LVM and iSCSI work)
+@pytest.mark.timeout(300)
+async def test_agent_killed_with_transfers_open_block(
+        block_agent: tuple[AgentProcess, str]) -> None:
+    """kill -9 with an upload and a download open on a block domain: their
+    qemu-nbd end with the agent; after a restart both transfer jobs are
+    failed as interrupted, the LVs they had active are deactivated, the
+    upload's ILLEGAL volume is removed, the download's volume is LEGAL and
+    not leased (a new transfer takes it)."""
+    agent, sd = block_agent
+    size = 16 * MiB
+    async with agent.client() as c:
+        d = Dom(agent, c, sd)
+        img, vol = await d.volume(size, "cow", initialSize=size + 8 * MiB)
+        kept_img, kept = await d.volume(size, "cow", initialSize=size + 8 * MiB)
+        up = await d.start(img, vol, "upload")
+        status, _ = d.request(up["url"], "PUT", body=os.urandom(MiB),
+                              headers={"Content-Range": f"bytes 0-{MiB - 1}/*"})
+        assert status == 200
+        down = await d.start(kept_img, kept, "download")
+        assert d.request(down["url"], "GET", headers={"Range": "bytes=0-4095"})[0] == 206
+        assert len(qemu_nbd_of(vol)) == 1 and len(qemu_nbd_of(kept)) == 1
+        assert Path(f"/dev/{sd}/{vol}").exists() and Path(f"/dev/{sd}/{kept}").exists()
+    agent.kill()
+    g.wait_until(lambda: not qemu_nbd_of(vol) and not qemu_nbd_of(kept),
+                 "the transfers' qemu-nbd to end", timeout=10)
+    agent.start(timeout=60)
+    async with agent.client() as c:
+        d = Dom(agent, c, sd)
+        jobs = await c.call("getJobs", jobUUIDs=[up["transferId"], down["transferId"]])
+        assert len(jobs) == 2, jobs
+        for job in jobs.values():
+            assert job["status"] == "failed" and job["error"]["code"] == 2106, job
+        assert not Path(f"/dev/{sd}/{kept}").exists()
+        assert img not in await c.call("getImagesList", sdUUID=sd)
+        assert (await d.info(kept_img, kept))["legality"] == "LEGAL"
+        t = await d.start(kept_img, kept, "upload")
+        await c.call("cancelTransfer", transferId=t["transferId"])
+        assert kept_img not in await c.call("getImagesList", sdUUID=sd)
+        assert not Path(f"/dev/{sd}/{kept}").exists()

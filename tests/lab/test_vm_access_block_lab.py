@@ -24,8 +24,12 @@ from tests.agentproc import ROOT, AgentProcess
 from tests.conftest import require_tools
 from tests.integration.test_domains_file import create_volume, new_id
 from tests.lab import guestlib as g
-from tests.lab.test_connections_lab import disconnect_all
-from tests.lab.test_domains_block_lab import connect_luns, deactivate_vgs, start
+from tests.lab.test_domains_block_lab import (
+    connect_luns,
+    format_and_disconnect,
+    start,
+    stop_agent,
+)
 
 MiB = 1 << 20
 VM_GROUP = "kvm"          # storage.vm_group's default, and the rule's group
@@ -181,10 +185,6 @@ async def test_vm_group_opens_a_prepared_block_volume(make_target: Callable[...,
             finally:
                 g.run("lvm", "lvchange", "-an", f"{sd}/{vol}")
 
-            await c.call("formatStorageDomain", sdUUID=sd)
-            for st in await disconnect_all(c):
-                assert st["status"] == 0, st
+            await format_and_disconnect(c, sd)
     finally:
-        rc = agent.stop()
-        deactivate_vgs(sd)
-        assert rc == 0, f"agent exit status {rc}; log:\n{agent.log()}"
+        stop_agent(agent, sd)

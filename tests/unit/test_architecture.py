@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-from tests import importgraph
+from tests import importgraph, sizes
 
 # Top to bottom. A module's room is its longest matching prefix here.
 ROOMS: dict[str, str] = {
@@ -106,7 +106,7 @@ def test_no_import_cycle() -> None:
     ("storage.mount", "rpc.verbs.volumes"),
     ("agent.jobs", "rpc.dispatch"),                   # only the entry point builds the edge
     ("rpc.server", "agent.daemon"),
-    ("storage.domains.manager", "ovfstore.service"),
+    ("storage.domains.registry", "ovfstore.service"),
     ("storage.leases.local", "storage.domains.base"),
     ("storage.errors", "storage.metadata"),
 ])
@@ -120,3 +120,18 @@ def test_cycle_is_reported() -> None:
     pkgs = importgraph.collapse({"storage.x": {"agent.y"}, "agent.y": {"storage.z"}},
                                 importgraph.room)
     assert importgraph.cycles(pkgs) == [("agent", "storage")]
+
+
+def test_no_module_or_function_too_long() -> None:
+    assert sizes.problems() == []
+
+
+def test_too_long_is_reported() -> None:
+    lines = [f"    x{i} = {i}" for i in range(sizes.MAX_FUNCTION_LINES)]
+    assert sizes.oversized("\n".join(["def f() -> None:", *lines]), "m.py") == [
+        f"m.py:1: function f ({sizes.MAX_FUNCTION_LINES + 1} lines > "
+        f"{sizes.MAX_FUNCTION_LINES})"]
+    assert sizes.oversized("\n".join(["def f() -> None:", *lines[1:]]), "m.py") == []
+    big = "x = 1\n" * (sizes.MAX_MODULE_LINES + 1)
+    assert sizes.oversized(big, "m.py") == [
+        f"m.py: module ({sizes.MAX_MODULE_LINES + 1} lines > {sizes.MAX_MODULE_LINES})"]

@@ -15,6 +15,7 @@ import pytest
 
 from storage import commands, lvm
 from storage.domains import blockdomain as bd
+from storage.domains import slots
 from storage.errors import HostAgentError, InvalidParameter
 from storage.fileio import IOPool
 from storage.metadata import BLANK_UUID, DomainMetadata, MetadataError, VolumeMetadata
@@ -73,7 +74,7 @@ def test_write_read_slot_file(tmp_path: Path) -> None:
     path = tmp_path / "metadata"
     path.write_bytes(bytes(4 * bd.SLOT_SIZE))
     try:
-        bd._write_slot(str(path), 2, bd.encode_copy(vol().encode()))
+        slots.write_slot(str(path), 2, bd.encode_copy(vol().encode()))
     except OSError as e:
         if e.errno == errno.EINVAL:
             pytest.skip("no O_DIRECT on this file system")
@@ -81,10 +82,10 @@ def test_write_read_slot_file(tmp_path: Path) -> None:
     raw = path.read_bytes()
     assert raw[2 * bd.SLOT_SIZE:2 * bd.SLOT_SIZE + bd.COPY_SIZE] == \
         raw[2 * bd.SLOT_SIZE + bd.COPY_SIZE:3 * bd.SLOT_SIZE]
-    slots = bd._read_slots(str(path), [1, 2])
-    assert bd.decode_slot(slots[2], VolumeMetadata.decode) == vol()
+    read = slots.read_slots(str(path), [1, 2])
+    assert bd.decode_slot(read[2], VolumeMetadata.decode) == vol()
     with pytest.raises(MetadataError):
-        bd.decode_slot(slots[1], VolumeMetadata.decode)
+        bd.decode_slot(read[1], VolumeMetadata.decode)
 
 
 # ---- tags, slots, sizes ------------------------------------------------------------------
@@ -185,7 +186,7 @@ def domain(tmp_path: Path) -> Iterator[FileBlockDomain]:
     path = tmp_path / "metadata"
     path.write_bytes(bytes(16 * bd.SLOT_SIZE))
     try:
-        bd._write_slot(str(path), 0, bd.encode_copy(b""))
+        slots.write_slot(str(path), 0, bd.encode_copy(b""))
     except OSError as e:
         if e.errno == errno.EINVAL:
             pytest.skip("no O_DIRECT on this file system")
@@ -251,14 +252,14 @@ async def test_cut_off_lvcreate_removes_the_lv_it_made(domain: FileBlockDomain) 
         await domain.write_volume_md(vol(V1))
     fake.fail_after = None
     assert fake.lvs == {}
-    assert bd._read_slots(domain.md_path, [1])[1] == bytes(bd.SLOT_SIZE)
+    assert slots.read_slots(domain.md_path, [1])[1] == bytes(bd.SLOT_SIZE)
 
 
 async def test_a_crash_between_slot_and_lvcreate_leaves_a_free_slot(
         domain: FileBlockDomain) -> None:
     fake: FakeLVM = domain.runner   # type: ignore[assignment]
     # what a kill -9 after the slot write leaves: the slot, no LV naming it
-    bd._write_slot(domain.md_path, 1, bd.encode_copy(vol(V1).encode()))
+    slots.write_slot(domain.md_path, 1, bd.encode_copy(vol(V1).encode()))
     assert await domain.scan() == []
     assert await domain.volume_ids(IMG) == []
     await domain.write_volume_md(vol(V2))
@@ -275,7 +276,7 @@ async def test_initializing_lv_collected(domain: FileBlockDomain) -> None:
     report = await domain.collect_garbage()
     assert report["removed"] == [f"{IMG}/{V1}"]
     assert fake.lvs == {}
-    assert bd._read_slots(domain.md_path, [1])[1] == bytes(bd.SLOT_SIZE)
+    assert slots.read_slots(domain.md_path, [1])[1] == bytes(bd.SLOT_SIZE)
 
 
 @pytest.mark.parametrize("sizes, code, name", [

@@ -74,6 +74,9 @@ def test_every_number_has_a_range():
     ("[ovf]\nmax_tar_size = 0\n", "ovf.max_tar_size: 0 must be at least"),
     ("[server]\nmax_ws_clients = 0\n", "server.max_ws_clients: 0 must be at least 1"),
     ("[leases]\nhost_id = 2001\n", "leases.host_id: 2001 must be at most 2000"),
+    ("[transfers]\nticket_lifetime = 0\n", "transfers.ticket_lifetime: 0.0 must be at least 1"),
+    ("[transfers]\ninactivity_timeout = 120\nmax_inactivity_timeout = 60\n",
+     "transfers.inactivity_timeout: more than transfers.max_inactivity_timeout"),
     ("[storage]\nmonitor_interval = true\n", "storage.monitor_interval: expected float"),
     ("[leases]\nbackends = 'local'\n", "leases.backends: expected a list of strings"),
 ])

@@ -1,12 +1,13 @@
 """ConnectionManager logic on localfs (no root): records, in-use refusals."""
 
+import asyncio
 import json
 import uuid
 
 import pytest
 
 from storage.connections import ConnectionManager
-from storage.connections.filebased import escape_spec
+from storage.connections.filebased import LocalfsBackend, escape_spec
 from storage.errors import ResourceInUse
 from storage.locks import LockManager
 
@@ -56,3 +57,44 @@ async def test_concurrent_connects_of_one_target_make_one_connection(manager, tm
     results = await manager.connect("localfs", [{"id": i, "connection": str(d)} for i in ids])
     assert sorted(r["status"] for r in results) == [0, 2103, 2103, 2103, 2103]
     assert len(manager.list()) == 1
+
+
+class _Flaky(LocalfsBackend):
+    """A localfs backend whose connect of a path ending in "bad" fails with a bug
+    (not a HostAgentError) once the other connect has started, and lets that one
+    go on only after the failure."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.started = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def connect(self, conn, save):
+        if conn.params["connection"].endswith("bad"):
+            await self.started.wait()
+            asyncio.get_running_loop().call_soon(self.go.set)
+            raise RuntimeError("a bug")
+        self.started.set()
+        await self.go.wait()
+        await super().connect(conn, save)
+
+
+async def test_an_unexpected_error_fails_only_its_connection(tmp_path, caplog):
+    state, root = tmp_path / "state", tmp_path / "root"
+    flaky = _Flaky(root, state / "tmp", mount_timeout=10, io_timeout=10)
+    m = ConnectionManager(state, root, LockManager(), io_timeout=10,
+                          backends={"localfs": flaky})
+    await m.start()
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    gid, bid = str(uuid.uuid4()), str(uuid.uuid4())
+    results = await m.connect("localfs", [{"id": bid, "connection": str(bad)},
+                                          {"id": gid, "connection": str(good)}])
+    assert [(r["id"], r["status"]) for r in results] == [(bid, 100), (gid, 0)]
+    assert "unexpected error" in results[0]["message"]
+    assert "a bug" not in results[0]["message"]
+    # the other one ended before the call answered, and is connected
+    assert [c["id"] for c in m.list()] == [gid]
+    assert any(r.exc_info and "a bug" in str(r.exc_info[1]) and bid in r.getMessage()
+               for r in caplog.records)

@@ -15,7 +15,9 @@ import pytest
 from agent.host import Host
 from storage.connections import ConnectionManager
 from storage.connections.base import Connection, RecordStore
-from storage.domains import DomainManager
+from storage.domains import DomainRegistry
+from storage.domains.monitor import DomainMonitor
+from storage.domains.prepared import PreparedVolumes
 from storage.locks import LockManager
 
 Entry = tuple[str, ...]
@@ -52,21 +54,22 @@ def assert_durable(journal: list[Entry], path: Path) -> None:
     assert not Path(tmp).exists()
 
 
-def _domains(tmp_path: Path) -> DomainManager:
+def _domains(tmp_path: Path) -> DomainRegistry:
     locks = LockManager()
     conns = ConnectionManager(tmp_path, tmp_path / "root", locks)
-    return DomainManager(tmp_path, conns, locks)
+    return DomainRegistry(tmp_path, conns, locks, PreparedVolumes(tmp_path),
+                          DomainMonitor(locks))
 
 
 @pytest.mark.parametrize(("name", "save", "content"), [
-    ("prepared.json", lambda dm: dm._save_prepared(), {"sd/img/vol": {"vm": 1}}),
-    ("domains.json", lambda dm: dm._save_active(), {"active": ["sd"]}),
+    ("prepared.json", lambda dm: dm.prepared.save(), {"sd/img/vol": {"vm": 1}}),
+    ("domains.json", lambda dm: dm.save_active(), {"active": ["sd"]}),
 ])
 def test_domain_manager_state(tmp_path: Path, journal: list[Entry], name: str,
-                              save: Callable[[DomainManager], None],
+                              save: Callable[[DomainRegistry], None],
                               content: dict[str, object]) -> None:
     dm = _domains(tmp_path)
-    dm.prepared = {"sd/img/vol": {"vm": 1}}
+    dm.prepared.counts = {"sd/img/vol": {"vm": 1}}
     dm.active = {"sd"}
     save(dm)
     assert_durable(journal, tmp_path / name)

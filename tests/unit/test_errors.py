@@ -101,3 +101,39 @@ async def test_iscsi_logout_failure_is_474() -> None:
                               timeout=5, runner=fake)
     wire = e.value.to_dict()
     assert (wire["code"], wire["data"]["name"]) == (474, "iSCSILogoutError"), wire
+
+
+def test_one_translator_to_the_wire() -> None:
+    from storage.errors import (
+        NoSpaceLeftOnDomain,
+        OvfTicketError,
+        VolumeDoesNotExist,
+        http_status,
+        wire_error,
+    )
+    e = VolumeDoesNotExist(volUUID="v")
+    assert wire_error(e) == e.to_dict()
+    # a bug shows nothing of itself
+    bug = wire_error(RuntimeError("password=hunter2"))
+    assert bug["code"] == 100 and bug["data"]["name"] == "GeneralException"
+    assert "hunter2" not in str(bug) and "RuntimeError" not in str(bug)
+    assert [http_status(x) for x in (OvfTicketError(), e, NoSpaceLeftOnDomain(sdUUID="s"),
+                                     RuntimeError())] == [403, 404, 507, 500]
+
+
+@pytest.mark.parametrize(("error", "full"), [
+    (OSError(28, "No space left on device"), True),
+    (OSError(122, "Disk quota exceeded"), True),
+    (OSError(5, "Input/output error"), False),
+    (HostAgentError(), False),
+    ("qemu-img: error while writing at byte 0: No space left on device", True),
+    ("sanlock direct init failed: -28", True),
+    ("lvcreate: Volume group has insufficient free space", False),
+    ("exit status -280", False),
+])
+def test_out_of_space_by_errno(error: BaseException | str, full: bool) -> None:
+    from storage.commands import CommandError
+    from storage.errors import out_of_space
+    if isinstance(error, str):
+        error = CommandError(["tool"], 1, b"", error.encode())
+    assert out_of_space(error) is full

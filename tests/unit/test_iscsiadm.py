@@ -97,13 +97,63 @@ async def test_discovery_with_chap_uses_a_record_it_deletes(rc: int) -> None:
         assert SECRET not in str(e.value) and SECRET not in repr(e.value.to_dict())
     record = ["iscsiadm", "-m", "discoverydb", "-t", "sendtargets", "-p", "127.0.0.1:3260"]
     assert fake.argvs() == [
+        ["iscsiadm", "-m", "discoverydb"],      # the host has no record of the portal
         [*record, "-o", "new"],
         [*record, "-o", "update", "-n", "discovery.sendtargets.auth.authmethod", "-v", "CHAP",
          "-n", "discovery.sendtargets.auth.username", "-v", "joe",
          "-n", "discovery.sendtargets.auth.password", "-v", SECRET],
         [*record, "--discover", "-o", "nonpersistent"],
         [*record, "-o", "delete"]]
-    assert [c.kwargs["redact"] for c in fake.calls[1:3]] == [[SECRET], [SECRET]]
+    assert [c.kwargs["redact"] for c in fake.calls[2:4]] == [[SECRET], [SECRET]]
+
+
+ADMIN_RECORD = """\
+# BEGIN RECORD 2.1.8
+discovery.startup = manual
+discovery.type = sendtargets
+discovery.sendtargets.address = 127.0.0.1
+discovery.sendtargets.port = 3260
+discovery.sendtargets.auth.authmethod = CHAP
+discovery.sendtargets.auth.username = admin
+discovery.sendtargets.auth.password = Admin-Secret-99
+discovery.sendtargets.auth.username_in = <empty>
+discovery.sendtargets.timeo.login_timeout = 17
+# END RECORD
+"""
+
+
+@pytest.mark.parametrize("rc", [0, 24])
+async def test_discovery_with_chap_gives_back_the_hosts_own_record(rc: int) -> None:
+    """The host already has a discovery record of the portal (an admin's):
+    the call's credentials go into it for the discovery, then its own CHAP
+    settings are put back as they were (never deleted, never left with the
+    call's secret); neither secret in the logged argv."""
+    fake = FakeRunner(table(
+        (["--discover"], (rc, DISCOVERY if rc == 0 else "", "iscsiadm: Login failed")),
+        (["show", "-S"], (0, ADMIN_RECORD, "")),
+        (["iscsiadm", "-m", "discoverydb"], lambda argv: (
+            (0, "127.0.0.1:3260 via sendtargets\n10.0.0.9:3260 via sendtargets\n", "")
+            if len(argv) == 3 else (0, "", "")))))
+    p = Portal("127.0.0.1", 3260)
+    if rc == 0:
+        await iscsiadm.discover_sendtargets(p, timeout=5, user="joe", password=SECRET,
+                                            runner=fake)
+    else:
+        with pytest.raises(ISCSIDiscoveryError):
+            await iscsiadm.discover_sendtargets(p, timeout=5, user="joe", password=SECRET,
+                                                runner=fake)
+    record = ["iscsiadm", "-m", "discoverydb", "-t", "sendtargets", "-p", "127.0.0.1:3260"]
+    assert fake.argvs() == [
+        ["iscsiadm", "-m", "discoverydb"],
+        [*record, "-o", "show", "-S"],
+        [*record, "-o", "update", "-n", "discovery.sendtargets.auth.authmethod", "-v", "CHAP",
+         "-n", "discovery.sendtargets.auth.username", "-v", "joe",
+         "-n", "discovery.sendtargets.auth.password", "-v", SECRET],
+        [*record, "--discover", "-o", "nonpersistent"],
+        [*record, "-o", "update", "-n", "discovery.sendtargets.auth.authmethod", "-v", "CHAP",
+         "-n", "discovery.sendtargets.auth.username", "-v", "admin",
+         "-n", "discovery.sendtargets.auth.password", "-v", "Admin-Secret-99"]]
+    assert "Admin-Secret-99" in fake.calls[-1].kwargs["redact"]
 
 
 @pytest.mark.parametrize("address, port, tpgt, arg", [

@@ -13,7 +13,10 @@ from agent.locks import LockManager
 from storage.connections import ConnectionManager
 from storage.domains.base import VmAccess
 from storage.domains.filedomain import FileDomain
-from storage.domains.manager import DomainManager, Entry
+from storage.domains.monitor import DomainMonitor, Entry
+from storage.domains.prepared import PreparedVolumes
+from storage.domains.registry import DomainRegistry
+from storage.domains.volumes import VolumeOps
 from storage.errors import StorageDomainAccessError
 from storage.fileio import IOPool
 from storage.metadata import BLANK_UUID, DomainMetadata, VolumeMetadata
@@ -59,24 +62,26 @@ async def test_a_failed_grant_leaves_nothing_prepared_or_active(tmp_path: Path) 
         state = tmp_path / "state"
         state.mkdir()
         locks = LockManager()
-        manager = DomainManager(state, ConnectionManager(state, tmp_path / "root", locks,
-                                                         io_timeout=10),
-                                locks, vm_access=VmAccess(gid=0))
-        manager.entries[md.uuid] = Entry(domain, None, active=True)
+        prepared = PreparedVolumes(state)
+        registry = DomainRegistry(state, ConnectionManager(state, tmp_path / "root", locks,
+                                                           io_timeout=10),
+                                  locks, prepared, DomainMonitor(locks))
+        manager = VolumeOps(registry, prepared, locks, vm_access=VmAccess(gid=0))
+        registry.entries[md.uuid] = Entry(domain, None, active=True)
 
         # another user of the base volume (a clone of the same template)
-        await manager.use_volumes(domain, [await domain.volume(img, base)])
+        await prepared.use_volumes(domain, [await domain.volume(img, base)])
         domain.refuse = True
         with pytest.raises(StorageDomainAccessError):
             await manager.prepare(md.uuid, img, top, "vm")
-        assert manager.prepared == {}
+        assert prepared.counts == {}
         assert domain.active_vols == {base}
-        assert manager.active_refs == {f"{md.uuid}/{base}": 1}
+        assert prepared.active_refs == {f"{md.uuid}/{base}": 1}
 
         # the same prepare once the grant works
         domain.refuse = False
         await manager.prepare(md.uuid, img, top, "vm")
         assert domain.active_vols == {base, top}
-        assert manager.active_refs == {f"{md.uuid}/{base}": 2, f"{md.uuid}/{top}": 1}
+        assert prepared.active_refs == {f"{md.uuid}/{base}": 2, f"{md.uuid}/{top}": 1}
     finally:
         io.close()

@@ -1,0 +1,496 @@
+"""The storage domains this host sees: found on connected storage, created,
+activated (monitored), deactivated, formatted.
+
+Everything about a domain is read from the domain itself, so a second host
+(or this one with a fresh state dir) that connects the storage finds every
+domain and volume. The host's own state here is which domains are active
+(state_dir/domains.json); which volumes are prepared is prepared.py's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from storage import commands, lvm, multipath
+from storage.connections import ConnectionManager
+from storage.connections.base import CONNECTED
+from storage.domains.base import (
+    OVF_STORE_DESCRIPTION,
+    OVF_STORE_DISK_TYPE,
+    Domain,
+    VolumeSpec,
+)
+from storage.domains.blockdomain import INITIALIZING as VG_INITIALIZING
+from storage.domains.blockdomain import VG_TAG, BlockDomain
+from storage.domains.filedomain import FileDomain
+from storage.domains.leasing import DomainLeases
+from storage.domains.monitor import DomainMonitor, Entry, full
+from storage.domains.prepared import PreparedVolumes
+from storage.errors import (
+    HostAgentError,
+    InaccessiblePhysDev,
+    InvalidParameter,
+    ResourceInUse,
+    StorageDomainAccessError,
+    StorageDomainAlreadyExists,
+    StorageDomainDoesNotExist,
+    StorageDomainNotActive,
+    StorageServerConnectionError,
+)
+from storage.fileio import IOPool, atomic_write
+from storage.leases import LeaseManager, init_domain_areas
+from storage.locks import LockManager, request
+from storage.metadata import DomainMetadata, MetadataError
+from storage.thin import ThinPolicy
+
+log = logging.getLogger("storage.domains")
+
+FILE_TYPES = ("nfs", "posixfs", "localfs")
+BLOCK_TYPES = ("iscsi", "fcp")
+
+
+class DomainRegistry:
+    def __init__(self, state_dir: Path, connections: ConnectionManager, locks: LockManager,
+                 prepared: PreparedVolumes, monitor: DomainMonitor, *,
+                 io_timeout: float = 30.0, ovf_store_size: int = 0,
+                 block_extent_size: int = 128 << 20,
+                 leases: LeaseManager | None = None, host_id: int = 1,
+                 lock_policy: str = "local", lease_io_timeout: int = 10,
+                 domain_lease_timeout: float = 60.0, thin: ThinPolicy | None = None,
+                 runner: commands.Runner = commands.run) -> None:
+        self.block_extent_size = block_extent_size
+        self.thin = thin or ThinPolicy()
+        # Size of the OVF store volume made with each new domain.
+        self.ovf_store_size = ovf_store_size
+        self.state_dir = state_dir
+        self.connections = connections
+        self.locks = locks
+        self.prepared = prepared
+        self.monitor = monitor
+        self.io_timeout = io_timeout
+        self.runner = runner
+        # Leases between hosts sharing storage (None: no leases, unit tests).
+        self.leases = leases
+        self.host_id = host_id
+        # the lock policy recorded in domains this host creates
+        self.lock_policy = lock_policy
+        self.lease_io_timeout = lease_io_timeout
+        self.domain_lease_timeout = domain_lease_timeout
+        self.entries: dict[str, Entry] = {}
+        self.pools: dict[str, IOPool] = {}
+        self.active: set[str] = set()
+        self._started = False
+        connections.in_use = self.connection_in_use
+        connections.release = self.release_connection
+
+    # ---- host state --------------------------------------------------------------
+
+    def _load_active(self) -> None:
+        try:
+            self.active = set(json.loads((self.state_dir / "domains.json").read_text())
+                              .get("active", []))
+        except FileNotFoundError:
+            self.active = set()
+
+    def save_active(self) -> None:
+        atomic_write(self.state_dir / "domains.json",
+                     json.dumps({"active": sorted(self.active)}, sort_keys=True).encode())
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._load_active()
+        await self.scan()
+        for sd in sorted(self.active):
+            entry = self.entries.get(sd)
+            if entry is None:
+                log.warning("Active domain %s not found on connected storage", sd)
+                continue
+            await self._activate(entry)
+        self._started = True
+
+    def lookup(self, sd: str) -> Domain | None:
+        """The domain of that id known here (no scan), or None."""
+        entry = self.entries.get(sd)
+        return None if entry is None else entry.domain
+
+    async def stop(self) -> None:
+        for entry in self.entries.values():
+            # Block domains keep their metadata LV active: running VMs' LVs
+            # outlive the agent too, and another agent on this host (tests)
+            # may be using the same LVs.
+            await self.monitor.stop(entry)
+        for pool in self.pools.values():
+            pool.close()
+
+    def _attach(self, domain: Domain) -> Domain:
+        """Give a domain found or made here this host's leases on it."""
+        domain.thin = self.thin
+        if self.leases is not None:
+            domain.leases = DomainLeases(
+                self.leases, domain, host_id=self.host_id, io_timeout=self.lease_io_timeout,
+                domain_timeout=self.domain_lease_timeout,
+                on_joined=lambda: self._collect(domain))
+        return domain
+
+    async def _collect(self, domain: Domain) -> None:
+        """Once this host may write the domain (activated and joined)."""
+        report = await domain.collect_garbage()
+        if report["damaged"]:
+            log.error("Domain %s has damaged volumes: %s", domain.uuid, report["damaged"])
+        try:
+            # a domain made before the OVF store was recorded gets it recorded
+            await domain.ovf_store()
+        except (HostAgentError, OSError, MetadataError) as e:
+            log.warning("Domain %s: OVF store not recorded yet (tried again when used): %s",
+                        domain.uuid, e)
+
+    def _pool(self, conn_id: str) -> IOPool:
+        pool = self.pools.get(conn_id)
+        if pool is None:
+            pool = self.pools[conn_id] = IOPool(conn_id[:8], timeout=self.io_timeout)
+        return pool
+
+    async def scan(self) -> None:
+        """Find file domains on every connected file connection and block
+        domains (tagged VGs) on the multipath devices of this host."""
+        await self._scan_block()
+        for conn in list(self.connections.conns.values()):
+            if conn.type not in FILE_TYPES or conn.state != CONNECTED:
+                continue
+            mount = self.connections.local_path(conn.id)
+            if mount is None:
+                continue
+            pool = self._pool(conn.id)
+            try:
+                roots = await pool.call(FileDomain.candidates, mount)
+            except (HostAgentError, OSError) as e:
+                log.warning("Cannot scan %s for domains: %s", mount, e)
+                continue
+            for root in roots:
+                if root.name in self.entries:
+                    continue
+                try:
+                    domain = await FileDomain.open(root, pool, self.runner)
+                except (HostAgentError, OSError, MetadataError) as e:
+                    log.warning("Ignoring domain at %s: %s", root, e)
+                    continue
+                domain.mountpoint = self.connections.mount_point(conn.id)
+                entry = Entry(domain=self._attach(domain), conn_id=conn.id)
+                self.entries[domain.uuid] = entry
+                if self._started and domain.uuid in self.active:
+                    # its storage was disconnected while active, and is back
+                    await self._activate(entry)
+
+    async def _mpath_devices(self) -> dict[str, str]:
+        """wwid -> /dev/mapper/<map> of every multipath map on this host
+        (nothing, without running multipathd: no dm devices, no LVM calls;
+        467 if device-mapper still holds multipath maps then)."""
+        if not os.path.exists("/dev/mapper/control") or not await multipath.is_running(  # noqa: ASYNC240
+                timeout=self.io_timeout, runner=self.runner):
+            await multipath.check_down("multipathd is not running")
+            return {}
+        return {m.wwid: f"/dev/mapper/{m.name}"
+                for m in await multipath.maps(timeout=self.io_timeout, runner=self.runner)}
+
+    async def _scan_block(self) -> None:
+        try:
+            devices = await self._mpath_devices()
+        except HostAgentError as e:
+            log.warning("Cannot list multipath devices: %s", e.message)
+            return
+        if not devices:
+            return
+        scanner = lvm.LVM(self.runner, devices=sorted(devices.values()))
+        try:
+            vgs = await scanner.vgs()
+            pvs = await scanner.pvs()
+        except HostAgentError as e:
+            log.warning("Cannot scan LUNs for domains: %s", e.message)
+            return
+        for vg in vgs:
+            if VG_TAG not in vg.tags or VG_INITIALIZING in vg.tags or vg.name in self.entries:
+                continue
+            paths = sorted(p.name for p in pvs if p.vg_name == vg.name)
+            try:
+                domain = await BlockDomain.open(vg.name, lvm.LVM(self.runner, devices=paths),
+                                                IOPool(vg.name[:8], timeout=self.io_timeout),
+                                                self.runner)
+            except (HostAgentError, OSError, MetadataError) as e:
+                log.warning("Ignoring VG %s: %s", vg.name, e)
+                continue
+            self.entries[domain.uuid] = Entry(domain=self._attach(domain), conn_id=None)
+
+    async def entry(self, sd: str) -> Entry:
+        if sd not in self.entries:
+            await self.scan()
+        try:
+            return self.entries[sd]
+        except KeyError:
+            raise StorageDomainDoesNotExist(sdUUID=sd) from None
+
+    async def domain(self, sd: str) -> Domain:
+        domain = (await self.entry(sd)).domain
+        domain.check_mounted()
+        return domain
+
+    async def active_domain(self, sd: str) -> Domain:
+        entry = await self.entry(sd)
+        if not entry.active:
+            raise StorageDomainNotActive(sdUUID=sd)
+        entry.domain.check_mounted()
+        return entry.domain
+
+    # ---- domain verbs -------------------------------------------------------------------
+
+    async def create(self, sd: str, dom_type: str, name: str, dom_class: str, *,
+                     connection_id: str | None, devices: list[str] | None,
+                     version: int, ovf_store: bool = True) -> dict[str, Any]:
+        info = await self._create(sd, dom_type, name, dom_class, connection_id=connection_id,
+                                  devices=devices, version=version)
+        if ovf_store:
+            spec = VolumeSpec(img=str(uuid.uuid4()), vol=str(uuid.uuid4()),
+                              size=self.ovf_store_size, format="raw", preallocate="sparse",
+                              description=OVF_STORE_DESCRIPTION,
+                              disk_type=OVF_STORE_DISK_TYPE)
+            try:
+                await self._create_volume(sd, spec)
+                # A crash before this leaves an unrecorded store: found by its
+                # disk type on the next activation, like an older domain's.
+                domain = await self.domain(sd)
+                await domain.record_ovf_store(await domain.volume(spec.img, spec.vol))
+            except BaseException:
+                # All or nothing: a domain without its OVF store is removed.
+                with contextlib.suppress(HostAgentError):
+                    await self.format(sd)
+                raise
+        return info
+
+    async def _create(self, sd: str, dom_type: str, name: str, dom_class: str, *,
+                      connection_id: str | None, devices: list[str] | None,
+                      version: int) -> dict[str, Any]:
+        async with self.locks.hold(request("domain", sd)):
+            if sd in self.entries:
+                raise StorageDomainAlreadyExists(sdUUID=sd)
+            md = DomainMetadata(uuid=sd, name=name, dom_type=dom_type, dom_class=dom_class,
+                                version=version, backup=dom_class == "backup",
+                                lock_policy=self.lock_policy)
+            if dom_type in BLOCK_TYPES:
+                entry = await self._create_block(md, devices)
+                await self._init_leases(entry)
+                self.entries[sd] = entry
+                await self._activate(entry)
+                log.info("Created %s domain %s (%s) on %s", dom_type, sd, name, devices)
+                return await self.info(sd)
+            if connection_id is None:
+                raise InvalidParameter(field="connectionId",
+                                       reason=f"a {dom_type} domain needs a connection")
+            conn = self.connections.get(connection_id)
+            if conn is None or conn.state != CONNECTED:
+                raise StorageServerConnectionError(
+                    reason=f"connection {connection_id} is not connected on this host")
+            if conn.type != dom_type:
+                raise InvalidParameter(field="connectionId",
+                                       reason=f"connection {connection_id} is {conn.type}, "
+                                              f"not {dom_type}")
+            mount = self.connections.local_path(connection_id)
+            assert mount is not None
+            domain = await FileDomain.create(mount, md, self._pool(connection_id),
+                                             self.runner)
+            domain.mountpoint = self.connections.mount_point(connection_id)
+            entry = Entry(domain=self._attach(domain), conn_id=connection_id)
+            await self._init_leases(entry)
+            self.entries[sd] = entry
+            await self._activate(entry)
+            log.info("Created %s domain %s (%s) on %s", dom_type, sd, name, mount)
+            return await self.info(sd)
+
+    async def _lun_paths(self, guids: list[str]) -> list[str]:
+        """The multipath devices of LUN guids; 606 for one this host lacks."""
+        known = await self._mpath_devices()
+        missing = [guid for guid in guids if guid not in known]
+        if missing:
+            raise InaccessiblePhysDev(devices=", ".join(missing))
+        return [known[guid] for guid in guids]
+
+    async def _create_block(self, md: DomainMetadata, devices: list[str] | None) -> Entry:
+        if not devices:
+            raise InvalidParameter(field="devices",
+                                   reason=f"a {md.dom_type} domain needs LUN devices")
+        paths = await self._lun_paths(devices)
+        domain = await BlockDomain.create(paths, md, lvm.LVM(self.runner, devices=paths),
+                                          IOPool(md.uuid[:8], timeout=self.io_timeout),
+                                          self.runner, extent_size=self.block_extent_size)
+        return Entry(domain=self._attach(domain), conn_id=None)
+
+    async def _init_leases(self, entry: Entry) -> None:
+        """Format a new domain's lockspace and domain lease for its policy;
+        a domain that cannot have them is removed again."""
+        try:
+            await init_domain_areas(entry.domain.lease_areas(), entry.domain.md.lock_policy,
+                                    self.lease_io_timeout, runner=self.runner)
+        except BaseException:
+            with contextlib.suppress(HostAgentError):
+                await entry.domain.remove_all()
+            raise
+
+    async def info(self, sd: str) -> dict[str, Any]:
+        entry = await self.entry(sd)
+        md = entry.domain.md
+        info = {"uuid": md.uuid, "name": md.name, "type": md.dom_type,
+                "class": md.dom_class, "version": md.version, "backup": md.backup,
+                "state": "active" if entry.active else "inactive",
+                "blockSize": md.block_size, "alignment": md.alignment,
+                "lockPolicy": md.lock_policy, "created": md.created,
+                "connectionId": entry.conn_id, "monitoring": entry.monitor.info(),
+                "lockspace": entry.domain.leases.status()}
+        return {**info, **entry.domain.location()}
+
+    async def stats(self, sd: str) -> dict[str, Any]:
+        entry = await self.entry(sd)
+        entry.domain.check_mounted()   # else: the space of the bare mount point
+        space = await entry.domain.space()
+        vols = await entry.domain.all_volumes()
+        return {**space, **full(space), "volumes": len(vols),
+                "images": len({v.image for v in vols}),
+                "state": "active" if entry.active else "inactive",
+                "monitoring": entry.monitor.info()}
+
+    async def extend_domain(self, sd: str, guids: list[str]) -> dict[str, Any]:
+        """extendStorageDomain: add LUNs to an active block domain, under
+        the domain's lock (and, in the domain, its lease)."""
+        async with self.locks.hold(request("domain", sd)):
+            domain = await self.active_domain(sd)
+            await domain.add_devices(guids, self._lun_paths, timeout=self.io_timeout)
+        return await self.stats(sd)
+
+    async def resize_pv(self, sd: str, guid: str) -> dict[str, Any]:
+        """resizePV: rescan the LUN's paths, resize its multipath map, then
+        pvresize; the domain's space after."""
+        async with self.locks.hold(request("domain", sd)):
+            domain = await self.active_domain(sd)
+            size = await domain.resize_device(guid, self._lun_paths, timeout=self.io_timeout)
+        return {**await self.stats(sd), "size": size}
+
+    async def list_domains(self) -> list[str]:
+        await self.scan()
+        return sorted(self.entries)
+
+    async def activate(self, sd: str) -> dict[str, Any]:
+        async with self.locks.hold(request("domain", sd)):
+            entry = await self.entry(sd)
+            entry.domain.check_mounted()
+            # Re-read: another host may have changed the domain while it was
+            # inactive here.
+            entry.domain.md = await entry.domain.read_domain_md()
+            await self._activate(entry)
+        return await self.info(sd)
+
+    # how long activation waits for the host id before going on without it
+    # (garbage collection runs once it is joined)
+    JOIN_WAIT = 5.0
+
+    async def _activate(self, entry: Entry) -> None:
+        leases = entry.domain.leases
+        if isinstance(leases, DomainLeases):
+            # joining collects the garbage (under the domain lease)
+            leases.start_join()
+            await leases.wait_joined(self.JOIN_WAIT)
+        else:
+            await self._collect(entry.domain)
+        entry.active = True
+        self.active.add(entry.domain.uuid)
+        self.save_active()
+        self.monitor.start(entry)
+
+    async def deactivate(self, sd: str) -> dict[str, Any]:
+        async with self.locks.hold(request("domain", sd)):
+            entry = await self.entry(sd)
+            if self.prepared.on(sd):
+                raise ResourceInUse(resource=f"domain {sd}", reason="volumes are prepared")
+            await entry.domain.leases.leave()
+            entry.active = False
+            self.active.discard(sd)
+            self.save_active()
+            await self.monitor.stop(entry)
+        return await self.info(sd)
+
+    async def format(self, sd: str) -> None:
+        async with self.locks.hold(request("domain", sd)):
+            entry = await self.entry(sd)
+            if self.prepared.on(sd):
+                raise ResourceInUse(resource=f"domain {sd}", reason="volumes are prepared")
+            await self.monitor.stop(entry)
+            await entry.domain.leases.leave()
+            await entry.domain.remove_all()
+            del self.entries[sd]
+            self.active.discard(sd)
+            self.save_active()
+            log.info("Formatted domain %s", sd)
+
+    async def set_backup(self, sd: str, backup: bool) -> dict[str, Any]:
+        async with self.locks.hold(request("domain", sd)):
+            domain = await self.active_domain(sd)
+            if backup and self.prepared.on(sd, purpose="vm"):
+                raise ResourceInUse(resource=f"domain {sd}",
+                                    reason="volumes are prepared for running VMs")
+            async with domain.leases.metadata():
+                md = replace(await domain.read_domain_md(), backup=backup,
+                             dom_class="backup" if backup else "data")
+                await domain.write_domain_md(md)
+        return await self.info(sd)
+
+    def summary(self) -> dict[str, Any]:
+        """State and space of every known domain, as of its last check (no
+        storage I/O here: getStats must answer while storage hangs)."""
+        return {sd: {"state": "active" if e.active else "inactive",
+                     "monitoring": e.monitor.info(), **e.monitor.space,
+                     **full(e.monitor.space)}
+                for sd, e in self.entries.items()}
+
+    async def _create_volume(self, sd: str, spec: VolumeSpec) -> None:
+        async with self.locks.volumes(sd, spec.img, spec.vol, parent=spec.parent):
+            entry = await self.entry(sd)
+            self.check_writable(entry)
+            await entry.domain.create_volume(spec, lambda _: None)
+
+    def check_writable(self, entry: Entry) -> None:
+        """A domain new data may be written to: active here, not failing."""
+        sd = entry.domain.uuid
+        if not entry.active:
+            raise StorageDomainNotActive(sdUUID=sd)
+        entry.domain.check_mounted()
+        if entry.monitor.state == "failing":
+            raise StorageDomainAccessError(sdUUID=sd, reason=entry.monitor.error)
+
+    async def collect_garbage(self, sd: str) -> None:
+        entry = self.entries.get(sd)
+        if entry is not None:
+            async with self.locks.hold(request("domain", sd)):
+                await entry.domain.collect_garbage()
+
+    # ---- connections -----------------------------------------------------------------
+
+    def connection_in_use(self, conn_id: str) -> bool:
+        return any(e.conn_id == conn_id and self.prepared.on(sd)
+                   for sd, e in self.entries.items())
+
+    async def release_connection(self, conn_id: str) -> None:
+        """The connection's storage is going: its file domains stop being
+        monitored, leave their lockspaces (closing the files they hold open
+        there) and are forgotten until the storage is found again."""
+        for sd, entry in list(self.entries.items()):
+            if entry.conn_id != conn_id:
+                continue
+            async with self.locks.hold(request("domain", sd)):
+                await entry.domain.leases.leave()
+                await self.monitor.stop(entry)
+                # still active in domains.json: activated again when found
+                del self.entries[sd]

@@ -1,0 +1,119 @@
+"""storage/domains/writers.switch_writers against a fake QMP monitor: an
+error reply to the transaction closes the overlays it opened (nothing was
+switched); no reply at all leaves them (the writer may be on them) and says
+so (SwitchUncertain), so that no layer a VM may write is removed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage.domains.writers import (
+    Link,
+    Switch,
+    SwitchUncertain,
+    WriterWatch,
+    layer_nodes,
+    switch_writers,
+)
+from storage.errors import VolumeIsBusy
+from storage.thin import ThinPolicy
+
+GRAPH = {"nodes": [{"id": 1, "type": "block-backend", "name": ""},
+                   {"id": 2, "type": "block-driver", "name": "fmt0"},
+                   {"id": 3, "type": "block-driver", "name": "file0"}],
+         "edges": [{"parent": 1, "child": 2, "name": "root"},
+                   {"parent": 2, "child": 3, "name": "file"}]}
+NODES = [{"node-name": "fmt0", "drv": "qcow2", "file": "/d/vol"},
+         {"node-name": "file0", "drv": "file", "file": "/d/vol",
+          "cache": {"direct": True, "no-flush": False}}]
+
+
+class FakeMonitor:
+    """Answers what a switch asks; the transaction as `transaction` says:
+    "error" (an error reply) or "silent" (no reply)."""
+
+    def __init__(self, path: Path, transaction: str) -> None:
+        self.path = str(path)
+        self.transaction = transaction
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._serve(reader, writer)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(json.dumps({"QMP": {"version": {}, "capabilities": []}}).encode() + b"\n")
+        while line := await reader.readline():
+            msg = json.loads(line)
+            cmd, args = msg["execute"], msg.get("arguments", {})
+            self.seen.append((cmd, args))
+            reply: dict[str, Any] = {"id": msg["id"], "return": {}}
+            if cmd == "query-named-block-nodes":
+                reply["return"] = NODES
+            elif cmd == "x-debug-query-block-graph":
+                reply["return"] = GRAPH
+            elif cmd == "transaction":
+                if self.transaction == "silent":
+                    continue
+                reply = {"id": msg["id"], "error": {"class": "GenericError",
+                                                    "desc": "injected"}}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+
+
+@pytest.fixture
+async def monitor(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[FakeMonitor]:
+    mon = FakeMonitor(tmp_path / "qmp.sock", request.param)
+    server = await asyncio.start_unix_server(mon.serve, mon.path)
+    try:
+        yield mon
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def _switch(mon: FakeMonitor, timeout: float = 5) -> None:
+    async def size() -> int:
+        return 1 << 30
+
+    link = Link(mon.path, retry_interval=0.01, timeout=timeout)
+    watch = WriterWatch("sd/img/vol", mon.path, "file0", ThinPolicy(), current=size,
+                        extend=lambda _: size(), link=link).start()
+    try:
+        await switch_writers([Switch(watch, "disks[0]", "/d/new", "new-vol")])
+    finally:
+        await watch.stop()
+
+
+@pytest.mark.parametrize("monitor", ["error"], indirect=True)
+async def test_refused_transaction_closes_the_overlays(monitor: FakeMonitor) -> None:
+    with pytest.raises(VolumeIsBusy) as e:
+        await _switch(monitor)
+    assert not isinstance(e.value, SwitchUncertain)
+    assert "injected" in e.value.message
+    file_node, fmt_node = layer_nodes("new-vol")
+    [snap] = [a for c, a in monitor.seen if c == "transaction"]
+    assert snap["actions"] == [{"type": "blockdev-snapshot",
+                                "data": {"node": "fmt0", "overlay": fmt_node}}]
+    assert [a["node-name"] for c, a in monitor.seen if c == "blockdev-del"] == \
+        [fmt_node, file_node]
+
+
+@pytest.mark.parametrize("monitor", ["silent"], indirect=True)
+async def test_unanswered_transaction_keeps_the_overlays(monitor: FakeMonitor) -> None:
+    with pytest.raises(SwitchUncertain) as e:
+        await _switch(monitor, timeout=0.5)
+    assert e.value.code == 203 and "kept" in e.value.message
+    assert [c for c, _ in monitor.seen if c == "transaction"] == ["transaction"]
+    assert not [c for c, _ in monitor.seen if c == "blockdev-del"]
