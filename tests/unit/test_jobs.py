@@ -8,6 +8,7 @@ from agent.config import JobsConfig
 from agent.events import EventBus
 from agent.jobs import JobRegistry
 from storage.errors import JobExists, JobNotDone, UnknownTask, VolumeDoesNotExist
+from tests.polling import until
 
 
 def new_id():
@@ -24,9 +25,7 @@ async def registry(tmp_path):
 
 
 async def wait_ended(reg, job_uuid, timeout=5):
-    async with asyncio.timeout(timeout):
-        while not reg.get(job_uuid).is_ended:
-            await asyncio.sleep(0.01)
+    await until(lambda: reg.get(job_uuid).is_ended, f"job {job_uuid} ended", timeout)
     return reg.get(job_uuid)
 
 
@@ -86,17 +85,23 @@ async def test_same_uuid_returns_existing_job(registry):
     b = registry.submit(jid, "test", work)
     assert a is b
     await wait_ended(registry, jid)
-    registry.submit(jid, "test", work)
-    await asyncio.sleep(0.15)
+    assert registry.submit(jid, "test", work) is a
+    # Tasks start in the order they are made: once a job submitted after the
+    # resubmission has run, a second run of `work` would have started too.
+    probe = new_id()
+    registry.submit(probe, "test", lambda ctx: asyncio.sleep(0))
+    await wait_ended(registry, probe)
     assert started == 1
     with pytest.raises(JobExists):
         registry.submit(jid, "other", work)
 
 
 async def test_abort_cancels_and_reports_aborted(registry):
+    started = asyncio.Event()
     cleaned = asyncio.Event()
 
     async def work(ctx):
+        started.set()
         try:
             await asyncio.sleep(60)
         finally:
@@ -104,7 +109,7 @@ async def test_abort_cancels_and_reports_aborted(registry):
 
     jid = new_id()
     registry.submit(jid, "test", work)
-    await asyncio.sleep(0.05)
+    await started.wait()
     job = await registry.abort(jid)
     assert job.status == "aborted" and cleaned.is_set()
     assert job.error["code"] == 443
@@ -152,7 +157,7 @@ async def test_pending_until_a_slot_is_free(tmp_path):
     a, b = new_id(), new_id()
     reg.submit(a, "test", work)
     reg.submit(b, "test", work)
-    await asyncio.sleep(0.05)
+    await until(lambda: reg.get(a).status == "running", "the first job runs")
     assert reg.get(a).status == "running" and reg.get(b).status == "pending"
     gate.set()
     await wait_ended(reg, b)
@@ -162,8 +167,10 @@ async def test_pending_until_a_slot_is_free(tmp_path):
 async def test_records_survive_restart_and_interrupted_jobs_recover(tmp_path):
     reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
     await reg.start()
+    started = asyncio.Event()
 
     async def forever(ctx):
+        started.set()
         await asyncio.sleep(3600)
 
     async def quick(ctx):
@@ -173,7 +180,7 @@ async def test_records_survive_restart_and_interrupted_jobs_recover(tmp_path):
     reg.submit(running, "copy", forever, params={"dst": "x"})
     reg.submit(done, "copy", quick)
     await wait_ended(reg, done)
-    await asyncio.sleep(0.1)
+    await started.wait()
     # Simulate a crash: records on disk, nothing shut down cleanly.
     reg._writer.cancel()
     reg._sweeper.cancel()
@@ -250,13 +257,15 @@ async def test_an_end_is_on_disk_before_it_is_shown(tmp_path):
 async def test_shutdown_cancels_after_grace(tmp_path):
     reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
     await reg.start()
+    started = asyncio.Event()
 
     async def forever(ctx):
+        started.set()
         await asyncio.sleep(3600)
 
     jid = new_id()
     reg.submit(jid, "test", forever)
-    await asyncio.sleep(0.05)
+    await started.wait()
     await reg.shutdown(grace=0.1)
     assert reg.get(jid).status == "failed"
     record = json.loads((tmp_path / "jobs" / f"{jid}.json").read_text())
@@ -275,8 +284,6 @@ async def test_ended_jobs_are_swept(tmp_path):
     reg.submit(jid, "test", quick)
     await wait_ended(reg, jid)
     # the sweeper runs every max(1, keep/4) s
-    async with asyncio.timeout(3):
-        while reg.info([jid]):
-            await asyncio.sleep(0.05)
+    await until(lambda: not reg.info([jid]), "the ended job swept", timeout=3)
     await reg.shutdown(1)
     assert not (tmp_path / "jobs" / f"{jid}.json").exists()
