@@ -38,6 +38,7 @@ from storage.leases import (
 from storage.leases import local as local_mod
 from storage.leases.layout import MiB
 from storage.leases.lockholder import LockHolder
+from tests.polling import until
 from tests.unit.fakerun import FakeRunner
 
 SD = "0f6b3c0e-8f0a-4d8e-9d55-2f9e0c1b7a11"
@@ -336,8 +337,7 @@ async def test_lost_lease_cancels_holder_with_lease_lost(domain: FileDomainLease
             steps.append("finished")       # never: the lease was lost
 
     task = asyncio.create_task(job())
-    while not steps:
-        await asyncio.sleep(0.01)
+    await until(lambda: steps, "the holder works")
     _drop_lock_behind_its_back(_backend(m), f"{SD}:SDM")
     await _backend(m).check_all()
     done, _ = await asyncio.wait([task], timeout=2)    # stopped at once, not by a timeout
@@ -373,8 +373,7 @@ async def test_swallowed_cancellation_is_repeated(domain: FileDomainLeases,
             steps.append("finished")
 
     task = asyncio.create_task(job())
-    while not steps:
-        await asyncio.sleep(0.01)
+    await until(lambda: steps, "the holder works")
     _drop_lock_behind_its_back(_backend(m), f"{SD}:SDM")
     await _backend(m).check_all()
     done, _ = await asyncio.wait([task], timeout=2)
