@@ -11,6 +11,7 @@ import pytest
 
 from storage import commands, lvm
 from storage.errors import CannotCreateLogicalVolume, InvalidParameter, LVMCommandError
+from tests.polling import until
 
 # Captured from lvm 2.03.16 (Debian 12) with activation=0 on a loop device; the
 # lv2 and lv3 rows (active and open, inactive) follow the same format by hand.
@@ -464,7 +465,7 @@ async def test_report_racing_a_change_is_not_stored(lv_mgr: lvm.LVM,
     old metadata: it is returned to its caller but never cached."""
     runner.gate = asyncio.Event()
     report = asyncio.create_task(lv_mgr.lvs("vgA"))
-    await asyncio.sleep(0)
+    await until(lambda: runner.running.get("lvs"), "the report runs")
     assert runner.running["lvs"] == 1
     await lv_mgr.lvchange_tags("vgA", "lv1", add=["a"])
     runner.gate.set()
@@ -499,7 +500,8 @@ async def test_lock_is_per_vg_and_exposed(lv_mgr: lvm.LVM, runner: FakeRunner) -
     async with lv_mgr.lock("vgA"):
         task = asyncio.create_task(lv_mgr.lvremove("vgA", ["lv1"]))
         other = asyncio.create_task(lv_mgr.lvremove("vgB", ["lv1"]))
-        await asyncio.sleep(0.01)
+        # `task` was made first, so it got as far as it could before `other` ended
+        await other
         assert runner.ops() == ["lvremove"]
         assert args_after_config(runner.calls[0])[-1] == "vgB/lv1"
         assert not task.done()
