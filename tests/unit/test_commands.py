@@ -25,6 +25,7 @@ from storage.commands import (
     run_with_progress,
 )
 from storage.errors import GeneralException, InvalidParameter, ResourceTimeout
+from tests.polling import until
 
 PY = sys.executable
 
@@ -46,12 +47,8 @@ def is_dead(pid: int) -> bool:
 
 
 async def wait_dead(*pids: int, within: float = 3.0) -> None:
-    deadline = time.monotonic() + within
-    while not all(is_dead(p) for p in pids):
-        if time.monotonic() > deadline:
-            alive = [p for p in pids if not is_dead(p)]
-            pytest.fail(f"processes still alive: {alive}")
-        await asyncio.sleep(0.02)
+    await until(lambda: all(is_dead(p) for p in pids), f"processes {list(pids)} dead",
+                timeout=within)
 
 
 class PidCollector:
