@@ -3,6 +3,7 @@ import os
 import socket
 
 from agent.sdnotify import Notifier
+from tests.polling import until
 
 
 def test_notify_reaches_socket(tmp_path):
@@ -34,14 +35,19 @@ async def test_watchdog_pings(tmp_path):
         s.setblocking(False)
         n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"})
         task = asyncio.create_task(n.watchdog())
-        await asyncio.sleep(0.18)
-        task.cancel()
         pings = []
-        while True:
-            try:
-                pings.append(s.recv(100))
-            except BlockingIOError:
-                break
+
+        def three_pings():
+            while True:
+                try:
+                    pings.append(s.recv(100))
+                except BlockingIOError:
+                    return pings.count(b"WATCHDOG=1") >= 3
+
+        # every 0.05 s: a deadline of 1 s still catches a wrong interval
+        await until(three_pings, "three watchdog pings", timeout=1.0)
+        task.cancel()
+        await asyncio.wait([task])
         assert pings.count(b"WATCHDOG=1") >= 3
 
 
