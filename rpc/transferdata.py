@@ -39,12 +39,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
-from storage.errors import (
-    HostAgentError,
-    InvalidParameter,
-    TransferDoesNotExist,
-    TransferTicketError,
-)
+from storage.errors import HostAgentError, InvalidParameter, http_status, wire_error
 from storage.nbd import NbdError
 from storage.nbdclient import NbdClient
 from storage.transfers import Transfer, TransferService
@@ -66,8 +61,6 @@ FEATURES = ["checksum", "extents", "zero", "flush"]
 READ_FEATURES = ["checksum", "extents"]
 BLOCK_SIZE = 4 * 1024 * 1024
 DEFAULT_ALGORITHM = "blake2b"
-STATUS: dict[type[HostAgentError], int] = {TransferTicketError: 403, InvalidParameter: 400,
-                                           TransferDoesNotExist: 404}
 
 
 def is_transfer_path(path: str) -> bool:
@@ -75,10 +68,13 @@ def is_transfer_path(path: str) -> bool:
 
 
 class _Error(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
+    """A request the HTTP protocol refuses with its own status (405, 416,
+    404, 400): `error` is what the body shows, through wire_error()."""
+
+    def __init__(self, status: int, field: str, reason: str) -> None:
+        self.error = InvalidParameter(field=field, reason=reason)
+        super().__init__(self.error.message)
         self.status = status
-        self.message = message
 
 
 def _head(status: int, headers: dict[str, str], keep: bool) -> bytes:
@@ -94,9 +90,11 @@ def _json(status: int, obj: Any, keep: bool, headers: dict[str, str] | None = No
                           "Content-Length": str(len(body)), **(headers or {})}, keep) + body
 
 
-def _error_body(status: int, message: str, keep: bool) -> bytes:
-    # imageio's clients show the body of an error as its message
-    return _json(status, {"error": {"code": status, "message": message}}, keep)
+def _error_body(e: _Error | HostAgentError, keep: bool) -> bytes:
+    # imageio's clients act on the status and show the body as the message
+    if isinstance(e, _Error):
+        return _json(e.status, {"error": wire_error(e.error)}, keep)
+    return _json(http_status(e), {"error": wire_error(e)}, keep)
 
 
 class _Session:
@@ -191,7 +189,8 @@ class _Session:
             while got < want:
                 n = self.conn.recv_body(view[got:want])
                 if not n:
-                    raise _Error(400, f"body cut short after {done + got} of {length} bytes")
+                    raise _Error(400, "body",
+                                 f"cut short after {done + got} of {length} bytes")
                 got += n
             self._pwrite(t, start + done, view[:got])
             done += got
@@ -253,16 +252,16 @@ class _Session:
         elif sub is not None and method == "GET":
             write = False
         else:
-            raise _Error(405, f"method {method} not allowed")
+            raise _Error(405, "method", f"method {method} not allowed")
         t = self.service.acquire(ticket, write)
         moved = 0
         try:
             if sub == "/extents":
                 context = query.get("context", "zero")
                 if context not in ("zero", "dirty"):
-                    raise _Error(400, f"unknown context {context!r}")
+                    raise _Error(400, "context", f"unknown context {context!r}")
                 if context == "dirty" and t.dirty is None:
-                    raise _Error(404, "the transfer was started without dirty")
+                    raise _Error(404, "context", "the transfer was started without dirty")
                 await self.reply(_json(200, await self.service.extents(t, context), keep))
             elif sub == "/checksum":
                 await self._get_checksum(t, query, keep)
@@ -296,7 +295,7 @@ class _Session:
         else:
             m = RANGE_RE.fullmatch(rng.strip())
             if m is None:
-                raise _Error(416, f"unsupported Range {rng!r}")
+                raise _Error(416, "Range", f"unsupported Range {rng!r}")
             start = int(m.group(1))
             end = int(m.group(2)) + 1 if m.group(2) else size
             if start >= end or end > size:
@@ -318,19 +317,20 @@ class _Session:
                    keep: bool) -> int:
         length = request.content_length
         if length is None:
-            raise _Error(400, "Content-Length header is required")
+            raise _Error(400, "Content-Length", "Content-Length header is required")
         start = 0
         cr = request.headers.get("Content-Range")
         if cr is not None:
             m = CONTENT_RANGE_RE.fullmatch(cr.strip())
             if m is None or int(m.group(2)) - int(m.group(1)) + 1 != length:
-                raise _Error(400, f"bad Content-Range {cr!r}")
+                raise _Error(400, "Content-Range", f"bad Content-Range {cr!r}")
             start = int(m.group(1))
         if start + length > t.size:
-            raise _Error(416, f"{length} bytes at {start} are past the end ({t.size})")
+            raise _Error(416, "Content-Range",
+                         f"{length} bytes at {start} are past the end ({t.size})")
         flush = query.get("flush", "y")
         if flush not in ("y", "n"):
-            raise _Error(400, "flush must be y or n")
+            raise _Error(400, "flush", "flush must be y or n")
         done = await self.conn.run(self._write, t, start, length, flush == "y")
         await self.reply(_head(200, {"Content-Length": "0"}, keep))
         return done
@@ -338,43 +338,44 @@ class _Session:
     async def _patch(self, t: Transfer, request: _Request, keep: bool) -> None:
         length = request.content_length
         if length is None or length > MAX_PATCH:
-            raise _Error(400, f"a PATCH body of at most {MAX_PATCH} bytes is required")
+            raise _Error(400, "body", f"a PATCH body of at most {MAX_PATCH} bytes is required")
         buf = bytearray(length)
         got = 0
         while got < length:
             n = await self.conn.run(self.conn.recv_body, memoryview(buf)[got:])
             if not n:
-                raise _Error(400, "body cut short")
+                raise _Error(400, "body", "body cut short")
             got += n
         try:
             msg = json.loads(buf)
             op = msg["op"]
         except (ValueError, KeyError, TypeError):
-            raise _Error(400, "a JSON object with op is required") from None
+            raise _Error(400, "body", "a JSON object with op is required") from None
         if op == "flush":
             await self.conn.run(self._flush, t)
         elif op == "zero":
             size, offset = msg.get("size"), msg.get("offset", 0)
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                        for v in (size, offset)):
-                raise _Error(400, "size and offset must be integers >= 0")
+                raise _Error(400, "body", "size and offset must be integers >= 0")
             if offset + size > t.size:
-                raise _Error(416, f"{size} bytes at {offset} are past the end ({t.size})")
+                raise _Error(416, "body",
+                             f"{size} bytes at {offset} are past the end ({t.size})")
             await self.conn.run(self._zero, t, offset, size, bool(msg.get("flush", False)))
         else:
-            raise _Error(400, f"unknown op {op!r}")
+            raise _Error(400, "op", f"unknown op {op!r}")
         await self.reply(_head(200, {"Content-Length": "0"}, keep))
 
     async def _get_checksum(self, t: Transfer, query: dict[str, str], keep: bool) -> None:
         algorithm = query.get("algorithm", DEFAULT_ALGORITHM)
         if algorithm not in hashlib.algorithms_available:
-            raise _Error(400, f"unknown algorithm {algorithm!r}")
+            raise _Error(400, "algorithm", f"unknown algorithm {algorithm!r}")
         try:
             block_size = int(query.get("block_size", BLOCK_SIZE))
         except ValueError:
-            raise _Error(400, "block_size must be an integer") from None
+            raise _Error(400, "block_size", "block_size must be an integer") from None
         if not BLOCK_SIZE // 4 <= block_size <= BLOCK_SIZE * 4 or block_size % 4096:
-            raise _Error(400, "block_size must be 1-16 MiB, a multiple of 4096")
+            raise _Error(400, "block_size", "block_size must be 1-16 MiB, a multiple of 4096")
         zeroes = [(e["start"], e["start"] + e["length"])
                   for e in await self.service.extents(t, "zero") if e["zero"]]
         digest = await self.conn.run(self._checksum, t, algorithm, block_size, zeroes)
@@ -397,14 +398,12 @@ async def serve(service: TransferService, conn: _Connection, request: _Request |
             try:
                 await session.handle(request, query, keep)
             except (_Error, HostAgentError) as e:
-                status, message = ((e.status, e.message) if isinstance(e, _Error)
-                                   else (STATUS.get(type(e), 500), e.message))
                 if isinstance(e, NbdError):
                     log.warning("Transfer request %s failed: %s", request.method, e.message)
                 if conn.replied:
                     return        # too late for an error reply: the client sees a short body
                 keep = keep and not conn.body_left
-                await session.reply(_error_body(status, message, keep))
+                await session.reply(_error_body(e, keep))
                 if conn.body_left or not conn.framed:
                     # the client still sends its body: read it out, or it gets a reset
                     await conn.run(conn.linger, timeout=LINGER)

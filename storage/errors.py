@@ -429,11 +429,12 @@ def wire_error(e: BaseException) -> dict[str, Any]:
     return GeneralException(reason=UNEXPECTED).to_dict()
 
 
-# The HTTP status of an error on the data paths (OVF store PUT/GET); 500 for
-# any other, expected or not.
+# The HTTP status of an error on the data paths (OVF store PUT/GET, disk
+# transfers); 500 for any other, expected or not.
 HTTP_STATUS: dict[type[HostAgentError], int] = {
     OvfTicketError: 403, AcquireLockFailure: 409, OvfStoreError: 400,
-    StorageDomainDoesNotExist: 404, VolumeDoesNotExist: 404, NoSpaceLeftOnDomain: 507}
+    StorageDomainDoesNotExist: 404, VolumeDoesNotExist: 404, NoSpaceLeftOnDomain: 507,
+    TransferTicketError: 403, TransferDoesNotExist: 404, InvalidParameter: 400}
 
 
 def http_status(e: BaseException) -> int:

@@ -105,8 +105,11 @@ async def test_iscsi_logout_failure_is_474() -> None:
 
 def test_one_translator_to_the_wire() -> None:
     from storage.errors import (
+        InvalidParameter,
         NoSpaceLeftOnDomain,
         OvfTicketError,
+        TransferDoesNotExist,
+        TransferTicketError,
         VolumeDoesNotExist,
         http_status,
         wire_error,
@@ -119,6 +122,10 @@ def test_one_translator_to_the_wire() -> None:
     assert "hunter2" not in str(bug) and "RuntimeError" not in str(bug)
     assert [http_status(x) for x in (OvfTicketError(), e, NoSpaceLeftOnDomain(sdUUID="s"),
                                      RuntimeError())] == [403, 404, 507, 500]
+    # the disk transfers' data path (rpc/transferdata.py) as imageio's clients expect
+    assert [http_status(x) for x in (TransferTicketError(reason="r"),
+                                     TransferDoesNotExist(transferId="t"),
+                                     InvalidParameter(field="f", reason="r"))] == [403, 404, 400]
 
 
 @pytest.mark.parametrize(("error", "full"), [
