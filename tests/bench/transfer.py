@@ -13,6 +13,7 @@ medians of throughput and of the per-round ratios.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -21,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -122,6 +124,38 @@ def _timed(fn: Any, *args: Any, **kw: Any) -> float:
     return time.perf_counter() - start
 
 
+class PeakRSS:
+    """The largest resident memory of a process and its descendants (the
+    agent's qemu-nbd, imageio's workers), sampled every 20 ms in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+        while not self._stop.wait(0.02):
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+                total = 0
+                for p in procs:
+                    with contextlib.suppress(psutil.Error):
+                        total += p.memory_info().rss
+            except psutil.Error:
+                return
+            self.peak = max(self.peak, total)
+
+    def stop(self) -> float:
+        """The peak, MiB."""
+        self._stop.set()
+        self._thread.join()
+        return self.peak / MiB
+
+
 def _dd(*args: str) -> float:
     start = time.perf_counter()
     subprocess.run(["dd", "bs=8M", "status=none", *args], check=True)
@@ -142,6 +176,8 @@ async def _run(work: Path) -> dict[str, Any]:
     imageio = ImageioServer(work / "imageio", agent.pki)
     storage = work / "storage"
     storage.mkdir()
+    assert agent.proc is not None and imageio.proc is not None
+    rss = {"agent": PeakRSS(agent.proc.pid), "imageio": PeakRSS(imageio.proc.pid)}
     times: dict[str, list[float]] = {k: [] for k in (
         "agent_up", "imageio_up", "dd_up", "agent_down", "imageio_down", "dd_down")}
     try:
@@ -189,6 +225,7 @@ async def _run(work: Path) -> dict[str, Any]:
             finally:
                 await drop_localfs_domain(c, conn, sd)
     finally:
+        peak = {k: r.stop() for k, r in rss.items()}
         imageio.stop()
         agent.stop()
     mibs = {k: median([SIZE / MiB / s for s in v]) for k, v in times.items()}
@@ -196,7 +233,7 @@ async def _run(work: Path) -> dict[str, Any]:
                                                    strict=True)])
               for d in ("up", "down")}
     return {"size": SIZE, "rounds": ROUNDS, "seconds": times, "mib_s": mibs,
-            "agent_vs_imageio": ratios}
+            "agent_vs_imageio": ratios, "peak_rss_mib": peak}
 
 
 def run() -> dict[str, Any]:
@@ -213,4 +250,9 @@ def report(r: dict[str, Any]) -> str:
     m = r["mib_s"]
     rows = [[d, m[f"agent_{k}"], m[f"imageio_{k}"], m[f"dd_{k}"], r["agent_vs_imageio"][k]]
             for d, k in (("upload", "up"), ("download", "down"))]
-    return table(rows, ["1 GiB, MiB/s", "agent", "imageio server", "dd", "agent/imageio"])
+    out = table(rows, ["1 GiB, MiB/s", "agent", "imageio server", "dd", "agent/imageio"])
+    peak = r.get("peak_rss_mib")
+    if peak:
+        out += (f"\npeak resident memory, process and children: agent {peak['agent']:.0f} MiB, "
+                f"imageio server {peak['imageio']:.0f} MiB")
+    return out
