@@ -79,18 +79,24 @@ class Dom:
             con.close()
 
 
+async def xfer_domain(c: Client, fs: Any) -> tuple[dict[str, str], str]:
+    """A new localfs domain on mount `fs`: (its connection, its sdUUID)."""
+    conn = {"id": new_id(), "connection": str(fs.path)}
+    [st] = await c.call("connectStorageServer", domType="localfs", connectionParams=[conn])
+    assert st["status"] == 0, st
+    sd = new_id()
+    await c.call("createStorageDomain", sdUUID=sd, domType="localfs", name="xfer",
+                 connectionId=conn["id"], ovfStore=False)
+    return conn, sd
+
+
 @pytest.fixture
 async def dom(make_fs_mount: Callable[..., Any], agent_factory: Callable[..., AgentProcess],
               tmp_path: Path) -> AsyncIterator[Dom]:
     fs = make_fs_mount("ext4", size=1024 * MiB)
     agent = agent_factory(tmp_path / "state")
     async with agent.client() as c:
-        conn = {"id": new_id(), "connection": str(fs.path)}
-        [st] = await c.call("connectStorageServer", domType="localfs", connectionParams=[conn])
-        assert st["status"] == 0, st
-        sd = new_id()
-        await c.call("createStorageDomain", sdUUID=sd, domType="localfs", name="xfer",
-                     connectionId=conn["id"], ovfStore=False)
+        conn, sd = await xfer_domain(c, fs)
         yield Dom(agent, c, sd)
         # a test that failed with a transfer open: closed, or the format is
         # refused (its volume is leased) and hides the test's own failure
@@ -443,12 +449,8 @@ async def open_upload_and_download(agent: AgentProcess, fs: Any) -> tuple[
     """A new localfs domain on `fs` with two volumes, an upload open on one
     (1 MiB written) and a download on the other: (connection, sdUUID, img,
     vol, kept_img, kept, upload, download)."""
-    conn = {"id": new_id(), "connection": str(fs.path)}
-    sd = new_id()
     async with agent.client() as c:
-        await c.call("connectStorageServer", domType="localfs", connectionParams=[conn])
-        await c.call("createStorageDomain", sdUUID=sd, domType="localfs", name="xfer",
-                     connectionId=conn["id"], ovfStore=False)
+        conn, sd = await xfer_domain(c, fs)
         d = Dom(agent, c, sd)
         img, vol = await d.volume(16 * MiB)
         kept_img, kept = await d.volume(16 * MiB)
@@ -568,12 +570,8 @@ async def test_ticket_limits_from_config(
                     "max_inactivity_timeout = 40\n")
     fs = make_fs_mount("ext4", size=256 * MiB)
     agent = agent_factory(tmp_path / "state", extra_args=("--config", str(conf)))
-    conn = {"id": new_id(), "connection": str(fs.path)}
-    sd = new_id()
     async with agent.client() as c:
-        await c.call("connectStorageServer", domType="localfs", connectionParams=[conn])
-        await c.call("createStorageDomain", sdUUID=sd, domType="localfs", name="xfer",
-                     connectionId=conn["id"], ovfStore=False)
+        conn, sd = await xfer_domain(c, fs)
         d = Dom(agent, c, sd)
         img, vol = await d.volume(4 * MiB)
         with pytest.raises(RpcError) as e:

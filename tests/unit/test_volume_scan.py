@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,46 +40,47 @@ async def make_domain(tmp_path: Path, io: IOPool, count: int) -> tuple[FileDomai
     return domain, vols
 
 
-async def test_a_rescan_parses_only_changed_files(tmp_path: Path,
+async def test_a_rescan_parses_only_changed_files(tmp_path: Path, io: IOPool,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    io = IOPool("test", timeout=10)
+    domain, vols = await make_domain(tmp_path, io, 3)
+    assert {v.uuid for v in await domain.all_volumes()} == {v.uuid for v in vols}
+
+    decoded = []
+    real = VolumeMetadata.decode.__func__   # type: ignore[attr-defined]
+
+    def counting(cls: type[VolumeMetadata], data: bytes) -> VolumeMetadata:
+        decoded.append(data)
+        return real(cls, data)  # type: ignore[no-any-return]
+    monkeypatch.setattr(VolumeMetadata, "decode", classmethod(counting))
+
+    changed = replace(vols[1], generation=1)
+    await domain.write_volume_md(changed)
+    after = {v.uuid: v for v in await domain.all_volumes()}
+    assert len(decoded) == 1
+    assert after == {v.uuid: v for v in (vols[0], changed, vols[2])}
+
+
+async def test_a_rescan_sees_what_another_host_wrote(tmp_path: Path, io: IOPool) -> None:
+    domain, vols = await make_domain(tmp_path, io, 3)
+    await domain.all_volumes()
+    # another host marks one REMOVING, and one file rots in place (same size)
+    other = FileDomain(domain.md, domain.root, io)
+    await other.write_volume_md(replace(vols[0], state="REMOVING"))
+    meta = domain.images / vols[1].image / f"{vols[1].uuid}.meta"
+    data = bytearray(meta.read_bytes())
+    data[data.index(b"CAP=") + 4] ^= 1
+    meta.write_bytes(bytes(data))
+    assert [v.uuid for v in await domain.all_volumes()] == [vols[2].uuid]
+    assert await domain.image_volumes(vols[0].image) == []
+
+
+@pytest.fixture
+def io() -> Iterator[IOPool]:
+    pool = IOPool("test", timeout=10)
     try:
-        domain, vols = await make_domain(tmp_path, io, 3)
-        assert {v.uuid for v in await domain.all_volumes()} == {v.uuid for v in vols}
-
-        decoded = []
-        real = VolumeMetadata.decode.__func__   # type: ignore[attr-defined]
-
-        def counting(cls: type[VolumeMetadata], data: bytes) -> VolumeMetadata:
-            decoded.append(data)
-            return real(cls, data)  # type: ignore[no-any-return]
-        monkeypatch.setattr(VolumeMetadata, "decode", classmethod(counting))
-
-        changed = replace(vols[1], generation=1)
-        await domain.write_volume_md(changed)
-        after = {v.uuid: v for v in await domain.all_volumes()}
-        assert len(decoded) == 1
-        assert after == {v.uuid: v for v in (vols[0], changed, vols[2])}
+        yield pool
     finally:
-        io.close()
-
-
-async def test_a_rescan_sees_what_another_host_wrote(tmp_path: Path) -> None:
-    io = IOPool("test", timeout=10)
-    try:
-        domain, vols = await make_domain(tmp_path, io, 3)
-        await domain.all_volumes()
-        # another host marks one REMOVING, and one file rots in place (same size)
-        other = FileDomain(domain.md, domain.root, io)
-        await other.write_volume_md(replace(vols[0], state="REMOVING"))
-        meta = domain.images / vols[1].image / f"{vols[1].uuid}.meta"
-        data = bytearray(meta.read_bytes())
-        data[data.index(b"CAP=") + 4] ^= 1
-        meta.write_bytes(bytes(data))
-        assert [v.uuid for v in await domain.all_volumes()] == [vols[2].uuid]
-        assert await domain.image_volumes(vols[0].image) == []
-    finally:
-        io.close()
+        pool.close()
 
 
 def count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -100,72 +102,56 @@ def settled_clock(domain: FileDomain) -> None:
 
 
 async def test_an_unchanged_image_directory_is_not_read_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    io = IOPool("test", timeout=10)
-    try:
-        domain, vols = await make_domain(tmp_path, io, 4)
-        settled_clock(domain)
-        first = await domain.all_volumes()
-        reads = count_reads(monkeypatch)
-        assert await domain.all_volumes() == first
-        assert {v.uuid for v in first} == {v.uuid for v in vols}
-        assert reads == []
-    finally:
-        io.close()
+        tmp_path: Path, io: IOPool, monkeypatch: pytest.MonkeyPatch) -> None:
+    domain, vols = await make_domain(tmp_path, io, 4)
+    settled_clock(domain)
+    first = await domain.all_volumes()
+    reads = count_reads(monkeypatch)
+    assert await domain.all_volumes() == first
+    assert {v.uuid for v in first} == {v.uuid for v in vols}
+    assert reads == []
 
 
 async def test_a_changed_image_directory_is_read_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    io = IOPool("test", timeout=10)
-    try:
-        domain, vols = await make_domain(tmp_path, io, 3)
-        settled_clock(domain)
-        await domain.all_volumes()
-        stamps = {img: os.stat(domain.images / img).st_ctime_ns for img in
-                  (v.image for v in vols)}
-        reads = count_reads(monkeypatch)
-        # another writer: one volume REMOVING (a rename), one more volume in
-        # the second image, the third image's volume gone
-        other = FileDomain(domain.md, domain.root, io)
-        await other.write_volume_md(replace(vols[0], state="REMOVING"))
-        added = replace(vols[1], uuid=new_id())
-        await other.write_volume_md(added)
-        (domain.images / vols[2].image / f"{vols[2].uuid}.meta").unlink()
-        for v in vols:   # the kernel moved each directory's times
-            assert os.stat(domain.images / v.image).st_ctime_ns != stamps[v.image]
-        assert {v.uuid for v in await domain.all_volumes()} == {vols[1].uuid, added.uuid}
-        assert sorted(reads) == sorted(f"{v.uuid}.meta" for v in (vols[0], vols[1], added))
-    finally:
-        io.close()
+        tmp_path: Path, io: IOPool, monkeypatch: pytest.MonkeyPatch) -> None:
+    domain, vols = await make_domain(tmp_path, io, 3)
+    settled_clock(domain)
+    await domain.all_volumes()
+    stamps = {img: os.stat(domain.images / img).st_ctime_ns for img in
+              (v.image for v in vols)}
+    reads = count_reads(monkeypatch)
+    # another writer: one volume REMOVING (a rename), one more volume in
+    # the second image, the third image's volume gone
+    other = FileDomain(domain.md, domain.root, io)
+    await other.write_volume_md(replace(vols[0], state="REMOVING"))
+    added = replace(vols[1], uuid=new_id())
+    await other.write_volume_md(added)
+    (domain.images / vols[2].image / f"{vols[2].uuid}.meta").unlink()
+    for v in vols:   # the kernel moved each directory's times
+        assert os.stat(domain.images / v.image).st_ctime_ns != stamps[v.image]
+    assert {v.uuid for v in await domain.all_volumes()} == {vols[1].uuid, added.uuid}
+    assert sorted(reads) == sorted(f"{v.uuid}.meta" for v in (vols[0], vols[1], added))
 
 
 async def test_a_domain_on_a_mount_reads_every_file(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    io = IOPool("test", timeout=10)
-    try:
-        domain, vols = await make_domain(tmp_path, io, 3)
-        domain.mountpoint = tmp_path     # NFS, posixfs: other hosts write there
-        settled_clock(domain)
-        await domain.all_volumes()
-        reads = count_reads(monkeypatch)
-        await domain.all_volumes()
-        assert sorted(reads) == sorted(f"{v.uuid}.meta" for v in vols)
-    finally:
-        io.close()
+        tmp_path: Path, io: IOPool, monkeypatch: pytest.MonkeyPatch) -> None:
+    domain, vols = await make_domain(tmp_path, io, 3)
+    domain.mountpoint = tmp_path     # NFS, posixfs: other hosts write there
+    settled_clock(domain)
+    await domain.all_volumes()
+    reads = count_reads(monkeypatch)
+    await domain.all_volumes()
+    assert sorted(reads) == sorted(f"{v.uuid}.meta" for v in vols)
 
 
 async def test_a_recently_changed_directory_is_read_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, io: IOPool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Within RACY_NS of a directory's change its times prove nothing (a
     second change in the same clock tick keeps them): its files are read."""
-    io = IOPool("test", timeout=10)
-    try:
-        domain, vols = await make_domain(tmp_path, io, 2)
-        domain.clock_ns = lambda: max(os.stat(domain.images / v.image).st_ctime_ns
-                                      for v in vols)
-        await domain.all_volumes()
-        reads = count_reads(monkeypatch)
-        await domain.all_volumes()
-        assert sorted(reads) == sorted(f"{v.uuid}.meta" for v in vols)
-    finally:
-        io.close()
+    domain, vols = await make_domain(tmp_path, io, 2)
+    domain.clock_ns = lambda: max(os.stat(domain.images / v.image).st_ctime_ns
+                                  for v in vols)
+    await domain.all_volumes()
+    reads = count_reads(monkeypatch)
+    await domain.all_volumes()
+    assert sorted(reads) == sorted(f"{v.uuid}.meta" for v in vols)
