@@ -80,6 +80,9 @@ class Client:
         self._ws_reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._listeners: set[asyncio.Queue[dict[str, Any]]] = set()
+        # one WebSocket and one reader for every caller: two tasks connecting
+        # at once (two wait_job) would each start a reader of the same socket
+        self._ws_connecting = asyncio.Lock()
 
     @classmethod
     def for_dev(cls, state_dir: str | Path, port: int = 54321, host: str = "127.0.0.1",
@@ -169,11 +172,12 @@ class Client:
     # ---- WebSocket -------------------------------------------------------------
 
     async def connect_ws(self) -> None:
-        if self._ws is not None:
-            return
-        self._ws = await self.session.ws_connect(f"{self.base_url}/jsonrpc/ws",
-                                                 heartbeat=30.0, max_msg_size=0)
-        self._ws_reader = asyncio.create_task(self._read_ws())
+        async with self._ws_connecting:
+            if self._ws is not None:
+                return
+            self._ws = await self.session.ws_connect(f"{self.base_url}/jsonrpc/ws",
+                                                     heartbeat=30.0, max_msg_size=0)
+            self._ws_reader = asyncio.create_task(self._read_ws())
 
     async def _read_ws(self) -> None:
         assert self._ws is not None

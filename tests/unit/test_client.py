@@ -1,0 +1,59 @@
+"""The RPC client library's WebSocket side, against a local aiohttp server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from rpc.client import Client
+
+
+@pytest.fixture
+async def jobs_server() -> Any:
+    """A WebSocket endpoint that answers getJobs with an ended job only once
+    `release` is set, counting the WebSockets opened."""
+    opened: list[web.WebSocketResponse] = []
+    release = asyncio.Event()
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        opened.append(sock)
+        async for msg in sock:
+            req = json.loads(msg.data)
+            await release.wait()
+            [uuid] = req["params"]["jobUUIDs"]
+            await sock.send_str(json.dumps({"jsonrpc": "2.0", "id": req["id"], "result": {
+                uuid: {"jobUUID": uuid, "status": "done"}}}))
+        return sock
+
+    app = web.Application()
+    app.router.add_get("/jsonrpc/ws", ws)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}", opened, release
+    await runner.cleanup()
+
+
+async def test_concurrent_waits_share_one_websocket(jobs_server: Any) -> None:
+    """Two wait_job at once on a fresh client: before, each connected its
+    own WebSocket and started a second reader of the one kept, which failed
+    with "Concurrent call to receive() is not allowed"."""
+    url, opened, release = jobs_server
+    async with Client(url, None, timeout=10) as client:
+        waits = [asyncio.create_task(client.wait_job(u, timeout=10)) for u in ("a", "b")]
+        # both calls are on the wire before any answer comes
+        async with asyncio.timeout(10):
+            while len(client._pending) < 2:
+                await asyncio.sleep(0.01)
+        release.set()
+        done = await asyncio.gather(*waits)
+    assert [d["status"] for d in done] == ["done", "done"]
+    assert len(opened) == 1
