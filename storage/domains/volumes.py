@@ -230,7 +230,11 @@ class VolumeOps:
         sd, img, vol = key.split("/")
 
         async def current() -> int:
-            return int((await self.extend_allocation(sd, img, vol, 1))["size"])
+            # (on each connection to the writer) the device takes the size in
+            # LVM's metadata: an lvextend killed with an earlier agent may have
+            # committed without reloading the device's table, or left it
+            # suspended; a write past the old end would fail
+            return int((await self.refresh_volume(sd, img, vol))["size"])
 
         async def extend(min_size: int, *, report: bool = True) -> int:
             return int((await self.extend_allocation(sd, img, vol, min_size,
