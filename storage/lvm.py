@@ -35,7 +35,6 @@ reach the command line (`InvalidParameter`, 1000).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import re
 import time
@@ -561,21 +560,11 @@ class LVM:
         check_name(vg, "vg_name")
         check_name(lv, "lv_name")
         _check_size(size, "size")
-        cached = self._cache.get(("lv", vg))
-        generation = self._generation.get(vg, 0)
         try:
             await self._change(vg, "lvextend", ["--size", _bytes(size), f"{vg}/{lv}"])
         except LVMCommandError as e:
             if "matches existing size" not in str(e):
                 raise
-        # The LV report cached before stays, with this LV's new size (all
-        # that an lvextend changes; `size` is whole extents), at its old age:
-        # a thin volume's next extension then runs no lvs, only lvextend.
-        # Unless anything else dropped it meanwhile (_change drops it twice).
-        if cached is not None and self._generation.get(vg, 0) == generation + 2:
-            self._cache[("lv", vg)] = _Entry(cached.time, tuple(
-                dataclasses.replace(r, size=size) if r.name == lv else r
-                for r in cached.value))
 
     async def lvreduce(self, vg: str, lv: str, size: int) -> None:
         """Shrink `vg/lv` to `size` bytes (whole extents); what lies past it

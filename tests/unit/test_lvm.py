@@ -404,13 +404,14 @@ async def test_cache_expires(lv_mgr: lvm.LVM, runner: FakeRunner, clock: Clock) 
     lambda m: m.lvcreate("vgA", "lv1", 512),
     lambda m: m.lvremove("vgA", ["lv1"]),
     lambda m: m.lvrename("vgA", "lv1", "lv2"),
+    lambda m: m.lvextend("vgA", "lv1", 1 << 30),
     lambda m: m.lvchange_tags("vgA", "lv1", add=["a"]),
     lambda m: m.vgchange_tags("vgA", remove=["a"]),
     lambda m: m.activate("vgA", ["lv1"]),
     lambda m: m.deactivate("vgA", ["lv1"]),
     lambda m: m.refresh("vgA", ["lv1"]),
     lambda m: m.vgremove("vgA"),
-], ids=["lvcreate", "lvremove", "lvrename", "lvtags", "vgtags", "activate",
+], ids=["lvcreate", "lvremove", "lvrename", "lvextend", "lvtags", "vgtags", "activate",
         "deactivate", "refresh", "vgremove"])
 async def test_change_drops_cached_reports(lv_mgr: lvm.LVM, runner: FakeRunner,
                                            change: Any) -> None:
@@ -425,38 +426,6 @@ async def test_change_drops_cached_reports(lv_mgr: lvm.LVM, runner: FakeRunner,
     await lv_mgr.pvs("vgA")
     await lv_mgr.lvs("vgB")   # another VG: still cached
     assert runner.ops() == ["lvs", "vgs", "pvs"]
-
-
-async def test_lvextend_keeps_the_lv_report_with_the_new_size(lv_mgr: lvm.LVM,
-                                                               runner: FakeRunner,
-                                                               clock: Clock) -> None:
-    """A thin volume's next extension runs only lvextend: the cached LV
-    report stays, with the new size, and still expires at its old age."""
-    await lv_mgr.lvs("vgA")
-    await lv_mgr.vgs("vgA")
-    await lv_mgr.lvextend("vgA", "lv2", 1 << 30)
-    runner.calls.clear()
-    sizes = {lv.name: lv.size for lv in await lv_mgr.lvs("vgA")}
-    assert sizes == {"lv9": 12582912, "lv2": 1 << 30, "lv3": 8388608}
-    await lv_mgr.vgs("vgA")     # its free space changed: asked again
-    assert runner.ops() == ["vgs"]
-    clock.now += 11
-    await lv_mgr.lvs("vgA")
-    assert runner.ops() == ["vgs", "lvs"]
-
-
-async def test_lvextend_after_another_change_keeps_no_report(lv_mgr: lvm.LVM,
-                                                             runner: FakeRunner) -> None:
-    await lv_mgr.lvs("vgA")
-    runner.delay = 0.2
-    extend = asyncio.create_task(lv_mgr.lvextend("vgA", "lv2", 1 << 30))
-    await until(lambda: runner.running.get("lvextend") == 1, "lvextend running")
-    lv_mgr.invalidate("vgA")            # another host changed the VG meanwhile
-    await extend
-    runner.delay = 0
-    runner.calls.clear()
-    await lv_mgr.lvs("vgA")
-    assert runner.ops() == ["lvs"]
 
 
 async def test_failed_change_drops_cached_reports(lv_mgr: lvm.LVM,
