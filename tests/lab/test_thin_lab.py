@@ -238,10 +238,10 @@ FULL_CHUNK = 512 * MiB
 FULL_WATERMARK = 50
 FULL_MARGIN = FULL_CHUNK * FULL_WATERMARK // 100
 # The agent watching writes 2 GiB in make test; the test acting as the VM
-# manager writes LAB_THIN_MANAGER_MIB (512 by default, to stay within make
+# manager writes LAB_THIN_MANAGER_MIB (1024 by default, to stay within make
 # test's time; 2048 by hand).
 FULL_DATA = 2 * GiB
-MANAGER_DATA = int(os.environ.get("LAB_THIN_MANAGER_MIB", "512")) * MiB
+MANAGER_DATA = int(os.environ.get("LAB_THIN_MANAGER_MIB", "1024")) * MiB
 BLOCK = 64 * MiB
 
 
