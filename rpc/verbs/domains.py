@@ -93,7 +93,9 @@ STATS = {"type": "object", "required": ["capacity", "free", "used", "volumes"]}
             result=STATS, tags=["domains"])
 async def extend_storage_domain(agent: Agent, sdUUID: str,
                                 devices: list[str]) -> dict[str, Any]:
-    return await agent.domains.extend_domain(sdUUID, devices)
+    stats = await agent.domains.extend_domain(sdUUID, devices)
+    agent.volumes.space_freed(sdUUID)
+    return stats
 
 
 @TABLE.verb("resizePV", "Use the new size of a LUN of an active block domain that the "
@@ -104,7 +106,9 @@ async def extend_storage_domain(agent: Agent, sdUUID: str,
             [SD_UUID, Field("guid", GUID, description="The LUN's GUID (multipath WWID)")],
             result={**STATS, "required": [*STATS["required"], "size"]}, tags=["domains"])
 async def resize_pv(agent: Agent, sdUUID: str, guid: str) -> dict[str, Any]:
-    return await agent.domains.resize_pv(sdUUID, guid)
+    stats = await agent.domains.resize_pv(sdUUID, guid)
+    agent.volumes.space_freed(sdUUID)
+    return stats
 
 
 @TABLE.verb("formatStorageDomain", "Remove a domain and everything on it; refused while "

@@ -166,16 +166,19 @@ class VolumeOps:
         return out
 
     async def extend_allocation(self, sd: str, img: str, vol: str, min_size: int,
-                                generation: int | None = None) -> dict[str, Any]:
+                                generation: int | None = None, *,
+                                report: bool = True) -> dict[str, Any]:
         """extendVolume. Only the domain (shared) is locked: a VM's extension
-        never waits behind a long job on its image; LVM orders lvextends."""
+        never waits behind a long job on its image; LVM orders lvextends.
+        `report=False`: a failure is not told (a watch's retry)."""
         event: dict[str, Any] = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
         try:
             async with self.locks.hold(request("domain", sd, SHARED)):
                 domain = await self.registry.active_domain(sd)
                 size, grew = await domain.extend_allocation(img, vol, min_size, generation)
         except HostAgentError as e:
-            if not isinstance(e, VolumeDoesNotExist | GenerationMismatch | InvalidParameter):
+            if report and not isinstance(e, VolumeDoesNotExist | GenerationMismatch |
+                                         InvalidParameter):
                 self.on_extend({**event, "size": min_size}, e)
             raise
         if grew:
@@ -210,6 +213,7 @@ class VolumeOps:
             if prepared_key(sd, img, vol) in self.prepared.counts:
                 raise VolumeIsBusy(resource=f"volume {vol}", reason="it is prepared")
             await domain.delete_volume(img, vol, generation, wipe=wipe)
+        self.space_freed(sd)
 
     async def delete_image(self, sd: str, img: str, progress: Progress, *,
                            wipe: bool = False) -> None:
@@ -218,6 +222,7 @@ class VolumeOps:
             if any(k.startswith(f"{sd}/{img}/") for k in self.prepared.counts):
                 raise VolumeIsBusy(resource=f"image {img}", reason="volumes are prepared")
             await domain.delete_image(img, progress, wipe=wipe)
+        self.space_freed(sd)
 
     # ---- prepare / teardown -----------------------------------------------------------------
 
@@ -225,15 +230,27 @@ class VolumeOps:
         sd, img, vol = key.split("/")
 
         async def current() -> int:
-            return int((await self.extend_allocation(sd, img, vol, 1))["size"])
+            # (on each connection to the writer) the device takes the size in
+            # LVM's metadata: an lvextend killed with an earlier agent may have
+            # committed without reloading the device's table, or left it
+            # suspended; a write past the old end would fail
+            return int((await self.refresh_volume(sd, img, vol))["size"])
 
-        async def extend(min_size: int) -> int:
-            return int((await self.extend_allocation(sd, img, vol, min_size))["size"])
+        async def extend(min_size: int, *, report: bool = True) -> int:
+            return int((await self.extend_allocation(sd, img, vol, min_size,
+                                                     report=report))["size"])
 
         path = writer["qmpSocket"]
         link = self._links.setdefault(path, Link(path))
         self._watches[key] = WriterWatch(key, path, writer["nodeName"], self.thin,
                                          current=current, extend=extend, link=link).start()
+
+    def space_freed(self, sd: str) -> None:
+        """Space came back in domain `sd` on this host (a volume deleted, the
+        domain extended): its watches failing to extend try again now."""
+        for key, watch in self._watches.items():
+            if key.startswith(f"{sd}/"):
+                watch.wake()
 
     async def _unwatch_writer(self, key: str) -> None:
         self.prepared.writers.pop(key, None)

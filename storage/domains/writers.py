@@ -12,11 +12,12 @@ restarts): the watch connects whenever it is there, until it is stopped
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from storage.errors import HostAgentError, VolumeIsBusy
 from storage.qmp import DEFAULT_TIMEOUT, QMPClient, QMPError
@@ -24,11 +25,35 @@ from storage.thin import ThinPolicy
 
 log = logging.getLogger("storage.writers")
 
-# How often a missing socket is looked for, and a failed extension or
-# connection tried again (a full VG: extension resumes when space comes back).
+# How often a missing socket is looked for, or a connection tried again;
+# the first retry of a failed extension.
 RETRY_INTERVAL = 1.0
+# A failing extension (a full VG) is asked again after RETRY_INTERVAL,
+# doubling up to this: each attempt is an lvextend under the domain lease
+# (most of a second of LVM in a loaded host, every watch of the VG doing
+# the same), and every second of it came to nothing. Space freed on this
+# host (a volume deleted, the domain extended, a PV resized) wakes the
+# watches at once (VolumeOps.space_freed); space freed by another host is
+# seen within this bound.
+RETRY_CAP = 8.0
 
-Extend = Callable[[int], Awaitable[int]]
+
+class Extend(Protocol):
+    """Grow the volume to at least `min_size`; its size afterwards.
+    `report`: a failure is told (notification, metric): the first of a
+    run of failures, not every retry."""
+
+    def __call__(self, min_size: int, *, report: bool = True) -> Awaitable[int]: ...
+
+
+@dataclass(frozen=True)
+class Backoff:
+    first: float = RETRY_INTERVAL
+    cap: float = RETRY_CAP
+
+    def delay(self, failures: int) -> float:
+        """The wait after the `failures`-th failure in a row (1, 2, ...)."""
+        return min(self.cap, self.first * float(1 << min(failures - 1, 32)))
 
 
 class Link:
@@ -112,7 +137,8 @@ class WriterWatch:
 
     def __init__(self, name: str, qmp_socket: str, node: str, thin: ThinPolicy, *,
                  current: Callable[[], Awaitable[int]], extend: Extend,
-                 retry_interval: float = RETRY_INTERVAL, link: Link | None = None) -> None:
+                 retry_interval: float = RETRY_INTERVAL, link: Link | None = None,
+                 backoff: Backoff | None = None) -> None:
         self.name = name
         self.qmp_socket = qmp_socket
         self.node = node
@@ -121,7 +147,10 @@ class WriterWatch:
         self._extend = extend
         self.retry_interval = retry_interval
         self.link = link or Link(qmp_socket, retry_interval)
+        self.backoff = backoff or Backoff(first=retry_interval)
         self.size = 0
+        # set when space may have come back: a failing extension tries again now
+        self._wake = asyncio.Event()
         # set while the watch runs on a connection to the writer
         self.connected = asyncio.Event()
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -136,6 +165,11 @@ class WriterWatch:
 
     async def stop(self) -> None:
         await self.link.detach(self)
+
+    def wake(self) -> None:
+        """Space may have come back (freed or added on this host): a failing
+        extension is tried again now rather than after its backoff."""
+        self._wake.set()
 
     async def session(self, qmp: QMPClient) -> None:
         """Watch on one connection (cancelled when it closes)."""
@@ -182,18 +216,11 @@ class WriterWatch:
                     await self._grow(qmp, highest)
 
     async def _grow(self, qmp: QMPClient, allocation: int) -> None:
-        """Extend until it works (a full VG: every retry_interval), re-arm, resume."""
+        """Extend until it works, re-arm, resume."""
         started = time.monotonic()
         old = self.size
         want = self.thin.next_size(old, allocation)
-        while True:
-            try:
-                self.size = await self._extend(want)
-                break
-            except HostAgentError as e:
-                log.warning("Writer of %s: extending to %d failed: %s", self.name, want,
-                            e.message)
-                await asyncio.sleep(self.retry_interval)
+        await self._extend_retrying(want)
         if self.size > old:
             await self._arm(qmp)
             log.info("Writer of %s: extended from %d to %d, threshold re-armed %.3f s after "
@@ -202,6 +229,38 @@ class WriterWatch:
             # as large as the full capacity needs: nothing more to watch
             log.info("Writer of %s: at its full size %d", self.name, self.size)
         await self._resume(qmp)
+
+    async def _extend_retrying(self, want: int) -> None:
+        """Extend to `want`; while it fails (a full VG), again after a
+        growing delay (Backoff), or at once when woken (space freed on this
+        host). Only the first failure is told (volume.extendFailed, the
+        metric); the recovery is the volume.extended of the extension."""
+        failures = 0
+        failed_at = 0.0
+        while True:
+            # cleared before the attempt: space freed while it fails wakes the wait
+            self._wake.clear()
+            try:
+                self.size = await self._extend(want, report=failures == 0)
+                break
+            except HostAgentError as e:
+                failures += 1
+                delay = self.backoff.delay(failures)
+                if failures == 1:
+                    failed_at = time.monotonic()
+                    log.warning("Writer of %s: extending to %d failed: %s (asking again "
+                                "in %.1f s, then less often up to every %.1f s, at once when "
+                                "space is freed on this host)", self.name, want, e.message,
+                                delay, self.backoff.cap)
+                else:
+                    log.info("Writer of %s: extending to %d failed (%d times): %s",
+                             self.name, want, failures, e.message)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+        if failures:
+            log.warning("Writer of %s: extended to %d after %d failures over %.1f s",
+                        self.name, self.size, failures, time.monotonic() - failed_at)
 
     async def _arm(self, qmp: QMPClient) -> None:
         await qmp.execute("block-set-write-threshold",

@@ -80,7 +80,7 @@ class FakeLV:
     async def current(self) -> int:
         return self.size
 
-    async def extend(self, min_size: int) -> int:
+    async def extend(self, min_size: int, *, report: bool = True) -> int:
         self.asked.append(min_size)
         if self.full:
             raise NoSpaceLeftOnDomain(sdUUID="sd")

@@ -6,11 +6,15 @@ their writer, in the lab guest.
   capacity needs; a second call changes nothing and counts nothing; a full
   VG is 397 with a volume.extendFailed notification and the failure counted;
   getVolumeInfo and lvs agree.
-- The VM side as libvirt does it: qemu-storage-daemon opens the prepared
-  volume and exports it over NBD; the test, acting as the VM manager, arms
-  block-set-write-threshold through QMP and on each BLOCK_WRITE_THRESHOLD
-  calls extendVolume and re-arms, while `qemu-img convert` writes into the
-  export. No write fails, the data equals the source, the LV grew in chunks.
+- The VM side: qemu-storage-daemon opens the prepared volume and exports
+  it over NBD; `qemu-img convert` writes into the export at full speed
+  (2 GiB) while the agent watches the writer through QMP, or while the
+  test, acting as the VM manager as libvirt does, arms
+  block-set-write-threshold and on each BLOCK_WRITE_THRESHOLD calls
+  extendVolume and re-arms. No write fails, the data equals the source,
+  the LV grew in chunks. qemu-storage-daemon's exports have no werror
+  policy (a write past the LV's end fails at the NBD client rather than
+  pausing): the extension must stay ahead, which is the stronger test.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import pytest
 from rpc.client import Client, RpcError
 from storage.qmp import QMPClient
 from tests.agentproc import AgentProcess
-from tests.integration.crashharness import _argv, descendants, kill_tree
 from tests.integration.test_domains_file import create_volume, new_id, run_job
 from tests.lab import guestlib as g
 from tests.lab.test_domains_block_lab import (
@@ -40,7 +43,6 @@ from tests.lab.test_domains_block_lab import (
     start,
     stop_agent,
 )
-from tests.polling import until
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -226,118 +228,199 @@ class StorageDaemon:
         return self
 
 
-@pytest.mark.timeout(400)
+# ---- 2 GiB at full speed (issue 15's first "must be shown") ------------------------------
+
+# No rate limit: the writer goes as fast as the guest lets it (about 20-30
+# MiB/s through NBD in the UML guest) while each LVM command takes seconds.
+# A chunk of 512 MiB with half of it kept free: four extensions within 2 GiB,
+# the margin lasting about 10 s of writing.
+FULL_CHUNK = 512 * MiB
+FULL_WATERMARK = 50
+FULL_MARGIN = FULL_CHUNK * FULL_WATERMARK // 100
+# The agent watching writes 2 GiB in make test; the test acting as the VM
+# manager writes LAB_THIN_MANAGER_MIB (1024 by default, to stay within make
+# test's time; 2048 by hand).
+FULL_DATA = 2 * GiB
+MANAGER_DATA = int(os.environ.get("LAB_THIN_MANAGER_MIB", "1024")) * MiB
+BLOCK = 64 * MiB
+
+
+def make_source(path: Path, size: int) -> Path:
+    """`size` bytes of non-zero data, no two 4 KiB blocks of a 64 MiB
+    stretch alike and each stretch unlike the others (a random block
+    rotated by a different number of 4 KiB pages): a write landing in the
+    wrong place shows in the comparison. About 25 s per GiB in the guest."""
+    base = os.urandom(BLOCK)
+    with open(path, "wb") as f:
+        for i in range(size // BLOCK):
+            cut = i * 4096 + 512
+            f.write(base[cut:] + base[:cut])
+    return path
+
+
+@pytest.fixture
+def full_src(host_scratch: Path) -> Path:
+    """FULL_DATA bytes on the host's disk (host_scratch is removed after)."""
+    return make_source(host_scratch / "full.raw", FULL_DATA)
+
+
+@pytest.fixture
+def manager_src(host_scratch: Path) -> Path:
+    return make_source(host_scratch / "manager.raw", MANAGER_DATA)
+
+
+def prefix(src: Path, size: int) -> str:
+    """The first `size` bytes of the raw file `src`, as a qemu image name."""
+    return "json:" + json.dumps({"driver": "raw", "size": size,
+                                 "file": {"driver": "file", "filename": str(src)}})
+
+
+async def write_full_speed(src: Path, url: str, size: int) -> tuple[float, str]:
+    """`qemu-img convert -n` of the first `size` bytes of `src` into the
+    NBD export with no rate limit: (seconds, stderr); a write that fails
+    fails the test."""
+    t = time.monotonic()
+    writer = await asyncio.create_subprocess_exec(
+        "qemu-img", "convert", "-n", "-O", "raw", prefix(src, size), url,
+        stderr=asyncio.subprocess.PIPE)
+    _, err = await writer.communicate()
+    assert writer.returncode == 0, f"a write failed: {err.decode()}"
+    return time.monotonic() - t, err.decode()
+
+
+def compare(src: Path, size: int, path: str) -> None:
+    """The volume's first `size` bytes equal the source's, and past them
+    it reads zeros (compare's default: sizes may differ)."""
+    g.run("qemu-img", "compare", "-F", "qcow2", prefix(src, size), path, timeout=600)
+
+
+async def check_volume(c: Client, ref: dict[str, str], size: int, capacity: int,
+                       generation: int) -> None:
+    """getVolumeInfo and the metadata agree with the LV: the LV's size is
+    no metadata (capacity, generation, legality unchanged by extensions)."""
+    sd, vol = ref["sdUUID"], ref["volUUID"]
+    assert lvs(sd)[vol]["size"] == size
+    info = await c.call("getVolumeInfo", **ref)
+    assert info["apparentSize"] == info["trueSize"] == size, info
+    assert info["capacity"] == capacity and info["generation"] == generation, info
+    assert info["legality"] == "LEGAL" and info["format"] == "cow", info
+
+
+@pytest.mark.timeout(900)
 async def test_vm_manager_extends_a_writing_qemu(make_target: Callable[..., g.Target],
                                                  multipathd: g.Multipathd,
                                                  tmp_path: Path, host_scratch: Path,
-                                                 src: Path) -> None:
-    async with block_domain(make_target, tmp_path, GiB, host_scratch, chunk_size=CHUNK,
-                            watermark_percent=WATERMARK) as (c, sd, _):
+                                                 manager_src: Path) -> None:
+    """The VM side as libvirt does it, at full speed: the test, acting as
+    the VM manager, arms block-set-write-threshold through QMP and on each
+    BLOCK_WRITE_THRESHOLD calls extendVolume and re-arms, while `qemu-img
+    convert` writes MANAGER_DATA into the export with no rate limit."""
+    async with block_domain(make_target, tmp_path, 4 * GiB, host_scratch,
+                            chunk_size=FULL_CHUNK,
+                            watermark_percent=FULL_WATERMARK) as (c, sd, _):
         img, vol = new_id(), new_id()
         ref = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
-        await create_volume(c, sd, img, vol, size=GiB)
+        v = await create_volume(c, sd, img, vol, size=4 * GiB)
         p = await c.call("prepareImage", **ref, purpose="vm")
         size = lvs(sd)[vol]["size"]
-        assert size == CHUNK
+        assert size == FULL_CHUNK
         qsd = StorageDaemon(p["path"], tmp_path).start()
         sizes = [size]
+        latencies: list[float] = []
         try:
             async with QMPClient(qsd.qmp_path) as qmp:
                 async def arm(size: int) -> None:
                     await qmp.execute("block-set-write-threshold",
-                                      {"node-name": "file0", "write-threshold": size - MARGIN})
+                                      {"node-name": "file0",
+                                       "write-threshold": size - FULL_MARGIN})
 
                 await arm(size)
-                writer = await asyncio.create_subprocess_exec(
-                    "qemu-img", "convert", "-n", "-r", str(RATE), "-f", "raw", "-O", "raw",
-                    str(src), qsd.nbd_url, stderr=asyncio.subprocess.PIPE)
-                done = asyncio.create_task(writer.communicate())
+                done = asyncio.create_task(write_full_speed(manager_src, qsd.nbd_url,
+                                                            MANAGER_DATA))
                 while True:
                     event = asyncio.create_task(qmp.next_event("BLOCK_WRITE_THRESHOLD"))
                     await asyncio.wait([done, event], return_when=asyncio.FIRST_COMPLETED)
                     if not event.done():
                         event.cancel()
                         break
+                    t = time.monotonic()
                     data = event.result()["data"]
                     reached = data["write-threshold"] + data["amount-exceeded"]
                     r = await c.call("extendVolume", **ref,
-                                     minSize=max(size + CHUNK, reached + MARGIN))
+                                     minSize=max(size + FULL_CHUNK, reached + FULL_MARGIN))
                     assert r["size"] > size, (r, size)
                     size = r["size"]
                     sizes.append(size)
                     await arm(size)
-                _, err = await done
-                assert writer.returncode == 0, f"a write failed: {err.decode()}"
+                    latencies.append(round(time.monotonic() - t, 2))
+                seconds, _ = await done
                 stats = await qmp.execute("query-blockstats", {"query-nodes": True})
                 [highest] = [s["stats"]["wr_highest_offset"] for s in stats
                              if s.get("node-name") == "file0"]
         finally:
             qsd.daemon.stop()
         # grown in chunks, ahead of the writer
-        assert len(sizes) >= 3, sizes
-        assert all(b - a == CHUNK for a, b in itertools.pairwise(sizes)), sizes
-        assert highest <= size, (highest, size)
-        assert lvs(sd)[vol]["size"] == size
-        info = await c.call("getVolumeInfo", **ref)
-        assert info["apparentSize"] == info["trueSize"] == size, info
-        g.run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), p["path"],
-              timeout=300)
-        print(f"\nthin: {DATA // MiB} MiB at {RATE // MiB} MiB/s, LV sizes (MiB): "
-              f"{[s // MiB for s in sizes]}, highest write offset {highest // MiB} MiB")
+        assert len(sizes) >= MANAGER_DATA // FULL_CHUNK, sizes
+        assert all(b - a == FULL_CHUNK for a, b in itertools.pairwise(sizes)), sizes
+        assert MANAGER_DATA < highest <= size, (highest, size)
+        await check_volume(c, ref, size, 4 * GiB, v["generation"])
+        compare(manager_src, MANAGER_DATA, p["path"])
+        print(f"\nthin, VM manager: {MANAGER_DATA // MiB} MiB at full speed in {seconds:.1f} s "
+              f"({MANAGER_DATA / MiB / seconds:.1f} MiB/s), LV sizes (MiB): "
+              f"{[s // MiB for s in sizes]}, event to re-armed (s): {latencies}")
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)
 async def test_agent_extends_a_writing_qemu(make_target: Callable[..., g.Target],
                                             multipathd: g.Multipathd, tmp_path: Path,
-                                            host_scratch: Path, src: Path) -> None:
-    """The same writer, the agent watching it by itself (prepareImage's
-    writer), prepared before the daemon starts, as a VM's disks are."""
-    async with block_domain(make_target, tmp_path, GiB, host_scratch, chunk_size=CHUNK,
-                            watermark_percent=WATERMARK) as (c, sd, agent):
+                                            host_scratch: Path, full_src: Path) -> None:
+    """2 GiB at full speed, the agent watching the writer by itself
+    (prepareImage's writer), prepared before the daemon starts, as a VM's
+    disks are: no write fails, the data equals the source, the LV grew in
+    chunks, each step told, getVolumeInfo and the metadata agree."""
+    async with block_domain(make_target, tmp_path, 4 * GiB, host_scratch,
+                            chunk_size=FULL_CHUNK,
+                            watermark_percent=FULL_WATERMARK) as (c, sd, agent):
         img, vol = new_id(), new_id()
         ref = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
-        await create_volume(c, sd, img, vol, size=GiB)
+        v = await create_volume(c, sd, img, vol, size=4 * GiB)
+        assert lvs(sd)[vol]["size"] == FULL_CHUNK
         qsd = StorageDaemon(f"/dev/{sd}/{vol}", tmp_path)
         async with c.notifications() as q:
             p = await c.call("prepareImage", **ref, purpose="vm",
                              writer={"qmpSocket": qsd.qmp_path, "nodeName": "file0"})
             qsd.start()
             try:
-                writer = await asyncio.create_subprocess_exec(
-                    "qemu-img", "convert", "-n", "-r", str(RATE), "-f", "raw", "-O", "raw",
-                    str(src), qsd.nbd_url, stderr=asyncio.subprocess.PIPE)
-                _, err = await asyncio.wait_for(writer.communicate(), 300)
-                assert writer.returncode == 0, f"a write failed: {err.decode()}"
+                seconds, _ = await write_full_speed(full_src, qsd.nbd_url, FULL_DATA)
                 async with QMPClient(qsd.qmp2_path) as qmp:
                     stats = await qmp.execute("query-blockstats", {"query-nodes": True})
                 [highest] = [s["stats"]["wr_highest_offset"] for s in stats
                              if s.get("node-name") == "file0"]
                 # the agent keeps the margin free beyond the last write
                 notes = [n["size"] for n in await notes_until(
-                    q, "volume.extended", until=lambda n: n["size"] >= highest + MARGIN)]
+                    q, "volume.extended", timeout=60,
+                    until=lambda n: n["size"] >= highest + FULL_MARGIN)]
             finally:
                 qsd.daemon.stop()
             size = lvs(sd)[vol]["size"]
-        g.run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), p["path"],
-              timeout=300)
+        compare(full_src, FULL_DATA, p["path"])
         end = json.loads(g.run("qemu-img", "check", "--output", "json", p["path"]))[
             "image-end-offset"]
         await c.call("teardownImage", **ref)
         # grown in chunks, ahead of the writer, each step told
-        assert len(notes) >= 2, notes
-        assert notes == list(range(2 * CHUNK, size + 1, CHUNK)), (notes, size)
-        assert DATA < end <= size, (end, size)
+        assert notes == list(range(2 * FULL_CHUNK, size + 1, FULL_CHUNK)), (notes, size)
+        assert len(notes) >= FULL_DATA // FULL_CHUNK, notes
+        assert FULL_DATA < end <= size, (end, size)
         assert await counted(c) == {"ok": float(len(notes))}
-        info = await c.call("getVolumeInfo", **ref)
-        assert info["apparentSize"] == info["trueSize"] == size, info
+        await check_volume(c, ref, size, 4 * GiB, v["generation"])
         latencies = sorted(float(line.rsplit(" re-armed ", 1)[1].split()[0])
                            for line in agent.log().splitlines()
                            if "threshold re-armed" in line)
         # (the daemon may stop between the last extension and its re-arming)
         assert len(notes) - 1 <= len(latencies) <= len(notes), agent.log()
-        print(f"\nthin, agent watching: {DATA // MiB} MiB at {RATE // MiB} MiB/s, LV sizes "
-              f"(MiB): {[s // MiB for s in notes]}; threshold event to re-armed (s): "
-              f"{latencies}")
+        print(f"\nthin, agent watching: {FULL_DATA // MiB} MiB at full speed in {seconds:.1f} s "
+              f"({FULL_DATA / MiB / seconds:.1f} MiB/s), LV sizes (MiB): "
+              f"{[s // MiB for s in notes]}; threshold event to re-armed (s): {latencies}")
 
 
 @pytest.mark.timeout(600)
@@ -379,11 +462,19 @@ async def test_writer_on_a_full_vg_continues_once_space_is_back(
                 assert writer.returncode != 0, "the writer went past the LV's end"
                 assert b"No space left on device" in err, err
                 assert lvs(sd)[vol]["size"] == CHUNK
+                # asked again and again, told once: one notification, counted once
+                assert agent.log().count(f"extending to {2 * CHUNK} failed") >= 2, agent.log()
+                assert (await counted(c))["failed"] == 1
 
-                # space comes back: the agent extends without being asked again
+                # space comes back: the agent extends without being asked
+                # again, woken by the delete rather than at its next retry
                 await c.call("deleteVolume", **filler)
-                [grown] = await notes_until(q, "volume.extended", 1, timeout=120)
-                assert grown == {**ref, "size": 2 * CHUNK}, grown
+                freed = time.monotonic()
+                told = await notes_until(q, "volume.extended", 1, timeout=120)
+                resumed = time.monotonic() - freed
+                assert told == [{**ref, "size": 2 * CHUNK}], told
+                assert (await counted(c)) == {"ok": 1.0, "failed": 1.0}
+                assert f"extended to {2 * CHUNK} after " in agent.log(), agent.log()
                 # the writer goes on (started again: the daemon did not pause it)
                 writer = await asyncio.create_subprocess_exec(
                     "qemu-img", "convert", "-n", "-r", str(RATE), "-f", "raw", "-O", "raw",
@@ -397,84 +488,7 @@ async def test_writer_on_a_full_vg_continues_once_space_is_back(
         await c.call("teardownImage", **ref)
         info = await c.call("getVolumeInfo", **ref)
         assert info["apparentSize"] == lvs(sd)[vol]["size"] > DATA, info
-        # asked again and again while the VG was full
-        assert agent.log().count(f"extending to {2 * CHUNK} failed") >= 2, agent.log()
-
-
-def extending(agent: AgentProcess) -> bool:
-    """The agent runs an lvextend."""
-    return agent.proc is not None and any(
-        "lvextend" in _argv(pid) for pid in descendants(agent.proc.pid))
-
-
-# A margin that outlasts a restart of the agent in the guest: at 3 MiB/s
-# with 64 MiB the writer got ENOSPC first (the agent took 15 s to start:
-# connections, the lockspace, listeners; then its lvextend).
-SLOW_RATE = 2 * MiB
-SLOW_WATERMARK = 75
-SLOW_MARGIN = CHUNK * SLOW_WATERMARK // 100      # 96 MiB: 48 s at SLOW_RATE
-
-
-@pytest.mark.timeout(600)
-async def test_agent_killed_while_extending(make_target: Callable[..., g.Target],
-                                            multipathd: g.Multipathd, tmp_path: Path,
-                                            host_scratch: Path, src: Path) -> None:
-    """kill -9 of the agent (and its lvextend) twice while it extends a
-    writer's volume: the restarted agent watches the writer again from its
-    state (writers.json) and extends it; the writer never fails, the data
-    equals the source, the LV and getVolumeInfo agree."""
-    target = make_target("thin", (GiB,), lun_dir=host_scratch)
-    state = tmp_path / "agent"
-    conf = {"monitor_interval": 60, "chunk_size": CHUNK, "watermark_percent": SLOW_WATERMARK}
-    agent: AgentProcess = start(state, **conf)
-    sd, img, vol = new_id(), new_id(), new_id()
-    ref = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
-    qsd = StorageDaemon(f"/dev/{sd}/{vol}", tmp_path)
-    try:
-        async with agent.client() as c:
-            _, [lun] = await connect_luns(c, target)
-            await c.call("createStorageDomain", sdUUID=sd, domType="iscsi", name="thin",
-                         devices=[lun["guid"]], ovfStore=False)
-            await create_volume(c, sd, img, vol, size=GiB)
-            p = await c.call("prepareImage", **ref, purpose="vm",
-                             writer={"qmpSocket": qsd.qmp_path, "nodeName": "file0"})
-        qsd.start()
-        writer = await asyncio.create_subprocess_exec(
-            "qemu-img", "convert", "-n", "-r", str(SLOW_RATE), "-f", "raw", "-O", "raw",
-            str(src), qsd.nbd_url, stderr=asyncio.subprocess.PIPE)
-        written = asyncio.ensure_future(writer.communicate())
-        killed = []
-        for _ in range(2):
-            await until(lambda a=agent: extending(a) or written.done(),  # type: ignore[misc]
-                        "an lvextend", timeout=200)
-            assert not written.done(), "the writer ended before the kills"
-            killed.append(kill_tree(agent))
-            agent = start(state, port=agent.port, **conf)
-        _, err = await asyncio.wait_for(written, 300)
-        assert writer.returncode == 0, f"a write failed: {err.decode()}"
-        async with agent.client() as c:
-            async with QMPClient(qsd.qmp2_path) as qmp:
-                stats = await qmp.execute("query-blockstats", {"query-nodes": True})
-            [highest] = [s["stats"]["wr_highest_offset"] for s in stats
-                         if s.get("node-name") == "file0"]
-            # the margin ahead of the last write, given by the last agent
-            await until(lambda: lvs(sd)[vol]["size"] >= highest + SLOW_MARGIN,
-                        "the last extension", timeout=60)
-            qsd.daemon.stop()
-            size = lvs(sd)[vol]["size"]
-            assert size % CHUNK == 0, size
-            g.run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), p["path"],
-                  timeout=300)
-            await c.call("teardownImage", **ref)
-            info = await c.call("getVolumeInfo", **ref)
-            assert info["apparentSize"] == info["trueSize"] == size, info
-            assert info["legality"] == "LEGAL", info
-            await format_and_disconnect(c, sd)
-        print(f"\nthin, agent killed while extending: LV {size // MiB} MiB, killed with "
-              f"{killed}")
-    finally:
-        qsd.daemon.stop()
-        stop_agent(agent, sd)
+        print(f"\nthin, VG full: extended {resumed:.1f} s after deleteVolume returned")
 
 
 @pytest.mark.timeout(600)

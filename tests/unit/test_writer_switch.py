@@ -89,7 +89,7 @@ async def _switch(mon: FakeMonitor, timeout: float = 5) -> None:
 
     link = Link(mon.path, retry_interval=0.01, timeout=timeout)
     watch = WriterWatch("sd/img/vol", mon.path, "file0", ThinPolicy(), current=size,
-                        extend=lambda _: size(), link=link).start()
+                        extend=lambda _, report=True: size(), link=link).start()
     try:
         await switch_writers([Switch(watch, "disks[0]", "/d/new", "new-vol")])
     finally:
