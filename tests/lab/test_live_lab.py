@@ -17,8 +17,10 @@ through NBD by its own qemu-io while the agent switches them.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +39,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 SIZE = 64 * MiB         # each disk: small, the writers write a few MiB
 BITMAP = "since-backup"
+WRITE_IOPS = 300
 
 
 class VM:
@@ -48,12 +51,18 @@ class VM:
         self.qmp = str(work / "qmp.sock")
         self.qmp_test = str(work / "qmp-test.sock")
         self.nbd = str(work / "nbd.sock")
-        argv = ["qemu-storage-daemon", "--nbd-server", f"addr.type=unix,addr.path={self.nbd}"]
+        # The guest has one vCPU: three writers at full speed would starve
+        # the agent's LVM commands. A throttle filter over each disk (as a
+        # VM's I/O limits) keeps them at WRITE_IOPS together.
+        argv = ["qemu-storage-daemon", "--nbd-server", f"addr.type=unix,addr.path={self.nbd}",
+                "--object", f"throttle-group,id=tg,x-iops-write={WRITE_IOPS}"]
         for i, (driver, path) in enumerate(disks):
             argv += ["--blockdev", f"driver={driver},node-name=file{i},filename={path},"
                                    "cache.direct=on",
                      "--blockdev", f"driver=qcow2,node-name=fmt{i},file=file{i}",
-                     "--export", f"type=nbd,id=e{i},node-name=fmt{i},name=e{i},writable=on"]
+                     "--blockdev", f"driver=throttle,node-name=io{i},throttle-group=tg,"
+                                   f"file=fmt{i}",
+                     "--export", f"type=nbd,id=e{i},node-name=io{i},name=e{i},writable=on"]
         argv += ["--chardev", f"socket,id=m0,path={self.qmp},server=on,wait=off",
                  "--monitor", "chardev=m0",
                  "--chardev", f"socket,id=m1,path={self.qmp_test},server=on,wait=off",
@@ -90,6 +99,7 @@ async def volumes(c: Client, disks: list[dict[str, str]]) -> list[list[str]]:
 async def test_live_snapshot_of_three_disks_on_block_and_nfs(
         make_target: Callable[..., g.Target], multipathd: g.Multipathd,
         nfs_server: g.NfsServer, tmp_path: Path, host_scratch: Path) -> None:
+    marks = [("start", time.monotonic())]
     target = make_target("live", (GiB, GiB), lun_dir=host_scratch)
     agent = start(tmp_path / "agent", monitor_interval=60)
     block_sds = [new_id(), new_id()]
@@ -115,6 +125,7 @@ async def test_live_snapshot_of_three_disks_on_block_and_nfs(
                 p = await c.call("prepareImage", **disks[-1], purpose="vm",
                                  writer={"qmpSocket": qmp, "nodeName": f"file{i}"})
                 paths.append(p["path"])
+            marks.append(("domains and disks", time.monotonic()))
             # the NFS disk records its changes since a backup
             g.run("qemu-img", "bitmap", "--add", paths[2], BITMAP)
             vm = VM(tmp_path, [("host_device", paths[0]), ("host_device", paths[1]),
@@ -145,6 +156,7 @@ async def test_live_snapshot_of_three_disks_on_block_and_nfs(
             assert {sd: set(lvs(sd)) for sd in block_sds} == before
             assert sorted(os.listdir(Path(paths[2]).parent)) == nfs_files
             assert await vm.nodes() == own_nodes
+            marks.append(("failed snapshot", time.monotonic()))
 
             # ---- the backup over: all three switched in one transaction
             news = [new_id() for _ in disks]
@@ -155,6 +167,7 @@ async def test_live_snapshot_of_three_disks_on_block_and_nfs(
             await until(lambda: all(w.at_least(n + 64) for w, n in
                                     zip(writers, at_switch, strict=True)),
                         "writes after the switch", timeout=60)
+            marks.append(("snapshot", time.monotonic()))
             for w in writers:
                 await w.stop()
             assert len(await vm.nodes()) == len(own_nodes) + 6
@@ -178,6 +191,10 @@ async def test_live_snapshot_of_three_disks_on_block_and_nfs(
             for sd in [*block_sds, nfs.sd]:
                 await c.call("formatStorageDomain", sdUUID=sd)
             assert all(st["status"] == 0 for st in await disconnect_all(c))
+            marks.append(("checks and clean-up", time.monotonic()))
+            print("\nlive snapshot, 2 block + 1 NFS: " + ", ".join(
+                f"{name} {t - prev:.1f} s" for (_, prev), (name, t) in
+                itertools.pairwise(marks)))
     finally:
         for w in writers:
             w.stopping = True
