@@ -392,7 +392,7 @@ async def test_live_snapshot_carries_dirty_bitmaps(
     assert dirty == [(0, (end + 65535) // 65536 * 65536)], (dirty, writer.written)
 
 
-def _data_extents(image: str) -> list[tuple[int, int]]:
+def data_extents(image: str) -> list[tuple[int, int]]:
     """(start, end) of the data a qcow2 layer holds itself (not its backing)."""
     out = subprocess.run(["qemu-img", "map", "--output", "json", "-f", "qcow2", image],
                          capture_output=True, text=True, check=True).stdout
@@ -460,7 +460,7 @@ async def test_incremental_backup_of_a_disk_being_written(
             # only what changed: the blocks written since the backup before,
             # in the bitmap's granularity (64 KiB)
             lo, hi = at[-2] * BLOCK // 65536 * 65536, (k * BLOCK + 65535) // 65536 * 65536
-            held = _data_extents(bpath)
+            held = data_extents(bpath)
             assert held and all(lo <= a < b <= hi for a, b in held), (held, lo, hi)
     await client.call("teardownImage", sdUUID=backup.sd, imgUUID=bimg)
     assert blocks_written(read_raw(paths[-1], tmp_path / "chain.raw")) == writer.written

@@ -12,6 +12,10 @@ through NBD by its own qemu-io while the agent switches them.
 - The same snapshot once that backup ended: all three switched in one
   transaction; each old layer is the disk at one point in time, each chain
   reads every write, the NFS disk's bitmap goes on in its new layer.
+
+And an incremental backupVolume of a thin block disk the VM writes, onto
+an NFS backup domain: a full backup, then an incremental one while the
+writes go on; the backup chain reads as the disk at the switch.
 """
 
 from __future__ import annotations
@@ -29,7 +33,12 @@ import pytest
 from rpc.client import Client
 from storage.qmp import QMPClient
 from tests.integration.test_domains_file import Storage, create_volume, new_id, run_job
-from tests.integration.test_live_snapshot_file import Writer, blocks_written, read_raw
+from tests.integration.test_live_snapshot_file import (
+    Writer,
+    blocks_written,
+    data_extents,
+    read_raw,
+)
 from tests.lab import guestlib as g
 from tests.lab.test_connections_lab import disconnect_all
 from tests.lab.test_domains_block_lab import connect_luns, deactivate_vgs, lvs, start
@@ -204,4 +213,91 @@ async def test_live_snapshot_of_three_disks_on_block_and_nfs(
         await asyncio.gather(*(w.task for w in writers if w.task), return_exceptions=True)
         rc = agent.stop()
         deactivate_vgs(*block_sds)
+    assert rc == 0, f"agent exit status {rc}; log:\n{agent.log()}"
+
+
+@pytest.mark.timeout(300)
+async def test_incremental_backup_of_a_thin_block_disk_being_written(
+        make_target: Callable[..., g.Target], multipathd: g.Multipathd,
+        nfs_server: g.NfsServer, tmp_path: Path, host_scratch: Path) -> None:
+    """A full backupVolume, then an incremental one, of a thin block disk
+    the VM writes all along: the incremental holds only the blocks written
+    since the full one (the bitmap the VM held, stored on the old layer by
+    the switch), and the backup chain reads as the disk at the switch."""
+    started = time.monotonic()
+    target = make_target("livebackup", (GiB,), lun_dir=host_scratch)
+    agent = start(tmp_path / "agent", monitor_interval=60)
+    sd = new_id()
+    vm: VM | None = None
+    writer: Writer | None = None
+    try:
+        async with agent.client() as c:
+            _, [lun] = await connect_luns(c, target)
+            await c.call("createStorageDomain", sdUUID=sd, domType="iscsi", name="live",
+                         devices=[lun["guid"]], ovfStore=False)
+            nfs = Storage(c, "nfs", {"connection": f"127.0.0.1:{nfs_server.exports[0]}",
+                                     "protocol_version": "3"})
+            await nfs.connect()
+            await nfs.create_domain(name="backups", domClass="backup")
+            img, vol = new_id(), new_id()
+            await create_volume(c, sd, img, vol, size=SIZE)
+            disk = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
+            path = (await c.call("prepareImage", **disk, purpose="vm", writer={
+                "qmpSocket": str(tmp_path / "qmp.sock"), "nodeName": "file0"}))["path"]
+            vm = VM(tmp_path, [("host_device", path)]).start()
+            writer = Writer(vm.url(0), SIZE).start()
+            bimg = new_id()
+            backups: list[str] = []
+            layers = [vol]
+            ends: list[int] = []
+            for n in range(2):
+                await until(lambda: writer is not None and writer.at_least(
+                    (ends[-1] if ends else 0) + 64), "writes before the backup", timeout=60)
+                dst = {"sdUUID": nfs.sd, "imgUUID": bimg, "volUUID": new_id()}
+                inc = {"incrementalFrom": {**dst, "volUUID": backups[-1]}} if backups else {}
+                info = await run_job(c, "backupVolume", src={**disk, "volUUID": layers[-1]},
+                                     dst=dst, keepSnapshot=False, **inc)
+                assert info["status"] == "done", (n, info.get("error"))
+                assert info["result"]["incremental"] is (n > 0), info["result"]
+                ends.append(writer.written)
+                layers.append(info["result"]["snapshotVolUUID"])
+                backups.append(dst["volUUID"])
+            await until(lambda: writer is not None and writer.at_least(ends[-1] + 64),
+                        "writes after", timeout=60)
+            await writer.stop()
+            vm.daemon.stop()
+
+            copied = (await c.call("prepareImage", sdUUID=nfs.sd, imgUUID=bimg,
+                                   volUUID=backups[-1], purpose="read"))["path"]
+            full, incremental = (str(Path(copied).with_name(b)) for b in backups)
+            k0 = blocks_written(read_raw(full, tmp_path / "full.raw"))
+            k1 = blocks_written(read_raw(incremental, tmp_path / "inc.raw"))
+            assert 64 <= k0 <= ends[0] and k0 < k1 <= ends[1], (k0, k1, ends)
+            # the chain up to the incremental: the disk at its switch (the
+            # layer the VM left then, on the block domain)
+            g.run("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2", incremental,
+                  str(Path(path).with_name(layers[1])))
+            # only the blocks written since the full backup (64 KiB bitmap granularity)
+            lo, hi = k0 * 4096 // 65536 * 65536, (k1 * 4096 + 65535) // 65536 * 65536
+            held = data_extents(incremental)
+            assert held and all(lo <= a < b <= hi for a, b in held), (held, lo, hi)
+            top = str(Path(path).with_name(layers[-1]))
+            assert blocks_written(read_raw(top, tmp_path / "chain.raw")) == writer.written
+            await c.call("teardownImage", sdUUID=nfs.sd, imgUUID=bimg)
+            await c.call("teardownImage", sdUUID=sd, imgUUID=img)
+            for dom in (sd, nfs.sd):
+                await c.call("formatStorageDomain", sdUUID=dom)
+            assert all(st["status"] == 0 for st in await disconnect_all(c))
+            print(f"\nlive incremental backup of a thin block disk: {k0} then {k1} blocks "
+                  f"written at the switches, {sum(b - a for a, b in held)} bytes in the "
+                  f"incremental, {time.monotonic() - started:.0f} s")
+    finally:
+        if writer is not None:
+            writer.stopping = True
+        if vm is not None:
+            vm.daemon.stop()
+        if writer is not None and writer.task is not None:
+            await asyncio.gather(writer.task, return_exceptions=True)
+        rc = agent.stop()
+        deactivate_vgs(sd)
     assert rc == 0, f"agent exit status {rc}; log:\n{agent.log()}"
