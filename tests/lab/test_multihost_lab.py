@@ -39,11 +39,13 @@ from typing import Any
 import pytest
 
 from rpc.client import Client, RpcError
+from storage.qmp import QMPClient
 from tests.integration.crashharness import _argv, descendants
 from tests.lab import guestlib as g
 from tests.lab import multihost as mh
 from tests.lab.multihost import HostFactory
 from tests.lab.test_thin_lab import notes_until
+from tests.polling import until_async
 
 pytestmark = pytest.mark.slow
 
@@ -664,10 +666,11 @@ async def test_e_thin_volume_grown_on_one_host_seen_on_the_other(
     """Host 1 runs the VM: its writer (qemu-storage-daemon) crosses the
     watermark and host 1's agent extends the LV. Host 2 has the volume
     prepared read-only (a backup host): refreshVolume gives it the new
-    size. Then both extend at once while host 1's lvextend is stopped
-    holding the domain lease: host 2 waits for the lease (no lvextend of
-    its own meanwhile) and then finds the LV large enough; one lvextend at
-    a time, the LV at the larger size, the VG's metadata intact."""
+    size, and reloads its mapping after an lvextend elsewhere. Then both
+    extend at once while host 1's lvextend is stopped holding the domain
+    lease: host 2 waits for the lease (no lvextend of its own meanwhile)
+    and then finds the LV large enough; one lvextend at a time, the LV at
+    the larger size, the VG's metadata intact."""
     a, b, _ = hosts
     v = Vol(block_domain.sd, new_id(), new_id())
     qmp, nbd = str(tmp_path / "qmp.sock"), str(tmp_path / "nbd.sock")
@@ -687,8 +690,19 @@ async def test_e_thin_volume_grown_on_one_host_seen_on_the_other(
                 "--nbd-server", f"addr.type=unix,addr.path={nbd}",
                 "--export", "type=nbd,id=e0,node-name=fmt0,name=e0,writable=on",
                 "--chardev", f"socket,id=m0,path={qmp},server=on,wait=off",
-                "--monitor", "chardev=m0")).start()
+                "--monitor", "chardev=m0",
+                "--chardev", f"socket,id=m1,path={qmp}.test,server=on,wait=off",
+                "--monitor", "chardev=m1")).start()
             g.wait_until(lambda: os.path.exists(nbd) or not vm.check_alive(), "the VM", 30)
+
+            async def armed() -> int:
+                async with QMPClient(f"{qmp}.test") as mon:
+                    nodes = await mon.execute("query-named-block-nodes", {"flat": True})
+                return int(next(n for n in nodes if n["node-name"] == "file0")
+                           ["write_threshold"])
+
+            # host 1's agent watches the writer: the threshold armed
+            await until_async(armed, "the write threshold armed", timeout=60)
             # 56 MiB of data: past the watermark (51.2 MiB of the 64 MiB
             # chunk), short of the LV's end
             async with ca.notifications() as q:
@@ -696,17 +710,31 @@ async def test_e_thin_volume_grown_on_one_host_seen_on_the_other(
                     a.ns.run, "qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 28M",
                     "-c", "write -P 0x5a 28M 28M", f"nbd+unix:///e0?socket={nbd}",
                     timeout=120)
-                [note] = await notes_until(q, "volume.extended", 1, timeout=60)
+                try:
+                    [note] = await notes_until(q, "volume.extended", 1, timeout=60)
+                except TimeoutError:
+                    async with QMPClient(f"{qmp}.test") as mon:
+                        stats = await mon.execute("query-blockstats", {"query-nodes": True})
+                    raise AssertionError(f"no extension: threshold {await armed()}, "
+                                         f"stats {stats}") from None
             assert note == {**v.ref(), "size": 128 * MiB}, note
             assert lvs(v.sd)[v.vol]["size"] == 128 * MiB
         finally:
             if vm is not None:
                 vm.stop()
-        # host 2 sees the new size once refreshed
+        # host 2 sees the new size once refreshed (in the one kernel of the
+        # guest, host 1's lvextend reloaded the mapping host 2 uses too)
         assert await cb.call("refreshVolume", **v.ref()) == {"size": 128 * MiB}
         info = await cb.call("getVolumeInfo", **v.ref())
         assert info["apparentSize"] == 128 * MiB, info
+        # A third host's extension as it looks from a machine of its own:
+        # the LV's size on the LUN, no reload of the mapping here
+        # (--driverloaded n: LVM leaves device-mapper alone). refreshVolume
+        # reloads it.
+        g.lvm("lvextend", "--driverloaded", "n", "-L", f"{160 * MiB}b", f"{v.sd}/{v.vol}")
         assert int(b.ns.run("blockdev", "--getsize64", seen_b)) == 128 * MiB
+        assert await cb.call("refreshVolume", **v.ref()) == {"size": 160 * MiB}
+        assert int(b.ns.run("blockdev", "--getsize64", seen_b)) == 160 * MiB
 
         # both at once, host 1 first: its lvextend stopped under the domain lease
         grow_a = asyncio.ensure_future(ca.call("extendVolume", **v.ref(), minSize=256 * MiB))
