@@ -22,6 +22,8 @@ import pytest
 
 from rpc.client import Client
 from storage import nbd
+from storage.domains.imageops import bitmap_name
+from storage.domains.writers import layer_nodes
 from storage.qmp import QMPClient
 from tests.conftest import require_tools
 from tests.integration.storagefixtures import FsMount
@@ -464,3 +466,48 @@ async def test_incremental_backup_of_a_disk_being_written(
             assert held and all(lo <= a < b <= hi for a, b in held), (held, lo, hi)
     await client.call("teardownImage", sdUUID=backup.sd, imgUUID=bimg)
     assert blocks_written(read_raw(paths[-1], tmp_path / "chain.raw")) == writer.written
+
+
+async def test_incremental_backup_refused_once_the_vm_dropped_the_bitmap(
+        domains: list[Storage], client: Client, vm_factory: Callable[[list[str]], VM],
+        make_fs_mount: Callable[..., FsMount], tmp_path: Path) -> None:
+    """The VM manager removed the bitmap of the last backup from the running
+    VM: the disk no longer records its changes since then, so an incremental
+    backup from it is refused (1000, take a full one) and nothing is made."""
+    s = domains[0]
+    img, vol = new_id(), new_id()
+    await create_volume(client, s.sd, img, vol, size=SIZE)
+    disk = {"sdUUID": s.sd, "imgUUID": img, "volUUID": vol}
+    path = (await client.call("prepareImage", **disk, purpose="vm", writer={
+        "qmpSocket": str(tmp_path / "qmp.sock"), "nodeName": "file0"}))["path"]
+    d = make_fs_mount("ext4", size=1024 * MiB).path / "backup"
+    d.mkdir()
+    backup = Storage(client, "localfs", {"connection": str(d)})
+    await backup.connect()
+    domains.append(backup)
+    await backup.create_domain(name="backup", domClass="backup")
+    full = {"sdUUID": backup.sd, "imgUUID": new_id(), "volUUID": new_id()}
+    vm = vm_factory([path])
+    await until(lambda: os.path.exists(vm.nbd), "the VM's NBD server", timeout=20)
+    writer = Writer(vm.url(0)).start()
+    try:
+        await until(lambda: writer.at_least(256), "writes before", timeout=60)
+        info = await run_job(client, "backupVolume", src=disk, dst=full, keepSnapshot=False)
+        assert info["status"] == "done", info.get("error")
+        layer = info["result"]["snapshotVolUUID"]
+        async with QMPClient(vm.qmp_test) as mon:
+            await mon.execute("block-dirty-bitmap-remove", {
+                "node": layer_nodes(layer)[1], "name": bitmap_name(full["volUUID"])})
+        info = await run_job(client, "backupVolume", src={**disk, "volUUID": layer},
+                             dst={**full, "volUUID": new_id()}, keepSnapshot=False,
+                             incrementalFrom=full)
+        assert info["status"] == "failed", info
+        assert info["error"]["code"] == 1000 and "full backup" in info["error"]["message"], \
+            info["error"]
+    finally:
+        await writer.stop()
+    vm.stop()
+    assert sorted(await client.call("getVolumesList", **{k: disk[k] for k in (
+        "sdUUID", "imgUUID")})) == sorted([vol, layer])
+    assert await client.call("getVolumesList", sdUUID=backup.sd,
+                             imgUUID=full["imgUUID"]) == [full["volUUID"]]
