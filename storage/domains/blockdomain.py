@@ -634,15 +634,17 @@ class BlockDomain(LUNs, LVHolding, Domain):
         return want
 
     async def refresh_volume(self, img: str, vol: str) -> int:
-        """lvchange --refresh of an LV active here: its mapping takes the
-        size another host's lvextend recorded. An inactive LV is read from
-        the metadata when it is activated: nothing to do."""
+        """lvchange --refresh: an LV active here takes the size another
+        host's lvextend recorded. Not asked of lv_attr first: while the
+        mapping here differs from the metadata (just what a refresh is
+        for), lvs reports the LV's state unknown ("X"), not active; and a
+        refresh of an inactive LV does nothing (measured in the lab guest,
+        LVM 2.03.16)."""
         self.lvm.invalidate(self.vg)
         v = await self._volume_lv(vol)
         if v is None or v.image != img or v.initializing:
             raise VolumeDoesNotExist(volUUID=vol)
-        if v.active:
-            await self.lvm.refresh(self.vg, [vol])
+        await self.lvm.refresh(self.vg, [vol])
         return v.size
 
     async def volume_sizes(self, img: str, vol: str) -> tuple[int, int]:

@@ -34,6 +34,7 @@ from storage.domains.base import (
 )
 from storage.domains.prepared import PreparedVolumes
 from storage.domains.registry import DomainRegistry
+from storage.domains.writers import held_bitmaps
 from storage.errors import (
     BackupDomainRestricted,
     CreateIllegalVolumeSnapshotError,
@@ -578,7 +579,7 @@ class ImageOps:
         self._legal([top])
         # the agent copies the layer below the new one: a VM must not write
         # it (its registered writer is switched onto the new layer: below)
-        self.volumes.live_writer(name("src"), src.sd, src.img, src.vol)
+        writer = self.volumes.live_writer(name("src"), src.sd, src.img, src.vol)
         if await sdom.children(top):
             raise InvalidParameter(field=name("src.volUUID"),
                                    reason=f"volume {top.uuid} is not the disk's top volume")
@@ -592,8 +593,8 @@ class ImageOps:
                                               "earlier one: same domain and image as dst")
             base = await ddom.volume(inc.img, inc.vol)
             self._legal([base])
-            if top.format != "COW" or bitmap_name(inc.vol) not in await self._bitmaps(sdom,
-                                                                                     top):
+            if top.format != "COW" or not await self._tracks(sdom, top, bitmap_name(inc.vol),
+                                                             writer, name("src")):
                 raise InvalidParameter(
                     field=name("incrementalFrom"),
                     reason=f"the disk holds no record of its changes since backup {inc.vol} "
@@ -616,6 +617,15 @@ class ImageOps:
 
     async def _bitmaps(self, domain: Domain, md: VolumeMetadata) -> tuple[str, ...]:
         return (await self._bitmap_names(domain, md))[0]
+
+    async def _tracks(self, domain: Domain, md: VolumeMetadata, bitmap: str,
+                      writer: WriterWatch | None, disk: str) -> bool:
+        """Whether a volume records its changes in `bitmap`: consistent on
+        storage, or held by the VM that writes it (in-use on storage until
+        the backup's switch makes the writer store it: _copy_incremental)."""
+        if bitmap in await self._bitmaps(domain, md):
+            return True
+        return writer is not None and bitmap in await held_bitmaps(writer, disk)
 
     async def _backup_layer(self, sdom: Domain, top: VolumeMetadata,
                             dst: VolRef) -> VolumeMetadata:
@@ -645,6 +655,11 @@ class ImageOps:
                                 dst: VolRef, base: VolumeMetadata,
                                 progress: Progress) -> VolumeMetadata:
         top_path = sdom.volume_path(top.image, top.uuid)
+        if bitmap_name(base.uuid) not in await self._bitmaps(sdom, top):
+            # a VM's writer stores it when switched off the layer; it did not
+            raise VolumeIsBusy(resource=top.uuid,
+                               reason=f"its dirty bitmap {bitmap_name(base.uuid)} is "
+                                      "inconsistent on storage after the switch")
         async with self.prepared.using(sdom, await sdom.chain(top.image, top.uuid)):
             extents = nbd.coalesce(await nbd.dirty_extents(top_path, bitmap_name(base.uuid)),
                                    gap=MiB)

@@ -328,15 +328,8 @@ async def switch_writers(switches: list[Switch]) -> list[str]:
                                   f"({', '.join(sorted(sockets))}): one transaction "
                                   "switches the disks of one VM")
     watch = switches[0].watch
-    try:
-        async with asyncio.timeout(CONNECT_WAIT):
-            await watch.connected.wait()
-    except TimeoutError:
-        raise VolumeIsBusy(resource=", ".join(s.disk for s in switches),
-                           reason=f"the writer's QMP monitor {watch.qmp_socket} is not "
-                                  "reachable: the new layers cannot be switched to") from None
-    qmp = watch.qmp
-    assert qmp is not None
+    qmp = await _monitor(watch, ", ".join(s.disk for s in switches),
+                         "the new layers cannot be switched to")
     try:
         nodes = {n["node-name"]: n for n in
                  await qmp.execute("query-named-block-nodes", {"flat": True})}
@@ -383,6 +376,40 @@ async def switch_writers(switches: list[Switch]) -> list[str]:
     log.info("Live snapshot: %s switched onto %s in one transaction", watch.qmp_socket,
              ", ".join(s.path for s in switches))
     return [layer_nodes(s.vol)[0] for s in switches]
+
+
+async def _monitor(watch: WriterWatch, disk: str, then: str) -> QMPClient:
+    """The agent's connection to a writer's monitor, waited for a while."""
+    try:
+        async with asyncio.timeout(CONNECT_WAIT):
+            await watch.connected.wait()
+    except TimeoutError:
+        raise VolumeIsBusy(resource=disk, reason=f"the writer's QMP monitor "
+                                                 f"{watch.qmp_socket} is not reachable: "
+                                                 f"{then}") from None
+    qmp = watch.qmp
+    assert qmp is not None
+    return qmp
+
+
+async def held_bitmaps(watch: WriterWatch, disk: str) -> set[str]:
+    """The persistent dirty bitmaps a writer holds on its top (the format
+    node over the watched node), recording and consistent. While it runs,
+    their copies on storage are flagged in-use and stale: the writer stores
+    them when the snapshot's transaction makes that top its backing (qemu
+    reopens the old top read-only: external_snapshot_commit ->
+    bdrv_reopen_set_read_only -> qcow2_reopen_bitmaps_ro)."""
+    qmp = await _monitor(watch, disk, "its dirty bitmaps cannot be checked")
+    try:
+        top = _format_node(await qmp.execute("x-debug-query-block-graph"), watch.node)
+        nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+    except QMPError as e:
+        raise VolumeIsBusy(resource=disk, reason=f"the writer cannot list its dirty "
+                                                 f"bitmaps: {e}") from None
+    return {b["name"] for n in nodes if n.get("node-name") == top
+            for b in n.get("dirty-bitmaps") or []
+            if b.get("persistent") and b.get("recording", True)
+            and not b.get("inconsistent")}
 
 
 async def _transaction(qmp: QMPClient, actions: list[dict[str, Any]],

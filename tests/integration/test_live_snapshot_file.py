@@ -22,6 +22,8 @@ import pytest
 
 from rpc.client import Client
 from storage import nbd
+from storage.domains.imageops import bitmap_name
+from storage.domains.writers import layer_nodes
 from storage.qmp import QMPClient
 from tests.conftest import require_tools
 from tests.integration.storagefixtures import FsMount
@@ -390,3 +392,122 @@ async def test_live_snapshot_carries_dirty_bitmaps(
     dirty = nbd.coalesce(await nbd.dirty_extents(top, "since-backup"), gap=1)
     end = writer.written * BLOCK
     assert dirty == [(0, (end + 65535) // 65536 * 65536)], (dirty, writer.written)
+
+
+def data_extents(image: str) -> list[tuple[int, int]]:
+    """(start, end) of the data a qcow2 layer holds itself (not its backing)."""
+    out = subprocess.run(["qemu-img", "map", "--output", "json", "-f", "qcow2", image],
+                         capture_output=True, text=True, check=True).stdout
+    return [(e["start"], e["start"] + e["length"]) for e in json.loads(out)
+            if e["depth"] == 0 and e["data"]]
+
+
+async def test_incremental_backup_of_a_disk_being_written(
+        domains: list[Storage], client: Client, vm_factory: Callable[[list[str]], VM],
+        make_fs_mount: Callable[..., FsMount], tmp_path: Path) -> None:
+    """A full backupVolume, then two incremental ones, of a disk the VM
+    writes all along: each incremental holds only the blocks written since
+    the backup before (the bitmap the VM held, stored by the switch), and
+    the backup chain reads exactly as the disk at the switch (its old
+    layer, which the VM writes no more)."""
+    s = domains[0]
+    img, vol = new_id(), new_id()
+    await create_volume(client, s.sd, img, vol, size=SIZE)
+    disk = {"sdUUID": s.sd, "imgUUID": img, "volUUID": vol}
+    qmp = str(tmp_path / "qmp.sock")
+    path = (await client.call("prepareImage", **disk, purpose="vm",
+                              writer={"qmpSocket": qmp, "nodeName": "file0"}))["path"]
+    d = make_fs_mount("ext4", size=1024 * MiB).path / "backup"
+    d.mkdir()
+    backup = Storage(client, "localfs", {"connection": str(d)})
+    await backup.connect()
+    domains.append(backup)          # cleaned up with them
+    await backup.create_domain(name="backup", domClass="backup")
+    bimg = new_id()
+    backups: list[str] = []         # the backup volumes, full first
+    layers = [vol]                  # the disk's volumes, base first
+    ends: list[int] = []            # blocks written when each backup was done
+    vm = vm_factory([path])
+    await until(lambda: os.path.exists(vm.nbd), "the VM's NBD server", timeout=20)
+    writer = Writer(vm.url(0)).start()
+    try:
+        for n in range(3):
+            await until(lambda: writer.at_least((ends[-1] if ends else 0) + 256),
+                        "writes before the backup", timeout=60)
+            dst = {"sdUUID": backup.sd, "imgUUID": bimg, "volUUID": new_id()}
+            inc = {"incrementalFrom": {**dst, "volUUID": backups[-1]}} if backups else {}
+            info = await run_job(client, "backupVolume", src={**disk, "volUUID": layers[-1]},
+                                 dst=dst, keepSnapshot=False, **inc)
+            assert info["status"] == "done", (n, info.get("error"))
+            ends.append(writer.written)
+            assert info["result"]["incremental"] is (n > 0), info["result"]
+            layers.append(info["result"]["snapshotVolUUID"])
+            backups.append(dst["volUUID"])
+    finally:
+        await writer.stop()
+    vm.stop()
+    paths = [str(Path(path).with_name(v)) for v in layers]
+    copied = (await client.call("prepareImage", sdUUID=backup.sd, imgUUID=bimg,
+                                volUUID=backups[-1], purpose="read"))["path"]
+    bpaths = [str(Path(copied).with_name(v)) for v in backups]
+    at: list[int] = []                # blocks in the disk at each backup's switch
+    for n, (bpath, layer) in enumerate(zip(bpaths, paths[:-1], strict=True)):
+        # the backup chain up to backup n: the disk at its switch
+        k = blocks_written(read_raw(bpath, tmp_path / f"b{n}.raw"))
+        assert (at[-1] if at else 0) < k <= ends[n], (n, k, at, ends)
+        at.append(k)
+        subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2", bpath,
+                        layer], check=True)
+        if n:
+            # only what changed: the blocks written since the backup before,
+            # in the bitmap's granularity (64 KiB)
+            lo, hi = at[-2] * BLOCK // 65536 * 65536, (k * BLOCK + 65535) // 65536 * 65536
+            held = data_extents(bpath)
+            assert held and all(lo <= a < b <= hi for a, b in held), (held, lo, hi)
+    await client.call("teardownImage", sdUUID=backup.sd, imgUUID=bimg)
+    assert blocks_written(read_raw(paths[-1], tmp_path / "chain.raw")) == writer.written
+
+
+async def test_incremental_backup_refused_once_the_vm_dropped_the_bitmap(
+        domains: list[Storage], client: Client, vm_factory: Callable[[list[str]], VM],
+        make_fs_mount: Callable[..., FsMount], tmp_path: Path) -> None:
+    """The VM manager removed the bitmap of the last backup from the running
+    VM: the disk no longer records its changes since then, so an incremental
+    backup from it is refused (1000, take a full one) and nothing is made."""
+    s = domains[0]
+    img, vol = new_id(), new_id()
+    await create_volume(client, s.sd, img, vol, size=SIZE)
+    disk = {"sdUUID": s.sd, "imgUUID": img, "volUUID": vol}
+    path = (await client.call("prepareImage", **disk, purpose="vm", writer={
+        "qmpSocket": str(tmp_path / "qmp.sock"), "nodeName": "file0"}))["path"]
+    d = make_fs_mount("ext4", size=1024 * MiB).path / "backup"
+    d.mkdir()
+    backup = Storage(client, "localfs", {"connection": str(d)})
+    await backup.connect()
+    domains.append(backup)
+    await backup.create_domain(name="backup", domClass="backup")
+    full = {"sdUUID": backup.sd, "imgUUID": new_id(), "volUUID": new_id()}
+    vm = vm_factory([path])
+    await until(lambda: os.path.exists(vm.nbd), "the VM's NBD server", timeout=20)
+    writer = Writer(vm.url(0)).start()
+    try:
+        await until(lambda: writer.at_least(256), "writes before", timeout=60)
+        info = await run_job(client, "backupVolume", src=disk, dst=full, keepSnapshot=False)
+        assert info["status"] == "done", info.get("error")
+        layer = info["result"]["snapshotVolUUID"]
+        async with QMPClient(vm.qmp_test) as mon:
+            await mon.execute("block-dirty-bitmap-remove", {
+                "node": layer_nodes(layer)[1], "name": bitmap_name(full["volUUID"])})
+        info = await run_job(client, "backupVolume", src={**disk, "volUUID": layer},
+                             dst={**full, "volUUID": new_id()}, keepSnapshot=False,
+                             incrementalFrom=full)
+        assert info["status"] == "failed", info
+        assert info["error"]["code"] == 1000 and "full backup" in info["error"]["message"], \
+            info["error"]
+    finally:
+        await writer.stop()
+    vm.stop()
+    assert sorted(await client.call("getVolumesList", **{k: disk[k] for k in (
+        "sdUUID", "imgUUID")})) == sorted([vol, layer])
+    assert await client.call("getVolumesList", sdUUID=backup.sd,
+                             imgUUID=full["imgUUID"]) == [full["volUUID"]]
