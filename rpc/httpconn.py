@@ -42,7 +42,14 @@ HANDSHAKE_READ = 16 * 1024
 MAX_HEAD = 64 * 1024         # request line and headers
 LINGER = 5.0                 # s spent dropping what a client still sends after a reply
 ABORT_WAIT = 5.0             # s a thread gets to return once its socket was shut down
-RAW_READ = 256 * 1024        # bytes of the socket read at once (TLS records, several)
+# Bytes of the socket read at once (TLS records, several) into the memory
+# BIO. 1 MiB rather than 256 KiB: a quarter of the recv() calls and BIO
+# writes (each holding the GIL while it copies) take 4-6% less CPU per GiB
+# of OVF upload (1.73-1.77 against 1.81-1.83 CPU-s, interleaved); disk
+# transfers kept their pace beside imageio (tests.bench transfer, two runs
+# each, interleaved: upload 1.30/1.39 of imageio against 1.30/1.18, download
+# 1.05/1.25 against 1.09/1.13). A connection holds this buffer while it lives.
+RAW_READ = 1 << 20
 DIGITS_RE = re.compile(r"[0-9]{1,19}")
 
 
