@@ -5,8 +5,8 @@ disk transfer routes (rpc.transferdata) both speak through it.
 
 The request head is parsed here (the request line, then the standard
 library's header parser, then the framing checks), not by h11: h11 parses
-a head no faster (`python -m tests.bench httpparse`: 23 us against 20 on
-a quiet machine, 48 against 36 on a loaded one) and hands a body over as
+a head no faster (`python -m tests.bench httpparse`: 33 us against 32,
+48 against 36 on a more loaded machine) and hands a body over as
 its own bytes objects, after copying each read into its buffer; here the
 body is decrypted straight into the store's or the transfer's buffer,
 which h11's Data events cannot do (0.14 CPU-s/GiB through h11 against
