@@ -46,8 +46,14 @@ log = logging.getLogger("ovfstore")
 
 HEADER_SIZE = 4096
 DATA_OFFSET = 1 << 20
-BUFFER_SIZE = 4 << 20
-PIPELINE = 4          # upload buffers: one filling, the others hashing and writing
+# Upload buffers: one filling while the one before is hashed and written
+# (both at once), and one spare. 8 MiB rather than 4: each buffer costs the
+# event loop three thread hand-offs (receive, hash, write), and with half as
+# many an upload takes 6% less CPU per GiB (1.61 against 1.70-1.71 CPU-s,
+# interleaved 1 GiB uploads on the data listener, issue 21), for 24 MiB of
+# buffers per upload instead of 16.
+BUFFER_SIZE = 8 << 20
+PIPELINE = 3
 ALIGN = 4096
 
 

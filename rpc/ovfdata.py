@@ -7,10 +7,10 @@ per-chunk bookkeeping all run on the loop thread, which caps the upload
 rate and delays every other request. Here the loop only accepts and
 coordinates; each connection's socket and TLS work (handshake, request
 head, body, reply) runs in a worker thread in large steps: the body is
-decrypted straight into the store's 4 MiB buffers, one thread hand-off per
-buffer, while other threads hash and write the previous ones. Tickets,
-locks, checks and the store's pipeline are those of the main port
-(OvfService).
+decrypted straight into the store's 8 MiB buffers, one thread hand-off per
+buffer, while other threads hash and write the previous ones. What a
+request means (ticket, checks, statuses, error bodies) is rpc.ovfhttp's,
+as on the main port; this module routes and sends.
 
 One request per connection (every reply says Connection: close). Bounded:
 the TLS handshake runs on the loop, outside the connection slots, within
@@ -27,29 +27,24 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import re
 import socket
 import ssl
 from typing import TypeVar
 
 from agent.context import Agent
-from rpc import transferdata
+from rpc import ovfhttp, transferdata
 from rpc.httpconn import (
     LINGER,
-    _ClientGone,
     _Connection,
-    _error_response,
     _HttpError,
     _json_response,
-    _Request,
     _response_head,
     _SocketBody,
 )
-from rpc.ovfroutes import NOT_A_UUID, byte_range, download_headers
-from rpc.schema import UUID_RE
+from rpc.ovfhttp import Download, Reply
 from rpc.server import ssl_context
 from rpc.tlsguard import HandshakeGuard
-from storage.errors import HostAgentError, OvfStoreError, wire_error
+from storage.errors import HostAgentError, wire_error
 
 log = logging.getLogger("rpc.ovfdata")
 
@@ -61,7 +56,6 @@ MAX_CONNECTIONS = 16
 # and a few KiB, and lasts at most server.handshake_timeout if it does not
 # complete its handshake.
 MAX_PENDING = 1024
-PATH_RE = re.compile(r"/ovfstore/([^/]+)")
 
 
 class DataListener:
@@ -189,8 +183,7 @@ class DataListener:
         try:
             request = await conn.run(conn.read_head, timeout=self.idle_timeout)
         except _HttpError as e:
-            await self._reply(conn, _json_response(e.status, {"error": {
-                "code": -32600, "message": e.reason, "data": {"name": "InvalidRequest"}}}))
+            await self._reply(conn, ovfhttp.refusal(e.status, "InvalidRequest", e.reason))
             return
         except (OSError, TimeoutError) as e:
             # too slow, gone
@@ -207,26 +200,33 @@ class DataListener:
             # the handshake asks for a certificate without requiring one (a
             # transfer's ticket is its credential): the refusal is here
             self.guard.refused(conn.peer, "peer did not return a certificate", "request")
-            await self._reply(conn, _json_response(403, {"error": {
-                "code": -32600, "message": "a client certificate is required",
-                "data": {"name": "Forbidden"}}}))
+            await self._reply(conn, ovfhttp.CERT_REQUIRED)
             return
-        m = PATH_RE.fullmatch(request.path)
+        m = ovfhttp.PATH_RE.fullmatch(request.path)
         if m is None:
-            await self._reply(conn, _json_response(404, {"error": {
-                "code": -32600, "message": "no such resource", "data": {"name": "NotFound"}}}))
+            await self._reply(conn, ovfhttp.refusal(404, "NotFound", "no such resource"))
         elif request.method == "PUT":
-            await self._put(conn, request, m.group(1))
+            await self._reply(conn, await ovfhttp.put(
+                self.agent.ovf, m.group(1), request.content_length,
+                _SocketBody(conn, self.body_timeout), conn.cn))
         elif request.method == "GET":
-            await self._get(conn, request, m.group(1))
+            reply = await ovfhttp.get(self.agent.ovf, m.group(1), request.headers.get("Range"))
+            if isinstance(reply, Download):
+                await self._download(conn, reply, m.group(1))
+            else:
+                await self._reply(conn, reply)
         else:
-            await self._reply(conn, _json_response(405, {"error": {
-                "code": -32600, "message": f"method {request.method} not allowed",
-                "data": {"name": "MethodNotAllowed"}}}, {"Allow": "GET, PUT"}))
+            await self._reply(conn, ovfhttp.refusal(
+                405, "MethodNotAllowed", f"method {request.method} not allowed",
+                {"Allow": "GET, PUT"}))
 
-    async def _reply(self, conn: _Connection, data: bytes) -> None:
+    async def _reply(self, conn: _Connection, reply: Reply) -> None:
         """Send a whole reply; then, if the request's body was not read to
         its end, a lingering close."""
+        if reply.body is None:
+            data = _response_head(reply.status, {**reply.headers, "Content-Length": "0"})
+        else:
+            data = _json_response(reply.status, reply.body, reply.headers)
         conn.replied = True
         try:
             await conn.run(conn.sendall, data)
@@ -235,51 +235,11 @@ class DataListener:
         except (OSError, TimeoutError):
             pass
 
-    async def _put(self, conn: _Connection, request: _Request, ticket_id: str) -> None:
-        ovf = self.agent.ovf
-        try:
-            ticket = ovf.take(ticket_id)
-        except HostAgentError as e:
-            await self._reply(conn, _error_response(e))
-            return
-        if request.content_length is None:
-            missing = OvfStoreError(reason="Content-Length is required")
-            await self._reply(conn, _error_response(missing, 411))
-            return
-        body = _SocketBody(conn, self.body_timeout)
-        try:
-            result = await ovf.upload(ticket, request.content_length, body)
-        except HostAgentError as e:
-            log.info("OVF upload to %s from %s refused: %s", ticket.sd, conn.cn, e.message)
-            await self._reply(conn, _error_response(e))
-            return
-        except _ClientGone as e:
-            # nothing was switched, the stored tar is unchanged
-            log.info("OVF upload to %s from %s interrupted: %s", ticket.sd, conn.cn, e)
-            return
-        await self._reply(conn, _json_response(200, result))
-
-    async def _get(self, conn: _Connection, request: _Request, sd: str) -> None:
-        if not UUID_RE.match(sd):
-            await self._reply(conn, _json_response(400, NOT_A_UUID))
-            return
-        try:
-            header, store = await self.agent.ovf.header(sd)
-        except HostAgentError as e:
-            await self._reply(conn, _error_response(e))
-            return
-        rng = request.headers.get("Range")
-        span = byte_range(rng, header.size)
-        if span is None:
-            await self._reply(conn, _response_head(416, {
-                "Content-Range": f"bytes */{header.size}", "Content-Length": "0"}))
-            return
-        start, end = span
+    async def _download(self, conn: _Connection, reply: Download, sd: str) -> None:
         conn.replied = True
         try:
-            await conn.run(conn.sendall, _response_head(
-                206 if rng else 200, download_headers(header, start, end, bool(rng))))
-            async for chunk in store.read(start, end, header):
+            await conn.run(conn.sendall, _response_head(reply.status, reply.headers))
+            async for chunk in reply.chunks:
                 await conn.run(conn.sendall, chunk)
         except (OSError, TimeoutError) as e:
             log.info("OVF download of %s to %s cut: %s", sd, conn.cn, e or type(e).__name__)

@@ -9,7 +9,12 @@ localfs domain, beside limits measured in the same run, in turns:
   main port; a blocking TLS socket read in a thread, as on the agent's OVF
   data listener (the transport's limit); the same also hashing the body
   with sha256 in a second thread, as every upload must (the most any
-  upload can reach here).
+  upload can reach here);
+- the same PUT into ovirt-imageio's server (the PyPI package of the test
+  extras, started as tests/bench/transfer.py does: file backend, a raw
+  file of the tar's size in the same directory, O_DIRECT and fsync, the
+  agent's certificate), which neither checks the tar nor hashes it: the
+  peer the agent must at least match (issue 21).
 
 The agent is measured twice: on the URL uploadOvfTar hands out (the OVF
 data listener) and on the main port (aiohttp). The client sends the file
@@ -17,10 +22,13 @@ in 4 MiB writes on a blocking TLS socket (as an engine's HTTP client
 would), so that the client costs the same CPU for every server; the
 machine has 2 cores for client and server together. Reported as medians
 over the rounds: throughput, ratios taken within each round (same moment,
-same load), the agent's RSS growth during an upload, each server's CPU time
-per GiB, the CPU time of the agent's busiest thread (what caps an upload
+same load), the agent's RSS growth during an upload, the peak RSS of the
+agent and of imageio's server (process and children), each server's CPU
+time per GiB, the CPU time of the agent's busiest thread (what caps an upload
 on a host with cores to spare), and the slowest ping answered during an
 upload.
+
+    python -m tests.bench ovf          (BENCH_OVF_ROUNDS=2 for a quick look)
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import psutil
 from rpc.client import Client, client_ssl_context
 from tests.agentproc import AgentProcess, free_port
 from tests.bench.common import ROOT, median, python_cmd, save, table
+from tests.bench.transfer import ImageioServer, PeakRSS
 
 MiB = 1024**2
 SEND = 4 * MiB
@@ -103,7 +112,7 @@ def put_file(port: int, path: str, tar: Path,
         elapsed = time.perf_counter() - start
         cpu = time.thread_time() - cpu
     head, _, body = reply.partition(b"\r\n\r\n")
-    return elapsed, cpu, int(head.split()[1]), dict(json.loads(body))
+    return elapsed, cpu, int(head.split()[1]), dict(json.loads(body)) if body.strip() else {}
 
 
 async def _watch(proc: psutil.Process, stop: asyncio.Event) -> tuple[int, float]:
@@ -140,7 +149,7 @@ def _cpu(proc: psutil.Process) -> float:
     return float(t.user + t.system)
 
 
-WRITERS = ["agent", "agent_main", "bare", "bare_thread", "bare_thread_sha", "dd",
+WRITERS = ["agent", "agent_main", "imageio", "bare", "bare_thread", "bare_thread_sha", "dd",
            "dd_buffered"]
 
 
@@ -157,6 +166,10 @@ async def _bench(work: Path, size: int, runs: int) -> dict[str, Any]:
     agent = AgentProcess(work / "state").start()
     assert agent.proc is not None
     proc = psutil.Process(agent.proc.pid)
+    imageio = ImageioServer(work / "imageio", agent.pki)
+    assert imageio.proc is not None
+    imageio_proc = psutil.Process(imageio.proc.pid)
+    peak = {"agent": PeakRSS(agent.proc.pid), "imageio": PeakRSS(imageio.proc.pid)}
     port, thread_port = free_port(), free_port()
     bare = subprocess.Popen(python_cmd("tests.bench.bare_server", str(agent.pki), str(port),
                                        str(thread_port)),
@@ -215,6 +228,23 @@ async def _bench(work: Path, size: int, runs: int) -> dict[str, Any]:
                 cpu[name].append((_cpu(bare_proc) - cpu0) / gib)
                 cpu["client"].append(client_cpu / gib)
 
+            async def imageio_run(name: str) -> None:
+                # the same PUT into ovirt-imageio's server: a raw file of the
+                # tar's size in the same directory, written with O_DIRECT and
+                # fsync'd (its file backend); no tar check, no sha256
+                target = data / "imageio-target"
+                with open(target, "wb") as f:
+                    f.truncate(real)
+                url = urllib.parse.urlsplit(imageio.ticket(target, ["write"]))
+                cpu0 = _cpu(imageio_proc)
+                elapsed, client_cpu, status, _ = await asyncio.to_thread(
+                    put_file, imageio.port, url.path, tar, agent.pki)
+                assert status == 200, status
+                secs[name].append(elapsed)
+                cpu[name].append((_cpu(imageio_proc) - cpu0) / gib)
+                cpu["client"].append(client_cpu / gib)
+                target.unlink()
+
             async def dd_run(name: str) -> None:
                 target = data / "dd-target"
                 direct = ["oflag=direct"] if name == "dd" else []
@@ -230,10 +260,13 @@ async def _bench(work: Path, size: int, runs: int) -> dict[str, Any]:
                     await agent_run(name)
                 elif name.startswith("bare"):
                     await bare_run(name)
+                elif name == "imageio":
+                    await imageio_run(name)
                 else:
                     await dd_run(name)
 
             await agent_run("agent")     # warm up: first allocation of the store's slot
+            await imageio_run("imageio")
             for v in (*secs.values(), *cpu.values(), *thread_cpu.values(), *pings.values(),
                       rss_growth):
                 v.clear()
@@ -244,8 +277,10 @@ async def _bench(work: Path, size: int, runs: int) -> dict[str, Any]:
             await c.call("disconnectStorageServer", domType="localfs",
                          connectionParams=[{"id": cid, "connection": str(data)}])
     finally:
+        peak_mib = {k: v.stop() for k, v in peak.items()}
         bare.terminate()
         bare.wait(10)
+        imageio.stop()
         agent.stop()
     mibs = {k: [real / MiB / s for s in v] for k, v in secs.items()}
 
@@ -258,6 +293,9 @@ async def _bench(work: Path, size: int, runs: int) -> dict[str, Any]:
             "ratio": ratio("agent", "dd"),
             "ratio_buffered_dd": ratio("agent", "dd_buffered"),
             "ratio_main_dd": ratio("agent_main", "dd"),
+            "ratio_imageio": ratio("agent", "imageio"),
+            "ratio_main_imageio": ratio("agent_main", "imageio"),
+            "peak_rss_mib": peak_mib,
             "ratio_bare": ratio("agent", "bare_thread"),
             "ratio_bare_sha": ratio("agent", "bare_thread_sha"),
             "ratio_bare_dd": ratio("bare_thread", "dd"),
@@ -272,6 +310,7 @@ async def _bench(work: Path, size: int, runs: int) -> dict[str, Any]:
 
 
 def run(size: int = 1024 * MiB, runs: int = 5) -> dict[str, Any]:
+    runs = int(os.environ.get("BENCH_OVF_ROUNDS", runs))     # fewer for a quick look
     with tempfile.TemporaryDirectory(prefix="bench-ovf-", dir="/var/tmp") as tmp:
         result = asyncio.run(_bench(Path(tmp), size, runs))
     result["params"] = {"runs": runs, "storage": "localfs on /var/tmp (the root disk)",
@@ -286,6 +325,8 @@ def report(r: dict[str, Any]) -> str:
     ping = r["ping_max_ms"]
     rows = [["agent, upload URL (OVF data listener)", r["agent_mib_s"], cpu["agent"]],
             ["agent, main port (aiohttp)", r["agent_main_mib_s"], cpu["agent_main"]],
+            ["ovirt-imageio's server (file backend: O_DIRECT, fsync; no tar check, no "
+             "sha256)", r["imageio_mib_s"], cpu["imageio"]],
             ["bare TLS sink, thread (data listener's transport)", r["bare_thread_mib_s"],
              cpu["bare_thread"]],
             ["bare TLS sink, thread + sha256", r["bare_thread_sha_mib_s"],
@@ -297,6 +338,10 @@ def report(r: dict[str, Any]) -> str:
             f"{r['params']['runs']} rounds ({r['params']['storage']}; client: "
             f"{r['params']['client']}, {cpu['client']:.2f} CPU s/GiB)\n"
             + table(rows, ["writer", "MiB/s", "server CPU s/GiB"])
+            + f"\nagent/imageio {r['ratio_imageio']:.2f} (goal >= 1; main port/imageio "
+              f"{r['ratio_main_imageio']:.2f}); peak RSS, process and children: agent "
+              f"{r['peak_rss_mib']['agent']:.0f} MiB, imageio "
+              f"{r['peak_rss_mib']['imageio']:.0f} MiB"
             + f"\nratio agent/dd {r['ratio']:.2f} (target >= 0.8; vs dd without O_DIRECT "
               f"{r['ratio_buffered_dd']:.2f}; main port/dd {r['ratio_main_dd']:.2f})\n"
               f"agent/bare TLS sink {r['ratio_bare']:.2f}; agent/bare TLS sink + sha256 "

@@ -63,7 +63,8 @@ def throughput_groups() -> list[tuple[str, list[tuple[str, float]]]]:
     ovf = _load("ovf")
     if ovf:
         items = [(label, float(ovf[key])) for label, key in
-                 (("agent upload", "agent_mib_s"), ("dd (fsync)", "dd_mib_s"),
+                 (("agent upload", "agent_mib_s"), ("imageio server", "imageio_mib_s"),
+                  ("dd (fsync)", "dd_mib_s"),
                   ("bare TLS sink", "bare_mib_s")) if key in ovf]
         if items:
             groups.append(("OVF upload 1 GiB", items))
