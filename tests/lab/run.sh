@@ -28,6 +28,8 @@ cd "$ROOT" || exit 2
 
 bash tests/lab/vm/install.sh -q || exit 2
 [ -x .venv/bin/python ] || { echo "lab: $ROOT/.venv missing; run 'make venv'" >&2; exit 2; }
+# data the tests write, made here in seconds rather than in the guest
+.venv/bin/python -m tests.lab.labdata || exit 2
 
 # pytest arguments naming something under tests/lab become checkout-relative
 args=()

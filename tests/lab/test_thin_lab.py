@@ -36,6 +36,7 @@ from storage.qmp import QMPClient
 from tests.agentproc import AgentProcess
 from tests.integration.test_domains_file import create_volume, new_id, run_job
 from tests.lab import guestlib as g
+from tests.lab import labdata
 from tests.lab.test_domains_block_lab import (
     connect_luns,
     format_and_disconnect,
@@ -242,31 +243,17 @@ FULL_MARGIN = FULL_CHUNK * FULL_WATERMARK // 100
 # test's time; 2048 by hand).
 FULL_DATA = 2 * GiB
 MANAGER_DATA = int(os.environ.get("LAB_THIN_MANAGER_MIB", "1024")) * MiB
-BLOCK = 64 * MiB
-
-
-def make_source(path: Path, size: int) -> Path:
-    """`size` bytes of non-zero data, no two 4 KiB blocks of a 64 MiB
-    stretch alike and each stretch unlike the others (a random block
-    rotated by a different number of 4 KiB pages): a write landing in the
-    wrong place shows in the comparison. About 25 s per GiB in the guest."""
-    base = os.urandom(BLOCK)
-    with open(path, "wb") as f:
-        for i in range(size // BLOCK):
-            cut = i * 4096 + 512
-            f.write(base[cut:] + base[:cut])
-    return path
 
 
 @pytest.fixture
 def full_src(host_scratch: Path) -> Path:
-    """FULL_DATA bytes on the host's disk (host_scratch is removed after)."""
-    return make_source(host_scratch / "full.raw", FULL_DATA)
+    """At least FULL_DATA bytes on the host's disk (tests/lab/labdata.py)."""
+    return labdata.source(FULL_DATA, host_scratch)
 
 
 @pytest.fixture
 def manager_src(host_scratch: Path) -> Path:
-    return make_source(host_scratch / "manager.raw", MANAGER_DATA)
+    return labdata.source(MANAGER_DATA, host_scratch)
 
 
 def prefix(src: Path, size: int) -> str:
