@@ -16,7 +16,7 @@ order=()
 LAB_SECOND=(test_domains_block_crash_lab.py test_domains_block_volumes_lab.py
             test_ovfstore_lab.py test_sanlock_lab.py test_domains_block_lab.py
             test_faults_lab.py test_errors_lab.py test_thin_lab.py
-            test_merge_lab.py)
+            test_merge_lab.py test_thin_crash_lab.py)
 lab_pids=()
 # (Not with PYTEST_ARGS: a filter may leave one guest nothing to run.)
 if [ "${TIERS_PARALLEL:-0}" = 1 ] && [[ " $* " == *" lab "* ]] && [ -z "${PYTEST_ARGS:-}" ]; then
@@ -30,9 +30,10 @@ if [ "${TIERS_PARALLEL:-0}" = 1 ] && [[ " $* " == *" lab "* ]] && [ -z "${PYTEST
     # each guest's guard: longer than run.sh's default 20 min, the guests
     # share the 2 cores with the host tier
     export LAB_TIMEOUT=${LAB_TIMEOUT:-1800}
-    bash tests/lab/run.sh "${first[@]}" > "$LOGDIR/lab1" 2>&1 &
+    # --durations: each guest's slowest tests in the log, to balance them
+    bash tests/lab/run.sh --durations=25 "${first[@]}" > "$LOGDIR/lab1" 2>&1 &
     lab_pids+=($!)
-    bash tests/lab/run.sh "${second[@]}" > "$LOGDIR/lab2" 2>&1 &
+    bash tests/lab/run.sh --durations=25 "${second[@]}" > "$LOGDIR/lab2" 2>&1 &
     lab_pids+=($!)
     trap 'kill -TERM "${lab_pids[@]}" 2>/dev/null; wait; exit 130' INT TERM
 fi
