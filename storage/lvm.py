@@ -39,7 +39,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from storage import commands
@@ -603,8 +603,29 @@ class LVM:
         paths = self._lv_paths(vg, lvs)
         try:
             await self._run("lvchange", ["--activate", flag, *paths])
-        finally:
+        except BaseException:
             self.invalidate(vg)
+            raise
+        self._set_cached_state(vg, set(lvs), flag == "y")
+
+    def _set_cached_state(self, vg: str, names: set[str], active: bool) -> None:
+        """Activation writes no VG metadata: the cached LV report stays, with
+        the new state of `names` (issue 21: dropping it made the commit of
+        every block volume create run lvs once more). A report that ran
+        across the change is not stored (generation)."""
+        self._generation[vg] = self._generation.get(vg, 0) + 1
+        entry = self._cache.get(("lv", vg))
+        if entry is None:
+            return
+        state = "a" if active else "-"
+        rows = []
+        for lv in entry.value:
+            if lv.name in names:
+                attr = lv.attr[:4] + state + ("-" if not active else lv.attr[5:6]) + lv.attr[6:]
+                lv = replace(lv, attr=attr, active=active,
+                                         opened=lv.opened if active else False)
+            rows.append(lv)
+        self._cache[("lv", vg)] = _Entry(entry.time, tuple(rows))
 
     # -- helpers
 

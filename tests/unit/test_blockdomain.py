@@ -219,6 +219,13 @@ async def test_new_volume_sequence(domain: FileBlockDomain) -> None:
     assert await domain.read_volume_md(IMG, V1) == vol(V1)
     assert [v.uuid for v in await domain.scan()] == [V1, V2]
 
+    # the commit after the data: the LV deactivated, then its slot written,
+    # from the report still cached (activation changes no metadata)
+    await domain.lvm.deactivate(SD, [V1])
+    await domain.write_volume_md(vol(V1, generation=1))
+    assert fake.ops[-1] == "lvchange --activate"
+    assert (await domain.read_volume_md(IMG, V1)).generation == 1
+
     # an update rewrites the slot in place; a new parent moves the PU_ tag
     await domain.write_volume_md(vol(V2, format="COW", parent=V1, generation=1))
     assert (await domain.read_volume_md(IMG, V2)).generation == 1

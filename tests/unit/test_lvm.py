@@ -407,12 +407,10 @@ async def test_cache_expires(lv_mgr: lvm.LVM, runner: FakeRunner, clock: Clock) 
     lambda m: m.lvextend("vgA", "lv1", 1 << 30),
     lambda m: m.lvchange_tags("vgA", "lv1", add=["a"]),
     lambda m: m.vgchange_tags("vgA", remove=["a"]),
-    lambda m: m.activate("vgA", ["lv1"]),
-    lambda m: m.deactivate("vgA", ["lv1"]),
     lambda m: m.refresh("vgA", ["lv1"]),
     lambda m: m.vgremove("vgA"),
-], ids=["lvcreate", "lvremove", "lvrename", "lvextend", "lvtags", "vgtags", "activate",
-        "deactivate", "refresh", "vgremove"])
+], ids=["lvcreate", "lvremove", "lvrename", "lvextend", "lvtags", "vgtags", "refresh",
+        "vgremove"])
 async def test_change_drops_cached_reports(lv_mgr: lvm.LVM, runner: FakeRunner,
                                            change: Any) -> None:
     await lv_mgr.lvs("vgA")
@@ -426,6 +424,45 @@ async def test_change_drops_cached_reports(lv_mgr: lvm.LVM, runner: FakeRunner,
     await lv_mgr.pvs("vgA")
     await lv_mgr.lvs("vgB")   # another VG: still cached
     assert runner.ops() == ["lvs", "vgs", "pvs"]
+
+
+async def test_activation_keeps_cached_report(lv_mgr: lvm.LVM, runner: FakeRunner) -> None:
+    """(De)activation writes no metadata: the cached report stays, showing
+    the LVs' new state; a report that ran across it is not stored."""
+    await lv_mgr.lvs("vgA")
+    await lv_mgr.deactivate("vgA", ["lv2"])
+    await lv_mgr.activate("vgA", ["lv3"])
+    runner.calls.clear()
+    by_name = {lv.name: lv for lv in await lv_mgr.lvs("vgA")}
+    assert runner.ops() == []
+    assert (by_name["lv2"].active, by_name["lv2"].opened, by_name["lv2"].attr) == \
+        (False, False, "-wi-------")
+    assert (by_name["lv3"].active, by_name["lv3"].opened, by_name["lv3"].attr) == \
+        (True, False, "-wi-a-----")
+    assert by_name["lv9"].active is None   # not named: as reported
+
+    runner.gate = asyncio.Event()
+    lv_mgr.invalidate("vgA")
+    report = asyncio.create_task(lv_mgr.lvs("vgA"))
+    await until(lambda: runner.running.get("lvs"), "the report runs")
+    await lv_mgr.deactivate("vgA", ["lv2"])   # (the gate holds reports only)
+    runner.gate.set()
+    await report
+    runner.gate = None
+    runner.calls.clear()
+    await lv_mgr.lvs("vgA")
+    assert runner.ops() == ["lvs"]
+
+
+async def test_failed_activation_drops_cached_report(lv_mgr: lvm.LVM,
+                                                     runner: FakeRunner) -> None:
+    await lv_mgr.lvs("vgA")
+    runner.fail["lvchange"] = (5, b"  device-mapper: reload ioctl failed.\n")
+    with pytest.raises(LVMCommandError):
+        await lv_mgr.activate("vgA", ["lv3"])
+    runner.calls.clear()
+    await lv_mgr.lvs("vgA")
+    assert runner.ops() == ["lvs"]
 
 
 async def test_failed_change_drops_cached_reports(lv_mgr: lvm.LVM,
