@@ -25,6 +25,7 @@ import mmap
 import os
 import re
 import secrets
+import shutil
 import string
 import subprocess
 import sys
@@ -207,8 +208,11 @@ def _start_agent(state: Path, port: int | None = None) -> Any:
     from tests.agentproc import AgentProcess
 
     state.mkdir(parents=True, exist_ok=True)
-    (state / "hostagent.toml").write_text(
-        f"[storage]\nblock_extent_size = {EXTENT}\nmonitor_interval = 600.0\n")
+    conf = f"[storage]\nblock_extent_size = {EXTENT}\nmonitor_interval = 600.0\n"
+    if os.environ.get("BENCH_BLOCK_LOG"):
+        # a timeline of each create: every command and lease step, timed
+        conf += '[logging]\nlevel = "DEBUG"\n'
+    (state / "hostagent.toml").write_text(conf)
     agent = AgentProcess(state, port=port)
     agent.log_path = state.parent / "agent.log"
     return agent.start(timeout=120)
@@ -271,7 +275,7 @@ async def _guest(runs: int, sizes: list[int], work: Path) -> dict[str, Any]:
                     "runs": {"agent": agent_s, "lvcreate": bare_s}}
             have = len(await c.call("getVolumesList", sdUUID=sd))
         port = agent.port
-        for size in sizes:
+        for size in (s for s in sizes if s > have):
             agent.stop()
             t = time.perf_counter()
             populate(conf, sd, size - have)
@@ -304,6 +308,8 @@ async def _guest(runs: int, sizes: list[int], work: Path) -> dict[str, Any]:
         return result
     finally:
         steps.run()
+        if os.environ.get("BENCH_BLOCK_LOG"):
+            shutil.copy(work / "agent" / "agent.log", os.environ["BENCH_BLOCK_LOG"])
 
 
 def guest_main(runs: int, sizes: list[int]) -> None:
