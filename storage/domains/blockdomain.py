@@ -91,6 +91,9 @@ SPECIAL_LVS = (METADATA_LV, IDS_LV, LEASES_LV)
 
 DEFAULT_EXTENT_SIZE = 128 * MiB
 DEFAULT_METADATA_SIZE = 128 * MiB
+# Leases the leases LV grows by at once (64 MiB at 1 MiB alignment; one
+# default extent holds 128)
+LEASES_GROWTH = 64
 
 R = TypeVar("R")
 
@@ -709,15 +712,18 @@ class BlockDomain(LUNs, LVHolding, Domain):
         return self.lease_areas().volume_resource(vol, slot)
 
     async def make_volume_lease(self, md: VolumeMetadata) -> None:
-        """The leases LV holds one lease per metadata slot: grow it (one
-        extent at a time) when a slot past its end is used."""
+        """The leases LV holds one lease per metadata slot: grow it when a
+        slot past its end is used, by LEASES_GROWTH leases at least (with
+        small extents, one extent at a time cost every 8th create an lvs
+        and an lvextend: issue 21)."""
         res = await self.volume_lease(md.image, md.uuid)
         need = res.offset + res.geometry.resource_size
         if self._leases_size is None or self._leases_size < need:
             async with self.leases.metadata():
                 size = (await self.lvm.lv(self.vg, LEASES_LV)).size
                 if size < need:
-                    size = round_up(need, self.extent_size)
+                    size = round_up(need + (LEASES_GROWTH - 1) * res.geometry.resource_size,
+                                    self.extent_size)
                     await self.lvm.lvextend(self.vg, LEASES_LV, size)
                 self._leases_size = size
         await init_volume_lease(res, self.md.lock_policy, self.leases.io_timeout,

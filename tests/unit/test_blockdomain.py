@@ -163,6 +163,9 @@ class FakeLVM:
                     lv["tags"].remove(args[i + 1])
                 elif a == "--addtag":
                     lv["tags"].append(args[i + 1])
+        elif op == "lvextend":
+            lv = self.lvs[args[-1].split("/")[1]]
+            lv["size"] = int(args[args.index("--size") + 1].rstrip("b"))
         elif op == "lvremove":
             for path in args[1:]:
                 del self.lvs[path.split("/")[1]]
@@ -346,3 +349,24 @@ def test_thin_policy() -> None:
     assert p.extend_size(100 * ext, 10 * ext, ext) == 10 * ext
     assert p.reduced_size(ext, 100 * ext, ext) == 5 * ext     # 128 + 512 MiB margin
     assert p.reduced_size(99 * ext, 100 * ext, ext) == 100 * ext
+
+
+async def test_leases_lv_grows_by_many_leases(domain: FileBlockDomain) -> None:
+    """A slot past the leases LV's end grows it by LEASES_GROWTH leases at
+    once, not by one extent: the next creates need no LVM command for it."""
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    fake.lvs[bd.LEASES_LV] = {"size": 4 * MiB, "tags": []}
+    await domain.write_volume_md(vol(V1))
+    res = await domain.volume_lease(IMG, V1)
+    slot_bytes = res.geometry.resource_size
+    fake.lvs[bd.LEASES_LV]["size"] = res.offset       # its slot is just past the end
+    domain._leases_size = None
+    fake.ops.clear()
+    await domain.make_volume_lease(vol(V1))
+    assert fake.ops == ["lvs", "lvextend"]
+    want = bd.round_up(res.offset + 64 * slot_bytes, 4 * MiB)
+    assert domain._leases_size == want
+    fake.ops.clear()
+    await domain.write_volume_md(vol(V2))
+    await domain.make_volume_lease(vol(V2))
+    assert "lvextend" not in fake.ops
