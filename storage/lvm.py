@@ -36,14 +36,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from storage import commands
-from storage.errors import CannotCreateLogicalVolume, InvalidParameter, LVMCommandError
+from storage.errors import (
+    CannotCreateLogicalVolume,
+    HostAgentError,
+    InvalidParameter,
+    LVMCommandError,
+)
+
+log = logging.getLogger(__name__)
 
 LVM_TOOL = "lvm"
 DEFAULT_TIMEOUT = 120.0
@@ -325,6 +333,11 @@ def _lvm_error(e: commands.CommandError, op: str) -> LVMCommandError:
 class _Entry:
     time: float
     value: Any
+    # the VG's metadata stamp read just before the report ran (lvmlabel)
+    stamp: bytes | None = None
+    # another host may have changed the VG since: valid only if the stamp
+    # still reads the same
+    suspect: bool = False
 
 
 class LVM:
@@ -347,6 +360,8 @@ class LVM:
         self._generation: dict[str, int] = {}
         self._devices: tuple[str, ...] | None = None
         self._config = ""
+        # VG -> reads its metadata stamp (see watch_metadata)
+        self._stampers: dict[str, Callable[[], Awaitable[bytes | None]]] = {}
         self.set_devices(devices)
 
     # -- configuration
@@ -385,13 +400,49 @@ class LVM:
             for kind in ("pv", "vg", "lv"):
                 self._cache.pop((kind, name), None)
 
-    def _cached(self, kind: str, vg: str) -> Any:
+    def watch_metadata(self, vg: str, stamp: Callable[[], Awaitable[bytes | None]]) -> None:
+        """Let `suspect(vg)` keep the cached LV report of `vg` as long as
+        `stamp()` (lvmlabel.metadata_stamp of one of its PVs; None: cannot
+        tell) reads what it read before that report ran."""
+        self._stampers[vg] = stamp
+
+    def suspect(self, vg: str) -> None:
+        """Another host may have changed `vg` (this host just took the lease
+        that keeps the others out): its cached reports go, except an LV
+        report whose metadata stamp is checked before it is used again
+        (one read of the PV's header instead of an lvs: issue 21)."""
+        entry = self._cache.get(("lv", vg))
+        self.invalidate(vg)
+        if entry is not None and entry.stamp is not None and vg in self._stampers:
+            self._cache[("lv", vg)] = replace(entry, suspect=True)
+
+    async def _stamp(self, vg: str) -> bytes | None:
+        stamper = self._stampers.get(vg)
+        if stamper is None:
+            return None
+        try:
+            return await stamper()
+        except (OSError, HostAgentError) as e:
+            log.debug("Cannot read the metadata stamp of VG %s: %s", vg, e)
+            return None
+
+    async def _cached(self, kind: str, vg: str) -> Any:
         entry = self._cache.get((kind, vg))
         if entry is None:
             return None
         if self._clock() - entry.time > self.cache_ttl:
             del self._cache[(kind, vg)]
             return None
+        if entry.suspect:
+            generation = self._generation.get(vg, 0)
+            stamp = await self._stamp(vg)
+            if self._cache.get((kind, vg)) is not entry or \
+                    self._generation.get(vg, 0) != generation:
+                return None     # changed meanwhile: ask LVM
+            if stamp is None or stamp != entry.stamp:
+                del self._cache[(kind, vg)]
+                return None
+            entry.suspect = False
         return entry.value
 
     # -- running
@@ -415,16 +466,21 @@ class LVM:
     async def _report(self, kind: str, vg: str | None, args: Sequence[str],
                       parse: Callable[[bytes], list[T]]) -> list[T]:
         generation = 0
+        stamp = None
         if vg is not None:
-            hit = self._cached(kind, vg)
+            hit = await self._cached(kind, vg)
             if hit is not None:
                 return list(hit)
             generation = self._generation.get(vg, 0)
+            if kind == "lv":
+                # before the report: a change after this read makes the
+                # stamp differ from the one stored, never the other way
+                stamp = await self._stamp(vg)
         result = await self._run(f"{kind}s", ["--reportformat", "json", "--units", "b",
                                                "--nosuffix", *args])
         rows = parse(result.out)
         if vg is not None and self._generation.get(vg, 0) == generation:
-            self._cache[(kind, vg)] = _Entry(self._clock(), tuple(rows))
+            self._cache[(kind, vg)] = _Entry(self._clock(), tuple(rows), stamp)
         return rows
 
     # -- reports
@@ -625,7 +681,7 @@ class LVM:
                 lv = replace(lv, attr=attr, active=active,
                                          opened=lv.opened if active else False)
             rows.append(lv)
-        self._cache[("lv", vg)] = _Entry(entry.time, tuple(rows))
+        self._cache[("lv", vg)] = replace(entry, value=tuple(rows))
 
     # -- helpers
 

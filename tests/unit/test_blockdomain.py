@@ -26,6 +26,7 @@ SD = "1b4e28ba-2fa1-4d3b-a3f5-ef19b5a7633b"
 IMG = "6f1c2d1e-5a4b-4c3d-9e8f-0a1b2c3d4e5f"
 V1 = "0d3c8d7e-1111-4c3d-9e8f-0a1b2c3d4e5f"
 V2 = "0d3c8d7e-2222-4c3d-9e8f-0a1b2c3d4e5f"
+V3 = "0d3c8d7e-3333-4c3d-9e8f-0a1b2c3d4e5f"
 MiB = 1 << 20
 
 
@@ -178,10 +179,14 @@ class FileBlockDomain(bd.BlockDomain):
     """The metadata LV is a file here."""
 
     md_file = ""
+    stamp: bytes | None = None     # the VG's metadata stamp (no PV header here)
 
     @property
     def md_path(self) -> str:
         return self.md_file
+
+    async def _metadata_stamp(self) -> bytes | None:
+        return self.stamp
 
 
 @pytest.fixture
@@ -370,3 +375,36 @@ async def test_leases_lv_grows_by_many_leases(domain: FileBlockDomain) -> None:
     await domain.write_volume_md(vol(V2))
     await domain.make_volume_lease(vol(V2))
     assert "lvextend" not in fake.ops
+
+
+async def test_domain_lease_keeps_unchanged_lv_report(domain: FileBlockDomain) -> None:
+    """forget_cache (the domain lease taken, a listing) costs no lvs while
+    the VG's metadata stamp is unchanged; another host's change (a new
+    stamp) makes the next look ask LVM again and see its LV."""
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    domain.stamp = b"one"
+    await domain.write_volume_md(vol(V1))
+    assert await domain.image_ids() == [IMG]
+    fake.ops.clear()
+    domain.forget_cache()
+    assert await domain.image_ids() == [IMG]
+    assert fake.ops == []
+
+    fake.lvs[V3] = {"size": 4 * MiB, "tags": ["IU_x", "MD_3"]}   # another host's
+    domain.stamp = b"two"
+    domain.forget_cache()
+    assert await domain.image_ids() == sorted([IMG, "x"])
+    assert fake.ops == ["lvs"]
+
+
+async def test_create_then_commit_lvm_commands(domain: FileBlockDomain) -> None:
+    """A new volume's LVM commands up to its commit: one lvs (under the
+    domain lease), its lvcreate, the deactivation after its data; the
+    commit's slot write needs no lvs (issue 21)."""
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    await domain.write_volume_md(vol(V1))
+    await domain.lvm.deactivate(SD, [V1])
+    await domain.write_volume_md(vol(V1, legality="LEGAL", generation=1))
+    assert fake.ops == ["lvs", "lvcreate", "lvchange --activate"]
+    assert (await domain.read_volume_md(IMG, V1)).legality == "LEGAL"
+    assert V1 not in domain._made       # once: a later write looks the LV up

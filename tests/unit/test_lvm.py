@@ -454,6 +454,69 @@ async def test_activation_keeps_cached_report(lv_mgr: lvm.LVM, runner: FakeRunne
     assert runner.ops() == ["lvs"]
 
 
+class Stamps:
+    """A VG's metadata stamp as a test sets it; counts its reads."""
+
+    def __init__(self) -> None:
+        self.value: bytes | None = b"s1"
+        self.reads = 0
+
+    async def __call__(self) -> bytes | None:
+        self.reads += 1
+        return self.value
+
+
+async def test_suspect_keeps_lv_report_while_stamp_holds(lv_mgr: lvm.LVM,
+                                                          runner: FakeRunner) -> None:
+    """After `suspect` (the domain lease was taken) the LV report is used
+    again only if the VG's metadata stamp reads as before it ran."""
+    stamps = Stamps()
+    lv_mgr.watch_metadata("vgA", stamps)
+    await lv_mgr.lvs("vgA")
+    await lv_mgr.vgs("vgA")
+    lv_mgr.suspect("vgA")
+    await lv_mgr.lvs("vgA")               # stamp unchanged: no lvs
+    await lv_mgr.lvs("vgA")               # checked once, then trusted
+    await lv_mgr.vgs("vgA")               # other reports are dropped
+    assert runner.ops() == ["lvs", "vgs", "vgs"]
+    assert stamps.reads == 2              # before the report; once after suspect
+
+    stamps.value = b"s2"                  # another host changed the VG
+    lv_mgr.suspect("vgA")
+    await lv_mgr.lvs("vgA")
+    lv_mgr.suspect("vgA")
+    await lv_mgr.lvs("vgA")               # stored with s2 before it ran
+    assert runner.ops() == ["lvs", "vgs", "vgs", "lvs"]
+
+    stamps.value = None                   # cannot tell: LVM is asked
+    lv_mgr.suspect("vgA")
+    await lv_mgr.lvs("vgA")
+    assert runner.ops()[-1] == "lvs" and len(runner.ops()) == 5
+
+
+async def test_suspect_without_stamp_drops_report(lv_mgr: lvm.LVM,
+                                                  runner: FakeRunner) -> None:
+    await lv_mgr.lvs("vgA")
+    lv_mgr.suspect("vgA")
+    await lv_mgr.lvs("vgA")
+    assert runner.ops() == ["lvs", "lvs"]
+
+
+async def test_stamp_failure_asks_lvm(lv_mgr: lvm.LVM, runner: FakeRunner) -> None:
+    reads = []
+
+    async def failing() -> bytes | None:
+        reads.append(1)
+        if len(reads) > 1:
+            raise OSError(5, "Input/output error")
+        return b"s1"
+    lv_mgr.watch_metadata("vgA", failing)
+    await lv_mgr.lvs("vgA")
+    lv_mgr.suspect("vgA")
+    await lv_mgr.lvs("vgA")
+    assert runner.ops() == ["lvs", "lvs"]
+
+
 async def test_failed_activation_drops_cached_report(lv_mgr: lvm.LVM,
                                                      runner: FakeRunner) -> None:
     await lv_mgr.lvs("vgA")
