@@ -581,24 +581,47 @@ class LVM:
 
     async def lvcreate(self, vg: str, lv: str, size: int, *, tags: Iterable[str] = (),
                        activate: bool = False, zero: bool = False,
-                       contiguous: bool = False) -> None:
-        """Create `vg/lv` of at least `size` bytes (LVM rounds up to extents)."""
+                       contiguous: bool = False, sole_writer: bool = False) -> None:
+        """Create `vg/lv` of at least `size` bytes (LVM rounds up to extents).
+
+        sole_writer: no other host changes `vg` meanwhile (the caller holds
+        the lease that keeps them out) and `size` is whole extents. Then a
+        cached, stamped LV report stays, with the new LV added and the VG's
+        new metadata stamp: the next create needs no lvs (issue 21)."""
         check_name(vg, "vg_name")
         check_name(lv, "lv_name")
+        tag_list = _tags(tags, "tags")
         _check_size(size, "size")
         args = ["--name", lv, "--size", _bytes(size), "--activate", "y" if activate else "n",
                 "--zero", "y" if zero else "n"]
         if contiguous:
             args += ["--contiguous", "y"]
-        for tag in _tags(tags, "tags"):
+        for tag in tag_list:
             args += ["--addtag", tag]
         if activate:
             self._check_activation()
+        before = self._cache.get(("lv", vg)) if sole_writer else None
+        generation = self._generation.get(vg, 0)
         try:
             await self._change(vg, "lvcreate", [*args, vg])
         except LVMCommandError as e:
             raise CannotCreateLogicalVolume(lvName=lv, vgName=vg,
                                             reason=e.fields.get("reason", str(e))) from None
+        if before is not None and not before.suspect and before.stamp is not None:
+            made = LV(name=lv, vg_name=vg, uuid="", size=size, tags=tuple(tag_list),
+                      attr="-wi-a-----" if activate else "-wi-------", active=activate,
+                      opened=False, path=f"/dev/{vg}/{lv}")
+            # _change bumped the generation twice; more: someone else changed it too
+            await self._add_made(vg, before, made, generation + 2)
+
+    async def _add_made(self, vg: str, before: _Entry, made: LV, generation: int) -> None:
+        if self._generation.get(vg, 0) != generation:
+            return
+        stamp = await self._stamp(vg)
+        if stamp is None or self._generation.get(vg, 0) != generation \
+                or ("lv", vg) in self._cache:
+            return
+        self._cache[("lv", vg)] = _Entry(before.time, (*before.value, made), stamp)
 
     async def lvremove(self, vg: str, lvs: Sequence[str]) -> None:
         """Remove LVs of `vg` in one command (they must be inactive or unused)."""

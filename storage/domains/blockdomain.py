@@ -455,8 +455,10 @@ class BlockDomain(LUNs, LVHolding, Domain):
                 # Active at once: create_volume_data writes to it next. A
                 # crash leaves it active; lvremove --force in _remove_lv
                 # deactivates it.
+                # sole_writer: under the domain lease; the cached report then
+                # stays, with this LV, for the next create (issue 21)
                 await self.lvm.lvcreate(self.vg, md.uuid, size, activate=True,
-                                        tags=volume_tags(md, slot))
+                                        tags=volume_tags(md, slot), sole_writer=True)
                 self._new_lvs[md.uuid] = size
                 self._slots[md.uuid] = slot
                 self._made[md.uuid] = VolumeLV(name=md.uuid, image=md.image, parent=md.parent,

@@ -128,6 +128,7 @@ class FakeLVM:
         self.ops: list[str] = []
         self.fail: str | None = None
         self.fail_after: str | None = None     # the op is done, then fails (cut off)
+        self.seq = 0                           # VG metadata changes (its stamp)
 
     async def __call__(self, argv: Sequence[str], *, timeout: float,
                        check: bool = True, **kwargs: Any) -> commands.CommandResult:
@@ -152,12 +153,20 @@ class FakeLVM:
                      "lv_active": "", "lv_path": f"/dev/{SD}/{n}"}
                     for n, lv in self.lvs.items()]
             out = json.dumps({"report": [{"lv": rows}]}).encode()
-        elif op == "lvcreate":
+        elif op != "lvchange --activate":
+            self.seq += 1
+            self._change(op, args)
+        if op == self.fail_after:
+            raise commands.CommandError(argv, 5, b"", b"cut off")
+        return commands.CommandResult(tuple(argv), 0, out, b"")
+
+    def _change(self, op: str, args: list[str]) -> None:
+        if op == "lvcreate":
             name = args[args.index("--name") + 1]
             tags = [args[i + 1] for i, a in enumerate(args) if a == "--addtag"]
             size = int(args[args.index("--size") + 1].rstrip("b"))
             self.lvs[name] = {"size": size, "tags": tags}
-        elif op.startswith("lvchange") and "--activate" not in args:
+        elif op.startswith("lvchange"):
             lv = self.lvs[args[-1].split("/")[1]]
             for i, a in enumerate(args):
                 if a == "--deltag":
@@ -170,23 +179,21 @@ class FakeLVM:
         elif op == "lvremove":
             for path in args[1:]:
                 del self.lvs[path.split("/")[1]]
-        if op == self.fail_after:
-            raise commands.CommandError(argv, 5, b"", b"cut off")
-        return commands.CommandResult(tuple(argv), 0, out, b"")
 
 
 class FileBlockDomain(bd.BlockDomain):
     """The metadata LV is a file here."""
 
     md_file = ""
-    stamp: bytes | None = None     # the VG's metadata stamp (no PV header here)
+    stamping = False     # the VG's metadata stamp: the fake's change count
 
     @property
     def md_path(self) -> str:
         return self.md_file
 
     async def _metadata_stamp(self) -> bytes | None:
-        return self.stamp
+        fake: FakeLVM = self.runner     # type: ignore[assignment]
+        return str(fake.seq).encode() if self.stamping else None
 
 
 @pytest.fixture
@@ -382,7 +389,7 @@ async def test_domain_lease_keeps_unchanged_lv_report(domain: FileBlockDomain) -
     the VG's metadata stamp is unchanged; another host's change (a new
     stamp) makes the next look ask LVM again and see its LV."""
     fake: FakeLVM = domain.runner   # type: ignore[assignment]
-    domain.stamp = b"one"
+    domain.stamping = True
     await domain.write_volume_md(vol(V1))
     assert await domain.image_ids() == [IMG]
     fake.ops.clear()
@@ -391,7 +398,7 @@ async def test_domain_lease_keeps_unchanged_lv_report(domain: FileBlockDomain) -
     assert fake.ops == []
 
     fake.lvs[V3] = {"size": 4 * MiB, "tags": ["IU_x", "MD_3"]}   # another host's
-    domain.stamp = b"two"
+    fake.seq += 1
     domain.forget_cache()
     assert await domain.image_ids() == sorted([IMG, "x"])
     assert fake.ops == ["lvs"]
@@ -408,3 +415,24 @@ async def test_create_then_commit_lvm_commands(domain: FileBlockDomain) -> None:
     assert fake.ops == ["lvs", "lvcreate", "lvchange --activate"]
     assert (await domain.read_volume_md(IMG, V1)).legality == "LEGAL"
     assert V1 not in domain._made       # once: a later write looks the LV up
+
+
+async def test_creates_in_a_row_need_one_lvs(domain: FileBlockDomain) -> None:
+    """Under the domain lease the cached report gets each new LV and the
+    VG's new stamp: the next create, after the lease was taken again, runs
+    no lvs while nobody else changed the VG; once another host did (its
+    stamp differs), it asks LVM and sees that host's slot taken."""
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    domain.stamping = True
+    await domain.write_volume_md(vol(V1))
+    domain.forget_cache()
+    await domain.write_volume_md(vol(V2))
+    assert fake.ops == ["lvs", "lvcreate", "lvcreate"]
+    assert fake.lvs[V2]["tags"][-1] == "MD_2"
+
+    fake.lvs["0d3c8d7e-4444-4c3d-9e8f-0a1b2c3d4e5f"] = {"size": 4 * MiB,
+                                                        "tags": ["IU_x", "MD_3"]}
+    fake.seq += 1                          # another host's change
+    domain.forget_cache()
+    await domain.write_volume_md(vol(V3))
+    assert fake.ops[-2:] == ["lvs", "lvcreate"] and fake.lvs[V3]["tags"][-1] == "MD_4"

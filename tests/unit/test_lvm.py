@@ -494,6 +494,29 @@ async def test_suspect_keeps_lv_report_while_stamp_holds(lv_mgr: lvm.LVM,
     assert runner.ops()[-1] == "lvs" and len(runner.ops()) == 5
 
 
+async def test_sole_writer_lvcreate_keeps_report(lv_mgr: lvm.LVM, runner: FakeRunner) -> None:
+    """lvcreate by the VG's sole writer adds the new LV to the cached,
+    stamped report and re-stamps it; without a stamp the report goes."""
+    stamps = Stamps()
+    lv_mgr.watch_metadata("vgA", stamps)
+    await lv_mgr.lvs("vgA")
+    stamps.value = b"s2"                  # what the lvcreate commits
+    await lv_mgr.lvcreate("vgA", "new", 8 << 20, tags=["T1"], activate=True,
+                          sole_writer=True)
+    lv_mgr.suspect("vgA")                 # the lease taken again
+    by_name = {lv.name: lv for lv in await lv_mgr.lvs("vgA")}
+    assert runner.ops() == ["lvs", "lvcreate"]
+    assert (by_name["new"].size, by_name["new"].tags, by_name["new"].active) == \
+        (8 << 20, ("T1",), True)
+
+    await lv_mgr.lvcreate("vgA", "plain", 8 << 20)          # not sole_writer
+    await lv_mgr.lvs("vgA")
+    stamps.value = None
+    await lv_mgr.lvcreate("vgA", "more", 8 << 20, sole_writer=True)
+    await lv_mgr.lvs("vgA")
+    assert runner.ops() == ["lvs", "lvcreate", "lvcreate", "lvs", "lvcreate", "lvs"]
+
+
 async def test_suspect_without_stamp_drops_report(lv_mgr: lvm.LVM,
                                                   runner: FakeRunner) -> None:
     await lv_mgr.lvs("vgA")
