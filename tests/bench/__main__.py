@@ -10,7 +10,7 @@ import sys
 import time
 
 BENCHMARKS = ["ping", "gcpause", "connections", "volumes", "volumelist", "copy", "backup", "ovf",
-              "transfer", "leases", "blockvolumes", "thin", "load"]
+              "transfer", "leases", "blockvolumes", "blockscale", "thin", "load"]
 
 
 def main(names: list[str]) -> int:
