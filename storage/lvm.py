@@ -18,12 +18,17 @@ reports take no lock (LVM's own file locks cover other processes).
 
 Cache: `vgs(vg)`, `lvs(vg)` and `pvs(vg)` of one VG are cached per VG for at
 most `cache_ttl` seconds. Every command of this object that can change what
-they report (the metadata changes above, plus activation, deactivation and
-refresh, which change lv_attr) drops that VG's entries when it finishes,
-failed or not, and a report that was running while the VG changed is not
-stored. Changes made elsewhere (another host, the lvm CLI) are only seen
-after `invalidate(vg)` or `invalidate()` or when the entry expires. Reports
-of every VG (no VG given) are never cached.
+they report (the metadata changes above, and refresh) drops that VG's
+entries when it finishes, failed or not, and a report that was running
+while the VG changed is not stored; activation and deactivation write no
+metadata and update the cached LV rows instead (dropping them when they
+fail). Changes made elsewhere (another host, the lvm CLI) are only seen
+after `invalidate(vg)` or `invalidate()` or when the entry expires, or,
+for a VG whose metadata stamp this object can read (`watch_metadata`,
+storage/lvmlabel.py), after `suspect(vg)`: the LV report is then used again
+only while the stamp reads as it did before the report ran (and an
+`lvcreate(sole_writer=True)` adds its LV and the new stamp). Reports of
+every VG (no VG given) are never cached.
 
 Errors: a failed command raises `LVMCommandError` (code 621) whose reason
 is the useful part of LVM's stderr; `LVMNotFound` (also 621) when LVM says
