@@ -9,6 +9,7 @@ of getVolumesList.
 
     python -m tests.bench blockscale             (1,000 volumes; on the host)
     BENCH_SCALE_COUNT=200 python -m tests.bench blockscale
+    BENCH_BLOCK_LOG=build/x.log   the agent's debug log, copied there
 
 Each step's figures are also appended to build/blockscale-progress.jsonl as
 they come, so a run stopped early still shows the curve up to there. The
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -32,7 +34,8 @@ from tests.bench.common import ROOT, machine, median, run_in_guest, save, table
 
 VOLUME_SIZE = 1024 * MiB       # raw sparse: the LV holds its capacity, 1 MiB is zeroed
 STEP = 50
-PROGRESS = ROOT / "build" / "blockscale-progress.jsonl"
+PROGRESS = Path(os.environ.get("BENCH_SCALE_PROGRESS",
+                               ROOT / "build" / "blockscale-progress.jsonl"))
 
 
 def run(count: int | None = None) -> dict[str, Any]:
@@ -129,6 +132,8 @@ async def _guest(count: int, work: Path) -> dict[str, Any]:
         return result
     finally:
         steps.run()
+        if os.environ.get("BENCH_BLOCK_LOG"):    # the agent's debug timeline
+            shutil.copy(work / "agent" / "agent.log", os.environ["BENCH_BLOCK_LOG"])
 
 
 def guest_main(count: int) -> None:
