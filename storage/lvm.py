@@ -18,12 +18,17 @@ reports take no lock (LVM's own file locks cover other processes).
 
 Cache: `vgs(vg)`, `lvs(vg)` and `pvs(vg)` of one VG are cached per VG for at
 most `cache_ttl` seconds. Every command of this object that can change what
-they report (the metadata changes above, plus activation, deactivation and
-refresh, which change lv_attr) drops that VG's entries when it finishes,
-failed or not, and a report that was running while the VG changed is not
-stored. Changes made elsewhere (another host, the lvm CLI) are only seen
-after `invalidate(vg)` or `invalidate()` or when the entry expires. Reports
-of every VG (no VG given) are never cached.
+they report (the metadata changes above, and refresh) drops that VG's
+entries when it finishes, failed or not, and a report that was running
+while the VG changed is not stored; activation and deactivation write no
+metadata and update the cached LV rows instead (dropping them when they
+fail). Changes made elsewhere (another host, the lvm CLI) are only seen
+after `invalidate(vg)` or `invalidate()` or when the entry expires, or,
+for a VG whose metadata stamp this object can read (`watch_metadata`,
+storage/lvmlabel.py), after `suspect(vg)`: the LV report is then used again
+only while the stamp reads as it did before the report ran (and an
+`lvcreate(sole_writer=True)` adds its LV and the new stamp). Reports of
+every VG (no VG given) are never cached.
 
 Errors: a failed command raises `LVMCommandError` (code 621) whose reason
 is the useful part of LVM's stderr; `LVMNotFound` (also 621) when LVM says
@@ -36,14 +41,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from storage import commands
-from storage.errors import CannotCreateLogicalVolume, InvalidParameter, LVMCommandError
+from storage.errors import (
+    CannotCreateLogicalVolume,
+    HostAgentError,
+    InvalidParameter,
+    LVMCommandError,
+)
+
+log = logging.getLogger(__name__)
 
 LVM_TOOL = "lvm"
 DEFAULT_TIMEOUT = 120.0
@@ -325,6 +338,11 @@ def _lvm_error(e: commands.CommandError, op: str) -> LVMCommandError:
 class _Entry:
     time: float
     value: Any
+    # the VG's metadata stamp read just before the report ran (lvmlabel)
+    stamp: bytes | None = None
+    # another host may have changed the VG since: valid only if the stamp
+    # still reads the same
+    suspect: bool = False
 
 
 class LVM:
@@ -347,6 +365,8 @@ class LVM:
         self._generation: dict[str, int] = {}
         self._devices: tuple[str, ...] | None = None
         self._config = ""
+        # VG -> reads its metadata stamp (see watch_metadata)
+        self._stampers: dict[str, Callable[[], Awaitable[bytes | None]]] = {}
         self.set_devices(devices)
 
     # -- configuration
@@ -385,13 +405,49 @@ class LVM:
             for kind in ("pv", "vg", "lv"):
                 self._cache.pop((kind, name), None)
 
-    def _cached(self, kind: str, vg: str) -> Any:
+    def watch_metadata(self, vg: str, stamp: Callable[[], Awaitable[bytes | None]]) -> None:
+        """Let `suspect(vg)` keep the cached LV report of `vg` as long as
+        `stamp()` (lvmlabel.metadata_stamp of one of its PVs; None: cannot
+        tell) reads what it read before that report ran."""
+        self._stampers[vg] = stamp
+
+    def suspect(self, vg: str) -> None:
+        """Another host may have changed `vg` (this host just took the lease
+        that keeps the others out): its cached reports go, except an LV
+        report whose metadata stamp is checked before it is used again
+        (one read of the PV's header instead of an lvs: issue 21)."""
+        entry = self._cache.get(("lv", vg))
+        self.invalidate(vg)
+        if entry is not None and entry.stamp is not None and vg in self._stampers:
+            self._cache[("lv", vg)] = replace(entry, suspect=True)
+
+    async def _stamp(self, vg: str) -> bytes | None:
+        stamper = self._stampers.get(vg)
+        if stamper is None:
+            return None
+        try:
+            return await stamper()
+        except (OSError, HostAgentError) as e:
+            log.debug("Cannot read the metadata stamp of VG %s: %s", vg, e)
+            return None
+
+    async def _cached(self, kind: str, vg: str) -> Any:
         entry = self._cache.get((kind, vg))
         if entry is None:
             return None
         if self._clock() - entry.time > self.cache_ttl:
             del self._cache[(kind, vg)]
             return None
+        if entry.suspect:
+            generation = self._generation.get(vg, 0)
+            stamp = await self._stamp(vg)
+            if self._cache.get((kind, vg)) is not entry or \
+                    self._generation.get(vg, 0) != generation:
+                return None     # changed meanwhile: ask LVM
+            if stamp is None or stamp != entry.stamp:
+                del self._cache[(kind, vg)]
+                return None
+            entry.suspect = False
         return entry.value
 
     # -- running
@@ -415,16 +471,21 @@ class LVM:
     async def _report(self, kind: str, vg: str | None, args: Sequence[str],
                       parse: Callable[[bytes], list[T]]) -> list[T]:
         generation = 0
+        stamp = None
         if vg is not None:
-            hit = self._cached(kind, vg)
+            hit = await self._cached(kind, vg)
             if hit is not None:
                 return list(hit)
             generation = self._generation.get(vg, 0)
+            if kind == "lv":
+                # before the report: a change after this read makes the
+                # stamp differ from the one stored, never the other way
+                stamp = await self._stamp(vg)
         result = await self._run(f"{kind}s", ["--reportformat", "json", "--units", "b",
                                                "--nosuffix", *args])
         rows = parse(result.out)
         if vg is not None and self._generation.get(vg, 0) == generation:
-            self._cache[(kind, vg)] = _Entry(self._clock(), tuple(rows))
+            self._cache[(kind, vg)] = _Entry(self._clock(), tuple(rows), stamp)
         return rows
 
     # -- reports
@@ -525,24 +586,47 @@ class LVM:
 
     async def lvcreate(self, vg: str, lv: str, size: int, *, tags: Iterable[str] = (),
                        activate: bool = False, zero: bool = False,
-                       contiguous: bool = False) -> None:
-        """Create `vg/lv` of at least `size` bytes (LVM rounds up to extents)."""
+                       contiguous: bool = False, sole_writer: bool = False) -> None:
+        """Create `vg/lv` of at least `size` bytes (LVM rounds up to extents).
+
+        sole_writer: no other host changes `vg` meanwhile (the caller holds
+        the lease that keeps them out) and `size` is whole extents. Then a
+        cached, stamped LV report stays, with the new LV added and the VG's
+        new metadata stamp: the next create needs no lvs (issue 21)."""
         check_name(vg, "vg_name")
         check_name(lv, "lv_name")
+        tag_list = _tags(tags, "tags")
         _check_size(size, "size")
         args = ["--name", lv, "--size", _bytes(size), "--activate", "y" if activate else "n",
                 "--zero", "y" if zero else "n"]
         if contiguous:
             args += ["--contiguous", "y"]
-        for tag in _tags(tags, "tags"):
+        for tag in tag_list:
             args += ["--addtag", tag]
         if activate:
             self._check_activation()
+        before = self._cache.get(("lv", vg)) if sole_writer else None
+        generation = self._generation.get(vg, 0)
         try:
             await self._change(vg, "lvcreate", [*args, vg])
         except LVMCommandError as e:
             raise CannotCreateLogicalVolume(lvName=lv, vgName=vg,
                                             reason=e.fields.get("reason", str(e))) from None
+        if before is not None and not before.suspect and before.stamp is not None:
+            made = LV(name=lv, vg_name=vg, uuid="", size=size, tags=tuple(tag_list),
+                      attr="-wi-a-----" if activate else "-wi-------", active=activate,
+                      opened=False, path=f"/dev/{vg}/{lv}")
+            # _change bumped the generation twice; more: someone else changed it too
+            await self._add_made(vg, before, made, generation + 2)
+
+    async def _add_made(self, vg: str, before: _Entry, made: LV, generation: int) -> None:
+        if self._generation.get(vg, 0) != generation:
+            return
+        stamp = await self._stamp(vg)
+        if stamp is None or self._generation.get(vg, 0) != generation \
+                or ("lv", vg) in self._cache:
+            return
+        self._cache[("lv", vg)] = _Entry(before.time, (*before.value, made), stamp)
 
     async def lvremove(self, vg: str, lvs: Sequence[str]) -> None:
         """Remove LVs of `vg` in one command (they must be inactive or unused)."""
@@ -603,8 +687,29 @@ class LVM:
         paths = self._lv_paths(vg, lvs)
         try:
             await self._run("lvchange", ["--activate", flag, *paths])
-        finally:
+        except BaseException:
             self.invalidate(vg)
+            raise
+        self._set_cached_state(vg, set(lvs), flag == "y")
+
+    def _set_cached_state(self, vg: str, names: set[str], active: bool) -> None:
+        """Activation writes no VG metadata: the cached LV report stays, with
+        the new state of `names` (issue 21: dropping it made the commit of
+        every block volume create run lvs once more). A report that ran
+        across the change is not stored (generation)."""
+        self._generation[vg] = self._generation.get(vg, 0) + 1
+        entry = self._cache.get(("lv", vg))
+        if entry is None:
+            return
+        state = "a" if active else "-"
+        rows = []
+        for lv in entry.value:
+            if lv.name in names:
+                attr = lv.attr[:4] + state + ("-" if not active else lv.attr[5:6]) + lv.attr[6:]
+                lv = replace(lv, attr=attr, active=active,
+                                         opened=lv.opened if active else False)
+            rows.append(lv)
+        self._cache[("lv", vg)] = replace(entry, value=tuple(rows))
 
     # -- helpers
 

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from storage import commands, lvm, qemuimg
+from storage import commands, lvm, lvmlabel, qemuimg
 from storage.domains.base import (
     Domain,
     VmAccess,
@@ -91,6 +91,9 @@ SPECIAL_LVS = (METADATA_LV, IDS_LV, LEASES_LV)
 
 DEFAULT_EXTENT_SIZE = 128 * MiB
 DEFAULT_METADATA_SIZE = 128 * MiB
+# Leases the leases LV grows by at once (64 MiB at 1 MiB alignment; one
+# default extent holds 128)
+LEASES_GROWTH = 64
 
 R = TypeVar("R")
 
@@ -191,10 +194,20 @@ class BlockDomain(LUNs, LVHolding, Domain):
         # Slots of volumes this object made (a volume's slot never changes)
         # and the leases LV's size: a new volume's lease needs no lvs.
         self._slots: dict[str, int] = {}
+        # The LV _create_lv just made, for the next metadata write of its
+        # volume (the commit, or the mark of a failed one): made under the
+        # domain lease and the volume's lease held since, it needs no lvs
+        # (issue 21: one LVM command of every create). Dropped by the first
+        # use and whenever the domain lease is taken again.
+        self._made: dict[str, VolumeLV] = {}
         self._leases_size: int | None = None
         # capacity -> qemu-img measure's fully-allocated qcow2 size (the most
         # a cow LV of that capacity ever needs)
         self._full_sizes: dict[int, int] = {}
+        # a PV of the VG whose header tells whether the VG changed since the
+        # cached lvs report (the domain lease's forget_cache keeps it then)
+        self._stamp_pv: str | None = None
+        lvm_.watch_metadata(self.vg, self._metadata_stamp)
 
     @property
     def vg(self) -> str:
@@ -393,7 +406,7 @@ class BlockDomain(LUNs, LVHolding, Domain):
                               initial_size: int | None = None) -> None:
         data = md.encode()
         encode_copy(data)   # refuse metadata too large before making anything
-        v = await self._volume_lv(md.uuid, ask_again=False)
+        v = self._made.pop(md.uuid, None) or await self._volume_lv(md.uuid, ask_again=False)
         if v is None:
             # Not in the cached report: _create_lv looks under the domain
             # lease, where the report is fresh (issue 21: asking LVM again
@@ -442,10 +455,15 @@ class BlockDomain(LUNs, LVHolding, Domain):
                 # Active at once: create_volume_data writes to it next. A
                 # crash leaves it active; lvremove --force in _remove_lv
                 # deactivates it.
+                # sole_writer: under the domain lease; the cached report then
+                # stays, with this LV, for the next create (issue 21)
                 await self.lvm.lvcreate(self.vg, md.uuid, size, activate=True,
-                                        tags=volume_tags(md, slot))
+                                        tags=volume_tags(md, slot), sole_writer=True)
                 self._new_lvs[md.uuid] = size
                 self._slots[md.uuid] = slot
+                self._made[md.uuid] = VolumeLV(name=md.uuid, image=md.image, parent=md.parent,
+                                               slot=slot, initializing=False, size=size,
+                                               active=True)
                 self._leases_size = next((lv.size for lv in lvs if lv.name == LEASES_LV),
                                          self._leases_size)
         except BaseException:
@@ -470,6 +488,7 @@ class BlockDomain(LUNs, LVHolding, Domain):
     async def _remove_lv(self, vol: str, slot: int | None) -> None:
         self._new_lvs.pop(vol, None)
         self._slots.pop(vol, None)
+        self._made.pop(vol, None)
         async with self.leases.metadata(), self._slot_lock:
             try:
                 # --force also deactivates the LV if it is active and not
@@ -699,7 +718,20 @@ class BlockDomain(LUNs, LVHolding, Domain):
         return BlockDomainLeases(self.uuid, Geometry(self.md.block_size, self.md.alignment))
 
     def forget_cache(self) -> None:
-        self.lvm.invalidate(self.vg)
+        # what this host cached may be stale: LVM's reports are checked
+        # against the VG's metadata stamp before their next use
+        self.lvm.suspect(self.vg)
+        self._made.clear()
+
+    async def _metadata_stamp(self) -> bytes | None:
+        """The VG's metadata stamp (lvmlabel) from its first PV with a
+        metadata area; the agent never removes a PV from a domain's VG."""
+        if self._stamp_pv is None:
+            pv = next((pv for pv in await self.lvm.pvs(self.vg) if pv.mda_count), None)
+            if pv is None:
+                return None
+            self._stamp_pv = pv.name
+        return await self._io(lvmlabel.metadata_stamp, self._stamp_pv)
 
     async def volume_lease(self, img: str, vol: str) -> Resource:
         slot = self._slots.get(vol)
@@ -711,15 +743,18 @@ class BlockDomain(LUNs, LVHolding, Domain):
         return self.lease_areas().volume_resource(vol, slot)
 
     async def make_volume_lease(self, md: VolumeMetadata) -> None:
-        """The leases LV holds one lease per metadata slot: grow it (one
-        extent at a time) when a slot past its end is used."""
+        """The leases LV holds one lease per metadata slot: grow it when a
+        slot past its end is used, by LEASES_GROWTH leases at least (with
+        small extents, one extent at a time cost every 8th create an lvs
+        and an lvextend: issue 21)."""
         res = await self.volume_lease(md.image, md.uuid)
         need = res.offset + res.geometry.resource_size
         if self._leases_size is None or self._leases_size < need:
             async with self.leases.metadata():
                 size = (await self.lvm.lv(self.vg, LEASES_LV)).size
                 if size < need:
-                    size = round_up(need, self.extent_size)
+                    size = round_up(need + (LEASES_GROWTH - 1) * res.geometry.resource_size,
+                                    self.extent_size)
                     await self.lvm.lvextend(self.vg, LEASES_LV, size)
                 self._leases_size = size
         await init_volume_lease(res, self.md.lock_policy, self.leases.io_timeout,

@@ -25,6 +25,7 @@ import mmap
 import os
 import re
 import secrets
+import shutil
 import string
 import subprocess
 import sys
@@ -56,14 +57,17 @@ def run(runs: int = 5, sizes: list[int] | None = None) -> dict[str, Any]:
 
 def report(r: dict[str, Any]) -> str:
     p = r["params"]
-    rows = [[kind, v["agent_ms"], v["lvcreate_ms"], v["agent_ms"] / v["lvcreate_ms"]]
+    rows = [[kind, v["agent_ms"], v["lvcreate_ms"], v["agent_ms"] / v["lvcreate_ms"],
+             v.get("lvcreate_ay_an_ms", 0.0),
+             v["agent_ms"] / v.get("lvcreate_ay_an_ms", v["agent_ms"])]
             for kind, v in r["create"].items()]
     lines = [f"block domain in the lab guest (User-Mode Linux, {r['guest_cpus']} vCPU; host "
              f"{r['machine']['cpus']} CPUs), {p['extent_mib']} MiB extents, median of "
              f"{p['runs']} runs",
              f"createVolume {VOLUME_SIZE // MiB} MiB (job submitted to done) beside a bare "
              "`lvcreate -an` of the same size, ms",
-             table(rows, ["kind", "agent", "lvcreate", "ratio"]), ""]
+             table(rows, ["kind", "agent", "lvcreate -an", "ratio", "lvcreate -ay + lvchange -an",
+                          "ratio"]), ""]
     sizes = sorted(r["list"], key=int)
     rows = [[int(s), r["list"][s]["cold_ms"], r["list"][s]["warm_ms"],
              r["list"][s]["warm_ms"] / int(s) * 1000, r["list"][s]["populate_s"]]
@@ -207,8 +211,11 @@ def _start_agent(state: Path, port: int | None = None) -> Any:
     from tests.agentproc import AgentProcess
 
     state.mkdir(parents=True, exist_ok=True)
-    (state / "hostagent.toml").write_text(
-        f"[storage]\nblock_extent_size = {EXTENT}\nmonitor_interval = 600.0\n")
+    conf = f"[storage]\nblock_extent_size = {EXTENT}\nmonitor_interval = 600.0\n"
+    if os.environ.get("BENCH_BLOCK_LOG"):
+        # a timeline of each create: every command and lease step, timed
+        conf += '[logging]\nlevel = "DEBUG"\n'
+    (state / "hostagent.toml").write_text(conf)
     agent = AgentProcess(state, port=port)
     agent.log_path = state.parent / "agent.log"
     return agent.start(timeout=120)
@@ -228,7 +235,7 @@ async def _guest(runs: int, sizes: list[int], work: Path) -> dict[str, Any]:
         mpd = g.Multipathd().start()
         steps.push("stop multipathd", mpd.stop)
         # sparse: room for every measured volume and the largest domain
-        lun_size = (len(KINDS) * (runs + 1) * 2 * (VOLUME_SIZE + 2 * EXTENT)
+        lun_size = (len(KINDS) * (runs + 1) * 3 * (VOLUME_SIZE + 2 * EXTENT)
                     + max(sizes) * EXTENT + 4096 * MiB)
         target = server.create_target("benchblock", (lun_size,))
         steps.push("release target", lambda: [
@@ -253,7 +260,7 @@ async def _guest(runs: int, sizes: list[int], work: Path) -> dict[str, Any]:
 
         async with agent.client() as c:
             for fmt, prealloc in KINDS:
-                agent_s, bare_s = [], []
+                agent_s, bare_s, seq_s = [], [], []
                 for i in range(runs + 1):   # the first run warms caches up and is dropped
                     a = await _job(c, "createVolume", sdUUID=sd, imgUUID=str(uuid.uuid4()),
                                    volUUID=str(uuid.uuid4()), size=VOLUME_SIZE, format=fmt,
@@ -262,16 +269,26 @@ async def _guest(runs: int, sizes: list[int], work: Path) -> dict[str, Any]:
                     _lvm(conf, "lvcreate", "--name", f"bare-{uuid.uuid4().hex[:8]}", "--size",
                          f"{VOLUME_SIZE}b", "--activate", "n", "--zero", "n", sd)
                     b = time.perf_counter() - t
+                    # the least a block volume needs of LVM: an LV active to
+                    # write its header, inactive after (udev waits included)
+                    name = f"bare-{uuid.uuid4().hex[:8]}"
+                    t = time.perf_counter()
+                    _lvm(conf, "lvcreate", "--name", name, "--size", f"{VOLUME_SIZE}b",
+                         "--activate", "y", "--zero", "n", sd)
+                    _lvm(conf, "lvchange", "--activate", "n", f"{sd}/{name}")
+                    q = time.perf_counter() - t
                     if i:
                         agent_s.append(a)
                         bare_s.append(b)
+                        seq_s.append(q)
                 result["create"][f"{fmt}/{prealloc}"] = {
                     "agent_ms": round(1000 * median(agent_s), 1),
                     "lvcreate_ms": round(1000 * median(bare_s), 1),
-                    "runs": {"agent": agent_s, "lvcreate": bare_s}}
+                    "lvcreate_ay_an_ms": round(1000 * median(seq_s), 1),
+                    "runs": {"agent": agent_s, "lvcreate": bare_s, "lvcreate_ay_an": seq_s}}
             have = len(await c.call("getVolumesList", sdUUID=sd))
         port = agent.port
-        for size in sizes:
+        for size in (s for s in sizes if s > have):
             agent.stop()
             t = time.perf_counter()
             populate(conf, sd, size - have)
@@ -304,6 +321,8 @@ async def _guest(runs: int, sizes: list[int], work: Path) -> dict[str, Any]:
         return result
     finally:
         steps.run()
+        if os.environ.get("BENCH_BLOCK_LOG"):
+            shutil.copy(work / "agent" / "agent.log", os.environ["BENCH_BLOCK_LOG"])
 
 
 def guest_main(runs: int, sizes: list[int]) -> None:

@@ -26,11 +26,21 @@ SIDES = {"defaults": {"HOSTAGENT_GC_DEFAULTS": "1"}, "tuned": {}}
 
 def _gc_summary(pauses: list[list[Any]], windows: list[tuple[float, float]]) -> dict[str, Any]:
     """The collections that started inside the load windows (not start-up's)."""
-    inside = [(gen, ms) for t, gen, ms in pauses if any(a <= t <= b for a, b in windows)]
-    return {"max_ms": max((ms for _, ms in inside), default=0.0),
-            "max_gen2_ms": max((ms for gen, ms in inside if gen == 2), default=0.0),
-            "count": [sum(1 for g, _ in inside if g == gen) for gen in range(3)],
-            "total_ms": sum(ms for _, ms in inside)}
+    inside = [(p[1], p[2], p[3] if len(p) > 3 else p[2]) for p in pauses
+              if any(a <= p[0] <= b for a, b in windows)]
+    return {"max_ms": max((ms for _, ms, _ in inside), default=0.0),
+            "max_gen2_ms": max((ms for gen, ms, _ in inside if gen == 2), default=0.0),
+            # the collector's own CPU time (wall time adds the machine's preemption)
+            "max_cpu_ms": max((cpu for _, _, cpu in inside), default=0.0),
+            "max_ms_by_gen": [max((ms for g, ms, _ in inside if g == gen), default=0.0)
+                              for gen in range(3)],
+            "max_cpu_ms_by_gen": [max((c for g, _, c in inside if g == gen), default=0.0)
+                                  for gen in range(3)],
+            "p50_cpu_ms_by_gen": [median([c for g, _, c in inside if g == gen] or [0.0])
+                                  for gen in range(3)],
+            "over_10ms": sum(1 for _, ms, _ in inside if ms > 10),
+            "count": [sum(1 for g, _, _ in inside if g == gen) for gen in range(3)],
+            "total_ms": sum(ms for _, ms, _ in inside)}
 
 
 def run(runs: int = 6, seconds: float = 5.0, conc: int = 64) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from tests.bench.common import (
     save,
     table,
 )
+from tests.bench.gcpause import _gc_summary
 from tests.bench.loadgen import exchange, post_request
 
 GiB = 1024**3
@@ -247,7 +248,10 @@ def run(seconds: float = 60.0, http_clients: int = 64, ws_clients: int = 500,
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         work = Path(tmp)
         (work / "store").mkdir()
-        agent = AgentProcess(work / "agent").start()
+        # the agent times each of its collections (tests/bench/gcstats)
+        agent = AgentProcess(work / "agent", env={
+            "HOSTAGENT_GC_STATS": str(work / "gc.json"),
+            "PYTHONPATH": str(ROOT / "tests" / "bench" / "gcstats")}).start()
         workers: list[subprocess.Popen[str]] = []
         try:
             setup = asyncio.run(_setup(agent, work / "store", volumes=16))
@@ -284,6 +288,7 @@ def run(seconds: float = 60.0, http_clients: int = 64, ws_clients: int = 500,
                 time.sleep(1.0)
                 if time.monotonic() - start > seconds + 60:
                     raise RuntimeError("the generators did not end")
+            window = (start, time.monotonic())   # collections of the load only
             gens = {}
             for kind, w in zip(("http", "ws"), workers, strict=True):
                 out, _ = w.communicate()
@@ -298,7 +303,9 @@ def run(seconds: float = 60.0, http_clients: int = 64, ws_clients: int = 500,
                     w.kill()
                     w.wait()
             agent.stop()
+        gc_pauses = _gc_summary(json.loads((work / "gc.json").read_text()), [window])
     summary = _summarize(gens, seconds)
+    summary["gc"] = gc_pauses
     summary.update({"agent_before": before, "agent_after": after, "agent_timeline": timeline,
                     "params": {"seconds": seconds, "http_clients": http_clients,
                                "ws_clients": ws_clients, "http_writers": http_writers,
@@ -431,7 +438,20 @@ def report(s: dict[str, Any]) -> str:
             + table(trows, ["transport", "calls", "req/s", "p50 ms", "p99 ms", "connect s"])
             + f"\nagent RSS {b['rss_mib']:.0f} -> {a['rss_mib']:.0f} MiB (peak {peak_rss:.0f}), "
               f"open fds {b['fds']:.0f} -> {a['fds']:.0f} (peak {peak_fds:.0f}); "
-              f"chart {s['plot']}")
+              f"chart {s['plot']}\n" + _gc_line(s.get("gc")))
+
+
+def _gc_line(gc: dict[str, Any] | None) -> str:
+    if gc is None:
+        return "GC: not measured"
+    by_gen = "/".join(f"{w:.1f}" for w in gc["max_ms_by_gen"])
+    cpu_by_gen = "/".join(f"{c:.1f}" for c in gc["max_cpu_ms_by_gen"])
+    return (f"GC during the load: longest pause {gc['max_ms']:.1f} ms wall, "
+            f"{gc['max_cpu_ms']:.1f} ms CPU; longest per generation 0/1/2 {by_gen} ms wall, "
+            f"{cpu_by_gen} ms CPU (median "
+            f"{'/'.join(f'{c:.1f}' for c in gc['p50_cpu_ms_by_gen'])}); "
+            f"{gc['over_10ms']} over 10 ms; collections {'/'.join(map(str, gc['count']))}, "
+            f"total {gc['total_ms']:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 no plotting library: the agent against the bare tool or the physical limit
 measured in the same run.
 
-    python -m tests.bench.plot      # bench-results/throughput.svg
+    python -m tests.bench.plot      # bench-results/*.svg (CHARTS)
 """
 
 from __future__ import annotations
@@ -71,14 +71,53 @@ def throughput_groups() -> list[tuple[str, list[tuple[str, float]]]]:
     return groups
 
 
+def block_create_groups() -> list[tuple[str, list[tuple[str, float]]]]:
+    r = _load("blockvolumes")
+    if not r:
+        return []
+    return [(f"createVolume 1 GiB {kind}", [("agent", v["agent_ms"]),
+                                              ("bare lvcreate -an", v["lvcreate_ms"])])
+            for kind, v in r.get("create", {}).items()]
+
+
+def block_scale_groups() -> list[tuple[str, list[tuple[str, float]]]]:
+    r = _load("blockscale")
+    if not r:
+        return []
+    return [(f"{s['count']} volumes", [("createVolume p50", s["create_p50_ms"]),
+                                       ("bare lvcreate -an", s["lvcreate_ms"]),
+                                       ("getVolumesList", s["list_ms"])])
+            for s in r["steps"]]
+
+
+def load_verb_groups() -> list[tuple[str, list[tuple[str, float]]]]:
+    r = _load("load")
+    if not r:
+        return []
+    return [(verb, [("p50", d["p50_ms"]), ("p99", d["p99_ms"])])
+            for verb, d in r["verbs"].items() if d.get("count")]
+
+
+CHARTS = (
+    ("throughput.svg", "Throughput: the agent beside the bare tool (MiB/s, median)",
+     throughput_groups, "MiB/s"),
+    ("blockcreate.svg", "Block createVolume beside a bare lvcreate, same guest (ms, median)",
+     block_create_groups, "ms"),
+    ("blockscale.svg", "One block domain filling up: time per create and listing (ms)",
+     block_scale_groups, "ms"),
+    ("load-verbs.svg", "Latency per verb under load: 64 HTTP + 500 WebSocket clients (ms)",
+     load_verb_groups, "ms"),
+)
+
+
 def write_all() -> list[Path]:
     out = []
-    groups = throughput_groups()
-    if groups:
-        path = RESULTS / "throughput.svg"
-        path.write_text(bars("Throughput: the agent beside the bare tool (MiB/s, median)",
-                             groups, "MiB/s"))
-        out.append(path)
+    for name, title, groups_of, unit in CHARTS:
+        groups = groups_of()
+        if groups:
+            path = RESULTS / name
+            path.write_text(bars(title, groups, unit))
+            out.append(path)
     return out
 
 

@@ -226,3 +226,47 @@ async def test_concurrent_changes_to_one_vg(lvm_device: Callable[..., str]) -> N
     assert sorted(lv.name for lv in lvs) == names
     assert all(lv.tags == ("DONE",) for lv in lvs)
     await mgr.vgck(vg)
+
+
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
+async def test_metadata_stamp_follows_commits(lvm_device: Callable[..., str],
+                                              sector_size: int) -> None:
+    """lvmlabel.metadata_stamp read from the PV's header: the same while no
+    command changes the VG (reports included), new after every change, by
+    this LVM object or by another (another host); a cached LV report that
+    `suspect` kept is used again only while it holds."""
+    from storage import lvmlabel
+
+    device = lvm_device(sector_size=sector_size)
+    assert await asyncio.to_thread(lvmlabel.metadata_stamp, device) is None   # no label
+    mgr, other = host_lvm(device), host_lvm(device)
+    vg = name("vg")
+    await make_vg(mgr, device, vg)
+
+    def stamp() -> bytes | None:
+        return lvmlabel.metadata_stamp(device)
+
+    async def read() -> bytes | None:
+        return await asyncio.to_thread(stamp)
+
+    first = await read()
+    assert first is not None
+    await mgr.lvs(vg)
+    await mgr.vgs(vg)
+    assert await read() == first
+    seen = [first]
+    for change in (lambda: mgr.lvcreate(vg, "lv1", 8 * MiB),
+                   lambda: mgr.lvchange_tags(vg, "lv1", add=["T1"]),
+                   lambda: other.lvcreate(vg, "lv2", 8 * MiB)):
+        await change()
+        now = await read()
+        assert now is not None and now not in seen
+        seen.append(now)
+
+    mgr.watch_metadata(vg, read)
+    assert {lv.name for lv in await mgr.lvs(vg)} >= {"lv1", "lv2"}
+    mgr.suspect(vg)
+    assert {lv.name for lv in await mgr.lvs(vg)} >= {"lv1", "lv2"}   # kept: stamp holds
+    await other.lvcreate(vg, "lv3", 8 * MiB)                        # another host
+    mgr.suspect(vg)
+    assert "lv3" in {lv.name for lv in await mgr.lvs(vg)}

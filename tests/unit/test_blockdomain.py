@@ -26,6 +26,7 @@ SD = "1b4e28ba-2fa1-4d3b-a3f5-ef19b5a7633b"
 IMG = "6f1c2d1e-5a4b-4c3d-9e8f-0a1b2c3d4e5f"
 V1 = "0d3c8d7e-1111-4c3d-9e8f-0a1b2c3d4e5f"
 V2 = "0d3c8d7e-2222-4c3d-9e8f-0a1b2c3d4e5f"
+V3 = "0d3c8d7e-3333-4c3d-9e8f-0a1b2c3d4e5f"
 MiB = 1 << 20
 
 
@@ -127,6 +128,7 @@ class FakeLVM:
         self.ops: list[str] = []
         self.fail: str | None = None
         self.fail_after: str | None = None     # the op is done, then fails (cut off)
+        self.seq = 0                           # VG metadata changes (its stamp)
 
     async def __call__(self, argv: Sequence[str], *, timeout: float,
                        check: bool = True, **kwargs: Any) -> commands.CommandResult:
@@ -151,34 +153,47 @@ class FakeLVM:
                      "lv_active": "", "lv_path": f"/dev/{SD}/{n}"}
                     for n, lv in self.lvs.items()]
             out = json.dumps({"report": [{"lv": rows}]}).encode()
-        elif op == "lvcreate":
+        elif op != "lvchange --activate":
+            self.seq += 1
+            self._change(op, args)
+        if op == self.fail_after:
+            raise commands.CommandError(argv, 5, b"", b"cut off")
+        return commands.CommandResult(tuple(argv), 0, out, b"")
+
+    def _change(self, op: str, args: list[str]) -> None:
+        if op == "lvcreate":
             name = args[args.index("--name") + 1]
             tags = [args[i + 1] for i, a in enumerate(args) if a == "--addtag"]
             size = int(args[args.index("--size") + 1].rstrip("b"))
             self.lvs[name] = {"size": size, "tags": tags}
-        elif op.startswith("lvchange") and "--activate" not in args:
+        elif op.startswith("lvchange"):
             lv = self.lvs[args[-1].split("/")[1]]
             for i, a in enumerate(args):
                 if a == "--deltag":
                     lv["tags"].remove(args[i + 1])
                 elif a == "--addtag":
                     lv["tags"].append(args[i + 1])
+        elif op == "lvextend":
+            lv = self.lvs[args[-1].split("/")[1]]
+            lv["size"] = int(args[args.index("--size") + 1].rstrip("b"))
         elif op == "lvremove":
             for path in args[1:]:
                 del self.lvs[path.split("/")[1]]
-        if op == self.fail_after:
-            raise commands.CommandError(argv, 5, b"", b"cut off")
-        return commands.CommandResult(tuple(argv), 0, out, b"")
 
 
 class FileBlockDomain(bd.BlockDomain):
     """The metadata LV is a file here."""
 
     md_file = ""
+    stamping = False     # the VG's metadata stamp: the fake's change count
 
     @property
     def md_path(self) -> str:
         return self.md_file
+
+    async def _metadata_stamp(self) -> bytes | None:
+        fake: FakeLVM = self.runner     # type: ignore[assignment]
+        return str(fake.seq).encode() if self.stamping else None
 
 
 @pytest.fixture
@@ -218,6 +233,13 @@ async def test_new_volume_sequence(domain: FileBlockDomain) -> None:
     assert fake.ops[:fake.ops.index("lvcreate")] == ["lvs"]
     assert await domain.read_volume_md(IMG, V1) == vol(V1)
     assert [v.uuid for v in await domain.scan()] == [V1, V2]
+
+    # the commit after the data: the LV deactivated, then its slot written,
+    # from the report still cached (activation changes no metadata)
+    await domain.lvm.deactivate(SD, [V1])
+    await domain.write_volume_md(vol(V1, generation=1))
+    assert fake.ops[-1] == "lvchange --activate"
+    assert (await domain.read_volume_md(IMG, V1)).generation == 1
 
     # an update rewrites the slot in place; a new parent moves the PU_ tag
     await domain.write_volume_md(vol(V2, format="COW", parent=V1, generation=1))
@@ -339,3 +361,78 @@ def test_thin_policy() -> None:
     assert p.extend_size(100 * ext, 10 * ext, ext) == 10 * ext
     assert p.reduced_size(ext, 100 * ext, ext) == 5 * ext     # 128 + 512 MiB margin
     assert p.reduced_size(99 * ext, 100 * ext, ext) == 100 * ext
+
+
+async def test_leases_lv_grows_by_many_leases(domain: FileBlockDomain) -> None:
+    """A slot past the leases LV's end grows it by LEASES_GROWTH leases at
+    once, not by one extent: the next creates need no LVM command for it."""
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    fake.lvs[bd.LEASES_LV] = {"size": 4 * MiB, "tags": []}
+    await domain.write_volume_md(vol(V1))
+    res = await domain.volume_lease(IMG, V1)
+    slot_bytes = res.geometry.resource_size
+    fake.lvs[bd.LEASES_LV]["size"] = res.offset       # its slot is just past the end
+    domain._leases_size = None
+    fake.ops.clear()
+    await domain.make_volume_lease(vol(V1))
+    assert fake.ops == ["lvs", "lvextend"]
+    want = bd.round_up(res.offset + 64 * slot_bytes, 4 * MiB)
+    assert domain._leases_size == want
+    fake.ops.clear()
+    await domain.write_volume_md(vol(V2))
+    await domain.make_volume_lease(vol(V2))
+    assert "lvextend" not in fake.ops
+
+
+async def test_domain_lease_keeps_unchanged_lv_report(domain: FileBlockDomain) -> None:
+    """forget_cache (the domain lease taken, a listing) costs no lvs while
+    the VG's metadata stamp is unchanged; another host's change (a new
+    stamp) makes the next look ask LVM again and see its LV."""
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    domain.stamping = True
+    await domain.write_volume_md(vol(V1))
+    assert await domain.image_ids() == [IMG]
+    fake.ops.clear()
+    domain.forget_cache()
+    assert await domain.image_ids() == [IMG]
+    assert fake.ops == []
+
+    fake.lvs[V3] = {"size": 4 * MiB, "tags": ["IU_x", "MD_3"]}   # another host's
+    fake.seq += 1
+    domain.forget_cache()
+    assert await domain.image_ids() == sorted([IMG, "x"])
+    assert fake.ops == ["lvs"]
+
+
+async def test_create_then_commit_lvm_commands(domain: FileBlockDomain) -> None:
+    """A new volume's LVM commands up to its commit: one lvs (under the
+    domain lease), its lvcreate, the deactivation after its data; the
+    commit's slot write needs no lvs (issue 21)."""
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    await domain.write_volume_md(vol(V1))
+    await domain.lvm.deactivate(SD, [V1])
+    await domain.write_volume_md(vol(V1, legality="LEGAL", generation=1))
+    assert fake.ops == ["lvs", "lvcreate", "lvchange --activate"]
+    assert (await domain.read_volume_md(IMG, V1)).legality == "LEGAL"
+    assert V1 not in domain._made       # once: a later write looks the LV up
+
+
+async def test_creates_in_a_row_need_one_lvs(domain: FileBlockDomain) -> None:
+    """Under the domain lease the cached report gets each new LV and the
+    VG's new stamp: the next create, after the lease was taken again, runs
+    no lvs while nobody else changed the VG; once another host did (its
+    stamp differs), it asks LVM and sees that host's slot taken."""
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    domain.stamping = True
+    await domain.write_volume_md(vol(V1))
+    domain.forget_cache()
+    await domain.write_volume_md(vol(V2))
+    assert fake.ops == ["lvs", "lvcreate", "lvcreate"]
+    assert fake.lvs[V2]["tags"][-1] == "MD_2"
+
+    fake.lvs["0d3c8d7e-4444-4c3d-9e8f-0a1b2c3d4e5f"] = {"size": 4 * MiB,
+                                                        "tags": ["IU_x", "MD_3"]}
+    fake.seq += 1                          # another host's change
+    domain.forget_cache()
+    await domain.write_volume_md(vol(V3))
+    assert fake.ops[-2:] == ["lvs", "lvcreate"] and fake.lvs[V3]["tags"][-1] == "MD_4"

@@ -407,12 +407,10 @@ async def test_cache_expires(lv_mgr: lvm.LVM, runner: FakeRunner, clock: Clock) 
     lambda m: m.lvextend("vgA", "lv1", 1 << 30),
     lambda m: m.lvchange_tags("vgA", "lv1", add=["a"]),
     lambda m: m.vgchange_tags("vgA", remove=["a"]),
-    lambda m: m.activate("vgA", ["lv1"]),
-    lambda m: m.deactivate("vgA", ["lv1"]),
     lambda m: m.refresh("vgA", ["lv1"]),
     lambda m: m.vgremove("vgA"),
-], ids=["lvcreate", "lvremove", "lvrename", "lvextend", "lvtags", "vgtags", "activate",
-        "deactivate", "refresh", "vgremove"])
+], ids=["lvcreate", "lvremove", "lvrename", "lvextend", "lvtags", "vgtags", "refresh",
+        "vgremove"])
 async def test_change_drops_cached_reports(lv_mgr: lvm.LVM, runner: FakeRunner,
                                            change: Any) -> None:
     await lv_mgr.lvs("vgA")
@@ -426,6 +424,131 @@ async def test_change_drops_cached_reports(lv_mgr: lvm.LVM, runner: FakeRunner,
     await lv_mgr.pvs("vgA")
     await lv_mgr.lvs("vgB")   # another VG: still cached
     assert runner.ops() == ["lvs", "vgs", "pvs"]
+
+
+async def test_activation_keeps_cached_report(lv_mgr: lvm.LVM, runner: FakeRunner) -> None:
+    """(De)activation writes no metadata: the cached report stays, showing
+    the LVs' new state; a report that ran across it is not stored."""
+    await lv_mgr.lvs("vgA")
+    await lv_mgr.deactivate("vgA", ["lv2"])
+    await lv_mgr.activate("vgA", ["lv3"])
+    runner.calls.clear()
+    by_name = {lv.name: lv for lv in await lv_mgr.lvs("vgA")}
+    assert runner.ops() == []
+    assert (by_name["lv2"].active, by_name["lv2"].opened, by_name["lv2"].attr) == \
+        (False, False, "-wi-------")
+    assert (by_name["lv3"].active, by_name["lv3"].opened, by_name["lv3"].attr) == \
+        (True, False, "-wi-a-----")
+    assert by_name["lv9"].active is None   # not named: as reported
+
+    runner.gate = asyncio.Event()
+    lv_mgr.invalidate("vgA")
+    report = asyncio.create_task(lv_mgr.lvs("vgA"))
+    await until(lambda: runner.running.get("lvs"), "the report runs")
+    await lv_mgr.deactivate("vgA", ["lv2"])   # (the gate holds reports only)
+    runner.gate.set()
+    await report
+    runner.gate = None
+    runner.calls.clear()
+    await lv_mgr.lvs("vgA")
+    assert runner.ops() == ["lvs"]
+
+
+class Stamps:
+    """A VG's metadata stamp as a test sets it; counts its reads."""
+
+    def __init__(self) -> None:
+        self.value: bytes | None = b"s1"
+        self.reads = 0
+
+    async def __call__(self) -> bytes | None:
+        self.reads += 1
+        return self.value
+
+
+async def test_suspect_keeps_lv_report_while_stamp_holds(lv_mgr: lvm.LVM,
+                                                          runner: FakeRunner) -> None:
+    """After `suspect` (the domain lease was taken) the LV report is used
+    again only if the VG's metadata stamp reads as before it ran."""
+    stamps = Stamps()
+    lv_mgr.watch_metadata("vgA", stamps)
+    await lv_mgr.lvs("vgA")
+    await lv_mgr.vgs("vgA")
+    lv_mgr.suspect("vgA")
+    await lv_mgr.lvs("vgA")               # stamp unchanged: no lvs
+    await lv_mgr.lvs("vgA")               # checked once, then trusted
+    await lv_mgr.vgs("vgA")               # other reports are dropped
+    assert runner.ops() == ["lvs", "vgs", "vgs"]
+    assert stamps.reads == 2              # before the report; once after suspect
+
+    stamps.value = b"s2"                  # another host changed the VG
+    lv_mgr.suspect("vgA")
+    await lv_mgr.lvs("vgA")
+    lv_mgr.suspect("vgA")
+    await lv_mgr.lvs("vgA")               # stored with s2 before it ran
+    assert runner.ops() == ["lvs", "vgs", "vgs", "lvs"]
+
+    stamps.value = None                   # cannot tell: LVM is asked
+    lv_mgr.suspect("vgA")
+    await lv_mgr.lvs("vgA")
+    assert runner.ops()[-1] == "lvs" and len(runner.ops()) == 5
+
+
+async def test_sole_writer_lvcreate_keeps_report(lv_mgr: lvm.LVM, runner: FakeRunner) -> None:
+    """lvcreate by the VG's sole writer adds the new LV to the cached,
+    stamped report and re-stamps it; without a stamp the report goes."""
+    stamps = Stamps()
+    lv_mgr.watch_metadata("vgA", stamps)
+    await lv_mgr.lvs("vgA")
+    stamps.value = b"s2"                  # what the lvcreate commits
+    await lv_mgr.lvcreate("vgA", "new", 8 << 20, tags=["T1"], activate=True,
+                          sole_writer=True)
+    lv_mgr.suspect("vgA")                 # the lease taken again
+    by_name = {lv.name: lv for lv in await lv_mgr.lvs("vgA")}
+    assert runner.ops() == ["lvs", "lvcreate"]
+    assert (by_name["new"].size, by_name["new"].tags, by_name["new"].active) == \
+        (8 << 20, ("T1",), True)
+
+    await lv_mgr.lvcreate("vgA", "plain", 8 << 20)          # not sole_writer
+    await lv_mgr.lvs("vgA")
+    stamps.value = None
+    await lv_mgr.lvcreate("vgA", "more", 8 << 20, sole_writer=True)
+    await lv_mgr.lvs("vgA")
+    assert runner.ops() == ["lvs", "lvcreate", "lvcreate", "lvs", "lvcreate", "lvs"]
+
+
+async def test_suspect_without_stamp_drops_report(lv_mgr: lvm.LVM,
+                                                  runner: FakeRunner) -> None:
+    await lv_mgr.lvs("vgA")
+    lv_mgr.suspect("vgA")
+    await lv_mgr.lvs("vgA")
+    assert runner.ops() == ["lvs", "lvs"]
+
+
+async def test_stamp_failure_asks_lvm(lv_mgr: lvm.LVM, runner: FakeRunner) -> None:
+    reads = []
+
+    async def failing() -> bytes | None:
+        reads.append(1)
+        if len(reads) > 1:
+            raise OSError(5, "Input/output error")
+        return b"s1"
+    lv_mgr.watch_metadata("vgA", failing)
+    await lv_mgr.lvs("vgA")
+    lv_mgr.suspect("vgA")
+    await lv_mgr.lvs("vgA")
+    assert runner.ops() == ["lvs", "lvs"]
+
+
+async def test_failed_activation_drops_cached_report(lv_mgr: lvm.LVM,
+                                                     runner: FakeRunner) -> None:
+    await lv_mgr.lvs("vgA")
+    runner.fail["lvchange"] = (5, b"  device-mapper: reload ioctl failed.\n")
+    with pytest.raises(LVMCommandError):
+        await lv_mgr.activate("vgA", ["lv3"])
+    runner.calls.clear()
+    await lv_mgr.lvs("vgA")
+    assert runner.ops() == ["lvs"]
 
 
 async def test_failed_change_drops_cached_reports(lv_mgr: lvm.LVM,
