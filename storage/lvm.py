@@ -617,16 +617,30 @@ class LVM:
                       attr="-wi-a-----" if activate else "-wi-------", active=activate,
                       opened=False, path=f"/dev/{vg}/{lv}")
             # _change bumped the generation twice; more: someone else changed it too
-            await self._add_made(vg, before, made, generation + 2)
+            await self._keep_changed(vg, before, (*before.value, made), generation + 2)
 
-    async def _add_made(self, vg: str, before: _Entry, made: LV, generation: int) -> None:
+    async def _sole_writer_report(self, vg: str) -> _Entry | None:
+        """The cached LV report of `vg` before a change made as its sole
+        writer, checked against the VG's metadata stamp if suspect (the
+        lease was just taken); None: none that can be kept."""
+        if await self._cached("lv", vg) is None:
+            return None
+        entry = self._cache.get(("lv", vg))
+        return entry if entry is not None and entry.stamp is not None else None
+
+    async def _keep_changed(self, vg: str, before: _Entry, rows: tuple[LV, ...],
+                            generation: int) -> None:
+        """After this object's own change of `vg` as its sole writer: the LV
+        report `before` it, changed as the command changed the VG (`rows`),
+        cached again with the VG's new metadata stamp; nothing if anything
+        else changed the VG or its cache meanwhile (`generation`)."""
         if self._generation.get(vg, 0) != generation:
             return
         stamp = await self._stamp(vg)
         if stamp is None or self._generation.get(vg, 0) != generation \
                 or ("lv", vg) in self._cache:
             return
-        self._cache[("lv", vg)] = _Entry(before.time, (*before.value, made), stamp)
+        self._cache[("lv", vg)] = _Entry(before.time, rows, stamp)
 
     async def lvremove(self, vg: str, lvs: Sequence[str]) -> None:
         """Remove LVs of `vg` in one command (they must be inactive or unused)."""
@@ -638,17 +652,29 @@ class LVM:
         check_name(new_name, "new_name")
         await self._change(vg, "lvrename", [vg, lv, new_name])
 
-    async def lvextend(self, vg: str, lv: str, size: int) -> None:
+    async def lvextend(self, vg: str, lv: str, size: int, *, sole_writer: bool = False) -> None:
         """Grow `vg/lv` to at least `size` bytes. Asking for the size it has
-        already is not an error; asking for less is."""
+        already is not an error; asking for less is.
+
+        sole_writer: as for lvcreate (the caller holds the lease that keeps
+        other hosts out, `size` is whole extents): the cached, stamped LV
+        report stays with the LV's new size, so that a thin volume's next
+        extension runs one LVM command, the lvextend (issue 15)."""
         check_name(vg, "vg_name")
         check_name(lv, "lv_name")
         _check_size(size, "size")
+        before = await self._sole_writer_report(vg) if sole_writer else None
+        generation = self._generation.get(vg, 0)
         try:
             await self._change(vg, "lvextend", ["--size", _bytes(size), f"{vg}/{lv}"])
         except LVMCommandError as e:
             if "matches existing size" not in str(e):
                 raise
+            return
+        if before is not None:
+            await self._keep_changed(vg, before, tuple(
+                replace(r, size=size) if r.name == lv else r for r in before.value),
+                generation + 2)
 
     async def lvreduce(self, vg: str, lv: str, size: int) -> None:
         """Shrink `vg/lv` to `size` bytes (whole extents); what lies past it

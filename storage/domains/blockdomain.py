@@ -609,7 +609,7 @@ class BlockDomain(LUNs, LVHolding, Domain):
             return v.size, False
         async with self.leases.metadata():
             try:
-                await self.lvm.lvextend(self.vg, vol, want)
+                await self.lvm.lvextend(self.vg, vol, want, sole_writer=True)
             except LVMCommandError as e:
                 reason = str(e)
                 if "Insufficient free space" in reason:

@@ -517,6 +517,45 @@ async def test_sole_writer_lvcreate_keeps_report(lv_mgr: lvm.LVM, runner: FakeRu
     assert runner.ops() == ["lvs", "lvcreate", "lvcreate", "lvs", "lvcreate", "lvs"]
 
 
+class Commits(Stamps):
+    """A stamp that changes with each change command the runner ran (what
+    LVM commits), and with `value` (another host's commit)."""
+
+    def __init__(self, runner: FakeRunner) -> None:
+        super().__init__()
+        self.runner = runner
+
+    async def __call__(self) -> bytes | None:
+        self.reads += 1
+        changes = sum(1 for op in self.runner.ops() if not op.endswith("s"))
+        return None if self.value is None else self.value + str(changes).encode()
+
+
+async def test_sole_writer_lvextend_keeps_report(lv_mgr: lvm.LVM, runner: FakeRunner) -> None:
+    """A thin volume's extensions in a row, each under the domain lease
+    (suspect): the stamp checked, one lvextend each, no lvs after the first;
+    the report holds each new size. Another host's commit, or no
+    sole_writer: the report goes."""
+    stamps = Commits(runner)
+    lv_mgr.watch_metadata("vgA", stamps)
+    await lv_mgr.lvs("vgA")
+    for size in (1 << 30, 2 << 30):
+        lv_mgr.suspect("vgA")             # the lease taken
+        await lv_mgr.lvextend("vgA", "lv9", size, sole_writer=True)
+        lv_mgr.suspect("vgA")
+        by_name = {lv.name: lv for lv in await lv_mgr.lvs("vgA")}
+        assert by_name["lv9"].size == size
+    assert runner.ops() == ["lvs", "lvextend", "lvextend"]
+
+    lv_mgr.suspect("vgA")
+    stamps.value = b"other host"          # another host changed the VG
+    await lv_mgr.lvextend("vgA", "lv9", 3 << 30, sole_writer=True)
+    await lv_mgr.lvs("vgA")
+    await lv_mgr.lvextend("vgA", "lv9", 4 << 30)
+    await lv_mgr.lvs("vgA")
+    assert runner.ops()[3:] == ["lvextend", "lvs", "lvextend", "lvs"]
+
+
 async def test_suspect_without_stamp_drops_report(lv_mgr: lvm.LVM,
                                                   runner: FakeRunner) -> None:
     await lv_mgr.lvs("vgA")
