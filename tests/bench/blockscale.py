@@ -87,12 +87,7 @@ async def _guest(count: int, work: Path) -> dict[str, Any]:
     PROGRESS.unlink(missing_ok=True)
     result: dict[str, Any] = {"count": count, "steps": []}
     try:
-        server = g.TargetServer(work / "luns").start()
-        steps.push("stop tgtd", server.stop)
-        initiator = g.Initiator().start()
-        steps.push("stop iscsid", initiator.stop)
-        mpd = g.Multipathd().start()
-        steps.push("stop multipathd", mpd.stop)
+        server = g.iscsi_services(work, steps)
         lun_size = (count + count // STEP + 2) * (VOLUME_SIZE + EXTENT) + 4096 * MiB
         target = server.create_target("benchscale", (lun_size,), lun_dir=lun_dir)
         steps.push("release target", lambda: [

@@ -228,12 +228,7 @@ async def _guest(runs: int, sizes: list[int], work: Path) -> dict[str, Any]:
     steps = g.Cleanup()
     result: dict[str, Any] = {"create": {}, "list": {}}
     try:
-        server = g.TargetServer(work / "luns").start()
-        steps.push("stop tgtd", server.stop)
-        initiator = g.Initiator().start()
-        steps.push("stop iscsid", initiator.stop)
-        mpd = g.Multipathd().start()
-        steps.push("stop multipathd", mpd.stop)
+        server = g.iscsi_services(work, steps)
         # sparse: room for every measured volume and the largest domain
         lun_size = (len(KINDS) * (runs + 1) * 3 * (VOLUME_SIZE + 2 * EXTENT)
                     + max(sizes) * EXTENT + 4096 * MiB)

@@ -119,12 +119,7 @@ async def _guest(runs: int, ntargets: int, work: Path) -> dict[str, Any]:
 
     steps = g.Cleanup()
     try:
-        server = g.TargetServer(work / "luns").start()
-        steps.push("stop tgtd", server.stop)
-        initiator = g.Initiator().start()
-        steps.push("stop iscsid", initiator.stop)
-        mpd = g.Multipathd().start()
-        steps.push("stop multipathd", mpd.stop)
+        server = g.iscsi_services(work, steps)
         export = g.LoopFs(work / "export.img", Path("/srv/export"), 256 * MiB).create()
         steps.push("destroy export", export.destroy)
         export.mountpoint.chmod(0o777)

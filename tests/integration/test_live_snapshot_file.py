@@ -302,6 +302,30 @@ async def test_live_snapshot_all_or_none(
         assert blocks_written(read_raw(path, tmp_path / "disk.raw")) == w.written
 
 
+async def written_disk(client: Client, s: Storage, img: str, vol: str,
+                       tmp_path: Path) -> tuple[dict[str, str], str]:
+    """A new volume prepared for a VM whose writer's QMP socket is in
+    `tmp_path` (node file0): (its reference, its path)."""
+    await create_volume(client, s.sd, img, vol, size=SIZE)
+    disk = {"sdUUID": s.sd, "imgUUID": img, "volUUID": vol}
+    qmp = str(tmp_path / "qmp.sock")
+    path = (await client.call("prepareImage", **disk, purpose="vm",
+                              writer={"qmpSocket": qmp, "nodeName": "file0"}))["path"]
+    return disk, path
+
+
+async def backup_domain(client: Client, domains: list[Storage],
+                        make_fs_mount: Callable[..., FsMount]) -> Storage:
+    """A backup domain on a fresh ext4, cleaned up with `domains`."""
+    d = make_fs_mount("ext4", size=1024 * MiB).path / "backup"
+    d.mkdir()
+    backup = Storage(client, "localfs", {"connection": str(d)})
+    await backup.connect()
+    domains.append(backup)
+    await backup.create_domain(name="backup", domClass="backup")
+    return backup
+
+
 async def test_backup_of_a_disk_being_written(
         domains: list[Storage], client: Client, vm_factory: Callable[[list[str]], VM],
         make_fs_mount: Callable[..., FsMount], tmp_path: Path) -> None:
@@ -311,17 +335,8 @@ async def test_backup_of_a_disk_being_written(
     every write is in the disk's chain."""
     s = domains[0]
     img, vol = new_id(), new_id()
-    await create_volume(client, s.sd, img, vol, size=SIZE)
-    disk = {"sdUUID": s.sd, "imgUUID": img, "volUUID": vol}
-    qmp = str(tmp_path / "qmp.sock")
-    path = (await client.call("prepareImage", **disk, purpose="vm",
-                              writer={"qmpSocket": qmp, "nodeName": "file0"}))["path"]
-    d = make_fs_mount("ext4", size=1024 * MiB).path / "backup"
-    d.mkdir()
-    backup = Storage(client, "localfs", {"connection": str(d)})
-    await backup.connect()
-    domains.append(backup)          # cleaned up with them
-    await backup.create_domain(name="backup", domClass="backup")
+    disk, path = await written_disk(client, s, img, vol, tmp_path)
+    backup = await backup_domain(client, domains, make_fs_mount)
     dst = {"sdUUID": backup.sd, "imgUUID": new_id(), "volUUID": new_id()}
     vm = vm_factory([path])
     await until(lambda: os.path.exists(vm.nbd), "the VM's NBD server", timeout=20)
@@ -412,17 +427,8 @@ async def test_incremental_backup_of_a_disk_being_written(
     layer, which the VM writes no more)."""
     s = domains[0]
     img, vol = new_id(), new_id()
-    await create_volume(client, s.sd, img, vol, size=SIZE)
-    disk = {"sdUUID": s.sd, "imgUUID": img, "volUUID": vol}
-    qmp = str(tmp_path / "qmp.sock")
-    path = (await client.call("prepareImage", **disk, purpose="vm",
-                              writer={"qmpSocket": qmp, "nodeName": "file0"}))["path"]
-    d = make_fs_mount("ext4", size=1024 * MiB).path / "backup"
-    d.mkdir()
-    backup = Storage(client, "localfs", {"connection": str(d)})
-    await backup.connect()
-    domains.append(backup)          # cleaned up with them
-    await backup.create_domain(name="backup", domClass="backup")
+    disk, path = await written_disk(client, s, img, vol, tmp_path)
+    backup = await backup_domain(client, domains, make_fs_mount)
     bimg = new_id()
     backups: list[str] = []         # the backup volumes, full first
     layers = [vol]                  # the disk's volumes, base first

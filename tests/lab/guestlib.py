@@ -701,6 +701,18 @@ class NfsMounts:
     v42: Path
 
 
+def iscsi_services(work: Path, steps: Cleanup) -> TargetServer:
+    """tgtd serving LUN files under `work`/luns, iscsid and multipathd
+    started, each stopped by `steps` (the benchmarks' storage)."""
+    server = TargetServer(work / "luns").start()
+    steps.push("stop tgtd", server.stop)
+    initiator = Initiator().start()
+    steps.push("stop iscsid", initiator.stop)
+    mpd = Multipathd().start()
+    steps.push("stop multipathd", mpd.stop)
+    return server
+
+
 def nfs_mount(spec: str, mountpoint: Path, version: str) -> None:
     mountpoint.mkdir(parents=True, exist_ok=True)
     opts = f"vers={version},soft,timeo=100,retrans=3"
