@@ -413,8 +413,10 @@ class OvfStore:
             try:
                 if not done:
                     # not current: what this upload wrote there is garbage;
-                    # on a full domain it is the space the domain lacks now
-                    await self._give_back(fd, base, sink.offset - base)
+                    # on a full domain it is the space the domain lacks now.
+                    # All it may have touched, `size` bytes: a write cut short
+                    # by ENOSPC can leave blocks past the offset it reached.
+                    await self._give_back(fd, base, size)
             finally:
                 await self.io.call(os.close, fd)
         header = Header(generation=current.generation + 1, slot=slot, size=size,
