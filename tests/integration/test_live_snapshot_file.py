@@ -481,17 +481,9 @@ async def test_incremental_backup_refused_once_the_vm_dropped_the_bitmap(
     VM: the disk no longer records its changes since then, so an incremental
     backup from it is refused (1000, take a full one) and nothing is made."""
     s = domains[0]
-    img, vol = new_id(), new_id()
-    await create_volume(client, s.sd, img, vol, size=SIZE)
-    disk = {"sdUUID": s.sd, "imgUUID": img, "volUUID": vol}
-    path = (await client.call("prepareImage", **disk, purpose="vm", writer={
-        "qmpSocket": str(tmp_path / "qmp.sock"), "nodeName": "file0"}))["path"]
-    d = make_fs_mount("ext4", size=1024 * MiB).path / "backup"
-    d.mkdir()
-    backup = Storage(client, "localfs", {"connection": str(d)})
-    await backup.connect()
-    domains.append(backup)
-    await backup.create_domain(name="backup", domClass="backup")
+    vol = new_id()
+    disk, path = await written_disk(client, s, new_id(), vol, tmp_path)
+    backup = await backup_domain(client, domains, make_fs_mount)
     full = {"sdUUID": backup.sd, "imgUUID": new_id(), "volUUID": new_id()}
     vm = vm_factory([path])
     await until(lambda: os.path.exists(vm.nbd), "the VM's NBD server", timeout=20)

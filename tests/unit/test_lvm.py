@@ -4,7 +4,7 @@ cache invalidation, per-VG locking and error mapping."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -441,11 +441,21 @@ async def test_activation_keeps_cached_report(lv_mgr: lvm.LVM, runner: FakeRunne
         (True, False, "-wi-a-----")
     assert by_name["lv9"].active is None   # not named: as reported
 
-    runner.gate = asyncio.Event()
     lv_mgr.invalidate("vgA")
+    # (the gate holds reports only)
+    await assert_report_across_change_not_cached(
+        lv_mgr, runner, lambda: lv_mgr.deactivate("vgA", ["lv2"]))
+
+
+async def assert_report_across_change_not_cached(
+        lv_mgr: lvm.LVM, runner: FakeRunner, change: Callable[[], Awaitable[None]]) -> None:
+    """An lvs held running while `change` runs is returned but not cached:
+    the next lvs asks LVM again."""
+    runner.gate = asyncio.Event()
     report = asyncio.create_task(lv_mgr.lvs("vgA"))
     await until(lambda: runner.running.get("lvs"), "the report runs")
-    await lv_mgr.deactivate("vgA", ["lv2"])   # (the gate holds reports only)
+    assert runner.running["lvs"] == 1
+    await change()
     runner.gate.set()
     await report
     runner.gate = None
@@ -625,17 +635,8 @@ async def test_report_racing_a_change_is_not_stored(lv_mgr: lvm.LVM,
                                                     runner: FakeRunner) -> None:
     """A report that started before a change and ended after it may show the
     old metadata: it is returned to its caller but never cached."""
-    runner.gate = asyncio.Event()
-    report = asyncio.create_task(lv_mgr.lvs("vgA"))
-    await until(lambda: runner.running.get("lvs"), "the report runs")
-    assert runner.running["lvs"] == 1
-    await lv_mgr.lvchange_tags("vgA", "lv1", add=["a"])
-    runner.gate.set()
-    await report
-    runner.gate = None
-    runner.calls.clear()
-    await lv_mgr.lvs("vgA")
-    assert runner.ops() == ["lvs"]
+    await assert_report_across_change_not_cached(
+        lv_mgr, runner, lambda: lv_mgr.lvchange_tags("vgA", "lv1", add=["a"]))
 
 
 # --- locking -------------------------------------------------------------------------
