@@ -28,7 +28,7 @@ from storage.qmp import QMPClient
 from tests.conftest import require_tools
 from tests.integration.storagefixtures import FsMount
 from tests.integration.test_domains_file import Storage, create_volume, new_id, run_job
-from tests.polling import until
+from tests.polling import until, until_async
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -300,6 +300,74 @@ async def test_live_snapshot_all_or_none(
                                  imgUUID=d["imgUUID"]) == [d["volUUID"]]
         # every write in the volume the VM had, none lost
         assert blocks_written(read_raw(path, tmp_path / "disk.raw")) == w.written
+
+
+async def test_live_snapshot_refused_while_a_block_job_holds_a_disk(
+        domains: list[Storage], client: Client, vm_factory: Callable[[list[str]], VM],
+        tmp_path: Path) -> None:
+    """The VM manager runs a block job on the third disk (a backup job,
+    sync none: it stays until cancelled): qemu would refuse that disk's
+    snapshot inside the transaction after preparing the first two; the
+    agent refuses it before (203 naming the disk and the job), nothing is
+    switched or left, no write is lost; once the job ends the same snapshot
+    switches all three."""
+    disks, paths = [], []
+    qmp = str(tmp_path / "qmp.sock")
+    for i, s in enumerate(domains):
+        img, vol = new_id(), new_id()
+        await create_volume(client, s.sd, img, vol, size=SIZE)
+        disks.append({"sdUUID": s.sd, "imgUUID": img, "volUUID": vol})
+        paths.append((await client.call("prepareImage", **disks[-1], purpose="vm", writer={
+            "qmpSocket": qmp, "nodeName": f"file{i}"}))["path"])
+    vm = vm_factory(paths)
+    await until(lambda: os.path.exists(vm.nbd), "the VM's NBD server", timeout=20)
+    writers = [Writer(vm.url(i)).start() for i in range(3)]
+    news = [new_id() for _ in disks]
+    try:
+        await until(lambda: all(w.at_least(256) for w in writers), "writes before",
+                    timeout=60)
+        async with QMPClient(vm.qmp_test) as mon:
+            await mon.execute("blockdev-add", {"driver": "null-co", "node-name": "sink",
+                                               "size": SIZE})
+            await mon.execute("blockdev-backup", {"job-id": "pull-2", "device": "fmt2",
+                                                  "target": "sink", "sync": "none"})
+            info = await run_job(client, "snapshotImages", disks=[
+                {**d, "newVolUUID": n} for d, n in zip(disks, news, strict=True)])
+            assert info["status"] == "failed", info
+            assert info["error"]["code"] == 203, info["error"]
+            assert "disks[2]" in info["error"]["message"] and \
+                "pull-2" in info["error"]["message"], info["error"]
+            for d in disks:
+                assert await client.call("getVolumesList", sdUUID=d["sdUUID"],
+                                         imgUUID=d["imgUUID"]) == [d["volUUID"]]
+            at_failure = [w.written for w in writers]
+            await until(lambda: all(w.at_least(n + 256) for w, n in
+                                    zip(writers, at_failure, strict=True)),
+                        "writes after the refusal", timeout=60)
+            await mon.execute("block-job-cancel", {"device": "pull-2", "force": True})
+            await until_async(lambda: _no_jobs(mon), "the job's end", timeout=30)
+            await mon.execute("blockdev-del", {"node-name": "sink"})
+        info = await run_job(client, "snapshotImages", disks=[
+            {**d, "newVolUUID": n} for d, n in zip(disks, news, strict=True)])
+        assert info["status"] == "done", info.get("error")
+        at_switch = [w.written for w in writers]
+        await until(lambda: all(w.at_least(n + 256) for w, n in
+                                zip(writers, at_switch, strict=True)),
+                    "writes after the switch", timeout=60)
+    finally:
+        for w in writers:
+            await w.stop()
+    vm.stop()
+    for path, new, w, n in zip(paths, news, writers, at_switch, strict=True):
+        # the old layer: a point in time between the refusal and the switch's end
+        assert at_failure[0] <= blocks_written(read_raw(path, tmp_path / "old.raw")) <= n
+        # the chain: every write, none lost
+        top = str(Path(path).with_name(new))
+        assert blocks_written(read_raw(top, tmp_path / "chain.raw")) == w.written
+
+
+async def _no_jobs(mon: QMPClient) -> bool:
+    return not await mon.execute("query-block-jobs")
 
 
 async def written_disk(client: Client, s: Storage, img: str, vol: str,

@@ -1,16 +1,28 @@
-"""Disks a VM writes, in the lab guest: an incremental backupVolume of a
-thin block disk (multipath iSCSI) that qemu-storage-daemon writes through
-NBD, onto an NFS backup domain: a full backup, then an incremental one
-while the writes go on; the backup chain reads as the disk at the switch.
+"""A live snapshot of a VM's three disks on three domains, in the lab
+guest: two iSCSI block domains (one multipath LUN each, two portals) and
+one NFS v3 domain. One qemu-storage-daemon is the VM: it holds the three
+disks (host_device nodes on the LVs, a file node on NFS), each written
+through NBD by its own qemu-io while the agent switches them.
 
-(The three-disk live snapshot on two block and one NFS domain, written in
-session 6, failed once in the full run: an old layer held writes from
-after the switch. It was taken out until that is understood: issue 15.)
+- A failure on the third disk (the VM manager reads that disk's dirty
+  bitmap over NBD, a pull-mode backup: the bitmap is busy, it cannot be
+  carried onto the new layer; refused before the transaction): no disk is
+  switched, no new layer is left on any domain, the VM holds only its own
+  nodes, the writers go on where they were, and no write is lost.
+- The same snapshot once that backup ended: all three switched in one
+  transaction; each old layer is the disk at one point in time, each chain
+  reads every write, the NFS disk's bitmap goes on in its new layer.
+
+And an incremental backupVolume of a thin block disk the VM writes, onto
+an NFS backup domain: a full backup, then an incremental one while the
+writes go on; the backup chain reads as the disk at the switch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import os
 import time
 from collections.abc import Callable
@@ -18,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from rpc.client import Client
 from storage.qmp import QMPClient
 from tests.integration.test_domains_file import Storage, create_volume, new_id, run_job
 from tests.integration.test_live_snapshot_file import (
@@ -28,12 +41,13 @@ from tests.integration.test_live_snapshot_file import (
 )
 from tests.lab import guestlib as g
 from tests.lab.test_connections_lab import disconnect_all
-from tests.lab.test_domains_block_lab import connect_luns, deactivate_vgs, start
+from tests.lab.test_domains_block_lab import connect_luns, deactivate_vgs, lvs, start
 from tests.polling import until
 
 MiB = 1 << 20
 GiB = 1 << 30
 SIZE = 64 * MiB         # each disk: small, the writers write a few MiB
+BITMAP = "since-backup"
 WRITE_IOPS = 300
 
 
@@ -78,6 +92,129 @@ class VM:
         async with QMPClient(self.qmp_test) as mon:
             return sorted(n["node-name"] for n in
                           await mon.execute("query-named-block-nodes", {"flat": True}))
+
+
+def bitmaps(path: str) -> list[tuple[str, list[str]]]:
+    info = json.loads(g.run("qemu-img", "info", "--output", "json", "-U", path))
+    return [(b["name"], b["flags"]) for b in info["format-specific"]["data"].get("bitmaps", [])]
+
+
+async def volumes(c: Client, disks: list[dict[str, str]]) -> list[list[str]]:
+    return [sorted(await c.call("getVolumesList", sdUUID=d["sdUUID"], imgUUID=d["imgUUID"]))
+            for d in disks]
+
+
+@pytest.mark.timeout(300)
+async def test_live_snapshot_of_three_disks_on_block_and_nfs(
+        make_target: Callable[..., g.Target], multipathd: g.Multipathd,
+        nfs_server: g.NfsServer, tmp_path: Path, host_scratch: Path) -> None:
+    marks = [("start", time.monotonic())]
+    target = make_target("live", (GiB, GiB), lun_dir=host_scratch)
+    agent = start(tmp_path / "agent", monitor_interval=60)
+    block_sds = [new_id(), new_id()]
+    vm: VM | None = None
+    writers: list[Writer] = []
+    try:
+        async with agent.client() as c:
+            _, luns = await connect_luns(c, target)
+            for i, (sd, lun) in enumerate(zip(block_sds, luns, strict=True)):
+                await c.call("createStorageDomain", sdUUID=sd, domType="iscsi",
+                             name=f"live {i}", devices=[lun["guid"]], ovfStore=False)
+            nfs = Storage(c, "nfs", {"connection": f"127.0.0.1:{nfs_server.exports[0]}",
+                                     "protocol_version": "3"})
+            await nfs.connect()
+            await nfs.create_domain(name="live nfs")
+            disks: list[dict[str, str]] = []
+            paths: list[str] = []
+            qmp = str(tmp_path / "qmp.sock")
+            for i, sd in enumerate([*block_sds, nfs.sd]):
+                img, vol = new_id(), new_id()
+                await create_volume(c, sd, img, vol, size=SIZE)
+                disks.append({"sdUUID": sd, "imgUUID": img, "volUUID": vol})
+                p = await c.call("prepareImage", **disks[-1], purpose="vm",
+                                 writer={"qmpSocket": qmp, "nodeName": f"file{i}"})
+                paths.append(p["path"])
+            marks.append(("domains and disks", time.monotonic()))
+            # the NFS disk records its changes since a backup
+            g.run("qemu-img", "bitmap", "--add", paths[2], BITMAP)
+            vm = VM(tmp_path, [("host_device", paths[0]), ("host_device", paths[1]),
+                               ("file", paths[2])]).start()
+            writers = [Writer(vm.url(i), SIZE).start() for i in range(3)]
+            await until(lambda: all(w.at_least(64) for w in writers), "writes before",
+                        timeout=60)
+            own_nodes = await vm.nodes()
+            before = {sd: set(lvs(sd)) for sd in block_sds}
+            nfs_files = sorted(os.listdir(Path(paths[2]).parent))
+
+            # ---- the third disk's bitmap busy: nothing switched, nothing left
+            async with QMPClient(vm.qmp_test) as mon:
+                await mon.execute("block-export-add", {
+                    "type": "nbd", "id": "pull", "node-name": "fmt2", "name": "pull",
+                    "writable": True, "bitmaps": [BITMAP]})
+                info = await run_job(c, "snapshotImages",
+                                     disks=[{**d, "newVolUUID": new_id()} for d in disks])
+                assert info["status"] == "failed", info
+                assert info["error"]["code"] == 203 and BITMAP in info["error"]["message"], \
+                    info["error"]
+                at_failure = [w.written for w in writers]
+                await until(lambda: all(w.at_least(n + 64) for w, n in
+                                        zip(writers, at_failure, strict=True)),
+                            "writes after the failure", timeout=60)
+                await mon.execute("block-export-del", {"id": "pull"})
+            assert await volumes(c, disks) == [[d["volUUID"]] for d in disks]
+            assert {sd: set(lvs(sd)) for sd in block_sds} == before
+            assert sorted(os.listdir(Path(paths[2]).parent)) == nfs_files
+            assert await vm.nodes() == own_nodes
+            marks.append(("failed snapshot", time.monotonic()))
+
+            # ---- the backup over: all three switched in one transaction
+            news = [new_id() for _ in disks]
+            info = await run_job(c, "snapshotImages", disks=[
+                {**d, "newVolUUID": n} for d, n in zip(disks, news, strict=True)])
+            assert info["status"] == "done", info.get("error")
+            at_switch = [w.written for w in writers]
+            await until(lambda: all(w.at_least(n + 64) for w, n in
+                                    zip(writers, at_switch, strict=True)),
+                        "writes after the switch", timeout=60)
+            marks.append(("snapshot", time.monotonic()))
+            for w in writers:
+                await w.stop()
+            assert len(await vm.nodes()) == len(own_nodes) + 6
+            vm.daemon.stop()
+
+            assert await volumes(c, disks) == [sorted([d["volUUID"], n])
+                                               for d, n in zip(disks, news, strict=True)]
+            for i, (d, new, w) in enumerate(zip(disks, news, writers, strict=True)):
+                top = str(Path(paths[i]).with_name(new))
+                info = await c.call("getVolumeInfo", **{**d, "volUUID": new})
+                assert info["parent"] == d["volUUID"] and info["legality"] == "LEGAL", info
+                # the old layer: the disk at one point in time, before the job ended
+                raw = read_raw(paths[i], tmp_path / "old.raw")
+                k = blocks_written(raw)
+                assert at_failure[i] + 64 <= k <= at_switch[i], (i, k, at_failure, at_switch)
+                # the chain: every write
+                assert blocks_written(read_raw(top, tmp_path / "chain.raw")) == w.written
+                if i == 2:
+                    assert bitmaps(paths[i]) == bitmaps(top) == [(BITMAP, ["auto"])]
+            for d in disks:
+                await c.call("teardownImage", sdUUID=d["sdUUID"], imgUUID=d["imgUUID"])
+            for sd in [*block_sds, nfs.sd]:
+                await c.call("formatStorageDomain", sdUUID=sd)
+            assert all(st["status"] == 0 for st in await disconnect_all(c))
+            marks.append(("checks and clean-up", time.monotonic()))
+            print("\nlive snapshot, 2 block + 1 NFS: " + ", ".join(
+                f"{name} {t - prev:.1f} s" for (_, prev), (name, t) in
+                itertools.pairwise(marks)))
+    finally:
+        for w in writers:
+            w.stopping = True
+        if vm is not None:
+            vm.daemon.stop()
+        # ended by now (stopped, or failing without their VM): outcome checked above
+        await asyncio.gather(*(w.task for w in writers if w.task), return_exceptions=True)
+        rc = agent.stop()
+        deactivate_vgs(*block_sds)
+    assert rc == 0, f"agent exit status {rc}; log:\n{agent.log()}"
 
 
 @pytest.mark.timeout(300)

@@ -1,13 +1,17 @@
 """storage/domains/writers.switch_writers against a fake QMP monitor: an
 error reply to the transaction closes the overlays it opened (nothing was
 switched); no reply at all leaves them (the writer may be on them) and says
-so (SwitchUncertain), so that no layer a VM may write is removed."""
+so (SwitchUncertain), so that no layer a VM may write is removed. What
+would fail inside the transaction (a busy bitmap, a block job on the top)
+is refused before it; the bitmaps' merges come after the snapshots; a
+write that reached an aborted overlay is said."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,9 @@ class FakeMonitor:
         self.path = str(path)
         self.transaction = transaction
         self.seen: list[tuple[str, dict[str, Any]]] = []
+        self.nodes: list[dict[str, Any]] = json.loads(json.dumps(NODES))
+        self.graph: dict[str, Any] = json.loads(json.dumps(GRAPH))
+        self.written: dict[str, int] = {}      # node: wr_highest_offset
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -60,10 +67,13 @@ class FakeMonitor:
             self.seen.append((cmd, args))
             reply: dict[str, Any] = {"id": msg["id"], "return": {}}
             if cmd == "query-named-block-nodes":
-                reply["return"] = NODES
+                reply["return"] = self.nodes
             elif cmd == "x-debug-query-block-graph":
-                reply["return"] = GRAPH
-            elif cmd == "transaction":
+                reply["return"] = self.graph
+            elif cmd == "query-blockstats":
+                reply["return"] = [{"node-name": n, "stats": {"wr_highest_offset": w}}
+                                   for n, w in self.written.items()]
+            elif cmd == "transaction" and self.transaction != "ok":
                 if self.transaction == "silent":
                     continue
                 reply = {"id": msg["id"], "error": {"class": "GenericError",
@@ -108,6 +118,68 @@ async def test_refused_transaction_closes_the_overlays(monitor: FakeMonitor) -> 
                                 "data": {"node": "fmt0", "overlay": fmt_node}}]
     assert [a["node-name"] for c, a in monitor.seen if c == "blockdev-del"] == \
         [fmt_node, file_node]
+
+
+def _bitmap(name: str, **flags: bool) -> dict[str, Any]:
+    return {"name": name, "persistent": True, "granularity": 65536, "recording": True,
+            "busy": False, "inconsistent": False, **flags}
+
+
+@pytest.mark.parametrize("monitor", ["ok"], indirect=True)
+async def test_bitmap_merges_after_the_snapshots(monitor: FakeMonitor) -> None:
+    """A snapshot's prepare holds the old top drained: a merge after it
+    sees every write the top took; the adds (which may fail on storage)
+    before it. An inconsistent bitmap is not carried (qemu would refuse it)."""
+    monitor.nodes[0]["dirty-bitmaps"] = [_bitmap("b1"), _bitmap("bad", inconsistent=True)]
+    await _switch(monitor)
+    _, fmt_node = layer_nodes("new-vol")
+    [snap] = [a for c, a in monitor.seen if c == "transaction"]
+    assert [(a["type"], a["data"].get("name") or a["data"].get("target"))
+            for a in snap["actions"]] == [("block-dirty-bitmap-add", "b1"),
+                                          ("blockdev-snapshot", None),
+                                          ("block-dirty-bitmap-merge", "b1")]
+    assert snap["actions"][2]["data"] == {"node": fmt_node, "target": "b1",
+                                          "bitmaps": [{"node": "fmt0", "name": "b1"}]}
+
+
+@pytest.mark.parametrize("monitor", ["ok"], indirect=True)
+async def test_busy_bitmap_refused_before_the_transaction(monitor: FakeMonitor) -> None:
+    monitor.nodes[0]["dirty-bitmaps"] = [_bitmap("pulled", busy=True)]
+    with pytest.raises(VolumeIsBusy) as e:
+        await _switch(monitor)
+    assert "disks[0]" in e.value.message and "pulled" in e.value.message
+    assert not [c for c, _ in monitor.seen if c in ("transaction", "blockdev-add")]
+
+
+@pytest.mark.parametrize("monitor", ["ok"], indirect=True)
+async def test_block_job_on_the_top_refused_before_the_transaction(
+        monitor: FakeMonitor) -> None:
+    """qemu 7.2's backup job: its copy-before-write filter between the
+    device and the top, the job on the filter."""
+    monitor.graph["nodes"] += [{"id": 4, "type": "block-job", "name": "mirror-0"},
+                               {"id": 5, "type": "block-driver", "name": "#block5"}]
+    monitor.graph["edges"] = [{"parent": 1, "child": 5, "name": "root"},
+                              {"parent": 5, "child": 2, "name": "file"},
+                              {"parent": 2, "child": 3, "name": "file"},
+                              {"parent": 4, "child": 5, "name": "main node"}]
+    monitor.nodes[0]["dirty-bitmaps"] = [{"granularity": 65536, "busy": False,
+                                          "recording": True, "persistent": False}]
+    with pytest.raises(VolumeIsBusy) as e:
+        await _switch(monitor)
+    assert "disks[0]" in e.value.message and "mirror-0" in e.value.message
+    assert not [c for c, _ in monitor.seen if c in ("transaction", "blockdev-add")]
+
+
+@pytest.mark.parametrize("monitor", ["error"], indirect=True)
+async def test_write_into_an_aborted_overlay_is_said(
+        monitor: FakeMonitor, caplog: pytest.LogCaptureFixture) -> None:
+    _, fmt_node = layer_nodes("new-vol")
+    monitor.written = {"fmt0": 1 << 20, fmt_node: 8192}
+    with caplog.at_level(logging.ERROR, logger="storage.writers"), \
+            pytest.raises(VolumeIsBusy) as e:
+        await _switch(monitor)
+    assert "injected" in e.value.message and "not in the disk" in e.value.message
+    assert any("not in the disk" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("monitor", ["silent"], indirect=True)
