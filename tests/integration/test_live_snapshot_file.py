@@ -93,6 +93,29 @@ class Writer:
             await asyncio.wait_for(self.task, 60)
 
 
+async def more_writes(writers: list[Writer], n: int, what: str) -> list[int]:
+    """Wait until every writer completed `n` more writes; their counts
+    before (the point the test marks)."""
+    before = [w.written for w in writers]
+    await until(lambda: all(w.at_least(b + n) for w, b in zip(writers, before, strict=True)),
+                what, timeout=60)
+    return before
+
+
+async def vm_disks(client: Client, domains: list[Storage], qmp: str,
+                   nodes: list[str]) -> tuple[list[dict[str, str]], list[str]]:
+    """A new volume on each domain, prepared for a VM whose writer's monitor
+    is `qmp`, disk i on writer node nodes[i]: (their references, paths)."""
+    disks, paths = [], []
+    for s, node in zip(domains, nodes, strict=True):
+        img, vol = new_id(), new_id()
+        await create_volume(client, s.sd, img, vol, size=SIZE)
+        disks.append({"sdUUID": s.sd, "imgUUID": img, "volUUID": vol})
+        paths.append((await client.call("prepareImage", **disks[-1], purpose="vm",
+                                        writer={"qmpSocket": qmp, "nodeName": node}))["path"])
+    return disks, paths
+
+
 class VM:
     """One qemu-storage-daemon holding disks (file node fileN under qcow2
     node fmtN, exported as eN), its QMP monitor for the agent."""
@@ -184,25 +207,16 @@ async def test_live_snapshot_of_three_disks_being_written(
         tmp_path: Path) -> None:
     """Two snapshots in a row (the second over the layer the first made),
     each of the three disks in one transaction while they are written."""
-    disks = []
-    for s in domains:
-        img, vol = new_id(), new_id()
-        await create_volume(client, s.sd, img, vol, size=SIZE)
-        disks.append({"sdUUID": s.sd, "imgUUID": img, "volUUID": vol})
-    qmp = str(tmp_path / "qmp.sock")
-    layers: list[list[str]] = []      # per disk, its volumes' paths, base first
-    for i, d in enumerate(disks):
-        p = await client.call("prepareImage", **d, purpose="vm",
-                              writer={"qmpSocket": qmp, "nodeName": f"file{i}"})
-        layers.append([p["path"]])
+    disks, paths = await vm_disks(client, domains, str(tmp_path / "qmp.sock"),
+                                  ["file0", "file1", "file2"])
+    layers = [[p] for p in paths]     # per disk, its volumes' paths, base first
     vm = vm_factory([paths[0] for paths in layers])   # after its disks are prepared
     await until(lambda: os.path.exists(vm.nbd), "the VM's NBD server", timeout=20)
     writers = [Writer(vm.url(i)).start() for i in range(3)]
     at_switch: list[list[int]] = [[], [], []]
     sums: list[list[str]] = [[], [], []]
     try:
-        await until(lambda: all(w.at_least(256) for w in writers), "writes before",
-                    timeout=60)
+        await more_writes(writers, 256, "writes before")
         for _ in range(2):
             news = [new_id() for _ in disks]
             info = await run_job(client, "snapshotImages", disks=[
@@ -214,9 +228,7 @@ async def test_live_snapshot_of_three_disks_being_written(
                 sums[i].append(sha256(layers[i][-1]))
                 layers[i].append(str(Path(layers[i][-1]).with_name(news[i])))
             # the writers go on, on the new layers only
-            await until(lambda: all(w.at_least(n[-1] + 256)
-                                    for w, n in zip(writers, at_switch, strict=True)),
-                        "writes after", timeout=60)
+            await more_writes(writers, 256, "writes after")
     finally:
         for w in writers:
             await w.stop()
@@ -263,30 +275,19 @@ async def test_live_snapshot_all_or_none(
     """The third disk's writer cannot be switched (its node is not in the
     VM): no disk is switched, every new layer is gone, the overlays the
     writer opened are closed, the disks go on being written where they were."""
-    disks, paths = [], []
-    qmp = str(tmp_path / "qmp.sock")
-    for i, s in enumerate(domains):
-        img, vol = new_id(), new_id()
-        await create_volume(client, s.sd, img, vol, size=SIZE)
-        disks.append({"sdUUID": s.sd, "imgUUID": img, "volUUID": vol})
-        p = await client.call("prepareImage", **disks[-1], purpose="vm", writer={
-            "qmpSocket": qmp, "nodeName": "nosuch" if i == 2 else f"file{i}"})
-        paths.append(p["path"])
+    disks, paths = await vm_disks(client, domains, str(tmp_path / "qmp.sock"),
+                                  ["file0", "file1", "nosuch"])
     vm = vm_factory(paths)
     await until(lambda: os.path.exists(vm.nbd), "the VM's NBD server", timeout=20)
     writers = [Writer(vm.url(i)).start() for i in range(3)]
     try:
-        await until(lambda: all(w.at_least(256) for w in writers), "writes before",
-                    timeout=60)
+        await more_writes(writers, 256, "writes before")
         info = await run_job(client, "snapshotImages",
                              disks=[{**d, "newVolUUID": new_id()} for d in disks])
         assert info["status"] == "failed", info
         assert info["error"]["code"] == 203 and "disks[2]" in info["error"]["message"], \
             info["error"]
-        at_failure = [w.written for w in writers]
-        await until(lambda: all(w.at_least(n + 256) for w, n in
-                                zip(writers, at_failure, strict=True)),
-                    "writes after", timeout=60)
+        await more_writes(writers, 256, "writes after")
         async with QMPClient(vm.qmp_test) as mon:
             nodes = await mon.execute("query-named-block-nodes", {"flat": True})
         assert sorted(n["node-name"] for n in nodes) == \
@@ -311,21 +312,14 @@ async def test_live_snapshot_refused_while_a_block_job_holds_a_disk(
     agent refuses it before (203 naming the disk and the job), nothing is
     switched or left, no write is lost; once the job ends the same snapshot
     switches all three."""
-    disks, paths = [], []
-    qmp = str(tmp_path / "qmp.sock")
-    for i, s in enumerate(domains):
-        img, vol = new_id(), new_id()
-        await create_volume(client, s.sd, img, vol, size=SIZE)
-        disks.append({"sdUUID": s.sd, "imgUUID": img, "volUUID": vol})
-        paths.append((await client.call("prepareImage", **disks[-1], purpose="vm", writer={
-            "qmpSocket": qmp, "nodeName": f"file{i}"}))["path"])
+    disks, paths = await vm_disks(client, domains, str(tmp_path / "qmp.sock"),
+                                  ["file0", "file1", "file2"])
     vm = vm_factory(paths)
     await until(lambda: os.path.exists(vm.nbd), "the VM's NBD server", timeout=20)
     writers = [Writer(vm.url(i)).start() for i in range(3)]
     news = [new_id() for _ in disks]
     try:
-        await until(lambda: all(w.at_least(256) for w in writers), "writes before",
-                    timeout=60)
+        await more_writes(writers, 256, "writes before")
         async with QMPClient(vm.qmp_test) as mon:
             await mon.execute("blockdev-add", {"driver": "null-co", "node-name": "sink",
                                                "size": SIZE})
@@ -340,20 +334,14 @@ async def test_live_snapshot_refused_while_a_block_job_holds_a_disk(
             for d in disks:
                 assert await client.call("getVolumesList", sdUUID=d["sdUUID"],
                                          imgUUID=d["imgUUID"]) == [d["volUUID"]]
-            at_failure = [w.written for w in writers]
-            await until(lambda: all(w.at_least(n + 256) for w, n in
-                                    zip(writers, at_failure, strict=True)),
-                        "writes after the refusal", timeout=60)
+            at_failure = await more_writes(writers, 256, "writes after the refusal")
             await mon.execute("block-job-cancel", {"device": "pull-2", "force": True})
             await until_async(lambda: _no_jobs(mon), "the job's end", timeout=30)
             await mon.execute("blockdev-del", {"node-name": "sink"})
         info = await run_job(client, "snapshotImages", disks=[
             {**d, "newVolUUID": n} for d, n in zip(disks, news, strict=True)])
         assert info["status"] == "done", info.get("error")
-        at_switch = [w.written for w in writers]
-        await until(lambda: all(w.at_least(n + 256) for w, n in
-                                zip(writers, at_switch, strict=True)),
-                    "writes after the switch", timeout=60)
+        at_switch = await more_writes(writers, 256, "writes after the switch")
     finally:
         for w in writers:
             await w.stop()

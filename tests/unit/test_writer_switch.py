@@ -145,10 +145,7 @@ async def test_bitmap_merges_after_the_snapshots(monitor: FakeMonitor) -> None:
 @pytest.mark.parametrize("monitor", ["ok"], indirect=True)
 async def test_busy_bitmap_refused_before_the_transaction(monitor: FakeMonitor) -> None:
     monitor.nodes[0]["dirty-bitmaps"] = [_bitmap("pulled", busy=True)]
-    with pytest.raises(VolumeIsBusy) as e:
-        await _switch(monitor)
-    assert "disks[0]" in e.value.message and "pulled" in e.value.message
-    assert not [c for c, _ in monitor.seen if c in ("transaction", "blockdev-add")]
+    await _refused_before(monitor, "pulled")
 
 
 @pytest.mark.parametrize("monitor", ["ok"], indirect=True)
@@ -164,9 +161,15 @@ async def test_block_job_on_the_top_refused_before_the_transaction(
                               {"parent": 4, "child": 5, "name": "main node"}]
     monitor.nodes[0]["dirty-bitmaps"] = [{"granularity": 65536, "busy": False,
                                           "recording": True, "persistent": False}]
+    await _refused_before(monitor, "mirror-0")
+
+
+async def _refused_before(monitor: FakeMonitor, cause: str) -> None:
+    """The switch refused naming the disk and `cause`, before it opened an
+    overlay or ran a transaction."""
     with pytest.raises(VolumeIsBusy) as e:
         await _switch(monitor)
-    assert "disks[0]" in e.value.message and "mirror-0" in e.value.message
+    assert "disks[0]" in e.value.message and cause in e.value.message
     assert not [c for c, _ in monitor.seen if c in ("transaction", "blockdev-add")]
 
 
