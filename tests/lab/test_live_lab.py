@@ -37,6 +37,7 @@ from tests.integration.test_live_snapshot_file import (
     Writer,
     blocks_written,
     data_extents,
+    more_writes,
     read_raw,
 )
 from tests.lab import guestlib as g
@@ -156,10 +157,7 @@ async def test_live_snapshot_of_three_disks_on_block_and_nfs(
                 assert info["status"] == "failed", info
                 assert info["error"]["code"] == 203 and BITMAP in info["error"]["message"], \
                     info["error"]
-                at_failure = [w.written for w in writers]
-                await until(lambda: all(w.at_least(n + 64) for w, n in
-                                        zip(writers, at_failure, strict=True)),
-                            "writes after the failure", timeout=60)
+                at_failure = await more_writes(writers, 64, "writes after the failure")
                 await mon.execute("block-export-del", {"id": "pull"})
             assert await volumes(c, disks) == [[d["volUUID"]] for d in disks]
             assert {sd: set(lvs(sd)) for sd in block_sds} == before
@@ -172,10 +170,7 @@ async def test_live_snapshot_of_three_disks_on_block_and_nfs(
             info = await run_job(c, "snapshotImages", disks=[
                 {**d, "newVolUUID": n} for d, n in zip(disks, news, strict=True)])
             assert info["status"] == "done", info.get("error")
-            at_switch = [w.written for w in writers]
-            await until(lambda: all(w.at_least(n + 64) for w, n in
-                                    zip(writers, at_switch, strict=True)),
-                        "writes after the switch", timeout=60)
+            at_switch = await more_writes(writers, 64, "writes after the switch")
             marks.append(("snapshot", time.monotonic()))
             for w in writers:
                 await w.stop()
