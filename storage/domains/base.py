@@ -161,7 +161,8 @@ class Domain(VolumeHolding, abc.ABC):
         """(apparent size, allocated size) in bytes."""
 
     @abc.abstractmethod
-    async def activate_volumes(self, vols: list[VolumeMetadata]) -> None: ...
+    async def activate_volumes(self, vols: list[VolumeMetadata], *,
+                               refresh: bool = False) -> None: ...
 
     async def grant_access(self, vols: list[VolumeMetadata], access: VmAccess) -> None:
         """Let access.gid open the (active) volumes' data read-write: what a

@@ -672,9 +672,23 @@ class BlockDomain(LUNs, LVHolding, Domain):
             return 0, 0
         return v.size, v.size
 
-    async def activate_volumes(self, vols: list[VolumeMetadata]) -> None:
-        if vols:
-            await self.lvm.activate(self.vg, [v.uuid for v in vols])
+    async def activate_volumes(self, vols: list[VolumeMetadata], *,
+                               refresh: bool = False) -> None:
+        """`refresh` (a prepare, as VDSM's): an LV active here already is
+        reloaded too (lvchange --activate leaves an active LV's mapping as
+        it is, with the size it had when activated: another host may have
+        extended it since)."""
+        if not vols:
+            return
+        names = [v.uuid for v in vols]
+        active = []
+        if refresh:
+            lvs = {v.name: v for v in await self._volume_lvs()}
+            # None: LVM cannot tell (the mapping differs from the metadata)
+            active = [n for n in names if n in lvs and lvs[n].active is not False]
+        await self.lvm.activate(self.vg, names)
+        if active:
+            await self.lvm.refresh(self.vg, active)
 
     async def deactivate_volumes(self, vols: list[VolumeMetadata]) -> None:
         existing = {v.name for v in await self._volume_lvs()}

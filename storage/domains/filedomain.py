@@ -444,7 +444,8 @@ class FileDomain(Domain):
             return st.st_size, st.st_blocks * 512
         return await _io(self.io, self.root, sizes)
 
-    async def activate_volumes(self, vols: list[VolumeMetadata]) -> None:
+    async def activate_volumes(self, vols: list[VolumeMetadata], *,
+                               refresh: bool = False) -> None:
         return None
 
     async def deactivate_volumes(self, vols: list[VolumeMetadata]) -> None:

@@ -103,11 +103,13 @@ class PreparedVolumes:
 
     # ---- users of volumes ---------------------------------------------------------
 
-    async def use_volumes(self, domain: Domain, chain: list[VolumeMetadata]) -> None:
+    async def use_volumes(self, domain: Domain, chain: list[VolumeMetadata], *,
+                          refresh: bool = False) -> None:
         """Make volumes usable on this host (block: activate their LVs),
-        counting users, so one user's release leaves them active for others."""
+        counting users, so one user's release leaves them active for others.
+        `refresh`: those active already are reloaded (see activate_volumes)."""
         async with self._activation.setdefault(domain.uuid, asyncio.Lock()):
-            await domain.activate_volumes(chain)
+            await domain.activate_volumes(chain, refresh=refresh)
             for md in chain:
                 ref = f"{domain.uuid}/{md.uuid}"
                 self.active_refs[ref] = self.active_refs.get(ref, 0) + 1

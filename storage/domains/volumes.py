@@ -378,9 +378,9 @@ class VolumeOps:
             if key in self.prepared.counts:
                 # Already counted; activating again is harmless (and needed
                 # after a reboot deactivated everything).
-                await domain.activate_volumes(chain)
+                await domain.activate_volumes(chain, refresh=True)
             else:
-                await self.prepared.use_volumes(domain, chain)
+                await self.prepared.use_volumes(domain, chain, refresh=True)
             if self.vm_access is not None:
                 try:
                     await domain.grant_access(chain, self.vm_access)

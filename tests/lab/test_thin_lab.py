@@ -133,6 +133,16 @@ async def test_extend_volume_verb(make_target: Callable[..., g.Target],
             assert info["apparentSize"] == info["trueSize"] == full, info
             assert info["generation"] == v["generation"], "the LV's size is no metadata"
             assert (await c.call("refreshVolume", **ref)) == {"size": full}
+            # another host's lvextend (LVM metadata only: this host's mapping
+            # stays as it was): a prepare here reloads the active LV
+            g.lvm("lvextend", "--config", "global { activation=0 }",
+                  "--size", f"+{EXTENT}b", f"{sd}/{vol}")
+            dev = f"/dev/{sd}/{vol}"
+            assert int(g.run("blockdev", "--getsize64", dev)) == full
+            await c.call("prepareImage", **ref, purpose="vm")
+            assert int(g.run("blockdev", "--getsize64", dev)) == full + EXTENT
+            await c.call("teardownImage", **ref)      # that prepare undone
+            full += EXTENT
             with pytest.raises(RpcError) as e:
                 await c.call("extendVolume", **ref, minSize=full + MiB,
                              generation=v["generation"] + 1)

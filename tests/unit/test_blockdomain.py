@@ -142,18 +142,24 @@ class FakeLVM:
             return commands.CommandResult(tuple(argv), 0, b"", b"")
         op, args = argv[1], argv[4:]
         if op == "lvchange":
-            op += " " + " ".join(a for a in args if a in ("--addtag", "--deltag", "--activate"))
+            op += " " + " ".join(a for a in args
+                                 if a in ("--addtag", "--deltag", "--activate", "--refresh"))
         self.ops.append(op)
         if op == self.fail:
             raise commands.CommandError(argv, 5, b"", b"boom")
         out = b""
         if op == "lvs":
             rows = [{"lv_name": n, "vg_name": SD, "lv_uuid": n, "lv_size": str(lv["size"]),
-                     "lv_tags": ",".join(lv["tags"]), "lv_attr": "-wi-------",
+                     "lv_tags": ",".join(lv["tags"]),
+                     "lv_attr": "-wi-a-----" if lv.get("active") else "-wi-------",
                      "lv_active": "", "lv_path": f"/dev/{SD}/{n}"}
                     for n, lv in self.lvs.items()]
             out = json.dumps({"report": [{"lv": rows}]}).encode()
-        elif op != "lvchange --activate":
+        elif op == "lvchange --activate":
+            flag = args[args.index("--activate") + 1]
+            for path in args[args.index("--activate") + 2:]:
+                self.lvs[path.split("/")[-1]]["active"] = flag == "y"
+        elif op != "lvchange --refresh":
             self.seq += 1
             self._change(op, args)
         if op == self.fail_after:
@@ -165,7 +171,8 @@ class FakeLVM:
             name = args[args.index("--name") + 1]
             tags = [args[i + 1] for i, a in enumerate(args) if a == "--addtag"]
             size = int(args[args.index("--size") + 1].rstrip("b"))
-            self.lvs[name] = {"size": size, "tags": tags}
+            self.lvs[name] = {"size": size, "tags": tags,
+                              "active": args[args.index("--activate") + 1] == "y"}
         elif op.startswith("lvchange"):
             lv = self.lvs[args[-1].split("/")[1]]
             for i, a in enumerate(args):
@@ -436,3 +443,25 @@ async def test_creates_in_a_row_need_one_lvs(domain: FileBlockDomain) -> None:
     domain.forget_cache()
     await domain.write_volume_md(vol(V3))
     assert fake.ops[-2:] == ["lvs", "lvcreate"] and fake.lvs[V3]["tags"][-1] == "MD_4"
+
+
+async def test_prepare_refreshes_what_is_active_already(domain: FileBlockDomain) -> None:
+    """lvchange --activate leaves an LV active already with the mapping it
+    had (another host may have extended it since): a prepare's activation
+    reloads those, as VDSM's; an LV it activates now needs no reload, and a
+    job's use of a chain (refresh=False) runs no refresh."""
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    await domain.write_volume_md(vol(V1))                 # left active by its create
+    await domain.write_volume_md(vol(V2))
+    await domain.lvm.deactivate(SD, [V2])
+    chain = [vol(V1), vol(V2)]
+
+    async def changes(refresh: bool) -> list[str]:
+        fake.ops.clear()
+        await domain.activate_volumes(chain, refresh=refresh)
+        return [op for op in fake.ops if op != "lvs"]     # a report may be asked
+
+    assert await changes(refresh=False) == ["lvchange --activate"]
+    assert await changes(refresh=True) == ["lvchange --activate", "lvchange --refresh"]
+    await domain.lvm.deactivate(SD, [V1, V2])
+    assert await changes(refresh=True) == ["lvchange --activate"]

@@ -33,7 +33,8 @@ class CountingDomain(FileDomain):
     refuse = False
     active_vols: set[str]
 
-    async def activate_volumes(self, vols: list[VolumeMetadata]) -> None:
+    async def activate_volumes(self, vols: list[VolumeMetadata], *,
+                               refresh: bool = False) -> None:
         self.active_vols |= {v.uuid for v in vols}
 
     async def deactivate_volumes(self, vols: list[VolumeMetadata]) -> None:
