@@ -7,8 +7,8 @@ writes REMOVING first. Whatever a crash leaves CREATING or REMOVING is removed b
 `collect_garbage` at start-up and on activate; a volume is never LEGAL unless complete.
 
 Hosts sharing the domain meet in `self.leases` (leaseapi.py, leasing.py): a volume is
-allocated under the domain lease and made, written or removed under its
-own lease; garbage collection leaves alone what another host holds.
+allocated under the domain lease and made, written or removed under its own lease; garbage
+collection leaves alone what another host holds.
 """
 
 from __future__ import annotations
@@ -464,8 +464,7 @@ class Domain(VolumeHolding, abc.ABC):
             try:
                 await self.discard_volume(md)
             except HostAgentError as de:
-                log.warning("Volume %s left for garbage collection: %s", md.uuid,
-                            de.message)
+                log.warning("Volume %s left for garbage collection: %s", md.uuid, de.message)
             if lost is not None:
                 raise lost from (None if lost is e else e)
             raise e
