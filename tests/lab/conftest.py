@@ -94,6 +94,10 @@ def pytest_runtest_makereport(item: pytest.Item,
         dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
         report.sections.append(("guest dmesg (last lines)",
                                 "\n".join(dmesg.splitlines()[-25:])))
+        # a full /tmp fails the writes of LUNs kept there (new_scratch_dir)
+        tmp = os.statvfs("/tmp")
+        report.sections.append(("guest /tmp", f"{tmp.f_bavail * tmp.f_frsize // MiB} MiB "
+                                               f"free of {tmp.f_blocks * tmp.f_frsize // MiB} MiB"))
     return report
 
 
@@ -185,11 +189,11 @@ def new_scratch_dir() -> Path:
     """A new directory on the host's disk (under the checkout's git-ignored
     build/, which the guest shares read-write): room for LUN files and data
     of hundreds of MiB, which would fill the guest's small /tmp (a tmpfs of
-    half the guest's memory, 999 MiB by default, shared by every test of the
-    guest run) under the other tests' files.
-    tgtd then fails the LUN's writes with medium errors, which the kernel
-    gives as ENODATA and qemu's NBD server, knowing no such NBD error, as
-    EINVAL ("write failed: Invalid argument" at an NBD client)."""
+    half the guest's memory, about 1000 MiB by default, shared by every test
+    of the guest run) under the other tests' files. tgtd then fails the
+    LUN's writes with medium errors, which the kernel gives as ENODATA and
+    qemu's NBD server, knowing no such NBD error, as EINVAL ("write failed:
+    Invalid argument" at an NBD client)."""
     path = Path(__file__).resolve().parents[2] / "build" / "lab-scratch" / uuid.uuid4().hex
     path.mkdir(parents=True)
     return path
