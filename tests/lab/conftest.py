@@ -94,6 +94,10 @@ def pytest_runtest_makereport(item: pytest.Item,
         dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
         report.sections.append(("guest dmesg (last lines)",
                                 "\n".join(dmesg.splitlines()[-25:])))
+        # a full /tmp fails the writes of LUNs kept there (new_scratch_dir)
+        tmp = os.statvfs("/tmp")
+        report.sections.append(("guest /tmp", f"{tmp.f_bavail * tmp.f_frsize // MiB} MiB "
+                                               f"free of {tmp.f_blocks * tmp.f_frsize // MiB} MiB"))
     return report
 
 
@@ -181,15 +185,24 @@ class TargetFactory:
         steps.run()
 
 
-@pytest.fixture
-def host_scratch() -> Iterator[Path]:
-    """A directory on the host's disk (under the checkout's git-ignored
-    build/, which the guest shares read-write), removed after the test: room
-    for LUN files and data of hundreds of MiB, which would fill the guest's
-    small tmpfs under the other tests' files (tgtd then fails the LUN's
-    writes: medium errors)."""
+def new_scratch_dir() -> Path:
+    """A new directory on the host's disk (under the checkout's git-ignored
+    build/, which the guest shares read-write): room for LUN files and data
+    of hundreds of MiB, which would fill the guest's small /tmp (a tmpfs of
+    half the guest's memory, about 1000 MiB by default, shared by every test
+    of the guest run) under the other tests' files. tgtd then fails the
+    LUN's writes with medium errors, which the kernel gives as ENODATA and
+    qemu's NBD server, knowing no such NBD error, as EINVAL ("write failed:
+    Invalid argument" at an NBD client)."""
     path = Path(__file__).resolve().parents[2] / "build" / "lab-scratch" / uuid.uuid4().hex
     path.mkdir(parents=True)
+    return path
+
+
+@pytest.fixture
+def host_scratch() -> Iterator[Path]:
+    """new_scratch_dir(), removed after the test."""
+    path = new_scratch_dir()
     try:
         yield path
     finally:
@@ -375,9 +388,10 @@ from tests.lab.multihost import HostFactory, SharedStorage  # noqa: E402
 def shared_storage(nfs_server: g.NfsServer, target_server: g.TargetServer,
                    iscsi_initiator: g.Initiator,
                    multipathd: g.Multipathd) -> Iterator[SharedStorage]:
-    """The NFS export and a new 2 GiB LUN (two portals) for simulated hosts.
-    After the module (its hosts stopped first): every VG on the LUN is
-    deactivated, the target released, every domain made on the export removed."""
+    """The NFS export and a new 2 GiB LUN (two portals, its file on the
+    host's disk: new_scratch_dir) for simulated hosts. After the module (its
+    hosts stopped first): every VG on the LUN is deactivated, the target
+    released, every domain made on the export removed."""
     require_tools("unshare", "nsenter", "sanlock", "lvm")
     export = nfs_server.exports[0]
     before = set(os.listdir(export))
@@ -391,11 +405,13 @@ def shared_storage(nfs_server: g.NfsServer, target_server: g.TargetServer,
     leases = Path("/proc/sys/fs/leases-enable")
     leases_was = leases.read_text()
     leases.write_text("0\n")
+    scratch = new_scratch_dir()
     try:
-        storage = SharedStorage(export, factory("multihost", (2 * GiB,)))
+        storage = SharedStorage(export, factory("multihost", (2 * GiB,), lun_dir=scratch))
         yield storage
     finally:
         steps = g.Cleanup()
+        steps.push(f"remove {scratch}", functools.partial(shutil.rmtree, scratch))
         steps.push("enable leases again", lambda: leases.write_text(leases_was))
         steps.push("release the target", factory.release_all)
         for name in set(os.listdir(export)) - before:

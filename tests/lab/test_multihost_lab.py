@@ -29,6 +29,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -38,10 +39,13 @@ from typing import Any
 import pytest
 
 from rpc.client import Client, RpcError
+from storage.qmp import QMPClient
 from tests.integration.crashharness import _argv, descendants
 from tests.lab import guestlib as g
 from tests.lab import multihost as mh
 from tests.lab.multihost import HostFactory
+from tests.lab.test_thin_lab import notes_until
+from tests.polling import until_async
 
 pytestmark = pytest.mark.slow
 
@@ -653,3 +657,121 @@ def lvextends(host: mh.SimHost) -> list[int]:
     if proc is None:
         return []
     return [pid for pid in descendants(proc.pid) if "lvextend" in _argv(pid)]
+
+
+@pytest.mark.timeout(300)
+async def test_e_thin_volume_grown_on_one_host_seen_on_the_other(
+        hosts: tuple[mh.SimHost, mh.SimHost, str], block_domain: Domain,
+        tmp_path: Path) -> None:
+    """Host 1 runs the VM: its writer (qemu-storage-daemon) crosses the
+    watermark and host 1's agent extends the LV. Host 2 has the volume
+    prepared read-only (a backup host): refreshVolume gives it the new
+    size, and reloads its mapping after an lvextend elsewhere. Then both
+    extend at once while host 1's lvextend is stopped holding the domain
+    lease: host 2 waits for the lease (no lvextend of its own meanwhile)
+    and then finds the LV large enough; one lvextend at a time, the LV at
+    the larger size, the VG's metadata intact."""
+    a, b, _ = hosts
+    v = Vol(block_domain.sd, new_id(), new_id())
+    qmp, nbd = str(tmp_path / "qmp.sock"), str(tmp_path / "nbd.sock")
+    vm: g.Daemon | None = None
+    async with a.client() as ca, b.client() as cb:
+        await create_volume(ca, v, 512 * MiB, fmt="cow", prealloc="sparse")
+        assert lvs(v.sd)[v.vol]["size"] == 64 * MiB      # one chunk
+        seen_b = (await cb.call("prepareImage", **v.ref(), purpose="read"))["path"]
+        path = (await ca.call("prepareImage", **v.ref(), purpose="vm",
+                              writer={"qmpSocket": qmp, "nodeName": "file0"}))["path"]
+        try:
+            vm = g.Daemon("qemu-storage-daemon", a.ns.argv(
+                "qemu-storage-daemon",
+                "--blockdev", f"driver=host_device,node-name=file0,filename={path},"
+                              "cache.direct=on",
+                "--blockdev", "driver=qcow2,node-name=fmt0,file=file0",
+                "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+                "--export", "type=nbd,id=e0,node-name=fmt0,name=e0,writable=on",
+                "--chardev", f"socket,id=m0,path={qmp},server=on,wait=off",
+                "--monitor", "chardev=m0",
+                "--chardev", f"socket,id=m1,path={qmp}.test,server=on,wait=off",
+                "--monitor", "chardev=m1")).start()
+            # qemu-storage-daemon makes its sockets in the order of its
+            # options: the NBD server's before the monitors'
+            g.wait_until(lambda: all(os.path.exists(s) for s in (nbd, qmp, f"{qmp}.test"))
+                         or not vm.check_alive(), "the VM", 30)
+
+            async def armed() -> int:
+                async with QMPClient(f"{qmp}.test") as mon:
+                    nodes = await mon.execute("query-named-block-nodes", {"flat": True})
+                return int(next(n for n in nodes if n["node-name"] == "file0")
+                           ["write_threshold"])
+
+            # host 1's agent watches the writer: the threshold armed
+            await until_async(armed, "the write threshold armed", timeout=60)
+            # 56 MiB of data: past the watermark (51.2 MiB of the 64 MiB
+            # chunk), short of the LV's end (qcow2's tables put the last
+            # byte near 56.3 MiB): neither write needs the extension to have
+            # happened, it only has to come (outrunning a writer is
+            # test_thin_lab's). Both writes go to the LUN's file on the
+            # host's disk (shared_storage): on the guest's /tmp, filled by
+            # the module's and other tests' data, tgtd failed them with
+            # medium errors, which qemu-io reports as "Invalid argument".
+            async with ca.notifications() as q:
+                await asyncio.to_thread(
+                    a.ns.run, "qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 28M",
+                    "-c", "write -P 0x5a 28M 28M", f"nbd+unix:///e0?socket={nbd}",
+                    timeout=120)
+                try:
+                    [note] = await notes_until(q, "volume.extended", 1, timeout=60)
+                except TimeoutError:
+                    async with QMPClient(f"{qmp}.test") as mon:
+                        stats = await mon.execute("query-blockstats", {"query-nodes": True})
+                    raise AssertionError(f"no extension: threshold {await armed()}, "
+                                         f"stats {stats}") from None
+            assert note == {**v.ref(), "size": 128 * MiB}, note
+            assert lvs(v.sd)[v.vol]["size"] == 128 * MiB
+        finally:
+            if vm is not None:
+                vm.stop()
+        # host 2 sees the new size once refreshed (in the one kernel of the
+        # guest, host 1's lvextend reloaded the mapping host 2 uses too)
+        assert await cb.call("refreshVolume", **v.ref()) == {"size": 128 * MiB}
+        info = await cb.call("getVolumeInfo", **v.ref())
+        assert info["apparentSize"] == 128 * MiB, info
+        # A third host's extension as it looks from a machine of its own:
+        # the LV's size on the LUN, no reload of the mapping here
+        # (--driverloaded n: LVM leaves device-mapper alone). refreshVolume
+        # reloads it.
+        g.lvm("lvextend", "--driverloaded", "n", "-L", f"{160 * MiB}b", f"{v.sd}/{v.vol}")
+        assert int(b.ns.run("blockdev", "--getsize64", seen_b)) == 128 * MiB
+        assert await cb.call("refreshVolume", **v.ref()) == {"size": 160 * MiB}
+        assert int(b.ns.run("blockdev", "--getsize64", seen_b)) == 160 * MiB
+
+        # both at once, host 1 first: its lvextend stopped under the domain lease
+        grow_a = asyncio.ensure_future(ca.call("extendVolume", **v.ref(), minSize=256 * MiB))
+        [pid] = await asyncio.to_thread(g.wait_until, lambda: lvextends(a),
+                                        "host 1's lvextend", 60, 0.005)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            grow_b = asyncio.ensure_future(cb.call("extendVolume", **v.ref(),
+                                                   minSize=192 * MiB))
+            # an observation window, not a wait for something: for 5 s host
+            # 2's call neither returns nor runs an lvextend
+            seen: list[int] = []
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not grow_b.done():
+                seen += lvextends(b)
+                await asyncio.sleep(0.05)
+            assert not grow_b.done() and not seen, (grow_b, seen)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert await asyncio.wait_for(grow_a, 120) == {"size": 256 * MiB}
+        assert await asyncio.wait_for(grow_b, 120) == {"size": 256 * MiB}
+        assert lvs(v.sd)[v.vol]["size"] == 256 * MiB
+        proc = subprocess.run(["lvm", "vgck", v.sd], capture_output=True, text=True,
+                              env={**os.environ, **g.TOOL_ENV})
+        assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+        for c in (ca, cb):
+            info = await c.call("getVolumeInfo", **v.ref())
+            assert info["apparentSize"] == 256 * MiB, info
+        await cb.call("teardownImage", **v.ref())
+        await ca.call("teardownImage", **v.ref())
+        await ca.call("deleteVolume", **v.ref())
