@@ -14,6 +14,9 @@ If the unlimited writer failed (ENOSPC), rates of RATES are tried in turn:
 the highest that writes DATA with no failure is reported.
 
     python -m tests.bench thin [ROUNDS]     (on the host: boots the guest)
+    BENCH_THIN_LOG=build/thin.log ...       (the agent's whole DEBUG log
+                                             kept there: a timeline of
+                                             each extension)
 
 The LUN and the source data live in build/ on the host (the guest's /tmp is
 a small tmpfs). Every LVM command in the User-Mode Linux guest (one vCPU)
@@ -95,7 +98,9 @@ def _start_agent(state: Path) -> Any:
         f"[storage]\nblock_extent_size = {EXTENT}\nmonitor_interval = 600.0\n"
         f"[thin]\nchunk_size = {CHUNK}\nwatermark_percent = {WATERMARK}\n"
         # every command the agent runs, with its time: what an extension costs
-        '[logging.levels]\n"storage.commands" = "DEBUG"\n')
+        '[logging.levels]\n"storage.commands" = "DEBUG"\n' +
+        # a timeline of each extension: every command, lease and QMP step
+        ('[logging]\nlevel = "DEBUG"\n' if os.environ.get("BENCH_THIN_LOG") else ""))
     agent = AgentProcess(state)
     agent.log_path = state.parent / "agent.log"
     return agent.start(timeout=120)
@@ -279,6 +284,8 @@ async def _guest(runs: int, work: Path, big: Path) -> dict[str, Any]:
         return result
     finally:
         steps.run()
+        if os.environ.get("BENCH_THIN_LOG"):
+            shutil.copy(work / "agent" / "agent.log", os.environ["BENCH_THIN_LOG"])
 
 
 def _log(agent: Any) -> str:
