@@ -602,6 +602,25 @@ async def test_sole_writer_lvextend_keeps_report(lv_mgr: lvm.LVM, runner: FakeRu
     assert runner.ops()[3:] == ["lvextend", "lvs", "lvextend", "lvs"]
 
 
+async def test_sole_writer_report_lives_from_its_change(lv_mgr: lvm.LVM, runner: FakeRunner,
+                                                        clock: Clock) -> None:
+    """A report kept across a sole writer's lvextend is as fresh as the
+    change (checked under the lease): extensions closer together than the
+    cache's lifetime never run lvs, however long the watch runs."""
+    lv_mgr.watch_metadata("vgA", Commits(runner))
+    await lv_mgr.lvs("vgA")
+    for size in (1 << 30, 2 << 30, 3 << 30):
+        clock.now += 8                    # cache_ttl is 10
+        lv_mgr.suspect("vgA")
+        await lv_mgr.lvextend("vgA", "lv9", size, sole_writer=True)
+    clock.now += 8
+    assert {lv.name: lv.size for lv in await lv_mgr.lvs("vgA")}["lv9"] == 3 << 30
+    assert runner.ops() == ["lvs", "lvextend", "lvextend", "lvextend"]
+    clock.now += 3                        # 11 s after the last change
+    await lv_mgr.lvs("vgA")
+    assert runner.ops()[-1] == "lvs"
+
+
 async def test_suspect_without_stamp_drops_report(lv_mgr: lvm.LVM,
                                                   runner: FakeRunner) -> None:
     await lv_mgr.lvs("vgA")
