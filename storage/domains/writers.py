@@ -123,6 +123,17 @@ class Link:
             await asyncio.sleep(self.retry_interval)
 
 
+def _sent(ev: dict[str, Any]) -> float | None:
+    """When qemu sent an event (its "timestamp", the wall clock)."""
+    stamp = ev.get("timestamp")
+    if not isinstance(stamp, dict):
+        return None
+    try:
+        return float(stamp["seconds"]) + float(stamp["microseconds"]) / 1e6
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 async def _cancel(task: asyncio.Task[None] | None) -> None:
     # not `await task` under suppress(CancelledError): that would swallow a
     # cancellation of the caller arriving here
@@ -206,7 +217,7 @@ class WriterWatch:
             data: dict[str, Any] = ev.get("data") or {}
             if ev.get("event") == "BLOCK_WRITE_THRESHOLD" and data.get("node-name") == self.node:
                 await self._grow(qmp, int(data["write-threshold"]) +
-                                 int(data["amount-exceeded"]))
+                                 int(data["amount-exceeded"]), sent=_sent(ev))
             elif ev.get("event") == "BLOCK_IO_ERROR" and data.get("nospace"):
                 # a VM paused on ENOSPC (werror=enospc): the threshold came
                 # too late, for this disk if it is past its threshold (the
@@ -215,13 +226,20 @@ class WriterWatch:
                 if highest is not None and highest > self.thin.threshold(self.size):
                     await self._grow(qmp, highest)
 
-    async def _grow(self, qmp: QMPClient, allocation: int) -> None:
-        """Extend until it works, re-arm, resume."""
+    async def _grow(self, qmp: QMPClient, allocation: int, sent: float | None = None) -> None:
+        """Extend until it works, re-arm, resume. `sent`: when the writer
+        sent the event (its QMP timestamp, wall clock), to tell how long it
+        waited before the watch handled it."""
         started = time.monotonic()
+        waited = f", {time.time() - sent:.3f} s after the writer sent it" if sent else ""
         old = self.size
         want = self.thin.next_size(old, allocation)
+        log.debug("Writer of %s: writes at %d%s: extending to %d", self.name, allocation,
+                  waited, want)
         await self._extend_retrying(want)
         if self.size > old:
+            log.debug("Writer of %s: extended in %.3f s, re-arming", self.name,
+                      time.monotonic() - started)
             await self._arm(qmp)
             log.info("Writer of %s: extended from %d to %d, threshold re-armed %.3f s after "
                      "the event", self.name, old, self.size, time.monotonic() - started)

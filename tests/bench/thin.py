@@ -14,6 +14,9 @@ If the unlimited writer failed (ENOSPC), rates of RATES are tried in turn:
 the highest that writes DATA with no failure is reported.
 
     python -m tests.bench thin [ROUNDS]     (on the host: boots the guest)
+    BENCH_THIN_LOG=build/thin.log ...       (the agent's whole DEBUG log
+                                             kept there: a timeline of
+                                             each extension)
 
 The LUN and the source data live in build/ on the host (the guest's /tmp is
 a small tmpfs). Every LVM command in the User-Mode Linux guest (one vCPU)
@@ -82,6 +85,9 @@ def report(r: dict[str, Any]) -> str:
         f"highest rate with no failed write: {r['highest_ok_rate']}",
         f"LVM commands per extension (agent watching): {r['lvm_per_extension']}",
         f"agent peak RSS {r['agent_peak_rss_mib']} MiB; load average {r.get('load_average')}",
+        *(["an extension's steps (p50/max s, BENCH_THIN_LOG): " + "; ".join(
+            f"{k} {v['p50_s']}/{v['max_s']}" for k, v in r["timeline"].items())]
+          if r.get("timeline") else []),
         table(rows, ["extension", "p50 s", "p99 s", "n"]), ""])
 
 
@@ -95,7 +101,9 @@ def _start_agent(state: Path) -> Any:
         f"[storage]\nblock_extent_size = {EXTENT}\nmonitor_interval = 600.0\n"
         f"[thin]\nchunk_size = {CHUNK}\nwatermark_percent = {WATERMARK}\n"
         # every command the agent runs, with its time: what an extension costs
-        '[logging.levels]\n"storage.commands" = "DEBUG"\n')
+        '[logging.levels]\n"storage.commands" = "DEBUG"\n' +
+        # a timeline of each extension: every command, lease and QMP step
+        ('[logging]\nlevel = "DEBUG"\n' if os.environ.get("BENCH_THIN_LOG") else ""))
     agent = AgentProcess(state)
     agent.log_path = state.parent / "agent.log"
     return agent.start(timeout=120)
@@ -108,6 +116,38 @@ def _stats(values: list[float]) -> dict[str, Any]:
 
 LVM_RAN = re.compile(r"\blvm (\w+) .*: rc=\d+ in ([\d.]+) s")
 REARMED = re.compile(r"threshold re-armed ([\d.]+) s after the event")
+# the timeline of an extension in the agent's DEBUG log (BENCH_THIN_LOG)
+STAMP = r"^\S+ (\d+):(\d+):(\d+),(\d+) "
+STEP = re.compile(STAMP + r".*(?:(writes at \d+, ([\d.]+) s after the writer sent it)"
+                  r"|(lvm lvextend .*: started,)|(lvm lvextend .*: rc=0 in ([\d.]+) s)"
+                  r"|(s, re-arming)|(threshold re-armed))", re.MULTILINE)
+STEPS = ("event sent to handled", "handled to lvextend's spawn", "lvextend's spawn",
+         "lvextend running", "lvextend to re-arming", "re-arming (QMP)")
+
+
+def _timeline(log: str) -> list[dict[str, float]]:
+    """Per extension, how long each step took (STEPS), from the DEBUG log."""
+    out: list[dict[str, float]] = []
+    t: dict[str, float] = {}
+    for m in STEP.finditer(log):
+        h, mi, sec, ms = (int(x) for x in m.groups()[:4])
+        now = h * 3600 + mi * 60 + sec + ms / 1000
+        if m.group(5):
+            t = {"handled": now, "sent": now - float(m.group(6))}
+        elif m.group(7) and "handled" in t:
+            t["started"] = now
+        elif m.group(8) and "started" in t:
+            t["done"], t["spawn"] = now, now - float(m.group(9))
+        elif m.group(10) and "done" in t:
+            t["rearming"] = now
+        elif m.group(11) and "rearming" in t:
+            out.append(dict(zip(STEPS, (
+                round(t["handled"] - t["sent"], 3), round(t["spawn"] - t["handled"], 3),
+                round(t["started"] - t["spawn"], 3), round(t["done"] - t["started"], 3),
+                round(t["rearming"] - t["done"], 3), round(now - t["rearming"], 3)),
+                strict=True)))
+            t = {}
+    return out
 
 
 def _source(path: Path) -> None:
@@ -176,6 +216,7 @@ async def _write_round(c: Any, agent: Any, sd: str, src: Path, work: Path,
             "error": err.decode()[-300:], "seconds": round(seconds, 1),
             "mib_s": round(DATA / MiB / seconds, 1), "sizes": sizes,
             "latencies": [float(x) for x in REARMED.findall(log)],
+            "timeline": _timeline(log),
             "lvm": {k: {"n": len(v), "seconds": round(sum(v), 2)} for k, v in lvm.items()}}
 
 
@@ -270,6 +311,10 @@ async def _guest(runs: int, work: Path, big: Path) -> dict[str, Any]:
         result["lvm_per_extension"] = {
             **{k: round(n / max(1, extensions), 2) for k, n in per.items()},
             "seconds": round(lvm_s / max(1, extensions), 2)}
+        each = [x for w in writes for x in w["timeline"]]
+        if each:
+            result["timeline"] = {k: {"p50_s": round(percentile([x[k] for x in each], 50), 3),
+                                      "max_s": max(x[k] for x in each)} for k in STEPS}
         result["agent_peak_rss_mib"] = _peak_rss(agent.proc.pid)
         result["latency"] = {"agent watching (event to re-armed), full speed": _stats(watched),
                              "extendVolume, idle": _stats(verb),
@@ -279,6 +324,8 @@ async def _guest(runs: int, work: Path, big: Path) -> dict[str, Any]:
         return result
     finally:
         steps.run()
+        if os.environ.get("BENCH_THIN_LOG"):
+            shutil.copy(work / "agent" / "agent.log", os.environ["BENCH_THIN_LOG"])
 
 
 def _log(agent: Any) -> str:

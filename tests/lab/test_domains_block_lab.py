@@ -35,16 +35,19 @@ def new_id() -> str:
 
 
 def start(state: Path, port: int | None = None, monitor_interval: float = 2.0,
-          chunk_size: int = 64 * MiB, watermark_percent: int = 20) -> AgentProcess:
+          chunk_size: int = 64 * MiB, watermark_percent: int = 20,
+          log_commands: bool = False) -> AgentProcess:
     """An agent with 8 MiB extents. Domain monitoring costs a dd and a vgs per
     domain and interval: tests that do not look at it pass a long interval
-    (in the guest every LVM command takes most of a second of CPU)."""
+    (in the guest every LVM command takes most of a second of CPU).
+    `log_commands`: every command it runs in its log (storage.commands)."""
     state.mkdir(parents=True, exist_ok=True)
     (state / "hostagent.toml").write_text(
         f"[storage]\nblock_extent_size = 8388608\nmonitor_interval = {monitor_interval}\n"
         "[ovf]\nmax_tar_size = 16777216\n"
         # small LUNs: thin cow volumes start at 64 MiB, not VDSM's 2560 MiB
-        f"[thin]\nchunk_size = {chunk_size}\nwatermark_percent = {watermark_percent}\n")
+        f"[thin]\nchunk_size = {chunk_size}\nwatermark_percent = {watermark_percent}\n" +
+        ('[logging.levels]\n"storage.commands" = "DEBUG"\n' if log_commands else ""))
     agent = AgentProcess(state, port=port)
     g.LOG_DIR.mkdir(parents=True, exist_ok=True)
     agent.log_path = g.LOG_DIR / f"agent-block-{agent.port}.log"

@@ -374,10 +374,11 @@ async def test_agent_extends_a_writing_qemu(make_target: Callable[..., g.Target]
     """2 GiB at full speed, the agent watching the writer by itself
     (prepareImage's writer), prepared before the daemon starts, as a VM's
     disks are: no write fails, the data equals the source, the LV grew in
-    chunks, each step told, getVolumeInfo and the metadata agree."""
+    chunks, each step told, getVolumeInfo and the metadata agree; each
+    extension runs one LVM command, its lvextend (issue 15)."""
     async with block_domain(make_target, tmp_path, 4 * GiB, host_scratch,
-                            chunk_size=FULL_CHUNK,
-                            watermark_percent=FULL_WATERMARK) as (c, sd, agent):
+                            chunk_size=FULL_CHUNK, watermark_percent=FULL_WATERMARK,
+                            log_commands=True) as (c, sd, agent):
         img, vol = new_id(), new_id()
         ref = {"sdUUID": sd, "imgUUID": img, "volUUID": vol}
         v = await create_volume(c, sd, img, vol, size=4 * GiB)
@@ -415,9 +416,23 @@ async def test_agent_extends_a_writing_qemu(make_target: Callable[..., g.Target]
                            if "threshold re-armed" in line)
         # (the daemon may stop between the last extension and its re-arming)
         assert len(notes) - 1 <= len(latencies) <= len(notes), agent.log()
+        assert extension_commands(agent) == ["lvextend"] * len(latencies), agent.log()
         print(f"\nthin, agent watching: {FULL_DATA // MiB} MiB at full speed in {seconds:.1f} s "
               f"({FULL_DATA / MiB / seconds:.1f} MiB/s), LV sizes (MiB): "
               f"{[s // MiB for s in notes]}; threshold event to re-armed (s): {latencies}")
+
+
+def extension_commands(agent: AgentProcess) -> list[str]:
+    """The LVM reports and changes of LVs (lvs, lvchange, lvextend) the
+    agent ran from the end of its watch's refresh (when it started watching
+    the writer) to the last re-armed threshold."""
+    lines = agent.log_path.read_text(errors="replace").splitlines()
+    watching = max(i for i, line in enumerate(lines)
+                   if " lvm lvchange " in line and "--refresh" in line and ": rc=" in line)
+    last = max(i for i, line in enumerate(lines) if "threshold re-armed" in line)
+    return [op for line in lines[watching + 1:last]
+            if "storage.commands" in line and ": rc=" in line and " lvm " in line
+            and (op := line.split(" lvm ", 1)[1].split()[0]) in ("lvs", "lvchange", "lvextend")]
 
 
 @pytest.mark.timeout(600)

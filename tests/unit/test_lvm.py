@@ -255,10 +255,10 @@ async def test_lv_commands_argv(lv_mgr: lvm.LVM, runner: FakeRunner) -> None:
     assert [(c[1], args_after_config(c)) for c in runner.calls] == [
         ("lvremove", ["--force", "vgA/lv1", "vgA/lv2"]),
         ("lvrename", ["vgA", "lv1", "lv3"]),
-        ("lvextend", ["--size", "2147483648b", "vgA/lv3"]),
+        ("lvextend", ["--autobackup", "n", "--noudevsync", "--size", "2147483648b", "vgA/lv3"]),
         ("lvchange", ["--activate", "y", "vgA/lv1", "vgA/lv2"]),
         ("lvchange", ["--activate", "n", "vgA/lv1"]),
-        ("lvchange", ["--refresh", "vgA/lv1"]),
+        ("lvchange", ["--refresh", "--noudevsync", "vgA/lv1"]),
         ("vgremove", ["--force", "vgA"]),
         ("vgck", ["vgA"]),
         ("pvremove", ["/dev/loop7"]),
@@ -407,10 +407,8 @@ async def test_cache_expires(lv_mgr: lvm.LVM, runner: FakeRunner, clock: Clock) 
     lambda m: m.lvextend("vgA", "lv1", 1 << 30),
     lambda m: m.lvchange_tags("vgA", "lv1", add=["a"]),
     lambda m: m.vgchange_tags("vgA", remove=["a"]),
-    lambda m: m.refresh("vgA", ["lv1"]),
     lambda m: m.vgremove("vgA"),
-], ids=["lvcreate", "lvremove", "lvrename", "lvextend", "lvtags", "vgtags", "refresh",
-        "vgremove"])
+], ids=["lvcreate", "lvremove", "lvrename", "lvextend", "lvtags", "vgtags", "vgremove"])
 async def test_change_drops_cached_reports(lv_mgr: lvm.LVM, runner: FakeRunner,
                                            change: Any) -> None:
     await lv_mgr.lvs("vgA")
@@ -424,6 +422,44 @@ async def test_change_drops_cached_reports(lv_mgr: lvm.LVM, runner: FakeRunner,
     await lv_mgr.pvs("vgA")
     await lv_mgr.lvs("vgB")   # another VG: still cached
     assert runner.ops() == ["lvs", "vgs", "pvs"]
+
+
+async def test_refresh_keeps_cached_report(lv_mgr: lvm.LVM, runner: FakeRunner) -> None:
+    """A refresh writes no metadata and changes no LV's state: the cached
+    reports stay; but not when the report could not tell a refreshed LV's
+    state (lv9: "X", its mapping differed from the metadata), nor when
+    the refresh failed."""
+    await lv_mgr.lvs("vgA")
+    await lv_mgr.vgs("vgA")
+    await lv_mgr.refresh("vgA", ["lv2", "lv3"])
+    runner.calls.clear()
+    await lv_mgr.lvs("vgA")
+    await lv_mgr.vgs("vgA")
+    assert runner.ops() == []
+
+    await lv_mgr.refresh("vgA", ["lv9"])
+    await lv_mgr.lvs("vgA")
+    assert runner.ops() == ["lvchange", "lvs"]
+
+    runner.calls.clear()
+    runner.fail["lvchange"] = (5, b"  Failed to suspend logical volume vgA/lv2.\n")
+    with pytest.raises(LVMCommandError):
+        await lv_mgr.refresh("vgA", ["lv2"])
+    await lv_mgr.lvs("vgA")
+    assert runner.ops() == ["lvchange", "lvs"]
+
+
+async def test_report_across_refresh_not_stored(lv_mgr: lvm.LVM, runner: FakeRunner) -> None:
+    """An lvs that ran while an LV was refreshed may show it mid-reload: it
+    is not cached."""
+    runner.delay = 0.05
+    report = asyncio.create_task(lv_mgr.lvs("vgA"))
+    await until(lambda: runner.ops() == ["lvs"], "the lvs running")
+    await lv_mgr.refresh("vgA", ["lv2"])
+    await report
+    runner.delay = 0
+    await lv_mgr.lvs("vgA")
+    assert runner.ops() == ["lvs", "lvchange", "lvs"]
 
 
 async def test_activation_keeps_cached_report(lv_mgr: lvm.LVM, runner: FakeRunner) -> None:
@@ -564,6 +600,25 @@ async def test_sole_writer_lvextend_keeps_report(lv_mgr: lvm.LVM, runner: FakeRu
     await lv_mgr.lvextend("vgA", "lv9", 4 << 30)
     await lv_mgr.lvs("vgA")
     assert runner.ops()[3:] == ["lvextend", "lvs", "lvextend", "lvs"]
+
+
+async def test_sole_writer_report_lives_from_its_change(lv_mgr: lvm.LVM, runner: FakeRunner,
+                                                        clock: Clock) -> None:
+    """A report kept across a sole writer's lvextend is as fresh as the
+    change (checked under the lease): extensions closer together than the
+    cache's lifetime never run lvs, however long the watch runs."""
+    lv_mgr.watch_metadata("vgA", Commits(runner))
+    await lv_mgr.lvs("vgA")
+    for size in (1 << 30, 2 << 30, 3 << 30):
+        clock.now += 8                    # cache_ttl is 10
+        lv_mgr.suspect("vgA")
+        await lv_mgr.lvextend("vgA", "lv9", size, sole_writer=True)
+    clock.now += 8
+    assert {lv.name: lv.size for lv in await lv_mgr.lvs("vgA")}["lv9"] == 3 << 30
+    assert runner.ops() == ["lvs", "lvextend", "lvextend", "lvextend"]
+    clock.now += 3                        # 11 s after the last change
+    await lv_mgr.lvs("vgA")
+    assert runner.ops()[-1] == "lvs"
 
 
 async def test_suspect_without_stamp_drops_report(lv_mgr: lvm.LVM,
