@@ -421,6 +421,13 @@ class LVM:
         if entry is not None and entry.stamp is not None and vg in self._stampers:
             self._cache[("lv", vg)] = replace(entry, suspect=True)
 
+    def report_stamp(self, vg: str) -> bytes | None:
+        """The metadata stamp of `vg` the cached LV report holds for (read
+        before it ran, or after this object's own change); None: no report
+        cached, or a suspect one not checked since."""
+        entry = self._cache.get(("lv", vg))
+        return None if entry is None or entry.suspect else entry.stamp
+
     async def _stamp(self, vg: str) -> bytes | None:
         stamper = self._stampers.get(vg)
         if stamper is None:
