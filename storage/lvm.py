@@ -612,14 +612,14 @@ class LVM:
             args += ["--addtag", tag]
         if activate:
             self._check_activation()
-        before = self._cache.get(("lv", vg)) if sole_writer else None
+        before = await self._sole_writer_report(vg) if sole_writer else None
         generation = self._generation.get(vg, 0)
         try:
             await self._change(vg, "lvcreate", [*args, vg])
         except LVMCommandError as e:
             raise CannotCreateLogicalVolume(lvName=lv, vgName=vg,
                                             reason=e.fields.get("reason", str(e))) from None
-        if before is not None and not before.suspect and before.stamp is not None:
+        if before is not None:
             made = LV(name=lv, vg_name=vg, uuid="", size=size, tags=tuple(tag_list),
                       attr="-wi-a-----" if activate else "-wi-------", active=activate,
                       opened=False, path=f"/dev/{vg}/{lv}")

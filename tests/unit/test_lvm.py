@@ -566,6 +566,27 @@ async def test_sole_writer_lvextend_keeps_report(lv_mgr: lvm.LVM, runner: FakeRu
     assert runner.ops()[3:] == ["lvextend", "lvs", "lvextend", "lvs"]
 
 
+async def test_sole_writer_lvcreate_right_after_the_lease(lv_mgr: lvm.LVM,
+                                                          runner: FakeRunner) -> None:
+    """lvcreate under a lease just taken (the report suspect): the stamp is
+    checked, as for lvextend, and the report kept with the new LV; after
+    another host's commit it goes."""
+    stamps = Commits(runner)
+    lv_mgr.watch_metadata("vgA", stamps)
+    await lv_mgr.lvs("vgA")
+    for name in ("new1", "new2"):
+        lv_mgr.suspect("vgA")
+        await lv_mgr.lvcreate("vgA", name, 8 << 20, sole_writer=True)
+    lv_mgr.suspect("vgA")
+    assert {"new1", "new2"} <= {lv.name for lv in await lv_mgr.lvs("vgA")}
+    assert runner.ops() == ["lvs", "lvcreate", "lvcreate"]
+    lv_mgr.suspect("vgA")
+    stamps.value = b"other host"
+    await lv_mgr.lvcreate("vgA", "new3", 8 << 20, sole_writer=True)
+    await lv_mgr.lvs("vgA")
+    assert runner.ops()[3:] == ["lvcreate", "lvs"]
+
+
 async def test_suspect_without_stamp_drops_report(lv_mgr: lvm.LVM,
                                                   runner: FakeRunner) -> None:
     await lv_mgr.lvs("vgA")
