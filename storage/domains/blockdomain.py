@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from storage import commands, lvm, lvmlabel, qemuimg
+from storage import commands, lvm, lvmlabel, qcow2, qemuimg
 from storage.domains.base import (
     Domain,
     VmAccess,
@@ -582,14 +582,12 @@ class BlockDomain(LUNs, LVHolding, Domain):
                 # Extents of deleted volumes are reused: no stale header here.
                 await self._io(zero, path, 0, min(MiB, round_up(md.capacity, 4096)))
             else:
-                # -u: the parent need not be active; relative, so the chain
-                # resolves in /dev/<sdUUID>/ wherever the volumes live.
-                await qemuimg.create(
-                    path, "qcow2", md.capacity,
-                    backing=parent.uuid if parent is not None else None,
-                    backing_fmt=VolumeFormat.of(parent.format).qemu
-                    if parent is not None else None,
-                    unsafe=parent is not None, runner=self.runner)
+                # qemu-img create's bytes without its process (issue 21); the
+                # parent need not be active; relative, so the chain resolves
+                # in /dev/<sdUUID>/ wherever the volumes live.
+                await self._io(qcow2.write_image, path, md.capacity,
+                               parent.uuid if parent is not None else None,
+                               VolumeFormat.of(parent.format).qemu if parent else None)
         finally:
             await self.lvm.deactivate(self.vg, [md.uuid])
 
