@@ -234,7 +234,8 @@ async def _guest(runs: int, sizes: list[int], work: Path) -> dict[str, Any]:
     try:
         server = g.iscsi_services(work, steps)
         # sparse: room for every measured volume and the largest domain
-        lun_size = (len(KINDS) * (runs + 1) * 3 * (VOLUME_SIZE + 2 * EXTENT)
+        # (4 LVs per run: the agent's and three bare ones; 4 rounds with a before tree)
+        lun_size = (len(KINDS) * (runs + 1) * 4 * 4 * (VOLUME_SIZE + 2 * EXTENT)
                     + max(sizes) * EXTENT + 4096 * MiB)
         target = server.create_target("benchblock", (lun_size,))
         steps.push("release target", lambda: [
@@ -259,7 +260,9 @@ async def _guest(runs: int, sizes: list[int], work: Path) -> dict[str, Any]:
 
         if os.environ.get("BENCH_BLOCK_NO_CREATE") != "1":
             async with agent.client() as c:
-                await _creates(c, conf, sd, runs, result)
+                await _creates(c, conf, sd, runs, result["create"])
+            if os.environ.get("BENCH_BLOCK_BEFORE"):
+                agent = await _creates_before(state, agent.port, conf, sd, runs, result)
         async with agent.client() as c:
             have = len(await c.call("getVolumesList", sdUUID=sd))
         for size in (s for s in sizes if s > have):
@@ -281,6 +284,29 @@ async def _guest(runs: int, sizes: list[int], work: Path) -> dict[str, Any]:
         steps.run()
         if os.environ.get("BENCH_BLOCK_LOG"):
             shutil.copy(work / "agent" / "agent.log", os.environ["BENCH_BLOCK_LOG"])
+
+
+async def _creates_before(state: Path, port: int, conf: str, sd: str, runs: int,
+                          result: dict[str, Any]) -> Any:
+    """The creates again with BENCH_BLOCK_BEFORE's tree's agent, then this
+    tree's once more (so each side runs twice, in turns: after, before,
+    after, before). Returns this tree's agent, running."""
+    from tests import agentproc
+
+    here = agentproc.ROOT
+    for key, root in (("create_before", Path(os.environ["BENCH_BLOCK_BEFORE"])),
+                      ("create_again", here), ("create_before_again",
+                                              Path(os.environ["BENCH_BLOCK_BEFORE"]))):
+        agentproc.ROOT = root
+        try:
+            agent = _start_agent(state, port)
+        finally:
+            agentproc.ROOT = here
+        result[key] = {}
+        async with agent.client() as c:
+            await _creates(c, conf, sd, runs, result[key])
+        agent.stop()
+    return _start_agent(state, port)
 
 
 async def _creates(c: Any, conf: str, sd: str, runs: int, result: dict[str, Any]) -> None:
@@ -315,7 +341,7 @@ async def _creates(c: Any, conf: str, sd: str, runs: int, result: dict[str, Any]
                 bare_s.append(b)
                 seq_s.append(q)
                 nosync_s.append(nu)
-        result["create"][f"{fmt}/{prealloc}"] = {
+        result[f"{fmt}/{prealloc}"] = {
             "agent_ms": round(1000 * median(agent_s), 1),
             "lvcreate_ms": round(1000 * median(bare_s), 1),
             "lvcreate_ay_an_ms": round(1000 * median(seq_s), 1),
