@@ -262,6 +262,7 @@ async def _guest(runs: int, sizes: list[int], work: Path) -> dict[str, Any]:
             async with agent.client() as c:
                 await _creates(c, conf, sd, runs, result["create"])
             if os.environ.get("BENCH_BLOCK_BEFORE"):
+                agent.stop()
                 agent = await _creates_before(state, agent.port, conf, sd, runs, result)
         async with agent.client() as c:
             have = len(await c.call("getVolumesList", sdUUID=sd))
