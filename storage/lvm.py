@@ -592,8 +592,8 @@ class LVM:
     # -- LVs
 
     async def lvcreate(self, vg: str, lv: str, size: int, *, tags: Iterable[str] = (),
-                       activate: bool = False, zero: bool = False,
-                       contiguous: bool = False, sole_writer: bool = False) -> None:
+                       activate: bool = False, zero: bool = False, contiguous: bool = False,
+                       sole_writer: bool = False, udev_sync: bool = True) -> None:
         """Create `vg/lv` of at least `size` bytes (LVM rounds up to extents).
 
         sole_writer: no other host changes `vg` meanwhile (the caller holds
@@ -608,6 +608,8 @@ class LVM:
                 "--zero", "y" if zero else "n"]
         if contiguous:
             args += ["--contiguous", "y"]
+        if not udev_sync:
+            args.append("--noudevsync")
         for tag in tag_list:
             args += ["--addtag", tag]
         if activate:
@@ -702,9 +704,10 @@ class LVM:
         """Activate LVs of `vg` in one command; /dev/<vg>/<lv> appear."""
         await self._set_active(vg, lvs, "y")
 
-    async def deactivate(self, vg: str, lvs: Sequence[str]) -> None:
-        """Deactivate LVs of `vg` in one command (fails for an LV in use)."""
-        await self._set_active(vg, lvs, "n")
+    async def deactivate(self, vg: str, lvs: Sequence[str], *, udev_sync: bool = True) -> None:
+        """Deactivate LVs of `vg` in one command (fails for an LV in use).
+        udev_sync=False: without waiting for udev (its links go later)."""
+        await self._set_active(vg, lvs, "n", [] if udev_sync else ["--noudevsync"])
 
     async def refresh(self, vg: str, lvs: Sequence[str]) -> None:
         """Reload active LVs' mappings from metadata (another host extended them)."""
@@ -715,11 +718,12 @@ class LVM:
         finally:
             self.invalidate(vg)
 
-    async def _set_active(self, vg: str, lvs: Sequence[str], flag: str) -> None:
+    async def _set_active(self, vg: str, lvs: Sequence[str], flag: str,
+                          extra: Sequence[str] = ()) -> None:
         self._check_activation()
         paths = self._lv_paths(vg, lvs)
         try:
-            await self._run("lvchange", ["--activate", flag, *paths])
+            await self._run("lvchange", [*extra, "--activate", flag, *paths])
         except BaseException:
             self.invalidate(vg)
             raise
@@ -771,6 +775,11 @@ class LVM:
                 raise InvalidParameter(field="devices",
                                        reason=f"not in this LVM's filter: {unknown}")
         return devs
+
+
+def dm_name(vg: str, lv: str) -> str:
+    """The device-mapper name of LV `vg/lv` (each '-' doubled)."""
+    return f"{vg.replace('-', '--')}-{lv.replace('-', '--')}"
 
 
 def _tag_args(add: Iterable[str], remove: Iterable[str]) -> list[str]:

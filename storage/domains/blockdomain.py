@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from storage import commands, lvm, lvmlabel, qcow2, qemuimg
+from storage import commands, lvm, lvmlabel, qcow2, qemuimg, udev
 from storage.domains.base import (
     Domain,
     VmAccess,
@@ -484,7 +484,8 @@ class BlockDomain(LUNs, LVHolding, Domain):
                 # deactivates it.
                 # sole_writer: under the domain lease; the cached report then
                 # stays, with this LV, for the next create (issue 21)
-                await self.lvm.lvcreate(self.vg, md.uuid, size, activate=True,
+                # (not waiting for udev: create_volume_data opens the kernel's node)
+                await self.lvm.lvcreate(self.vg, md.uuid, size, activate=True, udev_sync=False,
                                         tags=volume_tags(md, slot), sole_writer=True)
                 self._advance_stamp(stamp)
                 self._new_lvs[md.uuid] = size
@@ -562,8 +563,9 @@ class BlockDomain(LUNs, LVHolding, Domain):
 
     async def create_volume_data(self, md: VolumeMetadata, parent: VolumeMetadata | None,
                                  initial_size: int | None) -> None:
-        path = self.volume_path(md.image, md.uuid)
         made = self._new_lvs.pop(md.uuid, None)
+        node = await self._io(udev.dm_node, lvm.dm_name(self.vg, md.uuid)) if made else None
+        path = node or self.volume_path(md.image, md.uuid)
         want = 0
         if made is None:
             # Not made by _create_lv of this object: find its size, activate it.
@@ -589,7 +591,7 @@ class BlockDomain(LUNs, LVHolding, Domain):
                                parent.uuid if parent is not None else None,
                                VolumeFormat.of(parent.format).qemu if parent else None)
         finally:
-            await self.lvm.deactivate(self.vg, [md.uuid])
+            await self.lvm.deactivate(self.vg, [md.uuid], udev_sync=False)
 
     async def remove_volume_data(self, img: str, vol: str) -> None:
         v = await self._volume_lv(vol)

@@ -760,3 +760,12 @@ def test_rc_names() -> None:
     names: Mapping[int, str] = lvm.RC_NAMES
     assert names[3] == "invalid-command-line"
     assert names[5] == "command-failed"
+
+
+async def test_without_udev_sync(lv_mgr: lvm.LVM, runner: FakeRunner) -> None:
+    """lvcreate and deactivation that do not wait for udev (issue 21)."""
+    await lv_mgr.lvcreate("vgA", "lv1", 8 << 20, activate=True, udev_sync=False)
+    await lv_mgr.deactivate("vgA", ["lv1"], udev_sync=False)
+    await lv_mgr.deactivate("vgA", ["lv1"])
+    assert ["--noudevsync" in args_after_config(c) for c in runner.calls] == [True, True, False]
+    assert lvm.dm_name("a-b", "c-d-e") == "a--b-c--d--e"
