@@ -424,6 +424,13 @@ class LVM:
         if entry is not None and entry.stamp is not None and vg in self._stampers:
             self._cache[("lv", vg)] = replace(entry, suspect=True)
 
+    def report_stamp(self, vg: str) -> bytes | None:
+        """The metadata stamp of `vg` the cached LV report holds for (read
+        before it ran, or after this object's own change); None: no report
+        cached, or a suspect one not checked since."""
+        entry = self._cache.get(("lv", vg))
+        return None if entry is None or entry.suspect else entry.stamp
+
     async def _stamp(self, vg: str) -> bytes | None:
         stamper = self._stampers.get(vg)
         if stamper is None:
@@ -588,8 +595,8 @@ class LVM:
     # -- LVs
 
     async def lvcreate(self, vg: str, lv: str, size: int, *, tags: Iterable[str] = (),
-                       activate: bool = False, zero: bool = False,
-                       contiguous: bool = False, sole_writer: bool = False) -> None:
+                       activate: bool = False, zero: bool = False, contiguous: bool = False,
+                       sole_writer: bool = False, udev_sync: bool = True) -> None:
         """Create `vg/lv` of at least `size` bytes (LVM rounds up to extents).
 
         sole_writer: no other host changes `vg` meanwhile (the caller holds
@@ -604,18 +611,20 @@ class LVM:
                 "--zero", "y" if zero else "n"]
         if contiguous:
             args += ["--contiguous", "y"]
+        if not udev_sync:
+            args.append("--noudevsync")
         for tag in tag_list:
             args += ["--addtag", tag]
         if activate:
             self._check_activation()
-        before = self._cache.get(("lv", vg)) if sole_writer else None
+        before = await self._sole_writer_report(vg) if sole_writer else None
         generation = self._generation.get(vg, 0)
         try:
             await self._change(vg, "lvcreate", [*args, vg])
         except LVMCommandError as e:
             raise CannotCreateLogicalVolume(lvName=lv, vgName=vg,
                                             reason=e.fields.get("reason", str(e))) from None
-        if before is not None and not before.suspect and before.stamp is not None:
+        if before is not None:
             made = LV(name=lv, vg_name=vg, uuid="", size=size, tags=tuple(tag_list),
                       attr="-wi-a-----" if activate else "-wi-------", active=activate,
                       opened=False, path=f"/dev/{vg}/{lv}")
@@ -701,9 +710,10 @@ class LVM:
         """Activate LVs of `vg` in one command; /dev/<vg>/<lv> appear."""
         await self._set_active(vg, lvs, "y")
 
-    async def deactivate(self, vg: str, lvs: Sequence[str]) -> None:
-        """Deactivate LVs of `vg` in one command (fails for an LV in use)."""
-        await self._set_active(vg, lvs, "n")
+    async def deactivate(self, vg: str, lvs: Sequence[str], *, udev_sync: bool = True) -> None:
+        """Deactivate LVs of `vg` in one command (fails for an LV in use).
+        udev_sync=False: without waiting for udev (its links go later)."""
+        await self._set_active(vg, lvs, "n", [] if udev_sync else ["--noudevsync"])
 
     async def refresh(self, vg: str, lvs: Sequence[str]) -> None:
         """Reload active LVs' mappings from metadata (another host extended
@@ -725,11 +735,12 @@ class LVM:
                                      for lv in entry.value):
             self.invalidate(vg)
 
-    async def _set_active(self, vg: str, lvs: Sequence[str], flag: str) -> None:
+    async def _set_active(self, vg: str, lvs: Sequence[str], flag: str,
+                          extra: Sequence[str] = ()) -> None:
         self._check_activation()
         paths = self._lv_paths(vg, lvs)
         try:
-            await self._run("lvchange", ["--activate", flag, *paths])
+            await self._run("lvchange", [*extra, "--activate", flag, *paths])
         except BaseException:
             self.invalidate(vg)
             raise
@@ -781,6 +792,11 @@ class LVM:
                 raise InvalidParameter(field="devices",
                                        reason=f"not in this LVM's filter: {unknown}")
         return devs
+
+
+def dm_name(vg: str, lv: str) -> str:
+    """The device-mapper name of LV `vg/lv` (each '-' doubled)."""
+    return f"{vg.replace('-', '--')}-{lv.replace('-', '--')}"
 
 
 def _tag_args(add: Iterable[str], remove: Iterable[str]) -> list[str]:

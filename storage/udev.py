@@ -286,6 +286,20 @@ async def delete_disk(name: str, *, timeout: float, sysfs: Path = SYSFS) -> None
                                      f"{timeout:g} s") from None
 
 
+def dm_node(name: str, sysfs: Path = SYSFS) -> str | None:
+    """/dev/dm-N of the device-mapper device `name` (None: not there), from
+    sysfs: the kernel (devtmpfs) makes that node with the device, udev its
+    /dev/mapper and /dev/VG/LV links later (an LV activated with
+    --noudevsync: issue 21). Blocking, briefly (sysfs)."""
+    for name_file in sysfs.glob("block/dm-*/dm/name"):
+        try:
+            if name_file.read_text().strip() == name:
+                return f"/dev/{name_file.parent.parent.name}"
+        except OSError:
+            continue   # removed meanwhile
+    return None
+
+
 def holders(name: str, sysfs: Path = SYSFS) -> list[str]:
     """Block devices stacked on `name` (LVs on a multipath map, ...)."""
     try:

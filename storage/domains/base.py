@@ -288,9 +288,9 @@ class Domain(VolumeHolding, abc.ABC):
             raise VolumeDoesNotExist(volUUID=vol)
         return md
 
-    async def scan(self, img: str | None = None) -> list[VolumeMetadata]:
-        """Metadata of every volume (of one image, or of the domain) whose
-        metadata reads; kinds override this with one batched read."""
+    async def scan(self, img: str | None = None, *, cached: bool = False) -> list[VolumeMetadata]:
+        """Metadata of every volume (of one image, or of the domain) whose metadata
+        reads; kinds override this with one batched read (cached: for a listing)."""
         out = []
         for image in [img] if img else await self.image_ids():
             for vol in await self.volume_ids(image):
@@ -300,15 +300,15 @@ class Domain(VolumeHolding, abc.ABC):
                     continue
         return out
 
-    async def image_volumes(self, img: str) -> list[VolumeMetadata]:
+    async def image_volumes(self, img: str, *, cached: bool = False) -> list[VolumeMetadata]:
         """READY and CREATING volumes of an image (CREATING ones are ILLEGAL)."""
-        vols = [v for v in await self.scan(img) if self._listed(v)]
+        vols = [v for v in await self.scan(img, cached=cached) if self._listed(v)]
         if not vols and img not in await self.image_ids():
             raise ImageDoesNotExistInSD(imgUUID=img, sdUUID=self.uuid)
         return vols
 
-    async def all_volumes(self) -> list[VolumeMetadata]:
-        return [v for v in await self.scan() if self._listed(v)]
+    async def all_volumes(self, *, cached: bool = False) -> list[VolumeMetadata]:
+        return [v for v in await self.scan(cached=cached) if self._listed(v)]
 
     def _listed(self, md: VolumeMetadata) -> bool:
         """Whether a volume counts as one: not being removed, and not a

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from storage import commands, lvm, lvmlabel, qemuimg
+from storage import commands, lvm, lvmlabel, qcow2, qemuimg, udev
 from storage.domains.base import (
     Domain,
     VmAccess,
@@ -46,7 +46,7 @@ from storage.domains.holding import LVHolding
 from storage.domains.slots import COPY_SIZE as COPY_SIZE
 from storage.domains.slots import DOMAIN_SLOT as DOMAIN_SLOT
 from storage.domains.slots import SLOT_SIZE as SLOT_SIZE
-from storage.domains.slots import ZERO_CHUNK, read_slots, write_slot, zero
+from storage.domains.slots import ZERO_CHUNK, SlotCache, read_slots, write_slot, zero
 from storage.domains.slots import decode_slot as decode_slot
 from storage.domains.slots import encode_copy as encode_copy
 from storage.domains.vgdevices import (
@@ -208,6 +208,8 @@ class BlockDomain(LUNs, LVHolding, Domain):
         # cached lvs report (the domain lease's forget_cache keeps it then)
         self._stamp_pv: str | None = None
         lvm_.watch_metadata(self.vg, self._metadata_stamp)
+        # the volume slots as last read or written here (issue 21: listings)
+        self._slot_cache = SlotCache(VolumeMetadata.decode, lvm_.cache_ttl)
 
     @property
     def vg(self) -> str:
@@ -311,10 +313,20 @@ class BlockDomain(LUNs, LVHolding, Domain):
         return (await self._io(read_slots, self.md_path, [slot]))[slot]
 
     async def _write_slot(self, slot: int, data: bytes) -> None:
-        await self._io(write_slot, self.md_path, slot, encode_copy(data))
+        copy = encode_copy(data)
+        await self._slot_write(slot, copy + copy, write_slot, self.md_path, slot, copy)
 
     async def _clear_slot(self, slot: int) -> None:
-        await self._io(zero, self.md_path, slot * SLOT_SIZE, SLOT_SIZE)
+        await self._slot_write(slot, bytes(SLOT_SIZE), zero, self.md_path,
+                               slot * SLOT_SIZE, SLOT_SIZE)
+
+    async def _slot_write(self, slot: int, content: bytes, fn: Callable[..., None],
+                          *args: object) -> None:
+        """Write a slot, and tell the slot cache (a listing that read it
+        meanwhile does not keep what it read)."""
+        self._slot_cache.wrote(slot, None, None)
+        await self._io(fn, *args)
+        self._slot_cache.wrote(slot, content, self.lvm.report_stamp(self.vg))
 
     async def write_domain_md(self, md: DomainMetadata) -> None:
         await self._write_slot(DOMAIN_SLOT, md.encode())
@@ -349,7 +361,9 @@ class BlockDomain(LUNs, LVHolding, Domain):
         return sorted(v.name for v in await self._volume_lvs() if v.image == img)
 
     def _decode_volume(self, v: VolumeLV, slot: bytes) -> VolumeMetadata:
-        md = decode_slot(slot, VolumeMetadata.decode)
+        return self._check_volume(v, decode_slot(slot, VolumeMetadata.decode))
+
+    def _check_volume(self, v: VolumeLV, md: VolumeMetadata) -> VolumeMetadata:
         # A slot reused after a crash may still hold its previous volume.
         if md.uuid != v.name or md.domain != self.uuid:
             raise MetadataError(f"slot {v.slot} holds metadata of {md.domain}/{md.uuid}")
@@ -363,18 +377,30 @@ class BlockDomain(LUNs, LVHolding, Domain):
             raise MetadataError(f"LV {vol} has no {SLOT_PREFIX} tag")
         return self._decode_volume(v, await self._read_slot(v.slot))
 
-    async def scan(self, img: str | None = None) -> list[VolumeMetadata]:
-        """One lvs and one executor call reading every slot."""
+    async def scan(self, img: str | None = None, *,
+                   cached: bool = False) -> list[VolumeMetadata]:
+        """One lvs (or the cached report, checked against the VG's metadata
+        stamp) and one executor call reading the slots; a slot whose bytes
+        did not change is not parsed again. cached (the listing verbs,
+        after forget_cache): only the slots not read under the VG's current
+        stamp within the cache's TTL are read (SlotCache), and those of LVs
+        tagged WIPE (being removed: the REMOVING mark follows the tag)."""
         vols = sorted(((v, v.slot) for v in await self._volume_lvs()
                        if not v.initializing and v.slot is not None
                        and (img is None or v.image == img)),
                       key=lambda p: (p[0].image, p[0].name))
-        data = await self._io(read_slots, self.md_path, [s for _, s in vols],
-                              timeout=max(self.io.timeout, 120))
+        stamp = self.lvm.report_stamp(self.vg)
+        cache = self._slot_cache
+        want = cache.to_read([s for _, s in vols], stamp if cached else None,
+                             always=[s for v, s in vols if v.wipe])
+        generation = cache.generation
+        data = await self._io(read_slots, self.md_path, want,
+                              timeout=max(self.io.timeout, 120)) if want else {}
+        cache.store(data, stamp, generation)
         out = []
         for v, slot in vols:
             try:
-                out.append(self._decode_volume(v, data[slot]))
+                out.append(self._check_volume(v, cache.decode(slot, data.get(slot))))
             except MetadataError:
                 continue
         return out
@@ -440,6 +466,7 @@ class BlockDomain(LUNs, LVHolding, Domain):
                 # (fresh: taking the domain lease dropped the cached reports,
                 # and every change since went through this object, under it)
                 lvs = await self.lvm.lvs(self.vg)
+                stamp = self.lvm.report_stamp(self.vg)
                 if any(lv.name == md.uuid for lv in lvs):
                     return False
                 slot = free_slot((lv.tags for lv in lvs), self.slots)
@@ -457,8 +484,10 @@ class BlockDomain(LUNs, LVHolding, Domain):
                 # deactivates it.
                 # sole_writer: under the domain lease; the cached report then
                 # stays, with this LV, for the next create (issue 21)
-                await self.lvm.lvcreate(self.vg, md.uuid, size, activate=True,
+                # (not waiting for udev: create_volume_data opens the kernel's node)
+                await self.lvm.lvcreate(self.vg, md.uuid, size, activate=True, udev_sync=False,
                                         tags=volume_tags(md, slot), sole_writer=True)
+                self._advance_stamp(stamp)
                 self._new_lvs[md.uuid] = size
                 self._slots[md.uuid] = slot
                 self._made[md.uuid] = VolumeLV(name=md.uuid, image=md.image, parent=md.parent,
@@ -471,6 +500,14 @@ class BlockDomain(LUNs, LVHolding, Domain):
                 await self._undo_lvcreate(md.uuid, slot)
             raise
         return True
+
+    def _advance_stamp(self, before: bytes | None) -> None:
+        """After this host's change of the VG under the domain lease: the
+        slots read under the stamp `before` still hold (no other host
+        changed the VG in between), so a listing need not read them again."""
+        after = self.lvm.report_stamp(self.vg)
+        if before is not None and after is not None:
+            self._slot_cache.advance(before, after)
 
     async def _undo_lvcreate(self, vol: str, slot: int) -> None:
         """After a failed or cut off lvcreate: an LV that LVM made anyway
@@ -526,8 +563,9 @@ class BlockDomain(LUNs, LVHolding, Domain):
 
     async def create_volume_data(self, md: VolumeMetadata, parent: VolumeMetadata | None,
                                  initial_size: int | None) -> None:
-        path = self.volume_path(md.image, md.uuid)
         made = self._new_lvs.pop(md.uuid, None)
+        node = await self._io(udev.dm_node, lvm.dm_name(self.vg, md.uuid)) if made else None
+        path = node or self.volume_path(md.image, md.uuid)
         want = 0
         if made is None:
             # Not made by _create_lv of this object: find its size, activate it.
@@ -546,16 +584,14 @@ class BlockDomain(LUNs, LVHolding, Domain):
                 # Extents of deleted volumes are reused: no stale header here.
                 await self._io(zero, path, 0, min(MiB, round_up(md.capacity, 4096)))
             else:
-                # -u: the parent need not be active; relative, so the chain
-                # resolves in /dev/<sdUUID>/ wherever the volumes live.
-                await qemuimg.create(
-                    path, "qcow2", md.capacity,
-                    backing=parent.uuid if parent is not None else None,
-                    backing_fmt=VolumeFormat.of(parent.format).qemu
-                    if parent is not None else None,
-                    unsafe=parent is not None, runner=self.runner)
+                # qemu-img create's bytes without its process (issue 21); the
+                # parent need not be active; relative, so the chain resolves
+                # in /dev/<sdUUID>/ wherever the volumes live.
+                await self._io(qcow2.write_image, path, md.capacity,
+                               parent.uuid if parent is not None else None,
+                               VolumeFormat.of(parent.format).qemu if parent else None)
         finally:
-            await self.lvm.deactivate(self.vg, [md.uuid])
+            await self.lvm.deactivate(self.vg, [md.uuid], udev_sync=False)
 
     async def remove_volume_data(self, img: str, vol: str) -> None:
         v = await self._volume_lv(vol)

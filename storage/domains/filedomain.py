@@ -269,7 +269,8 @@ class FileDomain(Domain):
                           if n.endswith(META_SUFFIX) and is_uuid(n[:-len(META_SUFFIX)]))
         return await _io(self.io, self.root, listing)
 
-    async def scan(self, img: str | None = None) -> list[VolumeMetadata]:
+    async def scan(self, img: str | None = None, *,
+                   cached: bool = False) -> list[VolumeMetadata]:
         """All metadata in one executor call: one listing and one read per
         volume, with no event loop round trip in between. Each file is
         opened relative to its image directory's fd and read with a bare

@@ -105,8 +105,8 @@ class VolumeOps:
         # what other hosts made or removed since this host cached it counts
         domain.forget_cache()
         if img is not None:
-            return [v.uuid for v in await domain.image_volumes(img)]
-        return [v.uuid for v in await domain.all_volumes()]
+            return [v.uuid for v in await domain.image_volumes(img, cached=True)]
+        return [v.uuid for v in await domain.all_volumes(cached=True)]
 
     async def images_list(self, sd: str) -> list[str]:
         domain = await self.registry.domain(sd)
@@ -117,7 +117,7 @@ class VolumeOps:
         gone = set()
         for img in {md.image for md in domain.pending_discards.values()} & set(ids):
             with contextlib.suppress(HostAgentError):
-                if not await domain.image_volumes(img):
+                if not await domain.image_volumes(img, cached=True):
                     gone.add(img)
         return [img for img in ids if img not in gone]
 

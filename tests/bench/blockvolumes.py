@@ -59,7 +59,8 @@ def report(r: dict[str, Any]) -> str:
     p = r["params"]
     rows = [[kind, v["agent_ms"], v["lvcreate_ms"], v["agent_ms"] / v["lvcreate_ms"],
              v.get("lvcreate_ay_an_ms", 0.0),
-             v["agent_ms"] / v.get("lvcreate_ay_an_ms", v["agent_ms"])]
+             v["agent_ms"] / v.get("lvcreate_ay_an_ms", v["agent_ms"]),
+             v.get("lvcreate_ay_an_noudevsync_ms", "-")]
             for kind, v in r["create"].items()]
     lines = [f"block domain in the lab guest (User-Mode Linux, {r['guest_cpus']} vCPU; host "
              f"{r['machine']['cpus']} CPUs), {p['extent_mib']} MiB extents, median of "
@@ -67,14 +68,17 @@ def report(r: dict[str, Any]) -> str:
              f"createVolume {VOLUME_SIZE // MiB} MiB (job submitted to done) beside a bare "
              "`lvcreate -an` of the same size, ms",
              table(rows, ["kind", "agent", "lvcreate -an", "ratio", "lvcreate -ay + lvchange -an",
-                          "ratio"]), ""]
+                          "ratio", "the pair --noudevsync"]), ""]
     sizes = sorted(r["list"], key=int)
-    rows = [[int(s), r["list"][s]["cold_ms"], r["list"][s]["warm_ms"],
-             r["list"][s]["warm_ms"] / int(s) * 1000, r["list"][s]["populate_s"]]
-            for s in sizes]
-    lines += ["getVolumesList on the block domain, ms per call",
+    rows = [[int(s), v["cold_ms"], v["warm_ms"], v["warm_ms"] / int(s) * 1000,
+             v.get("before_cold_ms", "-"), v.get("before_warm_ms", "-"),
+             v["before_warm_ms"] / int(s) * 1000 if "before_warm_ms" in v else "-",
+             v["populate_s"]]
+            for s in sizes if (v := r["list"][s])]
+    lines += ["getVolumesList on the block domain, ms per call (before: BENCH_BLOCK_BEFORE's "
+              "tree, in turns)",
               table(rows, ["volumes", "cold (lvs)", "warm (cached)", "us/vol warm",
-                           "populate s"])]
+                           "before cold", "before warm", "before us/vol", "populate s"])]
     return "\n".join(lines)
 
 
@@ -230,7 +234,8 @@ async def _guest(runs: int, sizes: list[int], work: Path) -> dict[str, Any]:
     try:
         server = g.iscsi_services(work, steps)
         # sparse: room for every measured volume and the largest domain
-        lun_size = (len(KINDS) * (runs + 1) * 3 * (VOLUME_SIZE + 2 * EXTENT)
+        # (4 LVs per run: the agent's and three bare ones; 4 rounds with a before tree)
+        lun_size = (len(KINDS) * (runs + 1) * 4 * 4 * (VOLUME_SIZE + 2 * EXTENT)
                     + max(sizes) * EXTENT + 4096 * MiB)
         target = server.create_target("benchblock", (lun_size,))
         steps.push("release target", lambda: [
@@ -253,60 +258,22 @@ async def _guest(runs: int, sizes: list[int], work: Path) -> dict[str, Any]:
         steps.push("deactivate the VG", lambda: g.run_ok("lvm", "vgchange", "-an", sd))
         conf = lvm.build_config([mpath], activation=True)
 
+        if os.environ.get("BENCH_BLOCK_NO_CREATE") != "1":
+            async with agent.client() as c:
+                await _creates(c, conf, sd, runs, result["create"])
+            if os.environ.get("BENCH_BLOCK_BEFORE"):
+                agent.stop()
+                agent = await _creates_before(state, agent.port, conf, sd, runs, result)
         async with agent.client() as c:
-            for fmt, prealloc in KINDS:
-                agent_s, bare_s, seq_s = [], [], []
-                for i in range(runs + 1):   # the first run warms caches up and is dropped
-                    a = await _job(c, "createVolume", sdUUID=sd, imgUUID=str(uuid.uuid4()),
-                                   volUUID=str(uuid.uuid4()), size=VOLUME_SIZE, format=fmt,
-                                   preallocate=prealloc)
-                    t = time.perf_counter()
-                    _lvm(conf, "lvcreate", "--name", f"bare-{uuid.uuid4().hex[:8]}", "--size",
-                         f"{VOLUME_SIZE}b", "--activate", "n", "--zero", "n", sd)
-                    b = time.perf_counter() - t
-                    # the least a block volume needs of LVM: an LV active to
-                    # write its header, inactive after (udev waits included)
-                    name = f"bare-{uuid.uuid4().hex[:8]}"
-                    t = time.perf_counter()
-                    _lvm(conf, "lvcreate", "--name", name, "--size", f"{VOLUME_SIZE}b",
-                         "--activate", "y", "--zero", "n", sd)
-                    _lvm(conf, "lvchange", "--activate", "n", f"{sd}/{name}")
-                    q = time.perf_counter() - t
-                    if i:
-                        agent_s.append(a)
-                        bare_s.append(b)
-                        seq_s.append(q)
-                result["create"][f"{fmt}/{prealloc}"] = {
-                    "agent_ms": round(1000 * median(agent_s), 1),
-                    "lvcreate_ms": round(1000 * median(bare_s), 1),
-                    "lvcreate_ay_an_ms": round(1000 * median(seq_s), 1),
-                    "runs": {"agent": agent_s, "lvcreate": bare_s, "lvcreate_ay_an": seq_s}}
             have = len(await c.call("getVolumesList", sdUUID=sd))
-        port = agent.port
         for size in (s for s in sizes if s > have):
             agent.stop()
             t = time.perf_counter()
             populate(conf, sd, size - have)
             populate_s = time.perf_counter() - t
             have = size
-            cold, warm = [], []
-            for _ in range(min(runs, 3)):
-                agent = _start_agent(state, port)
-                async with agent.client() as c:
-                    t = time.perf_counter()
-                    vols = await c.call("getVolumesList", sdUUID=sd)
-                    cold.append(time.perf_counter() - t)
-                    assert len(vols) == size, (len(vols), size)
-                    for _ in range(runs):
-                        t = time.perf_counter()
-                        await c.call("getVolumesList", sdUUID=sd)
-                        warm.append(time.perf_counter() - t)
-                if len(cold) < min(runs, 3):
-                    agent.stop()
-            result["list"][str(size)] = {"cold_ms": round(1000 * median(cold), 1),
-                                         "warm_ms": round(1000 * median(warm), 1),
-                                         "populate_s": round(populate_s, 1),
-                                         "runs": {"cold": cold, "warm": warm}}
+            agent, result["list"][str(size)] = await _listings(state, agent.port, sd, size, runs)
+            result["list"][str(size)]["populate_s"] = round(populate_s, 1)
         async with agent.client() as c:
             await c.call("formatStorageDomain", sdUUID=sd)
             for p in params:
@@ -318,6 +285,108 @@ async def _guest(runs: int, sizes: list[int], work: Path) -> dict[str, Any]:
         steps.run()
         if os.environ.get("BENCH_BLOCK_LOG"):
             shutil.copy(work / "agent" / "agent.log", os.environ["BENCH_BLOCK_LOG"])
+
+
+async def _creates_before(state: Path, port: int, conf: str, sd: str, runs: int,
+                          result: dict[str, Any]) -> Any:
+    """The creates again with BENCH_BLOCK_BEFORE's tree's agent, then this
+    tree's once more (so each side runs twice, in turns: after, before,
+    after, before). Returns this tree's agent, running."""
+    from tests import agentproc
+
+    here = agentproc.ROOT
+    for key, root in (("create_before", Path(os.environ["BENCH_BLOCK_BEFORE"])),
+                      ("create_again", here), ("create_before_again",
+                                              Path(os.environ["BENCH_BLOCK_BEFORE"]))):
+        agentproc.ROOT = root
+        try:
+            agent = _start_agent(state, port)
+        finally:
+            agentproc.ROOT = here
+        result[key] = {}
+        async with agent.client() as c:
+            await _creates(c, conf, sd, runs, result[key])
+        agent.stop()
+    return _start_agent(state, port)
+
+
+async def _creates(c: Any, conf: str, sd: str, runs: int, result: dict[str, Any]) -> None:
+    """createVolume of each kind beside the bare LVM commands, in turns."""
+    for fmt, prealloc in KINDS:
+        agent_s, bare_s, seq_s, nosync_s = [], [], [], []
+        for i in range(runs + 1):   # the first run warms caches up and is dropped
+            a = await _job(c, "createVolume", sdUUID=sd, imgUUID=str(uuid.uuid4()),
+                           volUUID=str(uuid.uuid4()), size=VOLUME_SIZE, format=fmt,
+                           preallocate=prealloc)
+            t = time.perf_counter()
+            _lvm(conf, "lvcreate", "--name", f"bare-{uuid.uuid4().hex[:8]}", "--size",
+                 f"{VOLUME_SIZE}b", "--activate", "n", "--zero", "n", sd)
+            b = time.perf_counter() - t
+            # the least a block volume needs of LVM: an LV active to
+            # write its header, inactive after (udev waits included)
+            name = f"bare-{uuid.uuid4().hex[:8]}"
+            t = time.perf_counter()
+            _lvm(conf, "lvcreate", "--name", name, "--size", f"{VOLUME_SIZE}b",
+                 "--activate", "y", "--zero", "n", sd)
+            _lvm(conf, "lvchange", "--activate", "n", f"{sd}/{name}")
+            q = time.perf_counter() - t
+            # the same pair not waiting for udev (--noudevsync)
+            name = f"bare-{uuid.uuid4().hex[:8]}"
+            t = time.perf_counter()
+            _lvm(conf, "lvcreate", "--noudevsync", "--name", name, "--size",
+                 f"{VOLUME_SIZE}b", "--activate", "y", "--zero", "n", sd)
+            _lvm(conf, "lvchange", "--noudevsync", "--activate", "n", f"{sd}/{name}")
+            nu = time.perf_counter() - t
+            if i:
+                agent_s.append(a)
+                bare_s.append(b)
+                seq_s.append(q)
+                nosync_s.append(nu)
+        result[f"{fmt}/{prealloc}"] = {
+            "agent_ms": round(1000 * median(agent_s), 1),
+            "lvcreate_ms": round(1000 * median(bare_s), 1),
+            "lvcreate_ay_an_ms": round(1000 * median(seq_s), 1),
+            "lvcreate_ay_an_noudevsync_ms": round(1000 * median(nosync_s), 1),
+            "runs": {"agent": agent_s, "lvcreate": bare_s, "lvcreate_ay_an": seq_s,
+                     "lvcreate_ay_an_noudevsync": nosync_s}}
+
+
+async def _listings(state: Path, port: int, sd: str, size: int,
+                    runs: int) -> tuple[Any, dict[str, Any]]:
+    """getVolumesList of the domain of `size` volumes: the agent restarted
+    min(runs, 3) times, one cold call and `runs` warm ones each. With
+    BENCH_BLOCK_BEFORE=DIR (a tree of the code before a change, `git archive
+    REV | tar -x -C DIR`), that tree's agent in turns with this one's, on
+    the same domain."""
+    from tests import agentproc
+
+    trees = {"": agentproc.ROOT}
+    if os.environ.get("BENCH_BLOCK_BEFORE"):
+        trees["before_"] = Path(os.environ["BENCH_BLOCK_BEFORE"])
+    times: dict[str, list[float]] = {f"{k}{w}": [] for k in trees for w in ("cold", "warm")}
+    here = agentproc.ROOT
+    agent = None
+    try:
+        for _ in range(min(runs, 3)):
+            for key, root in trees.items():
+                agentproc.ROOT = root
+                agent = _start_agent(state, port)
+                async with agent.client() as c:
+                    t = time.perf_counter()
+                    vols = await c.call("getVolumesList", sdUUID=sd)
+                    times[f"{key}cold"].append(time.perf_counter() - t)
+                    assert len(vols) == size, (len(vols), size)
+                    for _ in range(runs):
+                        t = time.perf_counter()
+                        await c.call("getVolumesList", sdUUID=sd)
+                        times[f"{key}warm"].append(time.perf_counter() - t)
+                agent.stop()
+    finally:
+        agentproc.ROOT = here
+    agent = _start_agent(state, port)
+    out: dict[str, Any] = {f"{k}_ms": round(1000 * median(v), 1) for k, v in times.items()}
+    out["runs"] = times
+    return agent, out
 
 
 def guest_main(runs: int, sizes: list[int]) -> None:

@@ -465,3 +465,135 @@ async def test_prepare_refreshes_what_is_active_already(domain: FileBlockDomain)
     assert await changes(refresh=True) == ["lvchange --activate", "lvchange --refresh"]
     await domain.lvm.deactivate(SD, [V1, V2])
     assert await changes(refresh=True) == ["lvchange --activate"]
+
+
+# ---- the listing's slot cache (issue 21) ----------------------------------------------
+
+class SlotReads:
+    """Counts the slots the domain reads (the metadata LV's I/O)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.slots: list[int] = []
+
+        def counting(path: str, wanted: Sequence[int]) -> dict[int, bytes]:
+            self.slots += wanted
+            return slots.read_slots(path, wanted)
+        monkeypatch.setattr(bd, "read_slots", counting)
+
+
+async def listing(domain: FileBlockDomain) -> list[str]:
+    """What getVolumesList does."""
+    domain.forget_cache()
+    return [v.uuid for v in await domain.all_volumes(cached=True)]
+
+
+def other_host_writes(domain: FileBlockDomain, slot: int, md: VolumeMetadata) -> None:
+    slots.write_slot(domain.md_path, slot, bd.encode_copy(md.encode()))
+
+
+async def test_listing_reads_no_slot_while_the_vg_is_unchanged(
+        domain: FileBlockDomain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listing reads the slots once; the next ones, the VG's stamp unchanged,
+    read none and run no lvs. This host's own writes are in the cache."""
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    domain.stamping = True
+    await domain.write_volume_md(vol(V1))
+    await domain.write_volume_md(vol(V2))
+    reads = SlotReads(monkeypatch)
+    assert await listing(domain) == [V1, V2]
+    fake.ops.clear()
+    reads.slots.clear()
+    assert await listing(domain) == [V1, V2]
+    assert (reads.slots, fake.ops) == ([], [])
+    await domain.write_volume_md(vol(V2, description="renamed"))
+    assert [v.description for v in await domain.all_volumes(cached=True)] == ["", "renamed"]
+    assert reads.slots == []
+
+
+async def test_listing_sees_another_hosts_create_and_delete(
+        domain: FileBlockDomain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another host writes a slot, then changes the VG (lvcreate, lvremove):
+    the new stamp makes the next listing read the slots again."""
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    domain.stamping = True
+    await domain.write_volume_md(vol(V1))
+    await domain.write_volume_md(vol(V2))
+    assert await listing(domain) == [V1, V2]
+    reads = SlotReads(monkeypatch)
+    # its create: the slot first, then its LV
+    other_host_writes(domain, 3, vol(V3))
+    fake.lvs[V3] = {"size": 4 * MiB, "tags": [f"IU_{IMG}", f"PU_{BLANK_UUID}", "MD_3"]}
+    fake.seq += 1
+    assert await listing(domain) == [V1, V2, V3]
+    assert sorted(reads.slots) == [1, 2, 3]
+    # its delete of V2: REMOVING, then lvremove; and of V1 only marked so far
+    other_host_writes(domain, 2, vol(V2, state="REMOVING"))
+    other_host_writes(domain, 1, vol(V1, state="REMOVING"))
+    del fake.lvs[V2]
+    fake.seq += 1
+    assert await listing(domain) == [V3]
+
+
+async def test_a_slot_change_alone_is_seen_within_the_ttl(
+        domain: FileBlockDomain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slot another host wrote with no VG change after it (a removal whose
+    lvremove failed) is read again once the cache's TTL passed; the slot of
+    an LV tagged WIPE (its removal under way) on every listing."""
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    domain.stamping = True
+    now = [0.0]
+    monkeypatch.setattr(domain._slot_cache, "_clock", lambda: now[0])
+    await domain.write_volume_md(vol(V1))
+    await domain.write_volume_md(vol(V2))
+    assert await listing(domain) == [V1, V2]
+    other_host_writes(domain, 1, vol(V1, state="REMOVING"))
+    assert await listing(domain) == [V1, V2]           # within the TTL: not read
+    now[0] += domain._slot_cache.ttl + 1
+    assert await listing(domain) == [V2]
+
+    fake.lvs[V2]["tags"].append(bd.WIPE)              # another host's delete with wipe
+    fake.seq += 1
+    assert await listing(domain) == [V2]              # (the tag comes before the mark)
+    other_host_writes(domain, 2, vol(V2, state="REMOVING"))
+    assert await listing(domain) == []
+
+
+async def test_listing_without_a_stamp_reads_every_slot(
+        domain: FileBlockDomain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the VG's stamp cannot be read, nothing tells that the slots still
+    hold: each listing reads them all."""
+    await domain.write_volume_md(vol(V1))
+    await domain.write_volume_md(vol(V2))
+    reads = SlotReads(monkeypatch)
+    for _ in range(2):
+        reads.slots.clear()
+        assert await listing(domain) == [V1, V2]
+        assert sorted(reads.slots) == [1, 2]
+    other_host_writes(domain, 1, vol(V1, state="REMOVING"))
+    assert await listing(domain) == [V2]
+
+
+def test_slot_cache_parses_changed_bytes_only_and_drops_reads_across_writes() -> None:
+    parsed: list[bytes] = []
+
+    def parse(data: bytes) -> VolumeMetadata:
+        parsed.append(data)
+        return VolumeMetadata.decode(data)
+
+    cache = slots.SlotCache(parse, ttl=60)
+    one = bd.encode_copy(vol(V1).encode()) * 2
+    gen = cache.generation
+    assert cache.to_read([1], b"s1") == [1]
+    cache.store({1: one}, b"s1", gen)
+    assert cache.decode(1, one).uuid == V1
+    assert cache.decode(1, None).uuid == V1 and len(parsed) == 1
+    assert cache.to_read([1, 2], b"s1") == [2]
+    assert cache.to_read([1], b"s2") == [1]
+    # a read that ran across this host's write is not kept
+    gen = cache.generation
+    two = bd.encode_copy(vol(V1, description="new").encode()) * 2
+    cache.wrote(1, two, b"s1")
+    cache.store({1: one}, b"s1", gen)
+    assert cache.decode(1, None).description == "new"
+    cache.advance(b"s1", b"s3")
+    assert cache.to_read([1], b"s3") == []

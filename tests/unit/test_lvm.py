@@ -621,6 +621,27 @@ async def test_sole_writer_report_lives_from_its_change(lv_mgr: lvm.LVM, runner:
     assert runner.ops()[-1] == "lvs"
 
 
+async def test_sole_writer_lvcreate_right_after_the_lease(lv_mgr: lvm.LVM,
+                                                          runner: FakeRunner) -> None:
+    """lvcreate under a lease just taken (the report suspect): the stamp is
+    checked, as for lvextend, and the report kept with the new LV; after
+    another host's commit it goes."""
+    stamps = Commits(runner)
+    lv_mgr.watch_metadata("vgA", stamps)
+    await lv_mgr.lvs("vgA")
+    for name in ("new1", "new2"):
+        lv_mgr.suspect("vgA")
+        await lv_mgr.lvcreate("vgA", name, 8 << 20, sole_writer=True)
+    lv_mgr.suspect("vgA")
+    assert {"new1", "new2"} <= {lv.name for lv in await lv_mgr.lvs("vgA")}
+    assert runner.ops() == ["lvs", "lvcreate", "lvcreate"]
+    lv_mgr.suspect("vgA")
+    stamps.value = b"other host"
+    await lv_mgr.lvcreate("vgA", "new3", 8 << 20, sole_writer=True)
+    await lv_mgr.lvs("vgA")
+    assert runner.ops()[3:] == ["lvcreate", "lvs"]
+
+
 async def test_suspect_without_stamp_drops_report(lv_mgr: lvm.LVM,
                                                   runner: FakeRunner) -> None:
     await lv_mgr.lvs("vgA")
@@ -794,3 +815,12 @@ def test_rc_names() -> None:
     names: Mapping[int, str] = lvm.RC_NAMES
     assert names[3] == "invalid-command-line"
     assert names[5] == "command-failed"
+
+
+async def test_without_udev_sync(lv_mgr: lvm.LVM, runner: FakeRunner) -> None:
+    """lvcreate and deactivation that do not wait for udev (issue 21)."""
+    await lv_mgr.lvcreate("vgA", "lv1", 8 << 20, activate=True, udev_sync=False)
+    await lv_mgr.deactivate("vgA", ["lv1"], udev_sync=False)
+    await lv_mgr.deactivate("vgA", ["lv1"])
+    assert ["--noudevsync" in args_after_config(c) for c in runner.calls] == [True, True, False]
+    assert lvm.dm_name("a-b", "c-d-e") == "a--b-c--d--e"

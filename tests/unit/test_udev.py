@@ -94,3 +94,13 @@ def test_holders_partitions_hosts(tmp_path: Path) -> None:
         (tmp_path / "class" / "fc_host" / h).mkdir(parents=True)
     assert udev.scsi_hosts(tmp_path, kind="fc_host") == ["host0", "host12"]
     assert udev.scsi_hosts(tmp_path) == []
+
+
+def test_dm_node(tmp_path: Path) -> None:
+    """/dev/dm-N of a device-mapper device, by its name in sysfs."""
+    for n, name in ((0, "mpatha"), (3, "vg--a-lv--1")):
+        d = tmp_path / "block" / f"dm-{n}" / "dm"
+        d.mkdir(parents=True)
+        (d / "name").write_text(name + "\n")
+    assert udev.dm_node("vg--a-lv--1", sysfs=tmp_path) == "/dev/dm-3"
+    assert udev.dm_node("vg--a-lv--2", sysfs=tmp_path) is None
