@@ -30,8 +30,7 @@ import asyncio
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TypeVar
 
 from storage import commands, lvm, lvmlabel, qcow2, qemuimg, udev
@@ -43,6 +42,21 @@ from storage.domains.base import (
     read_check,
 )
 from storage.domains.holding import LVHolding
+from storage.domains.lvtags import IDS_LV as IDS_LV
+from storage.domains.lvtags import IMAGE_PREFIX as IMAGE_PREFIX
+from storage.domains.lvtags import INITIALIZING as INITIALIZING
+from storage.domains.lvtags import LEASES_LV as LEASES_LV
+from storage.domains.lvtags import METADATA_LV as METADATA_LV
+from storage.domains.lvtags import PARENT_PREFIX as PARENT_PREFIX
+from storage.domains.lvtags import SLOT_PREFIX as SLOT_PREFIX
+from storage.domains.lvtags import SPECIAL_LVS as SPECIAL_LVS
+from storage.domains.lvtags import VG_TAG as VG_TAG
+from storage.domains.lvtags import VolumeLV as VolumeLV
+from storage.domains.lvtags import free_slot as free_slot
+from storage.domains.lvtags import parse_tags as parse_tags
+from storage.domains.lvtags import round_up as round_up
+from storage.domains.lvtags import slot_of as slot_of
+from storage.domains.lvtags import volume_tags as volume_tags
 from storage.domains.slots import COPY_SIZE as COPY_SIZE
 from storage.domains.slots import DOMAIN_SLOT as DOMAIN_SLOT
 from storage.domains.slots import SLOT_SIZE as SLOT_SIZE
@@ -51,12 +65,12 @@ from storage.domains.slots import decode_slot as decode_slot
 from storage.domains.slots import encode_copy as encode_copy
 from storage.domains.vgdevices import (
     DEFAULT_MDA_SIZE,
-    WIPE,
     LUNs,
     pv_list_of,
     remove_vg,
     sector_size,
 )
+from storage.domains.vgdevices import WIPE as WIPE
 from storage.errors import (
     DeviceBlockSizeError,
     HostAgentError,
@@ -69,25 +83,14 @@ from storage.errors import (
     VolumeGroupBlockSizeError,
 )
 from storage.fileio import IOPool
-from storage.ids import is_uuid
 from storage.leases import BlockDomainLeases, Geometry, Resource, init_volume_lease
-from storage.metadata import BLANK_UUID, DomainMetadata, MetadataError, VolumeFormat, VolumeMetadata
+from storage.metadata import DomainMetadata, MetadataError, VolumeFormat, VolumeMetadata
 
 log = logging.getLogger("storage.domains")
 
 MiB = 1 << 20
 GiB = 1 << 30
 
-VG_TAG = "HOSTAGENT_SD"
-INITIALIZING = "INITIALIZING"
-IMAGE_PREFIX = "IU_"
-PARENT_PREFIX = "PU_"
-SLOT_PREFIX = "MD_"
-
-METADATA_LV = "metadata"
-IDS_LV = "ids"
-LEASES_LV = "leases"
-SPECIAL_LVS = (METADATA_LV, IDS_LV, LEASES_LV)
 
 DEFAULT_EXTENT_SIZE = 128 * MiB
 DEFAULT_METADATA_SIZE = 128 * MiB
@@ -96,77 +99,6 @@ DEFAULT_METADATA_SIZE = 128 * MiB
 LEASES_GROWTH = 64
 
 R = TypeVar("R")
-
-
-# ---- pure helpers (unit tested) ------------------------------------------------------
-
-def round_up(size: int, unit: int) -> int:
-    return (size + unit - 1) // unit * unit
-
-
-def parse_tags(tags: Iterable[str]) -> dict[str, str]:
-    """{IU_, PU_, MD_: value} of an LV's tags, and INITIALIZING, WIPE if
-    tagged so."""
-    out = {}
-    for tag in tags:
-        if tag in (INITIALIZING, WIPE):
-            out[tag] = ""
-            continue
-        for prefix in (IMAGE_PREFIX, PARENT_PREFIX, SLOT_PREFIX):
-            if tag.startswith(prefix):
-                out[prefix] = tag[len(prefix):]
-    return out
-
-
-def slot_of(tags: Iterable[str]) -> int | None:
-    value = parse_tags(tags).get(SLOT_PREFIX)
-    if value is None or not value.isdigit():
-        return None
-    return int(value)
-
-
-def free_slot(tag_lists: Iterable[Iterable[str]], slots: int) -> int | None:
-    """The lowest volume slot (1..slots-1) no LV's MD_ tag refers to; None
-    when all are taken."""
-    used = {s for tags in tag_lists if (s := slot_of(tags)) is not None}
-    for n in range(DOMAIN_SLOT + 1, slots):
-        if n not in used:
-            return n
-    return None
-
-
-def volume_tags(md: VolumeMetadata, slot: int) -> list[str]:
-    return [f"{IMAGE_PREFIX}{md.image}", f"{PARENT_PREFIX}{md.parent or BLANK_UUID}",
-            f"{SLOT_PREFIX}{slot}"]
-
-
-
-
-@dataclass(frozen=True)
-class VolumeLV:
-    """A volume's LV as the VG report shows it."""
-
-    name: str
-    image: str
-    parent: str
-    slot: int | None
-    initializing: bool
-    size: int
-    active: bool | None
-    wipe: bool = False
-
-    @classmethod
-    def from_lv(cls, lv: lvm.LV) -> VolumeLV | None:
-        """None for LVs that are not volumes (special or foreign ones)."""
-        if lv.name in SPECIAL_LVS or not is_uuid(lv.name):
-            return None
-        tags = parse_tags(lv.tags)
-        if IMAGE_PREFIX not in tags:
-            return None
-        return cls(name=lv.name, image=tags[IMAGE_PREFIX],
-                   parent=tags.get(PARENT_PREFIX, BLANK_UUID), slot=slot_of(lv.tags),
-                   initializing=INITIALIZING in tags, size=lv.size, active=lv.active,
-                   wipe=WIPE in tags)
 
 
 # ---- the domain -----------------------------------------------------------------------

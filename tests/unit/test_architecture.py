@@ -25,6 +25,7 @@ ROOMS: dict[str, str] = {
     # tool wrappers: one thin module per external tool, and their runner
     "storage.commands": "tools",
     "storage.lvm": "tools",
+    "storage.lvmreport": "tools",
     "storage.qemuimg": "tools",
     "storage.iscsiadm": "tools",
     "storage.multipath": "tools",
