@@ -344,8 +344,11 @@ class LVM:
 
     async def _run(self, op: str, args: Sequence[str]) -> commands.CommandResult:
         argv = [LVM_TOOL, op, "--config", self._config, *args]
+        # a VM may wait on these: a thin volume's extension, its reload
+        urgent = op == "lvextend" or "--refresh" in args
         try:
-            return await self._runner(argv, timeout=self.timeout, env=ENV, rc_names=RC_NAMES)
+            return await self._runner(argv, timeout=self.timeout, env=ENV, rc_names=RC_NAMES,
+                                      urgent=urgent)
         except commands.CommandError as e:
             raise _lvm_error(e, op) from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import sys
 import time
@@ -399,3 +400,21 @@ def test_check_arg_rejects_non_string() -> None:
 ])
 def test_check_arg_accepts(value: str) -> None:
     assert check_arg(value, "path") == value
+
+
+def _nice(stat: bytes) -> int:
+    """The nice value in /proc/<pid>/stat (field 19; fields after "(comm)")."""
+    return int(stat.rsplit(b")", 1)[1].split()[16])
+
+
+async def test_urgent_commands_start_at_a_higher_priority() -> None:
+    """An urgent command starts from a spawner thread of a higher priority
+    (Linux: a nice value per thread, inherited by the child); the agent's
+    own threads keep theirs. Without CAP_SYS_NICE it runs at the agent's."""
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    plain = await run(["cat", "/proc/self/stat"], timeout=10)
+    urgent = await run(["cat", "/proc/self/stat"], timeout=10, urgent=True)
+    assert _nice(plain.out) == own
+    want = min(commands.URGENT_NICE, own) if os.geteuid() == 0 else own
+    assert _nice(urgent.out) == want
+    assert os.getpriority(os.PRIO_PROCESS, 0) == own

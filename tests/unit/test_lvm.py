@@ -824,3 +824,16 @@ async def test_without_udev_sync(lv_mgr: lvm.LVM, runner: FakeRunner) -> None:
     await lv_mgr.deactivate("vgA", ["lv1"])
     assert ["--noudevsync" in args_after_config(c) for c in runner.calls] == [True, True, False]
     assert lvm.dm_name("a-b", "c-d-e") == "a--b-c--d--e"
+
+
+async def test_extension_and_reload_start_urgent(lv_mgr: lvm.LVM, runner: FakeRunner) -> None:
+    """What a VM may wait on (a thin volume's lvextend, an LV's reload)
+    starts at the higher priority (commands.run urgent); nothing else."""
+    await lv_mgr.lvs("vgA")
+    await lv_mgr.lvextend("vgA", "lv9", 2 << 30)
+    await lv_mgr.refresh("vgA", ["lv9"])
+    await lv_mgr.lvcreate("vgA", "new1", 8 << 20)
+    await lv_mgr.activate("vgA", ["new1"])
+    assert [(op, kw["urgent"]) for op, kw in zip(runner.ops(), runner.kwargs, strict=True)] == \
+        [("lvs", False), ("lvextend", True), ("lvchange", True), ("lvcreate", False),
+         ("lvchange", False)]
