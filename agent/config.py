@@ -101,6 +101,10 @@ class ThinConfig:
     # of a chunk is free (VDSM's defaults: 2560 MiB, 20%).
     chunk_size: int = 2560 * 1024 * 1024
     watermark_percent: int = 20
+    # The nice value of the commands a writing VM waits on (an extension's
+    # lvextend, an LV's reload): they start ahead of the VMs' own work on a
+    # busy host (vdsmd runs at -20 altogether). 0: as every other command.
+    urgent_nice: int = -10
 
 
 @dataclass
@@ -287,6 +291,7 @@ RANGES: dict[str, Range] = {
     "storage.vm_file_mode": Range(0, 0o777),
     "thin.chunk_size": Range(16 * MiB, TiB),
     "thin.watermark_percent": Range(1, 99),
+    "thin.urgent_nice": Range(-20, 0),
     "ovf.max_tar_size": Range(MiB),
     "ovf.max_member_size": AT_LEAST_1,
     "ovf.ticket_ttl": POSITIVE,

@@ -19,6 +19,7 @@ from agent.jobs import JobRegistry
 from agent.metrics import Metrics
 from ovfstore.service import OvfService
 from ovfstore.store import volume_size
+from storage import commands
 from storage.connections import ConnectionManager
 from storage.domains import DomainRegistry, VmAccess, merge, recovery
 from storage.domains.imageops import ImageOps
@@ -146,6 +147,7 @@ class Agent:
         host = Host(config.state_dir)
         locks = LockManager()
         storage = config.storage
+        commands.set_urgent_nice(config.thin.urgent_nice)
         connections = ConnectionManager(config.state_dir, Path(storage.storage_root), locks,
                                         mount_timeout=storage.mount_timeout,
                                         io_timeout=storage.io_timeout)

@@ -73,6 +73,13 @@ _SPAWNERS = concurrent.futures.ThreadPoolExecutor(max_workers=16,
 URGENT_NICE = -10
 
 
+def set_urgent_nice(nice: int) -> None:
+    """The nice value of urgent commands (config thin.urgent_nice): before
+    the first urgent command starts its spawner threads."""
+    global URGENT_NICE
+    URGENT_NICE = nice
+
+
 def _raise_priority() -> None:
     try:
         os.setpriority(os.PRIO_PROCESS, 0, min(URGENT_NICE, os.getpriority(os.PRIO_PROCESS, 0)))
