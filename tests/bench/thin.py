@@ -17,6 +17,9 @@ the highest that writes DATA with no failure is reported.
     BENCH_THIN_LOG=build/thin.log ...       (the agent's whole DEBUG log
                                              kept there: a timeline of
                                              each extension)
+    BENCH_THIN_URGENT_NICE=0 ...            (the agent's [thin] urgent_nice:
+                                             0 runs the extensions' LVM at
+                                             the agent's own priority)
 
 The LUN and the source data live in build/ on the host (the guest's /tmp is
 a small tmpfs). Every LVM command in the User-Mode Linux guest (one vCPU)
@@ -100,6 +103,8 @@ def _start_agent(state: Path) -> Any:
     (state / "hostagent.toml").write_text(
         f"[storage]\nblock_extent_size = {EXTENT}\nmonitor_interval = 600.0\n"
         f"[thin]\nchunk_size = {CHUNK}\nwatermark_percent = {WATERMARK}\n"
+        # BENCH_THIN_URGENT_NICE=0: extensions at the agent's own priority
+        f"urgent_nice = {int(os.environ.get('BENCH_THIN_URGENT_NICE', '-10'))}\n"
         # every command the agent runs, with its time: what an extension costs
         '[logging.levels]\n"storage.commands" = "DEBUG"\n' +
         # a timeline of each extension: every command, lease and QMP step
