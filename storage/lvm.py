@@ -342,22 +342,23 @@ class LVM:
 
     # -- running
 
-    async def _run(self, op: str, args: Sequence[str]) -> commands.CommandResult:
+    async def _run(self, op: str, args: Sequence[str], *,
+                   urgent: bool = False) -> commands.CommandResult:
+        """urgent: a VM may wait on it (commands.run's higher priority)."""
         argv = [LVM_TOOL, op, "--config", self._config, *args]
-        # a VM may wait on these: a thin volume's extension, its reload
-        urgent = op == "lvextend" or "--refresh" in args
         try:
             return await self._runner(argv, timeout=self.timeout, env=ENV, rc_names=RC_NAMES,
                                       urgent=urgent)
         except commands.CommandError as e:
             raise _lvm_error(e, op) from None
 
-    async def _change(self, vg: str, op: str, args: Sequence[str]) -> commands.CommandResult:
+    async def _change(self, vg: str, op: str, args: Sequence[str], *,
+                      urgent: bool = False) -> commands.CommandResult:
         """Run a metadata change of `vg` under its lock; drop its cache after."""
         async with self.lock(vg):
             self.invalidate(vg)
             try:
-                return await self._run(op, args)
+                return await self._run(op, args, urgent=urgent)
             finally:
                 self.invalidate(vg)
 
@@ -564,7 +565,8 @@ class LVM:
         try:
             # no /etc/lvm/backup copy, as VDSM's extendLV (the archive stays)
             await self._change(vg, "lvextend", ["--autobackup", "n", "--noudevsync",
-                                                "--size", _bytes(size), f"{vg}/{lv}"])
+                                                "--size", _bytes(size), f"{vg}/{lv}"],
+                               urgent=True)     # a writing VM may wait on it
         except LVMCommandError as e:
             if "matches existing size" not in str(e):
                 raise
@@ -607,7 +609,7 @@ class LVM:
         paths = self._lv_paths(vg, lvs)
         self._generation[vg] = self._generation.get(vg, 0) + 1
         try:
-            await self._run("lvchange", ["--refresh", "--noudevsync", *paths])
+            await self._run("lvchange", ["--refresh", "--noudevsync", *paths], urgent=True)
         except BaseException:
             self.invalidate(vg)
             raise
