@@ -125,9 +125,10 @@ REARMED = re.compile(r"threshold re-armed ([\d.]+) s after the event")
 STAMP = r"^\S+ (\d+):(\d+):(\d+),(\d+) "
 STEP = re.compile(STAMP + r".*(?:(writes at \d+, ([\d.]+) s after the writer sent it)"
                   r"|(lvm lvextend .*: started,)|(lvm lvextend .*: rc=0 in ([\d.]+) s)"
-                  r"|(s, re-arming)|(threshold re-armed))", re.MULTILINE)
+                  r"|(threshold \d+ armed in ([\d.]+) s)|(threshold re-armed))", re.MULTILINE)
+# the next threshold is armed alongside the lvextend (writers.WriterWatch._grow)
 STEPS = ("event sent to handled", "handled to lvextend's spawn", "lvextend's spawn",
-         "lvextend running", "lvextend to re-arming", "re-arming (QMP)")
+         "lvextend running", "lvextend to done", "arming (QMP, alongside the lvextend)")
 
 
 def _timeline(log: str) -> list[dict[str, float]]:
@@ -143,13 +144,13 @@ def _timeline(log: str) -> list[dict[str, float]]:
             t["started"] = now
         elif m.group(8) and "started" in t:
             t["done"], t["spawn"] = now, now - float(m.group(9))
-        elif m.group(10) and "done" in t:
-            t["rearming"] = now
-        elif m.group(11) and "rearming" in t:
+        elif m.group(10) and "handled" in t:
+            t["arming"] = t.get("arming", 0.0) + float(m.group(11))
+        elif m.group(12) and "done" in t:
             out.append(dict(zip(STEPS, (
                 round(t["handled"] - t["sent"], 3), round(t["spawn"] - t["handled"], 3),
                 round(t["started"] - t["spawn"], 3), round(t["done"] - t["started"], 3),
-                round(t["rearming"] - t["done"], 3), round(now - t["rearming"], 3)),
+                round(now - t["done"], 3), round(t.get("arming", 0.0), 3)),
                 strict=True)))
             t = {}
     return out
