@@ -19,7 +19,7 @@ from agent.jobs import JobRegistry
 from agent.metrics import Metrics
 from ovfstore.service import OvfService
 from ovfstore.store import volume_size
-from storage import commands
+from storage import commands, lvmshell
 from storage.connections import ConnectionManager
 from storage.domains import DomainRegistry, VmAccess, merge, recovery
 from storage.domains.imageops import ImageOps
@@ -148,6 +148,7 @@ class Agent:
         locks = LockManager()
         storage = config.storage
         commands.set_urgent_nice(config.thin.urgent_nice)
+        lvmshell.set_enabled(config.thin.lvm_shell)
         connections = ConnectionManager(config.state_dir, Path(storage.storage_root), locks,
                                         mount_timeout=storage.mount_timeout,
                                         io_timeout=storage.io_timeout)
@@ -198,6 +199,7 @@ class Agent:
         await self.jobs.shutdown()
         await self.storage.stop()
         await self.leases.close()
+        await lvmshell.close()
 
 
 def vm_access(group: str, file_mode: int, storage_root: Path) -> VmAccess | None:

@@ -449,12 +449,12 @@ def _kill_orphan(started: asyncio.Future[subprocess.Popen[bytes]]) -> None:
 async def _spawn(argv: Sequence[str], *, stdin: int, env: dict[str, str],
                  cwd: str | os.PathLike[str] | None, stdout: int | None = subprocess.PIPE,
                  stderr: int | None = subprocess.PIPE, line_limit: int = _READ_SIZE,
-                 urgent: bool = False) -> _Child:
+                 urgent: bool = False, pass_fds: Sequence[int] = ()) -> _Child:
     loop = asyncio.get_running_loop()
     spawners = _URGENT_SPAWNERS if urgent else _SPAWNERS
     started = loop.run_in_executor(spawners, lambda: subprocess.Popen(
         list(argv), stdin=stdin, stdout=stdout, stderr=stderr, env=env,
-        cwd=cwd, start_new_session=True, close_fds=True))
+        cwd=cwd, start_new_session=True, close_fds=True, pass_fds=pass_fds))
     try:
         popen = await asyncio.shield(started)
     except asyncio.CancelledError:
@@ -555,10 +555,12 @@ def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
 
 async def start(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                 stdin: bool = False, stdout: bool = False, stderr: bool = False,
-                line_limit: int = _READ_SIZE) -> Child:
+                line_limit: int = _READ_SIZE, pass_fds: Sequence[int] = (),
+                urgent: bool = False) -> Child:
     """Start a long-running child (a helper daemon, an export) off the event
     loop, as `run()` starts commands, in its own process group; the caller
     keeps it and must end it (`kill()`, then `wait()` and `close()`).
+    `pass_fds` stay open in it; `urgent` as for run().
 
     A stream asked for is a pipe (stdout and stderr read with lines of up to
     `line_limit` bytes); else stdin and stdout are /dev/null and stderr is the
@@ -572,7 +574,8 @@ async def start(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
         return await _spawn(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                             stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
                             stderr=subprocess.PIPE if stderr else None,
-                            env=_child_env(env), cwd=None, line_limit=line_limit)
+                            env=_child_env(env), cwd=None, line_limit=line_limit,
+                            pass_fds=pass_fds, urgent=urgent)
     except (FileNotFoundError, PermissionError) as e:
         raise CommandNotFound(argv, f"cannot run {argv[0]}: {e.strerror}") from e
 

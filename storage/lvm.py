@@ -47,7 +47,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from storage import commands
+from storage import commands, lvmshell
 from storage.errors import (
     CannotCreateLogicalVolume,
     HostAgentError,
@@ -237,6 +237,9 @@ class LVM:
                  timeout: float = DEFAULT_TIMEOUT, cache_ttl: float = DEFAULT_CACHE_TTL,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._runner = runner
+        # what a VM waits on goes to a running lvm shell (issue 15), unless
+        # a test gave its own runner
+        self._urgent_runner = lvmshell.run if runner is commands.run else runner
         self.activation = activation
         self.timeout = timeout
         self.cache_ttl = cache_ttl
@@ -346,9 +349,10 @@ class LVM:
                    urgent: bool = False) -> commands.CommandResult:
         """urgent: a VM may wait on it (commands.run's higher priority)."""
         argv = [LVM_TOOL, op, "--config", self._config, *args]
+        runner = self._urgent_runner if urgent else self._runner
         try:
-            return await self._runner(argv, timeout=self.timeout, env=ENV, rc_names=RC_NAMES,
-                                      urgent=urgent)
+            return await runner(argv, timeout=self.timeout, env=ENV, rc_names=RC_NAMES,
+                                urgent=urgent)
         except commands.CommandError as e:
             raise _lvm_error(e, op) from None
 

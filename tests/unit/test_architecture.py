@@ -26,6 +26,7 @@ ROOMS: dict[str, str] = {
     "storage.commands": "tools",
     "storage.lvm": "tools",
     "storage.lvmreport": "tools",
+    "storage.lvmshell": "tools",
     "storage.qemuimg": "tools",
     "storage.iscsiadm": "tools",
     "storage.multipath": "tools",
