@@ -18,7 +18,9 @@ code. A failed command's messages are asked with `lastlog`.
 
 Each command line carries the same `--config` as a spawned command; the
 shell rereads the VG from the devices for every command (as a spawned
-command does); it keeps no LVM lock between commands. One command at a
+command does); it keeps no LVM lock between commands. Only commands that
+never ask a question go there (lvextend, a refresh): the shell's stdin is
+the agent's next command line, not /dev/null. One command at a
 time: while the shell is busy (or cannot say a command: quoting, too many
 arguments) the command is spawned, so one VG's lvextend never waits behind
 another's. A command that times out or is cancelled kills the shell, as it
@@ -34,6 +36,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -231,7 +234,7 @@ class Shell:
                     err += errors(await self._ask("lastlog")).encode()
                     self._pumps[1].take()
         except BaseException as e:
-            await self.close()
+            await self.close(interrupt=True)
             if isinstance(e, ShellBroken):
                 # done or not: unknown, as for a spawned lvm that was killed
                 log.warning("%s: the lvm shell failed after %.3f s: %s", cmd,
@@ -249,8 +252,11 @@ class Shell:
             raise commands.CommandError(argv, rc, out, err, rc_names=rc_names)
         return commands.CommandResult(argv, rc, out, err, elapsed)
 
-    async def close(self) -> None:
-        """End the shell (killed if it does not end on EOF at once)."""
+    async def close(self, *, interrupt: bool = False) -> None:
+        """End the shell: EOF on its stdin; `interrupt` (a command in it was
+        cut off): SIGTERM to its group, as commands.run ends a spawned
+        command. SIGKILL if it is not gone after KILL_GRACE; one blocked on
+        storage is not waited for longer."""
         child, pumps, self._child, self._pumps = self._child, self._pumps, None, None
         if child is None:
             return
@@ -259,7 +265,9 @@ class Shell:
             child.kill()
             return
         with contextlib.suppress(OSError, RuntimeError):
-            if child.stdin is not None:
+            if interrupt:
+                os.killpg(child.pid, signal.SIGTERM)
+            elif child.stdin is not None:
                 child.stdin.close()
         try:
             async with asyncio.timeout(commands.KILL_GRACE):
