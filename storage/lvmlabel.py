@@ -219,6 +219,7 @@ class Unexpected(ValueError):
 
 
 _TOKEN = re.compile(r'\s+|#[^\n]*|"(?:[^"\\]|\\.)*"|[{}\[\],=]|[^\s{}\[\],="#]+')
+_EXTENT_SIZE = re.compile(r"(?m)^[ \t]*extent_size[ \t]*=[ \t]*(\d+)[ \t]*$")
 Value = int | str | list["Value"] | dict[str, "Value"]
 V = TypeVar("V")
 
@@ -274,24 +275,48 @@ def first_extent(text: str, vg: str, lv: str) -> Extent | None:
     """Where LV `lv` of VG `vg` starts on its PV, from the metadata text;
     None if the text has no such LV. Raises Unexpected when its first
     segment is not one plain stripe from its first extent, or a field is
-    missing or of the wrong type."""
-    top = parse_text(text)
-    meta = _get(top, vg, dict)
-    lvs = _get(meta, "logical_volumes", dict)
-    if lv not in lvs:
+    missing or of the wrong type. Parses only the VG's extent size, its
+    PVs and that LV's section: a domain of 2,000 volumes has about 0.8 MB
+    of text (its whole parse: 78 ms on the host, more in the lab guest)."""
+    head = re.match(r"\s*(\S+)\s*\{", text)
+    pvs_at = re.search(r"(?m)^\s*physical_volumes\s*\{", text)
+    lvs_at = re.search(r"(?m)^\s*logical_volumes\s*\{", text)
+    if head is None or head.group(1) != vg or pvs_at is None or lvs_at is None:
+        raise Unexpected(f"not the metadata of VG {vg} with PVs and LVs")
+    size = _EXTENT_SIZE.search(text, 0, pvs_at.start())
+    if size is None:
+        raise Unexpected("no extent_size")
+    # an LV's section: its name at the start of a line (a tag or a
+    # segment's PV is a quoted string); LV names are unique in a VG
+    at = re.compile(rf"(?m)^[ \t]*{re.escape(lv)}[ \t]*\{{").search(text, lvs_at.end())
+    if at is None:
         return None
-    seg = _get(_get(lvs, lv, dict), "segment1", dict)
+    seg = _get(_section_from(text, at.end()), "segment1", dict)
     if (_get(seg, "start_extent", int) != 0 or _get(seg, "type", str) != "striped"
             or _get(seg, "stripe_count", int) != 1):
         raise Unexpected(f"first segment of {lv} is not one stripe from extent 0")
     stripes = _get(seg, "stripes", list)
     if len(stripes) != 2 or not isinstance(stripes[0], str) or not isinstance(stripes[1], int):
         raise Unexpected(f"stripes of {lv}: {stripes!r}")
-    pv = _get(_get(meta, "physical_volumes", dict), stripes[0], dict)
-    extent = _get(meta, "extent_size", int) * SECTOR
+    pv = _get(_section_from(text, pvs_at.end()), stripes[0], dict)
+    extent = int(size.group(1)) * SECTOR
     return Extent(pv_uuid=_get(pv, "id", str).replace("-", ""),
                   offset=_get(pv, "pe_start", int) * SECTOR + stripes[1] * extent,
                   length=_get(seg, "extent_count", int) * extent)
+
+
+def _section_from(text: str, pos: int) -> dict[str, Value]:
+    """The section whose opening brace ends at `pos`, parsed."""
+    depth, tokens = 1, list[str]()
+    for m in _TOKEN.finditer(text, pos):
+        word = m.group()
+        if word.isspace() or word.startswith("#"):
+            continue
+        depth += (word == "{") - (word == "}")
+        if depth == 0:
+            return _section(tokens, 0, top=True)[1]
+        tokens.append(word)
+    raise Unexpected("section not closed")
 
 
 def _get(section: dict[str, Value], key: str, kind: type[V]) -> V:

@@ -169,6 +169,10 @@ def test_first_extent_on_second_pv() -> None:
     assert lvmlabel.first_extent(TEXT, "vg1", "two") == lvmlabel.Extent(
         PV0.replace("-", ""), 2048 * 512 + 3 * EXTENT, 10 * EXTENT)
     assert lvmlabel.first_extent(TEXT, "vg1", "missing") is None
+    # its name elsewhere (a tag of an LV before it) is not its section
+    tagged = TEXT.replace('tags = ["IU_x"', 'tags = ["new", "new {", "IU_x"')
+    assert lvmlabel.first_extent(tagged, "vg1", "new") == \
+        lvmlabel.first_extent(TEXT, "vg1", "new")
 
 
 @pytest.mark.parametrize("lv", ["wide", "pool", "lost"])
