@@ -660,3 +660,35 @@ def test_slot_cache_parses_changed_bytes_only_and_drops_reads_across_writes() ->
     assert cache.decode(1, None).description == "new"
     cache.advance(b"s1", b"s3")
     assert cache.to_read([1], b"s3") == []
+
+
+async def test_locate_asks_for_the_pvs_again_once(domain: FileBlockDomain,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new LV on a PV this host's list lacks (another host added it):
+    the PV list is asked again, once; still unknown: no place (the create
+    activates the LV instead)."""
+    def pv(name: str) -> lvm.PV:
+        return lvm.PV(name=name, uuid=name, vg_name=SD, vg_uuid="v", size=0, free=0,
+                      pe_start=0, dev_size=0, pe_count=0, pe_alloc_count=0, mda_count=1,
+                      mda_size=0, mda_free=0, tags=())
+
+    lists = [[pv("a")], [pv("a"), pv("b")]]
+    asked: list[list[str]] = []
+
+    async def pvs(vg: str | None = None) -> list[lvm.PV]:
+        return lists.pop(0) if lists else [pv("a")]
+
+    def locate(vg: str, lv: str, known: list[lvm.PV]) -> bd.Placement | None:
+        asked.append([p.name for p in known])
+        if "b" not in asked[-1]:
+            raise bd.UnknownPV("b")
+        return bd.Placement("b", 4 * MiB, 4 * MiB)
+
+    monkeypatch.setattr(domain.lvm, "pvs", pvs)
+    monkeypatch.setattr(bd, "locate", locate)
+    found = await bd.BlockDomain._locate(domain, V1)
+    assert found == bd.Placement("b", 4 * MiB, 4 * MiB) and asked == [["a"], ["a", "b"]]
+    lists[:] = [[pv("a")], [pv("a")]]
+    asked.clear()
+    domain._pvs = None
+    assert await bd.BlockDomain._locate(domain, V1) is None and asked == [["a"], ["a"]]
