@@ -103,7 +103,8 @@ def parse_mda_header(header: bytes) -> bytes | None:
 
 def _mda(read: Reader) -> tuple[int, bytes] | None:
     """(offset of the first metadata area, its header's first sector)."""
-    mda = parse_label(read(0, BLOCK))
+    first = read(0, BLOCK)
+    mda = parse_label(first) if len(first) == BLOCK else None
     if mda is None or mda % SECTOR:
         return None
     base = mda - mda % BLOCK
