@@ -72,22 +72,28 @@ def layout(size: int, backing: str | None = None,
             (L1_CLUSTER * CLUSTER, bytes(l1_size * 8))]
 
 
+def written(size: int, backing: str | None = None, backing_fmt: str | None = None) -> int:
+    """How many bytes from its start `write_image` writes (whole 4 KiB blocks)."""
+    offset, data = layout(size, backing, backing_fmt)[-1]
+    return offset + -(-len(data) // 4096) * 4096
+
+
 def write_image(path: str, size: int, backing: str | None = None,
-                backing_fmt: str | None = None) -> None:
-    """Write the empty image of `layout` at the start of `path` (an LV: the
-    device's own size is the room) with O_DIRECT, then fsync. Blocking I/O.
-    The L1 table is written in whole 4 KiB blocks (its zeros and a few more:
-    nothing reads past its end)."""
+                backing_fmt: str | None = None, *, offset: int = 0) -> None:
+    """Write the empty image of `layout` at byte `offset` of `path` (an LV:
+    the device's own size is the room; or its PV at its first extent) with
+    O_DIRECT, then fsync. Blocking I/O. The L1 table is written in whole
+    4 KiB blocks (its zeros and a few more: nothing reads past its end)."""
     writes = layout(size, backing, backing_fmt)
     fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
     try:
-        for offset, data in writes:
+        for at, data in writes:
             length = -(-len(data) // 4096) * 4096
             buf = mmap.mmap(-1, length)
             try:
                 buf[:len(data)] = data
-                if os.pwritev(fd, [buf], offset) != length:
-                    raise OSError(f"short write to {path} at {offset}")
+                if os.pwritev(fd, [buf], offset + at) != length:
+                    raise OSError(f"short write to {path} at {offset + at}")
             finally:
                 buf.close()
         os.fsync(fd)

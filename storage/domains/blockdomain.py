@@ -33,7 +33,7 @@ import stat
 from collections.abc import Callable
 from typing import TypeVar
 
-from storage import commands, lvm, lvmlabel, qcow2, qemuimg, udev
+from storage import commands, lvm, lvmlabel, qemuimg
 from storage.domains.base import (
     Domain,
     VmAccess,
@@ -41,6 +41,8 @@ from storage.domains.base import (
     os_error,
     read_check,
 )
+from storage.domains.firstextent import Placement as Placement
+from storage.domains.firstextent import UnknownPV, first_bytes, locate, write_first
 from storage.domains.holding import LVHolding
 from storage.domains.lvtags import IDS_LV as IDS_LV
 from storage.domains.lvtags import IMAGE_PREFIX as IMAGE_PREFIX
@@ -118,11 +120,12 @@ class BlockDomain(LUNs, LVHolding, Domain):
         # lvremove run one at a time, so a freed slot is never zeroed after
         # someone took it.
         self._slot_lock = asyncio.Lock()
-        # LVs this object created (active, at this size) whose data
-        # create_volume_data has not made yet: it needs no lvchange -ay and
-        # no lvs to know their size. Every LVM command costs a process and a
-        # VG metadata read (most of a second in the lab guest).
-        self._new_lvs: dict[str, int] = {}
+        # LVs this object created (inactive, at this size) whose data
+        # create_volume_data has not made yet: it needs no lvs to know their
+        # size, nor an activation when their first extent's place on its PV
+        # is known. Every LVM command costs a process and a VG metadata
+        # read (most of a second in the lab guest).
+        self._new_lvs: dict[str, tuple[int, Placement | None]] = {}
         # Slots of volumes this object made (a volume's slot never changes)
         # and the leases LV's size: a new volume's lease needs no lvs.
         self._slots: dict[str, int] = {}
@@ -136,9 +139,10 @@ class BlockDomain(LUNs, LVHolding, Domain):
         # capacity -> qemu-img measure's fully-allocated qcow2 size (the most
         # a cow LV of that capacity ever needs)
         self._full_sizes: dict[int, int] = {}
-        # a PV of the VG whose header tells whether the VG changed since the
-        # cached lvs report (the domain lease's forget_cache keeps it then)
-        self._stamp_pv: str | None = None
+        # the VG's PVs (the agent never removes one): the first with a
+        # metadata area tells whether the VG changed since the cached lvs
+        # report (the domain lease's forget_cache keeps it then)
+        self._pvs: list[lvm.PV] | None = None
         lvm_.watch_metadata(self.vg, self._metadata_stamp)
         # the volume slots as last read or written here (issue 21: listings)
         self._slot_cache = SlotCache(VolumeMetadata.decode, lvm_.cache_ttl)
@@ -411,20 +415,19 @@ class BlockDomain(LUNs, LVHolding, Domain):
                 # MD_ tag names, which is free: the next volume taking it
                 # overwrites it.
                 await self._write_slot(slot, data)
-                # Active at once: create_volume_data writes to it next. A
-                # crash leaves it active; lvremove --force in _remove_lv
-                # deactivates it.
-                # sole_writer: under the domain lease; the cached report then
-                # stays, with this LV, for the next create (issue 21)
-                # (not waiting for udev: create_volume_data opens the kernel's node)
-                await self.lvm.lvcreate(self.vg, md.uuid, size, activate=True, udev_sync=False,
+                # Inactive, not zeroed: create_volume_data writes its first
+                # bytes onto its PV (firstextent.py), found in the metadata
+                # this lvcreate committed, under the lease (issue 21).
+                # sole_writer: the cached report then stays, with this LV,
+                # for the next create (issue 21)
+                await self.lvm.lvcreate(self.vg, md.uuid, size,
                                         tags=volume_tags(md, slot), sole_writer=True)
                 self._advance_stamp(stamp)
-                self._new_lvs[md.uuid] = size
+                self._new_lvs[md.uuid] = (size, await self._locate(md.uuid))
                 self._slots[md.uuid] = slot
                 self._made[md.uuid] = VolumeLV(name=md.uuid, image=md.image, parent=md.parent,
                                                slot=slot, initializing=False, size=size,
-                                               active=True)
+                                               active=False)
                 self._leases_size = next((lv.size for lv in lvs if lv.name == LEASES_LV),
                                          self._leases_size)
         except BaseException:
@@ -495,33 +498,32 @@ class BlockDomain(LUNs, LVHolding, Domain):
 
     async def create_volume_data(self, md: VolumeMetadata, parent: VolumeMetadata | None,
                                  initial_size: int | None) -> None:
-        made = self._new_lvs.pop(md.uuid, None)
-        node = await self._io(udev.dm_node, lvm.dm_name(self.vg, md.uuid)) if made else None
-        path = node or self.volume_path(md.image, md.uuid)
+        made, place = self._new_lvs.pop(md.uuid, (None, None))
+        # relative, so the chain resolves in /dev/<sdUUID>/ wherever the
+        # volumes live; the parent need not be active
+        backing = (parent.uuid, VolumeFormat.of(parent.format).qemu) if parent else (None, None)
+        if place is not None:
+            if first_bytes(md.format, md.capacity, *backing) <= place.length:
+                await self._io(write_first, place.device, place.offset, md.format,
+                               md.capacity, *backing)
+                return
+            log.debug("LV %s/%s: first segment too short; activating it", self.vg, md.uuid)
         want = 0
         if made is None:
-            # Not made by _create_lv of this object: find its size, activate it.
+            # Not made by _create_lv of this object: find its size.
             v = await self._volume_lv(md.uuid)
             if v is None:
                 raise VolumeDoesNotExist(volUUID=md.uuid, reason="its LV is gone")
             made = v.size
             if md.format == "COW":
                 want = await self.lv_start_size(md, initial_size)
-            await self.lvm.activate(self.vg, [md.uuid])
+        await self.lvm.activate(self.vg, [md.uuid])
         try:
             if md.format == "COW" and want > made:
                 async with self.leases.metadata():
                     await self.lvm.lvextend(self.vg, md.uuid, want)
-            if md.format == "RAW":
-                # Extents of deleted volumes are reused: no stale header here.
-                await self._io(zero, path, 0, min(MiB, round_up(md.capacity, 4096)))
-            else:
-                # qemu-img create's bytes without its process (issue 21); the
-                # parent need not be active; relative, so the chain resolves
-                # in /dev/<sdUUID>/ wherever the volumes live.
-                await self._io(qcow2.write_image, path, md.capacity,
-                               parent.uuid if parent is not None else None,
-                               VolumeFormat.of(parent.format).qemu if parent else None)
+            await self._io(write_first, self.volume_path(md.image, md.uuid), 0, md.format,
+                           md.capacity, *backing)
         finally:
             await self.lvm.deactivate(self.vg, [md.uuid], udev_sync=False)
 
@@ -705,15 +707,27 @@ class BlockDomain(LUNs, LVHolding, Domain):
         self.lvm.suspect(self.vg)
         self._made.clear()
 
+    async def _domain_pvs(self, again: bool = False) -> list[lvm.PV]:
+        if self._pvs is None or again:
+            self._pvs = await self.lvm.pvs(self.vg)
+        return self._pvs
+
     async def _metadata_stamp(self) -> bytes | None:
         """The VG's metadata stamp (lvmlabel) from its first PV with a
-        metadata area; the agent never removes a PV from a domain's VG."""
-        if self._stamp_pv is None:
-            pv = next((pv for pv in await self.lvm.pvs(self.vg) if pv.mda_count), None)
-            if pv is None:
-                return None
-            self._stamp_pv = pv.name
-        return await self._io(lvmlabel.metadata_stamp, self._stamp_pv)
+        metadata area."""
+        pv = next((pv for pv in await self._domain_pvs() if pv.mda_count), None)
+        return await self._io(lvmlabel.metadata_stamp, pv.name) if pv is not None else None
+
+    async def _locate(self, vol: str) -> Placement | None:
+        """Where the new LV `vol` starts on its PV (firstextent.py); under
+        the domain lease, after its lvcreate. A PV another host added
+        since this host's list: the list is asked again, once."""
+        for again in (False, True):
+            try:
+                return await self._io(locate, self.vg, vol, await self._domain_pvs(again))
+            except UnknownPV as e:
+                log.debug("LV %s/%s on PV %s, not in %s's PV list", self.vg, vol, e, self.vg)
+        return None
 
     async def volume_lease(self, img: str, vol: str) -> Resource:
         slot = self._slots.get(vol)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from storage import commands, lvm
+from storage import commands, lvm, qcow2
 from storage.domains import blockdomain as bd
 from storage.domains import slots
 from storage.errors import HostAgentError, InvalidParameter
@@ -126,6 +127,7 @@ class FakeLVM:
     def __init__(self) -> None:
         self.lvs: dict[str, dict[str, Any]] = {}
         self.ops: list[str] = []
+        self.argvs: list[list[str]] = []
         self.fail: str | None = None
         self.fail_after: str | None = None     # the op is done, then fails (cut off)
         self.seq = 0                           # VG metadata changes (its stamp)
@@ -141,6 +143,7 @@ class FakeLVM:
         if argv[0] != "lvm":
             return commands.CommandResult(tuple(argv), 0, b"", b"")
         op, args = argv[1], argv[4:]
+        self.argvs.append(argv)
         if op == "lvchange":
             op += " " + " ".join(a for a in args
                                  if a in ("--addtag", "--deltag", "--activate", "--refresh"))
@@ -202,6 +205,22 @@ class FileBlockDomain(bd.BlockDomain):
         fake: FakeLVM = self.runner     # type: ignore[assignment]
         return str(fake.seq).encode() if self.stamping else None
 
+    # the "PV" a file: each new LV's first extent at its own MiB of it (the
+    # metadata text's parse and the real PV are the host tier's)
+    pv_file = ""
+    segment = 4 * MiB           # each first segment's length
+    placed: list[str]
+    lv_files: dict[str, str]    # LVs the fallback activates: files too
+
+    async def _locate(self, vol: str) -> bd.Placement | None:
+        if not self.pv_file:
+            return None
+        self.placed.append(vol)
+        return bd.Placement(self.pv_file, len(self.placed) * 4 * MiB, self.segment)
+
+    def volume_path(self, img: str, vol: str) -> str:
+        return self.lv_files.get(vol) or super().volume_path(img, vol)
+
 
 @pytest.fixture
 def domain(tmp_path: Path) -> Iterator[FileBlockDomain]:
@@ -218,6 +237,7 @@ def domain(tmp_path: Path) -> Iterator[FileBlockDomain]:
     d = FileBlockDomain(md, lvm.LVM(fake, devices=["/dev/mapper/x"]), IOPool("t"), fake,
                         extent_size=4 * MiB, slots=16)
     d.md_file = str(path)
+    d.placed, d.lv_files = [], {}
     try:
         yield d
     finally:
@@ -411,17 +431,60 @@ async def test_domain_lease_keeps_unchanged_lv_report(domain: FileBlockDomain) -
     assert fake.ops == ["lvs"]
 
 
-async def test_create_then_commit_lvm_commands(domain: FileBlockDomain) -> None:
+async def test_create_then_commit_lvm_commands(domain: FileBlockDomain,
+                                               tmp_path: Path) -> None:
     """A new volume's LVM commands up to its commit: one lvs (under the
-    domain lease), its lvcreate, the deactivation after its data; the
-    commit's slot write needs no lvs (issue 21)."""
+    domain lease) and its lvcreate -an; its data goes straight onto its PV
+    at its first extent, with no activation; the commit's slot write needs
+    no lvs (issue 21)."""
     fake: FakeLVM = domain.runner   # type: ignore[assignment]
-    await domain.write_volume_md(vol(V1))
-    await domain.lvm.deactivate(SD, [V1])
+    pv = tmp_path / "pv"
+    old = os.urandom(16 * MiB)
+    pv.write_bytes(old)
+    domain.pv_file = str(pv)
+    await domain.write_volume_md(vol(V1, capacity=3 * MiB))
+    await domain.create_volume_data(vol(V1, capacity=3 * MiB), None, None)
+    await domain.write_volume_md(vol(V2, format="COW"))
+    await domain.create_volume_data(vol(V2, format="COW", parent=V1), vol(V1), None)
     await domain.write_volume_md(vol(V1, legality="LEGAL", generation=1))
-    assert fake.ops == ["lvs", "lvcreate", "lvchange --activate"]
+    # reports aside (the second create's lvs: this fake has no stamp), two
+    # LVM commands: no lvchange
+    assert fake.ops[:2] == ["lvs", "lvcreate"]
+    assert [o for o in fake.ops if o not in ("lvs", "measure")] == ["lvcreate", "lvcreate"]
+    assert fake.lvs[V1]["active"] is False
+    lvcreate = next(a for a in fake.argvs if a[1] == "lvcreate")
+    assert lvcreate[lvcreate.index("--activate") + 1] == "n"
+    assert lvcreate[lvcreate.index("--zero") + 1] == "n"
     assert (await domain.read_volume_md(IMG, V1)).legality == "LEGAL"
     assert V1 not in domain._made       # once: a later write looks the LV up
+    data = pv.read_bytes()
+    assert domain.placed == [V1, V2]
+    # V1 raw at 4 MiB: its first MiB zero, nothing else touched
+    assert data[4 * MiB:5 * MiB] == bytes(MiB) and data[5 * MiB:8 * MiB] == old[5 * MiB:8 * MiB]
+    # V2 cow at 8 MiB: the qcow2 image over its parent, by name
+    head = data[8 * MiB:8 * MiB + qcow2.CLUSTER]
+    assert head.startswith(b"QFI\xfb") and V1.encode() in head
+    assert data[:4 * MiB] == old[:4 * MiB] and data[12 * MiB:] == old[12 * MiB:]
+
+
+@pytest.mark.parametrize("why", ["not located", "segment too short"])
+async def test_create_falls_back_to_activation(domain: FileBlockDomain, tmp_path: Path,
+                                               why: str) -> None:
+    """When the first extent's place is not known or too short for the
+    data: the LV is activated, written through, deactivated (as before)."""
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    pv, lv = tmp_path / "pv", tmp_path / "lv"
+    pv.write_bytes(bytes(16 * MiB))
+    lv.write_bytes(b"\xff" * 12 * MiB)
+    domain.lv_files[V1] = str(lv)
+    if why == "segment too short":
+        domain.pv_file, domain.segment = str(pv), 64 * 1024
+    await domain.write_volume_md(vol(V1, format="COW"))
+    await domain.create_volume_data(vol(V1, format="COW"), None, None)
+    assert fake.ops == ["lvs", "measure", "lvcreate", "lvchange --activate",
+                        "lvchange --activate"]
+    assert fake.lvs[V1]["active"] is False
+    assert lv.read_bytes().startswith(b"QFI\xfb") and pv.read_bytes() == bytes(16 * MiB)
 
 
 async def test_creates_in_a_row_need_one_lvs(domain: FileBlockDomain) -> None:
@@ -597,3 +660,35 @@ def test_slot_cache_parses_changed_bytes_only_and_drops_reads_across_writes() ->
     assert cache.decode(1, None).description == "new"
     cache.advance(b"s1", b"s3")
     assert cache.to_read([1], b"s3") == []
+
+
+async def test_locate_asks_for_the_pvs_again_once(domain: FileBlockDomain,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new LV on a PV this host's list lacks (another host added it):
+    the PV list is asked again, once; still unknown: no place (the create
+    activates the LV instead)."""
+    def pv(name: str) -> lvm.PV:
+        return lvm.PV(name=name, uuid=name, vg_name=SD, vg_uuid="v", size=0, free=0,
+                      pe_start=0, dev_size=0, pe_count=0, pe_alloc_count=0, mda_count=1,
+                      mda_size=0, mda_free=0, tags=())
+
+    lists = [[pv("a")], [pv("a"), pv("b")]]
+    asked: list[list[str]] = []
+
+    async def pvs(vg: str | None = None) -> list[lvm.PV]:
+        return lists.pop(0) if lists else [pv("a")]
+
+    def locate(vg: str, lv: str, known: list[lvm.PV]) -> bd.Placement | None:
+        asked.append([p.name for p in known])
+        if "b" not in asked[-1]:
+            raise bd.UnknownPV("b")
+        return bd.Placement("b", 4 * MiB, 4 * MiB)
+
+    monkeypatch.setattr(domain.lvm, "pvs", pvs)
+    monkeypatch.setattr(bd, "locate", locate)
+    found = await bd.BlockDomain._locate(domain, V1)
+    assert found == bd.Placement("b", 4 * MiB, 4 * MiB) and asked == [["a"], ["a", "b"]]
+    lists[:] = [[pv("a")], [pv("a")]]
+    asked.clear()
+    domain._pvs = None
+    assert await bd.BlockDomain._locate(domain, V1) is None and asked == [["a"], ["a"]]
