@@ -105,9 +105,10 @@ class ThinConfig:
     # lvextend, an LV's reload): they start ahead of the VMs' own work on a
     # busy host (vdsmd runs at -20 altogether). 0: as every other command.
     urgent_nice: int = -10
-    # Those commands go to one `lvm` shell kept running (lvm2's shell, as
-    # lvmdbusd's): no lvm to start for each (most of an lvextend's time on
-    # a busy host). false: each is spawned, as every other command.
+    # Those commands (and a new volume's lvcreate, in another) go to an
+    # `lvm` shell kept running (lvm2's shell, as lvmdbusd's): no lvm to
+    # start for each (most of an lvextend's time on a busy host). false:
+    # each is spawned, as every other command.
     lvm_shell: bool = True
 
 

@@ -1,6 +1,7 @@
 """The running `lvm` shell (storage.lvmshell) with real LVM on a loop
-device, host tier (metadata only): an urgent lvextend runs in the shell and
-does what a spawned one does, a failure is the same typed error, a second
+device, host tier (metadata only): an urgent lvextend runs in the shell (a
+create in another, of the agent's own priority) and does what a spawned one
+does, a failure is the same typed error, a second
 urgent command while the shell is busy is spawned, and the shell is started
 again after it was killed."""
 
@@ -48,16 +49,19 @@ async def test_urgent_lvextend_runs_in_the_shell(
     mgr = host_lvm(device)
     vg = name("vg")
     await make_vg(mgr, device, vg)
-    await mgr.lvcreate(vg, "lv1", 8 * MiB, activate=False)
     with caplog.at_level(logging.DEBUG, logger="storage.commands"):
+        # a create runs in the other shell (of the agent's own priority)
+        await mgr.lvcreate(vg, "lv1", 8 * MiB, activate=False)
+        assert len(in_shell(caplog, "lvcreate")) == 1
+        assert not lvmshell._SHELLS[False].urgent
         await mgr.lvextend(vg, "lv1", 16 * MiB)
-        assert lvmshell._SHELL is not None
-        pid = lvmshell._SHELL.pid
+        assert True in lvmshell._SHELLS
+        pid = lvmshell._SHELLS[True].pid
         await mgr.lvextend(vg, "lv1", 24 * MiB)
         # asking the size it has is no error, as with a spawned lvextend
         await mgr.lvextend(vg, "lv1", 24 * MiB)
         assert len(in_shell(caplog, "lvextend")) == 3
-        assert lvmshell._SHELL.pid == pid
+        assert lvmshell._SHELLS[True].pid == pid
     mgr.invalidate(vg)
     assert {lv.name: lv.size for lv in await mgr.lvs(vg)}["lv1"] == 24 * MiB
 
@@ -88,13 +92,13 @@ async def test_urgent_lvextend_runs_in_the_shell(
     assert {lv.name: lv.size for lv in await mgr2.lvs(vg2)}["lv2"] == 32 * MiB
 
     # killed between commands: the next command starts another shell
-    assert lvmshell._SHELL is not None and lvmshell._SHELL.pid is not None
-    pid = lvmshell._SHELL.pid
+    assert lvmshell._SHELLS[True].pid is not None
+    pid = lvmshell._SHELLS[True].pid
     os.kill(pid, signal.SIGKILL)
-    child = lvmshell._SHELL._child
+    child = lvmshell._SHELLS[True]._child
     assert child is not None
     await child.wait()
     await mgr.lvextend(vg, "lv1", 40 * MiB)
-    assert lvmshell._SHELL.pid not in (None, pid)
+    assert lvmshell._SHELLS[True].pid not in (None, pid)
     mgr.invalidate(vg)
     assert {lv.name: lv.size for lv in await mgr.lvs(vg)}["lv1"] == 40 * MiB

@@ -136,17 +136,26 @@ def test_command_lines() -> None:
         say(["x"] * lvmshell.MAX_ARGS)
 
 
-async def test_run_spawns_what_is_not_urgent_or_when_off(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The module's runner: the shell only for urgent commands, when on."""
+async def test_run_spawns_when_off_busy_or_given_more(
+        shell: lvmshell.Shell, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The module's runner: in the shell of the command's priority when the
+    shell is on and free, else spawned (commands.run)."""
     ran: list[str] = []
 
     async def spawned(argv: list[str], **kw: object) -> commands.CommandResult:
         ran.append(argv[1])
         return commands.CommandResult(tuple(argv), 0, b"", b"")
     monkeypatch.setattr(commands, "run", spawned)
-    monkeypatch.setattr(lvmshell, "ENABLED", False)
-    await lvmshell.run(["lvm", "lvextend"], timeout=5, urgent=True)
-    monkeypatch.setattr(lvmshell, "ENABLED", True)
-    await lvmshell.run(["lvm", "lvs"], timeout=5)
-    assert ran == ["lvextend", "lvs"]
+    monkeypatch.setitem(lvmshell._SHELLS, True, shell)
+    try:
+        monkeypatch.setattr(lvmshell, "ENABLED", False)
+        await lvmshell.run(["lvm", "off"], timeout=5, urgent=True)
+        monkeypatch.setattr(lvmshell, "ENABLED", True)
+        async with shell.lock:
+            await lvmshell.run(["lvm", "busy"], timeout=5, urgent=True)
+        await lvmshell.run(["lvm", "input"], timeout=5, urgent=True, input=b"y")
+        await lvmshell.run(["lvm", "inshell"], timeout=5, urgent=True)
+        assert ran == ["off", "busy", "input"]
+        assert lines(tmp_path) == ["inshell"]
+    finally:
+        await shell.close()
