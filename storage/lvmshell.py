@@ -24,11 +24,11 @@ shell rereads the VG from the devices for every command (as a spawned
 command does); it keeps no LVM lock between commands. Only commands that
 never ask a question go there (lvextend, a refresh, an lvcreate that does
 not zero): the shell's stdin is the agent's next command line, not
-/dev/null. One command at a
-time per shell: while it is busy (or cannot say a command: quoting, too
-many arguments) the command is spawned, so one VG's lvextend never waits
-behind another's, nor behind a create. A command that times out or is cancelled kills the shell, as it
-would kill a spawned lvm; the next command starts a new one. The shells end
+/dev/null. One command at a time per shell: while it is busy (or cannot
+say a command: quoting, too many arguments) the command is spawned, so one
+VG's lvextend never waits behind another's, nor behind a create. A command
+that times out or is cancelled kills its shell, as it would kill a spawned
+lvm; the next command starts a new one. The shells end
 with the agent (EOF on their stdin; `close()`).
 """
 
