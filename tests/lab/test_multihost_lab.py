@@ -213,8 +213,11 @@ def nfs_mounts_of(host: mh.SimHost) -> list[str]:
 def hosts(sim_hosts: HostFactory,
           shared_storage: mh.SharedStorage) -> tuple[mh.SimHost, mh.SimHost, str]:
     """Hosts 1 and 2, each connected to the export and the LUN (its guid)."""
-    a = sim_hosts("host1", 1, io_timeout=BUSY_IO_TIMEOUT)
-    b = sim_hosts("host2", 2, io_timeout=BUSY_IO_TIMEOUT)
+    # each LVM command a process of its own (no lvm shell, storage/lvmshell.py,
+    # tested in test_thin_lab): test_e finds and stops the lvextend one host runs
+    spawned = {"thin": {"lvm_shell": False}}
+    a = sim_hosts("host1", 1, io_timeout=BUSY_IO_TIMEOUT, config=spawned)
+    b = sim_hosts("host2", 2, io_timeout=BUSY_IO_TIMEOUT, config=spawned)
 
     async def connect() -> list[str]:
         guids = []

@@ -56,10 +56,30 @@ TRIALS = int(os.environ.get("LAB_THIN_CRASH_TRIALS", "3"))
 AIMS = ("at once", "random", "after lvextend")
 
 
-def extending(agent: AgentProcess) -> bool:
-    """The agent runs an lvextend."""
+def holds_vg_lock(pid: int, vg: str) -> bool:
+    """`pid` has LVM's lock file of `vg` open: an LVM command on it runs
+    there (in the agent's lvm shell, storage/lvmshell.py, only while one
+    does)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").endswith(f"/V_{vg}"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def extending(agent: AgentProcess, vg: str) -> bool:
+    """The agent runs an lvextend: an lvm of its own, or a command in its
+    lvm shell (the watch runs nothing else on the VG between its start and
+    teardown)."""
     return agent.proc is not None and any(
-        "lvextend" in _argv(pid) for pid in descendants(agent.proc.pid))
+        "lvextend" in _argv(pid) or holds_vg_lock(pid, vg)
+        for pid in descendants(agent.proc.pid))
 
 
 def device_size(path: str) -> int:
@@ -130,16 +150,18 @@ async def test_agent_killed_during_extensions(make_target: Callable[..., g.Targe
                 break
             aim = AIMS[trial % len(AIMS)]
             await until(lambda a=agent, s=size: (  # type: ignore[misc]
-                extending(a) or device_size(path) > s), "the agent's lvextend", timeout=120)
+                extending(a, sd) or device_size(path) > s), "the agent's lvextend",
+                timeout=120)
             if aim == "random":
                 await asyncio.sleep(rng.uniform(0, 1.5))    # the kill's random point
             elif aim == "after lvextend":
                 await until(lambda s=size: device_size(path) > s,  # type: ignore[misc]
                             "lvextend's new size on the device", timeout=120)
+            inside = extending(agent, sd)
             killed = kill_tree(agent)
             grown = device_size(path)
             meta = lvs(sd)[vol]["size"]
-            stage = ("inside lvextend" if any("lvextend" in k for k in killed) else
+            stage = ("inside lvextend" if inside or any("lvextend" in k for k in killed) else
                      "after lvextend" if grown > size else "before lvextend")
             stages[f"{stage}, metadata {'new' if meta > size else 'old'}, device "
                    f"{'new' if grown > size else 'old'}"] += 1
