@@ -151,13 +151,12 @@ class Shell:
         self.profile = profile
         self.profile_dir = profile_dir
         self.lock = asyncio.Lock()
+        # looked at once, not on every command (a stat on the event loop)
+        self.usable = os.path.exists(os.path.join(profile_dir, f"{profile}.profile"))
         self._child: commands.Child | None = None
+        self._report_transport: asyncio.BaseTransport | None = None
         self._pumps: tuple[_Pump, _Pump, _Pump] | None = None   # report, stdout, stderr
         self._loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def usable(self) -> bool:
-        return os.path.exists(os.path.join(self.profile_dir, f"{self.profile}.profile"))
 
     @property
     def pid(self) -> int | None:
@@ -288,7 +287,9 @@ class Shell:
             if pumps is not None:
                 for p in pumps:
                     p.task.cancel()
-            self._report_transport.close()
+            if self._report_transport is not None:
+                self._report_transport.close()
+                self._report_transport = None
             child.close()
 
 
