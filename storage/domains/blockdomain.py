@@ -296,6 +296,13 @@ class BlockDomain(LUNs, LVHolding, Domain):
     async def volume_ids(self, img: str) -> list[str]:
         return sorted(v.name for v in await self._volume_lvs() if v.image == img)
 
+    async def all_volume_ids(self) -> set[str]:
+        # One pass over the VG's LVs. The generic one (volume_ids of every
+        # image) walked them once per image: each create (it asks this
+        # twice) cost O(volumes²) tag parsing, 1 s at 400 volumes in the
+        # lab guest, 5 s at 1,000 (issue 21, session 9's DEBUG timeline).
+        return {v.name for v in await self._volume_lvs()}
+
     def _decode_volume(self, v: VolumeLV, slot: bytes) -> VolumeMetadata:
         return self._check_volume(v, decode_slot(slot, VolumeMetadata.decode))
 
