@@ -715,3 +715,7 @@ async def test_all_volume_ids_walks_the_lvs_once(domain: FileBlockDomain,
     monkeypatch.setattr(bd.VolumeLV, "from_lv", counting)
     assert await domain.all_volume_ids() == names
     assert parsed == len(names)
+    # the same report again: nothing parsed again
+    assert len(await domain.image_ids()) == len(names) and parsed == len(names)
+    domain.lvm.invalidate(SD)      # a new report: its LVs parsed
+    assert await domain.all_volume_ids() == names and parsed == 2 * len(names)
