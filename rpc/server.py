@@ -228,22 +228,9 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
                 await ws.send_str(text)
 
     async def pump_events() -> None:
-        overflow = asyncio.create_task(sub.overflowed.wait())
-        get: asyncio.Task[Any] | None = None
-        try:
-            while True:
-                get = asyncio.create_task(sub.queue.get())
-                done, _ = await asyncio.wait({get, overflow},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if get not in done:
-                    await ws.close(code=1013, message=b"too slow: events dropped")
-                    return
-                await send(json.dumps(get.result()))
-        finally:
-            # cancelled with the connection: neither waiter may outlive it
-            overflow.cancel()
-            if get is not None:
-                get.cancel()
+        while (event := await sub.next()) is not None:
+            await send(event.text)
+        await ws.close(code=1013, message=b"too slow: events dropped")
 
     async def answer(text: str) -> None:
         response = await dispatcher.dispatch(text, peer)
