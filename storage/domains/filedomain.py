@@ -21,7 +21,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -74,6 +74,13 @@ async def _io(io: IOPool, root: Path, fn: Callable[..., T], *args: Any,
         if e.errno == errno.ESTALE:
             raise FileStorageDomainStaleNFSHandle(path=e.filename or str(root)) from None
         raise
+
+
+def _volume_names(names: list[str]) -> Iterator[str]:
+    """The volumes of an image directory's listing: UUIDs with a .meta."""
+    for n in names:
+        if n.endswith(META_SUFFIX) and is_uuid(n[:-len(META_SUFFIX)]):
+            yield n[:-len(META_SUFFIX)]
 
 
 def _read_meta(dir_fd: int, name: str, limit: int = 65536) -> bytes:
@@ -262,12 +269,38 @@ class FileDomain(Domain):
     async def volume_ids(self, img: str) -> list[str]:
         def listing() -> list[str]:
             try:
-                names = os.listdir(self.images / img)
+                return sorted(_volume_names(os.listdir(self.images / img)))
             except FileNotFoundError:
                 return []
-            return sorted(n[:-len(META_SUFFIX)] for n in names
-                          if n.endswith(META_SUFFIX) and is_uuid(n[:-len(META_SUFFIX)]))
         return await _io(self.io, self.root, listing)
+
+    async def all_volume_ids(self) -> set[str]:
+        """In one trip to the I/O thread, each image directory listed on
+        the images directory's fd. The generic one (volume_ids per image)
+        made a thread hand-off per image: a create on a localfs domain of
+        10,000 images took 1.5 s (issue 21, session 9)."""
+        def listing() -> set[str]:
+            try:
+                ifd = os.open(self.images, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                return set()
+            ids: set[str] = set()
+            try:
+                for image in os.listdir(ifd):
+                    if not is_uuid(image):
+                        continue
+                    try:
+                        dfd = os.open(image, os.O_RDONLY | os.O_DIRECTORY, dir_fd=ifd)
+                    except (FileNotFoundError, NotADirectoryError):
+                        continue
+                    try:
+                        ids.update(_volume_names(os.listdir(dfd)))
+                    finally:
+                        os.close(dfd)
+            finally:
+                os.close(ifd)
+            return ids
+        return await _io(self.io, self.root, listing, timeout=max(self.io.timeout, 120))
 
     async def scan(self, img: str | None = None, *,
                    cached: bool = False) -> list[VolumeMetadata]:

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.agentproc import AgentProcess
+from tests.bench.blockvolumes import _job
 from tests.bench.common import drop_localfs_domain, localfs_domain, median, save, table
-from tests.bench.volumes import populate
+from tests.bench.volumes import new_id, populate
 
 
 def bare_read(images: Path) -> int:
@@ -52,6 +53,8 @@ async def _bench(work: Path, runs: int, sizes: list[int]) -> dict[str, Any]:
             conn, sd, root = await localfs_domain(c, data)
             # the domain starts with its OVF store volume
             have = len(await c.call("getVolumesList", sdUUID=sd))
+            empty_create = await _creates(c, sd, runs)
+            have += runs
             for size in sizes:
                 populate(root, sd, size - have)
                 have = size
@@ -68,11 +71,23 @@ async def _bench(work: Path, runs: int, sizes: list[int]) -> dict[str, Any]:
                 # directories changed just now); the later ones, on a localfs
                 # domain, only what changed since (none here)
                 out[str(size)] = {"agent_ms": median(agent_ms[1:]), "agent_first_ms": agent_ms[0],
-                                  "bare_read_ms": median(bare_ms)}
+                                  "bare_read_ms": median(bare_ms),
+                                  # a create asks whether its UUID exists anywhere in
+                                  # the domain: how that grows with it
+                                  "create_ms": await _creates(c, sd, runs),
+                                  "create_empty_ms": empty_create}
+                have += runs
             await drop_localfs_domain(c, conn, sd)
     finally:
         agent.stop()
     return out
+
+
+async def _creates(c: Any, sd: str, runs: int) -> float:
+    """Median ms of `runs` createVolume jobs (1 MiB raw, each a new image)."""
+    times = [await _job(c, "createVolume", sdUUID=sd, imgUUID=new_id(), volUUID=new_id(),
+                        size=1 << 20, format="raw", preallocate="sparse") for _ in range(runs)]
+    return 1000 * median(times)
 
 
 def run(runs: int = 9, sizes: list[int] | None = None) -> dict[str, Any]:
@@ -87,8 +102,11 @@ def run(runs: int = 9, sizes: list[int] | None = None) -> dict[str, Any]:
 
 def report(r: dict[str, Any]) -> str:
     rows = [[int(s), v["agent_ms"], v["agent_ms"] / int(s) * 1000, v.get("agent_first_ms", "-"),
-             v["bare_read_ms"], v["agent_ms"] / v["bare_read_ms"]] for s, v in r["list"].items()]
+             v["bare_read_ms"], v["agent_ms"] / v["bare_read_ms"], v.get("create_ms", "-"),
+             v.get("create_empty_ms", "-")] for s, v in r["list"].items()]
     return "\n".join([f"getVolumesList on a file domain, median of {r['params']['runs']} "
-                      f"({r['params']['storage']})",
+                      f"({r['params']['storage']}); createVolume there beside one on the "
+                      "empty domain",
                       table(rows, ["volumes", "agent ms", "us per volume", "first call ms",
-                                   "bare read of every .meta ms", "ratio"])])
+                                   "bare read of every .meta ms", "ratio", "create ms",
+                                   "create, empty domain ms"])])

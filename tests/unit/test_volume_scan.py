@@ -155,3 +155,26 @@ async def test_a_recently_changed_directory_is_read_again(
     reads = count_reads(monkeypatch)
     await domain.all_volumes()
     assert sorted(reads) == sorted(f"{v.uuid}.meta" for v in vols)
+
+
+async def test_all_volume_ids_is_one_trip_to_the_io_thread(tmp_path: Path, io: IOPool,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every create asks whether its volume exists anywhere in the domain:
+    one I/O call for all images, not one per image (1.5 s a create on a
+    localfs domain of 10,000 images)."""
+    domain, vols = await make_domain(tmp_path, io, 40)
+    # what the listing skips: a non-UUID entry, a file where an image would be,
+    # a non-volume file in an image
+    (domain.images / "not-an-image").mkdir()
+    (domain.images / new_id()).write_bytes(b"")
+    (domain.images / vols[0].image / "notes.meta").write_bytes(b"")
+    calls = 0
+    real = io.call
+
+    async def counting(*args: object, **kw: object) -> object:
+        nonlocal calls
+        calls += 1
+        return await real(*args, **kw)   # type: ignore[arg-type]
+    monkeypatch.setattr(io, "call", counting)
+    assert await domain.all_volume_ids() == {v.uuid for v in vols}
+    assert calls == 1
