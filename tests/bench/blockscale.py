@@ -10,6 +10,8 @@ of getVolumesList.
     python -m tests.bench blockscale             (1,000 volumes; on the host)
     BENCH_SCALE_COUNT=200 python -m tests.bench blockscale
     BENCH_BLOCK_LOG=build/x.log   the agent's debug log, copied there
+    python -m tests.bench.blockscale --timeline build/x.log
+                                  where each create's time went, from that log
 
 Each step's figures are also appended to build/blockscale-progress.jsonl as
 they come, so a run stopped early still shows the curve up to there. The
@@ -19,8 +21,11 @@ LUN file lives under build/ (the guest's /tmp is a small tmpfs).
 from __future__ import annotations
 
 import asyncio
+import datetime
+import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -131,6 +136,41 @@ async def _guest(count: int, work: Path) -> dict[str, Any]:
             shutil.copy(work / "agent" / "agent.log", os.environ["BENCH_BLOCK_LOG"])
 
 
+_TIMELINE_MARKS = (("start", "(createVolume) started"), ("lvcreate", "lvcreate"),
+                   ("lvcreated", "lvcreate"), ("created", "Created volume"),
+                   ("done", "(createVolume) done"))
+
+
+def timeline(log: Path, per: int = 100) -> str:
+    """Medians per `per` creates of each stretch of a create, from the
+    agent's DEBUG log (BENCH_BLOCK_LOG): job start to its lvcreate, the
+    lvcreate, to the volume created, to the job done."""
+    jobs: dict[str, dict[str, float]] = {}
+    for line in log.read_text().splitlines():
+        m = re.search(r"\[job=([0-9a-f-]+)\]", line)
+        if m is None:
+            continue
+        t = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        marks = jobs.setdefault(m.group(1), {})
+        if "lvcreate" in line:
+            marks["lvcreate" if "started" in line else "lvcreated"] = t
+        else:
+            for name, text in _TIMELINE_MARKS:
+                if text in line and name != "lvcreate":
+                    marks[name] = t
+    names = [n for n, _ in _TIMELINE_MARKS]
+    done = [j for j in jobs.values() if all(n in j for n in names)]
+    rows = []
+    for first in range(0, len(done), per):
+        part = done[first:first + per]
+        rows.append([f"{first}-{first + len(part) - 1}"]
+                    + [round(1000 * median([j[b] - j[a] for j in part]))
+                       for a, b in itertools.pairwise(names)]
+                    + [round(1000 * median([j["done"] - j["start"] for j in part]))])
+    return table(rows, ["creates", "start -> lvcreate ms", "lvcreate ms", "-> created ms",
+                        "-> done ms", "total ms"])
+
+
 def guest_main(count: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-scale-", dir="/tmp"))
     print(json.dumps(asyncio.run(_guest(count, work))))
@@ -139,5 +179,7 @@ def guest_main(count: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--guest"]:
         guest_main(int(sys.argv[2]))
+    elif sys.argv[1:2] == ["--timeline"]:
+        print(timeline(Path(sys.argv[2])))
     else:
         print(report(run()))
