@@ -39,6 +39,9 @@ from storage.fileio import atomic_write
 
 log = logging.getLogger("agent.jobs")
 
+# a failed recovery hook runs again after these pauses (seconds)
+RECOVERY_PAUSES = (0.5, 2.0)
+
 PENDING, RUNNING, DONE, FAILED, ABORTED = "pending", "running", "done", "failed", "aborted"
 STATES = (PENDING, RUNNING, DONE, FAILED, ABORTED)
 ENDED = (DONE, FAILED, ABORTED)
@@ -152,11 +155,27 @@ class JobRegistry:
             self._save(job)
             hook = self._recovery.get(job.type)
             if hook is not None:
-                try:
-                    await hook(job)
-                except Exception:
-                    log.exception("Recovery of interrupted job %s failed", job.job_uuid)
+                await self._recover(job, hook)
         self._update_metrics()
+
+    async def _recover(self, job: Job, hook: RecoveryHook) -> None:
+        """Run a recovery hook, again after a pause if it failed: hooks are
+        idempotent, and what fails them at start-up is often passing (a
+        CI run saw `qemu-img map` fail to start a thread, "Resource
+        temporarily unavailable", and an interrupted backup's snapshot
+        layer was left for good). The job record is FAILED either way."""
+        for attempt, pause in enumerate((*RECOVERY_PAUSES, None), start=1):
+            try:
+                await hook(job)
+                return
+            except Exception:
+                if pause is None:
+                    log.exception("Recovery of interrupted job %s failed (%d attempts)",
+                                  job.job_uuid, attempt)
+                    return
+                log.warning("Recovery of interrupted job %s failed (attempt %d), again in "
+                            "%g s", job.job_uuid, attempt, pause, exc_info=True)
+            await asyncio.sleep(pause)
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Let running jobs finish within `grace`, cancel the rest (they are

@@ -17,6 +17,11 @@ from storage.metadata import READY
 log = logging.getLogger("storage.images")
 
 
+class RecoveryIncomplete(Exception):
+    """Part of a recovery failed (the rest was done): the job registry runs
+    the hook again (agent.jobs)."""
+
+
 async def recover_copy(ops: ImageOps, params: dict[str, Any]) -> None:
     """An interrupted copyImage/moveImage: targets still CREATING are removed
     by the domain's garbage collection; committed targets of a flow that did
@@ -73,7 +78,11 @@ async def recover_backup(ops: ImageOps, params: dict[str, Any],
     writes such a layer unless a VM runs on the disk, so without one the
     disk is back as it was. A layer that holds data is left, and logged."""
     targets = list(params.get("targets", []))
-    await recover_new_volumes(ops, targets, started)
+    failed = []
+    try:
+        await recover_new_volumes(ops, targets, started)
+    except RecoveryIncomplete as e:
+        failed.append(str(e))
     if started is None:
         return
     for src, dst in zip(params.get("sources", []), targets, strict=False):
@@ -102,8 +111,11 @@ async def recover_backup(ops: ImageOps, params: dict[str, Any],
                                 sd, img, v.uuid)
                     await domain.delete_volume(img, v.uuid)
         except HostAgentError as e:
-            log.error("Cannot recover the disk %s/%s of an interrupted backup: %s", sd, img,
-                      e.message)
+            log.warning("Cannot recover the disk %s/%s of an interrupted backup: %s", sd, img,
+                        e.message)
+            failed.append(f"{sd}/{img}: {e.message}")
+    if failed:
+        raise RecoveryIncomplete("; ".join(failed))
 
 
 async def recover_new_volumes(ops: ImageOps, vols: list[dict[str, Any]],
@@ -114,6 +126,7 @@ async def recover_new_volumes(ops: ImageOps, vols: list[dict[str, Any]],
         await ops.registry.collect_garbage(sd)
     if started is None:     # it never ran
         return
+    failed = []
     for v in vols:
         sd, img, vol = str(v["sdUUID"]), str(v["imgUUID"]), str(v["volUUID"])
         try:
@@ -132,4 +145,7 @@ async def recover_new_volumes(ops: ImageOps, vols: list[dict[str, Any]],
             async with ops.locks.hold(request("image", f"{sd}/{img}")):
                 await domain.delete_volume(img, vol)
         except HostAgentError as e:
-            log.error("Cannot remove %s/%s/%s: %s", sd, img, vol, e.message)
+            log.warning("Cannot remove %s/%s/%s: %s", sd, img, vol, e.message)
+            failed.append(f"{sd}/{img}/{vol}: {e.message}")
+    if failed:
+        raise RecoveryIncomplete("; ".join(failed))

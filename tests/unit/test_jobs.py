@@ -4,6 +4,7 @@ import uuid
 
 import pytest
 
+from agent import jobs as jobs_module
 from agent.config import JobsConfig
 from agent.events import EventBus
 from agent.jobs import JobRegistry
@@ -204,6 +205,51 @@ async def test_records_survive_restart_and_interrupted_jobs_recover(tmp_path):
     task = reg.get(running).task
     task.cancel()
     await asyncio.wait([task])
+
+
+async def interrupted_job(tmp_path, job_type="backupVolume"):
+    """A job record left running, as a crash leaves it."""
+    jid = new_id()
+    (tmp_path / "jobs").mkdir(parents=True, exist_ok=True)
+    reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
+    await reg.start()
+    started = asyncio.Event()
+
+    async def forever(ctx):
+        started.set()
+        await asyncio.sleep(3600)
+    reg.submit(jid, job_type, forever)
+    await started.wait()
+    reg._writer.cancel()
+    reg._sweeper.cancel()
+    reg._flush()
+    reg.get(jid).task.cancel()
+    return jid
+
+
+@pytest.mark.parametrize("failures, calls", [(1, 2), (2, 3), (5, 3)])
+async def test_a_failed_recovery_runs_again(tmp_path, monkeypatch, caplog, failures, calls):
+    """Recovery hooks are idempotent and what fails them at start-up is often
+    passing (qemu-img failing to start a thread under memory pressure left
+    an interrupted backup's snapshot layer for good): run again after a
+    pause, at most three times; the job is FAILED either way."""
+    monkeypatch.setattr(jobs_module, "RECOVERY_PAUSES", (0.0, 0.0))
+    jid = await interrupted_job(tmp_path)
+    ran = []
+
+    async def hook(job):
+        ran.append(job.job_uuid)
+        if len(ran) <= failures:
+            raise RuntimeError("qemu_thread_create: Resource temporarily unavailable")
+
+    reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
+    reg.register_recovery("backupVolume", hook)
+    await reg.start()
+    assert ran == [jid] * calls
+    assert reg.get(jid).status == "failed"
+    gave_up = [r for r in caplog.records if "3 attempts" in r.getMessage()]
+    assert len(gave_up) == (1 if failures >= 3 else 0)
+    await reg.shutdown(1)
 
 
 class RecordReadingBus(EventBus):
