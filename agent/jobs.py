@@ -60,6 +60,9 @@ class Job:
     created: float = field(default_factory=time.time)
     started: float | None = None
     ended: float | None = None
+    # an interrupted job whose recovery hook has not yet run to its end: run
+    # again at the next start, and the record kept until then
+    recovering: bool = False
     # Runtime only, never persisted.
     task: asyncio.Task[None] | None = field(default=None, repr=False, compare=False)
     abort_requested: bool = field(default=False, repr=False, compare=False)
@@ -80,7 +83,7 @@ class Job:
 
     def record(self) -> dict[str, Any]:
         return {**self.info(), "params": self.params, "created": self.created,
-                "result": self.result}
+                "result": self.result, "recovering": self.recovering}
 
     @classmethod
     def from_record(cls, r: dict[str, Any]) -> Job:
@@ -88,7 +91,8 @@ class Job:
                    params=r.get("params") or {}, status=r["status"],
                    progress=int(r.get("progress", 0)), error=r.get("error"),
                    result=r.get("result"), created=r.get("created", time.time()),
-                   started=r.get("started"), ended=r.get("ended"))
+                   started=r.get("started"), ended=r.get("ended"),
+                   recovering=bool(r.get("recovering", False)))
 
 
 class JobContext:
@@ -146,15 +150,21 @@ class JobRegistry:
                 job.status = FAILED
                 job.error = JobInterrupted(jobUUID=job.job_uuid).to_dict()
                 job.ended = time.time()
+                job.recovering = job.type in self._recovery
                 interrupted.append(job)
+                log.warning("Job %s (%s) was interrupted by an agent stop", job.job_uuid,
+                            job.type)
+            elif job.recovering:
+                interrupted.append(job)
+                log.warning("Job %s (%s): its recovery did not end at the last start; "
+                            "again", job.job_uuid, job.type)
             self._jobs[job.job_uuid] = job
         self._writer = asyncio.create_task(self._write_records(), name="job-records")
         self._sweeper = asyncio.create_task(self._sweep(), name="job-sweeper")
         for job in interrupted:
-            log.warning("Job %s (%s) was interrupted by an agent stop", job.job_uuid, job.type)
             self._save(job)
             hook = self._recovery.get(job.type)
-            if hook is not None:
+            if hook is not None and job.recovering:
                 await self._recover(job, hook)
         self._update_metrics()
 
@@ -163,15 +173,18 @@ class JobRegistry:
         idempotent, and what fails them at start-up is often passing (a
         CI run saw `qemu-img map` fail to start a thread, "Resource
         temporarily unavailable", and an interrupted backup's snapshot
-        layer was left for good). The job record is FAILED either way."""
+        layer was left for good). The job record is FAILED either way; one
+        whose hook never succeeded keeps `recovering` for the next start."""
         for attempt, pause in enumerate((*RECOVERY_PAUSES, None), start=1):
             try:
                 await hook(job)
+                job.recovering = False
+                self._save(job)
                 return
             except Exception:
                 if pause is None:
-                    log.exception("Recovery of interrupted job %s failed (%d attempts)",
-                                  job.job_uuid, attempt)
+                    log.exception("Recovery of interrupted job %s failed (%d attempts); "
+                                  "again at the next start", job.job_uuid, attempt)
                     return
                 log.warning("Recovery of interrupted job %s failed (attempt %d), again in "
                             "%g s", job.job_uuid, attempt, pause, exc_info=True)
@@ -392,6 +405,7 @@ class JobRegistry:
             await asyncio.sleep(min(60.0, max(1.0, keep / 4)))
             cutoff = time.time() - keep
             for job in list(self._jobs.values()):
-                if job.is_ended and (job.ended or 0) < cutoff:
+                # (a record with its recovery pending stays for the next start)
+                if job.is_ended and (job.ended or 0) < cutoff and not job.recovering:
                     self._forget(job)
 

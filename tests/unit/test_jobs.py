@@ -223,8 +223,8 @@ async def interrupted_job(tmp_path, job_type="backupVolume"):
     reg._writer.cancel()
     reg._sweeper.cancel()
     reg._flush()
-    reg.get(jid).task.cancel()
-    return jid
+    # (its task is cancelled by the caller at the end: a cancel writes the record)
+    return jid, reg.get(jid).task
 
 
 @pytest.mark.parametrize("failures, calls", [(1, 2), (2, 3), (5, 3)])
@@ -234,7 +234,7 @@ async def test_a_failed_recovery_runs_again(tmp_path, monkeypatch, caplog, failu
     an interrupted backup's snapshot layer for good): run again after a
     pause, at most three times; the job is FAILED either way."""
     monkeypatch.setattr(jobs_module, "RECOVERY_PAUSES", (0.0, 0.0))
-    jid = await interrupted_job(tmp_path)
+    jid, crashed = await interrupted_job(tmp_path)
     ran = []
 
     async def hook(job):
@@ -250,6 +250,20 @@ async def test_a_failed_recovery_runs_again(tmp_path, monkeypatch, caplog, failu
     gave_up = [r for r in caplog.records if "3 attempts" in r.getMessage()]
     assert len(gave_up) == (1 if failures >= 3 else 0)
     await reg.shutdown(1)
+    record = json.loads((tmp_path / "jobs" / f"{jid}.json").read_text())
+    assert record["status"] == "failed" and record["recovering"] == (failures >= 3)
+
+    # the next start: a recovery that never ended runs again, one that did not
+    ran.clear()
+    failures = 0
+    reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
+    reg.register_recovery("backupVolume", hook)
+    await reg.start()
+    assert ran == ([jid] if record["recovering"] else [])
+    await reg.shutdown(1)
+    assert not json.loads((tmp_path / "jobs" / f"{jid}.json").read_text())["recovering"]
+    crashed.cancel()
+    await asyncio.wait([crashed])
 
 
 class RecordReadingBus(EventBus):
