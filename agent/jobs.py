@@ -63,6 +63,9 @@ class Job:
     # an interrupted job whose recovery hook has not yet run to its end: run
     # again at the next start, and the record kept until then
     recovering: bool = False
+    # cleared by the engine while `recovering`: not listed, its record kept
+    # on disk for that recovery only
+    cleared: bool = False
     # Runtime only, never persisted.
     task: asyncio.Task[None] | None = field(default=None, repr=False, compare=False)
     abort_requested: bool = field(default=False, repr=False, compare=False)
@@ -83,7 +86,7 @@ class Job:
 
     def record(self) -> dict[str, Any]:
         return {**self.info(), "params": self.params, "created": self.created,
-                "result": self.result, "recovering": self.recovering}
+                "result": self.result, "recovering": self.recovering, "cleared": self.cleared}
 
     @classmethod
     def from_record(cls, r: dict[str, Any]) -> Job:
@@ -92,7 +95,8 @@ class Job:
                    progress=int(r.get("progress", 0)), error=r.get("error"),
                    result=r.get("result"), created=r.get("created", time.time()),
                    started=r.get("started"), ended=r.get("ended"),
-                   recovering=bool(r.get("recovering", False)))
+                   recovering=bool(r.get("recovering", False)),
+                   cleared=bool(r.get("cleared", False)))
 
 
 class JobContext:
@@ -158,12 +162,17 @@ class JobRegistry:
                 interrupted.append(job)
                 log.warning("Job %s (%s): its recovery did not end at the last start; "
                             "again", job.job_uuid, job.type)
-            self._jobs[job.job_uuid] = job
+            if not job.cleared:
+                self._jobs[job.job_uuid] = job
+            elif not job.recovering:    # (its recovery ended; its removal did not)
+                self._dirty[job.job_uuid] = None
         self._writer = asyncio.create_task(self._write_records(), name="job-records")
         self._sweeper = asyncio.create_task(self._sweep(), name="job-sweeper")
         for job in interrupted:
-            self._save(job)
             hook = self._recovery.get(job.type)
+            if hook is None:
+                job.recovering = False
+            self._save(job)
             if hook is not None and job.recovering:
                 await self._recover(job, hook)
         self._update_metrics()
@@ -179,7 +188,11 @@ class JobRegistry:
             try:
                 await hook(job)
                 job.recovering = False
-                self._save(job)
+                if job.cleared:     # the engine is done with it: so is its record
+                    self._dirty[job.job_uuid] = None
+                    self._dirty_event.set()
+                else:
+                    self._save(job)
                 return
             except Exception:
                 if pause is None:
@@ -269,6 +282,13 @@ class JobRegistry:
         job = self.get(job_uuid)
         if not job.is_ended:
             raise JobNotDone(jobUUID=job_uuid, status=job.status)
+        if job.recovering:
+            # gone for the engine; its record stays for the next start's recovery
+            job.cleared = True
+            del self._jobs[job_uuid]
+            self._save(job)
+            self._update_metrics()
+            return
         self._forget(job)
 
     def counts(self) -> dict[str, int]:

@@ -266,6 +266,41 @@ async def test_a_failed_recovery_runs_again(tmp_path, monkeypatch, caplog, failu
     await asyncio.wait([crashed])
 
 
+async def test_a_cleared_job_keeps_its_pending_recovery(tmp_path, monkeypatch):
+    """The engine clears the failed job: it is no longer listed, but what
+    its recovery must still remove is not forgotten."""
+    monkeypatch.setattr(jobs_module, "RECOVERY_PAUSES", ())
+    jid, crashed = await interrupted_job(tmp_path)
+    ok = False
+    ran = []
+
+    async def hook(job):
+        ran.append(job.job_uuid)
+        if not ok:
+            raise RuntimeError("busy")
+
+    reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
+    reg.register_recovery("backupVolume", hook)
+    await reg.start()
+    reg.clear(jid)
+    with pytest.raises(UnknownTask):
+        reg.get(jid)
+    await reg.shutdown(1)
+    assert (tmp_path / "jobs" / f"{jid}.json").exists()
+
+    ok = True
+    reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
+    reg.register_recovery("backupVolume", hook)
+    await reg.start()
+    assert ran == [jid, jid]
+    with pytest.raises(UnknownTask):
+        reg.get(jid)                      # still not listed
+    await reg.shutdown(1)
+    assert not (tmp_path / "jobs" / f"{jid}.json").exists()
+    crashed.cancel()
+    await asyncio.wait([crashed])
+
+
 class RecordReadingBus(EventBus):
     """Reads a job's record on disk at the instant its end is published:
     what a crash right after a client saw that end would leave."""
