@@ -165,7 +165,10 @@ async def test_pending_until_a_slot_is_free(tmp_path):
     await reg.shutdown(1)
 
 
-async def test_records_survive_restart_and_interrupted_jobs_recover(tmp_path):
+async def interrupted_job(tmp_path, job_type="backupVolume", params=None, done=None):
+    """A job record left running, as a crash leaves it (and, with `done`,
+    the record of a job of the same registry that ended before)."""
+    jid = new_id()
     reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
     await reg.start()
     started = asyncio.Event()
@@ -176,16 +179,22 @@ async def test_records_survive_restart_and_interrupted_jobs_recover(tmp_path):
 
     async def quick(ctx):
         return 1
-
-    running, done = new_id(), new_id()
-    reg.submit(running, "copy", forever, params={"dst": "x"})
-    reg.submit(done, "copy", quick)
-    await wait_ended(reg, done)
+    reg.submit(jid, job_type, forever, params=params)
+    if done is not None:
+        reg.submit(done, job_type, quick)
+        await wait_ended(reg, done)
     await started.wait()
     # Simulate a crash: records on disk, nothing shut down cleanly.
     reg._writer.cancel()
     reg._sweeper.cancel()
     reg._flush()
+    # (its task is cancelled by the caller at the end: a cancel writes the record)
+    return jid, reg.get(jid).task
+
+
+async def test_records_survive_restart_and_interrupted_jobs_recover(tmp_path):
+    done = new_id()
+    running, crashed = await interrupted_job(tmp_path, "copy", {"dst": "x"}, done=done)
     record = json.loads((tmp_path / "jobs" / f"{running}.json").read_text())
     assert record["status"] == "running" and record["params"] == {"dst": "x"}
 
@@ -202,29 +211,8 @@ async def test_records_survive_restart_and_interrupted_jobs_recover(tmp_path):
     assert recovered == [(running, {"dst": "x"})]
     assert reg2.get(done).status == "done"
     await reg2.shutdown(1)
-    task = reg.get(running).task
-    task.cancel()
-    await asyncio.wait([task])
-
-
-async def interrupted_job(tmp_path, job_type="backupVolume"):
-    """A job record left running, as a crash leaves it."""
-    jid = new_id()
-    (tmp_path / "jobs").mkdir(parents=True, exist_ok=True)
-    reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
-    await reg.start()
-    started = asyncio.Event()
-
-    async def forever(ctx):
-        started.set()
-        await asyncio.sleep(3600)
-    reg.submit(jid, job_type, forever)
-    await started.wait()
-    reg._writer.cancel()
-    reg._sweeper.cancel()
-    reg._flush()
-    # (its task is cancelled by the caller at the end: a cancel writes the record)
-    return jid, reg.get(jid).task
+    crashed.cancel()
+    await asyncio.wait([crashed])
 
 
 @pytest.mark.parametrize("failures, calls", [(1, 2), (2, 3), (5, 3)])
