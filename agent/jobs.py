@@ -165,7 +165,7 @@ class JobRegistry:
             if not job.cleared:
                 self._jobs[job.job_uuid] = job
             elif not job.recovering:    # (its recovery ended; its removal did not)
-                self._dirty[job.job_uuid] = None
+                self._drop_record(job)
         self._writer = asyncio.create_task(self._write_records(), name="job-records")
         self._sweeper = asyncio.create_task(self._sweep(), name="job-sweeper")
         for job in interrupted:
@@ -189,8 +189,7 @@ class JobRegistry:
                 await hook(job)
                 job.recovering = False
                 if job.cleared:     # the engine is done with it: so is its record
-                    self._dirty[job.job_uuid] = None
-                    self._dirty_event.set()
+                    self._drop_record(job)
                 else:
                     self._save(job)
                 return
@@ -374,9 +373,13 @@ class JobRegistry:
 
     def _forget(self, job: Job) -> None:
         del self._jobs[job.job_uuid]
+        self._drop_record(job)
+        self._update_metrics()
+
+    def _drop_record(self, job: Job) -> None:
+        """Its record removed by the writer."""
         self._dirty[job.job_uuid] = None
         self._dirty_event.set()
-        self._update_metrics()
 
     def _update_metrics(self) -> None:
         if self.metrics is not None:
