@@ -117,7 +117,9 @@ class Client:
         # the socket.
         if self._ws_reader is not None:
             self._ws_reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # (or it ended on its own with the connection: answering a ping
+            # on a closing transport raises; closing goes on regardless)
+            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError, OSError):
                 await self._ws_reader
         if self._ws is not None:
             with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
