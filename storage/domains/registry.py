@@ -415,20 +415,32 @@ class DomainRegistry:
             entry = await self.entry(sd)
             if self.prepared.on(sd):
                 raise ResourceInUse(resource=f"domain {sd}", reason="volumes are prepared")
-            await entry.domain.leases.leave()
+            await self._leave(entry)
             entry.active = False
             self.active.discard(sd)
             self.save_active()
-            await self.monitor.stop(entry)
         return await self.info(sd)
+
+    async def _leave(self, entry: Entry) -> None:
+        """Leave the domain's lockspace, its monitor stopped first (a check
+        in flight ending after the leave would join again, opening files on
+        storage about to be unmounted); if the leave is refused, the domain
+        stays monitored."""
+        monitored = entry.monitor.task is not None
+        await self.monitor.stop(entry)
+        try:
+            await entry.domain.leases.leave()
+        except BaseException:
+            if monitored:
+                self.monitor.start(entry)
+            raise
 
     async def format(self, sd: str) -> None:
         async with self.locks.hold(request("domain", sd)):
             entry = await self.entry(sd)
             if self.prepared.on(sd):
                 raise ResourceInUse(resource=f"domain {sd}", reason="volumes are prepared")
-            await self.monitor.stop(entry)
-            await entry.domain.leases.leave()
+            await self._leave(entry)
             await entry.domain.remove_all()
             del self.entries[sd]
             self.active.discard(sd)
@@ -490,7 +502,6 @@ class DomainRegistry:
             if entry.conn_id != conn_id:
                 continue
             async with self.locks.hold(request("domain", sd)):
-                await entry.domain.leases.leave()
-                await self.monitor.stop(entry)
+                await self._leave(entry)
                 # still active in domains.json: activated again when found
                 del self.entries[sd]

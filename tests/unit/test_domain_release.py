@@ -1,0 +1,117 @@
+"""A domain leaving its lockspace (its connection disconnected, the domain
+deactivated) stops its monitor first: a check in flight that ends after the
+leave would otherwise join the lockspace again, opening files on storage
+about to be unmounted (a CI run's disconnect left its mount busy)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.locks import LockManager
+from storage.connections import ConnectionManager
+from storage.domains.leasing import DomainLeases
+from storage.domains.monitor import DomainMonitor, Entry
+from storage.domains.prepared import PreparedVolumes
+from storage.domains.registry import DomainRegistry
+from storage.errors import ResourceInUse
+from storage.leases.base import HostIdState
+
+
+class Manager:
+    """The host's lease manager as the domain's leases see it: the calls made."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.state = HostIdState.JOINED
+        self.refuse_leave = False
+        self.during_leave: Any = lambda: None
+
+    def host_id_status(self, sd: str) -> dict[str, Any]:
+        return {"state": self.state}
+
+    async def add_lockspace(self, *args: Any) -> None:
+        self.calls.append("join")
+        self.state = HostIdState.JOINED
+
+    async def rem_lockspace(self, sd: str) -> None:
+        if self.refuse_leave:
+            raise ResourceInUse(resource=f"domain {sd}", reason="a lease is held")
+        self.state = HostIdState.LEAVING
+        # a monitor check in flight answers while the leave is under way
+        self.during_leave()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        self.calls.append("leave")
+        self.state = HostIdState.FREE
+
+
+class Domain:
+    """A domain whose health check waits until the test lets it end."""
+
+    def __init__(self) -> None:
+        self.uuid = str(uuid.uuid4())
+        self.checking = asyncio.Event()
+        self.answer = asyncio.Event()
+        self.md = type("Md", (), {"lock_policy": "local"})()
+
+    async def health_check(self, timeout: float) -> None:
+        self.checking.set()
+        await self.answer.wait()
+
+    async def space(self) -> dict[str, int]:
+        return {"total": 1, "free": 1}
+
+    pending_discards: dict[str, Any] = {}
+
+    def lease_areas(self) -> Any:
+        return type("Areas", (), {"lockspace": lambda _: "ids"})()
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[DomainRegistry, Entry, Manager, Domain]:
+    state = tmp_path / "state"
+    state.mkdir()
+    locks = LockManager()
+    registry = DomainRegistry(state, ConnectionManager(state, tmp_path / "root", locks,
+                                                       io_timeout=10),
+                              locks, PreparedVolumes(state),
+                              DomainMonitor(locks, io_timeout=10, interval=0.01))
+    manager, domain = Manager(), Domain()
+    domain.leases = DomainLeases(manager, domain, host_id=1, io_timeout=1,  # type: ignore
+                                 domain_timeout=1)
+    entry = Entry(domain, "conn", active=True)  # type: ignore[arg-type]
+    registry.entries[domain.uuid] = entry
+    registry.active.add(domain.uuid)
+    return registry, entry, manager, domain
+
+
+async def test_release_with_a_check_in_flight_does_not_join_again(
+        setup: tuple[DomainRegistry, Entry, Manager, Domain]) -> None:
+    registry, entry, manager, domain = setup
+    registry.monitor.start(entry)
+    await domain.checking.wait()
+    manager.during_leave = domain.answer.set
+    await registry.release_connection("conn")
+    for _ in range(20):          # what the monitor would do next, if still running
+        await asyncio.sleep(0)
+    assert manager.calls == ["leave"]
+    assert entry.monitor.task is None
+    assert domain.uuid not in registry.entries
+
+
+async def test_a_refused_leave_keeps_the_domain_monitored(
+        setup: tuple[DomainRegistry, Entry, Manager, Domain]) -> None:
+    registry, entry, manager, domain = setup
+    registry.monitor.start(entry)
+    await domain.checking.wait()
+    manager.refuse_leave = True
+    with pytest.raises(ResourceInUse):
+        await registry.release_connection("conn")
+    assert entry.monitor.task is not None and not entry.monitor.task.done()
+    assert registry.entries[domain.uuid] is entry
+    await registry.monitor.stop(entry)
