@@ -112,6 +112,16 @@ class Client:
         return self._session
 
     async def close(self) -> None:
+        await self._close_ws()
+        if self._session is not None:
+            await self._session.close()
+            # Aborted TLS transports close their sockets in a callback on the
+            # following loop iterations: let them run before the caller's loop ends,
+            # or the socket leaks (aiohttp's documented graceful shutdown).
+            await asyncio.sleep(0.05)
+        self._session = None
+
+    async def _close_ws(self) -> None:
         # Stop our reader first: closing a WebSocket that another task is
         # reading can return before its connection is released, which leaks
         # the socket.
@@ -124,13 +134,7 @@ class Client:
         if self._ws is not None:
             with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
                 await self._ws.close()
-        if self._session is not None:
-            await self._session.close()
-            # Aborted TLS transports close their sockets in a callback on the
-            # following loop iterations: let them run before the caller's loop ends,
-            # or the socket leaks (aiohttp's documented graceful shutdown).
-            await asyncio.sleep(0.05)
-        self._session = self._ws = self._ws_reader = None
+        self._ws = self._ws_reader = None
 
     # ---- HTTP ----------------------------------------------------------------
 
@@ -174,9 +178,14 @@ class Client:
     # ---- WebSocket -------------------------------------------------------------
 
     async def connect_ws(self) -> None:
+        """Connect the WebSocket, or connect it again if its connection ended
+        (the agent restarted, a ping went unanswered while this process was
+        busy): a call after that is not refused for a connection long gone."""
         async with self._ws_connecting:
-            if self._ws is not None:
+            if self._ws is not None and not self._ws.closed and self._ws_reader is not None \
+                    and not self._ws_reader.done():
                 return
+            await self._close_ws()
             self._ws = await self.session.ws_connect(f"{self.base_url}/jsonrpc/ws",
                                                      heartbeat=30.0, max_msg_size=0)
             self._ws_reader = asyncio.create_task(self._read_ws())

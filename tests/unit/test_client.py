@@ -57,3 +57,19 @@ async def test_concurrent_waits_share_one_websocket(jobs_server: Any) -> None:
         done = await asyncio.gather(*waits)
     assert [d["status"] for d in done] == ["done", "done"]
     assert len(opened) == 1
+
+
+async def test_a_call_after_the_websocket_closed_connects_again(jobs_server: Any) -> None:
+    """The agent closed the WebSocket (a ping unanswered while the caller's
+    process was busy, in a CI run): the next call connects a new one instead
+    of failing to write on the closed one."""
+    url, opened, release = jobs_server
+    release.set()
+    async with Client(url, None, timeout=10) as client:
+        assert (await client.ws_call("getJobs", jobUUIDs=["a"]))["a"]["status"] == "done"
+        await opened[0].close()
+        async with asyncio.timeout(10):
+            assert client._ws_reader is not None
+            await asyncio.wait({client._ws_reader})
+        assert (await client.ws_call("getJobs", jobUUIDs=["b"]))["b"]["status"] == "done"
+    assert len(opened) == 2
