@@ -451,6 +451,9 @@ class CrashTrials:
             acked = call.done() and call.exception() is None
             with contextlib.suppress(aiohttp.ClientError, RpcError):
                 await call       # the reply, or the connection cut by the kill
+            # the task keeps its error, whose traceback keeps the cut
+            # connection: let go of it before collecting
+            del call
         collect_cut_connections()
         status, error = job_status(self.agent, job.uuid)
         assert status != "failed", f"{job.verb} failed on its own: {error}"

@@ -36,6 +36,19 @@ class Disk:
         return {"sdUUID": self.sd, "imgUUID": self.img, "volUUID": self.vol}
 
 
+def raw_digest(path: str) -> str:
+    fmt = qemu_info(path)["format"]
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        raw = Path(tmp) / "raw"
+        subprocess.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", path, str(raw)],
+                       check=True, capture_output=True)
+        h = hashlib.sha256()
+        with open(raw, "rb") as f:
+            while chunk := f.read(4 * MiB):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 class Env:
     def __init__(self, c: Client, storages: list[Storage]) -> None:
         self.c = c
@@ -69,27 +82,20 @@ class Env:
     async def write(self, d: Disk, pattern: int, offset: int = 0, length: int = 8 * MiB) -> None:
         path = await self.path(d, "vm")
         fmt = qemu_info(path)["format"]
-        subprocess.run(["qemu-io", "-f", fmt, "-c",
-                        f"write -P {pattern} {offset} {length}", path],
-                       check=True, capture_output=True)
+        # in a thread: a long write must not stop this loop answering the
+        # agent's WebSocket pings
+        await asyncio.to_thread(subprocess.run, ["qemu-io", "-f", fmt, "-c",
+                                f"write -P {pattern} {offset} {length}", path],
+                                check=True, capture_output=True)
         await self.teardown(d)
 
     async def digest(self, d: Disk) -> str:
         """sha256 of what the guest sees (the whole chain, as raw)."""
         path = await self.path(d)
         try:
-            fmt = qemu_info(path)["format"]
-            with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
-                raw = Path(tmp) / "raw"
-                subprocess.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", path,
-                                str(raw)], check=True, capture_output=True)
-                h = hashlib.sha256()
-                with open(raw, "rb") as f:
-                    while chunk := f.read(4 * MiB):
-                        h.update(chunk)
+            return await asyncio.to_thread(raw_digest, path)
         finally:
             await self.teardown(d)
-        return h.hexdigest()
 
     async def volumes(self) -> dict[str, list[str]]:
         return {sd: sorted(await self.c.call("getVolumesList", sdUUID=sd)) for sd in self.sds}
