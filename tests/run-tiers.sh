@@ -44,7 +44,9 @@ for tier in "$@"; do
     start=$(date +%s)
     case $tier in
         unit) $BIN/python -m pytest tests/unit ${PYTEST_ARGS:-} 2>&1 | tee "$LOGDIR/$tier" ;;
-        host) $BIN/python -m pytest tests/integration ${PYTEST_ARGS:-} 2>&1 | tee "$LOGDIR/$tier" ;;
+        # --durations: the slowest tests in the log, to keep the tier in its budget
+        host) $BIN/python -m pytest --durations=30 tests/integration ${PYTEST_ARGS:-} 2>&1 \
+                  | tee "$LOGDIR/$tier" ;;
         lab)  bash tests/lab/run.sh ${PYTEST_ARGS:-} 2>&1 | tee "$LOGDIR/$tier" ;;
         *) echo "run-tiers: unknown tier $tier" >&2; exit 2 ;;
     esac
