@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
-import gc
 import logging
 import os
 import signal
@@ -26,6 +25,7 @@ from aiohttp import web
 from agent import __version__, logs
 from agent import config as configmod
 from agent.context import Agent
+from agent.gctune import collect_quietly, tune_gc
 from agent.pki import ensure_dev_pki
 from agent.sdnotify import Notifier
 
@@ -132,6 +132,8 @@ async def serve(config: configmod.Config, notifier: Notifier) -> None:
              server.host, server.port, len(dispatcher.verbs))
     notifier.notify("READY=1", f"STATUS=listening on {server.host}:{server.port}")
     watchdog = asyncio.create_task(notifier.watchdog(), name="watchdog")
+    collector = asyncio.create_task(collect_quietly(
+        lambda: agent.metrics.requests, done=agent.metrics.gc_full.observe), name="gc")
 
     await stop.wait()
     log.info("Stopping")
@@ -143,33 +145,9 @@ async def serve(config: configmod.Config, notifier: Notifier) -> None:
         await data.stop()
     await agent.stop()
     watchdog.cancel()
+    collector.cancel()
     await runner.cleanup()
     log.info("Stopped")
-
-
-# Collect gen0 after this many net allocations instead of 700 (see tune_gc).
-# Under the load benchmark (564 clients, 2026-12-04) a gen0 collection took
-# a median 8 ms of CPU here (the young objects are mostly the in-flight
-# requests' and survive it); 2,000 made each 1.7 ms but brought back full
-# collections (27 ms each) and 10x the collections: worse, so not lower.
-GC_GEN0_THRESHOLD = 10_000
-
-
-def tune_gc() -> None:
-    """Once started: move what start-up made (modules, the verb table, the
-    config, the domains) out of the collector's sight, and collect the young
-    generation less often. Issue 21's profile under ping load had full
-    collections of up to 55 ms, each walking every start-up object again,
-    and they made the p99; the agent's garbage is mostly acyclic (freed by
-    reference counting), so fewer young collections cost little memory.
-    HOSTAGENT_GC_DEFAULTS=1 keeps Python's defaults (the benchmark's other
-    side)."""
-    if os.environ.get("HOSTAGENT_GC_DEFAULTS") == "1":
-        return
-    gc.collect()
-    gc.freeze()
-    gen0, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(max(gen0, GC_GEN0_THRESHOLD), gen1, gen2)
 
 
 LOCK_FILE = "hostagentd.lock"

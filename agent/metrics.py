@@ -34,6 +34,11 @@ class Metrics:
             ["outcome"], registry=self.registry)
         self.ws_clients = Gauge("hostagent_websocket_clients", "Connected WebSocket clients",
                                 registry=self.registry)
+        # calls answered (HTTP and WebSocket), for agent.gctune's quiet moments
+        self.requests = 0
+        self.gc_full = Histogram("hostagent_gc_full_collection_seconds",
+                                 "Full garbage collections run by the agent (agent.gctune)",
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

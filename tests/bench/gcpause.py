@@ -1,7 +1,7 @@
 """Garbage collection pauses under ping load (issue 21): two agents side by
 side, one with Python's collector defaults (HOSTAGENT_GC_DEFAULTS=1), one as
-shipped (gc.freeze() after start-up, a higher gen0 threshold: see
-agent.daemon.tune_gc), loaded in turns by the same 64 mTLS ping clients.
+shipped (gc.freeze() after start-up, full collections at quiet moments: see
+agent.gctune), loaded in turns by the same 64 mTLS ping clients.
 Each agent times its collections with gc.callbacks (tests/bench/gcstats).
 
     python -m tests.bench gcpause
