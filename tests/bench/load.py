@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import ssl
 import subprocess
 import sys
@@ -224,6 +225,28 @@ def _resources(proc: psutil.Process) -> dict[str, float]:
     return {"rss_mib": proc.memory_info().rss / 2**20, "fds": proc.num_fds()}
 
 
+async def _quiet_full(agent: AgentProcess, load_end: float,
+                      timeout: float = 15.0) -> dict[str, float] | None:
+    """The full collection the agent runs once the calls stop (agent.gctune),
+    seen in its /metrics (reading them is no call): how long after the load
+    it ran and what it took; None if the agent reports none (an older tree,
+    or none came within `timeout`)."""
+    async with agent.client() as c:
+        while time.monotonic() - load_end < timeout:
+            status, body = await c.get("/metrics")
+            assert status == 200, status
+            found = dict(re.findall(
+                r"^hostagent_gc_full_collection_seconds_(count|sum) (\S+)$",
+                body.decode(), re.M))
+            if not found:
+                return None
+            if float(found["count"]) >= 1:
+                return {"after_s": time.monotonic() - load_end,
+                        "ms": 1000 * float(found["sum"]) / float(found["count"])}
+            await asyncio.sleep(0.25)
+    return None
+
+
 async def _setup(agent: AgentProcess, store: Path, volumes: int) -> dict[str, Any]:
     async with agent.client() as c:
         conn, sd, _ = await localfs_domain(c, store, ovfStore=False)
@@ -296,6 +319,7 @@ def run(seconds: float = 60.0, http_clients: int = 64, ws_clients: int = 500,
                 gens[kind] = json.loads(out.strip().splitlines()[-1])
                 gens[kind]["samples"] = json.loads((work / f"{kind}-samples.json").read_text())
             after = _resources(proc)
+            quiet_full = asyncio.run(_quiet_full(agent, window[1]))
             asyncio.run(_teardown(agent, setup))
         finally:
             for w in workers:
@@ -306,6 +330,7 @@ def run(seconds: float = 60.0, http_clients: int = 64, ws_clients: int = 500,
         gc_pauses = _gc_summary(json.loads((work / "gc.json").read_text()), [window])
     summary = _summarize(gens, seconds)
     summary["gc"] = gc_pauses
+    summary["gc_quiet_full"] = quiet_full
     summary.update({"agent_before": before, "agent_after": after, "agent_timeline": timeline,
                     "params": {"seconds": seconds, "http_clients": http_clients,
                                "ws_clients": ws_clients, "http_writers": http_writers,
@@ -438,7 +463,15 @@ def report(s: dict[str, Any]) -> str:
             + table(trows, ["transport", "calls", "req/s", "p50 ms", "p99 ms", "connect s"])
             + f"\nagent RSS {b['rss_mib']:.0f} -> {a['rss_mib']:.0f} MiB (peak {peak_rss:.0f}), "
               f"open fds {b['fds']:.0f} -> {a['fds']:.0f} (peak {peak_fds:.0f}); "
-              f"chart {s['plot']}\n" + _gc_line(s.get("gc")))
+              f"chart {s['plot']}\n" + _gc_line(s.get("gc")) + _quiet_line(s))
+
+
+def _quiet_line(s: dict[str, Any]) -> str:
+    full = s.get("gc_quiet_full")
+    if full is None:
+        return "\nfull collection once the calls stopped: none reported"
+    return (f"\nfull collection once the calls stopped: {full['after_s']:.1f} s after the "
+            f"load, {full['ms']:.1f} ms")
 
 
 def _gc_line(gc: dict[str, Any] | None) -> str:
