@@ -16,7 +16,8 @@ order=()
 LAB_SECOND=(test_domains_block_crash_lab.py test_domains_block_volumes_lab.py
             test_ovfstore_lab.py test_sanlock_lab.py test_domains_block_lab.py
             test_faults_lab.py test_errors_lab.py test_thin_lab.py
-            test_merge_lab.py test_thin_crash_lab.py test_block_listing_lab.py)
+            test_merge_lab.py test_thin_crash_lab.py test_block_listing_lab.py
+            test_vm_access_block_lab.py)
 lab_pids=()
 # (Not with PYTEST_ARGS: a filter may leave one guest nothing to run.)
 if [ "${TIERS_PARALLEL:-0}" = 1 ] && [[ " $* " == *" lab "* ]] && [ -z "${PYTEST_ARGS:-}" ]; then
