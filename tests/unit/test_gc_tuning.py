@@ -70,39 +70,58 @@ def collector(monkeypatch: pytest.MonkeyPatch) -> FakeCollector:
     return fake
 
 
+class Calls:
+    """The calls answered, as collect_quietly reads them: while `busy`, a
+    new call at each of its looks (never quiet, however late the loop runs
+    it); the looks counted."""
+
+    def __init__(self) -> None:
+        self.busy = True
+        self.count = 0
+        self.looks = 0
+        self.looked = asyncio.Event()
+
+    def __call__(self) -> int:
+        self.looks += 1
+        self.looked.set()
+        self.count += self.busy
+        return self.count
+
+    async def wait_looks(self, n: int) -> None:
+        while self.looks < n:
+            self.looked.clear()
+            await asyncio.wait_for(self.looked.wait(), 5)
+
+
+def quiet_collector(calls: Calls, **timing: float) -> asyncio.Task[None]:
+    return asyncio.create_task(gctune.collect_quietly(calls, check=0.01, **timing))
+
+
 async def test_full_collection_waits_for_a_quiet_moment(collector: FakeCollector) -> None:
-    calls = 0
-    task = asyncio.create_task(gctune.collect_quietly(lambda: calls, quiet=0.1,
-                                                      force_after=60, check=0.01))
+    calls = Calls()
+    task = quiet_collector(calls, quiet=0.05, force_after=60)
     try:
         collector.old = 3
-        busy_until = time.monotonic() + 0.5
-        while time.monotonic() < busy_until:      # a call every 5 ms: never quiet
-            calls += 1
-            await asyncio.sleep(0.005)
+        await calls.wait_looks(30)          # busy through 30 looks, 0.3 s at least
         assert collector.full == 0
-        await asyncio.wait_for(collector.collected.wait(), 5)   # calls stopped
+        calls.busy = False
+        await asyncio.wait_for(collector.collected.wait(), 5)
         assert collector.full == 1
-        # quiet, but nothing new in the old generation: no second one
-        idle_until = time.monotonic() + 0.3
-        while time.monotonic() < idle_until:
-            await asyncio.sleep(0.01)
+        # quiet, but no young collection since: no second one
+        await calls.wait_looks(calls.looks + 20)
         assert collector.full == 1
     finally:
         task.cancel()
 
 
 async def test_full_collection_forced_under_endless_load(collector: FakeCollector) -> None:
-    calls = 0
-    task = asyncio.create_task(gctune.collect_quietly(lambda: calls, quiet=60,
-                                                      force_after=0.2, check=0.01))
+    calls = Calls()
+    started = time.monotonic()
+    task = quiet_collector(calls, quiet=60, force_after=0.2)
     try:
         collector.old = 1
-        started = time.monotonic()
-        while not collector.collected.is_set():
-            assert time.monotonic() - started < 5
-            calls += 1
-            await asyncio.sleep(0.005)
+        await asyncio.wait_for(collector.collected.wait(), 5)
         assert time.monotonic() - started >= 0.2
+        assert calls.busy and collector.full == 1
     finally:
         task.cancel()
