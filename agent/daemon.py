@@ -133,7 +133,7 @@ async def serve(config: configmod.Config, notifier: Notifier) -> None:
     notifier.notify("READY=1", f"STATUS=listening on {server.host}:{server.port}")
     watchdog = asyncio.create_task(notifier.watchdog(), name="watchdog")
     collector = asyncio.create_task(collect_quietly(
-        lambda: agent.metrics.requests, done=agent.metrics.gc_full.observe), name="gc")
+        agent.metrics.calls_answered, done=agent.metrics.gc_full.observe), name="gc")
 
     await stop.wait()
     log.info("Stopping")

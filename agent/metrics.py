@@ -34,11 +34,15 @@ class Metrics:
             ["outcome"], registry=self.registry)
         self.ws_clients = Gauge("hostagent_websocket_clients", "Connected WebSocket clients",
                                 registry=self.registry)
-        # calls answered (HTTP and WebSocket), for agent.gctune's quiet moments
-        self.requests = 0
         self.gc_full = Histogram("hostagent_gc_full_collection_seconds",
                                  "Full garbage collections run by the agent (agent.gctune)",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def calls_answered(self) -> int:
+        """Calls answered so far, every verb and outcome (agent.gctune's quiet
+        moments: read once a second, not counted again on the call path)."""
+        return int(sum(s.value for m in self.calls.collect() for s in m.samples
+                       if s.name.endswith("_total")))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

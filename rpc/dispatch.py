@@ -129,7 +129,6 @@ class Dispatcher:
             rid = f"{random.getrandbits(32):08x}"
             logs.request_id.set(rid)
             start = time.perf_counter()
-            metrics.requests += 1
             outcome = "ok"
             try:
                 if args:

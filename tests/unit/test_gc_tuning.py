@@ -125,3 +125,13 @@ async def test_full_collection_forced_under_endless_load(collector: FakeCollecto
         assert calls.busy and collector.full == 1
     finally:
         task.cancel()
+
+
+def test_calls_answered_counts_every_verb_and_outcome() -> None:
+    from agent.metrics import Metrics
+    m = Metrics()
+    assert m.calls_answered() == 0
+    m.calls.labels("ping", "ok").inc()
+    m.calls.labels("ping", "ok").inc()
+    m.calls.labels("createVolume", "invalid").inc()
+    assert m.calls_answered() == 3
