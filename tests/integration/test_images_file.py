@@ -5,10 +5,8 @@ domains") through the real agent, on three file domains: posixfs on ext4
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import subprocess
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 from rpc.client import Client, RpcError
 from tests.agentproc import AgentProcess
 from tests.conftest import require_tools
-from tests.integration.crashharness import done, localfs_domains
+from tests.integration.crashharness import digest, done, localfs_domains
 from tests.integration.storagefixtures import FsMount, make_fs, wait_for
 from tests.integration.test_domains_file import Storage, create_volume, new_id, qemu_info
 
@@ -34,19 +32,6 @@ class Disk:
 
     def ref(self) -> dict[str, str]:
         return {"sdUUID": self.sd, "imgUUID": self.img, "volUUID": self.vol}
-
-
-def raw_digest(path: str) -> str:
-    fmt = qemu_info(path)["format"]
-    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
-        raw = Path(tmp) / "raw"
-        subprocess.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", path, str(raw)],
-                       check=True, capture_output=True)
-        h = hashlib.sha256()
-        with open(raw, "rb") as f:
-            while chunk := f.read(4 * MiB):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 class Env:
@@ -93,7 +78,7 @@ class Env:
         """sha256 of what the guest sees (the whole chain, as raw)."""
         path = await self.path(d)
         try:
-            return await asyncio.to_thread(raw_digest, path)
+            return await asyncio.to_thread(digest, Path(path))
         finally:
             await self.teardown(d)
 
