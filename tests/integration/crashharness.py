@@ -233,6 +233,47 @@ def running(agent: AgentProcess, *argv: str) -> bool:
     return any(_argv(pid)[:len(argv)] == list(argv) for pid in descendants(agent.proc.pid))
 
 
+def held(agent: AgentProcess, argv: Sequence[str], until: Callable[[], bool] | None = None,
+         *, step: float = 0.0003, steps: int = 1000) -> bool:
+    """Catch a command of the agent's that lasts a few ms, shorter than a
+    look at its processes: stop it (SIGSTOP) the moment it is seen, then let
+    it run in slices of `step` seconds until `until()` holds. True with the
+    command stopped there, for `kill_tree` to kill; false (the command let
+    go) if it is not running, ends first, or never gets there."""
+    if agent.proc is None:
+        return False
+    pid = next((p for p in descendants(agent.proc.pid)
+                if _argv(p)[:len(argv)] == list(argv)), None)
+    if pid is None or not _stop(pid):
+        return False
+    for _ in range(steps):
+        if until is None or until():
+            return True
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(step)
+        if not _stop(pid):
+            return False
+    os.kill(pid, signal.SIGCONT)
+    return False
+
+
+def _stop(pid: int) -> bool:
+    """SIGSTOP pid and see it stopped; false if it ended first (a process
+    already inside exit cannot stop)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGSTOP)
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        if state in ("T", "t"):
+            return True
+        if state in ("Z", "X"):
+            return False
+        time.sleep(0.0001)
+
+
 def _gone(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

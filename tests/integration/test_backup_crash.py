@@ -33,11 +33,11 @@ from tests.integration.crashharness import (
     check_invariants,
     digest,
     done,
+    held,
     localfs_domains,
     new_id,
     qemu_check,
     run_job,
-    running,
     volume_md,
 )
 from tests.integration.storagefixtures import FsMount
@@ -168,8 +168,9 @@ async def test_kill9_during_backup(make_fs_mount: Callable[..., FsMount],
                "merge back": Aim("merge back", lambda: backup_legal(params["dst"]), 0.3),
                # (or once it is over: the layer gone). A commit of the few MiB
                # a trial writes lasts a few ms, about what one look at the
-               # agent's processes takes: the kill comes the moment it is seen.
-               "commit": Aim("commit", lambda: running(trials.agent, "qemu-img", "commit") or (
+               # agent's processes takes: it is held (stopped) the moment it
+               # is seen, and killed there.
+               "commit": Aim("commit", lambda: held(trials.agent, ("qemu-img", "commit")) or (
                    backup_legal(params["dst"]) and not new_volumes(img, t.chain)), 0.0),
                "end": Aim("end", lambda: backup_legal(params["dst"]), 0.05),
                }[step]

@@ -26,12 +26,12 @@ from tests.integration.crashharness import (
     check_invariants,
     digest,
     done,
+    held,
     localfs_domains,
     new_id,
     qemu_check,
     qemu_info,
     run_job,
-    running,
     volume_md,
 )
 from tests.integration.storagefixtures import FsMount
@@ -294,15 +294,17 @@ async def test_kill9_during_merge(make_fs_mount: Callable[..., FsMount],
                   "topVolUUID": chain[i]}
         want = digest(path(img, chain[-1]))
         top = chain[i]
-        # A commit of a trial's few MiB lasts a few looks at the processes,
-        # the first of them opening the images: the kill comes once it has
-        # written into base (base's mtime moved), not before.
+        # A commit of a trial's few MiB lasts a few ms, about one look at
+        # the processes: it is held (stopped) the moment it is seen, then
+        # let run in slices until it has written into base (base's mtime
+        # moved), and killed there.
         base = path(img, chain[i - 1])
         base_mtime = base.stat().st_mtime_ns
         step = ("time", "commit", "finish")[started % 3]
         aim = {"time": None,
-               "commit": Aim("commit", lambda: running(trials.agent, "qemu-img", "commit")
-                             and base.stat().st_mtime_ns != base_mtime, 0.0),
+               "commit": Aim("commit", lambda: held(
+                   trials.agent, ("qemu-img", "commit"),
+                   lambda: base.stat().st_mtime_ns != base_mtime), 0.0),
                "finish": Aim("finish", lambda: marked(img, top), 0.0)}[step]
         return Job("mergeSnapshots", params, [root], (chain, want), aim)
 
