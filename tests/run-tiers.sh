@@ -9,6 +9,11 @@ LOGDIR=$(mktemp -d /tmp/hostagent-tiers.XXXXXX)
 trap 'rm -rf "$LOGDIR"' EXIT
 declare -A RC
 order=()
+# Bytecode for the checkout's own modules, written once here: the tiers start
+# Python about a thousand times (each kill -9 trial restarts the agent), and
+# where PYTHONDONTWRITEBYTECODE is set (as on these machines) each start would
+# compile the agent from source again (0.50 against 0.34 CPU-s an agent start).
+$BIN/python -m compileall -q agent rpc storage ovfstore tests > /dev/null || exit 2
 # The lab tier runs in a single-CPU guest: with TIERS_PARALLEL=1 (make test)
 # it runs beside the other tiers, its output shown when it ends.
 # Its files are split between two guests (one per core): LAB_SECOND lists
