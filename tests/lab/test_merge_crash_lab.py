@@ -26,7 +26,7 @@ import pytest
 
 from rpc.client import Client
 from storage.metadata import ILLEGAL
-from tests.integration.crashharness import kill_tree, running
+from tests.integration.crashharness import held, kill_tree
 from tests.integration.test_domains_file import create_volume, new_id
 from tests.lab import guestlib as g
 from tests.lab.test_connections_lab import disconnect_all
@@ -120,7 +120,8 @@ async def test_kill9_during_merge(domain: Domain, host_scratch: Path) -> None:
             assert info["status"] == "done", info
             return job, time.monotonic() - t
         if aim:
-            while not running(domain.agent, "qemu-img", "commit") and \
+            # held (stopped) the moment it is seen: killed while it runs
+            while not held(domain.agent, ("qemu-img", "commit")) and \
                     time.monotonic() - t < 60:
                 await asyncio.sleep(0.002)
         else:
