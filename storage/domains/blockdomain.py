@@ -209,11 +209,13 @@ class BlockDomain(LUNs, LVHolding, Domain):
 
     @classmethod
     async def open(cls, vg_name: str, lvm_: lvm.LVM, io: IOPool,
-                   runner: commands.Runner = commands.run) -> BlockDomain:
+                   runner: commands.Runner = commands.run, *,
+                   scanned: lvm.VG | None = None) -> BlockDomain:
         """The domain of VG `vg_name`, from storage alone; leaves its metadata
-        LV active (see `close`)."""
+        LV active (see `close`). `scanned`: the VG as a scan just reported
+        it (one vgs less per domain at each start)."""
         try:
-            vg = await lvm_.vg(vg_name)
+            vg = scanned if scanned is not None else await lvm_.vg(vg_name)
         except lvm.LVMNotFound:
             raise StorageDomainDoesNotExist(sdUUID=vg_name) from None
         if VG_TAG not in vg.tags:

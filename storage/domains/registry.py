@@ -222,7 +222,7 @@ class DomainRegistry:
             try:
                 domain = await BlockDomain.open(vg.name, lvm.LVM(self.runner, devices=paths),
                                                 IOPool(vg.name[:8], timeout=self.io_timeout),
-                                                self.runner)
+                                                self.runner, scanned=vg)
             except (HostAgentError, OSError, MetadataError) as e:
                 log.warning("Ignoring VG %s: %s", vg.name, e)
                 continue
