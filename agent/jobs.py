@@ -305,6 +305,13 @@ class JobRegistry:
             async with self._slots if slot else contextlib.nullcontext():
                 job.status, job.started = RUNNING, time.time()
                 self._changed(job)
+                # Its record says running, and since when, before the work
+                # changes anything: a restart's recovery removes what the
+                # job made after that time, and takes a record that never
+                # said running for a job that never ran. (Left to the
+                # writer, a kill -9 could come after the job's first volume
+                # and before the record: a half-made result nobody removed.)
+                await asyncio.to_thread(self._flush)
                 log.info("Job %s (%s) started", job.job_uuid, job.type)
                 result = await work(JobContext(self, job))
         except asyncio.CancelledError:

@@ -337,6 +337,38 @@ async def test_an_end_is_on_disk_before_it_is_shown(tmp_path):
     await reg.shutdown(1)
 
 
+async def test_a_job_is_recorded_running_before_its_work_starts(tmp_path, monkeypatch):
+    """The work finds its record on disk saying running, with its start:
+    what a restart's recovery needs to undo what it made, even when the
+    background writer is slow (it is held here until the work has looked)."""
+    reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
+    await reg.start()
+    looked = asyncio.Event()
+    writer_flush = reg._flush
+
+    async def held_writer():
+        while True:
+            await reg._dirty_event.wait()
+            await looked.wait()
+            reg._dirty_event.clear()
+            await asyncio.to_thread(writer_flush)
+
+    reg._writer.cancel()
+    reg._writer = asyncio.create_task(held_writer())
+    seen = {}
+
+    async def work(ctx):
+        seen.update(json.loads((tmp_path / "jobs" / f"{job}.json").read_text()))
+        looked.set()
+        return {}
+
+    job = new_id()
+    reg.submit(job, "test", work)
+    await wait_ended(reg, job)
+    assert seen["status"] == "running" and seen["started"] is not None, seen
+    await reg.shutdown(1)
+
+
 async def test_shutdown_cancels_after_grace(tmp_path):
     reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
     await reg.start()
