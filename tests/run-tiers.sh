@@ -14,40 +14,32 @@ order=()
 # where PYTHONDONTWRITEBYTECODE is set (as on these machines) each start would
 # compile the agent from source again (0.50 against 0.34 CPU-s an agent start).
 $BIN/python -m compileall -q agent rpc storage ovfstore tests > /dev/null || exit 2
-# The lab tier runs in single-CPU guests: with TIERS_PARALLEL=1 (make test)
-# it runs beside the other tiers, its output shown when it ends. Its files
-# are split between three guests: a guest spends much of its time waiting
-# (LVM, iSCSI, sanlock's timeouts; two guests alone kept 2 cores 45% busy),
-# so a third overlaps that waiting with work. LAB_GUEST2 and LAB_GUEST3 list
-# the second's and third's share (each about a third of the guest time, from
-# the --durations of a full run), the first runs the rest (new files too).
-LAB_GUEST2=(test_grow_lab.py test_images_lab.py test_connections_lab.py test_thin_lab.py
-            test_vm_access_block_lab.py test_errors_lab.py test_domains_block_lab.py)
-LAB_GUEST3=(test_domains_block_crash_lab.py test_merge_lab.py
-            test_domains_block_volumes_lab.py test_thin_crash_lab.py test_ovfstore_lab.py
-            test_sanlock_lab.py test_faults_lab.py test_block_listing_lab.py)
-GUESTS=3
+# The lab tier runs in a single-CPU guest: with TIERS_PARALLEL=1 (make test)
+# it runs beside the other tiers, its output shown when it ends.
+# Its files are split between two guests (one per core): LAB_SECOND lists
+# the second guest's share (about half the guest time), the first runs the rest.
+LAB_SECOND=(test_domains_block_crash_lab.py test_domains_block_volumes_lab.py
+            test_ovfstore_lab.py test_sanlock_lab.py test_domains_block_lab.py
+            test_faults_lab.py test_errors_lab.py test_thin_lab.py
+            test_merge_lab.py test_thin_crash_lab.py test_block_listing_lab.py
+            test_vm_access_block_lab.py)
 lab_pids=()
 # (Not with PYTEST_ARGS: a filter may leave one guest nothing to run.)
 if [ "${TIERS_PARALLEL:-0}" = 1 ] && [[ " $* " == *" lab "* ]] && [ -z "${PYTEST_ARGS:-}" ]; then
-    echo "=================== tier: lab ($GUESTS guests, in the background) ==================="
+    echo "=================== tier: lab (two guests, in the background) ==================="
     lab_start=$(date +%s)
-    files1=() files2=() files3=()
+    first=() second=()
     for f in tests/lab/test_*.py; do
-        name=$(basename "$f")
-        if [[ " ${LAB_GUEST2[*]} " == *" $name "* ]]; then files2+=("$f")
-        elif [[ " ${LAB_GUEST3[*]} " == *" $name "* ]]; then files3+=("$f")
-        else files1+=("$f"); fi
+        if [[ " ${LAB_SECOND[*]} " == *" $(basename "$f") "* ]]; then second+=("$f")
+        else first+=("$f"); fi
     done
     # each guest's guard: longer than run.sh's default 20 min, the guests
     # share the 2 cores with the host tier
     export LAB_TIMEOUT=${LAB_TIMEOUT:-1800}
     # --durations: each guest's slowest tests in the log, to balance them
-    bash tests/lab/run.sh --durations=25 "${files1[@]}" > "$LOGDIR/lab1" 2>&1 &
+    bash tests/lab/run.sh --durations=25 "${first[@]}" > "$LOGDIR/lab1" 2>&1 &
     lab_pids+=($!)
-    bash tests/lab/run.sh --durations=25 "${files2[@]}" > "$LOGDIR/lab2" 2>&1 &
-    lab_pids+=($!)
-    bash tests/lab/run.sh --durations=25 "${files3[@]}" > "$LOGDIR/lab3" 2>&1 &
+    bash tests/lab/run.sh --durations=25 "${second[@]}" > "$LOGDIR/lab2" 2>&1 &
     lab_pids+=($!)
     trap 'kill -TERM "${lab_pids[@]}" 2>/dev/null; wait; exit 130' INT TERM
 fi
@@ -69,12 +61,12 @@ for tier in "$@"; do
 done
 if [ ${#lab_pids[@]} -gt 0 ]; then
     RC[lab]=0
-    for ((i = 0; i < GUESTS; i++)); do
+    for i in 0 1; do
         wait "${lab_pids[$i]}" || RC[lab]=1
         echo "=================== tier: lab, guest $((i + 1)) ==================="
         cat "$LOGDIR/lab$((i + 1))"
     done
-    echo "tier lab took $(( $(date +%s) - lab_start )) s ($GUESTS guests, beside the others)"
+    echo "tier lab took $(( $(date +%s) - lab_start )) s (two guests, beside the others)"
 fi
 echo "=================== summary ==================="
 fail=0
@@ -83,7 +75,7 @@ summary() {
 }
 for tier in "${order[@]}"; do
     if [ "$tier" = lab ] && [ ${#lab_pids[@]} -gt 0 ]; then
-        for ((i = 1; i <= GUESTS; i++)); do
+        for i in 1 2; do
             line=$(summary "$LOGDIR/lab$i")
             printf '%-5s rc=%s  guest %s: %s\n' "$tier" "${RC[$tier]}" "$i" "${line:-(no pytest summary)}"
         done
