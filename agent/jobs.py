@@ -28,6 +28,7 @@ from agent.events import EventBus
 from agent.metrics import Metrics
 from storage.errors import (
     ActionStopped,
+    GeneralException,
     HostAgentError,
     JobExists,
     JobInterrupted,
@@ -311,7 +312,13 @@ class JobRegistry:
                 # said running for a job that never ran. (Left to the
                 # writer, a kill -9 could come after the job's first volume
                 # and before the record: a half-made result nobody removed.)
-                await asyncio.to_thread(self._flush)
+                # A record that cannot be written (a full state file system)
+                # fails the job before it starts.
+                try:
+                    await asyncio.to_thread(self._flush_job, job)
+                except OSError as e:
+                    raise GeneralException(reason=f"cannot record job {job.job_uuid} as "
+                                                  f"running: {e.strerror or e}") from None
                 log.info("Job %s (%s) started", job.job_uuid, job.type)
                 result = await work(JobContext(self, job))
         except asyncio.CancelledError:
@@ -407,6 +414,14 @@ class JobRegistry:
     def _flush(self) -> None:
         with self._flush_lock:
             self._flush_locked()
+
+    def _flush_job(self, job: Job) -> None:
+        """Write this job's record now, under the writer's lock; OSError if
+        it cannot be (the writer only logs its errors)."""
+        with self._flush_lock:
+            if self._dirty.get(job.job_uuid) is job:
+                del self._dirty[job.job_uuid]
+            self._write(self.dir / f"{job.job_uuid}.json", job)
 
     def _flush_locked(self) -> None:
         while self._dirty:

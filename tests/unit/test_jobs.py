@@ -369,6 +369,36 @@ async def test_a_job_is_recorded_running_before_its_work_starts(tmp_path, monkey
     await reg.shutdown(1)
 
 
+async def test_a_job_whose_record_cannot_be_written_fails_before_its_work(tmp_path,
+                                                                            monkeypatch):
+    """A full state file system: the job cannot say it runs, so it must not
+    (a crash would leave what it made to no recovery): failed, code 100,
+    its work never called."""
+    reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
+    await reg.start()
+    real_write = jobs_module.atomic_write
+
+    def full(path, data, **kw):
+        if b'"running"' in data:
+            raise OSError(28, "No space left on device")
+        real_write(path, data, **kw)
+
+    monkeypatch.setattr(jobs_module, "atomic_write", full)
+    ran = []
+
+    async def work(ctx):
+        ran.append(True)
+        return {}
+
+    job = new_id()
+    reg.submit(job, "test", work)
+    ended = await wait_ended(reg, job)
+    assert ended.status == "failed" and ended.error["code"] == 100, ended.error
+    assert "No space left on device" in ended.error["message"], ended.error
+    assert ran == []
+    await reg.shutdown(1)
+
+
 async def test_shutdown_cancels_after_grace(tmp_path):
     reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
     await reg.start()
