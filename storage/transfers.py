@@ -246,6 +246,12 @@ class TransferService:
 
     async def cancel(self, transfer_id: str) -> dict[str, Any]:
         t = self.get(transfer_id)
+        if t.state in ("expired", "failed"):
+            # The ticket is closed (getTransfer says inactive) but its close
+            # may still be under way: requests draining, qemu-nbd stopping,
+            # the volume's lease let go. The upload is removed after it, or
+            # its lease is found held by this agent (651).
+            await t.closed.wait()
         if t.state == "open":
             # the transfer's task closes it and removes an upload's volume
             t.state = "cancelling"
