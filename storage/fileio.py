@@ -15,8 +15,8 @@ at interpreter exit, which would turn SIGTERM into a hang).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
+import contextvars
 import errno
 import os
 import queue
@@ -30,7 +30,16 @@ from storage.errors import ResourceTimeout
 
 T = TypeVar("T")
 
-_Work = tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]]
+# A queued call: (claim, loop, future, fn, args). `claim` is a one-item list
+# popped exactly once (list.pop is atomic under the GIL): by the worker that
+# runs the call, or by the caller that gave up on it (deadline, cancel,
+# close): a call still queued when its caller gave up never runs.
+# _deliver and the pool's timer set no context variable: one context for
+# all, not a copy each
+_DELIVER_CONTEXT = contextvars.Context()
+
+_Work = tuple[list[None], asyncio.AbstractEventLoop, "asyncio.Future[Any]",
+              Callable[..., Any], tuple[Any, ...]]
 
 
 class IOPool:
@@ -41,6 +50,11 @@ class IOPool:
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._closed = False
+        # calls in flight: their deadline (loop time) and timeout; the
+        # timer set for the nearest deadline, and its loop
+        self._calls: dict[asyncio.Future[Any], tuple[float, float]] = {}
+        self._watch: asyncio.TimerHandle | None = None
+        self._watch_loop: asyncio.AbstractEventLoop | None = None
         # The threads hold the queue, not the pool: a pool dropped without
         # close() is collected and stops its idle threads all the same.
         self._stop = weakref.finalize(self, _stop_threads, self._queue, self._threads)
@@ -49,20 +63,65 @@ class IOPool:
         if self._closed:
             raise RuntimeError(f"I/O pool {self.name} is closed")
         deadline = self.timeout if timeout is None else timeout
-        work: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put((work, fn, args))
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        claim: list[None] = [None]
+        self._queue.put((claim, loop, done, fn, args))
         if len(self._threads) < self.workers:
             thread = threading.Thread(target=_worker, args=(self._queue,), daemon=True,
                                       name=f"io-{self.name}-{len(self._threads)}")
             self._threads.append(thread)
             thread.start()
+        expires = loop.time() + deadline
+        self._calls[done] = (expires, deadline)
+        watch = self._watch
+        if watch is None or self._watch_loop is not loop or expires < watch.when():
+            self._arm(loop, expires)
+        # One loop future the worker completes, and one timer per pool for
+        # the deadlines, not wait_for(wrap_future(concurrent Future)) with
+        # its timer per call: that was ~30 objects the garbage collector
+        # walks per call in flight (a Condition and its RLock's bound
+        # methods, the chaining closures, wait_for's task, waiter and timer,
+        # and the cancelled timers left in the loop's heap), here about 6.
+        # Under the load benchmark the calls in flight are most of what a
+        # young collection walks, so its pause (issue 21).
         try:
-            # wait_for cancels the wrapper on timeout, which cancels a queued
-            # call (a running one cannot be stopped and goes on in its thread).
-            return await asyncio.wait_for(asyncio.wrap_future(work), deadline)
-        except TimeoutError:
-            raise ResourceTimeout(reason=f"storage I/O on {self.name} did not finish in "
-                                         f"{deadline:g} s") from None
+            return await done
+        except TimeoutError:    # the storage's own (ETIMEDOUT): a timeout all the same
+            raise ResourceTimeout(reason=f"storage I/O on {self.name} timed out") from None
+        finally:
+            del self._calls[done]
+            # still queued: it never runs (a running call cannot be stopped
+            # and goes on in its thread)
+            with contextlib.suppress(IndexError):
+                claim.pop()
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        self._watch_loop = loop
+        # a weak reference: a pending timer must not keep a dropped pool
+        # (and so its threads) alive
+        self._watch = loop.call_at(when, _expire, weakref.ref(self), loop,
+                                   context=_DELIVER_CONTEXT)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The pool's timer: the calls past their deadline fail with 851
+        (their callers' `finally` drops the queued ones); the timer is set
+        again for the nearest deadline left."""
+        self._watch = None
+        now = loop.time()
+        nearest: float | None = None
+        for done, (expires, deadline) in self._calls.items():
+            if done.get_loop() is not loop or done.done():
+                continue
+            if expires <= now:
+                done.set_exception(ResourceTimeout(
+                    reason=f"storage I/O on {self.name} did not finish in {deadline:g} s"))
+            elif nearest is None or expires < nearest:
+                nearest = expires
+        if nearest is not None:
+            self._arm(loop, nearest)
 
     def close(self) -> None:
         """Stop the threads once their current call returns; never waits:
@@ -75,21 +134,56 @@ class IOPool:
             except queue.Empty:
                 break
             if item is not None:
-                item[0].cancel()
+                claim, loop, done = item[:3]
+                with contextlib.suppress(IndexError):
+                    claim.pop()
+                    _deliver_soon(loop, done, None, None, cancel=True)
         self._stop()
+
+
+def _expire(pool: weakref.ref[IOPool], loop: asyncio.AbstractEventLoop) -> None:
+    if (p := pool()) is not None:
+        p._expire(loop)
 
 
 def _worker(work_queue: queue.SimpleQueue[_Work | None]) -> None:
     while (item := work_queue.get()) is not None:
-        work, fn, args = item
-        if not work.set_running_or_notify_cancel():
-            continue
+        claim, loop, done, fn, args = item
+        del item
         try:
-            work.set_result(fn(*args))
-        except BaseException as e:
-            work.set_exception(e)
+            claim.pop()
+        except IndexError:
+            pass            # its caller gave up while it was queued
+        else:
+            try:
+                result, error = fn(*args), None
+            except BaseException as e:
+                result, error = None, e
+            _deliver_soon(loop, done, result, error)
+            del result, error
         # No references kept while idle (results can be large buffers).
-        del work, fn, args, item
+        del claim, loop, done, fn, args
+
+
+def _deliver_soon(loop: asyncio.AbstractEventLoop, done: asyncio.Future[Any],
+                  result: Any, error: BaseException | None, cancel: bool = False) -> None:
+    with contextlib.suppress(RuntimeError):     # the loop is closed: nobody waits
+        loop.call_soon_threadsafe(_deliver, done, result, error, cancel,
+                                  context=_DELIVER_CONTEXT)
+
+
+def _deliver(done: asyncio.Future[Any], result: Any, error: BaseException | None,
+             cancel: bool) -> None:
+    if done.done():         # its caller gave up (deadline, cancel)
+        return
+    if cancel:
+        done.cancel()
+    elif isinstance(error, StopIteration):     # a future refuses it
+        done.set_exception(RuntimeError(f"storage I/O raised {error!r}"))
+    elif error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(result)
 
 
 def _stop_threads(work_queue: queue.SimpleQueue[_Work | None],

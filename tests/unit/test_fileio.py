@@ -76,3 +76,66 @@ async def test_dropped_pool_stops_its_threads():
     for t in threads:
         t.join(5)
         assert not t.is_alive()
+
+
+async def test_each_call_times_out_at_its_own_deadline():
+    """One timer per pool serves every deadline: calls with shorter
+    deadlines than one already waiting, and ones after it, each fail at
+    their own (and no earlier), while a longer one goes on."""
+    import asyncio
+
+    pool = IOPool("t", workers=4, timeout=30)
+    hung = threading.Event()
+
+    async def timed(deadline: float | None) -> float:
+        start = time.monotonic()
+        with pytest.raises(ResourceTimeout):
+            await pool.call(hung.wait, timeout=deadline)
+        return time.monotonic() - start
+
+    try:
+        longest = asyncio.ensure_future(pool.call(hung.wait))      # 30 s
+        took = await asyncio.gather(timed(0.6), timed(0.2), timed(0.4))
+        for spent, deadline in zip(took, (0.6, 0.2, 0.4), strict=True):
+            assert deadline <= spent < deadline + 1.0, (spent, deadline)
+        assert not longest.done()
+        hung.set()
+        assert await longest is True
+    finally:
+        hung.set()
+        pool.close()
+
+
+async def test_a_cancelled_caller_s_queued_call_never_runs():
+    import asyncio
+
+    pool = IOPool("t", workers=1, timeout=5)
+    hung = threading.Event()
+    ran: list[str] = []
+    try:
+        busy = asyncio.ensure_future(pool.call(hung.wait))
+        queued = asyncio.ensure_future(pool.call(ran.append, "late write"))
+        await asyncio.sleep(0)      # both queued
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        hung.set()
+        assert await busy is True
+        assert await pool.call(lambda: "next") == "next"
+        assert ran == []
+    finally:
+        hung.set()
+        pool.close()
+
+
+async def test_the_storage_s_own_timeout_is_851():
+    def etimedout() -> None:
+        raise TimeoutError(110, "Connection timed out")
+
+    pool = IOPool("t", workers=1, timeout=5)
+    try:
+        with pytest.raises(ResourceTimeout) as e:
+            await pool.call(etimedout)
+        assert e.value.code == 851
+    finally:
+        pool.close()
