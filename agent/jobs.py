@@ -305,7 +305,7 @@ class JobRegistry:
         try:
             async with self._slots if slot else contextlib.nullcontext():
                 job.status, job.started = RUNNING, time.time()
-                self._changed(job)
+                self._announce(job)     # saved below, directly (not also by the writer)
                 # Its record says running, and since when, before the work
                 # changes anything: a restart's recovery removes what the
                 # job made after that time, and takes a record that never
@@ -380,9 +380,12 @@ class JobRegistry:
             self.events.publish("job.status", job.info())
 
     def _changed(self, job: Job) -> None:
+        self._announce(job)
+        self._save(job)
+
+    def _announce(self, job: Job) -> None:
         job.last_sent = time.monotonic()
         self.events.publish("job.status", job.info())
-        self._save(job)
         self._update_metrics()
 
     def _forget(self, job: Job) -> None:

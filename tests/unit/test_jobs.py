@@ -369,6 +369,35 @@ async def test_a_job_is_recorded_running_before_its_work_starts(tmp_path, monkey
     await reg.shutdown(1)
 
 
+async def test_a_job_s_running_record_is_written_once(tmp_path, monkeypatch):
+    """The running record is written directly before the work, and not a
+    second time by the background writer (which the old code woke with the
+    same record)."""
+    reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
+    await reg.start()
+    real_write = jobs_module.atomic_write
+    running: list[bytes] = []
+
+    def counted(path, data, **kw):
+        if b'"running"' in data:
+            running.append(data)
+        real_write(path, data, **kw)
+
+    monkeypatch.setattr(jobs_module, "atomic_write", counted)
+
+    async def work(ctx):
+        # the writer has had its turns (it writes on the loop's next rounds)
+        for _ in range(5):
+            await asyncio.to_thread(reg._flush)
+        return {}
+
+    job = new_id()
+    reg.submit(job, "test", work)
+    await wait_ended(reg, job)
+    assert len(running) == 1, running
+    await reg.shutdown(1)
+
+
 async def test_a_job_whose_record_cannot_be_written_fails_before_its_work(tmp_path,
                                                                             monkeypatch):
     """A full state file system: the job cannot say it runs, so it must not
