@@ -80,6 +80,10 @@ class Client:
         self._ws_reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._listeners: set[asyncio.Queue[dict[str, Any]]] = set()
+        # connections used and not yet closed: close() waits for their
+        # sockets (a connection the agent closed, or one left by its
+        # response, leaves the session's pool, whose close waits for the rest)
+        self._closing: set[asyncio.Future[None]] = set()
         # one WebSocket and one reader for every caller: two tasks connecting
         # at once (two wait_job) would each start a reader of the same socket
         self._ws_connecting = asyncio.Lock()
@@ -114,12 +118,25 @@ class Client:
     async def close(self) -> None:
         await self._close_ws()
         if self._session is not None:
+            # waits for its pooled connections' sockets (aiohttp 3.12+)
             await self._session.close()
-            # Aborted TLS transports close their sockets in a callback on the
-            # following loop iterations: let them run before the caller's loop ends,
-            # or the socket leaks (aiohttp's documented graceful shutdown).
-            await asyncio.sleep(0.05)
+            # and these: their TLS transports close the socket on a later
+            # loop iteration; ended before the caller's loop, or they leak
+            if self._closing:
+                await asyncio.wait(set(self._closing), timeout=self.timeout)
         self._session = None
+
+    def _track(self, connection: Any) -> None:
+        """Remember the connection's "closed" future, for close()."""
+        closed = _protocol_closed(connection)
+        if closed is not None and closed not in self._closing:
+            self._closing.add(closed)
+            closed.add_done_callback(self._closed)
+
+    def _closed(self, closed: asyncio.Future[None]) -> None:
+        self._closing.discard(closed)
+        if not closed.cancelled():
+            closed.exception()      # a connection lost on the way is no error here
 
     async def _close_ws(self) -> None:
         # Stop our reader first: closing a WebSocket that another task is
@@ -132,6 +149,8 @@ class Client:
             with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError, OSError):
                 await self._ws_reader
         if self._ws is not None:
+            # (aiohttp keeps a WebSocket's connection private)
+            self._track(getattr(self._ws, "_conn", None))
             with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
                 await self._ws.close()
         self._ws = self._ws_reader = None
@@ -143,6 +162,7 @@ class Client:
         response, or None when the body is empty or not JSON)."""
         async with self.session.post(f"{self.base_url}/jsonrpc", data=body,
                                      headers={"Content-Type": "application/json"}) as r:
+            self._track(r.connection)
             text = await r.text()
             if r.status != 200 or not text:
                 return r.status, None
@@ -173,6 +193,7 @@ class Client:
 
     async def get(self, path: str) -> tuple[int, bytes]:
         async with self.session.get(f"{self.base_url}{path}") as r:
+            self._track(r.connection)
             return r.status, await r.read()
 
     # ---- WebSocket -------------------------------------------------------------
@@ -273,3 +294,10 @@ def _unwrap(response: dict[str, Any]) -> Any:
         e = response["error"]
         raise RpcError(e.get("code", 0), e.get("message", ""), e.get("data"))
     return response.get("result")
+
+
+def _protocol_closed(connection: Any) -> asyncio.Future[None] | None:
+    """The future a connection's protocol sets once its socket is closed;
+    None if it is closed already (or aiohttp no longer has it)."""
+    closed = getattr(getattr(connection, "protocol", None), "closed", None)
+    return closed if isinstance(closed, asyncio.Future) else None

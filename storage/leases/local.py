@@ -205,7 +205,7 @@ class LocalBackend:
         return lease
 
     async def close(self) -> None:
-        # a flag as well as the cancel: IOPool.call's wait_for can swallow it on 3.11
+        # a flag as well as the cancel: the monitor may be between two calls
         self._closing = True
         if self._monitor is not None:
             self._monitor.cancel()

@@ -203,12 +203,13 @@ async def generate(spec: dict[str, Any]) -> dict[str, Any]:
                  for i, c in enumerate(calls)]
         await asyncio.gather(*loops)
         elapsed = time.perf_counter() - rec.start
+        ended = time.monotonic()    # the machine's clock, as the agent's gcstats
     finally:
         await session.close()
     with open(spec["samples"], "w") as f:
         json.dump({"t": rec.t, "verb": rec.verb, "ms": rec.ms}, f)
     return {"requests": len(rec.ms), "errors": rec.errors, "examples": rec.examples,
-            "elapsed": elapsed, "connect_s": connect_s}
+            "elapsed": elapsed, "ended": ended, "connect_s": connect_s}
 
 
 # ---- the run (parent process) ---------------------------------------------------------------
@@ -311,13 +312,16 @@ def run(seconds: float = 60.0, http_clients: int = 64, ws_clients: int = 500,
                 time.sleep(1.0)
                 if time.monotonic() - start > seconds + 60:
                     raise RuntimeError("the generators did not end")
-            window = (start, time.monotonic())   # collections of the load only
             gens = {}
             for kind, w in zip(("http", "ws"), workers, strict=True):
                 out, _ = w.communicate()
                 assert w.returncode == 0, f"{kind} generator failed"
                 gens[kind] = json.loads(out.strip().splitlines()[-1])
                 gens[kind]["samples"] = json.loads((work / f"{kind}-samples.json").read_text())
+            # collections of the load only: from the go to the last call's
+            # answer (not the generators' exit, which writing their samples
+            # delays past the agent's quiet full collection on long runs)
+            window = (start, max(g["ended"] for g in gens.values()))
             after = _resources(proc)
             quiet_full = asyncio.run(_quiet_full(agent, window[1]))
             asyncio.run(_teardown(agent, setup))
