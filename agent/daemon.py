@@ -20,7 +20,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# aiohttp makes two client TLS contexts as it is imported, each reading the
+# system's CA bundle: 0.05 CPU-s of every agent start here (0.34 -> 0.29 s
+# for `import agent.daemon`, medians of 8; the crash tests restart the
+# agent hundreds of times). The agent serves TLS with its own CA and never
+# uses those contexts: they are made without the bundle, and the variable
+# is put back.
+_CA_BUNDLE = os.environ.get("SSL_CERT_FILE")
+os.environ["SSL_CERT_FILE"] = os.devnull
 from aiohttp import web
+
+if _CA_BUNDLE is None:
+    del os.environ["SSL_CERT_FILE"]
+else:
+    os.environ["SSL_CERT_FILE"] = _CA_BUNDLE
 
 from agent import __version__, logs
 from agent import config as configmod
