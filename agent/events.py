@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("agent.events")
@@ -27,9 +28,18 @@ class Notification(dict[str, Any]):
 
 
 class Subscriber:
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, wake: Callable[[], None] | None = None) -> None:
         self.queue: asyncio.Queue[Notification] = asyncio.Queue(maxsize)
         self.overflowed = asyncio.Event()
+        # called after each event queued, and once on overflow (push)
+        self.wake = wake
+
+    def poll(self) -> Notification | None:
+        """The next queued event without waiting; None when none is queued
+        or this subscriber overflowed (see next())."""
+        if self.overflowed.is_set() or self.queue.empty():
+            return None
+        return self.queue.get_nowait()
 
     async def next(self) -> Notification | None:
         """The next event; None once this subscriber was dropped for
@@ -47,8 +57,11 @@ class EventBus:
         self.queue_size = queue_size
         self._subscribers: set[Subscriber] = set()
 
-    def subscribe(self) -> Subscriber:
-        sub = Subscriber(self.queue_size)
+    def subscribe(self, wake: Callable[[], None] | None = None) -> Subscriber:
+        """A subscriber to pull from (next()), or, given `wake`, to be told
+        when events wait (wake() on the publisher's stack: it must not
+        block, and it reads them with poll())."""
+        sub = Subscriber(self.queue_size, wake)
         self._subscribers.add(sub)
         return sub
 
@@ -72,3 +85,5 @@ class EventBus:
                             sub.queue.qsize())
                 self._subscribers.discard(sub)
                 sub.overflowed.set()
+            if sub.wake is not None:
+                sub.wake()

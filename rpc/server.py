@@ -18,7 +18,7 @@ import contextvars
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -29,6 +29,7 @@ from aiohttp.web_request import BaseRequest
 from agent import __version__
 from agent.config import ServerConfig
 from agent.context import Agent
+from agent.events import EventBus
 from rpc.dispatch import Dispatcher
 from rpc.tlsguard import HandshakeGuard
 
@@ -210,6 +211,39 @@ class _WebSocketResponse(web.WebSocketResponse):
                 handler.close()
 
 
+class _Notifications:
+    """A WebSocket client's notifications, sent by a task that runs only
+    while some wait: a client with none to send has no task waiting on its
+    queue (500 idle pumps, each re-made at every event, were ~2,500 objects
+    every young collection walked, issue 21). Overflowed: the WebSocket is
+    closed with 1013."""
+
+    def __init__(self, bus: EventBus, ws: web.WebSocketResponse,
+                 send: Callable[[str], Awaitable[None]]) -> None:
+        self.bus, self.ws, self.send = bus, ws, send
+        self.sub = bus.subscribe(wake=self._wake)
+        self.task: asyncio.Task[None] | None = None
+
+    def _wake(self) -> None:
+        # Called by the bus as it publishes: start the sender unless it
+        # runs (one about to end reads the new event first: nothing runs
+        # between its last poll and its end). The shared context: the
+        # publisher's (a job's, a request's) is not the sender's.
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._send(), context=_CALLBACK_CONTEXT)
+
+    async def _send(self) -> None:
+        while (event := self.sub.poll()) is not None:
+            await self.send(event.text)
+        if self.sub.overflowed.is_set():
+            await self.ws.close(code=1013, message=b"too slow: events dropped")
+
+    def close(self) -> list[asyncio.Task[None]]:
+        """Unsubscribed; the sender's task, if any, to cancel and await."""
+        self.bus.unsubscribe(self.sub)
+        return [self.task] if self.task is not None else []
+
+
 async def handle_ws(request: web.Request) -> web.StreamResponse:
     agent = request.app[AGENT_KEY]
     dispatcher = request.app[DISPATCHER_KEY]
@@ -220,9 +254,6 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
     ws = _WebSocketResponse(heartbeat=30.0, max_msg_size=config.max_body_bytes)
     await ws.prepare(request)
     peer = peer_name(request)
-    sub = agent.events.subscribe()
-    clients.add(ws)
-    agent.metrics.ws_clients.set(len(clients))
     calls: set[asyncio.Task[None]] = set()
     in_flight = asyncio.Semaphore(WS_IN_FLIGHT)
     send_lock = asyncio.Lock()
@@ -231,11 +262,6 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
         async with send_lock:
             if not ws.closed:
                 await ws.send_str(text)
-
-    async def pump_events() -> None:
-        while (event := await sub.next()) is not None:
-            await send(event.text)
-        await ws.close(code=1013, message=b"too slow: events dropped")
 
     async def answer(text: str) -> None:
         response = await dispatcher.dispatch(text, peer)
@@ -246,7 +272,9 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
         calls.discard(task)
         in_flight.release()
 
-    pump = asyncio.create_task(pump_events())
+    notifications = _Notifications(agent.events, ws, send)
+    clients.add(ws)
+    agent.metrics.ws_clients.set(len(clients))
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
@@ -262,13 +290,12 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
             elif msg.type == WSMsgType.ERROR:
                 log.info("WebSocket from %s closed with error %s", peer, ws.exception())
     finally:
-        agent.events.unsubscribe(sub)
         clients.discard(ws)
         agent.metrics.ws_clients.set(len(clients))
-        pump.cancel()
-        for task in calls:
+        tasks = [*calls, *notifications.close()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(pump, *calls, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
     return ws
 
 
