@@ -327,8 +327,13 @@ async def test_soak_idle_unauthenticated_connections(
     print(f"baseline {baseline}\nunder load: held {min(samples)}..{max(samples)}, "
           f"opened {sum(opened)}, " + ", ".join(
               f"{k} n={len(v)} max={max(v):.3f} s" for k, v in latencies.items()))
-    # the idle ones were really held, and cut and reopened along the way
-    assert min(samples) >= 1.5 * SOAK_IDLE, samples
+    # the idle ones were really held, and cut and reopened along the way.
+    # Opened together, they are cut together (every handshake timeout):
+    # a sample taken while the 400 reconnect sees a dip (284 in a run with
+    # 853 samples), so most samples, not each, find them held
+    samples.sort()
+    assert samples[len(samples) // 2] >= 1.5 * SOAK_IDLE, samples
+    assert samples[0] >= SOAK_IDLE / 2, samples
     assert sum(opened) >= 3 * 2 * SOAK_IDLE
     assert len(latencies["ping"]) >= 20 and len(latencies["upload"]) >= 5
     for kind, values in latencies.items():
