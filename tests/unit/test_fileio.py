@@ -3,13 +3,28 @@ that cannot keep the process alive."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from storage.errors import ResourceTimeout
 from storage.fileio import IOPool
+
+
+@contextlib.contextmanager
+def hanging(workers: int, timeout: float) -> Iterator[tuple[IOPool, threading.Event]]:
+    """A pool, and an event its hung calls wait for (set at the end)."""
+    pool = IOPool("t", workers=workers, timeout=timeout)
+    hung = threading.Event()
+    try:
+        yield pool, hung
+    finally:
+        hung.set()
+        pool.close()
 
 
 async def test_result_and_error():
@@ -25,10 +40,8 @@ async def test_result_and_error():
 async def test_timeout_and_queued_call_never_runs():
     """A hung call costs its deadline; a call queued behind it whose deadline
     passed is dropped, not run once the storage answers."""
-    pool = IOPool("t", workers=1, timeout=0.2)
-    hung = threading.Event()
     ran: list[str] = []
-    try:
+    with hanging(workers=1, timeout=0.2) as (pool, hung):
         with pytest.raises(ResourceTimeout) as e:
             await pool.call(hung.wait)
         assert e.value.code == 851
@@ -37,9 +50,6 @@ async def test_timeout_and_queued_call_never_runs():
         hung.set()
         assert await pool.call(lambda: "next") == "next"
         assert ran == []
-    finally:
-        hung.set()
-        pool.close()
 
 
 async def test_threads_are_daemons_and_close_does_not_wait():
@@ -82,18 +92,13 @@ async def test_each_call_times_out_at_its_own_deadline():
     """One timer per pool serves every deadline: calls with shorter
     deadlines than one already waiting, and ones after it, each fail at
     their own (and no earlier), while a longer one goes on."""
-    import asyncio
-
-    pool = IOPool("t", workers=4, timeout=30)
-    hung = threading.Event()
-
     async def timed(deadline: float | None) -> float:
         start = time.monotonic()
         with pytest.raises(ResourceTimeout):
             await pool.call(hung.wait, timeout=deadline)
         return time.monotonic() - start
 
-    try:
+    with hanging(workers=4, timeout=30) as (pool, hung):
         longest = asyncio.ensure_future(pool.call(hung.wait))      # 30 s
         took = await asyncio.gather(timed(0.6), timed(0.2), timed(0.4))
         for spent, deadline in zip(took, (0.6, 0.2, 0.4), strict=True):
@@ -101,18 +106,11 @@ async def test_each_call_times_out_at_its_own_deadline():
         assert not longest.done()
         hung.set()
         assert await longest is True
-    finally:
-        hung.set()
-        pool.close()
 
 
 async def test_a_cancelled_caller_s_queued_call_never_runs():
-    import asyncio
-
-    pool = IOPool("t", workers=1, timeout=5)
-    hung = threading.Event()
     ran: list[str] = []
-    try:
+    with hanging(workers=1, timeout=5) as (pool, hung):
         busy = asyncio.ensure_future(pool.call(hung.wait))
         queued = asyncio.ensure_future(pool.call(ran.append, "late write"))
         await asyncio.sleep(0)      # both queued
@@ -123,19 +121,13 @@ async def test_a_cancelled_caller_s_queued_call_never_runs():
         assert await busy is True
         assert await pool.call(lambda: "next") == "next"
         assert ran == []
-    finally:
-        hung.set()
-        pool.close()
 
 
 async def test_the_storage_s_own_timeout_is_851():
     def etimedout() -> None:
         raise TimeoutError(110, "Connection timed out")
 
-    pool = IOPool("t", workers=1, timeout=5)
-    try:
+    with hanging(workers=1, timeout=5) as (pool, _):
         with pytest.raises(ResourceTimeout) as e:
             await pool.call(etimedout)
         assert e.value.code == 851
-    finally:
-        pool.close()
