@@ -30,14 +30,14 @@ from storage.errors import ResourceTimeout
 
 T = TypeVar("T")
 
-# A queued call: (claim, loop, future, fn, args). `claim` is a one-item list
-# popped exactly once (list.pop is atomic under the GIL): by the worker that
-# runs the call, or by the caller that gave up on it (deadline, cancel,
-# close): a call still queued when its caller gave up never runs.
 # _deliver and the pool's timer set no context variable: one context for
 # all, not a copy each
 _DELIVER_CONTEXT = contextvars.Context()
 
+# A queued call: (claim, loop, future, fn, args). `claim` is a one-item list
+# popped exactly once (list.pop is atomic under the GIL): by the worker that
+# runs the call, or by the caller that gave up on it (deadline, cancel,
+# close): a call still queued when its caller gave up never runs.
 _Work = tuple[list[None], asyncio.AbstractEventLoop, "asyncio.Future[Any]",
               Callable[..., Any], tuple[Any, ...]]
 
