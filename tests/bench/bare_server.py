@@ -3,6 +3,11 @@ settings as the agent.
 
 On PORT, an aiohttp app:
 - POST /jsonrpc returns the same body as the agent's ping (ping benchmark).
+- POST /jsonrpc-floor answers the request through jsonrpcserver's own steps
+  alone (parse, create_request, call, to_response, to_serializable_one,
+  serialise) with a ping method that returns {}: no validation, metrics,
+  logging nor checks. What any server with jsonrpcserver as its dispatcher
+  costs at least, on the same HTTP and TLS (ping benchmark, issue 21).
 - PUT /sink reads the request body the way the main port's OVF upload does
   (aiohttp's StreamReader, in chunks of up to 1 MiB) and discards it.
 
@@ -30,6 +35,10 @@ from pathlib import Path
 from typing import cast
 
 from aiohttp import web
+from jsonrpcserver import Result, Success
+from jsonrpcserver.async_dispatcher import call
+from jsonrpcserver.dispatcher import create_request, to_response
+from jsonrpcserver.response import to_serializable_one
 
 from agent.config import ServerConfig
 from rpc.ovfroutes import CHUNK
@@ -42,6 +51,17 @@ BUFFER = 4 << 20
 async def handle(request: web.Request) -> web.Response:
     await request.read()
     return web.Response(body=BODY, content_type="application/json")
+
+
+async def ping(peer: str) -> Result:
+    return Success({})
+
+
+async def floor(request: web.Request) -> web.Response:
+    req = create_request(json.loads(await request.text()))
+    result = await call(req, request.remote, ping)
+    return web.Response(text=json.dumps(to_serializable_one(to_response(req, result))),
+                        content_type="application/json")
 
 
 async def sink(request: web.Request) -> web.Response:
@@ -170,7 +190,8 @@ def main() -> None:
         threading.Thread(target=_thread_server, args=(ls, ssl_context(config)),
                          daemon=True).start()
     app = web.Application()
-    app.add_routes([web.post("/jsonrpc", handle), web.put("/sink", sink)])
+    app.add_routes([web.post("/jsonrpc", handle), web.post("/jsonrpc-floor", floor),
+                    web.put("/sink", sink)])
     web.run_app(app, host="127.0.0.1", port=port, ssl_context=ssl_context(config),
                 access_log=None, print=lambda *a: print("ready", flush=True), backlog=1024)
 
