@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import json
 import logging
 import ssl
@@ -32,6 +31,7 @@ from agent.context import Agent
 from agent.events import EventBus
 from rpc.dispatch import Dispatcher
 from rpc.tlsguard import HandshakeGuard
+from storage.fileio import CALLBACK_CONTEXT
 
 log = logging.getLogger("rpc.server")
 
@@ -51,10 +51,6 @@ IDLE_TIMEOUT = 30.0
 BODY_TIMEOUT = 30.0
 # Calls one WebSocket client may have running at once.
 WS_IN_FLIGHT = 64
-# The context a WebSocket call's done-callback runs in: one for all, not a
-# copy of the current context per callback (they set no context variable;
-# one object less per call in flight for the garbage collector, issue 21).
-_CALLBACK_CONTEXT = contextvars.Context()
 JSON_TYPES = frozenset({"application/json", "application/json-rpc"})
 
 PARSE_ERROR = json.dumps({"jsonrpc": "2.0", "id": None,
@@ -230,7 +226,7 @@ class _Notifications:
         # between its last poll and its end). The shared context: the
         # publisher's (a job's, a request's) is not the sender's.
         if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self._send(), context=_CALLBACK_CONTEXT)
+            self.task = asyncio.create_task(self._send(), context=CALLBACK_CONTEXT)
 
     async def _send(self) -> None:
         while (event := self.sub.poll()) is not None:
@@ -284,7 +280,7 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
                 await in_flight.acquire()
                 task = asyncio.create_task(answer(msg.data))
                 calls.add(task)
-                task.add_done_callback(answered, context=_CALLBACK_CONTEXT)
+                task.add_done_callback(answered, context=CALLBACK_CONTEXT)
             elif msg.type == WSMsgType.BINARY:
                 await send(PARSE_ERROR)
             elif msg.type == WSMsgType.ERROR:

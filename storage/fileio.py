@@ -30,9 +30,11 @@ from storage.errors import ResourceTimeout
 
 T = TypeVar("T")
 
-# _deliver and the pool's timer set no context variable: one context for
-# all, not a copy each
-_DELIVER_CONTEXT = contextvars.Context()
+# The context of loop callbacks that set no context variable (this pool's
+# deliveries and timer; rpc.server's WebSocket callbacks and notification
+# sender): one shared, not a copy of the current context each, so one
+# object less per call in flight for the garbage collector (issue 21).
+CALLBACK_CONTEXT = contextvars.Context()
 
 # A queued call: (claim, loop, future, fn, args). `claim` is a one-item list
 # popped exactly once (list.pop is atomic under the GIL): by the worker that
@@ -103,7 +105,7 @@ class IOPool:
         # a weak reference: a pending timer must not keep a dropped pool
         # (and so its threads) alive
         self._watch = loop.call_at(when, _expire, weakref.ref(self), loop,
-                                   context=_DELIVER_CONTEXT)
+                                   context=CALLBACK_CONTEXT)
 
     def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
         """The pool's timer: the calls past their deadline fail with 851
@@ -169,7 +171,7 @@ def _deliver_soon(loop: asyncio.AbstractEventLoop, done: asyncio.Future[Any],
                   result: Any, error: BaseException | None, cancel: bool = False) -> None:
     with contextlib.suppress(RuntimeError):     # the loop is closed: nobody waits
         loop.call_soon_threadsafe(_deliver, done, result, error, cancel,
-                                  context=_DELIVER_CONTEXT)
+                                  context=CALLBACK_CONTEXT)
 
 
 def _deliver(done: asyncio.Future[Any], result: Any, error: BaseException | None,
