@@ -29,7 +29,7 @@ from storage.domains.common import VmAccess as VmAccess
 from storage.domains.common import VolumeSpec as VolumeSpec
 from storage.domains.common import check_generation as check_generation
 from storage.domains.common import leaf_first as leaf_first
-from storage.domains.common import no_progress
+from storage.domains.common import no_progress, visible
 from storage.domains.common import os_error as os_error
 from storage.domains.common import read_check as read_check
 from storage.domains.common import volume_info as volume_info
@@ -284,9 +284,7 @@ class Domain(VolumeHolding, abc.ABC):
             md = await self.read_volume_md(img, vol)
         except MetadataError as e:
             raise VolumeMetadataReadError(volUUID=vol, reason=str(e)) from None
-        if md.state == REMOVING or md.image != img or vol in self.pending_discards:
-            raise VolumeDoesNotExist(volUUID=vol)
-        return md
+        return visible(md, img, vol, self.pending_discards)
 
     async def scan(self, img: str | None = None, *, cached: bool = False) -> list[VolumeMetadata]:
         """Metadata of every volume (of one image, or of the domain) whose metadata

@@ -6,7 +6,7 @@ what a file system error or a failed read means for a domain."""
 from __future__ import annotations
 
 import errno
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +17,10 @@ from storage.errors import (
     HostAgentError,
     NoSpaceLeftOnDomain,
     StorageDomainAccessError,
+    VolumeDoesNotExist,
     out_of_space,
 )
-from storage.metadata import READY, VolumeMetadata
+from storage.metadata import READY, REMOVING, VolumeMetadata
 
 Progress = Callable[[float], None]
 Fill = Callable[[VolumeMetadata], Awaitable[None]]
@@ -101,6 +102,15 @@ def check_generation(md: VolumeMetadata, generation: int | None) -> None:
     before anything is changed."""
     if generation is not None and generation != md.generation:
         raise GenerationMismatch(volUUID=md.uuid, expected=generation, actual=md.generation)
+
+
+def visible(md: VolumeMetadata, img: str, vol: str, discarding: Container[str]
+            ) -> VolumeMetadata:
+    """md, read for volume `vol` of image `img`, if callers may see it: not
+    being removed, in that image, its discard not pending; else 201."""
+    if md.state == REMOVING or md.image != img or vol in discarding:
+        raise VolumeDoesNotExist(volUUID=vol)
+    return md
 
 
 def volume_info(md: VolumeMetadata, apparent: int, true: int) -> dict[str, Any]:
