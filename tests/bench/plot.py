@@ -98,6 +98,16 @@ def load_verb_groups() -> list[tuple[str, list[tuple[str, float]]]]:
             for verb, d in r["verbs"].items() if d.get("count")]
 
 
+def ping_groups() -> list[tuple[str, list[tuple[str, float]]]]:
+    r = _load("ping")
+    if not r:
+        return []
+    names = (("agent", "agent"), ("jsonrpcserver floor", "floor"), ("bare aiohttp", "bare"))
+    return [(label, [("CPU us/req", r[key]["server_cpu_us_per_req"]),
+                     ("p99 ms x10", 10 * r[key]["p99_ms"])])
+            for label, key in names if key in r]
+
+
 CHARTS = (
     ("throughput.svg", "Throughput: the agent beside the bare tool (MiB/s, median)",
      throughput_groups, "MiB/s"),
@@ -107,6 +117,8 @@ CHARTS = (
      block_scale_groups, "ms"),
     ("load-verbs.svg", "Latency per verb under load: 64 HTTP + 500 WebSocket clients (ms)",
      load_verb_groups, "ms"),
+    ("ping.svg", "ping, 64 mTLS clients: server CPU per request (us) and p99 (ms x10)",
+     ping_groups, "us"),
 )
 
 
