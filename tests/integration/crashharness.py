@@ -142,7 +142,9 @@ async def check_invariants(c: Client, sd: str, root: Path, *, deep: bool = False
             expected |= {f"{img}/{vol}", f"{img}/{vol}.meta"}
             if (root / "images" / img / f"{vol}.lease").exists():
                 expected.add(f"{img}/{vol}.lease")
-    assert storage_files(root) == expected
+    files = storage_files(root)
+    assert files == expected, {"not listed": sorted(files - expected),
+                               "missing": sorted(expected - files)}
     return infos
 
 
