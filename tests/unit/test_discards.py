@@ -107,3 +107,27 @@ async def test_volume_info_sees_what_volume_sees(tmp_path: Path, io: IOPool) -> 
     meta.write_bytes(meta.read_bytes().replace(b"LEGALITY=LEGAL", b"LEGALITY=LEGAX"))
     with pytest.raises(VolumeMetadataReadError):
         await domain.volume_info(img, vol)
+
+
+async def test_a_lease_left_by_a_removal_cut_short_is_collected(tmp_path: Path,
+                                                                io: IOPool) -> None:
+    """A removal writes REMOVING, removes the data and metadata, then the
+    lease file: a kill between the last two left the lease file with no
+    volume beside it, which garbage collection (finding volumes by their
+    metadata) never looked at again (seen in a kill -9 merge trial)."""
+    domain, vmd = await domain_with_volume(FileDomain, tmp_path, io, 4096,
+                                           legality="LEGAL", generation=0, state="READY")
+    img, vol = vmd.image, vmd.uuid
+    await domain.make_volume_lease(vmd)
+    lease = domain.images / img / f"{vol}.lease"
+    assert lease.exists()
+    other = replace(vmd, uuid=new_id())            # a volume that stays, in the same image
+    await domain.write_volume_md(other)
+    (domain.images / img / other.uuid).write_bytes(b"")
+    await domain.make_volume_lease(other)
+
+    await domain.write_volume_md(replace(vmd, state="REMOVING", legality="ILLEGAL"))
+    await domain.remove_volume_data(img, vol)      # the kill comes here
+    await domain.collect_garbage()
+    assert sorted(p.name for p in (domain.images / img).iterdir()) == sorted(
+        [other.uuid, f"{other.uuid}.meta", f"{other.uuid}.lease"])
