@@ -84,6 +84,15 @@ async def _io(io: IOPool, root: Path, fn: Callable[..., T], *args: Any,
         raise
 
 
+def _lease_orphans(names: list[str]) -> list[str]:
+    """The volumes of an image directory's listing that have a lease file
+    and no metadata: left by a crash (a volume's metadata is written
+    before its lease file, and removed before it)."""
+    have = set(names)
+    return [n[:-len(LEASE_SUFFIX)] for n in names
+            if n.endswith(LEASE_SUFFIX) and f"{n[:-len(LEASE_SUFFIX)]}{META_SUFFIX}" not in have]
+
+
 def _volume_names(names: list[str]) -> Iterator[str]:
     """The volumes of an image directory's listing: UUIDs with a .meta."""
     for n in names:
@@ -519,10 +528,8 @@ class FileDomain(Domain):
             # a lease file whose volume has no metadata is left from a crash
             # (a volume's metadata is written before its lease file)
             with contextlib.suppress(FileNotFoundError):
-                for name in os.listdir(self.images / img):
-                    if name.endswith(LEASE_SUFFIX) and not self._meta(
-                            img, name[:-len(LEASE_SUFFIX)]).exists():
-                        (self.images / img / name).unlink(missing_ok=True)
+                for vol in _lease_orphans(os.listdir(self.images / img)):
+                    (self.images / img / f"{vol}{LEASE_SUFFIX}").unlink(missing_ok=True)
             try:
                 (self.images / img).rmdir()
             except FileNotFoundError:
@@ -598,12 +605,9 @@ class FileDomain(Domain):
                 images = list(filter(is_uuid, os.listdir(self.images)))
             for img in images:
                 try:
-                    names = set(os.listdir(self.images / img))
+                    found += [(img, vol) for vol in _lease_orphans(os.listdir(self.images / img))]
                 except FileNotFoundError:
                     continue      # removed meanwhile (by another host)
-                found += [(img, n[:-len(LEASE_SUFFIX)]) for n in names
-                          if n.endswith(LEASE_SUFFIX)
-                          and f"{n[:-len(LEASE_SUFFIX)]}{META_SUFFIX}" not in names]
             return found
 
         removed = []
