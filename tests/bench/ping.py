@@ -58,8 +58,9 @@ def run(runs: int = 5, seconds: float = 5.0, conc: int = 64) -> dict[str, Any]:
                 _measure(url, agent.pki, proc, body, conc, 1.0)
             results: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
             names = list(targets)
-            for i in range(runs):     # in turns, each first once in three
-                for name in names[i % 3:] + names[:i % 3]:
+            for i in range(runs):     # in turns, each server first in its turn
+                k = i % len(names)
+                for name in names[k:] + names[:k]:
                     url, proc = targets[name]
                     results[name].append(_measure(url, agent.pki, proc, body, conc, seconds))
             rss = psutil.Process(agent.proc.pid).memory_info().rss
