@@ -104,12 +104,16 @@ def data_url(agent: AgentProcess, t: dict[str, Any], path: str) -> str:
 
 async def put(agent: AgentProcess, target: str, body: bytes, *,
               content_length: int | None = None, chunk: int = 256 * 1024, cert: bool = True,
-              sent: Callable[[int], Awaitable[None] | None] | None = None) -> tuple[int, Any]:
+              sent: Callable[[int], Awaitable[None] | None] | None = None,
+              offered: list[int] | None = None) -> tuple[int, Any]:
     """PUT body in chunks to target (a URL, or a path on the main port);
     `sent(n)` is called (and awaited if it is a coroutine function) once n
-    bytes were handed over."""
+    bytes were handed over. `offered[0]`, if given, is kept at the bytes
+    offered to the connection so far: the most the server can have got."""
     async def gen() -> AsyncIterator[bytes]:
         for i in range(0, len(body), chunk):
+            if offered is not None:
+                offered[0] = min(i + chunk, len(body))
             yield body[i:i + chunk]
             if sent is not None:
                 pending = sent(min(i + chunk, len(body)))
@@ -432,7 +436,8 @@ async def kill9_trials(agent: AgentProcess, restart: Callable[[AgentProcess], Ag
 
     Kill points, stratified so that both ends are tried: in the first half
     of the trials, once a random part of the body was sent (the old tar must
-    stay); in the second half, a random time after the whole body was sent,
+    stay unless the rest of the body got out before the kill landed); in the
+    second half, a random time after the whole body was sent,
     up to as long as a whole upload took before (mostly the new tar, and the
     agent's last steps: flush, fsync, header switch)."""
     outcomes = {"old": 0, "new": 0}
@@ -457,13 +462,16 @@ async def kill9_trials(agent: AgentProcess, restart: Callable[[AgentProcess], Ag
         async with client_of(agent) as c:
             t = await c.call("uploadOvfTar", sdUUID=sd, size=len(new),
                              sha256=hashlib.sha256(new).hexdigest())
-        task = asyncio.create_task(put(agent, t["url"], new, chunk=32 * 1024, sent=sent))
+        offered = [0]
+        task = asyncio.create_task(put(agent, t["url"], new, chunk=32 * 1024, sent=sent,
+                                       offered=offered))
         waiter = asyncio.ensure_future(reached.wait())
         await asyncio.wait([waiter, task], return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         if point > 1:
             await asyncio.wait([task], timeout=(point - 1) * whole)
         agent.kill()
+        out = offered[0]        # the sender may run a chunk or two past the mark first
         acked = False
         try:
             status, reply = await task      # done before the kill, or cut by it
@@ -479,7 +487,7 @@ async def kill9_trials(agent: AgentProcess, restart: Callable[[AgentProcess], Ag
         assert len(data) == info["size"]
         assert data == new or not acked     # a 200 reply means the tar was durable
         if data == new:
-            assert point >= 1, f"trial {i}: the new tar stored before all of it was sent"
+            assert out == len(new), f"trial {i}: the new tar stored before all of it was sent"
             outcomes["new"] += 1
             current = new
         else:
