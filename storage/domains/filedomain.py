@@ -524,12 +524,12 @@ class FileDomain(Domain):
         return {"capacity": capacity, "free": free, "used": capacity - free}
 
     async def remove_image_dir(self, img: str) -> None:
+        # a lease file whose volume has no metadata is left from a crash,
+        # unless its lease is held (a removal under way): that one stays,
+        # and so does the directory, for the collection to finish
+        await self._collect_orphan_leases(img)
+
         def remove() -> None:
-            # a lease file whose volume has no metadata is left from a crash
-            # (a volume's metadata is written before its lease file)
-            with contextlib.suppress(FileNotFoundError):
-                for vol in _lease_orphans(os.listdir(self.images / img)):
-                    (self.images / img / f"{vol}{LEASE_SUFFIX}").unlink(missing_ok=True)
             try:
                 (self.images / img).rmdir()
             except FileNotFoundError:
@@ -592,17 +592,19 @@ class FileDomain(Domain):
         report["removed"] += [p.name for p in leftovers] + orphans
         return report
 
-    async def _collect_orphan_leases(self) -> list[str]:
-        """Lease files whose volume has no metadata: a removal writes
-        REMOVING, removes the data and metadata under the volume's lease,
-        then (released) its lease file; a crash between the last two leaves
-        the lease file, which the metadata-led collection never finds. One
-        that some host or job still holds is a removal under way: left."""
+    async def _collect_orphan_leases(self, only: str | None = None) -> list[str]:
+        """Lease files whose volume has no metadata (in image `only`, or in
+        all): a removal writes REMOVING, removes the data and metadata under
+        the volume's lease, then (released) its lease file; a crash between
+        the last two leaves the lease file, which the metadata-led collection
+        never finds. One that some host or job still holds is a removal
+        under way: left."""
         def orphans() -> list[tuple[str, str]]:
             found: list[tuple[str, str]] = []
-            images: list[str] = []
-            with contextlib.suppress(FileNotFoundError):
-                images = list(filter(is_uuid, os.listdir(self.images)))
+            images: list[str] = [] if only is None else [only]
+            if only is None:
+                with contextlib.suppress(FileNotFoundError):
+                    images = list(filter(is_uuid, os.listdir(self.images)))
             for img in images:
                 try:
                     found += [(img, vol) for vol in _lease_orphans(os.listdir(self.images / img))]

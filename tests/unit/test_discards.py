@@ -15,6 +15,7 @@ import pytest
 
 from storage.domains.common import volume_info
 from storage.domains.filedomain import FileDomain
+from storage.domains.leaseapi import Unleased
 from storage.errors import VolumeDoesNotExist, VolumeMetadataReadError
 from storage.fileio import IOPool, atomic_write
 from storage.metadata import BLANK_UUID, DomainMetadata, VolumeMetadata
@@ -131,3 +132,33 @@ async def test_a_lease_left_by_a_removal_cut_short_is_collected(tmp_path: Path,
     await domain.collect_garbage()
     assert sorted(p.name for p in (domain.images / img).iterdir()) == sorted(
         [other.uuid, f"{other.uuid}.meta", f"{other.uuid}.lease"])
+
+
+class HeldLeases(Unleased):
+    """Leases of which those of the volumes in `held` are taken elsewhere."""
+
+    def __init__(self, held: set[str]) -> None:
+        self.held = held
+
+    async def busy(self, md: VolumeMetadata) -> bool:
+        return md.uuid in self.held
+
+
+async def test_an_image_emptied_keeps_a_lease_file_still_held(tmp_path: Path,
+                                                              io: IOPool) -> None:
+    """remove_image_dir (an image left with no volume) removes a lease file
+    without its volume, as the collection does, and asks the same question
+    first: one still held is a removal under way (another host's or job's),
+    not a leftover. It stays, and with it the directory, until it is free."""
+    domain, vmd = await domain_with_volume(FileDomain, tmp_path, io, 4096,
+                                           legality="LEGAL", generation=0, state="READY")
+    img, vol = vmd.image, vmd.uuid
+    await domain.make_volume_lease(vmd)
+    await domain.write_volume_md(replace(vmd, state="REMOVING", legality="ILLEGAL"))
+    await domain.remove_volume_data(img, vol)      # another holder is here
+    domain.leases = HeldLeases({vol})
+    await domain.remove_image_dir(img)
+    assert sorted(p.name for p in (domain.images / img).iterdir()) == [f"{vol}.lease"]
+    domain.leases = HeldLeases(set())              # released (and the holder died)
+    await domain.remove_image_dir(img)
+    assert not (domain.images / img).exists()
