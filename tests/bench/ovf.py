@@ -26,7 +26,8 @@ same load), the agent's RSS growth during an upload, the peak RSS of the
 agent and of imageio's server (process and children), each server's CPU
 time per GiB, the CPU time of the agent's busiest thread (what caps an upload
 on a host with cores to spare), and the slowest ping answered during an
-upload.
+upload. Every PUT, whatever the server, runs under the same watching (the
+client's thread shares the bench's process with it).
 
     python -m tests.bench ovf          (BENCH_OVF_ROUNDS=2 for a quick look)
 """
@@ -144,6 +145,25 @@ async def _pings(c: Client, stop: asyncio.Event) -> list[float]:
     return out
 
 
+async def _observed(pc: Client, server: psutil.Process, target: int, path: str, tar: Path,
+                    pki: Path) -> tuple[tuple[float, float, int, dict[str, Any]], int, float,
+                                        float]:
+    """put_file, watched the same way whatever the server (its peak RSS and
+    busiest thread; a ping of the agent on `pc` every 100 ms): the client's
+    thread shares the bench's process, and its GIL, with the watching, so
+    every server is measured under it alike. Returns put_file's result, the
+    peak, the busiest thread's CPU seconds and the slowest ping."""
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(_watch(server, stop))
+    pinger = asyncio.create_task(_pings(pc, stop))
+    try:
+        result = await asyncio.to_thread(put_file, target, path, tar, pki)
+    finally:
+        stop.set()
+    peak, busiest = await watcher
+    return result, peak, busiest, max(await pinger, default=0.0)
+
+
 def _cpu(proc: psutil.Process) -> float:
     t = proc.cpu_times()
     return float(t.user + t.system)
@@ -199,14 +219,9 @@ async def _bench(work: Path, size: int, runs: int) -> dict[str, Any]:
                 assert target is not None
                 before = proc.memory_info().rss
                 cpu0 = _cpu(proc)
-                stop = asyncio.Event()
-                watcher = asyncio.create_task(_watch(proc, stop))
-                pinger = asyncio.create_task(_pings(pc, stop))
-                elapsed, client_cpu, status, reply = await asyncio.to_thread(
-                    put_file, target, t["path"], tar, agent.pki)
-                stop.set()
-                peak, busiest = await watcher
-                pings[name].append(max(await pinger) * 1000)
+                (elapsed, client_cpu, status, reply), peak, busiest, slowest = await _observed(
+                    pc, proc, target, t["path"], tar, agent.pki)
+                pings[name].append(slowest * 1000)
                 if name == "agent":
                     rss_growth.append((peak - before) / MiB)
                 assert status == 200 and reply["sha256"] == sha, reply
@@ -219,8 +234,8 @@ async def _bench(work: Path, size: int, runs: int) -> dict[str, Any]:
                 target, path = {"bare": (port, "/sink"), "bare_thread": (thread_port, "/sink"),
                                 "bare_thread_sha": (thread_port, "/sink-sha256")}[name]
                 cpu0 = _cpu(bare_proc)
-                elapsed, client_cpu, status, reply = await asyncio.to_thread(
-                    put_file, target, path, tar, agent.pki)
+                (elapsed, client_cpu, status, reply), *_ = await _observed(
+                    pc, bare_proc, target, path, tar, agent.pki)
                 assert status == 200 and reply["size"] == real, reply
                 if name == "bare_thread_sha":
                     assert reply["sha256"] == sha, reply
@@ -237,8 +252,8 @@ async def _bench(work: Path, size: int, runs: int) -> dict[str, Any]:
                     f.truncate(real)
                 url = urllib.parse.urlsplit(imageio.ticket(target, ["write"]))
                 cpu0 = _cpu(imageio_proc)
-                elapsed, client_cpu, status, _ = await asyncio.to_thread(
-                    put_file, imageio.port, url.path, tar, agent.pki)
+                (elapsed, client_cpu, status, _), *_ = await _observed(
+                    pc, imageio_proc, imageio.port, url.path, tar, agent.pki)
                 assert status == 200, status
                 secs[name].append(elapsed)
                 cpu[name].append((_cpu(imageio_proc) - cpu0) / gib)
