@@ -80,6 +80,10 @@ class StorageConfig:
     command_timeout: float = 120.0
     # mount/umount and iSCSI logins: bounded, a dead server fails the call.
     mount_timeout: float = 120.0
+    # At start-up, how long the agent waits for its recorded connections to
+    # be checked or re-established before it answers; one still at it (a
+    # server down: a mount waits up to mount_timeout) goes on meanwhile.
+    connect_wait: float = 30.0
     # One small I/O check on storage (access tests, monitoring reads).
     io_timeout: float = 30.0
     # How often each active domain's metadata is read back (monitoring).
@@ -288,6 +292,7 @@ RANGES: dict[str, Range] = {
     "jobs.progress_interval": POSITIVE,
     "storage.command_timeout": POSITIVE,
     "storage.mount_timeout": POSITIVE,
+    "storage.connect_wait": POSITIVE,
     "storage.io_timeout": POSITIVE,
     # 0 would read every domain's metadata in a busy loop
     "storage.monitor_interval": POSITIVE,

@@ -151,7 +151,8 @@ class Agent:
         lvmshell.set_enabled(config.thin.lvm_shell)
         connections = ConnectionManager(config.state_dir, Path(storage.storage_root), locks,
                                         mount_timeout=storage.mount_timeout,
-                                        io_timeout=storage.io_timeout)
+                                        io_timeout=storage.io_timeout,
+                                        start_wait=storage.connect_wait)
         le = config.leases
         # the local backend's locks live in a helper process (lockholder.py)
         backends: dict[str, Backend] = {"local": LocalBackend(
@@ -197,6 +198,7 @@ class Agent:
     async def stop(self) -> None:
         await self.transfers.stop()
         await self.jobs.shutdown()
+        await self.connections.stop()
         await self.storage.stop()
         await self.leases.close()
         await lvmshell.close()

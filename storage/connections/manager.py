@@ -43,6 +43,10 @@ InUse = Callable[[str], bool]
 Release = Callable[[str], Awaitable[None]]
 
 
+async def _up_nothing(conn_id: str) -> None:
+    return None
+
+
 async def _release_nothing(conn_id: str) -> None:
     return None
 
@@ -58,12 +62,16 @@ def _status(params: dict[str, Any], error: Exception | None) -> dict[str, Any]:
 class ConnectionManager:
     def __init__(self, state_dir: Path, storage_root: Path, locks: LockManager, *,
                  mount_timeout: float = 120.0, io_timeout: float = 30.0,
-                 backends: dict[str, Backend] | None = None,
+                 start_wait: float = 30.0, backends: dict[str, Backend] | None = None,
                  runner: commands.Runner = commands.run) -> None:
         self.storage_root = storage_root
         self.locks = locks
         self.store = RecordStore(state_dir / "connections")
         self.conns: dict[str, Connection] = {}
+        self.start_wait = start_wait
+        # start-up recoveries that outlived start_wait, going on meanwhile
+        self._late: set[asyncio.Task[None]] = set()
+        self._started = False
         tmp = state_dir / "tmp"
         kw: dict[str, Any] = {"mount_timeout": mount_timeout, "io_timeout": io_timeout,
                               "runner": runner}
@@ -85,24 +93,57 @@ class ConnectionManager:
         # called before a connection goes (disconnect, update): what uses
         # its storage lets go (domains leave their lockspaces, close files)
         self.release: Release = _release_nothing
+        # called when a connection comes up after the start (its recovery
+        # outlived start_wait): the domains on it are looked for again
+        self.came_up: Release = _up_nothing
 
     # ---- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the records, then verify or re-establish every connection."""
+        """Load the records, then verify or re-establish every connection, all
+        at once. Those still at it after start_wait seconds go on in the
+        background, so that the agent answers meanwhile: a host starting
+        while an NFS server is down would wait out a mount of up to
+        mount_timeout, and systemd's start timeout with it, serving none of
+        its other domains. One that comes up later has `came_up` called."""
         self.storage_root.mkdir(parents=True, exist_ok=True)
         for conn in self.store.load():
             self.conns[conn.id] = conn
-        conns = list(self.conns.values())
-        results = await asyncio.gather(*(self._recover(c) for c in conns),
-                                       return_exceptions=True)
-        for conn, r in zip(conns, results, strict=True):
-            if isinstance(r, BaseException):
-                if not isinstance(r, Exception):
-                    raise r
-                conn.state, conn.message = FAILED, "unexpected error, see the agent log"
-                log.error("Connection %s (%s) cannot be checked: unexpected error", conn.id,
-                          conn.type, exc_info=r)
+        tasks = {asyncio.create_task(self._recover_at_start(c), name=f"connection-{c.id}"): c
+                 for c in self.conns.values()}
+        late: set[asyncio.Task[None]] = set()
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=self.start_wait)
+        self._started = True
+        for task in late:
+            conn = tasks[task]
+            conn.message = (f"being checked or re-established since the agent started "
+                            f"(more than {self.start_wait:g} s)")
+            log.warning("Connection %s (%s) not up after %g s: the agent starts without it, "
+                        "and goes on trying", conn.id, conn.type, self.start_wait)
+            self._late.add(task)
+            task.add_done_callback(self._late.discard)
+
+    async def stop(self) -> None:
+        """Cancel the start-up recoveries still under way."""
+        for task in list(self._late):
+            task.cancel()
+        await asyncio.gather(*self._late, return_exceptions=True)
+
+    async def _recover_at_start(self, conn: Connection) -> None:
+        try:
+            await self._recover(conn)
+        except Exception:
+            conn.state, conn.message = FAILED, "unexpected error, see the agent log"
+            log.exception("Connection %s (%s) cannot be checked: unexpected error", conn.id,
+                          conn.type)
+            return
+        if self._started and conn.state == CONNECTED:
+            try:
+                await self.came_up(conn.id)
+            except Exception:
+                log.exception("Connection %s (%s) is up; looking for its domains failed",
+                              conn.id, conn.type)
 
     async def _recover(self, conn: Connection) -> None:
         backend = self._backend(conn.type)

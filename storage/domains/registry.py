@@ -9,6 +9,7 @@ domain and volume. The host's own state here is which domains are active
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -87,8 +88,10 @@ class DomainRegistry:
         self.pools: dict[str, IOPool] = {}
         self.active: set[str] = set()
         self._started = False
+        self._ready = asyncio.Event()
         connections.in_use = self.connection_in_use
         connections.release = self.release_connection
+        connections.came_up = self._connection_up
 
     # ---- host state --------------------------------------------------------------
 
@@ -115,6 +118,14 @@ class DomainRegistry:
                 continue
             await self._activate(entry)
         self._started = True
+        self._ready.set()
+
+    async def _connection_up(self, conn_id: str) -> None:
+        """A connection came up after the start: its active domains are
+        activated as the scan finds them (once start() has ended: its own
+        pass over the active domains has run by then)."""
+        await self._ready.wait()
+        await self.scan()
 
     def lookup(self, sd: str) -> Domain | None:
         """The domain of that id known here (no scan), or None."""
@@ -182,6 +193,8 @@ class DomainRegistry:
                 except (HostAgentError, OSError, MetadataError) as e:
                     log.warning("Ignoring domain at %s: %s", root, e)
                     continue
+                if domain.uuid in self.entries:
+                    continue      # found meanwhile by a scan beside this one
                 domain.mountpoint = self.connections.mount_point(conn.id)
                 entry = Entry(domain=self._attach(domain), conn_id=conn.id)
                 self.entries[domain.uuid] = entry
@@ -226,6 +239,8 @@ class DomainRegistry:
             except (HostAgentError, OSError, MetadataError) as e:
                 log.warning("Ignoring VG %s: %s", vg.name, e)
                 continue
+            if domain.uuid in self.entries:
+                continue          # found meanwhile by a scan beside this one
             self.entries[domain.uuid] = Entry(domain=self._attach(domain), conn_id=None)
 
     async def entry(self, sd: str) -> Entry:

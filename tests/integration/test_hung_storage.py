@@ -298,3 +298,116 @@ async def test_stop_while_hung(agent_on_hangfs: AgentProcess, hangfs: HangFs):
     hangfs.release()
     assert agent.proc.wait(10) == 0, agent.log()[-3000:]
     agent.stop()
+
+
+
+
+# At start-up the agent waits this long for its connections, then answers.
+CONNECT_WAIT = 1.0
+
+
+async def restart_hung(agent: AgentProcess, hangfs: HangFs,
+                       agent_factory: Callable[..., AgentProcess],
+                       tmp_path: Path) -> tuple[AgentProcess, Domain, Domain, float]:
+    """Two active domains, one on hangfs; the agent stopped, the storage
+    hung, the agent started again: (the agent, the hung domain, the healthy
+    one, seconds until it was ready). The caller releases the storage."""
+    healthy_dir = tmp_path / "healthy"
+    healthy_dir.mkdir()
+    (hangfs.mountpoint / "store").mkdir()
+    async with agent.client() as c:
+        sick = Domain(c, hangfs.mountpoint / "store")
+        well = Domain(c, healthy_dir)
+        await sick.setup("on hangfs")
+        await well.setup("healthy")
+    agent.stop()
+    (agent.state_dir / "hostagent.toml").write_text(f"{CONFIG}connect_wait = {CONNECT_WAIT}\n")
+    hangfs.hang()
+    start = time.monotonic()
+    agent = agent_factory(agent.state_dir, port=agent.port)
+    ready = time.monotonic() - start
+    print(f"ready {ready:.2f} s after the start, storage hung")
+    return agent, sick, well, ready
+
+
+async def connection(c: Client, conn_id: str) -> dict[str, Any]:
+    return {x["id"]: x for x in await c.call("getStorageConnections")}[conn_id]
+
+
+async def test_start_while_hung(agent_on_hangfs: AgentProcess, hangfs: HangFs,
+                                agent_factory: Callable[..., AgentProcess], tmp_path: Path):
+    """The agent started while an active domain's storage hangs (a host
+    rebooted with its NFS server down): it answers after connect_wait,
+    not after the hung connection's deadlines (a mount's can be minutes,
+    past systemd's start timeout), serves the healthy domain and reports
+    the hung connection as being re-established, its domain unknown (358).
+    That ends failed; when the storage is back, the engine's
+    connectStorageServer (sent to a host coming up) brings the domain back
+    active and monitored, no activateStorageDomain needed."""
+    try:
+        agent, sick, well, ready = await restart_hung(agent_on_hangfs, hangfs, agent_factory,
+                                                      tmp_path)
+        # before: 12.5 s here (the check, then a reconnection, each cut at
+        # its deadline with a child that cannot be killed)
+        assert ready < HUNG_CALL_BOUND, ready
+        async with Client.for_dev(agent.state_dir, port=agent.port) as c:
+            sick.c = well.c = c
+            conn = await connection(c, sick.conn["id"])
+            assert conn["state"] == "disconnected" and "being" in conn["message"], conn
+            assert (await connection(c, well.conn["id"]))["state"] == "connected"
+            assert (await well.volume_info())["legality"] == "LEGAL"
+            info = await well.create_volume(new_id(), new_id())
+            assert info["status"] == "done", info
+            t = time.monotonic()
+            with pytest.raises(RpcError) as e:
+                await sick.volume_info()
+            assert e.value.code == 358 and time.monotonic() - t < 1.0, e.value
+            stats = await c.call("getStats")
+            assert stats["domains"][well.sd]["monitoring"]["state"] == "ok"
+            assert sick.sd not in stats["domains"]
+            t = time.monotonic()
+            while (conn := await connection(c, sick.conn["id"]))["state"] != "failed":
+                assert time.monotonic() - t < 2 * HUNG_CALL_BOUND + SLACK, conn
+                await asyncio.sleep(0.2)
+    finally:
+        hangfs.release()
+    async with Client.for_dev(agent.state_dir, port=agent.port) as c:
+        sick.c = c
+        [st] = await c.call("connectStorageServer", domType="localfs",
+                            connectionParams=[sick.conn])
+        assert st["status"] == 0, st
+        took = await sick.wait_state("ok", IO_TIMEOUT + MONITOR_INTERVAL + SLACK)
+        print(f"ok {took:.2f} s after the reconnection")
+        assert (await c.call("getStorageDomainInfo", sdUUID=sick.sd))["state"] == "active"
+        assert (await sick.volume_info())["legality"] == "LEGAL"
+        info = await sick.create_volume(new_id(), new_id())
+        assert info["status"] == "done", info
+
+
+async def test_storage_back_during_start(agent_on_hangfs: AgentProcess, hangfs: HangFs,
+                                         agent_factory: Callable[..., AgentProcess],
+                                         tmp_path: Path):
+    """The same start, and the storage answers again while the agent is
+    still re-establishing its connection: the connection comes up by
+    itself and its active domain is found, activated and monitored with no
+    call from the engine (getStats, which looks for no domain, lists it)."""
+    try:
+        agent, sick, _, ready = await restart_hung(agent_on_hangfs, hangfs, agent_factory,
+                                                   tmp_path)
+        assert ready < HUNG_CALL_BOUND, ready
+        async with Client.for_dev(agent.state_dir, port=agent.port) as c:
+            assert sick.sd not in (await c.call("getStats"))["domains"]
+    finally:
+        hangfs.release()
+    async with Client.for_dev(agent.state_dir, port=agent.port) as c:
+        sick.c = c
+        t = time.monotonic()
+        while (await c.call("getStats"))["domains"].get(sick.sd, {}).get(
+                "monitoring", {}).get("state") != "ok":
+            assert time.monotonic() - t < 2 * HUNG_CALL_BOUND + SLACK, agent.log()[-3000:]
+            await asyncio.sleep(0.2)
+        print(f"ok {time.monotonic() - t:.2f} s after the release, with no call")
+        assert (await connection(c, sick.conn["id"]))["state"] == "connected"
+        assert (await c.call("getStorageDomainInfo", sdUUID=sick.sd))["state"] == "active"
+        info = await sick.create_volume(new_id(), new_id())
+        assert info["status"] == "done", info

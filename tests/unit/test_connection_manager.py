@@ -98,3 +98,75 @@ async def test_an_unexpected_error_fails_only_its_connection(tmp_path, caplog):
     assert [c["id"] for c in m.list()] == [gid]
     assert any(r.exc_info and "a bug" in str(r.exc_info[1]) and bid in r.getMessage()
                for r in caplog.records)
+
+
+class _Slow(LocalfsBackend):
+    """A localfs backend whose check of a path ending in "slow" waits for `go`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.go = asyncio.Event()
+
+    async def check(self, conn):
+        if conn.params["connection"].endswith("slow"):
+            await self.go.wait()
+        await super().check(conn)
+
+
+async def test_start_does_not_wait_for_a_slow_connection(tmp_path):
+    """start() waits start_wait for the recorded connections, then returns;
+    one still being checked goes on, and `came_up` is called when it is up
+    (the domain registry looks for its domains then); stop() cancels one
+    still under way."""
+    state, root = tmp_path / "state", tmp_path / "root"
+    dirs = {name: tmp_path / name for name in ("fast", "a-slow", "b-slow")}
+    ids = {name: str(uuid.uuid4()) for name in dirs}
+    for d in dirs.values():
+        d.mkdir()
+    first = ConnectionManager(state, root, LockManager(), io_timeout=10)
+    await first.start()
+    await first.connect("localfs", [{"id": ids[n], "connection": str(d)}
+                                    for n, d in dirs.items()])
+    backend = _Slow(root, state / "tmp", mount_timeout=10, io_timeout=10)
+    m = ConnectionManager(state, root, LockManager(), io_timeout=10, start_wait=0.05,
+                          backends={"localfs": backend})
+    up: list[str] = []
+
+    async def came_up(conn_id: str) -> None:
+        up.append(conn_id)
+    m.came_up = came_up
+    await m.start()
+    states = {c["id"]: (c["state"], c["message"]) for c in m.list()}
+    assert states[ids["fast"]] == ("connected", "")
+    for n in ("a-slow", "b-slow"):
+        assert states[ids[n]][0] == "disconnected" and "being" in states[ids[n]][1]
+    assert up == []          # those up in time: the registry's own scan finds their domains
+    late = list(m._late)
+    assert len(late) == 2
+    backend.go.set()
+    await asyncio.wait_for(asyncio.gather(*late), 5)
+    assert not m._late
+    states = {c["id"]: c["state"] for c in m.list()}
+    assert sorted(up) == sorted([ids["a-slow"], ids["b-slow"]])
+    assert all(s == "connected" for s in states.values()), states
+
+
+async def test_stop_cancels_a_recovery_still_under_way(tmp_path):
+    state, root = tmp_path / "state", tmp_path / "root"
+    d = tmp_path / "slow"
+    d.mkdir()
+    first = ConnectionManager(state, root, LockManager(), io_timeout=10)
+    await first.start()
+    await first.connect("localfs", [{"id": str(uuid.uuid4()), "connection": str(d)}])
+    backend = _Slow(root, state / "tmp", mount_timeout=10, io_timeout=10)
+    m = ConnectionManager(state, root, LockManager(), io_timeout=10, start_wait=0.05,
+                          backends={"localfs": backend})
+    called: list[str] = []
+
+    async def came_up(conn_id: str) -> None:
+        called.append(conn_id)
+    m.came_up = came_up
+    await m.start()
+    [task] = m._late
+    await m.stop()
+    assert task.cancelled() and not m._late and called == []
