@@ -113,20 +113,19 @@ class _Slow(LocalfsBackend):
         await super().check(conn)
 
 
-async def test_start_does_not_wait_for_a_slow_connection(tmp_path):
-    """start() waits start_wait for the recorded connections, then returns;
-    one still being checked goes on, and `came_up` is called when it is up
-    (the domain registry looks for its domains then); stop() cancels one
-    still under way."""
+async def restarted(tmp_path, names):
+    """Connections to directories `names` recorded, then a new manager on the
+    same records whose checks of those ending in "slow" wait for its
+    backend's `go`, started with a start_wait of 0.05 s: (the manager, the
+    ids by name, the ids `came_up` was called with)."""
     state, root = tmp_path / "state", tmp_path / "root"
-    dirs = {name: tmp_path / name for name in ("fast", "a-slow", "b-slow")}
-    ids = {name: str(uuid.uuid4()) for name in dirs}
-    for d in dirs.values():
-        d.mkdir()
+    ids = {name: str(uuid.uuid4()) for name in names}
+    for name in names:
+        (tmp_path / name).mkdir()
     first = ConnectionManager(state, root, LockManager(), io_timeout=10)
     await first.start()
-    await first.connect("localfs", [{"id": ids[n], "connection": str(d)}
-                                    for n, d in dirs.items()])
+    await first.connect("localfs", [{"id": ids[n], "connection": str(tmp_path / n)}
+                                    for n in names])
     backend = _Slow(root, state / "tmp", mount_timeout=10, io_timeout=10)
     m = ConnectionManager(state, root, LockManager(), io_timeout=10, start_wait=0.05,
                           backends={"localfs": backend})
@@ -136,6 +135,14 @@ async def test_start_does_not_wait_for_a_slow_connection(tmp_path):
         up.append(conn_id)
     m.came_up = came_up
     await m.start()
+    return m, ids, up
+
+
+async def test_start_does_not_wait_for_a_slow_connection(tmp_path):
+    """start() waits start_wait for the recorded connections, then returns;
+    one still being checked goes on, and `came_up` is called when it is up
+    (the domain registry looks for its domains then)."""
+    m, ids, up = await restarted(tmp_path, ["fast", "a-slow", "b-slow"])
     states = {c["id"]: (c["state"], c["message"]) for c in m.list()}
     assert states[ids["fast"]] == ("connected", "")
     for n in ("a-slow", "b-slow"):
@@ -143,7 +150,7 @@ async def test_start_does_not_wait_for_a_slow_connection(tmp_path):
     assert up == []          # those up in time: the registry's own scan finds their domains
     late = list(m._late)
     assert len(late) == 2
-    backend.go.set()
+    m.backends["localfs"].go.set()
     await asyncio.wait_for(asyncio.gather(*late), 5)
     assert not m._late
     states = {c["id"]: c["state"] for c in m.list()}
@@ -152,21 +159,7 @@ async def test_start_does_not_wait_for_a_slow_connection(tmp_path):
 
 
 async def test_stop_cancels_a_recovery_still_under_way(tmp_path):
-    state, root = tmp_path / "state", tmp_path / "root"
-    d = tmp_path / "slow"
-    d.mkdir()
-    first = ConnectionManager(state, root, LockManager(), io_timeout=10)
-    await first.start()
-    await first.connect("localfs", [{"id": str(uuid.uuid4()), "connection": str(d)}])
-    backend = _Slow(root, state / "tmp", mount_timeout=10, io_timeout=10)
-    m = ConnectionManager(state, root, LockManager(), io_timeout=10, start_wait=0.05,
-                          backends={"localfs": backend})
-    called: list[str] = []
-
-    async def came_up(conn_id: str) -> None:
-        called.append(conn_id)
-    m.came_up = came_up
-    await m.start()
+    m, _, up = await restarted(tmp_path, ["slow"])
     [task] = m._late
     await m.stop()
-    assert task.cancelled() and not m._late and called == []
+    assert task.cancelled() and not m._late and up == []
