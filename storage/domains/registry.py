@@ -111,12 +111,18 @@ class DomainRegistry:
     async def start(self) -> None:
         self._load_active()
         await self.scan()
+        found = []
         for sd in sorted(self.active):
             entry = self.entries.get(sd)
             if entry is None:
                 log.warning("Active domain %s not found on connected storage", sd)
                 continue
-            await self._activate(entry)
+            found.append(entry)
+        # All at once: each waits up to JOIN_WAIT for its lockspace join
+        # (sanlock's take 20 s and more); one after the other, a host with
+        # 20 active domains would answer after 100 s, past systemd's start
+        # timeout, and be restarted for ever.
+        await asyncio.gather(*(self._activate(entry) for entry in found))
         self._started = True
         self._ready.set()
 

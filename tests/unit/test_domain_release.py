@@ -115,3 +115,58 @@ async def test_a_refused_leave_keeps_the_domain_monitored(
     assert entry.monitor.task is not None and not entry.monitor.task.done()
     assert registry.entries[domain.uuid] is entry
     await registry.monitor.stop(entry)
+
+
+class SlowJoins(Manager):
+    """Joins that end only when the test says so."""
+
+    def __init__(self, expected: int) -> None:
+        super().__init__()
+        self.state = HostIdState.FREE
+        self.joining = 0
+        self.expected = expected
+        self.all_joining = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def add_lockspace(self, *args: Any) -> None:
+        self.joining += 1
+        if self.joining == self.expected:
+            self.all_joining.set()
+        await self.go.wait()
+        await super().add_lockspace(*args)
+
+
+async def test_start_activates_the_active_domains_at_once(tmp_path: Path) -> None:
+    """At start-up every active domain starts its lockspace join and waits
+    for it (JOIN_WAIT) at the same time, not one after the other: with
+    sanlock's joins of 20 s and more, 5 s each for 20 domains held the
+    agent's READY past systemd's start timeout."""
+    state = tmp_path / "state"
+    state.mkdir()
+    locks = LockManager()
+    registry = DomainRegistry(state, ConnectionManager(state, tmp_path / "root", locks,
+                                                       io_timeout=10),
+                              locks, PreparedVolumes(state),
+                              DomainMonitor(locks, io_timeout=10, interval=0.01))
+    registry.JOIN_WAIT = 3600.0
+    domains = [Domain() for _ in range(4)]
+    manager = SlowJoins(len(domains))
+    for domain in domains:
+        domain.leases = DomainLeases(manager, domain, host_id=1, io_timeout=1,  # type: ignore
+                                     domain_timeout=1)
+        registry.entries[domain.uuid] = Entry(domain, "conn")  # type: ignore[arg-type]
+        registry.active.add(domain.uuid)
+    registry.save_active()
+
+    async def scan() -> None:
+        return None
+    registry.scan = scan  # type: ignore[method-assign]
+    start = asyncio.create_task(registry.start())
+    # one after the other, only the first join starts before its hour's wait
+    await asyncio.wait_for(manager.all_joining.wait(), 5)
+    assert not start.done()
+    manager.go.set()
+    await asyncio.wait_for(start, 5)
+    assert all(e.active for e in registry.entries.values())
+    for entry in registry.entries.values():
+        await registry.monitor.stop(entry)
