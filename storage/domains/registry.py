@@ -247,7 +247,11 @@ class DomainRegistry:
                 continue
             if domain.uuid in self.entries:
                 continue          # found meanwhile by a scan beside this one
-            self.entries[domain.uuid] = Entry(domain=self._attach(domain), conn_id=None)
+            entry = Entry(domain=self._attach(domain), conn_id=None)
+            self.entries[domain.uuid] = entry
+            if self._started and domain.uuid in self.active:
+                # its LUNs were missing at the start (a portal down), and are back
+                await self._activate(entry)
 
     async def entry(self, sd: str) -> Entry:
         if sd not in self.entries:

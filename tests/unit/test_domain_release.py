@@ -14,6 +14,8 @@ import pytest
 
 from agent.locks import LockManager
 from storage.connections import ConnectionManager
+from storage.domains import registry as registry_module
+from storage.domains.blockdomain import VG_TAG
 from storage.domains.leasing import DomainLeases
 from storage.domains.monitor import DomainMonitor, Entry
 from storage.domains.prepared import PreparedVolumes
@@ -170,3 +172,54 @@ async def test_start_activates_the_active_domains_at_once(tmp_path: Path) -> Non
     assert all(e.active for e in registry.entries.values())
     for entry in registry.entries.values():
         await registry.monitor.stop(entry)
+
+
+async def test_an_active_block_domain_found_after_the_start_is_activated(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An active block domain whose LUNs were missing at the start (an
+    iSCSI portal down) is activated and monitored when a later scan finds
+    its VG (the connection came up), as an active file domain is."""
+    state = tmp_path / "state"
+    state.mkdir()
+    locks = LockManager()
+    registry = DomainRegistry(state, ConnectionManager(state, tmp_path / "root", locks,
+                                                       io_timeout=10),
+                              locks, PreparedVolumes(state),
+                              DomainMonitor(locks, io_timeout=10, interval=0.01))
+    domain, manager = Domain(), Manager()
+    registry.active.add(domain.uuid)
+    registry.save_active()
+    found: list[str] = []
+
+    async def devices() -> dict[str, str]:
+        return {"wwid": "/dev/mapper/wwid"} if found else {}
+
+    class Lvm:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        async def vgs(self) -> list[Any]:
+            return [type("Vg", (), {"name": domain.uuid, "tags": [VG_TAG]})()]
+
+        async def pvs(self) -> list[Any]:
+            return [type("Pv", (), {"name": "/dev/mapper/wwid", "vg_name": domain.uuid})()]
+
+    async def open_vg(*args: Any, **kwargs: Any) -> Domain:
+        return domain
+
+    def attach(d: Domain) -> Domain:
+        d.leases = DomainLeases(manager, d, host_id=1, io_timeout=1,  # type: ignore
+                                domain_timeout=1)
+        return d
+    monkeypatch.setattr(registry, "_mpath_devices", devices)
+    monkeypatch.setattr(registry, "_attach", attach)
+    monkeypatch.setattr(registry_module.lvm, "LVM", Lvm)
+    monkeypatch.setattr(registry_module.BlockDomain, "open", open_vg)
+    await registry.start()                 # no LUN yet: "not found on connected storage"
+    assert domain.uuid not in registry.entries
+    found.append("wwid")
+    await registry.scan()                  # the iSCSI connection came up
+    entry = registry.entries[domain.uuid]
+    assert entry.active and entry.monitor.task is not None
+    await domain.checking.wait()           # monitored
+    await registry.monitor.stop(entry)
