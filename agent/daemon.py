@@ -106,7 +106,11 @@ async def serve(config: configmod.Config, notifier: Notifier) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     agent = Agent.create(config)
-    await agent.start()
+    extender = asyncio.create_task(notifier.extend_start(), name="start-timeout")
+    try:
+        await agent.start()
+    finally:
+        extender.cancel()
     dispatcher = Dispatcher(agent, TABLE.enabled(config))
     app = make_app(agent, dispatcher, ovfroutes.routes(),
                    idle_timeout=config.server.idle_timeout,

@@ -3,6 +3,10 @@
 READY=1 once every listener is bound, STOPPING=1 on shutdown, WATCHDOG=1
 pings at half of WATCHDOG_USEC. The pings are sent from the event loop, so a
 blocked loop stops them and systemd restarts the agent: that is the point.
+While the agent starts (connections checked, domains activated, interrupted
+jobs recovered: each bounded by storage deadlines, together sometimes more
+than systemd's start timeout), EXTEND_TIMEOUT_USEC keeps systemd waiting,
+again from the event loop.
 """
 
 from __future__ import annotations
@@ -42,6 +46,17 @@ class Notifier:
                 s.sendto(data, self.address)
         except OSError as e:
             log.warning("Cannot notify systemd (%s): %s", lines, e)
+
+    async def extend_start(self, interval: float = 20.0) -> None:
+        """Until cancelled (the start has ended), ask systemd every `interval`
+        for three more of them before its start timeout; a loop that
+        stops sending lets the timeout come. Returns at once when not enabled."""
+        if not self.address:
+            return
+        while True:
+            self.notify(f"EXTEND_TIMEOUT_USEC={int(3 * interval * 1e6)}",
+                        "STATUS=starting: storage connections, domains, interrupted jobs")
+            await asyncio.sleep(interval)
 
     async def watchdog(self) -> None:
         """Ping the watchdog until cancelled; returns at once when not enabled."""

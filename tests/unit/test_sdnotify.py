@@ -54,3 +54,27 @@ async def test_watchdog_pings(tmp_path):
 def test_watchdog_for_another_pid_is_ignored():
     n = Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})
     assert n.watchdog_usec == 0
+
+
+async def test_a_long_start_extends_the_start_timeout(tmp_path):
+    """While the agent starts, systemd is asked for more time every
+    interval (three intervals each), until the start ends."""
+    path = str(tmp_path / "e.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(path)
+        s.setblocking(False)
+        task = asyncio.create_task(Notifier({"NOTIFY_SOCKET": path}).extend_start(0.05))
+        got = []
+
+        def two():
+            while True:
+                try:
+                    got.append(s.recv(200))
+                except BlockingIOError:
+                    return len(got) >= 2
+
+        await until(two, "two extensions", timeout=1.0)
+        task.cancel()
+        await asyncio.wait([task])
+        assert got[0].split(b"\n")[0] == b"EXTEND_TIMEOUT_USEC=150000", got
+        assert await Notifier({}).extend_start() is None     # not under systemd: nothing
