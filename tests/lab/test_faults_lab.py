@@ -400,6 +400,68 @@ async def test_hung_nfs_domain(nfs_server: g.NfsServer, direct_io_dir: Path,
         raise AssertionError("\n".join(gaps))
 
 
+async def test_nfs_server_down_at_agent_start(nfs_server: g.NfsServer,
+                                              agent: AgentProcess) -> None:
+    """A host rebooted while its NFS server is down: the agent's mount of
+    the export is refused (rpcbind stopped: mount.nfs takes that for a
+    server not up yet and retries, up to mount_timeout, 120 s: past
+    systemd's start timeout), so the agent answers after connect_wait and
+    goes on trying. Once the server answers, the mount succeeds and the
+    active domain on it is found, activated and monitored with no call from
+    the engine; its volume is as it was."""
+    connect_wait = 5.0
+    rpcbind = nfs_server.daemons[0]
+    async with agent.client() as c:
+        sick = await Dom(c).create_file("nfs", {"connection": NFS_EXPORT,
+                                                "protocol_version": "3"}, "on nfs")
+        await sick.create_volume(sick.img, sick.vol)
+        await sick.wait_state("ok", FAILING_BOUND)
+        before = await sick.volume_info()
+    assert agent.stop(timeout=30) == 0
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+              if line.split()[0] == NFS_EXPORT]
+    assert len(mounts) == 1, mounts
+    g.run("umount", mounts[0])     # as a reboot leaves it
+    conf = agent.state_dir / "hostagent.toml"
+    conf.write_text(conf.read_text().replace(
+        "[storage]\n", f"[storage]\nconnect_wait = {connect_wait}\n", 1))
+    rpcbind.stop()       # -w: it keeps its registrations for its next start
+    try:
+        start = time.monotonic()
+        agent.start(timeout=60)
+        ready = time.monotonic() - start
+        async with agent.client() as c:
+            [conn] = [x for x in await c.call("getStorageConnections")
+                      if x["id"] == sick.conns[0]["id"]]
+            assert conn["state"] == "disconnected" and "being" in conn["message"], conn
+            assert sick.sd not in (await c.call("getStats"))["domains"]
+    finally:
+        rpcbind.start()
+        g.wait_until(lambda: rpcbind.check_alive() and g.run_ok("rpcinfo", "-p", "127.0.0.1"),
+                     "rpcbind", 15)
+    back = time.monotonic()
+    async with agent.client() as c:
+        sick.c = c
+        try:
+            while (await c.call("getStats"))["domains"].get(sick.sd, {}).get(
+                    "monitoring", {}).get("state") != "ok":
+                assert time.monotonic() - back < 2 * RECOVERY_BOUND, agent.log()[-3000:]
+                await asyncio.sleep(0.5)
+            ok = time.monotonic() - back
+            print(f"\nNFS server down at the agent's start: ready after {ready:.2f} s "
+                  f"(connect_wait {connect_wait:g} s); the domain monitored and ok {ok:.2f} s "
+                  f"after rpcbind started, with no call")
+            assert ready < connect_wait + 15, ready
+            info = await c.call("getStorageDomainInfo", sdUUID=sick.sd)
+            assert info["state"] == "active", info
+            after = await sick.volume_info()
+            keys = ("legality", "generation", "capacity", "format", "status")
+            assert {k: after.get(k) for k in keys} == {k: before.get(k) for k in keys}, after
+            await sick.create_volume(new_id(), new_id())
+        finally:
+            await sick.remove()
+
+
 async def calls_on_hung_nfs(c: Client, sick: Dom, well: Dom) -> tuple[
         list[tuple[str, int, float, str]], Any, str]:
     """Calls on the hung domain end with a timeout code after their deadline,
