@@ -74,18 +74,28 @@ class Domain:
         return type("Areas", (), {"lockspace": lambda _: "ids"})()
 
 
-@pytest.fixture
-def setup(tmp_path: Path) -> tuple[DomainRegistry, Entry, Manager, Domain]:
+def new_registry(tmp_path: Path) -> DomainRegistry:
+    """A domain registry on a state dir under tmp_path, monitoring every 10 ms."""
     state = tmp_path / "state"
     state.mkdir()
     locks = LockManager()
-    registry = DomainRegistry(state, ConnectionManager(state, tmp_path / "root", locks,
-                                                       io_timeout=10),
-                              locks, PreparedVolumes(state),
-                              DomainMonitor(locks, io_timeout=10, interval=0.01))
-    manager, domain = Manager(), Domain()
+    return DomainRegistry(state, ConnectionManager(state, tmp_path / "root", locks,
+                                                   io_timeout=10),
+                          locks, PreparedVolumes(state),
+                          DomainMonitor(locks, io_timeout=10, interval=0.01))
+
+
+def attach(domain: Domain, manager: Manager) -> Domain:
     domain.leases = DomainLeases(manager, domain, host_id=1, io_timeout=1,  # type: ignore
                                  domain_timeout=1)
+    return domain
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[DomainRegistry, Entry, Manager, Domain]:
+    registry = new_registry(tmp_path)
+    manager = Manager()
+    domain = attach(Domain(), manager)
     entry = Entry(domain, "conn", active=True)  # type: ignore[arg-type]
     registry.entries[domain.uuid] = entry
     registry.active.add(domain.uuid)
@@ -143,19 +153,12 @@ async def test_start_activates_the_active_domains_at_once(tmp_path: Path) -> Non
     for it (JOIN_WAIT) at the same time, not one after the other: with
     sanlock's joins of 20 s and more, 5 s each for 20 domains held the
     agent's READY past systemd's start timeout."""
-    state = tmp_path / "state"
-    state.mkdir()
-    locks = LockManager()
-    registry = DomainRegistry(state, ConnectionManager(state, tmp_path / "root", locks,
-                                                       io_timeout=10),
-                              locks, PreparedVolumes(state),
-                              DomainMonitor(locks, io_timeout=10, interval=0.01))
+    registry = new_registry(tmp_path)
     registry.JOIN_WAIT = 3600.0
     domains = [Domain() for _ in range(4)]
     manager = SlowJoins(len(domains))
     for domain in domains:
-        domain.leases = DomainLeases(manager, domain, host_id=1, io_timeout=1,  # type: ignore
-                                     domain_timeout=1)
+        attach(domain, manager)
         registry.entries[domain.uuid] = Entry(domain, "conn")  # type: ignore[arg-type]
         registry.active.add(domain.uuid)
     registry.save_active()
@@ -179,13 +182,7 @@ async def test_an_active_block_domain_found_after_the_start_is_activated(
     """An active block domain whose LUNs were missing at the start (an
     iSCSI portal down) is activated and monitored when a later scan finds
     its VG (the connection came up), as an active file domain is."""
-    state = tmp_path / "state"
-    state.mkdir()
-    locks = LockManager()
-    registry = DomainRegistry(state, ConnectionManager(state, tmp_path / "root", locks,
-                                                       io_timeout=10),
-                              locks, PreparedVolumes(state),
-                              DomainMonitor(locks, io_timeout=10, interval=0.01))
+    registry = new_registry(tmp_path)
     domain, manager = Domain(), Manager()
     registry.active.add(domain.uuid)
     registry.save_active()
@@ -207,12 +204,8 @@ async def test_an_active_block_domain_found_after_the_start_is_activated(
     async def open_vg(*args: Any, **kwargs: Any) -> Domain:
         return domain
 
-    def attach(d: Domain) -> Domain:
-        d.leases = DomainLeases(manager, d, host_id=1, io_timeout=1,  # type: ignore
-                                domain_timeout=1)
-        return d
     monkeypatch.setattr(registry, "_mpath_devices", devices)
-    monkeypatch.setattr(registry, "_attach", attach)
+    monkeypatch.setattr(registry, "_attach", lambda d: attach(d, manager))
     monkeypatch.setattr(registry_module.lvm, "LVM", Lvm)
     monkeypatch.setattr(registry_module.BlockDomain, "open", open_vg)
     await registry.start()                 # no LUN yet: "not found on connected storage"

@@ -6,6 +6,15 @@ from agent.sdnotify import Notifier
 from tests.polling import until
 
 
+def received(s: socket.socket, into: list[bytes]) -> list[bytes]:
+    """`into`, with what the non-blocking socket `s` holds appended."""
+    while True:
+        try:
+            into.append(s.recv(200))
+        except BlockingIOError:
+            return into
+
+
 def test_notify_reaches_socket(tmp_path):
     path = str(tmp_path / "n.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
@@ -35,17 +44,10 @@ async def test_watchdog_pings(tmp_path):
         s.setblocking(False)
         n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"})
         task = asyncio.create_task(n.watchdog())
-        pings = []
-
-        def three_pings():
-            while True:
-                try:
-                    pings.append(s.recv(100))
-                except BlockingIOError:
-                    return pings.count(b"WATCHDOG=1") >= 3
-
+        pings: list[bytes] = []
         # every 0.05 s: a deadline of 1 s still catches a wrong interval
-        await until(three_pings, "three watchdog pings", timeout=1.0)
+        await until(lambda: received(s, pings).count(b"WATCHDOG=1") >= 3,
+                    "three watchdog pings", timeout=1.0)
         task.cancel()
         await asyncio.wait([task])
         assert pings.count(b"WATCHDOG=1") >= 3
@@ -64,16 +66,8 @@ async def test_a_long_start_extends_the_start_timeout(tmp_path):
         s.bind(path)
         s.setblocking(False)
         task = asyncio.create_task(Notifier({"NOTIFY_SOCKET": path}).extend_start(0.05))
-        got = []
-
-        def two():
-            while True:
-                try:
-                    got.append(s.recv(200))
-                except BlockingIOError:
-                    return len(got) >= 2
-
-        await until(two, "two extensions", timeout=1.0)
+        got: list[bytes] = []
+        await until(lambda: len(received(s, got)) >= 2, "two extensions", timeout=1.0)
         task.cancel()
         await asyncio.wait([task])
         assert got[0].split(b"\n")[0] == b"EXTEND_TIMEOUT_USEC=150000", got
