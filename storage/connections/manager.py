@@ -40,14 +40,11 @@ log = logging.getLogger("storage.connections")
 
 # Called with a connection id: True if a domain on it has prepared volumes.
 InUse = Callable[[str], bool]
-Release = Callable[[str], Awaitable[None]]
+# what the domain registry does when a connection goes or comes
+OnConnection = Callable[[str], Awaitable[None]]
 
 
-async def _up_nothing(conn_id: str) -> None:
-    return None
-
-
-async def _release_nothing(conn_id: str) -> None:
+async def _nothing(conn_id: str) -> None:
     return None
 
 
@@ -92,10 +89,10 @@ class ConnectionManager:
         self.in_use: InUse = lambda conn_id: False
         # called before a connection goes (disconnect, update): what uses
         # its storage lets go (domains leave their lockspaces, close files)
-        self.release: Release = _release_nothing
+        self.release: OnConnection = _nothing
         # called when a connection comes up after the start (its recovery
         # outlived start_wait): the domains on it are looked for again
-        self.came_up: Release = _up_nothing
+        self.came_up: OnConnection = _nothing
 
     # ---- lifecycle ---------------------------------------------------------
 

@@ -601,8 +601,10 @@ class FileDomain(Domain):
         under way: left."""
         def orphans() -> list[tuple[str, str]]:
             found: list[tuple[str, str]] = []
-            images: list[str] = [] if only is None else [only]
-            if only is None:
+            if only is not None:
+                images = [only]
+            else:
+                images = []
                 with contextlib.suppress(FileNotFoundError):
                     images = list(filter(is_uuid, os.listdir(self.images)))
             for img in images:

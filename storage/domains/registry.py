@@ -87,8 +87,8 @@ class DomainRegistry:
         self.entries: dict[str, Entry] = {}
         self.pools: dict[str, IOPool] = {}
         self.active: set[str] = set()
-        self._started = False
-        self._ready = asyncio.Event()
+        # set once start() has activated the active domains found then
+        self._started = asyncio.Event()
         connections.in_use = self.connection_in_use
         connections.release = self.release_connection
         connections.came_up = self._connection_up
@@ -123,14 +123,13 @@ class DomainRegistry:
         # 20 active domains would answer after 100 s, past systemd's start
         # timeout, and be restarted for ever.
         await asyncio.gather(*(self._activate(entry) for entry in found))
-        self._started = True
-        self._ready.set()
+        self._started.set()
 
     async def _connection_up(self, conn_id: str) -> None:
         """A connection came up after the start: its active domains are
         activated as the scan finds them (once start() has ended: its own
         pass over the active domains has run by then)."""
-        await self._ready.wait()
+        await self._started.wait()
         await self.scan()
 
     def lookup(self, sd: str) -> Domain | None:
@@ -199,14 +198,19 @@ class DomainRegistry:
                 except (HostAgentError, OSError, MetadataError) as e:
                     log.warning("Ignoring domain at %s: %s", root, e)
                     continue
-                if domain.uuid in self.entries:
-                    continue      # found meanwhile by a scan beside this one
                 domain.mountpoint = self.connections.mount_point(conn.id)
-                entry = Entry(domain=self._attach(domain), conn_id=conn.id)
-                self.entries[domain.uuid] = entry
-                if self._started and domain.uuid in self.active:
-                    # its storage was disconnected while active, and is back
-                    await self._activate(entry)
+                await self._found(domain, conn.id)
+
+    async def _found(self, domain: Domain, conn_id: str | None) -> None:
+        """A scan found `domain` (on connection `conn_id`; None: a block
+        domain's VG). An active one found after the start had its storage
+        missing then (a server or portal down, a disconnect): activated."""
+        if domain.uuid in self.entries:
+            return            # found meanwhile by a scan beside this one
+        entry = Entry(domain=self._attach(domain), conn_id=conn_id)
+        self.entries[domain.uuid] = entry
+        if self._started.is_set() and domain.uuid in self.active:
+            await self._activate(entry)
 
     async def _mpath_devices(self) -> dict[str, str]:
         """wwid -> /dev/mapper/<map> of every multipath map on this host
@@ -245,13 +249,7 @@ class DomainRegistry:
             except (HostAgentError, OSError, MetadataError) as e:
                 log.warning("Ignoring VG %s: %s", vg.name, e)
                 continue
-            if domain.uuid in self.entries:
-                continue          # found meanwhile by a scan beside this one
-            entry = Entry(domain=self._attach(domain), conn_id=None)
-            self.entries[domain.uuid] = entry
-            if self._started and domain.uuid in self.active:
-                # its LUNs were missing at the start (a portal down), and are back
-                await self._activate(entry)
+            await self._found(domain, None)
 
     async def entry(self, sd: str) -> Entry:
         if sd not in self.entries:
