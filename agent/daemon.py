@@ -5,7 +5,8 @@
 
 Start-up: configuration, logging, (dev) PKI, the agent's services, the
 listener; READY=1 once it is bound. SIGTERM/SIGINT: STOPPING=1, stop
-accepting, give running jobs the grace period, exit 0.
+accepting, give running jobs the grace period, exit 0; during the start,
+the start is cut short and the agent stops, never ready.
 """
 
 from __future__ import annotations
@@ -106,11 +107,8 @@ async def serve(config: configmod.Config, notifier: Notifier) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     agent = Agent.create(config)
-    extender = asyncio.create_task(notifier.extend_start(), name="start-timeout")
-    try:
-        await agent.start()
-    finally:
-        extender.cancel()
+    if not await start_or_stop(agent, notifier, stop):
+        return
     dispatcher = Dispatcher(agent, TABLE.enabled(config))
     app = make_app(agent, dispatcher, ovfroutes.routes(),
                    idle_timeout=config.server.idle_timeout,
@@ -165,6 +163,35 @@ async def serve(config: configmod.Config, notifier: Notifier) -> None:
     collector.cancel()
     await runner.cleanup()
     log.info("Stopped")
+
+
+async def start_or_stop(agent: Agent, notifier: Notifier, stop: asyncio.Event) -> bool:
+    """agent.start(), unless a stop comes first: False once the agent is
+    stopped, never ready. `systemctl stop` or `restart` while the start
+    waits on storage (up to storage.connect_wait for connections, then
+    lockspace joins and interrupted jobs' recoveries) is served at once,
+    not after it. What the start leaves half done is what a crash leaves:
+    connections are re-checked, recoveries run again, at the next start."""
+    extender = asyncio.create_task(notifier.extend_start(), name="start-timeout")
+    starting = asyncio.create_task(agent.start(), name="start")
+    stopping = asyncio.create_task(stop.wait(), name="stop-request")
+    try:
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        extender.cancel()
+        stopping.cancel()
+    if starting.done():
+        starting.result()       # a start that failed ends the process, as ever
+        return True
+    log.info("Stopping before the start ended")
+    notifier.notify("STOPPING=1")
+    starting.cancel()
+    await asyncio.wait([starting])
+    if not starting.cancelled() and starting.exception() is not None:
+        log.error("The start, cut short, failed", exc_info=starting.exception())
+    await agent.stop()
+    log.info("Stopped")
+    return False
 
 
 LOCK_FILE = "hostagentd.lock"

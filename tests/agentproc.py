@@ -58,7 +58,9 @@ class AgentProcess:
                 "--state-dir", str(self.state_dir), "--port", str(self.port),
                 *self.extra_args]
 
-    def start(self, timeout: float = 30.0) -> AgentProcess:
+    def start(self, timeout: float = 30.0, until: str = "READY=1") -> AgentProcess:
+        """Start the agent and wait until it sends `until` (a line of a
+        notification: READY=1 by default)."""
         # a restart waits for this process's READY=1, not the last one's
         self.notifications = []
         self._sock_dir = tempfile.mkdtemp(prefix="notify-")
@@ -74,9 +76,9 @@ class AgentProcess:
         self.proc = subprocess.Popen(self.argv(), env=env, cwd=ROOT, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        if not self.wait_notify("READY=1", timeout):
+        if not self.wait_notify(until, timeout):
             self.kill()
-            raise RuntimeError(f"agent did not become ready in {timeout}s; log:\n{self.log()}")
+            raise RuntimeError(f"agent did not send {until} in {timeout}s; log:\n{self.log()}")
         return self
 
     def wait_notify(self, word: str, timeout: float) -> bool:

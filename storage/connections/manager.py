@@ -108,6 +108,10 @@ class ConnectionManager:
             self.conns[conn.id] = conn
         tasks = {asyncio.create_task(self._recover_at_start(c), name=f"connection-{c.id}"): c
                  for c in self.conns.values()}
+        for task in tasks:
+            # stop() cancels them, even if this start was cut short
+            self._late.add(task)
+            task.add_done_callback(self._late.discard)
         late: set[asyncio.Task[None]] = set()
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=self.start_wait)
@@ -118,8 +122,6 @@ class ConnectionManager:
                             f"(more than {self.start_wait:g} s)")
             log.warning("Connection %s (%s) not up after %g s: the agent starts without it, "
                         "and goes on trying", conn.id, conn.type, self.start_wait)
-            self._late.add(task)
-            task.add_done_callback(self._late.discard)
 
     async def stop(self) -> None:
         """Cancel the start-up recoveries still under way."""

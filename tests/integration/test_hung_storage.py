@@ -411,3 +411,48 @@ async def test_storage_back_during_start(agent_on_hangfs: AgentProcess, hangfs: 
         assert (await c.call("getStorageDomainInfo", sdUUID=sick.sd))["state"] == "active"
         info = await sick.create_volume(new_id(), new_id())
         assert info["status"] == "done", info
+
+
+async def test_stop_during_start(agent_on_hangfs: AgentProcess, hangfs: HangFs,
+                                 agent_factory: Callable[..., AgentProcess], tmp_path: Path):
+    """SIGTERM (systemctl stop or restart) while the start waits for a
+    connection to hung storage: the agent stops at once, never READY, not
+    after storage.connect_wait (here a minute; with NFS down a mount's
+    deadline). The next start finds everything as it was."""
+    agent = agent_on_hangfs
+    healthy_dir = tmp_path / "healthy"
+    healthy_dir.mkdir()
+    (hangfs.mountpoint / "store").mkdir()
+    async with agent.client() as c:
+        sick = Domain(c, hangfs.mountpoint / "store")
+        well = Domain(c, healthy_dir)
+        await sick.setup("on hangfs")
+        await well.setup("healthy")
+    agent.stop()
+    (agent.state_dir / "hostagent.toml").write_text(f"{CONFIG}connect_wait = 60\n")
+    try:
+        hangfs.hang()
+        agent = agent_factory(agent.state_dir, port=agent.port, start=False)
+        earlier = agent.log_path.stat().st_size     # the log file is the last agent's too
+        # the start under way: it asks systemd for more time
+        agent.start(until="EXTEND_TIMEOUT_USEC=60000000")
+        assert agent.proc is not None
+        start = time.monotonic()
+        agent.proc.send_signal(signal.SIGTERM)
+        while b"INFO agent.daemon [-] Stopped" not in agent.log_path.read_bytes()[earlier:]:
+            assert agent.proc.poll() is None, agent.log()[-3000:]
+            assert time.monotonic() - start < 2.0 + SLACK, agent.log()[-3000:]
+            await asyncio.sleep(0.1)
+        print(f"stopped {time.monotonic() - start:.2f} s after SIGTERM, during the start")
+        assert not agent.wait_notify("READY=1", 0), agent.notifications
+    finally:
+        hangfs.release()
+    assert agent.proc.wait(10) == 0, agent.log()[-3000:]
+    agent.stop()
+    (agent.state_dir / "hostagent.toml").write_text(CONFIG)
+    agent = agent_factory(agent.state_dir, port=agent.port)
+    async with agent.client() as c:
+        for d in (sick, well):
+            d.c = c
+            await d.wait_state("ok", IO_TIMEOUT + MONITOR_INTERVAL + SLACK)
+            assert (await d.volume_info())["legality"] == "LEGAL"

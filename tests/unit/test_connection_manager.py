@@ -108,18 +108,20 @@ class _Slow(LocalfsBackend):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.go = asyncio.Event()
+        self.waiting = asyncio.Event()
 
     async def check(self, conn):
         if conn.params["connection"].endswith("slow"):
+            self.waiting.set()
             await self.go.wait()
             await super().check(conn)
 
 
-async def restarted(tmp_path, names):
+async def restarted(tmp_path, names, start=True):
     """Connections to directories `names` recorded, then a new manager on the
     same records whose checks of those ending in "slow" wait for its
-    backend's `go`, started with a start_wait of 1 s: (the manager, the
-    ids by name, the ids `came_up` was called with)."""
+    backend's `go`, started (unless not `start`) with a start_wait of 1 s:
+    (the manager, the ids by name, the ids `came_up` was called with)."""
     state, root = tmp_path / "state", tmp_path / "root"
     ids = {name: str(uuid.uuid4()) for name in names}
     for name in names:
@@ -136,7 +138,8 @@ async def restarted(tmp_path, names):
     async def came_up(conn_id: str) -> None:
         up.append(conn_id)
     m.came_up = came_up
-    await m.start()
+    if start:
+        await m.start()
     return m, ids, up
 
 
@@ -162,6 +165,20 @@ async def test_start_does_not_wait_for_a_slow_connection(tmp_path):
 
 async def test_stop_cancels_a_recovery_still_under_way(tmp_path):
     m, _, up = await restarted(tmp_path, ["slow"])
+    [task] = m._late
+    await m.stop()
+    assert task.cancelled() and not m._late and up == []
+
+
+async def test_stop_after_a_start_cut_short(tmp_path):
+    """The agent stopped during its start (systemctl stop while it waits for
+    a connection): stop() cancels the recovery that start left under way,
+    which would otherwise go on with nobody to end it."""
+    m, _, up = await restarted(tmp_path, ["slow"], start=False)
+    starting = asyncio.create_task(m.start())
+    await m.backends["localfs"].waiting.wait()
+    starting.cancel()
+    await asyncio.wait([starting])
     [task] = m._late
     await m.stop()
     assert task.cancelled() and not m._late and up == []
