@@ -102,7 +102,9 @@ class Domains:
             images, job.params, job.started))
         # An interrupted merge past its point of no return is finished.
         jobs.register_recovery("mergeSnapshots", lambda job: merge.recover_merge(
-            images, job.params, job.started))
+            images, job.params, job.started), live=True)
+        # a domain reachable again: the live recoveries waiting for it run
+        registry.activated = lambda sd: jobs.storage_back()
         jobs.register_recovery("createHibernationVolumes",
                                lambda job: recovery.recover_new_volumes(
                                    images, [{**job.params["memory"], "volUUID": v}

@@ -42,6 +42,9 @@ log = logging.getLogger("agent.jobs")
 
 # a failed recovery hook runs again after these pauses (seconds)
 RECOVERY_PAUSES = (0.5, 2.0)
+# a live hook (register_recovery) that failed at the start runs again this
+# often, and whenever storage comes back (storage_back)
+LIVE_RETRY = 60.0
 
 PENDING, RUNNING, DONE, FAILED, ABORTED = "pending", "running", "done", "failed", "aborted"
 STATES = (PENDING, RUNNING, DONE, FAILED, ABORTED)
@@ -83,6 +86,9 @@ class Job:
                 "ended": self.ended}
         if self.result is not None:
             info["result"] = self.result
+        if self.recovering:
+            # interrupted, and what it left is not cleaned up yet
+            info["recovering"] = True
         return info
 
     def record(self) -> dict[str, Any]:
@@ -129,6 +135,11 @@ class JobRegistry:
         self._jobs: dict[str, Job] = {}
         self._slots = asyncio.Semaphore(config.max_running)
         self._recovery: dict[str, RecoveryHook] = {}
+        self._live: set[str] = set()
+        # live recoveries that did not end at the start: tried again while serving
+        self._unrecovered: dict[str, Job] = {}
+        self._storage_back = asyncio.Event()
+        self._retrier: asyncio.Task[None] | None = None
         self._dirty: dict[str, Job | None] = {}
         self._dirty_event = asyncio.Event()
         self._flush_lock = threading.Lock()
@@ -137,10 +148,24 @@ class JobRegistry:
 
     # ---- lifecycle ---------------------------------------------------------
 
-    def register_recovery(self, job_type: str, hook: RecoveryHook) -> None:
+    def register_recovery(self, job_type: str, hook: RecoveryHook, *,
+                          live: bool = False) -> None:
         """`hook(job)` runs at start-up for each job of this type that the
-        agent found interrupted, to clean what the job left behind."""
+        agent found interrupted, to clean what the job left behind; if it
+        fails there, again at the next start. A `live` hook may also run
+        while the agent serves (what it finishes is fenced off from the
+        engine's calls until then): one that failed at the start is tried
+        again when storage comes back and every LIVE_RETRY seconds, so that
+        a domain whose storage was down at the start is not left half done
+        until the next one."""
         self._recovery[job_type] = hook
+        if live:
+            self._live.add(job_type)
+
+    def storage_back(self) -> None:
+        """A domain became reachable (activated after the start): the live
+        recoveries still pending are tried again now."""
+        self._storage_back.set()
 
     async def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -176,6 +201,10 @@ class JobRegistry:
             self._save(job)
             if hook is not None and job.recovering:
                 await self._recover(job, hook)
+        # (domains activated during the start: their recoveries just ran)
+        self._storage_back.clear()
+        if self._unrecovered:
+            self._retrier = asyncio.create_task(self._retry_live(), name="job-recoveries")
         self._update_metrics()
 
     async def _recover(self, job: Job, hook: RecoveryHook) -> None:
@@ -184,24 +213,52 @@ class JobRegistry:
         CI run saw `qemu-img map` fail to start a thread, "Resource
         temporarily unavailable", and an interrupted backup's snapshot
         layer was left for good). The job record is FAILED either way; one
-        whose hook never succeeded keeps `recovering` for the next start."""
+        whose hook never succeeded keeps `recovering` for the next start,
+        and a live one is tried again meanwhile."""
         for attempt, pause in enumerate((*RECOVERY_PAUSES, None), start=1):
             try:
                 await hook(job)
-                job.recovering = False
-                if job.cleared:     # the engine is done with it: so is its record
-                    self._drop_record(job)
-                else:
-                    self._save(job)
-                return
             except Exception:
                 if pause is None:
+                    live = job.type in self._live
+                    if live:
+                        self._unrecovered[job.job_uuid] = job
                     log.exception("Recovery of interrupted job %s failed (%d attempts); "
-                                  "again at the next start", job.job_uuid, attempt)
+                                  "again %s", job.job_uuid, attempt,
+                                  "when storage comes back, or at the next start" if live
+                                  else "at the next start")
                     return
                 log.warning("Recovery of interrupted job %s failed (attempt %d), again in "
                             "%g s", job.job_uuid, attempt, pause, exc_info=True)
+            else:
+                self._recovered(job)
+                return
             await asyncio.sleep(pause)
+
+    async def _retry_live(self) -> None:
+        """The live recoveries the start left pending, until each has ended."""
+        while self._unrecovered:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LIVE_RETRY):
+                    await self._storage_back.wait()
+            self._storage_back.clear()
+            for job in list(self._unrecovered.values()):
+                try:
+                    await self._recovery[job.type](job)
+                except Exception as e:
+                    log.warning("Recovery of interrupted job %s failed again: %s",
+                                job.job_uuid, e)
+                    continue
+                log.info("Interrupted job %s (%s) recovered", job.job_uuid, job.type)
+                del self._unrecovered[job.job_uuid]
+                self._recovered(job)
+
+    def _recovered(self, job: Job) -> None:
+        job.recovering = False
+        if job.cleared:     # the engine is done with it: so is its record
+            self._drop_record(job)
+        else:
+            self._save(job)
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Let running jobs finish within `grace`, cancel the rest (they are
@@ -215,7 +272,7 @@ class JobRegistry:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=max(grace, 5.0))
-        for bg in (self._sweeper, self._writer):
+        for bg in (self._retrier, self._sweeper, self._writer):
             if bg is not None:
                 bg.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

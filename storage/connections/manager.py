@@ -66,7 +66,8 @@ class ConnectionManager:
         self.store = RecordStore(state_dir / "connections")
         self.conns: dict[str, Connection] = {}
         self.start_wait = start_wait
-        # start-up recoveries that outlived start_wait, going on meanwhile
+        # start-up recoveries going on (past start_wait, in the background),
+        # and the lookups for the domains of connections back up
         self._late: set[asyncio.Task[None]] = set()
         self._started = False
         tmp = state_dir / "tmp"
@@ -91,7 +92,8 @@ class ConnectionManager:
         # its storage lets go (domains leave their lockspaces, close files)
         self.release: OnConnection = _nothing
         # called when a connection comes up after the start (its recovery
-        # outlived start_wait): the domains on it are looked for again
+        # outlived start_wait, or connectStorageServer found it back): the
+        # domains on it are looked for again
         self.came_up: OnConnection = _nothing
 
     # ---- lifecycle ---------------------------------------------------------
@@ -138,11 +140,23 @@ class ConnectionManager:
                           conn.type)
             return
         if self._started and conn.state == CONNECTED:
-            try:
-                await self.came_up(conn.id)
-            except Exception:
-                log.exception("Connection %s (%s) is up; looking for its domains failed",
-                              conn.id, conn.type)
+            await self._came_up(conn)
+
+    async def _came_up(self, conn: Connection) -> None:
+        try:
+            await self.came_up(conn.id)
+        except Exception:
+            log.exception("Connection %s (%s) is up; looking for its domains failed",
+                          conn.id, conn.type)
+
+    def _back_up(self, conn: Connection) -> None:
+        """A connection that was down is up again (connectStorageServer): its
+        domains are looked for in the background, as the engine is answered
+        (an active one is activated: its monitor, its interrupted jobs'
+        recoveries), as VDSM refreshes its domain cache on a connect."""
+        task = asyncio.create_task(self._came_up(conn), name=f"connection-up-{conn.id}")
+        self._late.add(task)
+        task.add_done_callback(self._late.discard)
 
     async def _recover(self, conn: Connection) -> None:
         backend = self._backend(conn.type)
@@ -311,10 +325,13 @@ class ConnectionManager:
                                            "parameters; use updateStorageConnection")
                 try:
                     await backend.check(existing)
-                    existing.state, existing.message = CONNECTED, ""
-                    return
                 except HostAgentError:
                     conn = existing
+                else:
+                    was, existing.state, existing.message = existing.state, CONNECTED, ""
+                    if was != CONNECTED:
+                        self._back_up(existing)
+                    return
             self._check_duplicate(conn, key)
             try:
                 # The backend saves the record before each step it takes: a
@@ -329,6 +346,8 @@ class ConnectionManager:
             self.conns[conn.id] = conn
             self.store.save(conn)
             log.info("Connected %s %s", dom_type, conn.id)
+            if existing is not None:
+                self._back_up(conn)
 
     async def _disconnect_one(self, dom_type: str, params: dict[str, Any]) -> None:
         conn_id = params["id"]

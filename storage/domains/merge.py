@@ -288,7 +288,10 @@ async def recover_merge(dm: Pieces, params: dict[str, Any],
     is whole and reads as before (top over base, base maybe holding some of
     top's data already): left as it is, the engine may merge again. From the
     mark on, the merge is finished: the child rebased onto base (again), top
-    removed."""
+    removed. Until then the chain cannot be prepared nor merged (top is
+    ILLEGAL), so this may run while the agent serves: if the domain cannot
+    be reached (its storage down at the start), this fails and runs again
+    when storage comes back (a live recovery, agent.jobs)."""
     sd, img = str(params.get("sdUUID", "")), str(params.get("imgUUID", ""))
     base_id, top_id = str(params.get("baseVolUUID", "")), str(params.get("topVolUUID", ""))
     try:
@@ -309,8 +312,9 @@ async def recover_merge(dm: Pieces, params: dict[str, Any],
                 async with dm.prepared.using(domain, await domain.image_volumes(img)):
                     pass
     except HostAgentError as e:
-        log.error("Cannot finish the interrupted merge of %s/%s/%s: %s", sd, img, top_id,
+        log.error("Cannot finish the interrupted merge of %s/%s/%s yet: %s", sd, img, top_id,
                   e.message)
+        raise
 
 
 async def _finish(dm: Pieces, domain: Domain, sd: str, img: str, base_id: str,

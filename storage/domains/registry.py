@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,8 @@ class DomainRegistry:
         self.active: set[str] = set()
         # set once start() has activated the active domains found then
         self._started = asyncio.Event()
+        # called with a domain's id once it is activated
+        self.activated: Callable[[str], None] = lambda sd: None
         connections.in_use = self.connection_in_use
         connections.release = self.release_connection
         connections.came_up = self._connection_up
@@ -432,6 +435,7 @@ class DomainRegistry:
         self.active.add(entry.domain.uuid)
         self.save_active()
         self.monitor.start(entry)
+        self.activated(entry.domain.uuid)
 
     async def deactivate(self, sd: str) -> dict[str, Any]:
         async with self.locks.hold(request("domain", sd)):

@@ -182,3 +182,36 @@ async def test_stop_after_a_start_cut_short(tmp_path):
     [task] = m._late
     await m.stop()
     assert task.cancelled() and not m._late and up == []
+
+
+@pytest.mark.parametrize("was_there", [True, False])
+async def test_connect_looks_for_the_domains_of_a_connection_back_up(tmp_path, was_there):
+    """connectStorageServer for a connection that was down (its storage
+    gone at the start, then back): the domains on it are looked for
+    (`came_up`), as VDSM refreshes its domain cache; not for one that was
+    up all along."""
+    state, root, store = tmp_path / "state", tmp_path / "root", tmp_path / "store"
+    store.mkdir()
+    conn = {"id": str(uuid.uuid4()), "connection": str(store)}
+    first = ConnectionManager(state, root, LockManager(), io_timeout=10)
+    await first.start()
+    await first.connect("localfs", [conn])
+    if not was_there:
+        store.rename(tmp_path / "away")
+        store.write_text("not a directory")
+    m = ConnectionManager(state, root, LockManager(), io_timeout=10)
+    up: list[str] = []
+
+    async def came_up(conn_id: str) -> None:
+        up.append(conn_id)
+    m.came_up = came_up
+    await m.start()
+    assert m.get(conn["id"]).state == ("connected" if was_there else "failed")
+    if not was_there:
+        store.unlink()
+        (tmp_path / "away").rename(store)
+    [st] = await m.connect("localfs", [conn])
+    assert st["status"] == 0, st
+    await asyncio.gather(*m._late)
+    assert up == ([] if was_there else [conn["id"]])
+    await m.stop()

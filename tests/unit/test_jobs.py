@@ -254,6 +254,70 @@ async def test_a_failed_recovery_runs_again(tmp_path, monkeypatch, caplog, failu
     await asyncio.wait([crashed])
 
 
+@pytest.mark.parametrize("live", [True, False])
+async def test_a_live_recovery_runs_again_when_storage_is_back(tmp_path, monkeypatch, live):
+    """An interrupted merge whose domain was not reachable at the start (its
+    storage down, or its connection late): its recovery runs again when a
+    domain comes back, not at the next start only (meanwhile the image's
+    chain has an ILLEGAL layer and cannot be prepared). A hook that is not
+    live waits for the next start."""
+    monkeypatch.setattr(jobs_module, "RECOVERY_PAUSES", (0.0, 0.0))
+    jid, crashed = await interrupted_job(tmp_path, "mergeSnapshots")
+    ran = []
+    back = False
+    done = asyncio.Event()
+
+    async def hook(job):
+        ran.append(job.job_uuid)
+        if not back:
+            raise VolumeDoesNotExist(volUUID="x")
+        done.set()
+
+    reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
+    reg.register_recovery("mergeSnapshots", hook, live=live)
+    await reg.start()
+    assert ran == [jid] * 3 and reg.get(jid).recovering
+    back = True
+    reg.storage_back()
+    if live:
+        await asyncio.wait_for(done.wait(), 10)
+        assert ran == [jid] * 4 and not reg.get(jid).recovering
+    else:
+        # nothing to run it again before the next start
+        assert reg._retrier is None and ran == [jid] * 3 and reg.get(jid).recovering
+    await reg.shutdown(1)
+    record = json.loads((tmp_path / "jobs" / f"{jid}.json").read_text())
+    assert record["status"] == "failed" and record["recovering"] == (not live)
+    crashed.cancel()
+    await asyncio.wait([crashed])
+
+
+async def test_a_live_recovery_runs_again_in_time(tmp_path, monkeypatch):
+    """With no storage coming back (the storage was there, the hook failed
+    for a passing reason), a live recovery runs again every LIVE_RETRY."""
+    monkeypatch.setattr(jobs_module, "RECOVERY_PAUSES", ())
+    monkeypatch.setattr(jobs_module, "LIVE_RETRY", 0.05)
+    jid, crashed = await interrupted_job(tmp_path, "mergeSnapshots")
+    ran = []
+    done = asyncio.Event()
+
+    async def hook(job):
+        ran.append(job.job_uuid)
+        if len(ran) < 3:
+            raise RuntimeError("Resource temporarily unavailable")
+        done.set()
+
+    reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
+    reg.register_recovery("mergeSnapshots", hook, live=True)
+    await reg.start()
+    await asyncio.wait_for(done.wait(), 10)
+    assert ran == [jid] * 3 and not reg.get(jid).recovering
+    await reg.shutdown(1)
+    assert not json.loads((tmp_path / "jobs" / f"{jid}.json").read_text())["recovering"]
+    crashed.cancel()
+    await asyncio.wait([crashed])
+
+
 async def test_a_cleared_job_keeps_its_pending_recovery(tmp_path, monkeypatch):
     """The engine clears the failed job: it is no longer listed, but what
     its recovery must still remove is not forgotten."""
