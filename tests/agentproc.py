@@ -78,7 +78,8 @@ class AgentProcess:
         log.close()
         if not self.wait_notify(until, timeout):
             self.kill()
-            raise RuntimeError(f"agent did not send {until} in {timeout}s; log:\n{self.log()}")
+            raise RuntimeError(f"agent did not become ready ({until}) in {timeout}s; log:\n"
+                               f"{self.log()}")
         return self
 
     def wait_notify(self, word: str, timeout: float) -> bool:
