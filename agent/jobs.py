@@ -28,8 +28,8 @@ from agent.events import EventBus
 from agent.metrics import Metrics
 from storage.errors import (
     ActionStopped,
-    GeneralException,
     HostAgentError,
+    HostStateError,
     JobExists,
     JobInterrupted,
     JobNotDone,
@@ -40,6 +40,8 @@ from storage.fileio import atomic_write
 
 log = logging.getLogger("agent.jobs")
 
+# a job done whose end cannot be recorded tries again this often (seconds)
+RECORD_RETRY = 1.0
 # a failed recovery hook runs again after these pauses (seconds)
 RECOVERY_PAUSES = (0.5, 2.0)
 # a live hook (register_recovery) that failed at the start runs again this
@@ -123,6 +125,11 @@ class JobContext:
 
 Work = Callable[[JobContext], Awaitable[Any]]
 RecoveryHook = Callable[[Job], Awaitable[None]]
+
+
+def _unrecorded(where: Path, what: str, e: BaseException) -> HostStateError:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return HostStateError(what=what, path=str(where), reason=reason)
 
 
 class JobRegistry:
@@ -374,8 +381,7 @@ class JobRegistry:
                 try:
                     await asyncio.to_thread(self._flush_job, job)
                 except OSError as e:
-                    raise GeneralException(reason=f"cannot record job {job.job_uuid} as "
-                                                  f"running: {e.strerror or e}") from None
+                    raise _unrecorded(self.dir, f"job {job.job_uuid} as running", e) from None
                 log.info("Job %s (%s) started", job.job_uuid, job.type)
                 result = await work(JobContext(self, job))
         except asyncio.CancelledError:
@@ -396,21 +402,47 @@ class JobRegistry:
         """End a job in one ordered step: its final record on disk first,
         then the status in memory (getJobs) and on the WebSocket. A client
         that saw `done` has moved on: a crash must not turn it into an
-        interrupted job whose recovery removes what it made (issue 22)."""
+        interrupted job whose recovery removes what it made (issue 22). So
+        a job done whose end cannot be recorded (the state directory's file
+        system full) stays running, tried again every RECORD_RETRY seconds;
+        cancelled meanwhile (a stop), it ends failed, as the next start's
+        recovery will have it. A failed or aborted job ends at once, its
+        record left saying running: the recovery cleans what it may have left."""
         ended = replace(job, status=status, error=error, result=result, ended=time.time(),
                         progress=100 if status == DONE else job.progress)
-        write = asyncio.ensure_future(asyncio.to_thread(self._write_final, ended))
-        cancelled = False
-        while not write.done():
-            # An abort or shutdown arriving now finds the work over: the
-            # record is written and the job ends as it did.
+        cancelled, failure, waited = False, None, 0.0
+        while True:
+            write = asyncio.ensure_future(asyncio.to_thread(self._write_final, ended))
+            while not write.done():
+                # An abort or shutdown arriving now finds the work over: the
+                # record is written and the job ends as it did.
+                with contextlib.suppress(Exception):     # looked at below
+                    try:
+                        await asyncio.shield(write)
+                    except asyncio.CancelledError:
+                        cancelled = True
+            failure = None if write.cancelled() else write.exception()
+            if failure is None or status != DONE or cancelled:
+                break
+            if not waited:
+                log.error("Job %s (%s) is done, but its end cannot be recorded in %s (%s): "
+                          "it is reported running until it can be", job.job_uuid, job.type,
+                          self.dir, failure)
             try:
-                await asyncio.shield(write)
+                await asyncio.sleep(RECORD_RETRY)
             except asyncio.CancelledError:
                 cancelled = True
-        if not write.cancelled() and write.exception() is not None:
-            log.error("Cannot write the final record of job %s: %s", job.job_uuid,
-                      write.exception())
+                break
+            waited += RECORD_RETRY
+        if failure is not None:
+            log.error("Cannot write the final record of job %s: %s", job.job_uuid, failure)
+            if status == DONE:
+                ended = replace(ended, status=FAILED, result=None, progress=job.progress,
+                                error=wire_error(_unrecorded(
+                                    self.dir, f"the end of job {job.job_uuid}", failure)))
+        elif waited:
+            log.info("Job %s (%s): its end recorded after %.0f s", job.job_uuid, job.type,
+                     waited)
         job.status, job.error, job.result = ended.status, ended.error, ended.result
         job.ended, job.progress = ended.ended, ended.progress
         log.info("Job %s (%s) %s%s", job.job_uuid, job.type, job.status,

@@ -18,7 +18,8 @@ ErrorClass = type[e.HostAgentError]
 
 # Every call: an unexpected error is 100.
 _ANY: tuple[ErrorClass, ...] = (e.GeneralException,)
-_JOB = (e.JobExists, e.ActionStopped, e.JobInterrupted)
+# HostStateError: a change this host records in its state directory, which is full
+_JOB = (e.JobExists, e.ActionStopped, e.JobInterrupted, e.HostStateError)
 _DOMAIN = (e.StorageDomainDoesNotExist, e.StorageDomainFSNotMounted,
            e.StorageDomainAccessError, e.FileStorageDomainStaleNFSHandle, e.ResourceTimeout)
 _ACTIVE = (*_DOMAIN, e.StorageDomainNotActive)
@@ -30,7 +31,7 @@ _MAKE = (e.VolumeAlreadyExists, e.VolumeCreationError, e.ImageIsNotLegalChain, e
 _CONNECT = (e.StorageServerConnectionError, e.ISCSISetupError, e.ISCSILoginAuthError,
             e.InvalidIpAddress, e.MountError, e.StorageServerAccessPermissionError,
             e.MultipathSetupError, e.InaccessiblePhysDev, e.DuplicateConnection,
-            e.InvalidParameter, e.ResourceTimeout)
+            e.InvalidParameter, e.ResourceTimeout, e.HostStateError)
 _DISCONNECT = (e.StorageServerDisconnectionError, e.ISCSILogoutError, e.ResourceInUse,
                e.ResourceTimeout)
 
@@ -50,12 +51,12 @@ VERB_ERRORS: dict[str, tuple[ErrorClass, ...]] = {
     "createStorageDomain": (e.StorageDomainAlreadyExists, e.StorageServerConnectionError,
                             e.InaccessiblePhysDev, e.VolumeGroupBlockSizeError,
                             e.DeviceBlockSizeError, e.StorageServerAccessPermissionError,
-                            e.MultipathSetupError, *_DOMAIN, *_WRITE),
+                            e.MultipathSetupError, *_DOMAIN, *_WRITE, e.HostStateError),
     "getStorageDomainInfo": _DOMAIN, "getStorageDomainStats": _DOMAIN,
     "getStorageDomainsList": (),
-    "activateStorageDomain": (*_DOMAIN, e.AcquireHostIdFailure),
+    "activateStorageDomain": (*_DOMAIN, e.AcquireHostIdFailure, e.HostStateError),
     "deactivateStorageDomain": (e.StorageDomainDoesNotExist, e.ResourceInUse,
-                                e.ResourceTimeout),
+                                e.ResourceTimeout, e.HostStateError),
     "setStorageDomainBackup": (*_ACTIVE, e.ResourceInUse, e.AcquireLockFailure),
     "extendStorageDomain": (*_ACTIVE, e.InaccessiblePhysDev, e.PhysDevInitializationError,
                             e.VolumeGroupExtendError, e.VolumeGroupBlockSizeError,
@@ -65,7 +66,7 @@ VERB_ERRORS: dict[str, tuple[ErrorClass, ...]] = {
                  e.MultipathSetupError, e.AcquireLockFailure, e.LeaseLost, e.LVMCommandError,
                  e.InvalidParameter),
     "formatStorageDomain": (*_DOMAIN, e.ResourceInUse, e.AcquireLockFailure,
-                            e.LVMCommandError),
+                            e.LVMCommandError, e.HostStateError),
     "createVolume": (*_JOB, *_ACTIVE, *_VOLUME, *_MAKE, e.CreateIllegalVolumeSnapshotError,
                      *_WRITE),
     "getVolumeInfo": (*_DOMAIN, *_VOLUME),
@@ -90,8 +91,9 @@ VERB_ERRORS: dict[str, tuple[ErrorClass, ...]] = {
                     e.ResourceInUse,
                     e.AcquireLockFailure, e.LeaseLost, e.LVMCommandError),
     "prepareImage": (*_ACTIVE, *_VOLUME, e.PrepareIllegalVolumeError, e.VolumeNonWritable,
-                     e.BackupDomainRestricted, e.LVMCommandError, e.InvalidParameter),
-    "teardownImage": (*_DOMAIN, *_VOLUME),
+                     e.BackupDomainRestricted, e.LVMCommandError, e.InvalidParameter,
+                     e.HostStateError),
+    "teardownImage": (*_DOMAIN, *_VOLUME, e.HostStateError),
     "copyImage": (*_JOB, *_ACTIVE, *_VOLUME, *_MAKE, e.VolumeCopyError,
                   e.PrepareIllegalVolumeError, *_WRITE),
     "moveImage": (*_JOB, *_ACTIVE, *_VOLUME, *_MAKE, e.VolumeCopyError,

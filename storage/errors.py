@@ -386,6 +386,15 @@ class JobInterrupted(HostAgentError):
     template = "Job {jobUUID} was interrupted: the agent stopped while it ran"
 
 
+class HostStateError(HostAgentError):
+    """A record of the host's own state (connections, active domains,
+    prepared volumes, jobs) could not be written in the state directory,
+    typically its file system full: the change it records was not made."""
+
+    code = 2107
+    template = "Cannot record {what} in {path}: {reason}"
+
+
 class OvfStoreError(HostAgentError):
     code = 2110
     template = "OVF store upload refused: {reason}"

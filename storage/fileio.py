@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from storage.errors import ResourceTimeout
+from storage.errors import HostStateError, ResourceTimeout
 
 T = TypeVar("T")
 
@@ -217,6 +217,17 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def record_state(path: Path, data: bytes, what: str, mode: int = 0o644) -> None:
+    """atomic_write of a record in the agent's state directory; a failure
+    (its file system full, read-only) is HostStateError naming `what`, so
+    that the verb changing it answers a clear error and leaves it as it was."""
+    try:
+        atomic_write(path, data, mode)
+    except OSError as e:
+        raise HostStateError(what=what, path=str(path.parent),
+                             reason=e.strerror or str(e)) from None
 
 
 def fsync_dir(path: Path) -> None:

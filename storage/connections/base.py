@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from storage.fileio import atomic_write
+from storage.fileio import record_state
 
 # Parameters never shown in results, logs or errors.
 SECRET_PARAMS = frozenset({"password"})
@@ -103,7 +103,8 @@ class RecordStore:
 
     def save(self, conn: Connection) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write(self.dir / f"{conn.id}.json", json.dumps(conn.record()).encode(), 0o600)
+        record_state(self.dir / f"{conn.id}.json", json.dumps(conn.record()).encode(),
+                     f"connection {conn.id}", 0o600)
 
     def remove(self, conn_id: str) -> None:
         (self.dir / f"{conn_id}.json").unlink(missing_ok=True)

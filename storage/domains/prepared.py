@@ -14,7 +14,7 @@ from pathlib import Path
 
 from storage.domains.base import Domain
 from storage.errors import HostAgentError, VolumeIsBusy
-from storage.fileio import atomic_write
+from storage.fileio import record_state
 from storage.metadata import VolumeMetadata
 
 log = logging.getLogger("storage.domains")
@@ -51,8 +51,10 @@ class PreparedVolumes:
             self.writers = {}
 
     def save(self) -> None:
+        """HostStateError if a record cannot be written (the state directory full)."""
         for name, data in (("prepared.json", self.counts), ("writers.json", self.writers)):
-            atomic_write(self.state_dir / name, json.dumps(data, sort_keys=True).encode())
+            record_state(self.state_dir / name, json.dumps(data, sort_keys=True).encode(),
+                         "the prepared volumes")
 
     async def count(self, lookup: Callable[[str], Domain | None]) -> None:
         """What prepared.json says is in use keeps its volumes active;

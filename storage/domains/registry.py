@@ -37,6 +37,7 @@ from storage.domains.monitor import DomainMonitor, Entry, full
 from storage.domains.prepared import PreparedVolumes
 from storage.errors import (
     HostAgentError,
+    HostStateError,
     InaccessiblePhysDev,
     InvalidParameter,
     ResourceInUse,
@@ -46,7 +47,7 @@ from storage.errors import (
     StorageDomainNotActive,
     StorageServerConnectionError,
 )
-from storage.fileio import IOPool, atomic_write
+from storage.fileio import IOPool, record_state
 from storage.leases import LeaseManager, init_domain_areas
 from storage.locks import LockManager, request
 from storage.metadata import DomainMetadata, MetadataError
@@ -105,9 +106,16 @@ class DomainRegistry:
         except FileNotFoundError:
             self.active = set()
 
-    def save_active(self) -> None:
-        atomic_write(self.state_dir / "domains.json",
-                     json.dumps({"active": sorted(self.active)}, sort_keys=True).encode())
+    def _set_active(self, sd: str, active: bool) -> None:
+        """Record the domain (in)active on this host, before the change is
+        made: if the record cannot be written (HostStateError: the state
+        directory's file system full), nothing has changed."""
+        new = self.active | {sd} if active else self.active - {sd}
+        if new != self.active:
+            record_state(self.state_dir / "domains.json",
+                         json.dumps({"active": sorted(new)}, sort_keys=True).encode(),
+                         "the active domains")
+            self.active = new
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -424,16 +432,23 @@ class DomainRegistry:
     JOIN_WAIT = 5.0
 
     async def _activate(self, entry: Entry) -> None:
-        leases = entry.domain.leases
-        if isinstance(leases, DomainLeases):
-            # joining collects the garbage (under the domain lease)
-            leases.start_join()
-            await leases.wait_joined(self.JOIN_WAIT)
-        else:
-            await self._collect(entry.domain)
+        sd = entry.domain.uuid
+        was = sd in self.active
+        self._set_active(sd, True)
+        try:
+            leases = entry.domain.leases
+            if isinstance(leases, DomainLeases):
+                # joining collects the garbage (under the domain lease)
+                leases.start_join()
+                await leases.wait_joined(self.JOIN_WAIT)
+            else:
+                await self._collect(entry.domain)
+        except BaseException:
+            if not was:
+                with contextlib.suppress(HostStateError):
+                    self._set_active(sd, False)
+            raise
         entry.active = True
-        self.active.add(entry.domain.uuid)
-        self.save_active()
         self.monitor.start(entry)
         self.activated(entry.domain.uuid)
 
@@ -442,11 +457,23 @@ class DomainRegistry:
             entry = await self.entry(sd)
             if self.prepared.on(sd):
                 raise ResourceInUse(resource=f"domain {sd}", reason="volumes are prepared")
-            await self._leave(entry)
-            entry.active = False
-            self.active.discard(sd)
-            self.save_active()
+            await self._deactivate(entry)
         return await self.info(sd)
+
+    async def _deactivate(self, entry: Entry) -> None:
+        """Recorded inactive first (if that cannot be, nothing changes),
+        then out of its lockspace (recorded active again if that is refused)."""
+        sd = entry.domain.uuid
+        was = sd in self.active
+        self._set_active(sd, False)
+        try:
+            await self._leave(entry)
+        except BaseException:
+            if was:
+                with contextlib.suppress(HostStateError):
+                    self._set_active(sd, True)
+            raise
+        entry.active = False
 
     async def _leave(self, entry: Entry) -> None:
         """Leave the domain's lockspace, its monitor stopped first (a check
@@ -467,11 +494,9 @@ class DomainRegistry:
             entry = await self.entry(sd)
             if self.prepared.on(sd):
                 raise ResourceInUse(resource=f"domain {sd}", reason="volumes are prepared")
-            await self._leave(entry)
+            await self._deactivate(entry)
             await entry.domain.remove_all()
             del self.entries[sd]
-            self.active.discard(sd)
-            self.save_active()
             log.info("Formatted domain %s", sd)
 
     async def set_backup(self, sd: str, backup: bool) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from storage.errors import (
     BackupDomainRestricted,
     GenerationMismatch,
     HostAgentError,
+    HostStateError,
     InvalidParameter,
     PrepareIllegalVolumeError,
     VolumeDoesNotExist,
@@ -254,6 +255,9 @@ class VolumeOps:
 
     async def _unwatch_writer(self, key: str) -> None:
         self.prepared.writers.pop(key, None)
+        await self._stop_watch(key)
+
+    async def _stop_watch(self, key: str) -> None:
         watch = self._watches.pop(key, None)
         if watch is not None:
             await watch.stop()
@@ -351,7 +355,11 @@ class VolumeOps:
                 writers.pop(old, None)
             elif on_new is False:
                 writers.pop(new)
-        self.prepared.save()
+        try:
+            self.prepared.save()
+        except HostStateError as e:
+            # the next start asks the writers again
+            log.warning("%s", e.message)
 
     async def prepare(self, sd: str, img: str, vol: str, purpose: str,
                       writer: dict[str, str] | None = None) -> dict[str, Any]:
@@ -389,18 +397,41 @@ class VolumeOps:
                         # not prepared: its LVs must not stay active, counted
                         await self.prepared.release_volumes(domain, chain)
                     raise
-            counts = self.prepared.counts.setdefault(key, {})
-            counts[purpose] = counts.get(purpose, 0) + 1
-            if writer is not None and self.prepared.writers.get(key) != writer:
-                # a VM started again (or another one): the new writer
-                await self._unwatch_writer(key)
-                self.prepared.writers[key] = writer
-                self._watch_writer(key, writer)
-            self.prepared.save()
+            await self._count(domain, chain, key, purpose, writer)
             return {"path": domain.volume_path(img, vol),
                     "chain": [{"volUUID": m.uuid, "imgUUID": m.image,
                                "path": domain.volume_path(m.image, m.uuid),
                                "format": m.format.lower()} for m in chain]}
+
+    async def _count(self, domain: Domain, chain: list[VolumeMetadata], key: str,
+                     purpose: str, writer: dict[str, str] | None) -> None:
+        """One more prepare of `key` for `purpose` (with its VM's writer),
+        recorded. If the record cannot be written (HostStateError: the state
+        directory full) nothing is counted, and a chain that was not
+        prepared is released."""
+        counted = key in self.prepared.counts
+        before = dict(self.prepared.counts.get(key, {}))
+        self.prepared.counts[key] = {**before, purpose: before.get(purpose, 0) + 1}
+        old_writer = self.prepared.writers.get(key)
+        if writer is not None and old_writer != writer:
+            self.prepared.writers[key] = writer
+        try:
+            self.prepared.save()
+        except HostStateError:
+            if counted:
+                self.prepared.counts[key] = before
+            else:
+                del self.prepared.counts[key]
+                await self.prepared.release_volumes(domain, chain)
+            if old_writer is None:
+                self.prepared.writers.pop(key, None)
+            else:
+                self.prepared.writers[key] = old_writer
+            raise
+        if writer is not None and old_writer != writer:
+            # a VM started again (or another one): the new writer
+            await self._stop_watch(key)
+            self._watch_writer(key, writer)
 
     async def teardown(self, sd: str, img: str, vol: str | None) -> None:
         async with self.locks.volumes(sd, img):
@@ -408,6 +439,9 @@ class VolumeOps:
             domain = (await self.registry.entry(sd)).domain
             keys = [k for k in self.prepared.counts
                     if k.startswith(f"{sd}/{img}/") and (vol is None or k.endswith(f"/{vol}"))]
+            counts_before = {k: dict(self.prepared.counts[k]) for k in keys}
+            writers_before = {k: self.prepared.writers[k] for k in keys
+                              if k in self.prepared.writers}
             for key in keys:
                 counts = self.prepared.counts[key]
                 # one teardown undoes one prepare (the most privileged purpose first)
@@ -418,10 +452,21 @@ class VolumeOps:
                             del counts[purpose]
                         break
                 if not counts.get("vm"):
-                    await self._unwatch_writer(key)
+                    self.prepared.writers.pop(key, None)
                 if not counts:
                     del self.prepared.counts[key]
+            try:
+                # recorded first: if it cannot be (the state directory
+                # full), the volumes stay prepared, as the record says
+                self.prepared.save()
+            except HostStateError:
+                self.prepared.counts.update(counts_before)
+                self.prepared.writers.update(writers_before)
+                raise
+            for key in keys:
+                if key not in self.prepared.writers:
+                    await self._stop_watch(key)
+                if key not in self.prepared.counts:
                     _, _, v = key.split("/")
                     with contextlib.suppress(HostAgentError):
                         await self.prepared.release_volumes(domain, await domain.chain(img, v))
-            self.prepared.save()

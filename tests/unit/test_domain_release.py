@@ -160,8 +160,7 @@ async def test_start_activates_the_active_domains_at_once(tmp_path: Path) -> Non
     for domain in domains:
         attach(domain, manager)
         registry.entries[domain.uuid] = Entry(domain, "conn")  # type: ignore[arg-type]
-        registry.active.add(domain.uuid)
-    registry.save_active()
+        registry._set_active(domain.uuid, True)
 
     async def scan() -> None:
         return None
@@ -184,8 +183,7 @@ async def test_an_active_block_domain_found_after_the_start_is_activated(
     its VG (the connection came up), as an active file domain is."""
     registry = new_registry(tmp_path)
     domain, manager = Domain(), Manager()
-    registry.active.add(domain.uuid)
-    registry.save_active()
+    registry._set_active(domain.uuid, True)
     found: list[str] = []
 
     async def devices() -> dict[str, str]:

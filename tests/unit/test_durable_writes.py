@@ -63,7 +63,7 @@ def _domains(tmp_path: Path) -> DomainRegistry:
 
 @pytest.mark.parametrize(("name", "save", "content"), [
     ("prepared.json", lambda dm: dm.prepared.save(), {"sd/img/vol": {"vm": 1}}),
-    ("domains.json", lambda dm: dm.save_active(), {"active": ["sd"]}),
+    ("domains.json", lambda dm: dm._set_active("sd2", True), {"active": ["sd", "sd2"]}),
 ])
 def test_domain_manager_state(tmp_path: Path, journal: list[Entry], name: str,
                               save: Callable[[DomainRegistry], None],

@@ -465,8 +465,8 @@ async def test_a_job_s_running_record_is_written_once(tmp_path, monkeypatch):
 async def test_a_job_whose_record_cannot_be_written_fails_before_its_work(tmp_path,
                                                                             monkeypatch):
     """A full state file system: the job cannot say it runs, so it must not
-    (a crash would leave what it made to no recovery): failed, code 100,
-    its work never called."""
+    (a crash would leave what it made to no recovery): failed, 2107
+    HostStateError, its work never called."""
     reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
     await reg.start()
     real_write = jobs_module.atomic_write
@@ -486,7 +486,7 @@ async def test_a_job_whose_record_cannot_be_written_fails_before_its_work(tmp_pa
     job = new_id()
     reg.submit(job, "test", work)
     ended = await wait_ended(reg, job)
-    assert ended.status == "failed" and ended.error["code"] == 100, ended.error
+    assert ended.status == "failed" and ended.error["code"] == 2107, ended.error
     assert "No space left on device" in ended.error["message"], ended.error
     assert ran == []
     await reg.shutdown(1)
@@ -525,3 +525,77 @@ async def test_ended_jobs_are_swept(tmp_path):
     await until(lambda: not reg.info([jid]), "the ended job swept", timeout=3)
     await reg.shutdown(1)
     assert not (tmp_path / "jobs" / f"{jid}.json").exists()
+
+
+class _FullState:
+    """JobRegistry._write failing with ENOSPC while `full` (the state
+    directory's file system full), counting the attempts."""
+
+    def __init__(self, monkeypatch):
+        self.full = False
+        self.failed = 0
+        write = JobRegistry._write
+
+        def _write(path, job):
+            if self.full:
+                self.failed += 1
+                raise OSError(28, "No space left on device")
+            write(path, job)
+        monkeypatch.setattr(JobRegistry, "_write", staticmethod(_write))
+
+
+async def test_a_done_job_is_reported_done_once_recorded(tmp_path, monkeypatch):
+    """The work ends while the state directory is full: the job stays
+    running (a crash now would undo what it made after the client saw it
+    done) until its end is on disk, then is done."""
+    monkeypatch.setattr(jobs_module, "RECORD_RETRY", 0.01)
+    state = _FullState(monkeypatch)
+    reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
+    await reg.start()
+
+    async def work(ctx):
+        state.full = True
+        return {"made": 1}
+    jid = new_id()
+    reg.submit(jid, "test", work)
+    await until(lambda: state.failed >= 3, "the end tried again")
+    assert reg.get(jid).status == "running"
+    state.full = False
+    job = await wait_ended(reg, jid)
+    assert job.status == "done" and job.result == {"made": 1}
+    record = json.loads((tmp_path / "jobs" / f"{jid}.json").read_text())
+    assert record["status"] == "done"
+    await reg.shutdown(1)
+
+
+@pytest.mark.parametrize("when", ["failed", "stopped"])
+async def test_a_job_ends_when_its_end_cannot_be_written(tmp_path, monkeypatch, when):
+    """The state directory full: a job that failed is failed at once (it
+    stayed running for ever: the unwritten record's error escaped); a done
+    one the agent stops meanwhile ends failed, 2107, as the next start's
+    recovery will have it (its record still says running)."""
+    monkeypatch.setattr(jobs_module, "RECORD_RETRY", 0.01)
+    state = _FullState(monkeypatch)
+    reg = JobRegistry(JobsConfig(), tmp_path, EventBus())
+    await reg.start()
+    ran = []
+
+    async def work(ctx):
+        ran.append(1)
+        state.full = True
+        if when == "failed":
+            raise VolumeDoesNotExist(volUUID="x")
+        return 1
+    jid = new_id()
+    reg.submit(jid, "test", work)
+    if when == "stopped":
+        await until(lambda: state.failed >= 2, "the end tried again")
+        await reg.shutdown(1)
+    job = await wait_ended(reg, jid)
+    assert job.status == "failed", job.info()
+    assert job.error["code"] == {"failed": 201, "stopped": 2107}[when]
+    assert ran == [1]
+    if when != "stopped":
+        await reg.shutdown(1)
+    # the record on disk still says running
+    assert json.loads((tmp_path / "jobs" / f"{jid}.json").read_text())["status"] == "running"
