@@ -91,6 +91,9 @@ class DomainRegistry:
         self.active: set[str] = set()
         # set once start() has activated the active domains found then
         self._started = asyncio.Event()
+        # the scans after connections came up, one at a time (_connection_up)
+        self._scan_lock = asyncio.Lock()
+        self._scans_begun = self._scans_done = 0
         # called with a domain's id once it is activated
         self.activated: Callable[[str], None] = lambda sd: None
         connections.in_use = self.connection_in_use
@@ -139,9 +142,20 @@ class DomainRegistry:
     async def _connection_up(self, conn_id: str) -> None:
         """A connection came up after the start: its active domains are
         activated as the scan finds them (once start() has ended: its own
-        pass over the active domains has run by then)."""
+        pass over the active domains has run by then). What it needs is a
+        scan begun after it came up: connections coming up together (the
+        engine connects a host's storage at once) share one, not one each
+        (each lists every multipath device and VG, and every file domain)."""
         await self._started.wait()
-        await self.scan()
+        want = self._scans_begun + 1
+        async with self._scan_lock:
+            if self._scans_done >= want:
+                return
+            self._scans_begun += 1
+            try:
+                await self.scan()
+            finally:
+                self._scans_done = self._scans_begun
 
     def lookup(self, sd: str) -> Domain | None:
         """The domain of that id known here (no scan), or None."""

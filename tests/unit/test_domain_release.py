@@ -22,6 +22,7 @@ from storage.domains.prepared import PreparedVolumes
 from storage.domains.registry import DomainRegistry
 from storage.errors import ResourceInUse
 from storage.leases.base import HostIdState
+from tests.polling import until
 
 
 class Manager:
@@ -214,3 +215,38 @@ async def test_an_active_block_domain_found_after_the_start_is_activated(
     assert entry.active and entry.monitor.task is not None
     await domain.checking.wait()           # monitored
     await registry.monitor.stop(entry)
+
+
+class _CountingLock(asyncio.Lock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
+    async def acquire(self) -> bool:
+        self.asked += 1
+        return await super().acquire()
+
+
+async def test_connections_up_together_share_a_scan(tmp_path: Path) -> None:
+    """Connections coming up while a scan runs (the engine connects a host's
+    storage at once) share the next scan, one begun after they came up,
+    not one scan each."""
+    registry = new_registry(tmp_path)
+    registry._started.set()
+    lock = registry._scan_lock = _CountingLock()
+    scans = 0
+    go, began = asyncio.Event(), asyncio.Event()
+
+    async def scan() -> None:
+        nonlocal scans
+        scans += 1
+        began.set()
+        await go.wait()
+    registry.scan = scan  # type: ignore[method-assign]
+    first = asyncio.create_task(registry._connection_up("a"))
+    await began.wait()
+    later = [asyncio.create_task(registry._connection_up(c)) for c in "bcd"]
+    await until(lambda: lock.asked == 4, "the three wait for the scan under way")
+    go.set()
+    await asyncio.wait_for(asyncio.gather(first, *later), 5)
+    assert scans == 2
