@@ -216,8 +216,13 @@ class WriterWatch:
             ev = await self.events.get()
             data: dict[str, Any] = ev.get("data") or {}
             if ev.get("event") == "BLOCK_WRITE_THRESHOLD" and data.get("node-name") == self.node:
-                await self._grow(qmp, int(data["write-threshold"]) +
-                                 int(data["amount-exceeded"]), sent=_sent(ev))
+                allocation = int(data["write-threshold"]) + int(data["amount-exceeded"])
+                # An event the watch already answered: the writes it reports
+                # crossed the threshold armed on connecting while the watch
+                # grew past them (it saw them in the stats), and re-armed.
+                # Answered again, it grew the volume a chunk more for nothing.
+                if allocation > self.thin.threshold(self.size):
+                    await self._grow(qmp, allocation, sent=_sent(ev))
             elif ev.get("event") == "BLOCK_IO_ERROR" and data.get("nospace"):
                 # a VM paused on ENOSPC (werror=enospc): the threshold came
                 # too late, for this disk if it is past its threshold (the

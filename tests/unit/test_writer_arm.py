@@ -100,3 +100,45 @@ async def test_a_failed_arm_is_raised_after_the_extension() -> None:
     with pytest.raises(QMPError):
         await asyncio.wait_for(grow, 5)
     assert log[-1] == "extended" and w.size == 1024 * MiB
+
+
+class StatsQMP(FakeQMP):
+    """A writer that wrote `highest` bytes: in its stats, and in a threshold
+    event for the threshold armed on connecting."""
+
+    def __init__(self, log: list[str], node: str, highest: int) -> None:
+        super().__init__(log)
+        self.node = node
+        self.highest = highest
+
+    async def execute(self, command: str, args: dict[str, Any] | None = None) -> Any:
+        if command == "query-blockstats":
+            return [{"node-name": self.node, "stats": {"wr_highest_offset": self.highest}}]
+        return await super().execute(command, args)
+
+
+async def test_an_event_already_answered_grows_nothing() -> None:
+    """The writer writes past the threshold as the watch connects: the watch
+    sees it in the stats and grows, and the threshold event of the same
+    writes comes after: the volume grows once, not a chunk more (a CI run
+    asked 80 MiB after 64 in tests/integration/test_writer_watch_host.py)."""
+    log: list[str] = []
+    lvm = SlowLVM(log)
+    lvm.release.set()
+    w = watch(lvm)
+    qmp = StatsQMP(log, w.node, 300 * MiB)
+    w.events.put_nowait({"event": "BLOCK_WRITE_THRESHOLD", "data": {
+        "node-name": w.node, "write-threshold": 256 * MiB, "amount-exceeded": 44 * MiB}})
+    watching = asyncio.create_task(w._watch(qmp))  # type: ignore[arg-type]
+    await asyncio.wait_for(logged(log, "extended"), 5)
+    # an event of no interest after it: once taken, the watch is done with the first
+    w.events.put_nowait({"event": "RESUME", "data": {}})
+    await asyncio.wait_for(until_empty(w.events), 5)
+    watching.cancel()
+    await asyncio.wait([watching])
+    assert [e for e in log if e.startswith("extend ")] == ["extend 1024"], log
+
+
+async def until_empty(q: asyncio.Queue[Any]) -> None:
+    while not q.empty():
+        await asyncio.sleep(0)      # (the loop's turn: no time passes)
