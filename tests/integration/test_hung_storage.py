@@ -306,12 +306,10 @@ async def test_stop_while_hung(agent_on_hangfs: AgentProcess, hangfs: HangFs):
 CONNECT_WAIT = 1.0
 
 
-async def restart_hung(agent: AgentProcess, hangfs: HangFs,
-                       agent_factory: Callable[..., AgentProcess],
-                       tmp_path: Path) -> tuple[AgentProcess, Domain, Domain, float]:
-    """Two active domains, one on hangfs; the agent stopped, the storage
-    hung, the agent started again: (the agent, the hung domain, the healthy
-    one, seconds until it was ready). The caller releases the storage."""
+async def two_domains_then_stop(agent: AgentProcess, hangfs: HangFs, tmp_path: Path,
+                                connect_wait: float) -> tuple[Domain, Domain]:
+    """Two active domains, one on hangfs (the hung domain, the healthy one);
+    the agent stopped, its next start to wait `connect_wait` for them."""
     healthy_dir = tmp_path / "healthy"
     healthy_dir.mkdir()
     (hangfs.mountpoint / "store").mkdir()
@@ -321,7 +319,17 @@ async def restart_hung(agent: AgentProcess, hangfs: HangFs,
         await sick.setup("on hangfs")
         await well.setup("healthy")
     agent.stop()
-    (agent.state_dir / "hostagent.toml").write_text(f"{CONFIG}connect_wait = {CONNECT_WAIT}\n")
+    (agent.state_dir / "hostagent.toml").write_text(f"{CONFIG}connect_wait = {connect_wait}\n")
+    return sick, well
+
+
+async def restart_hung(agent: AgentProcess, hangfs: HangFs,
+                       agent_factory: Callable[..., AgentProcess],
+                       tmp_path: Path) -> tuple[AgentProcess, Domain, Domain, float]:
+    """Two active domains, one on hangfs; the agent stopped, the storage
+    hung, the agent started again: (the agent, the hung domain, the healthy
+    one, seconds until it was ready). The caller releases the storage."""
+    sick, well = await two_domains_then_stop(agent, hangfs, tmp_path, CONNECT_WAIT)
     hangfs.hang()
     start = time.monotonic()
     agent = agent_factory(agent.state_dir, port=agent.port)
@@ -420,16 +428,7 @@ async def test_stop_during_start(agent_on_hangfs: AgentProcess, hangfs: HangFs,
     after storage.connect_wait (here a minute; with NFS down a mount's
     deadline). The next start finds everything as it was."""
     agent = agent_on_hangfs
-    healthy_dir = tmp_path / "healthy"
-    healthy_dir.mkdir()
-    (hangfs.mountpoint / "store").mkdir()
-    async with agent.client() as c:
-        sick = Domain(c, hangfs.mountpoint / "store")
-        well = Domain(c, healthy_dir)
-        await sick.setup("on hangfs")
-        await well.setup("healthy")
-    agent.stop()
-    (agent.state_dir / "hostagent.toml").write_text(f"{CONFIG}connect_wait = 60\n")
+    sick, well = await two_domains_then_stop(agent, hangfs, tmp_path, 60)
     try:
         hangfs.hang()
         agent = agent_factory(agent.state_dir, port=agent.port, start=False)
