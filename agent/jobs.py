@@ -127,11 +127,6 @@ Work = Callable[[JobContext], Awaitable[Any]]
 RecoveryHook = Callable[[Job], Awaitable[None]]
 
 
-def _unrecorded(where: Path, what: str, e: BaseException) -> HostStateError:
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-    return HostStateError(what=what, path=str(where), reason=reason)
-
-
 class JobRegistry:
     def __init__(self, config: JobsConfig, state_dir: Path, events: EventBus,
                  metrics: Metrics | None = None) -> None:
@@ -381,7 +376,7 @@ class JobRegistry:
                 try:
                     await asyncio.to_thread(self._flush_job, job)
                 except OSError as e:
-                    raise _unrecorded(self.dir, f"job {job.job_uuid} as running", e) from None
+                    raise HostStateError.of(f"job {job.job_uuid} as running", self.dir, e) from None
                 log.info("Job %s (%s) started", job.job_uuid, job.type)
                 result = await work(JobContext(self, job))
         except asyncio.CancelledError:
@@ -438,8 +433,8 @@ class JobRegistry:
             log.error("Cannot write the final record of job %s: %s", job.job_uuid, failure)
             if status == DONE:
                 ended = replace(ended, status=FAILED, result=None, progress=job.progress,
-                                error=wire_error(_unrecorded(
-                                    self.dir, f"the end of job {job.job_uuid}", failure)))
+                                error=wire_error(HostStateError.of(
+                                    f"the end of job {job.job_uuid}", self.dir, failure)))
         elif waited:
             log.info("Job %s (%s): its end recorded after %.0f s", job.job_uuid, job.type,
                      waited)

@@ -394,6 +394,12 @@ class HostStateError(HostAgentError):
     code = 2107
     template = "Cannot record {what} in {path}: {reason}"
 
+    @classmethod
+    def of(cls, what: str, path: object, e: BaseException) -> HostStateError:
+        """From the write's error (an OSError: its strerror)."""
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        return cls(what=what, path=str(path), reason=reason)
+
 
 class OvfStoreError(HostAgentError):
     code = 2110

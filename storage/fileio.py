@@ -226,8 +226,7 @@ def record_state(path: Path, data: bytes, what: str, mode: int = 0o644) -> None:
     try:
         atomic_write(path, data, mode)
     except OSError as e:
-        raise HostStateError(what=what, path=str(path.parent),
-                             reason=e.strerror or str(e)) from None
+        raise HostStateError.of(what, path.parent, e) from None
 
 
 def fsync_dir(path: Path) -> None:

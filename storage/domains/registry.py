@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -445,11 +445,21 @@ class DomainRegistry:
     # (garbage collection runs once it is joined)
     JOIN_WAIT = 5.0
 
-    async def _activate(self, entry: Entry) -> None:
-        sd = entry.domain.uuid
+    @contextlib.asynccontextmanager
+    async def _recorded(self, sd: str, active: bool) -> AsyncIterator[None]:
+        """The domain recorded (in)active before the change is made (if that
+        cannot be, nothing changes), and as it was if the change fails."""
         was = sd in self.active
-        self._set_active(sd, True)
+        self._set_active(sd, active)
         try:
+            yield
+        except BaseException:
+            with contextlib.suppress(HostStateError):
+                self._set_active(sd, was)
+            raise
+
+    async def _activate(self, entry: Entry) -> None:
+        async with self._recorded(entry.domain.uuid, True):
             leases = entry.domain.leases
             if isinstance(leases, DomainLeases):
                 # joining collects the garbage (under the domain lease)
@@ -457,11 +467,6 @@ class DomainRegistry:
                 await leases.wait_joined(self.JOIN_WAIT)
             else:
                 await self._collect(entry.domain)
-        except BaseException:
-            if not was:
-                with contextlib.suppress(HostStateError):
-                    self._set_active(sd, False)
-            raise
         entry.active = True
         self.monitor.start(entry)
         self.activated(entry.domain.uuid)
@@ -475,18 +480,8 @@ class DomainRegistry:
         return await self.info(sd)
 
     async def _deactivate(self, entry: Entry) -> None:
-        """Recorded inactive first (if that cannot be, nothing changes),
-        then out of its lockspace (recorded active again if that is refused)."""
-        sd = entry.domain.uuid
-        was = sd in self.active
-        self._set_active(sd, False)
-        try:
+        async with self._recorded(entry.domain.uuid, False):
             await self._leave(entry)
-        except BaseException:
-            if was:
-                with contextlib.suppress(HostStateError):
-                    self._set_active(sd, True)
-            raise
         entry.active = False
 
     async def _leave(self, entry: Entry) -> None:
