@@ -37,6 +37,8 @@ class PreparedVolumes:
         # volume active: a template's LV stays active while any clone needs it.
         self.active_refs: dict[str, int] = {}
         self._activation: dict[str, asyncio.Lock] = {}
+        # domains whose prepared volumes are in active_refs (count())
+        self._counted: set[str] = set()
 
     # ---- host state --------------------------------------------------------------
 
@@ -58,12 +60,16 @@ class PreparedVolumes:
 
     async def count(self, lookup: Callable[[str], Domain | None]) -> None:
         """What prepared.json says is in use keeps its volumes active;
-        lookup(sd) is the domain of that id known here, or None."""
+        lookup(sd) is the domain of that id known here, or None. Each
+        domain is counted once: at the start, or when it is found after it
+        (its storage late), whichever comes first."""
+        found: set[str] = set()
         for key in list(self.counts):
             sd, img, vol = key.split("/")
             domain = lookup(sd)
-            if domain is None:
+            if domain is None or sd in self._counted:
                 continue
+            found.add(sd)
             try:
                 chain = await domain.chain(img, vol)
             except HostAgentError as e:
@@ -72,6 +78,7 @@ class PreparedVolumes:
             for md in chain:
                 ref = f"{sd}/{md.uuid}"
                 self.active_refs[ref] = self.active_refs.get(ref, 0) + 1
+        self._counted |= found
 
     # ---- questions ---------------------------------------------------------------
 

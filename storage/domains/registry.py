@@ -234,7 +234,12 @@ class DomainRegistry:
             return            # found meanwhile by a scan beside this one
         entry = Entry(domain=self._attach(domain), conn_id=conn_id)
         self.entries[domain.uuid] = entry
-        if self._started.is_set() and domain.uuid in self.active:
+        if not self._started.is_set():
+            return
+        # the volumes VMs still use since before the agent's start (the
+        # start counted those of the domains found then)
+        await self.prepared.count(lambda sd: domain if sd == domain.uuid else None)
+        if domain.uuid in self.active:
             await self._activate(entry)
 
     async def _mpath_devices(self) -> dict[str, str]:

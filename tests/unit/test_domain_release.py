@@ -250,3 +250,31 @@ async def test_connections_up_together_share_a_scan(tmp_path: Path) -> None:
     go.set()
     await asyncio.wait_for(asyncio.gather(first, *later), 5)
     assert scans == 2
+
+
+class _ChainDomain(Domain):
+    """A domain whose every volume sits on one template volume."""
+
+    async def chain(self, img: str, vol: str) -> list[Any]:
+        return [type("Md", (), {"uuid": "template"})(), type("Md", (), {"uuid": vol})()]
+
+
+async def test_a_domain_found_after_the_start_has_its_prepared_volumes_counted(
+        tmp_path: Path) -> None:
+    """VMs ran on two clones of a template while the agent restarted, their
+    domain's storage late: found after the start, the volumes they use are
+    counted, so that one VM's teardown does not deactivate the template the
+    other still reads; and counted once, whichever of the start and the
+    late scan comes first."""
+    registry = new_registry(tmp_path)
+    domain = _ChainDomain()
+    prepared = registry.prepared
+    prepared.counts = {f"{domain.uuid}/img1/a": {"vm": 1}, f"{domain.uuid}/img2/b": {"vm": 1}}
+    await prepared.count(registry.lookup)        # the start's: the domain not found yet
+    assert prepared.active_refs == {}
+    registry._started.set()
+    await registry._found(domain, "conn")  # type: ignore[arg-type]
+    refs = {r.split("/")[1]: n for r, n in prepared.active_refs.items()}
+    assert refs == {"template": 2, "a": 1, "b": 1}, refs
+    await prepared.count(registry.lookup)        # again: nothing counted twice
+    assert {r.split("/")[1]: n for r, n in prepared.active_refs.items()} == refs
