@@ -405,18 +405,10 @@ class JobRegistry:
         record left saying running: the recovery cleans what it may have left."""
         ended = replace(job, status=status, error=error, result=result, ended=time.time(),
                         progress=100 if status == DONE else job.progress)
-        cancelled, failure, waited = False, None, 0.0
+        cancelled, waited = False, 0.0
         while True:
-            write = asyncio.ensure_future(asyncio.to_thread(self._write_final, ended))
-            while not write.done():
-                # An abort or shutdown arriving now finds the work over: the
-                # record is written and the job ends as it did.
-                with contextlib.suppress(Exception):     # looked at below
-                    try:
-                        await asyncio.shield(write)
-                    except asyncio.CancelledError:
-                        cancelled = True
-            failure = None if write.cancelled() else write.exception()
+            failure, cut = await self._record_end(ended)
+            cancelled = cancelled or cut
             if failure is None or status != DONE or cancelled:
                 break
             if not waited:
@@ -445,6 +437,20 @@ class JobRegistry:
         self._changed(job)
         if cancelled:
             raise asyncio.CancelledError
+
+    async def _record_end(self, ended: Job) -> tuple[BaseException | None, bool]:
+        """_write_final in a thread, waited for even through a cancellation
+        (an abort or shutdown arriving now finds the work over: the record
+        is written and the job ends as it did): (its error, cancelled)."""
+        write = asyncio.ensure_future(asyncio.to_thread(self._write_final, ended))
+        cancelled = False
+        while not write.done():
+            with contextlib.suppress(Exception):     # returned below
+                try:
+                    await asyncio.shield(write)
+                except asyncio.CancelledError:
+                    cancelled = True
+        return (None if write.cancelled() else write.exception()), cancelled
 
     def _write_final(self, job: Job) -> None:
         """The record of an ending job, written now (under the writers' lock,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ class ConnectionManager:
         self.start_wait = start_wait
         # start-up recoveries going on (past start_wait, in the background),
         # and the lookups for the domains of connections back up
-        self._late: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._started = False
         tmp = state_dir / "tmp"
         kw: dict[str, Any] = {"mount_timeout": mount_timeout, "io_timeout": io_timeout,
@@ -108,12 +108,9 @@ class ConnectionManager:
         self.storage_root.mkdir(parents=True, exist_ok=True)
         for conn in self.store.load():
             self.conns[conn.id] = conn
-        tasks = {asyncio.create_task(self._recover_at_start(c), name=f"connection-{c.id}"): c
+        # (stop() cancels them, even if this start was cut short)
+        tasks = {self._spawn(self._recover_at_start(c), f"connection-{c.id}"): c
                  for c in self.conns.values()}
-        for task in tasks:
-            # stop() cancels them, even if this start was cut short
-            self._late.add(task)
-            task.add_done_callback(self._late.discard)
         late: set[asyncio.Task[None]] = set()
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=self.start_wait)
@@ -125,11 +122,18 @@ class ConnectionManager:
             log.warning("Connection %s (%s) not up after %g s: the agent starts without it, "
                         "and goes on trying", conn.id, conn.type, self.start_wait)
 
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A task of the manager's own, cancelled by stop()."""
+        task = asyncio.create_task(work, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
     async def stop(self) -> None:
-        """Cancel the start-up recoveries still under way."""
-        for task in list(self._late):
+        """Cancel the start-up recoveries and lookups still under way."""
+        for task in list(self._background):
             task.cancel()
-        await asyncio.gather(*self._late, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _recover_at_start(self, conn: Connection) -> None:
         try:
@@ -154,9 +158,7 @@ class ConnectionManager:
         domains are looked for in the background, as the engine is answered
         (an active one is activated: its monitor, its interrupted jobs'
         recoveries), as VDSM refreshes its domain cache on a connect."""
-        task = asyncio.create_task(self._came_up(conn), name=f"connection-up-{conn.id}")
-        self._late.add(task)
-        task.add_done_callback(self._late.discard)
+        self._spawn(self._came_up(conn), f"connection-up-{conn.id}")
 
     async def _recover(self, conn: Connection) -> None:
         backend = self._backend(conn.type)

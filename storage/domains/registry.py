@@ -237,8 +237,8 @@ class DomainRegistry:
         if not self._started.is_set():
             return
         # the volumes VMs still use since before the agent's start (the
-        # start counted those of the domains found then)
-        await self.prepared.count(lambda sd: domain if sd == domain.uuid else None)
+        # start counted those of the domains found then; each domain once)
+        await self.prepared.count(self.lookup)
         if domain.uuid in self.active:
             await self._activate(entry)
 

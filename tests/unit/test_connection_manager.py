@@ -153,11 +153,11 @@ async def test_start_does_not_wait_for_a_slow_connection(tmp_path):
     for n in ("a-slow", "b-slow"):
         assert states[ids[n]][0] == "disconnected" and "being" in states[ids[n]][1]
     assert up == []          # those up in time: the registry's own scan finds their domains
-    late = list(m._late)
+    late = list(m._background)
     assert len(late) == 2
     m.backends["localfs"].go.set()
     await asyncio.wait_for(asyncio.gather(*late), 60)
-    assert not m._late
+    assert not m._background
     states = {c["id"]: c["state"] for c in m.list()}
     assert sorted(up) == sorted([ids["a-slow"], ids["b-slow"]])
     assert all(s == "connected" for s in states.values()), states
@@ -165,9 +165,9 @@ async def test_start_does_not_wait_for_a_slow_connection(tmp_path):
 
 async def test_stop_cancels_a_recovery_still_under_way(tmp_path):
     m, _, up = await restarted(tmp_path, ["slow"])
-    [task] = m._late
+    [task] = m._background
     await m.stop()
-    assert task.cancelled() and not m._late and up == []
+    assert task.cancelled() and not m._background and up == []
 
 
 async def test_stop_after_a_start_cut_short(tmp_path):
@@ -179,9 +179,9 @@ async def test_stop_after_a_start_cut_short(tmp_path):
     await m.backends["localfs"].waiting.wait()
     starting.cancel()
     await asyncio.wait([starting])
-    [task] = m._late
+    [task] = m._background
     await m.stop()
-    assert task.cancelled() and not m._late and up == []
+    assert task.cancelled() and not m._background and up == []
 
 
 @pytest.mark.parametrize("was_there", [True, False])
@@ -212,6 +212,6 @@ async def test_connect_looks_for_the_domains_of_a_connection_back_up(tmp_path, w
         (tmp_path / "away").rename(store)
     [st] = await m.connect("localfs", [conn])
     assert st["status"] == 0, st
-    await asyncio.gather(*m._late)
+    await asyncio.gather(*m._background)
     assert up == ([] if was_there else [conn["id"]])
     await m.stop()
