@@ -23,13 +23,13 @@ from typing import Any, NoReturn
 from storage import commands, qemuimg
 
 # the shapes of volumes, here for the modules that import them from base
+from storage.domains.common import Census, no_progress, visible, voltype_repairs
 from storage.domains.common import Fill as Fill
 from storage.domains.common import Progress as Progress
 from storage.domains.common import VmAccess as VmAccess
 from storage.domains.common import VolumeSpec as VolumeSpec
 from storage.domains.common import check_generation as check_generation
 from storage.domains.common import leaf_first as leaf_first
-from storage.domains.common import no_progress, visible
 from storage.domains.common import os_error as os_error
 from storage.domains.common import read_check as read_check
 from storage.domains.common import volume_info as volume_info
@@ -746,51 +746,48 @@ class Domain(VolumeHolding, abc.ABC):
                 await self.make_volume_lease(md)
         return False
 
-    async def _collect_garbage(self) -> dict[str, list[str]]:
-        removed: list[str] = []
-        damaged: list[str] = []
-        for img in await self.image_ids():
+    async def census(self) -> Census:
+        """Every volume's metadata read afresh, one at a time; kinds
+        override this with one batched read."""
+        census = Census(await self.image_ids())
+        for img in census.images:
             for vol in await self.volume_ids(img):
                 try:
-                    md = await self.read_volume_md(img, vol)
+                    census.volumes.append(await self.read_volume_md(img, vol))
                 except VolumeDoesNotExist:
                     continue
                 except MetadataError as e:
-                    damaged.append(f"{img}/{vol}: {e}")
-                    continue
-                if md.state in (CREATING, REMOVING) and await self._remove_leftover(md):
-                    removed.append(f"{img}/{vol}")
-            if not await self.volume_ids(img):
+                    census.damaged.append(f"{img}/{vol}: {e}")
+        return census
+
+    async def _collect_garbage(self) -> dict[str, list[str]]:
+        census = await self.census()
+        removed: list[str] = []
+        kept: set[str] = set()           # images with a volume left
+        for md in census.volumes:
+            if md.state in (CREATING, REMOVING) and await self._remove_leftover(md):
+                removed.append(f"{md.image}/{md.uuid}")
+            else:
+                kept.add(md.image)
+        for img in census.images:
+            # listed again: a damaged volume, or one made meanwhile, keeps it
+            if img not in kept and not await self.volume_ids(img):
                 await self.remove_image_dir(img)
-        repaired = await self._repair_voltypes()
+        repaired = []
+        for fixed in voltype_repairs(census.volumes):
+            await self.write_volume_md(fixed)
+            was = LEAF if fixed.voltype == INTERNAL else INTERNAL
+            repaired.append(f"{fixed.image}/{fixed.uuid} {was} -> {fixed.voltype}")
         if repaired:
             log.warning("Domain %s: volume types repaired after an interruption: %s",
                         self.uuid, ", ".join(repaired))
         if removed:
             log.warning("Domain %s: removed half-made or half-removed volumes: %s", self.uuid,
                         ", ".join(removed))
-        if damaged:
+        if census.damaged:
             log.error("Domain %s: volumes with unreadable metadata: %s", self.uuid,
-                      ", ".join(damaged))
-        return {"removed": removed, "damaged": damaged}
-
-    async def _repair_voltypes(self) -> list[str]:
-        """A volume's type follows from its children, written after them: a
-        crash in between leaves a LEAF parent of a child (creation) or an
-        INTERNAL volume with none (removal of a chain's top). Put them right."""
-        vols = [v for v in await self.scan() if v.state == READY]
-        parents = {v.parent for v in vols if v.has_parent}
-        repaired = []
-        for v in vols:
-            if v.voltype == LEAF and v.uuid in parents:
-                fixed = replace(v, voltype=INTERNAL)
-            elif v.voltype == INTERNAL and v.uuid not in parents:
-                fixed = replace(v, voltype=LEAF)
-            else:
-                continue
-            await self.write_volume_md(fixed)
-            repaired.append(f"{v.image}/{v.uuid} {v.voltype} -> {fixed.voltype}")
-        return repaired
+                      ", ".join(census.damaged))
+        return {"removed": removed, "damaged": census.damaged}
 
     async def verify_image_file(self, md: VolumeMetadata) -> qemuimg.ImageInfo:
         [info] = await qemuimg.info(self.volume_path(md.image, md.uuid),

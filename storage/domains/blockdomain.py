@@ -41,6 +41,7 @@ from storage.domains.base import (
     os_error,
     read_check,
 )
+from storage.domains.common import Census
 from storage.domains.firstextent import Placement as Placement
 from storage.domains.firstextent import UnknownPV, first_bytes, locate, write_first
 from storage.domains.holding import LVHolding
@@ -322,9 +323,6 @@ class BlockDomain(LUNs, LVHolding, Domain):
         # lab guest, 5 s at 1,000 (issue 21, session 9's DEBUG timeline).
         return {v.name for v in await self._volume_lvs()}
 
-    def _decode_volume(self, v: VolumeLV, slot: bytes) -> VolumeMetadata:
-        return self._check_volume(v, decode_slot(slot, VolumeMetadata.decode))
-
     def _check_volume(self, v: VolumeLV, md: VolumeMetadata) -> VolumeMetadata:
         # A slot reused after a crash may still hold its previous volume.
         if md.uuid != v.name or md.domain != self.uuid:
@@ -337,7 +335,8 @@ class BlockDomain(LUNs, LVHolding, Domain):
             raise VolumeDoesNotExist(volUUID=vol)
         if v.slot is None:
             raise MetadataError(f"LV {vol} has no {SLOT_PREFIX} tag")
-        return self._decode_volume(v, await self._read_slot(v.slot))
+        return self._check_volume(v, decode_slot(await self._read_slot(v.slot),
+                                                 VolumeMetadata.decode))
 
     async def scan(self, img: str | None = None, *,
                    cached: bool = False) -> list[VolumeMetadata]:
@@ -347,24 +346,42 @@ class BlockDomain(LUNs, LVHolding, Domain):
         after forget_cache): only the slots not read under the VG's current
         stamp within the cache's TTL are read (SlotCache), and those of LVs
         tagged WIPE (being removed: the REMOVING mark follows the tag)."""
-        vols = sorted(((v, v.slot) for v in await self._volume_lvs()
-                       if not v.initializing and v.slot is not None
-                       and (img is None or v.image == img)),
-                      key=lambda p: (p[0].image, p[0].name))
+        return [md for _, md in await self._read_volumes(img, cached)
+                if isinstance(md, VolumeMetadata)]
+
+    async def census(self) -> Census:
+        """As scan, every slot read (the generic one walked the VG's LVs once
+        per image and per volume: O(volumes²))."""
+        census = Census(await self.image_ids())
+        for v, md in await self._read_volumes(None, cached=False):
+            if isinstance(md, VolumeMetadata):
+                census.volumes.append(md)
+            else:
+                census.damaged.append(f"{v.image}/{v.name}: {md}")
+        return census
+
+    async def _read_volumes(self, img: str | None, cached: bool
+                            ) -> list[tuple[VolumeLV, VolumeMetadata | MetadataError]]:
+        vols = sorted((v for v in await self._volume_lvs()
+                       if not v.initializing and (img is None or v.image == img)),
+                      key=lambda v: (v.image, v.name))
         stamp = self.lvm.report_stamp(self.vg)
         cache = self._slot_cache
-        want = cache.to_read([s for _, s in vols], stamp if cached else None,
-                             always=[s for v, s in vols if v.wipe])
+        want = cache.to_read([v.slot for v in vols if v.slot is not None],
+                             stamp if cached else None,
+                             always=[v.slot for v in vols if v.wipe and v.slot is not None])
         generation = cache.generation
         data = await self._io(read_slots, self.md_path, want,
                               timeout=max(self.io.timeout, 120)) if want else {}
         cache.store(data, stamp, generation)
-        out = []
-        for v, slot in vols:
+        out: list[tuple[VolumeLV, VolumeMetadata | MetadataError]] = []
+        for v in vols:
             try:
-                out.append(self._check_volume(v, cache.decode(slot, data.get(slot))))
-            except MetadataError:
-                continue
+                if v.slot is None:
+                    raise MetadataError(f"LV {v.name} has no {SLOT_PREFIX} tag")
+                out.append((v, self._check_volume(v, cache.decode(v.slot, data.get(v.slot)))))
+            except MetadataError as e:
+                out.append((v, e))
         return out
 
     async def full_size(self, capacity: int) -> int:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from storage import commands, mount, qemuimg
 from storage.domains.base import Domain, Progress, VmAccess, os_error, read_check
-from storage.domains.common import visible, volume_info
+from storage.domains.common import Census, visible, volume_info
 from storage.errors import (
     FileStorageDomainStaleNFSHandle,
     StorageDomainAlreadyExists,
@@ -98,6 +98,29 @@ def _volume_names(names: list[str]) -> Iterator[str]:
     for n in names:
         if n.endswith(META_SUFFIX) and is_uuid(n[:-len(META_SUFFIX)]):
             yield n[:-len(META_SUFFIX)]
+
+
+def _image_dirs(images: Path) -> Iterator[tuple[str, int]]:
+    """(image, its directory's fd) for each image directory, opened on the
+    images directory's fd; each fd is closed when the next is asked for."""
+    try:
+        ifd = os.open(images, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return
+    try:
+        for image in sorted(os.listdir(ifd)):
+            if not is_uuid(image):
+                continue
+            try:
+                dfd = os.open(image, os.O_RDONLY | os.O_DIRECTORY, dir_fd=ifd)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            try:
+                yield image, dfd
+            finally:
+                os.close(dfd)
+    finally:
+        os.close(ifd)
 
 
 def _read_meta(dir_fd: int, name: str, limit: int = 65536) -> bytes:
@@ -292,32 +315,37 @@ class FileDomain(Domain):
         return await _io(self.io, self.root, listing)
 
     async def all_volume_ids(self) -> set[str]:
-        """In one trip to the I/O thread, each image directory listed on
-        the images directory's fd. The generic one (volume_ids per image)
-        made a thread hand-off per image: a create on a localfs domain of
-        10,000 images took 1.5 s (issue 21, session 9)."""
+        """In one trip to the I/O thread. The generic one (volume_ids per
+        image) made a thread hand-off per image: a create on a localfs
+        domain of 10,000 images took 1.5 s (issue 21, session 9)."""
         def listing() -> set[str]:
-            try:
-                ifd = os.open(self.images, os.O_RDONLY | os.O_DIRECTORY)
-            except FileNotFoundError:
-                return set()
             ids: set[str] = set()
-            try:
-                for image in os.listdir(ifd):
-                    if not is_uuid(image):
-                        continue
-                    try:
-                        dfd = os.open(image, os.O_RDONLY | os.O_DIRECTORY, dir_fd=ifd)
-                    except (FileNotFoundError, NotADirectoryError):
-                        continue
-                    try:
-                        ids.update(_volume_names(os.listdir(dfd)))
-                    finally:
-                        os.close(dfd)
-            finally:
-                os.close(ifd)
+            for _, dfd in _image_dirs(self.images):
+                ids.update(_volume_names(os.listdir(dfd)))
             return ids
         return await _io(self.io, self.root, listing, timeout=max(self.io.timeout, 120))
+
+    async def census(self) -> Census:
+        """In one trip to the I/O thread, every metadata file read afresh
+        (no stamps: garbage collection acts on what storage holds now). The
+        generic one (a hand-off per image and per volume) made activating
+        a localfs domain of 5,000 volumes take 1.3 s."""
+        known = self._decoded
+
+        def read_all() -> Census:
+            census = Census([])
+            for img, dfd in _image_dirs(self.images):
+                census.images.append(img)
+                for vol in sorted(_volume_names(os.listdir(dfd))):
+                    try:
+                        data = _read_meta(dfd, vol + META_SUFFIX)
+                        census.volumes.append(known.get(data) or VolumeMetadata.decode(data))
+                    except FileNotFoundError:
+                        continue
+                    except MetadataError as e:
+                        census.damaged.append(f"{img}/{vol}: {e}")
+            return census
+        return await _io(self.io, self.root, read_all, timeout=max(self.io.timeout, 120))
 
     async def scan(self, img: str | None = None, *,
                    cached: bool = False) -> list[VolumeMetadata]:
@@ -573,10 +601,9 @@ class FileDomain(Domain):
                 return []
             found = [self.images / n for n in names
                      if n.startswith(REMOVE_PREFIX) or n.startswith(".")]
-            for n in names:
-                if is_uuid(n):
-                    found += [self.images / n / f for f in os.listdir(self.images / n)
-                              if f.startswith(".") and f.endswith(".tmp")]
+            for img, dfd in _image_dirs(self.images):
+                found += [self.images / img / f for f in os.listdir(dfd)
+                          if f.startswith(".") and f.endswith(".tmp")]
             return found
 
         def remove(path: Path) -> None:
@@ -600,19 +627,13 @@ class FileDomain(Domain):
         never finds. One that some host or job still holds is a removal
         under way: left."""
         def orphans() -> list[tuple[str, str]]:
-            found: list[tuple[str, str]] = []
-            if only is not None:
-                images = [only]
-            else:
-                images = []
-                with contextlib.suppress(FileNotFoundError):
-                    images = list(filter(is_uuid, os.listdir(self.images)))
-            for img in images:
-                try:
-                    found += [(img, vol) for vol in _lease_orphans(os.listdir(self.images / img))]
-                except FileNotFoundError:
-                    continue      # removed meanwhile (by another host)
-            return found
+            if only is None:
+                return [(img, vol) for img, dfd in _image_dirs(self.images)
+                        for vol in _lease_orphans(os.listdir(dfd))]
+            try:
+                return [(only, vol) for vol in _lease_orphans(os.listdir(self.images / only))]
+            except FileNotFoundError:
+                return []         # removed meanwhile (by another host)
 
         removed = []
         for img, vol in await _io(self.io, self.root, orphans):

@@ -4,7 +4,8 @@ file: on a localfs domain the later ones read only the image directories
 that changed), beside the I/O floor measured in the same run, in turns: a
 bare Python pass that lists the domain's images and reads every volume's
 metadata file (what the listing must do to hide
-REMOVING volumes).
+REMOVING volumes). Also activateStorageDomain's median time there: its
+garbage collection reads every volume's metadata afresh.
 
     python -m tests.bench volumelist
 """
@@ -58,8 +59,14 @@ async def _bench(work: Path, runs: int, sizes: list[int]) -> dict[str, Any]:
             for size in sizes:
                 populate(root, sd, size - have)
                 have = size
-                agent_ms, bare_ms = [], []
+                agent_ms, bare_ms, activate_ms = [], [], []
                 for _ in range(runs):
+                    # activation collects the domain's garbage: it reads
+                    # every volume's metadata afresh
+                    await c.call("deactivateStorageDomain", sdUUID=sd)
+                    t = time.perf_counter()
+                    await c.call("activateStorageDomain", sdUUID=sd)
+                    activate_ms.append(1000 * (time.perf_counter() - t))
                     t = time.perf_counter()
                     vols = await c.call("getVolumesList", sdUUID=sd)
                     agent_ms.append(1000 * (time.perf_counter() - t))
@@ -72,6 +79,7 @@ async def _bench(work: Path, runs: int, sizes: list[int]) -> dict[str, Any]:
                 # domain, only what changed since (none here)
                 out[str(size)] = {"agent_ms": median(agent_ms[1:]), "agent_first_ms": agent_ms[0],
                                   "bare_read_ms": median(bare_ms),
+                                "activate_ms": median(activate_ms),
                                   # a create asks whether its UUID exists anywhere in
                                   # the domain: how that grows with it
                                   "create_ms": await _creates(c, sd, runs),
@@ -103,10 +111,11 @@ def run(runs: int = 9, sizes: list[int] | None = None) -> dict[str, Any]:
 def report(r: dict[str, Any]) -> str:
     rows = [[int(s), v["agent_ms"], v["agent_ms"] / int(s) * 1000, v.get("agent_first_ms", "-"),
              v["bare_read_ms"], v["agent_ms"] / v["bare_read_ms"], v.get("create_ms", "-"),
-             v.get("create_empty_ms", "-")] for s, v in r["list"].items()]
+             v.get("create_empty_ms", "-"), v.get("activate_ms", "-")]
+            for s, v in r["list"].items()]
     return "\n".join([f"getVolumesList on a file domain, median of {r['params']['runs']} "
                       f"({r['params']['storage']}); createVolume there beside one on the "
                       "empty domain",
                       table(rows, ["volumes", "agent ms", "us per volume", "first call ms",
                                    "bare read of every .meta ms", "ratio", "create ms",
-                                   "create, empty domain ms"])])
+                                   "create, empty domain ms", "activate ms"])])

@@ -329,6 +329,36 @@ async def test_initializing_lv_collected(domain: FileBlockDomain) -> None:
     assert slots.read_slots(domain.md_path, [1])[1] == bytes(bd.SLOT_SIZE)
 
 
+async def test_census_reads_every_slot_once(domain: FileBlockDomain) -> None:
+    """Garbage collection's census of a block domain: one lvs and one read
+    of the slots, the same volumes and damaged ones the volume-by-volume
+    reads find (a slot holding garbage, an LV with no slot tag)."""
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    await domain.write_volume_md(vol(V1, state="READY"))
+    await domain.write_volume_md(vol(V2, state="CREATING"))
+    [slot2] = [int(t[3:]) for t in fake.lvs[V2]["tags"] if t.startswith("MD_")]
+    slots.write_slot(domain.md_path, slot2, bd.encode_copy(b"garbage"))
+    fake.lvs[V3] = {"size": 4 * MiB, "tags": [f"IU_{IMG}"]}
+    reads = []
+    real = domain._io
+
+    async def counted(fn: Any, *args: Any, **kw: Any) -> Any:
+        reads.append(fn)
+        return await real(fn, *args, **kw)
+    domain._io = counted   # type: ignore[method-assign]
+    census = await domain.census()
+    assert reads == [slots.read_slots]
+    assert census.images == [IMG]
+    assert [v.uuid for v in census.volumes] == [V1]
+    assert [d.split(":")[0] for d in census.damaged] == [f"{IMG}/{V2}", f"{IMG}/{V3}"]
+    for damaged in (V2, V3):
+        with pytest.raises(MetadataError):
+            await domain.read_volume_md(IMG, damaged)
+    report = await domain.collect_garbage()
+    assert report == {"removed": [], "damaged": census.damaged}
+    assert sorted(fake.lvs) == [V1, V2, V3]
+
+
 @pytest.mark.parametrize("sizes, code, name", [
     ({"/dev/mapper/a": 512, "/dev/mapper/b": 4096}, 517, "VolumeGroupBlockSizeError"),
     ({"/dev/mapper/a": 1024}, 518, "DeviceBlockSizeError"),
