@@ -341,6 +341,7 @@ class VolumeOps:
         new layer. Unknown (the writer not running): both kept, the old one
         watched, the new layer kept by the job's recovery."""
         writers = self.prepared.writers
+        changed = False
         for new, writer in list(writers.items()):
             old = writer.get("switchedFrom")
             if old is None:
@@ -355,6 +356,9 @@ class VolumeOps:
                 writers.pop(old, None)
             elif on_new is False:
                 writers.pop(new)
+            changed = changed or on_new is not None
+        if not changed:
+            return      # nothing to write (a full state directory warned each start)
         try:
             self.prepared.save()
         except HostStateError as e:

@@ -192,3 +192,28 @@ async def test_unanswered_transaction_keeps_the_overlays(monitor: FakeMonitor) -
     assert e.value.code == 203 and "kept" in e.value.message
     assert [c for c, _ in monitor.seen if c == "transaction"] == ["transaction"]
     assert not [c for c, _ in monitor.seen if c == "blockdev-del"]
+
+
+async def test_resolve_switches_writes_only_what_changed(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """At the start, the prepared volumes' record is written only if a cut
+    live snapshot was resolved: a start with nothing to resolve wrote it
+    each time (a warning at every start on a full state directory)."""
+    from types import SimpleNamespace
+
+    from storage.domains import volumes
+
+    saves: list[dict[str, Any]] = []
+    writers: dict[str, dict[str, str]] = {"sd/img/a": {"qmpSocket": "/run/a.sock"}}
+    prepared = SimpleNamespace(writers=writers,
+                               save=lambda: saves.append(json.loads(json.dumps(writers))))
+    ops = SimpleNamespace(prepared=prepared, _move_vm=lambda old, new: None)
+
+    async def not_switched(sock: str, node: str) -> bool | None:
+        return False
+    monkeypatch.setattr(volumes, "switched", not_switched)
+    await volumes.VolumeOps.resolve_switches(ops)  # type: ignore[arg-type]
+    assert saves == []
+    writers["sd/img/b"] = {"qmpSocket": "/run/a.sock", "switchedFrom": "sd/img/a"}
+    await volumes.VolumeOps.resolve_switches(ops)  # type: ignore[arg-type]
+    assert saves == [{"sd/img/a": {"qmpSocket": "/run/a.sock"}}]
