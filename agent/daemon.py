@@ -42,6 +42,7 @@ from agent.context import Agent
 from agent.gctune import collect_quietly, tune_gc
 from agent.pki import ensure_dev_pki
 from agent.sdnotify import Notifier
+from storage.fileio import StateDamaged
 
 log = logging.getLogger("agent.daemon")
 
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         try:
             asyncio.run(serve(config, Notifier()))
-        except (FileNotFoundError, PermissionError) as e:
+        except (FileNotFoundError, PermissionError, StateDamaged) as e:
             log.error("Cannot start: %s", e)
             return 1
         return 0

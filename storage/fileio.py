@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import contextvars
 import errno
+import json
 import os
 import queue
 import threading
@@ -227,6 +228,44 @@ def record_state(path: Path, data: bytes, what: str, mode: int = 0o644) -> None:
         atomic_write(path, data, mode)
     except OSError as e:
         raise HostStateError.of(what, path.parent, e) from None
+
+
+class StateDamaged(Exception):
+    """A record of the host's own state that cannot be read as what it
+    records. The agent does not start on it: what it records guards
+    running VMs' volumes and the domains and connections in use, and
+    starting as if it were empty could undo them. An admin restores it, or
+    moves it aside to start without it."""
+
+    def __init__(self, path: Path, what: str, reason: str) -> None:
+        super().__init__(f"the record of {what} {path} is damaged ({reason}): restore it, "
+                         "or move it aside to start without it")
+
+
+def read_state(path: Path, what: str, shape: Callable[[Any], bool], missing: Any) -> Any:
+    """The JSON record at `path` (one record_state wrote), `missing` if
+    there is none; StateDamaged if it cannot be read or parsed, or if
+    shape(record) is false."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return missing
+    except OSError as e:
+        raise StateDamaged(path, what, e.strerror or str(e)) from None
+    try:
+        record = json.loads(data)
+    except ValueError as e:        # not JSON, or not UTF-8
+        raise StateDamaged(path, what, str(e)) from None
+    if not shape(record):
+        raise StateDamaged(path, what, "not the shape of its record")
+    return record
+
+
+def str_map(record: Any, value: Callable[[Any], bool]) -> bool:
+    """Whether `record` is a JSON object of string keys whose values
+    satisfy `value` (a shape for read_state)."""
+    return isinstance(record, dict) and all(
+        isinstance(k, str) and value(v) for k, v in record.items())
 
 
 def fsync_dir(path: Path) -> None:

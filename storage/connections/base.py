@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from storage.fileio import record_state
+from storage.fileio import read_state, record_state
 
 # Parameters never shown in results, logs or errors.
 SECRET_PARAMS = frozenset({"password"})
@@ -57,6 +57,13 @@ class Connection:
         return cls(id=r["id"], type=r["type"], params=r["params"], owned=r.get("owned") or {})
 
 
+def _connection_shape(r: object) -> bool:
+    """Whether a record is what Connection.record() writes."""
+    return (isinstance(r, dict) and isinstance(r.get("id"), str)
+            and isinstance(r.get("type"), str) and isinstance(r.get("params"), dict)
+            and isinstance(r.get("owned") or {}, dict))
+
+
 class Backend(Protocol):
     """What a connection type implements. Each method gets its own timeout
     budget from the manager and raises storage errors (451, 477, ...)."""
@@ -95,10 +102,9 @@ class RecordStore:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         conns = []
         for path in sorted(self.dir.glob("*.json")):
-            try:
-                conns.append(Connection.from_record(json.loads(path.read_text())))
-            except (OSError, ValueError, KeyError) as e:
-                raise RuntimeError(f"unreadable connection record {path}: {e}") from e
+            record = read_state(path, "a storage connection", _connection_shape, None)
+            if record is not None:      # gone since the listing
+                conns.append(Connection.from_record(record))
         return conns
 
     def save(self, conn: Connection) -> None:

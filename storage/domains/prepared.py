@@ -14,7 +14,7 @@ from pathlib import Path
 
 from storage.domains.base import Domain
 from storage.errors import HostAgentError, VolumeIsBusy
-from storage.fileio import record_state
+from storage.fileio import read_state, record_state, str_map
 from storage.metadata import VolumeMetadata
 
 log = logging.getLogger("storage.domains")
@@ -24,6 +24,11 @@ PURPOSES = ("vm", "read", "copy")
 
 def prepared_key(sd: str, img: str, vol: str) -> str:
     return f"{sd}/{img}/{vol}"
+
+
+def _keyed(record: dict[str, object]) -> bool:
+    """Whether every key of a record is a prepared_key."""
+    return all(k.count("/") == 2 for k in record)
 
 
 class PreparedVolumes:
@@ -43,14 +48,16 @@ class PreparedVolumes:
     # ---- host state --------------------------------------------------------------
 
     def load(self) -> None:
-        try:
-            self.counts = json.loads((self.state_dir / "prepared.json").read_text())
-        except FileNotFoundError:
-            self.counts = {}
-        try:
-            self.writers = json.loads((self.state_dir / "writers.json").read_text())
-        except FileNotFoundError:
-            self.writers = {}
+        """StateDamaged if a record is not what save() writes."""
+        def counts(v: object) -> bool:
+            return str_map(v, lambda n: type(n) is int and n > 0)
+
+        def writer(v: object) -> bool:
+            return str_map(v, lambda s: isinstance(s, str))
+        self.counts = read_state(self.state_dir / "prepared.json", "the prepared volumes",
+                                 lambda r: str_map(r, counts) and _keyed(r), {})
+        self.writers = read_state(self.state_dir / "writers.json", "the prepared volumes' writers",
+                                  lambda r: str_map(r, writer) and _keyed(r), {})
 
     def save(self) -> None:
         """HostStateError if a record cannot be written (the state directory full)."""

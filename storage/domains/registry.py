@@ -47,7 +47,7 @@ from storage.errors import (
     StorageDomainNotActive,
     StorageServerConnectionError,
 )
-from storage.fileio import IOPool, record_state
+from storage.fileio import IOPool, read_state, record_state, str_map
 from storage.leases import LeaseManager, init_domain_areas
 from storage.locks import LockManager, request
 from storage.metadata import DomainMetadata, MetadataError
@@ -103,11 +103,12 @@ class DomainRegistry:
     # ---- host state --------------------------------------------------------------
 
     def _load_active(self) -> None:
-        try:
-            self.active = set(json.loads((self.state_dir / "domains.json").read_text())
-                              .get("active", []))
-        except FileNotFoundError:
-            self.active = set()
+        """StateDamaged if domains.json is not what _set_active writes."""
+        def shape(r: object) -> bool:
+            return str_map(r, lambda v: isinstance(v, list)
+                           and all(isinstance(sd, str) for sd in v))
+        self.active = set(read_state(self.state_dir / "domains.json", "the active domains",
+                                     shape, {}).get("active", []))
 
     def _set_active(self, sd: str, active: bool) -> None:
         """Record the domain (in)active on this host, before the change is

@@ -266,6 +266,35 @@ def test_sigterm_exits_zero_and_notifies(agent_factory):
     assert any("STOPPING=1" in n.split("\n") for n in agent.notifications)
 
 
+@pytest.mark.parametrize("name, content", [
+    ("domains.json", b"{garbage"),                         # torn
+    ("domains.json", b"[]"),                               # JSON, not its record
+    ("prepared.json", b"\0\0\0\0"),                       # zeroed by a file system
+    ("prepared.json", b'{"sd/img/vol": {"vm": "1"}}'),
+    ("writers.json", b'{"no-key": {"qmpSocket": "/run/q.sock"}}'),
+    ("connections/0b6f5bd8-8c1a-4d5e-9f3a-2c1d0e9f8a7b.json", b'{"id": 1}'),
+])
+def test_damaged_state_record_refuses_the_start_by_name(agent_factory, tmp_path, name,
+                                                        content):
+    """A record of the host's state that cannot be read as one stops the
+    start with one line naming it and what to do, not a traceback: starting
+    as if it were empty could undo what it guards (running VMs' volumes,
+    domains and connections in use)."""
+    state = tmp_path / "state"
+    agent = agent_factory(state)
+    agent.stop()
+    record = state / name
+    record.write_bytes(content)
+    with pytest.raises(RuntimeError, match="did not become ready"):
+        agent.start(timeout=20)
+    assert agent.proc is not None and agent.proc.wait(10) == 1
+    log = agent.log()
+    assert "Cannot start: the record of " in log and f"{record} is damaged" in log
+    assert "move it aside" in log and "Traceback" not in log
+    record.rename(record.with_name(f"{record.name}.damaged"))
+    agent.start()
+
+
 async def test_sigterm_with_running_job_exits_zero(agent_factory, tmp_path):
     state = tmp_path / "state"
     agent = agent_factory(state)
