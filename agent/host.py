@@ -11,7 +11,7 @@ from typing import Any
 import psutil
 
 from agent import __version__
-from storage.fileio import atomic_write
+from storage.fileio import StateDamaged, atomic_write
 
 API_VERSION = 1
 DOM_TYPES = ("nfs", "posixfs", "localfs", "iscsi", "fcp")
@@ -28,13 +28,17 @@ class Host:
         self._process.cpu_percent(None)
 
     def load(self) -> None:
-        """Read the host id, creating it on first start; it never changes after."""
+        """Read the host id, creating it on first start; it never changes
+        after (StateDamaged if its record is not one: a new id would make
+        this host another one to the engine)."""
         path = self.state_dir / "host_id"
         try:
             self.host_id = str(uuid.UUID(path.read_text().strip()))
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
             self.host_id = str(uuid.uuid4())
             atomic_write(path, (self.host_id + "\n").encode())
+        except ValueError as e:        # not UTF-8, or not a UUID
+            raise StateDamaged(path, "this host's id", str(e)) from None
 
     def capabilities(self, features: list[str]) -> dict[str, Any]:
         return {"version": __version__, "apiVersion": API_VERSION,

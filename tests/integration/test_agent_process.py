@@ -273,6 +273,7 @@ def test_sigterm_exits_zero_and_notifies(agent_factory):
     ("prepared.json", b'{"sd/img/vol": {"vm": "1"}}'),
     ("writers.json", b'{"no-key": {"qmpSocket": "/run/q.sock"}}'),
     ("connections/0b6f5bd8-8c1a-4d5e-9f3a-2c1d0e9f8a7b.json", b'{"id": 1}'),
+    ("host_id", b"not-a-uuid\n"),                        # was replaced by a new id
 ])
 def test_damaged_state_record_refuses_the_start_by_name(agent_factory, tmp_path, name,
                                                         content):
