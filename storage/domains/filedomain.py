@@ -590,50 +590,57 @@ class FileDomain(Domain):
         await _io(self.io, self.root, remove)
 
     async def _collect_garbage(self) -> dict[str, list[str]]:
-        def doomed() -> list[Path]:
-            """Images being removed, and temp files of interrupted atomic writes."""
+        Found = tuple[list[Path], list[tuple[str, str]]]
+
+        def doomed() -> Found:
+            """Images being removed, temp files of interrupted atomic
+            writes, and orphaned lease files: one listing of each image."""
             try:
                 names = os.listdir(self.images)
             except FileNotFoundError:
-                return []
+                return [], []
             found = [self.images / n for n in names
                      if n.startswith(REMOVE_PREFIX) or n.startswith(".")]
+            orphans = []
             for img, dfd in _image_dirs(self.images):
-                found += [self.images / img / f for f in os.listdir(dfd)
+                listing = os.listdir(dfd)
+                found += [self.images / img / f for f in listing
                           if f.startswith(".") and f.endswith(".tmp")]
-            return found
+                orphans += [(img, vol) for vol in _lease_orphans(listing)]
+            return found, orphans
 
         def remove(path: Path) -> None:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-        leftovers = await _io(self.io, self.root, doomed)
+        leftovers, lease_files = await _io(self.io, self.root, doomed)
         for path in leftovers:
             await _io(self.io, self.root, remove, path, timeout=max(self.io.timeout, 600))
-        orphans = await self._collect_orphan_leases()
+        orphans = await self._remove_orphan_leases(lease_files)
         report = await super()._collect_garbage()
         report["removed"] += [p.name for p in leftovers] + orphans
         return report
 
-    async def _collect_orphan_leases(self, only: str | None = None) -> list[str]:
-        """Lease files whose volume has no metadata (in image `only`, or in
-        all): a removal writes REMOVING, removes the data and metadata under
+    async def _collect_orphan_leases(self, img: str) -> list[str]:
+        """Lease files of image `img` whose volume has no metadata (see
+        _remove_orphan_leases)."""
+        def orphans() -> list[tuple[str, str]]:
+            try:
+                return [(img, vol) for vol in _lease_orphans(os.listdir(self.images / img))]
+            except FileNotFoundError:
+                return []         # removed meanwhile (by another host)
+        return await self._remove_orphan_leases(await _io(self.io, self.root, orphans))
+
+    async def _remove_orphan_leases(self, found: list[tuple[str, str]]) -> list[str]:
+        """Remove these (image, volume) lease files with no metadata beside
+        them: a removal writes REMOVING, removes the data and metadata under
         the volume's lease, then (released) its lease file; a crash between
         the last two leaves the lease file, which the metadata-led collection
         never finds. One that some host or job still holds is a removal
         under way: left."""
-        def orphans() -> list[tuple[str, str]]:
-            if only is None:
-                return [(img, vol) for img, dfd in _image_dirs(self.images)
-                        for vol in _lease_orphans(os.listdir(dfd))]
-            try:
-                return [(only, vol) for vol in _lease_orphans(os.listdir(self.images / only))]
-            except FileNotFoundError:
-                return []         # removed meanwhile (by another host)
-
         removed = []
-        for img, vol in await _io(self.io, self.root, orphans):
+        for img, vol in found:
             # what the lease API asks of a volume: its ids (the rest is gone)
             gone = VolumeMetadata(domain=self.uuid, image=img, uuid=vol, parent=BLANK_UUID,
                                   format="RAW", allocation="SPARSE", voltype="LEAF",

@@ -1,6 +1,8 @@
 """A file domain's garbage collection reads the domain in one pass (its
-census): what it removes, reports and leaves is what the volume-by-volume
-walk found, and a stray file among the image directories does not stop it."""
+census) and lists each image once for its debris (temp files, orphaned
+lease files): what it removes, reports and leaves is what the
+volume-by-volume walk found, and a stray file among the image directories
+does not stop it."""
 
 from __future__ import annotations
 
@@ -52,6 +54,10 @@ async def test_collect_garbage_of_a_file_domain(tmp_path: Path, io: IOPool) -> N
     (domain.images / empty).mkdir()
     stray = domain.images / new_id()          # a file with an image's name
     stray.write_bytes(b"not an image")
+    orphan = domain.images / kept / f"{new_id()}.lease"    # a removal cut after the metadata
+    orphan.write_bytes(bytes(4096))
+    torn = domain.images / kept / f".{good.uuid}.meta.tmp"  # an atomic write cut short
+    torn.write_bytes(b"half")
 
     census = await domain.census()
     assert sorted(census.images) == sorted([half_made, kept, damaged_img, empty])
@@ -60,7 +66,9 @@ async def test_collect_garbage_of_a_file_domain(tmp_path: Path, io: IOPool) -> N
 
     report = await domain.collect_garbage()
     assert sorted(report["removed"]) == sorted([f"{half_made}/{half.uuid}",
-                                                f"{kept}/{halved.uuid}"])
+                                                f"{kept}/{halved.uuid}", torn.name,
+                                                f"{kept}/{orphan.name}"])
+    assert not orphan.exists() and not torn.exists()
     assert report["damaged"] == census.damaged
     assert sorted(p.name for p in domain.images.iterdir()) == sorted(
         [kept, damaged_img, stray.name])
