@@ -590,9 +590,9 @@ class FileDomain(Domain):
         await _io(self.io, self.root, remove)
 
     async def _collect_garbage(self) -> dict[str, list[str]]:
-        Found = tuple[list[Path], list[tuple[str, str]]]
+        Debris = tuple[list[Path], list[tuple[str, str]]]
 
-        def doomed() -> Found:
+        def debris() -> Debris:
             """Images being removed, temp files of interrupted atomic
             writes, and orphaned lease files: one listing of each image."""
             try:
@@ -614,7 +614,7 @@ class FileDomain(Domain):
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-        leftovers, lease_files = await _io(self.io, self.root, doomed)
+        leftovers, lease_files = await _io(self.io, self.root, debris)
         for path in leftovers:
             await _io(self.io, self.root, remove, path, timeout=max(self.io.timeout, 600))
         orphans = await self._remove_orphan_leases(lease_files)

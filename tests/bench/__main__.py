@@ -10,8 +10,8 @@ import sys
 import time
 
 BENCHMARKS = ["ping", "gcpause", "connections", "volumes", "volumelist", "copy", "backup", "ovf",
-              "httpparse", "transfer", "leases", "blockvolumes", "blockscale", "thin",
-              "load"]
+              "httpparse", "transfer", "leases", "blockvolumes", "blockscale", "nfsactivate",
+              "thin", "load"]
 
 
 def main(names: list[str]) -> int:
