@@ -342,10 +342,18 @@ class Domain(VolumeHolding, abc.ABC):
                 return await self.volume(prefer_image, vol)
             except VolumeDoesNotExist:
                 pass
+        img = await self.image_of(vol)
+        if img is None:
+            raise VolumeDoesNotExist(volUUID=vol)
+        return await self.volume(img, vol)
+
+    async def image_of(self, vol: str) -> str | None:
+        """The image holding volume `vol` (the first, by id), or None; kinds
+        override this with one look (a clone's prepare looks up its parent)."""
         for img in await self.image_ids():
             if vol in await self.volume_ids(img):
-                return await self.volume(img, vol)
-        raise VolumeDoesNotExist(volUUID=vol)
+                return img
+        return None
 
     async def children(self, md: VolumeMetadata) -> list[VolumeMetadata]:
         return [v for v in await self.all_volumes() if v.parent == md.uuid]
@@ -747,8 +755,7 @@ class Domain(VolumeHolding, abc.ABC):
         return False
 
     async def census(self) -> Census:
-        """Every volume's metadata read afresh, one at a time; kinds
-        override this with one batched read."""
+        """Every volume's metadata read afresh; kinds read it in one batch."""
         census = Census(await self.image_ids())
         for img in census.images:
             for vol in await self.volume_ids(img):
@@ -773,14 +780,12 @@ class Domain(VolumeHolding, abc.ABC):
             # listed again: a damaged volume, or one made meanwhile, keeps it
             if img not in kept and not await self.volume_ids(img):
                 await self.remove_image_dir(img)
-        repaired = []
-        for fixed in voltype_repairs(census.volumes):
+        repaired = voltype_repairs(census.volumes)
+        for fixed in repaired:
             await self.write_volume_md(fixed)
-            was = LEAF if fixed.voltype == INTERNAL else INTERNAL
-            repaired.append(f"{fixed.image}/{fixed.uuid} {was} -> {fixed.voltype}")
         if repaired:
-            log.warning("Domain %s: volume types repaired after an interruption: %s",
-                        self.uuid, ", ".join(repaired))
+            log.warning("Domain %s: volume types repaired after an interruption: %s", self.uuid,
+                        ", ".join(f"{v.image}/{v.uuid} -> {v.voltype}" for v in repaired))
         if removed:
             log.warning("Domain %s: removed half-made or half-removed volumes: %s", self.uuid,
                         ", ".join(removed))

@@ -297,24 +297,23 @@ class BlockDomain(LUNs, LVHolding, Domain):
         return out
 
     async def _volume_lv(self, vol: str, ask_again: bool = True) -> VolumeLV | None:
-        for v in await self._volume_lvs():
-            if v.name == vol:
-                return v
-        if not ask_again:
-            return None
-        # Not in the cached lvs: another host may have made it since (the
-        # cache is only dropped under the domain lease). Ask LVM again.
-        self.lvm.invalidate(self.vg)
-        for v in await self._volume_lvs():
-            if v.name == vol:
-                return v
-        return None
+        found = next((v for v in await self._volume_lvs() if v.name == vol), None)
+        if found is None and ask_again:
+            # Not in the cached lvs: another host may have made it since (the
+            # cache is only dropped under the domain lease). Ask LVM again.
+            self.lvm.invalidate(self.vg)
+            found = next((v for v in await self._volume_lvs() if v.name == vol), None)
+        return found
 
     async def image_ids(self) -> list[str]:
         return sorted({v.image for v in await self._volume_lvs()})
 
     async def volume_ids(self, img: str) -> list[str]:
         return sorted(v.name for v in await self._volume_lvs() if v.image == img)
+
+    async def image_of(self, vol: str) -> str | None:
+        v = await self._volume_lv(vol)
+        return None if v is None else v.image
 
     async def all_volume_ids(self) -> set[str]:
         # One pass over the VG's LVs. The generic one (volume_ids of every

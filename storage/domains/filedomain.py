@@ -300,8 +300,10 @@ class FileDomain(Domain):
 
     async def image_ids(self) -> list[str]:
         def listing() -> list[str]:
+            # directories only: a stray file with an image's name is none
             try:
-                return sorted(n for n in os.listdir(self.images) if is_uuid(n))
+                with os.scandir(self.images) as entries:
+                    return sorted(e.name for e in entries if is_uuid(e.name) and e.is_dir())
             except FileNotFoundError:
                 return []
         return await _io(self.io, self.root, listing)
@@ -310,7 +312,7 @@ class FileDomain(Domain):
         def listing() -> list[str]:
             try:
                 return sorted(_volume_names(os.listdir(self.images / img)))
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 return []
         return await _io(self.io, self.root, listing)
 
@@ -324,6 +326,28 @@ class FileDomain(Domain):
                 ids.update(_volume_names(os.listdir(dfd)))
             return ids
         return await _io(self.io, self.root, listing, timeout=max(self.io.timeout, 120))
+
+    async def image_of(self, vol: str) -> str | None:
+        """In one trip to the I/O thread, a stat per image (the generic one
+        listed each image in a trip of its own: a clone's prepare on a
+        localfs domain of 5,000 volumes took 5 times its time on an
+        empty one)."""
+        name = vol + META_SUFFIX
+
+        def find() -> str | None:
+            try:
+                ifd = os.open(self.images, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                return None
+            try:
+                for img in sorted(filter(is_uuid, os.listdir(ifd))):
+                    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                        os.stat(f"{img}/{name}", dir_fd=ifd)
+                        return img
+            finally:
+                os.close(ifd)
+            return None
+        return await _io(self.io, self.root, find, timeout=max(self.io.timeout, 120))
 
     async def census(self) -> Census:
         """As scan, in one trip to the I/O thread, but every metadata file

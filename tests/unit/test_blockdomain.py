@@ -359,6 +359,19 @@ async def test_census_reads_every_slot_once(domain: FileBlockDomain) -> None:
     assert sorted(fake.lvs) == [V1, V2, V3]
 
 
+async def test_image_of_a_volume_in_one_look(domain: FileBlockDomain) -> None:
+    """A volume's image from its LV's tags (the generic walk looked at every
+    LV once per image); one another host made since the report was cached
+    is found by asking LVM again."""
+    fake: FakeLVM = domain.runner   # type: ignore[assignment]
+    await domain.write_volume_md(vol(V1, state="READY"))
+    assert await domain.image_of(V1) == IMG
+    assert await domain.image_of(V2) is None
+    other = "7a2d3e4f-5a4b-4c3d-9e8f-0a1b2c3d4e5f"
+    fake.lvs[V3] = {"size": 4 * MiB, "tags": [f"IU_{other}", "MD_5"]}
+    assert await domain.image_of(V3) == other
+
+
 @pytest.mark.parametrize("sizes, code, name", [
     ({"/dev/mapper/a": 512, "/dev/mapper/b": 4096}, 517, "VolumeGroupBlockSizeError"),
     ({"/dev/mapper/a": 1024}, 518, "DeviceBlockSizeError"),
