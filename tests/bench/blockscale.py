@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.blockvolumes import EXTENT, MiB, _job, _lvm, _start_agent
-from tests.bench.common import ROOT, machine, median, run_in_guest, save, table
+from tests.bench.common import ROOT, machine, median, reactivation_ms, run_in_guest, save, table
 
 VOLUME_SIZE = 1024 * MiB       # raw sparse: the LV holds its capacity, 1 MiB is zeroed
 STEP = 50
@@ -72,15 +72,11 @@ async def _step_figures(c: Any, conf: str, sd: str, n: int) -> dict[str, Any]:
     vols = await c.call("getVolumesList", sdUUID=sd)
     listed = time.perf_counter() - t
     assert len(vols) == n, (len(vols), n)
-    # activation collects the domain's garbage: every slot read afresh
-    await c.call("deactivateStorageDomain", sdUUID=sd)
-    t = time.perf_counter()
-    await c.call("activateStorageDomain", sdUUID=sd)
-    activated = time.perf_counter() - t
+    activated = await reactivation_ms(c, sd)
     vg = json.loads(_lvm(conf, "vgs", "--reportformat", "json", "--units", "b", "--nosuffix",
                          "-o", "vg_mda_size,vg_mda_free", sd))["report"][0]["vg"][0]
     return {"lvcreate_ms": round(1000 * bare, 1), "list_ms": round(1000 * listed, 1),
-            "activate_ms": round(1000 * activated, 1),
+            "activate_ms": round(activated, 1),
             "mda_size": int(vg["vg_mda_size"]), "mda_free": int(vg["vg_mda_free"])}
 
 

@@ -73,6 +73,15 @@ async def localfs_domain(c: Any, path: Path, name: str = "bench",
     return conn, sd, Path(info["path"])
 
 
+async def reactivation_ms(c: Any, sd: str) -> float:
+    """Deactivate the domain, then activate it: the activation's ms (it
+    collects the domain's garbage, reading every volume's metadata afresh)."""
+    await c.call("deactivateStorageDomain", sdUUID=sd)
+    t = time.perf_counter()
+    await c.call("activateStorageDomain", sdUUID=sd)
+    return 1000 * (time.perf_counter() - t)
+
+
 async def drop_localfs_domain(c: Any, conn: dict[str, str], sd: str) -> None:
     await c.call("formatStorageDomain", sdUUID=sd)
     await c.call("disconnectStorageServer", domType="localfs", connectionParams=[conn])

@@ -23,7 +23,14 @@ from typing import Any
 
 from tests.agentproc import AgentProcess
 from tests.bench.blockvolumes import _job
-from tests.bench.common import drop_localfs_domain, localfs_domain, median, save, table
+from tests.bench.common import (
+    drop_localfs_domain,
+    localfs_domain,
+    median,
+    reactivation_ms,
+    save,
+    table,
+)
 from tests.bench.volumes import new_id, populate
 
 
@@ -67,12 +74,7 @@ async def _bench(work: Path, runs: int, sizes: list[int]) -> dict[str, Any]:
                 have = size
                 agent_ms, bare_ms, activate_ms = [], [], []
                 for _ in range(runs):
-                    # activation collects the domain's garbage: it reads
-                    # every volume's metadata afresh
-                    await c.call("deactivateStorageDomain", sdUUID=sd)
-                    t = time.perf_counter()
-                    await c.call("activateStorageDomain", sdUUID=sd)
-                    activate_ms.append(1000 * (time.perf_counter() - t))
+                    activate_ms.append(await reactivation_ms(c, sd))
                     t = time.perf_counter()
                     vols = await c.call("getVolumesList", sdUUID=sd)
                     agent_ms.append(1000 * (time.perf_counter() - t))

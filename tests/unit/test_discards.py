@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,11 +36,6 @@ class FullDomain(FileDomain):
         await super().write_volume_md(md, initial_size)
 
 
-@pytest.fixture
-def io() -> Iterator[IOPool]:
-    pool = IOPool("test", timeout=10)
-    yield pool
-    pool.close()
 
 
 async def domain_with_volume(cls: type[FileDomain], root: Path, io: IOPool, size: int,

@@ -6,39 +6,27 @@ the walk failed on it)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from storage.domains.base import Domain
 from storage.domains.filedomain import FileDomain
 from storage.errors import VolumeDoesNotExist
-from storage.fileio import IOPool
-from storage.metadata import BLANK_UUID, DomainMetadata, VolumeMetadata
+from storage.metadata import BLANK_UUID, VolumeMetadata
 
 
 def new_id() -> str:
     return str(uuid.uuid4())
 
 
-@pytest.fixture
-def io() -> Iterator[IOPool]:
-    pool = IOPool("test", timeout=10)
-    yield pool
-    pool.close()
-
-
-async def test_a_volume_is_found_in_any_image(tmp_path: Path, io: IOPool) -> None:
-    dmd = DomainMetadata(uuid=new_id(), name="t", dom_type="localfs", dom_class="data",
-                         version=5, backup=False)
-    domain = await FileDomain.create(tmp_path, dmd, io)
+async def test_a_volume_is_found_in_any_image(file_domain: FileDomain) -> None:
+    domain = file_domain
     template, clone = new_id(), new_id()
     base, top = new_id(), new_id()
     for img, vol, parent in ((template, base, BLANK_UUID), (clone, top, base)):
         (domain.images / img).mkdir()
         await domain.write_volume_md(VolumeMetadata(
-            domain=dmd.uuid, image=img, uuid=vol, parent=parent, format="COW",
+            domain=domain.uuid, image=img, uuid=vol, parent=parent, format="COW",
             allocation="SPARSE", voltype="LEAF", capacity=1 << 20, legality="LEGAL",
             generation=1))
         (domain.images / img / vol).write_bytes(b"")
@@ -47,9 +35,9 @@ async def test_a_volume_is_found_in_any_image(tmp_path: Path, io: IOPool) -> Non
     (domain.images / empty).mkdir()
     assert await domain.image_ids() == sorted([template, clone, empty])   # not the file
 
-    for vol, img in ((base, template), (top, clone), (new_id(), None)):
-        assert await domain.image_of(vol) == img
-        assert await Domain.image_of(domain, vol) == img    # the generic walk agrees
+    for vol, holder in ((base, template), (top, clone), (new_id(), None)):
+        assert await domain.image_of(vol) == holder
+        assert await Domain.image_of(domain, vol) == holder    # the generic walk agrees
     assert [v.uuid for v in await domain.chain(clone, top)] == [base, top]
     assert (await domain.find_volume(base, prefer_image=clone)).image == template
     with pytest.raises(VolumeDoesNotExist):

@@ -7,35 +7,21 @@ does not stop it."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
-
-import pytest
 
 from storage.domains.filedomain import FileDomain
-from storage.fileio import IOPool
-from storage.metadata import BLANK_UUID, DomainMetadata, VolumeMetadata
+from storage.metadata import BLANK_UUID, VolumeMetadata
 
 
 def new_id() -> str:
     return str(uuid.uuid4())
 
 
-@pytest.fixture
-def io() -> Iterator[IOPool]:
-    pool = IOPool("test", timeout=10)
-    yield pool
-    pool.close()
-
-
-async def test_collect_garbage_of_a_file_domain(tmp_path: Path, io: IOPool) -> None:
-    dmd = DomainMetadata(uuid=new_id(), name="t", dom_type="localfs", dom_class="data",
-                         version=5, backup=False)
-    domain = await FileDomain.create(tmp_path, dmd, io)
+async def test_collect_garbage_of_a_file_domain(file_domain: FileDomain) -> None:
+    domain = file_domain
 
     async def volume(img: str, **kw: str) -> VolumeMetadata:
-        md = VolumeMetadata(domain=dmd.uuid, image=img, uuid=new_id(), parent=BLANK_UUID,
+        md = VolumeMetadata(domain=domain.uuid, image=img, uuid=new_id(), parent=BLANK_UUID,
                             format="RAW", allocation="SPARSE", voltype="LEAF",
                             capacity=1 << 20, legality="LEGAL", generation=1)
         md = replace(md, **kw)  # type: ignore[arg-type]

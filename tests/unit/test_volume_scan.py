@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -74,13 +73,6 @@ async def test_a_rescan_sees_what_another_host_wrote(tmp_path: Path, io: IOPool)
     assert await domain.image_volumes(vols[0].image) == []
 
 
-@pytest.fixture
-def io() -> Iterator[IOPool]:
-    pool = IOPool("test", timeout=10)
-    try:
-        yield pool
-    finally:
-        pool.close()
 
 
 def count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
