@@ -184,9 +184,7 @@ class DomainRegistry:
 
     async def _collect(self, domain: Domain) -> None:
         """Once this host may write the domain (activated and joined)."""
-        report = await domain.collect_garbage()
-        if report["damaged"]:
-            log.error("Domain %s has damaged volumes: %s", domain.uuid, report["damaged"])
+        await domain.collect_garbage()      # it logs what it removed and what is damaged
         try:
             # a domain made before the OVF store was recorded gets it recorded
             await domain.ovf_store()
