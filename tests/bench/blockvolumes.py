@@ -1,7 +1,9 @@
 """Block domain volumes, measured inside the lab guest (a multipath iSCSI LUN
 from tgtd, real LVM): createVolume latency per kind beside a bare
 `lvcreate` of the same size on the same VG in the same run, and
-getVolumesList time on a domain of 100, 500 and 1,000 volumes.
+getVolumesList time on a domain of 100, 500 and 1,000 volumes, with
+prepareImage of a clone of a template there (its parent is looked up in
+the template's image).
 
     python -m tests.bench blockvolumes      (on the host: boots the guest)
 
@@ -76,12 +78,14 @@ def report(r: dict[str, Any]) -> str:
     rows = [[int(s), v["cold_ms"], v["warm_ms"], v["warm_ms"] / int(s) * 1000,
              v.get("before_cold_ms", "-"), v.get("before_warm_ms", "-"),
              v["before_warm_ms"] / int(s) * 1000 if "before_warm_ms" in v else "-",
+             v.get("clone_prepare_ms", "-"), v.get("before_clone_prepare_ms", "-"),
              v["populate_s"]]
             for s in sizes if (v := r["list"][s])]
     lines += ["getVolumesList on the block domain, ms per call (before: BENCH_BLOCK_BEFORE's "
               "tree, in turns)",
               table(rows, ["volumes", "cold (lvs)", "warm (cached)", "us/vol warm",
-                           "before cold", "before warm", "before us/vol", "populate s"])]
+                           "before cold", "before warm", "before us/vol",
+                           "clone prepare", "before clone prepare", "populate s"])]
     return "\n".join(lines)
 
 
@@ -268,6 +272,15 @@ async def _guest(runs: int, sizes: list[int], work: Path) -> dict[str, Any]:
                 agent.stop()
                 agent = await _creates_before(state, agent.port, conf, sd, runs, result)
         async with agent.client() as c:
+            # a template and a clone of it (an image of its own over the
+            # template's volume): its prepare looks up its parent
+            template = str(uuid.uuid4())
+            await _job(c, "createVolume", sdUUID=sd, imgUUID=str(uuid.uuid4()),
+                       volUUID=template, size=64 * MiB, format="raw", preallocate="sparse")
+            clone = (str(uuid.uuid4()), str(uuid.uuid4()))
+            await _job(c, "createVolume", sdUUID=sd, imgUUID=clone[0], volUUID=clone[1],
+                       size=64 * MiB, format="cow", preallocate="sparse",
+                       parentVolUUID=template)
             have = len(await c.call("getVolumesList", sdUUID=sd))
         for size in (s for s in sizes if s > have):
             agent.stop()
@@ -275,7 +288,8 @@ async def _guest(runs: int, sizes: list[int], work: Path) -> dict[str, Any]:
             populate(conf, sd, size - have)
             populate_s = time.perf_counter() - t
             have = size
-            agent, result["list"][str(size)] = await _listings(state, agent.port, sd, size, runs)
+            agent, result["list"][str(size)] = await _listings(state, agent.port, sd, size, runs,
+                                                               clone)
             result["list"][str(size)]["populate_s"] = round(populate_s, 1)
         async with agent.client() as c:
             await c.call("formatStorageDomain", sdUUID=sd)
@@ -366,10 +380,11 @@ async def _creates(c: Any, conf: str, sd: str, runs: int, result: dict[str, Any]
                      "lvcreate_ay_an": seq_s, "lvcreate_ay_an_noudevsync": nosync_s}}
 
 
-async def _listings(state: Path, port: int, sd: str, size: int,
-                    runs: int) -> tuple[Any, dict[str, Any]]:
+async def _listings(state: Path, port: int, sd: str, size: int, runs: int,
+                    clone: tuple[str, str]) -> tuple[Any, dict[str, Any]]:
     """getVolumesList of the domain of `size` volumes: the agent restarted
-    min(runs, 3) times, one cold call and `runs` warm ones each. With
+    min(runs, 3) times, one cold call and `runs` warm ones each; then
+    `runs` prepareImage (and teardown) of the clone (image, volume). With
     BENCH_BLOCK_BEFORE=DIR (a tree of the code before a change, `git archive
     REV | tar -x -C DIR`), that tree's agent in turns with this one's, on
     the same domain."""
@@ -378,7 +393,8 @@ async def _listings(state: Path, port: int, sd: str, size: int,
     trees = {"": agentproc.ROOT}
     if os.environ.get("BENCH_BLOCK_BEFORE"):
         trees["before_"] = Path(os.environ["BENCH_BLOCK_BEFORE"])
-    times: dict[str, list[float]] = {f"{k}{w}": [] for k in trees for w in ("cold", "warm")}
+    times: dict[str, list[float]] = {f"{k}{w}": [] for k in trees
+                                     for w in ("cold", "warm", "clone_prepare")}
     here = agentproc.ROOT
     agent = None
     try:
@@ -395,6 +411,13 @@ async def _listings(state: Path, port: int, sd: str, size: int,
                         t = time.perf_counter()
                         await c.call("getVolumesList", sdUUID=sd)
                         times[f"{key}warm"].append(time.perf_counter() - t)
+                    for _ in range(runs):
+                        t = time.perf_counter()
+                        await c.call("prepareImage", sdUUID=sd, imgUUID=clone[0],
+                                     volUUID=clone[1], purpose="read")
+                        times[f"{key}clone_prepare"].append(time.perf_counter() - t)
+                        await c.call("teardownImage", sdUUID=sd, imgUUID=clone[0],
+                                     volUUID=clone[1])
                 agent.stop()
     finally:
         agentproc.ROOT = here
