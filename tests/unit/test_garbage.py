@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import replace
 
+from storage.domains.base import Domain
 from storage.domains.filedomain import FileDomain
 from storage.metadata import BLANK_UUID, VolumeMetadata
 
@@ -49,6 +50,9 @@ async def test_collect_garbage_of_a_file_domain(file_domain: FileDomain) -> None
     assert sorted(census.images) == sorted([half_made, kept, damaged_img, empty])
     assert sorted(v.uuid for v in census.volumes) == sorted([half.uuid, good.uuid, halved.uuid])
     assert [d.split(":")[0] for d in census.damaged] == [f"{damaged_img}/{bad.uuid}"]
+    walked = await Domain.census(domain)        # the generic, volume-by-volume walk
+    assert (sorted(walked.images), sorted(v.uuid for v in walked.volumes), walked.damaged) == (
+        sorted(census.images), sorted(v.uuid for v in census.volumes), census.damaged)
 
     report = await domain.collect_garbage()
     assert sorted(report["removed"]) == sorted([f"{half_made}/{half.uuid}",
