@@ -93,11 +93,17 @@ def _lease_orphans(names: list[str]) -> list[str]:
             if n.endswith(LEASE_SUFFIX) and f"{n[:-len(LEASE_SUFFIX)]}{META_SUFFIX}" not in have]
 
 
+def _meta_volume(name: str) -> str | None:
+    """The volume whose metadata file `name` is (a UUID with .meta), or None."""
+    vol = name[:-len(META_SUFFIX)]
+    return vol if name.endswith(META_SUFFIX) and is_uuid(vol) else None
+
+
 def _volume_names(names: list[str]) -> Iterator[str]:
-    """The volumes of an image directory's listing: UUIDs with a .meta."""
+    """The volumes of an image directory's listing."""
     for n in names:
-        if n.endswith(META_SUFFIX) and is_uuid(n[:-len(META_SUFFIX)]):
-            yield n[:-len(META_SUFFIX)]
+        if (vol := _meta_volume(n)) is not None:
+            yield vol
 
 
 def _image_dirs(images: Path) -> Iterator[tuple[str, int]]:
@@ -121,6 +127,31 @@ def _image_dirs(images: Path) -> Iterator[tuple[str, int]]:
                 os.close(dfd)
     finally:
         os.close(ifd)
+
+
+def _read_image(image: str, dfd: int, known: dict[bytes, VolumeMetadata],
+                census: Census | None) -> list[tuple[bytes, VolumeMetadata]]:
+    """Every volume's metadata in an image directory (its fd), as (bytes,
+    metadata); `known` decodes bytes read before; with a census, damaged
+    volumes are noted there. Each file is opened by the name as listed: on
+    the listing's hot path (every file of an NFS domain at each call) no
+    name is built per volume."""
+    got = []
+    for name in sorted(os.listdir(dfd)):
+        vol = _meta_volume(name)
+        if vol is None:
+            continue
+        try:
+            data = _read_meta(dfd, name)
+            md = known.get(data) or VolumeMetadata.decode(data)
+        except FileNotFoundError:
+            continue
+        except MetadataError as e:
+            if census is not None:
+                census.damaged.append(f"{image}/{vol}: {e}")
+            continue
+        got.append((data, md))
+    return got
 
 
 def _read_meta(dir_fd: int, name: str, limit: int = 65536) -> bytes:
@@ -377,21 +408,6 @@ class FileDomain(Domain):
         trust_stamps = self.mountpoint is None
         Read = list[tuple[bytes, VolumeMetadata]]
 
-        def read_image(image: str, dfd: int) -> Read:
-            got = []
-            for vol in sorted(_volume_names(os.listdir(dfd))):
-                try:
-                    data = _read_meta(dfd, vol + META_SUFFIX)
-                    md = known.get(data) or VolumeMetadata.decode(data)
-                except FileNotFoundError:
-                    continue
-                except MetadataError as e:
-                    if census is not None:
-                        census.damaged.append(f"{image}/{vol}: {e}")
-                    continue
-                got.append((data, md))
-            return got
-
         def read_all() -> tuple[Read, dict[str, tuple[DirStamp, Read]]]:
             settled = self.clock_ns() - RACY_NS
             try:
@@ -420,7 +436,7 @@ class FileDomain(Domain):
                         except (FileNotFoundError, NotADirectoryError):
                             continue
                         try:
-                            got = read_image(image, dfd)
+                            got = _read_image(image, dfd, known, census)
                         finally:
                             os.close(dfd)
                         if census is not None:
