@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ovfstore import ovf
-from ovfstore.store import Body, Header, OvfStore, UploadError, read_members, slot_size
+from ovfstore.pipeline import UploadError
+from ovfstore.store import Body, Header, OvfStore, read_members, slot_size
 from storage.domains import Domain, DomainRegistry
 from storage.errors import (
     AcquireLockFailure,

@@ -7,7 +7,7 @@
 
 An upload streams into the slot that is not current, through a few fixed
 buffers (never the whole tar in memory) that the transport fills directly
-(`Body.readinto`), checking the tar as it passes; once the data is durable
+(ovfstore.pipeline), checking the tar as it passes; once the data is durable
 (fsync), the header switch is one small write of copy A and then of copy B.
 A reader takes the first copy with a valid checksum, so at any crash point
 it sees the old tar or the new one, never a mix. Data is read and written
@@ -22,21 +22,18 @@ gives back the space it took in its slot (a hole punched where it wrote).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ctypes
 import errno as errnos
-import gc
-import hashlib
 import logging
 import mmap
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol, runtime_checkable
 
+from ovfstore.pipeline import ALIGN, BUFFER_SIZE, SlotWriter, UploadError, _release
 from ovfstore.tarcheck import Member, TarChecker, TarRejected
 from storage.errors import HostAgentError
 from storage.fileio import IOPool
@@ -46,26 +43,6 @@ log = logging.getLogger("ovfstore")
 
 HEADER_SIZE = 4096
 DATA_OFFSET = 1 << 20
-# Upload buffers: one filling while the one before is hashed and written
-# (both at once), and one spare. 8 MiB rather than 4: each buffer costs the
-# event loop three thread hand-offs (receive, hash, write), and with half as
-# many an upload takes 6% less CPU per GiB (1.61 against 1.70-1.71 CPU-s,
-# interleaved 1 GiB uploads on the data listener, issue 21), for 24 MiB of
-# buffers per upload instead of 16.
-BUFFER_SIZE = 8 << 20
-PIPELINE = 3
-ALIGN = 4096
-
-
-class UploadError(Exception):
-    """The upload is refused; the stored tar is unchanged."""
-
-    def __init__(self, reason: str, errno: int | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        # the storage's error (ENOSPC: the domain is full)
-        self.errno = errno
-
 
 @dataclass(frozen=True)
 class Header:
@@ -143,27 +120,11 @@ def _aligned(size: int) -> mmap.mmap:
     return mmap.mmap(-1, size)
 
 
-def _release(buf: mmap.mmap) -> None:
-    """Unmap a buffer unless something still uses it: a slice handed to a
-    storage call, or a thread still blocked in one after a deadline. Then
-    the mapping goes when the last user lets it go."""
-    gc.collect(0)
-    with contextlib.suppress(BufferError):
-        buf.close()
-
-
 def _open(path: Path, flags: int) -> int:
     try:
         return os.open(path, flags | os.O_DIRECT)
     except OSError:
         return os.open(path, flags)
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwritev(fd, [data], offset)
-        data = data[n:]
-        offset += n
 
 
 class Body(Protocol):
@@ -172,6 +133,17 @@ class Body(Protocol):
     async def readinto(self, buf: memoryview) -> int:
         """Fill `buf` with the next bytes of the body and return how many;
         fewer than len(buf) only when the body ended."""
+        ...
+
+
+@runtime_checkable
+class ThreadedBody(Body, Protocol):
+    """A Body whose transport reads in a thread of its own (blocking)."""
+
+    async def pump(self, fill: Callable[[Callable[[memoryview], int]], int]) -> int:
+        """fill(readinto) in the transport's thread, `readinto` the blocking
+        form of Body.readinto; what fill returns. Raises what readinto
+        would."""
         ...
 
 
@@ -211,88 +183,6 @@ class ChunkBody:
             while await self._next():
                 pass
         return n
-
-
-def _check_and_hash(checker: TarChecker, digest: Any, data: memoryview) -> None:
-    checker.feed(data)
-    digest.update(data)
-
-
-class _SlotWriter:
-    """The write side of an upload: the transport fills fixed page-aligned
-    buffers in turn; each full buffer is checked and hashed by one thread
-    (in order) and written by another at the same time, while the next
-    buffer fills. These calls release the GIL (but for tar headers), so
-    receiving, hashing and writing overlap and the event loop does no
-    per-byte work; memory stays at PIPELINE buffers whatever the tar size.
-    """
-
-    def __init__(self, fd: int, offset: int, io: IOPool, checker: TarChecker) -> None:
-        self.fd = fd
-        self.offset = offset
-        self.checker = checker
-        self.digest = hashlib.sha256()
-        self.hasher = IOPool(f"{io.name}-ovf-hash", workers=1, timeout=io.timeout)
-        self.writer = IOPool(f"{io.name}-ovf-write", workers=1, timeout=io.timeout)
-        self.bufs = [_aligned(BUFFER_SIZE) for _ in range(PIPELINE)]
-        # per buffer: the outcomes of its check-and-hash and of its write
-        self.busy: list[asyncio.Future[tuple[BaseException | None, BaseException | None]]
-                        | None] = [None] * PIPELINE
-        self.cur = 0
-
-    async def buffer(self) -> memoryview:
-        """The next buffer to fill, once its last check, hash and write are done."""
-        await self._wait(self.cur)
-        return memoryview(self.bufs[self.cur])
-
-    def submit(self, length: int) -> None:
-        """The current buffer holds `length` bytes: check, hash and write
-        them. Only the last buffer of an upload may be short."""
-        buf = self.bufs[self.cur]
-        padded = (length + ALIGN - 1) // ALIGN * ALIGN
-        if padded != length:
-            # O_DIRECT wants whole blocks: pad the tail with zeros (the
-            # header records the real size); only the real bytes are hashed.
-            buf[length:padded] = bytes(padded - length)
-        data = memoryview(buf)
-        # gather starts its tasks in creation order, and the hasher has one
-        # thread taking work in order: the buffers are checked and hashed in
-        # tar order
-        self.busy[self.cur] = asyncio.gather(
-            self.hasher.call(_check_and_hash, self.checker, self.digest, data[:length]),
-            self.writer.call(_pwrite_all, self.fd, data[:padded], self.offset),
-            return_exceptions=True)
-        self.offset += padded
-        self.cur = (self.cur + 1) % PIPELINE
-
-    async def _wait(self, i: int) -> None:
-        busy = self.busy[i]
-        if busy is None:
-            return
-        self.busy[i] = None
-        for result in await busy:     # the check's failure first: it explains the rest
-            if isinstance(result, TarRejected):
-                raise UploadError(result.reason)
-            if isinstance(result, OSError):
-                # not to be taken for the client going away (also an OSError)
-                raise UploadError(f"writing the OVF store failed: {result}", result.errno)
-            if isinstance(result, BaseException):
-                raise result
-
-    async def finish(self) -> str:
-        """Every buffer checked, hashed and written: the sha256."""
-        for k in range(PIPELINE):
-            await self._wait((self.cur + k) % PIPELINE)   # oldest first
-        return self.digest.hexdigest()
-
-    async def close(self) -> None:
-        for i in range(PIPELINE):
-            with contextlib.suppress(Exception):
-                await self._wait(i)
-        self.hasher.close()
-        self.writer.close()
-        for b in self.bufs:
-            _release(b)
 
 
 class OvfStore:
@@ -383,19 +273,15 @@ class OvfStore:
         slot, base = self._free_slot(current)
         checker = TarChecker(member_limit=member_limit, total_limit=layout)
         fd = await self.io.call(_open, self.path, os.O_WRONLY)
-        sink = _SlotWriter(fd, base, self.io, checker)
+        sink = SlotWriter(fd, base, self.io.name, self.io.timeout, checker)
         done = False
         try:
-            received = 0
-            while received < size:
-                buf = await sink.buffer()
-                want = min(len(buf), size - received)
-                n = await body.readinto(buf[:want])
-                received += n
-                if n:
-                    sink.submit(n)
-                if n < want:
-                    raise UploadError(f"body ended after {received} of {size} bytes")
+            if isinstance(body, ThreadedBody):
+                received = await body.pump(lambda readinto: sink.pump(readinto, size))
+            else:
+                received = await sink.fill(body.readinto, size)
+            if received < size:
+                raise UploadError(f"body ended after {received} of {size} bytes")
             digest = await sink.finish()
             try:
                 members = checker.close()

@@ -307,10 +307,18 @@ class _SocketBody:
         self.stall = stall
 
     async def readinto(self, buf: memoryview) -> int:
+        return await self._run(self.conn.recv_body, buf)
+
+    async def pump(self, fill: Callable[[Callable[[memoryview], int]], int]) -> int:
+        """The store's pump in the connection's thread, reading the body
+        there, buffer after buffer (ovfstore.store.ThreadedBody)."""
+        return await self._run(fill, self.conn.recv_body)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         try:
-            return await self.conn.run(self.conn.recv_body, buf)
+            return await self.conn.run(fn, *args)
         except TimeoutError:
-            # the socket's timeout: this one read brought nothing in time
+            # the socket's timeout: one read brought nothing in time
             raise stalled(self.stall) from None
         except OSError as e:
             raise BodyBroken(str(e) or type(e).__name__) from None

@@ -7,8 +7,9 @@ per-chunk bookkeeping all run on the loop thread, which caps the upload
 rate and delays every other request. Here the loop only accepts and
 coordinates; each connection's socket and TLS work (handshake, request
 head, body, reply) runs in a worker thread in large steps: the body is
-decrypted straight into the store's 8 MiB buffers, one thread hand-off per
-buffer, while other threads hash and write the previous ones. What a
+decrypted straight into the store's 8 MiB buffers, the connection's thread
+going from one to the next by itself (ovfstore.pipeline), while other
+threads hash and write the previous ones. What a
 request means (ticket, checks, statuses, error bodies) is rpc.ovfhttp's,
 as on the main port; this module routes and sends.
 

@@ -1,17 +1,25 @@
 """The two-slot OVF store on a plain file: upload, replace, refusals leave
-the stored tar unchanged, a torn header copy falls back, ranged reads."""
+the stored tar unchanged, a torn header copy falls back, ranged reads.
+Uploads come the two ways a transport gives them: read on the loop (the
+main port) and read in the transport's thread (the data listener)."""
 
+import asyncio
 import hashlib
 import io
 import os
 import tarfile
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from ovfstore.store import DATA_OFFSET, HEADER_SIZE, OvfStore, UploadError, volume_size
+from ovfstore import pipeline
+from ovfstore.pipeline import UploadError
+from ovfstore.store import DATA_OFFSET, HEADER_SIZE, Header, OvfStore, volume_size
+from ovfstore.tarcheck import Member
+from storage.errors import ResourceTimeout
 from storage.fileio import IOPool
 
 SLOT = 4 << 20
@@ -31,6 +39,45 @@ def make_tar(n: int = 3, size: int = 5000) -> bytes:
 async def chunks(data: bytes, size: int = 65536) -> AsyncIterator[bytes]:
     for i in range(0, len(data), size):
         yield data[i:i + size]
+
+
+class ThreadBody:
+    """A body its transport reads in a thread of its own, as the OVF data
+    listener's connection does (ovfstore.store.ThreadedBody): never past
+    the size the store asks for."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+        self.threads: set[str] = set()
+
+    def _read(self, buf: memoryview) -> int:
+        self.threads.add(threading.current_thread().name)
+        n = min(len(buf), len(self.data) - self.pos)
+        buf[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    async def readinto(self, buf: memoryview) -> int:
+        raise AssertionError("a threaded body is pumped, not read on the loop")
+
+    async def pump(self, fill: Callable[[Callable[[memoryview], int]], int]) -> int:
+        return await asyncio.to_thread(fill, self._read)
+
+
+async def upload(store: OvfStore, via: str, data: bytes, size: int, *, member_limit: int,
+                 sha256: str | None = None) -> tuple[Header, list[Member]]:
+    if via == "loop":
+        return await store.write(chunks(data, 100_003), size, member_limit=member_limit,
+                                 sha256=sha256)
+    body = ThreadBody(data)
+    try:
+        return await store.receive(body, size, member_limit=member_limit, sha256=sha256)
+    finally:
+        assert body.threads and threading.main_thread().name not in body.threads
+
+
+VIA = pytest.mark.parametrize("via", ["loop", "thread"])
 
 
 @pytest.fixture
@@ -68,30 +115,34 @@ async def test_upload_replace_and_ranges(store: OvfStore) -> None:
     assert await read_all(store) == second
 
 
-@pytest.mark.parametrize("mangle, reason", [
-    (lambda d: (d, len(d) + 100), "ended after"),
-    (lambda d: (d + b"\0" * 512, len(d)), "longer than"),
-    (lambda d: (d[:1500], 1500), "truncated"),
+@pytest.mark.parametrize("via, mangle, reason", [
+    ("loop", lambda d: (d, len(d) + 100), "ended after"),
+    ("thread", lambda d: (d, len(d) + 100), "ended after"),
+    ("loop", lambda d: (d + b"\0" * 512, len(d)), "longer than"),
+    ("loop", lambda d: (d[:1500], 1500), "truncated"),
+    ("thread", lambda d: (d[:1500], 1500), "truncated"),
 ])
 async def test_refused_upload_keeps_old_tar(
-        store: OvfStore, mangle: Callable[[bytes], tuple[bytes, int]], reason: str) -> None:
+        store: OvfStore, via: str, mangle: Callable[[bytes], tuple[bytes, int]],
+        reason: str) -> None:
     old = make_tar()
     await store.write(chunks(old), len(old), member_limit=SLOT)
     body, size = mangle(make_tar())
     with pytest.raises(UploadError, match=reason):
-        await store.write(chunks(body), size, member_limit=SLOT)
+        await upload(store, via, body, size, member_limit=SLOT)
     h = await store.header()
     assert h.generation == 1 and await read_all(store) == old
 
 
-async def test_wrong_sha_and_bad_member_keep_old_tar(store: OvfStore) -> None:
+@VIA
+async def test_wrong_sha_and_bad_member_keep_old_tar(store: OvfStore, via: str) -> None:
     old = make_tar()
     await store.write(chunks(old), len(old), member_limit=SLOT)
     new = make_tar()
     with pytest.raises(UploadError, match="sha256"):
-        await store.write(chunks(new), len(new), member_limit=SLOT, sha256="0" * 64)
+        await upload(store, via, new, len(new), member_limit=SLOT, sha256="0" * 64)
     with pytest.raises(UploadError, match="over the limit"):
-        await store.write(chunks(new), len(new), member_limit=100)
+        await upload(store, via, new, len(new), member_limit=100)
     assert await read_all(store) == old
 
 
@@ -117,10 +168,11 @@ async def test_too_large_for_slot(store: OvfStore) -> None:
     assert DATA_OFFSET % 4096 == 0
 
 
-async def test_upload_through_every_buffer_of_the_pipeline(tmp_path: Path) -> None:
+@VIA
+async def test_upload_through_every_buffer_of_the_pipeline(tmp_path: Path, via: str) -> None:
     # more than all the buffers hold, in odd-sized chunks, with an unaligned
     # tail: each buffer is reused, hashed in order and written at its place
-    from ovfstore.store import BUFFER_SIZE, PIPELINE
+    from ovfstore.pipeline import BUFFER_SIZE, PIPELINE
 
     slot = (PIPELINE * 2 + 2) * BUFFER_SIZE
     path = tmp_path / "ovfstore"
@@ -133,8 +185,8 @@ async def test_upload_through_every_buffer_of_the_pipeline(tmp_path: Path) -> No
         if len(body) % 4096 == 0:
             body += bytes(512)   # zeros after the end-of-archive marker are allowed
         assert len(body) % 4096 and len(body) > PIPELINE * BUFFER_SIZE * 2
-        h, _ = await store.write(chunks(body, 100_003), len(body), member_limit=slot,
-                                 sha256=hashlib.sha256(body).hexdigest())
+        h, _ = await upload(store, via, body, len(body), member_limit=slot,
+                            sha256=hashlib.sha256(body).hexdigest())
         assert h.sha256 == hashlib.sha256(body).hexdigest()
         assert await read_all(store) == body
         assert await read_all(store, BUFFER_SIZE - 7, 3 * BUFFER_SIZE + 5) == \
@@ -143,7 +195,8 @@ async def test_upload_through_every_buffer_of_the_pipeline(tmp_path: Path) -> No
         pool.close()
 
 
-async def test_storage_write_error_is_an_upload_error() -> None:
+@VIA
+async def test_storage_write_error_is_an_upload_error(via: str) -> None:
     # /dev/full refuses every write (ENOSPC): reported as a failed write,
     # not taken for a client that went away
     pool = IOPool("test", timeout=30)
@@ -151,9 +204,44 @@ async def test_storage_write_error_is_an_upload_error() -> None:
         store = OvfStore(Path("/dev/full"), SLOT, pool)
         body = make_tar()
         with pytest.raises(UploadError, match="writing the OVF store failed"):
-            await store.write(chunks(body), len(body), member_limit=SLOT)
+            await upload(store, via, body, len(body), member_limit=SLOT)
     finally:
         pool.close()
+
+
+@VIA
+async def test_hung_storage_write_times_out_and_keeps_old_tar(
+        tmp_path: Path, via: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that never returns (hung storage) fails the upload within
+    the domain's I/O deadline (851), the stored tar unchanged; the next
+    upload is taken."""
+    path = tmp_path / "ovfstore"
+    with open(path, "wb") as f:
+        f.truncate(volume_size(SLOT))
+    pool = IOPool("test", timeout=0.5)
+    store = OvfStore(path, SLOT, pool)
+    old = make_tar()
+    await store.write(chunks(old), len(old), member_limit=SLOT)
+    hang, gone = threading.Event(), threading.Event()
+
+    def hung(fd: int, data: memoryview, offset: int) -> None:
+        hang.wait()
+        gone.set()      # storage that answers at last: nothing written (fd closed)
+
+    monkeypatch.setattr(pipeline, "_pwrite_all", hung)
+    new = make_tar(3, 300_000)
+    try:
+        with pytest.raises(ResourceTimeout, match=r"did not finish in 0\.5 s"):
+            await upload(store, via, new, len(new), member_limit=SLOT)
+    finally:
+        hang.set()
+    assert await asyncio.to_thread(gone.wait, 10)
+    monkeypatch.undo()
+    assert (await store.header()).generation == 1 and await read_all(store) == old
+    again = make_tar(1, 100)
+    h, _ = await store.write(chunks(again), len(again), member_limit=SLOT)
+    assert h.generation == 2 and await read_all(store) == again
+    pool.close()
 
 
 async def test_slots_stay_where_they_are_when_the_volume_grows(store: OvfStore) -> None:
