@@ -21,7 +21,7 @@ class Host:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.host_id = ""
-        self.started = time.time()
+        self.started = time.monotonic()     # the uptime does not jump with the wall clock
         self._process = psutil.Process()
         # The first cpu_percent(None) call only starts the measurement.
         psutil.cpu_percent(None)
@@ -60,5 +60,5 @@ class Host:
             "memory": {"total": mem.total, "available": mem.available, "used": mem.used,
                        "percent": mem.percent},
             "agent": {"pid": os.getpid(), "rss": rss, "fds": fds, "threads": threads,
-                      "cpuPercent": cpu, "uptime": time.time() - self.started},
+                      "cpuPercent": cpu, "uptime": time.monotonic() - self.started},
         }

@@ -43,7 +43,10 @@ class Ticket:
     sd: str
     size: int
     sha256: str | None
-    expires: float
+    expires: float            # wall clock, as reported to the engine
+    # monotonic: what decides; a step of the wall clock (NTP, an admin)
+    # neither ends a ticket early nor keeps one alive
+    deadline: float
     used: bool = False
 
 
@@ -87,7 +90,8 @@ class OvfService:
     def new_ticket(self, sd: str, size: int, sha256: str | None) -> Ticket:
         self._expire()
         ticket = Ticket(id=secrets.token_urlsafe(24), sd=sd, size=size, sha256=sha256,
-                        expires=time.time() + self.ticket_ttl)
+                        expires=time.time() + self.ticket_ttl,
+                        deadline=time.monotonic() + self.ticket_ttl)
         self.tickets[ticket.id] = ticket
         return ticket
 
@@ -112,8 +116,8 @@ class OvfService:
                                       reason=f"the OVF tar needs {need} bytes, {free} free")
 
     def _expire(self) -> None:
-        now = time.time()
-        for key in [k for k, t in self.tickets.items() if t.expires < now]:
+        now = time.monotonic()
+        for key in [k for k, t in self.tickets.items() if t.deadline < now]:
             del self.tickets[key]
 
     def take(self, ticket_id: str) -> Ticket:
@@ -122,7 +126,7 @@ class OvfService:
         if ticket is None or ticket.used:
             raise OvfTicketError(reason="unknown, used or expired ticket")
         ticket.used = True
-        if ticket.expires < time.time():
+        if ticket.deadline < time.monotonic():
             raise OvfTicketError(reason="the ticket expired")
         return ticket
 

@@ -99,7 +99,10 @@ class Transfer:
     format: str               # "raw" | "qcow2"
     dirty: str | None
     inactivity: float
-    expires: float
+    expires: float            # wall clock, as reported to the engine
+    # monotonic: what decides; a step of the wall clock (NTP, an admin)
+    # neither ends a ticket early nor keeps one alive
+    deadline: float
     domain: Domain
     md: VolumeMetadata
     # starting, open, finalizing, cancelling; then finished, cancelled, expired or failed
@@ -203,7 +206,8 @@ class TransferService:
                                            reason=f"volume {m.uuid} of the chain is not LEGAL")
         t = Transfer(id=str(uuid.uuid4()), ticket=secrets.token_urlsafe(24), sd=sd, img=img,
                      vol=vol, direction=direction, format=fmt, dirty=dirty, inactivity=inactivity,
-                     expires=time.time() + self.limits.ticket_lifetime, domain=domain,
+                     expires=time.time() + self.limits.ticket_lifetime,
+                     deadline=time.monotonic() + self.limits.ticket_lifetime, domain=domain,
                      md=md)
         self.transfers[t.id] = t
         self.tickets[t.ticket] = t
@@ -333,7 +337,7 @@ class TransferService:
             raise TransferTicketError(reason="unknown ticket")
         if t.state != "open":
             raise TransferTicketError(reason=f"the transfer is {t.state}")
-        if time.time() > t.expires:
+        if time.monotonic() > t.deadline:
             raise TransferTicketError(reason="the ticket expired")
         if write and not t.writable:
             raise TransferTicketError(reason="a download ticket does not allow writes")
@@ -519,13 +523,12 @@ class TransferService:
         """Until the ticket closes: finalize or cancel, expiry, inactivity,
         or qemu-nbd's death."""
         while t.state == "open":
-            now = time.time()
-            idle = (t.last_activity + t.inactivity - time.monotonic()
-                    if t.active == 0 else t.inactivity)
-            left = min(t.expires - now, idle)
+            now = time.monotonic()
+            idle = t.last_activity + t.inactivity - now if t.active == 0 else t.inactivity
+            left = min(t.deadline - now, idle)
             if left <= 0:
                 t.state = "expired"
-                t.error = TransferTicketError(reason="the ticket expired" if t.expires <= now
+                t.error = TransferTicketError(reason="the ticket expired" if t.deadline <= now
                                               else f"no request for {t.inactivity:g} s")
                 return
             t._wake.clear()

@@ -39,7 +39,8 @@ class FakeService:
 
     def __init__(self, upload: BaseException | None = None,
                  header: HostAgentError | None = None) -> None:
-        self.tickets = {"good": Ticket("good", SD, 10, None, expires=float("inf"))}
+        self.tickets = {"good": Ticket("good", SD, 10, None, expires=float("inf"),
+                                       deadline=float("inf"))}
         self.upload_error = upload
         self.header_error = header
         self.uploaded: list[int | None] = []

@@ -43,7 +43,7 @@ async def test_cancel_removes_the_upload_after_its_close(state):
     closed = _Closed()
     t = Transfer(id="t1", ticket="secret", sd="sd", img="img", vol="vol",
                  direction="upload", format="raw", dirty=None, inactivity=60.0,
-                 expires=0.0, domain=cast(Any, None), md=cast(Any, None), state=state,
+                 expires=0.0, deadline=0.0, domain=cast(Any, None), md=cast(Any, None), state=state,
                  closed=closed)
     service.transfers[t.id] = t
     cancelling = asyncio.create_task(service.cancel(t.id))
