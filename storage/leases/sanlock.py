@@ -144,7 +144,13 @@ class SanlockLease:
                 async with asyncio.timeout(self.backend.call_timeout):
                     h, _ = await self.conn.call(proto.RELEASE, payload, data=1,
                                                 data2=proto.NO_PID)
-                if h.result < 0:
+                if h.result == -errno.ENOENT:
+                    # its lease file is gone: a file domain's deleteImage
+                    # renames the image away, lease files and all, while
+                    # their leases are held (closing the connection below lets
+                    # the daemon drop it)
+                    log.debug("sanlock release of %s: its lease file is gone", self.resource)
+                elif h.result < 0:
                     log.warning("sanlock release of %s: %s (closing the connection "
                                 "releases it)", self.resource, proto.describe(h.result))
         except (SanlockError, OSError, TimeoutError) as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,9 @@ class FakeSanlock:
         self.server: asyncio.Server | None = None
         self.requests: list[tuple[int, int, int, int]] = []  # cmd, flags, data, data2
         self.released: list[tuple[str, str]] = []
+        # resource name -> what its release answers once it is dropped (its
+        # lease file gone: -ENOENT, as sanlock's release_token finds it)
+        self.release_errors: dict[str, int] = {}
 
     async def start(self) -> None:
         self.server = await asyncio.start_unix_server(self._serve, str(self.path))
@@ -230,7 +234,7 @@ class FakeSanlock:
                 del self.owners[key]
                 client.held.discard(key)
                 self.released.append(key)
-                rv = 0
+                rv = self.release_errors.get(key[1], 0)
             else:
                 rv = -errno.ENOENT
             self._reply(client, h, rv)
@@ -300,6 +304,25 @@ async def test_no_daemon_is_661(tmp_path: Path, areas: FileDomainLeases) -> None
     with pytest.raises(AcquireHostIdFailure) as e:
         await m.add_lockspace(areas.lockspace(), 1, "sanlock")
     assert "connect" in e.value.message
+    await m.close()
+
+
+@pytest.mark.parametrize("rv, warned", [(-errno.ENOENT, False), (-errno.EIO, True)])
+async def test_release_of_a_lease_whose_file_is_gone(
+        daemon: FakeSanlock, tmp_path: Path, areas: FileDomainLeases,
+        caplog: pytest.LogCaptureFixture, rv: int, warned: bool) -> None:
+    """A file domain's deleteImage renames the image away, lease files and
+    all, while it holds their leases: the release finds no file (ENOENT),
+    which is no failure to warn of; another error is."""
+    m = sanlock_manager(daemon, tmp_path, "a")
+    await m.add_lockspace(areas.lockspace(), 1, "sanlock")
+    daemon.release_errors["SDM"] = rv
+    with caplog.at_level(logging.DEBUG, logger="storage.leases.sanlock"):
+        async with m.acquire(areas.domain_resource()):
+            pass
+    assert daemon.released == [(SD, "SDM")]
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert bool(warnings) == warned, [r.getMessage() for r in caplog.records]
     await m.close()
 
 
