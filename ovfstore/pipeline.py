@@ -73,6 +73,10 @@ def _check_and_hash(checker: TarChecker, digest: Any, data: memoryview) -> None:
     digest.update(data)
 
 
+# a stage's queue: (buffer, work, its arguments), None to stop
+_Queue = queue.SimpleQueue[tuple["_Buffer", Callable[..., None], tuple[Any, ...]] | None]
+
+
 class _Buffer:
     """One buffer and what its stages made of its last contents."""
 
@@ -84,7 +88,7 @@ class _Buffer:
         self.errors: list[BaseException] = []
         self.done = threading.Event()
         self.done.set()
-        # a loop's future to complete when done (buffer() waiting)
+        # the loop's future to complete when done (a coroutine waiting)
         self.waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
 
 
@@ -110,19 +114,16 @@ class SlotWriter:
         self._cur = 0
         self._lock = threading.Lock()
         self._dropping = False      # failed: the stages skip what is still queued
-        self._queues: list[queue.SimpleQueue[tuple[_Buffer, Callable[..., None],
-                                                   tuple[Any, ...]] | None]] = []
+        self._queues: list[_Queue] = []
         for stage in ("hash", "write"):
-            q: queue.SimpleQueue[tuple[_Buffer, Callable[..., None], tuple[Any, ...]]
-                                 | None] = queue.SimpleQueue()
+            q: _Queue = queue.SimpleQueue()
             self._queues.append(q)
             threading.Thread(target=self._stage, args=(q,), daemon=True,
                              name=f"ovf-{stage}-{name}").start()
 
     # ---- the stages' threads --------------------------------------------------------
 
-    def _stage(self, q: queue.SimpleQueue[tuple[_Buffer, Callable[..., None],
-                                                tuple[Any, ...]] | None]) -> None:
+    def _stage(self, q: _Queue) -> None:
         while (item := q.get()) is not None:
             buf, fn, args = item
             del item
