@@ -346,12 +346,12 @@ class LVM:
     # -- running
 
     async def _run(self, op: str, args: Sequence[str], *, urgent: bool = False,
-                   shell: bool = False) -> commands.CommandResult:
+                   in_shell: bool = False) -> commands.CommandResult:
         """urgent: a VM may wait on it (commands.run's higher priority).
-        urgent or shell: in a running lvm shell when one is free (storage.
+        urgent or in_shell: in a running lvm shell when one is free (storage.
         lvmshell: a command that never asks and whose stdout is not read)."""
         argv = [LVM_TOOL, op, "--config", self._config, *args]
-        runner = lvmshell.run if self._shell and (urgent or shell) else self._runner
+        runner = lvmshell.run if self._shell and (urgent or in_shell) else self._runner
         try:
             return await runner(argv, timeout=self.timeout, env=ENV, rc_names=RC_NAMES,
                                 urgent=urgent)
@@ -359,12 +359,12 @@ class LVM:
             raise _lvm_error(e, op) from None
 
     async def _change(self, vg: str, op: str, args: Sequence[str], *,
-                      urgent: bool = False, shell: bool = False) -> commands.CommandResult:
+                      urgent: bool = False, in_shell: bool = False) -> commands.CommandResult:
         """Run a metadata change of `vg` under its lock; drop its cache after."""
         async with self.lock(vg):
             self.invalidate(vg)
             try:
-                return await self._run(op, args, urgent=urgent, shell=shell)
+                return await self._run(op, args, urgent=urgent, in_shell=in_shell)
             finally:
                 self.invalidate(vg)
 
@@ -513,7 +513,7 @@ class LVM:
             # in the shell: without zeroing it never asks (no signature
             # to wipe); 0.29 of a 0.70 s create in the lab guest was lvm's
             # start (issue 21)
-            await self._change(vg, "lvcreate", [*args, vg], shell=not zero)
+            await self._change(vg, "lvcreate", [*args, vg], in_shell=not zero)
         except LVMCommandError as e:
             raise CannotCreateLogicalVolume(lvName=lv, vgName=vg,
                                             reason=e.fields.get("reason", str(e))) from None
@@ -634,7 +634,10 @@ class LVM:
         self._check_activation()
         paths = self._lv_paths(vg, lvs)
         try:
-            await self._run("lvchange", [*extra, "--activate", flag, *paths])
+            # in a running lvm shell: a VM's start waits on the activation
+            # of its disks' chains (prepareImage), and lvm's own start was
+            # most of a small command's time (storage.lvmshell)
+            await self._run("lvchange", [*extra, "--activate", flag, *paths], in_shell=True)
         except BaseException:
             self.invalidate(vg)
             raise

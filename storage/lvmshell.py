@@ -7,8 +7,10 @@ against 0.13-0.55 s for the same `lvextend` typed into an `lvm` shell
 started once (tests/bench/thin.py; the probe in the session 8 note). So the
 commands a writing VM waits on (a thin volume's lvextend, a refresh:
 `urgent`) go to an `lvm` shell kept running, as lvmdbusd does, started at
-commands.URGENT_NICE; a new volume's lvcreate goes to a second one, at the
-agent's own priority (issue 21: lvm's start was 0.29 of a 0.70 s create);
+commands.URGENT_NICE; a new volume's lvcreate, and the activation and
+deactivation of LVs (prepareImage and teardownImage: a VM's start waits on
+its chain's) go to a second one, at the agent's own priority (issue 21:
+lvm's start was 0.29 of a 0.70 s create);
 every other command is spawned as before (commands.run): reports (their
 rows would come on the report descriptor) and what may ask a question.
 
@@ -23,7 +25,7 @@ Each command line carries the same `--config` as a spawned command; the
 shell rereads the VG from the devices for every command (as a spawned
 command does); it keeps no LVM lock between commands. Only commands that
 never ask a question go there (lvextend, a refresh, an lvcreate that does
-not zero): the shell's stdin is the agent's next command line, not
+not zero, lvchange --activate): the shell's stdin is the agent's next command line, not
 /dev/null. One command at a time per shell: while it is busy (or cannot
 say a command: quoting, too many arguments) the command is spawned, so one
 VG's lvextend never waits behind another's, nor behind a create. A command

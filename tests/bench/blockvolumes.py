@@ -79,13 +79,15 @@ def report(r: dict[str, Any]) -> str:
              v.get("before_cold_ms", "-"), v.get("before_warm_ms", "-"),
              v["before_warm_ms"] / int(s) * 1000 if "before_warm_ms" in v else "-",
              v.get("clone_prepare_ms", "-"), v.get("before_clone_prepare_ms", "-"),
+             v.get("clone_teardown_ms", "-"), v.get("before_clone_teardown_ms", "-"),
              v["populate_s"]]
             for s in sizes if (v := r["list"][s])]
     lines += ["getVolumesList on the block domain, ms per call (before: BENCH_BLOCK_BEFORE's "
               "tree, in turns)",
               table(rows, ["volumes", "cold (lvs)", "warm (cached)", "us/vol warm",
                            "before cold", "before warm", "before us/vol",
-                           "clone prepare", "before clone prepare", "populate s"])]
+                           "clone prepare", "before clone prepare", "clone teardown",
+                           "before clone teardown", "populate s"])]
     return "\n".join(lines)
 
 
@@ -384,7 +386,7 @@ async def _listings(state: Path, port: int, sd: str, size: int, runs: int,
                     clone: tuple[str, str]) -> tuple[Any, dict[str, Any]]:
     """getVolumesList of the domain of `size` volumes: the agent restarted
     min(runs, 3) times, one cold call and `runs` warm ones each; then
-    `runs` prepareImage (and teardown) of the clone (image, volume). With
+    `runs` prepareImage and teardownImage of the clone (image, volume). With
     BENCH_BLOCK_BEFORE=DIR (a tree of the code before a change, `git archive
     REV | tar -x -C DIR`), that tree's agent in turns with this one's, on
     the same domain."""
@@ -394,7 +396,8 @@ async def _listings(state: Path, port: int, sd: str, size: int, runs: int,
     if os.environ.get("BENCH_BLOCK_BEFORE"):
         trees["before_"] = Path(os.environ["BENCH_BLOCK_BEFORE"])
     times: dict[str, list[float]] = {f"{k}{w}": [] for k in trees
-                                     for w in ("cold", "warm", "clone_prepare")}
+                                     for w in ("cold", "warm", "clone_prepare",
+                                               "clone_teardown")}
     here = agentproc.ROOT
     agent = None
     try:
@@ -416,8 +419,10 @@ async def _listings(state: Path, port: int, sd: str, size: int, runs: int,
                         await c.call("prepareImage", sdUUID=sd, imgUUID=clone[0],
                                      volUUID=clone[1], purpose="read")
                         times[f"{key}clone_prepare"].append(time.perf_counter() - t)
+                        t = time.perf_counter()
                         await c.call("teardownImage", sdUUID=sd, imgUUID=clone[0],
                                      volUUID=clone[1])
+                        times[f"{key}clone_teardown"].append(time.perf_counter() - t)
                 agent.stop()
     finally:
         agentproc.ROOT = here

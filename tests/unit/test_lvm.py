@@ -837,3 +837,27 @@ async def test_extension_and_reload_start_urgent(lv_mgr: lvm.LVM, runner: FakeRu
     assert [(op, kw["urgent"]) for op, kw in zip(runner.ops(), runner.kwargs, strict=True)] == \
         [("lvs", False), ("lvextend", True), ("lvchange", True), ("lvcreate", False),
          ("lvchange", False)]
+
+
+async def test_what_goes_to_a_running_lvm_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the agent's own runner, what a VM waits on (an extension, a
+    refresh; the activation and deactivation of its chain at prepareImage
+    and teardownImage) and a create that does not zero go to a running lvm
+    shell (storage.lvmshell: no lvm start each time); reports and what
+    may ask a question are spawned."""
+    spawned, shelled = FakeRunner(), FakeRunner()
+    monkeypatch.setattr(lvm.lvmshell, "run", shelled)
+    mgr = lvm.LVM(devices=["/dev/loop7"], timeout=30)
+    mgr._runner = spawned
+    await mgr.activate("vgA", ["lv1", "lv2"])
+    await mgr.deactivate("vgA", ["lv1"])
+    await mgr.deactivate("vgA", ["lv2"], udev_sync=False)
+    await mgr.lvextend("vgA", "lv1", 2 << 30)
+    await mgr.refresh("vgA", ["lv1"])
+    await mgr.lvcreate("vgA", "lv3", 1 << 30)
+    await mgr.lvcreate("vgA", "lv4", 1 << 30, zero=True)
+    await mgr.lvs("vgA")
+    assert [(c[1], args_after_config(c)[-1]) for c in shelled.calls] == [
+        ("lvchange", "vgA/lv2"), ("lvchange", "vgA/lv1"), ("lvchange", "vgA/lv2"),
+        ("lvextend", "vgA/lv1"), ("lvchange", "vgA/lv1"), ("lvcreate", "vgA")]
+    assert [c[1] for c in spawned.calls] == ["lvcreate", "lvs"]
