@@ -52,7 +52,12 @@ class UploadError(Exception):
         self.errno = errno
 
 
-def _release(buf: mmap.mmap) -> None:
+def aligned_buffer(size: int) -> mmap.mmap:
+    """A page-aligned buffer, as O_DIRECT wants (the store's reads too)."""
+    return mmap.mmap(-1, size)
+
+
+def release_buffer(buf: mmap.mmap) -> None:
     """Unmap a buffer unless something still uses it: a slice handed to a
     storage call, or a thread still blocked in one after a deadline. Then
     the mapping goes when the last user lets it go."""
@@ -83,7 +88,7 @@ class _Buffer:
     __slots__ = ("done", "errors", "left", "mem", "waiter")
 
     def __init__(self) -> None:
-        self.mem = mmap.mmap(-1, BUFFER_SIZE)      # page-aligned, for O_DIRECT
+        self.mem = aligned_buffer(BUFFER_SIZE)
         self.left = 0                             # stages not done with it yet
         self.errors: list[BaseException] = []
         self.done = threading.Event()
@@ -228,7 +233,7 @@ class SlotWriter:
         for q in self._queues:
             q.put(None)
         for buf in self._bufs:
-            _release(buf.mem)
+            release_buffer(buf.mem)
 
     # ---- helpers ----------------------------------------------------------------
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import errno as errnos
 import logging
-import mmap
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -33,7 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ovfstore.pipeline import ALIGN, BUFFER_SIZE, SlotWriter, UploadError, _release
+from ovfstore.pipeline import (
+    ALIGN,
+    BUFFER_SIZE,
+    SlotWriter,
+    UploadError,
+    aligned_buffer,
+    release_buffer,
+)
 from ovfstore.tarcheck import Member, TarChecker, TarRejected
 from storage.errors import HostAgentError
 from storage.fileio import IOPool
@@ -114,10 +120,6 @@ def _allocated(fd: int, start: int, end: int) -> int:
         total += hole - data
         pos = hole
     return total
-
-
-def _aligned(size: int) -> mmap.mmap:
-    return mmap.mmap(-1, size)
 
 
 def _open(path: Path, flags: int) -> int:
@@ -222,7 +224,7 @@ class OvfStore:
 
     def _read_header_sync(self) -> Header:
         fd = _open(self.path, os.O_RDONLY)
-        buf = _aligned(2 * HEADER_SIZE)
+        buf = aligned_buffer(2 * HEADER_SIZE)
         try:
             n = os.preadv(fd, [buf], 0)
             for copy in (0, 1):
@@ -239,7 +241,7 @@ class OvfStore:
 
     def _write_header_sync(self, header: Header) -> None:
         fd = _open(self.path, os.O_WRONLY)
-        buf = _aligned(HEADER_SIZE)
+        buf = aligned_buffer(HEADER_SIZE)
         try:
             buf.write(header.encode())
             for copy in (0, 1):
@@ -327,7 +329,7 @@ class OvfStore:
         end = header.size if end is None else min(end, header.size)
         base = DATA_OFFSET + header.slot * self.layout(header)
         fd = await self.io.call(_open, self.path, os.O_RDONLY)
-        buf = _aligned(BUFFER_SIZE)
+        buf = aligned_buffer(BUFFER_SIZE)
         try:
             pos = start
             while pos < end:
@@ -341,7 +343,7 @@ class OvfStore:
                 yield bytes(buf[pos - aligned:stop])
                 pos = aligned + stop
         finally:
-            _release(buf)
+            release_buffer(buf)
             await self.io.call(os.close, fd)
 
 
@@ -354,7 +356,7 @@ class _SlotReader:
         self.base = base
         self.size = size
         self.pos = 0
-        self.buf = _aligned(BUFFER_SIZE)
+        self.buf = aligned_buffer(BUFFER_SIZE)
         self.buf_start = -1
         self.buf_len = 0
 
@@ -379,7 +381,7 @@ class _SlotReader:
 
     def close(self) -> None:
         os.close(self.fd)
-        _release(self.buf)
+        release_buffer(self.buf)
 
 
 def read_members(path: Path, slot_size: int, header: Header, member_limit: int,
