@@ -165,13 +165,10 @@ class SlotWriter:
         raises."""
         received = 0
         while received < size:
-            buf = self._take(self._bufs[self._cur])
-            want = min(len(buf), size - received)
-            n = read(buf[:want])
+            want = min(BUFFER_SIZE, size - received)
+            n = read(self._take(self._bufs[self._cur])[:want])
             received += n
-            if n:
-                self.submit(n)
-            if n < want:
+            if not self._filled(n, want):
                 break
         return received
 
@@ -185,11 +182,16 @@ class SlotWriter:
             want = min(BUFFER_SIZE, size - received)
             n = await readinto(memoryview(buf.mem)[:want])
             received += n
-            if n:
-                self.submit(n)
-            if n < want:
+            if not self._filled(n, want):
                 break
         return received
+
+    def _filled(self, n: int, want: int) -> bool:
+        """`n` of the `want` bytes asked came into the current buffer:
+        they are submitted; whether the body goes on (it ended if short)."""
+        if n:
+            self.submit(n)
+        return n == want
 
     def _take(self, buf: _Buffer) -> memoryview:
         if not buf.done.wait(self.timeout):
