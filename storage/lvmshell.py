@@ -25,8 +25,8 @@ Each command line carries the same `--config` as a spawned command; the
 shell rereads the VG from the devices for every command (as a spawned
 command does); it keeps no LVM lock between commands. Only commands that
 never ask a question go there (lvextend, a refresh, an lvcreate that does
-not zero, lvchange --activate): the shell's stdin is the agent's next command line, not
-/dev/null. One command at a time per shell: while it is busy (or cannot
+not zero, lvchange --activate): the shell's stdin is the agent's next
+command line, not /dev/null. One command at a time per shell: while it is busy (or cannot
 say a command: quoting, too many arguments) the command is spawned, so one
 VG's lvextend never waits behind another's, nor behind a create. A command
 that times out or is cancelled kills its shell, as it would kill a spawned

@@ -18,9 +18,9 @@ $BIN/python -m compileall -q agent rpc storage ovfstore tests > /dev/null || exi
 # it runs beside the other tiers, its output shown when it ends.
 # Its files are split between three guests: LAB_SECOND and LAB_THIRD list
 # the second's and third's shares (about a third of the guest time each),
-# the first runs the rest. Three, on 2 cores: a guest waits much of its time
-# (sanlock's renewals and expiries, udev, a restarted agent's joins), and
-# with two the first guest reached 1,800 s beside the host tier (session 17).
+# the first runs the rest. Three on 2 cores, busy through a run all the
+# same: with two, the first guest reached its 1,800 s guard beside the host
+# tier and ran alone at the end; with three a run took 23-26 min (session 17).
 LAB_SECOND=(test_domains_block_crash_lab.py test_domains_block_volumes_lab.py
             test_ovfstore_lab.py test_sanlock_lab.py test_domains_block_lab.py
             test_faults_lab.py test_errors_lab.py
