@@ -119,6 +119,11 @@ class SlotWriter:
         self._cur = 0
         self._lock = threading.Lock()
         self._dropping = False      # failed: the stages skip what is still queued
+        # the write stage closes `fd` when it ends (close(): a write outlived
+        # its deadline) and sets `stopped`: nothing of this upload reaches
+        # storage after it
+        self._close_fd = False
+        self.stopped = threading.Event()
         self._queues: list[_Queue] = []
         for stage in ("hash", "write"):
             q: _Queue = queue.SimpleQueue()
@@ -140,6 +145,11 @@ class SlotWriter:
                     error = e
             del args      # the buffer's slices: unmapped buffers are not held
             self._done(buf, error)
+        if q is self._queues[1]:
+            if self._close_fd:
+                with contextlib.suppress(OSError):
+                    os.close(self.fd)
+            self.stopped.set()
 
     def _done(self, buf: _Buffer, error: BaseException | None) -> None:
         with self._lock:
@@ -224,18 +234,26 @@ class SlotWriter:
             self._check(buf)
         return self.digest.hexdigest()
 
-    async def close(self) -> None:
+    async def close(self) -> bool:
         """Drop what is still queued, wait for what runs (each within the
-        deadline: nothing written after the caller gives the space back),
-        stop the threads, unmap the buffers."""
+        deadline), stop the threads, unmap the buffers. Whether the stages
+        are done: if not, a write is still in a storage call past its
+        deadline, and hung storage may yet answer and complete it. The
+        write stage then closes `fd` itself once that call returns (closed
+        under it, the descriptor's number could go to another file before
+        the rest of the write), and the caller must neither close `fd` nor
+        let anything else write where this upload did until `stopped`."""
         self._dropping = True
         for buf in self._bufs:
             with contextlib.suppress(Exception):
                 await self._wait(buf)
+        settled = all(buf.done.is_set() for buf in self._bufs)
+        self._close_fd = not settled    # before the stop below: the queue orders them
         for q in self._queues:
             q.put(None)
         for buf in self._bufs:
             release_buffer(buf.mem)
+        return settled
 
     # ---- helpers ----------------------------------------------------------------
 

@@ -17,7 +17,9 @@ hidden by this host's page cache.
 The slot size S is fixed by the first upload and recorded in every header:
 the slots stay where they are if the volume's capacity changes later (a
 store written before the record takes S from its capacity). A failed upload
-gives back the space it took in its slot (a hole punched where it wrote).
+gives back the space it took in its slot (a hole punched where it wrote);
+one whose write hung past its deadline holds the store until that write
+returns (`_LATE`).
 """
 
 from __future__ import annotations
@@ -41,11 +43,17 @@ from ovfstore.pipeline import (
     release_buffer,
 )
 from ovfstore.tarcheck import Member, TarChecker, TarRejected
-from storage.errors import HostAgentError
+from storage.errors import HostAgentError, ResourceTimeout
 from storage.fileio import IOPool
 from storage.metadata import MetadataError, decode, encode
 
 log = logging.getLogger("ovfstore")
+
+# Failed uploads whose write outlived its deadline, by store volume: the
+# slot it wrote is the next upload's, and storage that answers at last
+# would complete the write there, over the next upload's data (made
+# current by then). The store takes no upload until that write returns.
+_LATE: dict[Path, SlotWriter] = {}
 
 HEADER_SIZE = 4096
 DATA_OFFSET = 1 << 20
@@ -273,6 +281,13 @@ class OvfStore:
         if size > layout:
             raise UploadError(f"{size} bytes do not fit the store ({layout} max)")
         slot, base = self._free_slot(current)
+        late = _LATE.get(self.path)
+        if late is not None:
+            if not late.stopped.is_set():
+                raise ResourceTimeout(reason=(
+                    f"a write of an earlier upload to the OVF store {self.path} has not "
+                    f"returned from storage ({self.io.name}): no upload until it does"))
+            del _LATE[self.path]
         checker = TarChecker(member_limit=member_limit, total_limit=layout)
         fd = await self.io.call(_open, self.path, os.O_WRONLY)
         sink = SlotWriter(fd, base, self.io.name, self.io.timeout, checker)
@@ -297,21 +312,31 @@ class OvfStore:
                 raise UploadError(f"writing the OVF store failed: {e}", e.errno) from None
             done = True
         finally:
-            await sink.close()
-            try:
-                if not done:
-                    # not current: what this upload wrote there is garbage;
-                    # on a full domain it is the space the domain lacks now.
-                    # All it may have touched, `size` bytes: a write cut short
-                    # by ENOSPC can leave blocks past the offset it reached.
-                    await self._give_back(fd, base, size)
-            finally:
-                await self.io.call(os.close, fd)
+            if await sink.close():
+                await self._end(fd, base, size, done)
+            else:
+                # failed (a stage is still in its storage call): the writer
+                # closes fd when the call returns; nothing to give back yet
+                _LATE[self.path] = sink
+                log.warning("OVF store %s: a write of a failed upload is still in a "
+                            "storage call past its deadline: no upload until it returns",
+                            self.path)
         header = Header(generation=current.generation + 1, slot=slot, size=size,
                         sha256=digest, updated=time.time(), entries=len(members),
                         slot_size=layout)
         await self.io.call(self._write_header_sync, header)
         return header, members
+
+    async def _end(self, fd: int, base: int, size: int, done: bool) -> None:
+        try:
+            if not done:
+                # not current: what this upload wrote there is garbage;
+                # on a full domain it is the space the domain lacks now.
+                # All it may have touched, `size` bytes: a write cut short
+                # by ENOSPC can leave blocks past the offset it reached.
+                await self._give_back(fd, base, size)
+        finally:
+            await self.io.call(os.close, fd)
 
     async def _give_back(self, fd: int, offset: int, length: int) -> None:
         try:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ovfstore import pipeline
+from ovfstore import store as ovf_store
 from ovfstore.pipeline import UploadError
 from ovfstore.store import DATA_OFFSET, HEADER_SIZE, Header, OvfStore, volume_size
 from ovfstore.tarcheck import Member
@@ -236,11 +237,66 @@ async def test_hung_storage_write_times_out_and_keeps_old_tar(
     finally:
         hang.set()
     assert await asyncio.to_thread(gone.wait, 10)
+    assert await asyncio.to_thread(ovf_store._LATE[path].stopped.wait, 10)
     monkeypatch.undo()
     assert (await store.header()).generation == 1 and await read_all(store) == old
     again = make_tar(1, 100)
     h, _ = await store.write(chunks(again), len(again), member_limit=SLOT)
     assert h.generation == 2 and await read_all(store) == again
+    pool.close()
+
+
+@VIA
+async def test_a_late_write_of_hung_storage_never_lands_on_the_next_upload(
+        tmp_path: Path, via: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hung storage that answers at last completes the write in flight
+    (the kernel holds the file, as here the duplicated descriptor). The
+    failed upload's slot is the next upload's: while that write is out, the
+    store refuses uploads (851), and once it returned the next upload and
+    the stored tar are whole. Before: the next upload was taken, made
+    current, then overwritten by the late write."""
+    path = tmp_path / "ovfstore"
+    with open(path, "wb") as f:
+        f.truncate(volume_size(SLOT))
+    pool = IOPool("test", timeout=0.5)
+    store = OvfStore(path, SLOT, pool)
+    old = make_tar()
+    await store.write(chunks(old), len(old), member_limit=SLOT)
+    hang, landed = threading.Event(), threading.Event()
+    real_write = pipeline._pwrite_all
+    calls = 0
+
+    def first_hangs(fd: int, data: memoryview, offset: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            return real_write(fd, data, offset)
+        held = os.dup(fd)          # the file, as a write inside the kernel holds it
+        try:
+            hang.wait()
+            real_write(held, data, offset)
+        finally:
+            os.close(held)
+            landed.set()
+
+    monkeypatch.setattr(pipeline, "_pwrite_all", first_hangs)
+    try:
+        new = make_tar(3, 300_000)
+        with pytest.raises(ResourceTimeout, match=r"did not finish in 0\.5 s"):
+            await upload(store, via, new, len(new), member_limit=SLOT)
+        other = make_tar(2, 200_000)
+        with pytest.raises(ResourceTimeout, match="has not returned from storage"):
+            await store.write(chunks(other), len(other), member_limit=SLOT)
+        assert (await store.header()).generation == 1 and await read_all(store) == old
+    finally:
+        hang.set()
+    assert await asyncio.to_thread(landed.wait, 10)
+    # the writer's thread ends right after the write
+    assert await asyncio.to_thread(ovf_store._LATE[path].stopped.wait, 10)
+    again = make_tar(2, 200_000)
+    h, _ = await upload(store, via, again, len(again), member_limit=SLOT)
+    assert h.generation == 2 and await read_all(store) == again
+    assert hashlib.sha256(await read_all(store)).hexdigest() == h.sha256
     pool.close()
 
 
