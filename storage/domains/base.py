@@ -23,16 +23,18 @@ from typing import Any, NoReturn
 from storage import commands, qemuimg
 
 # the shapes of volumes, here for the modules that import them from base
-from storage.domains.common import Census, no_progress, visible, voltype_repairs
+from storage.domains import garbage
 from storage.domains.common import Fill as Fill
 from storage.domains.common import Progress as Progress
 from storage.domains.common import VmAccess as VmAccess
 from storage.domains.common import VolumeSpec as VolumeSpec
 from storage.domains.common import check_generation as check_generation
 from storage.domains.common import leaf_first as leaf_first
+from storage.domains.common import no_progress, visible
 from storage.domains.common import os_error as os_error
 from storage.domains.common import read_check as read_check
 from storage.domains.common import volume_info as volume_info
+from storage.domains.garbage import Census
 from storage.domains.holding import VolumeHolding
 from storage.domains.leaseapi import UNLEASED, Leases
 from storage.errors import (
@@ -731,68 +733,17 @@ class Domain(VolumeHolding, abc.ABC):
     async def collect_garbage(self) -> dict[str, list[str]]:
         """Remove what a crash left half-made or half-removed; report volumes
         whose metadata cannot be read (they are left alone). Under the
-        domain lease; a volume whose lease another host or job holds is
-        being made or removed there, not left behind, and stays."""
+        domain lease (storage.domains.garbage)."""
         async with self.leases.metadata():
             return await self._collect_garbage()
 
-    async def _remove_leftover(self, md: VolumeMetadata) -> bool:
-        for attempt in (1, 2):
-            try:
-                async with self.leases.volume(md):
-                    await self.remove_volume_data(md.image, md.uuid)
-                await self.remove_volume_lease(md.image, md.uuid)
-                return True
-            except LeaseHeld:
-                return False
-            except AcquireLockFailure as e:
-                if attempt == 2:
-                    log.warning("Domain %s: leaving %s/%s: %s", self.uuid, md.image,
-                                md.uuid, e.message)
-                    return False
-                # no usable lease area: a crash came before it was made
-                await self.make_volume_lease(md)
-        return False
-
     async def census(self) -> Census:
         """Every volume's metadata read afresh; kinds read it in one batch."""
-        census = Census(await self.image_ids())
-        for img in census.images:
-            for vol in await self.volume_ids(img):
-                try:
-                    census.volumes.append(await self.read_volume_md(img, vol))
-                except VolumeDoesNotExist:
-                    continue
-                except MetadataError as e:
-                    census.damaged.append(f"{img}/{vol}: {e}")
-        return census
+        return await garbage.census(self)
 
     async def _collect_garbage(self) -> dict[str, list[str]]:
-        census = await self.census()
-        removed: list[str] = []
-        kept: set[str] = set()           # images with a volume left
-        for md in census.volumes:
-            if md.state in (CREATING, REMOVING) and await self._remove_leftover(md):
-                removed.append(f"{md.image}/{md.uuid}")
-            else:
-                kept.add(md.image)
-        for img in census.images:
-            # listed again: a damaged volume, or one made meanwhile, keeps it
-            if img not in kept and not await self.volume_ids(img):
-                await self.remove_image_dir(img)
-        repaired = voltype_repairs(census.volumes)
-        for fixed in repaired:
-            await self.write_volume_md(fixed)
-        if repaired:
-            log.warning("Domain %s: volume types repaired after an interruption: %s", self.uuid,
-                        ", ".join(f"{v.image}/{v.uuid} -> {v.voltype}" for v in repaired))
-        if removed:
-            log.warning("Domain %s: removed half-made or half-removed volumes: %s", self.uuid,
-                        ", ".join(removed))
-        if census.damaged:
-            log.error("Domain %s: volumes with unreadable metadata: %s", self.uuid,
-                      ", ".join(census.damaged))
-        return {"removed": removed, "damaged": census.damaged}
+        """The collection; kinds remove their own debris first."""
+        return await garbage.collect(self)
 
     async def verify_image_file(self, md: VolumeMetadata) -> qemuimg.ImageInfo:
         [info] = await qemuimg.info(self.volume_path(md.image, md.uuid),

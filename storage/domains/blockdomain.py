@@ -41,9 +41,9 @@ from storage.domains.base import (
     os_error,
     read_check,
 )
-from storage.domains.common import Census
 from storage.domains.firstextent import Placement as Placement
 from storage.domains.firstextent import UnknownPV, first_bytes, locate, write_first
+from storage.domains.garbage import Census
 from storage.domains.holding import LVHolding
 from storage.domains.lvtags import IDS_LV as IDS_LV
 from storage.domains.lvtags import IMAGE_PREFIX as IMAGE_PREFIX

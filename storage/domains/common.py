@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Awaitable, Callable, Container
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 from storage import commands
@@ -20,7 +20,7 @@ from storage.errors import (
     VolumeDoesNotExist,
     out_of_space,
 )
-from storage.metadata import INTERNAL, LEAF, READY, REMOVING, VolumeMetadata
+from storage.metadata import READY, REMOVING, VolumeMetadata
 
 Progress = Callable[[float], None]
 Fill = Callable[[VolumeMetadata], Awaitable[None]]
@@ -123,30 +123,3 @@ def volume_info(md: VolumeMetadata, apparent: int, true: int) -> dict[str, Any]:
         "description": md.description, "diskType": md.disk_type, "ctime": md.ctime,
         "status": "OK" if md.state == READY else md.state,
     }
-
-
-@dataclass
-class Census:
-    """A domain read afresh in one pass, for its garbage collection: every
-    volume whose metadata reads, those whose metadata does not ("img/vol:
-    why"), and every image (an image may have no volume left)."""
-
-    images: list[str]
-    volumes: list[VolumeMetadata] = field(default_factory=list)
-    damaged: list[str] = field(default_factory=list)
-
-
-def voltype_repairs(vols: list[VolumeMetadata]) -> list[VolumeMetadata]:
-    """The READY volumes of `vols` whose type is wrong, with the right one.
-    A volume's type follows from its children, written after them: a crash
-    in between leaves a LEAF parent of a child (creation) or an INTERNAL
-    volume with none (removal of a chain's top)."""
-    ready = [v for v in vols if v.state == READY]
-    parents = {v.parent for v in ready if v.has_parent}
-    fixed = []
-    for v in ready:
-        if v.voltype == LEAF and v.uuid in parents:
-            fixed.append(replace(v, voltype=INTERNAL))
-        elif v.voltype == INTERNAL and v.uuid not in parents:
-            fixed.append(replace(v, voltype=LEAF))
-    return fixed

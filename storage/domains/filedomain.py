@@ -27,7 +27,8 @@ from typing import Any, TypeVar
 
 from storage import commands, mount, qemuimg
 from storage.domains.base import Domain, Progress, VmAccess, os_error, read_check
-from storage.domains.common import Census, visible, volume_info
+from storage.domains.common import visible, volume_info
+from storage.domains.garbage import Census
 from storage.errors import (
     FileStorageDomainStaleNFSHandle,
     StorageDomainAlreadyExists,
