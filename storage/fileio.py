@@ -7,6 +7,13 @@ leaves its thread blocked in the kernel until the storage answers; the pool
 bound keeps those few. A call still queued when its deadline passes never
 runs: a write its caller was told had failed must not happen later.
 
+A write that timed out while running may still happen later: storage that
+answers at last completes it. Writes of one record (a volume's metadata, a
+metadata slot) name it as their `key`: while a write of a key is late, the
+pool refuses further writes of it (851), so a newer write never lands
+before an older one that then undoes it; once the late write returned (and
+its caller was told it failed), writes of the key are taken again.
+
 The threads are daemon threads: a thread blocked forever on dead storage
 must not keep the agent from exiting (ThreadPoolExecutor joins its threads
 at interpreter exit, which would turn SIGTERM into a hang).
@@ -23,7 +30,7 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,12 +44,53 @@ T = TypeVar("T")
 # object less per call in flight for the garbage collector (issue 21).
 CALLBACK_CONTEXT = contextvars.Context()
 
-# A queued call: (claim, loop, future, fn, args). `claim` is a one-item list
-# popped exactly once (list.pop is atomic under the GIL): by the worker that
-# runs the call, or by the caller that gave up on it (deadline, cancel,
-# close): a call still queued when its caller gave up never runs.
+# A queued call: (claim, loop, future, fn, args, keyed). `claim` is a
+# one-item list popped exactly once (list.pop is atomic under the GIL): by
+# the worker that runs the call, or by the caller that gave up on it
+# (deadline, cancel, close): a call still queued when its caller gave up
+# never runs. `keyed`: a keyed call's state, else None.
 _Work = tuple[list[None], asyncio.AbstractEventLoop, "asyncio.Future[Any]",
-              Callable[..., Any], tuple[Any, ...]]
+              Callable[..., Any], tuple[Any, ...], "_Keyed | None"]
+
+
+class _Late:
+    """The late calls of one key: how many, and who waits for them."""
+
+    __slots__ = ("count", "waiters")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.waiters: list[asyncio.Future[None]] = []
+
+
+class _Keyed:
+    """A keyed call's state, kept on the loop: its caller marks it late when
+    it gives up while the call runs; its delivery, when it returned."""
+
+    __slots__ = ("key", "late", "ran", "table")
+
+    def __init__(self, table: dict[Hashable, _Late], key: Hashable) -> None:
+        self.table = table          # the pool's, not the pool (see IOPool._stop)
+        self.key = key
+        self.late = False
+        self.ran = False
+
+    def gave_up(self) -> None:
+        if not self.ran:
+            self.late = True
+            self.table.setdefault(self.key, _Late()).count += 1
+
+    def returned(self) -> None:
+        self.ran = True
+        if not self.late:
+            return
+        entry = self.table[self.key]
+        entry.count -= 1
+        if not entry.count:
+            del self.table[self.key]
+            for fut in entry.waiters:
+                if not fut.done():
+                    fut.set_result(None)
 
 
 class IOPool:
@@ -58,18 +106,29 @@ class IOPool:
         self._calls: dict[asyncio.Future[Any], tuple[float, float]] = {}
         self._watch: asyncio.TimerHandle | None = None
         self._watch_loop: asyncio.AbstractEventLoop | None = None
+        # keys with a call still running past its caller's deadline
+        self._late: dict[Hashable, _Late] = {}
         # The threads hold the queue, not the pool: a pool dropped without
         # close() is collected and stops its idle threads all the same.
         self._stop = weakref.finalize(self, _stop_threads, self._queue, self._threads)
 
-    async def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
+    async def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None,
+                   key: Hashable | None = None) -> T:
+        """fn(*args) in a thread of the pool, within `timeout` (the pool's
+        by default). `key`: the record the call writes (see the module)."""
         if self._closed:
             raise RuntimeError(f"I/O pool {self.name} is closed")
+        keyed = None
+        if key is not None:
+            if key in self._late:
+                raise ResourceTimeout(reason=f"storage I/O on {self.name}: an earlier write "
+                                             f"of {key} has not returned; none until it does")
+            keyed = _Keyed(self._late, key)
         deadline = self.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
         claim: list[None] = [None]
-        self._queue.put((claim, loop, done, fn, args))
+        self._queue.put((claim, loop, done, fn, args, keyed))
         if len(self._threads) < self.workers:
             thread = threading.Thread(target=_worker, args=(self._queue,), daemon=True,
                                       name=f"io-{self.name}-{len(self._threads)}")
@@ -94,10 +153,22 @@ class IOPool:
             raise ResourceTimeout(reason=f"storage I/O on {self.name} timed out") from None
         finally:
             del self._calls[done]
-            # still queued: it never runs (a running call cannot be stopped
-            # and goes on in its thread)
-            with contextlib.suppress(IndexError):
-                claim.pop()
+            try:
+                claim.pop()         # still queued: it never runs
+            except IndexError:
+                # it ran, or runs on in its thread: a running call cannot be
+                # stopped
+                if keyed is not None:
+                    keyed.gave_up()
+
+    async def settled(self, key: Hashable) -> None:
+        """Wait until no call of `key` is late (every one returned)."""
+        entry = self._late.get(key)
+        if entry is None:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        entry.waiters.append(fut)
+        await fut
 
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._watch is not None:
@@ -140,7 +211,7 @@ class IOPool:
                 claim, loop, done = item[:3]
                 with contextlib.suppress(IndexError):
                     claim.pop()
-                    _deliver_soon(loop, done, None, None, cancel=True)
+                    _deliver_soon(loop, done, None, None, None, cancel=True)
         self._stop()
 
 
@@ -151,7 +222,7 @@ def _expire(pool: weakref.ref[IOPool], loop: asyncio.AbstractEventLoop) -> None:
 
 def _worker(work_queue: queue.SimpleQueue[_Work | None]) -> None:
     while (item := work_queue.get()) is not None:
-        claim, loop, done, fn, args = item
+        claim, loop, done, fn, args, keyed = item
         del item
         try:
             claim.pop()
@@ -162,21 +233,24 @@ def _worker(work_queue: queue.SimpleQueue[_Work | None]) -> None:
                 result, error = fn(*args), None
             except BaseException as e:
                 result, error = None, e
-            _deliver_soon(loop, done, result, error)
+            _deliver_soon(loop, done, result, error, keyed)
             del result, error
         # No references kept while idle (results can be large buffers).
-        del claim, loop, done, fn, args
+        del claim, loop, done, fn, args, keyed
 
 
 def _deliver_soon(loop: asyncio.AbstractEventLoop, done: asyncio.Future[Any],
-                  result: Any, error: BaseException | None, cancel: bool = False) -> None:
+                  result: Any, error: BaseException | None, keyed: _Keyed | None,
+                  cancel: bool = False) -> None:
     with contextlib.suppress(RuntimeError):     # the loop is closed: nobody waits
-        loop.call_soon_threadsafe(_deliver, done, result, error, cancel,
+        loop.call_soon_threadsafe(_deliver, done, result, error, keyed, cancel,
                                   context=CALLBACK_CONTEXT)
 
 
 def _deliver(done: asyncio.Future[Any], result: Any, error: BaseException | None,
-             cancel: bool) -> None:
+             keyed: _Keyed | None, cancel: bool) -> None:
+    if keyed is not None:
+        keyed.returned()
     if done.done():         # its caller gave up (deadline, cancel)
         return
     if cancel:

@@ -241,11 +241,12 @@ class BlockDomain(LUNs, LVHolding, Domain):
     # ---- metadata slots ---------------------------------------------------------
 
     async def _io(self, fn: Callable[..., R], *args: object,
-                  timeout: float | None = None) -> R:
-        """I/O on the domain's LVs: an error of the LUN (EIO; ENODATA, a SCSI
-        medium error; every path gone) is the domain failing (379)."""
+                  timeout: float | None = None, key: str | None = None) -> R:
+        """I/O on the domain's LVs (`key`: the slot it writes, IOPool.call's):
+        an error of the LUN (EIO; ENODATA, a SCSI medium error; every path
+        gone) is the domain failing (379)."""
         try:
-            return await self.io.call(fn, *args, timeout=timeout)
+            return await self.io.call(fn, *args, timeout=timeout, key=key)
         except OSError as e:
             raise os_error(e, self.uuid) from None
 
@@ -265,7 +266,7 @@ class BlockDomain(LUNs, LVHolding, Domain):
         """Write a slot, and tell the slot cache (a listing that read it
         meanwhile does not keep what it read)."""
         self._slot_cache.wrote(slot, None, None)
-        await self._io(fn, *args)
+        await self._io(fn, *args, key=f"slot {slot} of {self.md_path}")
         self._slot_cache.wrote(slot, content, self.lvm.report_stamp(self.vg))
 
     async def write_domain_md(self, md: DomainMetadata) -> None:

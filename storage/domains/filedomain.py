@@ -72,13 +72,14 @@ DirStamp = tuple[int, int, int]
 
 
 async def _io(io: IOPool, root: Path, fn: Callable[..., T], *args: Any,
-              timeout: float | None = None) -> T:
-    """io.call for the domain's file system. A stale NFS file handle (the
-    server re-created the export or moved it to another file system: every
-    handle the host holds is refused, the mount's root too) is VDSM's 384
-    whatever the step that met it, not an error of that step."""
+              timeout: float | None = None, key: str | None = None) -> T:
+    """io.call for the domain's file system (`key`: the metadata file it
+    writes, IOPool.call's). A stale NFS file handle (the server re-created
+    the export or moved it to another file system: every handle the host
+    holds is refused, the mount's root too) is VDSM's 384 whatever the step
+    that met it, not an error of that step."""
     try:
-        return await io.call(fn, *args, timeout=timeout)
+        return await io.call(fn, *args, timeout=timeout, key=key)
     except OSError as e:
         if e.errno == errno.ESTALE:
             raise FileStorageDomainStaleNFSHandle(path=e.filename or str(root)) from None
@@ -321,7 +322,8 @@ class FileDomain(Domain):
     # ---- domain metadata --------------------------------------------------------
 
     async def write_domain_md(self, md: DomainMetadata) -> None:
-        await _io(self.io, self.root, atomic_write, self.md_path, md.encode())
+        await _io(self.io, self.root, atomic_write, self.md_path, md.encode(),
+                  key=str(self.md_path))
         self.md = md
 
     async def read_domain_md(self) -> DomainMetadata:
@@ -486,10 +488,12 @@ class FileDomain(Domain):
 
     async def write_volume_md(self, md: VolumeMetadata,
                               initial_size: int | None = None) -> None:
+        path = self._meta(md.image, md.uuid)
+
         def write() -> None:
             (self.images / md.image).mkdir(exist_ok=True)
-            atomic_write(self._meta(md.image, md.uuid), md.encode(), 0o660)
-        await _io(self.io, self.root, write)
+            atomic_write(path, md.encode(), 0o660)
+        await _io(self.io, self.root, write, key=str(path))
 
     def volume_path(self, img: str, vol: str) -> str:
         return str(self.images / img / vol)

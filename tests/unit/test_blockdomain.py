@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -279,6 +280,39 @@ async def test_new_volume_sequence(domain: FileBlockDomain) -> None:
     assert V1 not in fake.lvs
     await domain.write_volume_md(vol(V1, generation=3))
     assert "MD_1" in fake.lvs[V1]["tags"]
+
+
+async def test_no_slot_write_lands_before_a_late_one(
+        domain: FileBlockDomain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slot write that hung past its deadline may still land (storage
+    answering at last): no newer write of the slot until it returned, or
+    one reported done would be undone by it (tests/unit/test_late_writes.py
+    for file domains)."""
+    await domain.write_volume_md(vol(V1))
+    hang = threading.Event()
+    real_write = bd.write_slot
+    hung_once: list[bool] = []
+
+    def late_write(path: str, slot: int, copy: bytes) -> None:
+        if not hung_once:
+            hung_once.append(True)
+            hang.wait()
+        real_write(path, slot, copy)
+
+    monkeypatch.setattr(bd, "write_slot", late_write)
+    domain.io.timeout = 0.3
+    try:
+        with pytest.raises(HostAgentError, match="did not finish"):
+            await domain.write_volume_md(vol(V1, generation=1))
+        with pytest.raises(HostAgentError, match=r"earlier write of slot 1 of .* has not"):
+            await domain.write_volume_md(vol(V1, generation=2))
+        await domain.write_volume_md(vol(V2))       # another slot meanwhile
+    finally:
+        hang.set()
+    await domain.io.settled(f"slot 1 of {domain.md_path}")
+    assert (await domain.read_volume_md(IMG, V1)).generation == 1      # it landed
+    await domain.write_volume_md(vol(V1, generation=2))
+    assert (await domain.read_volume_md(IMG, V1)).generation == 2
 
 
 async def test_failed_lvcreate_leaves_no_lv(domain: FileBlockDomain) -> None:

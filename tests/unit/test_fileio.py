@@ -131,3 +131,46 @@ async def test_the_storage_s_own_timeout_is_851():
         with pytest.raises(ResourceTimeout) as e:
             await pool.call(etimedout)
         assert e.value.code == 851
+
+
+async def test_no_write_of_a_record_while_an_earlier_one_is_late():
+    """A keyed write that timed out while running may still land (storage
+    answering at last). Until it returned, writes of its key are refused
+    (851) and never run, so none lands before it and is undone by it;
+    other keys and unkeyed calls go on. A write whose caller gave up while
+    it was queued never runs, so it holds no key."""
+    writes: list[str] = []
+
+    def write(value: str) -> None:
+        if value == "old":
+            hung.wait()
+        writes.append(value)
+
+    with hanging(workers=2, timeout=0.2) as (pool, hung):
+        with pytest.raises(ResourceTimeout, match="did not finish"):
+            await pool.call(write, "old", key="vol.meta")
+        with pytest.raises(ResourceTimeout, match=r"earlier write of vol\.meta has not returned"):
+            await pool.call(write, "new", key="vol.meta")
+        await pool.call(write, "other", key="other.meta")
+        assert await pool.call(lambda: "unkeyed") == "unkeyed"
+        settled = asyncio.ensure_future(pool.settled("vol.meta"))
+        await asyncio.sleep(0)
+        assert not settled.done()
+        hung.set()
+        await asyncio.wait_for(settled, 5)
+        await pool.call(write, "new", key="vol.meta")
+        assert writes == ["other", "old", "new"]
+        await pool.settled("vol.meta")      # none late: at once
+
+
+async def test_a_keyed_write_cancelled_while_queued_holds_no_key():
+    with hanging(workers=1, timeout=5) as (pool, hung):
+        busy = asyncio.ensure_future(pool.call(hung.wait))
+        queued = asyncio.ensure_future(pool.call(lambda: None, key="k"))
+        await asyncio.sleep(0)      # both queued
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        hung.set()
+        assert await busy is True
+        assert await pool.call(lambda: "next", key="k") == "next"
