@@ -247,6 +247,10 @@ class OvfStore:
             buf.close()
             os.close(fd)
 
+    @property
+    def _header_key(self) -> str:
+        return f"the header of {self.path}"
+
     def _write_header_sync(self, header: Header) -> None:
         fd = _open(self.path, os.O_WRONLY)
         buf = aligned_buffer(HEADER_SIZE)
@@ -282,12 +286,14 @@ class OvfStore:
             raise UploadError(f"{size} bytes do not fit the store ({layout} max)")
         slot, base = self._free_slot(current)
         late = _LATE.get(self.path)
-        if late is not None:
-            if not late.stopped.is_set():
-                raise ResourceTimeout(reason=(
-                    f"a write of an earlier upload to the OVF store {self.path} has not "
-                    f"returned from storage ({self.io.name}): no upload until it does"))
+        if late is not None and late.stopped.is_set():
             del _LATE[self.path]
+            late = None
+        # a late header write too: it names the slot this upload would write
+        if late is not None or self.io.late(self._header_key):
+            raise ResourceTimeout(reason=(
+                f"a write of an earlier upload to the OVF store {self.path} has not "
+                f"returned from storage ({self.io.name}): no upload until it does"))
         checker = TarChecker(member_limit=member_limit, total_limit=layout)
         fd = await self.io.call(_open, self.path, os.O_WRONLY)
         sink = SlotWriter(fd, base, self.io.name, self.io.timeout, checker)
@@ -324,7 +330,7 @@ class OvfStore:
         header = Header(generation=current.generation + 1, slot=slot, size=size,
                         sha256=digest, updated=time.time(), entries=len(members),
                         slot_size=layout)
-        await self.io.call(self._write_header_sync, header)
+        await self.io.call(self._write_header_sync, header, key=self._header_key)
         return header, members
 
     async def _end(self, fd: int, base: int, size: int, done: bool) -> None:

@@ -161,6 +161,10 @@ class IOPool:
                 if keyed is not None:
                     keyed.gave_up()
 
+    def late(self, key: Hashable) -> bool:
+        """Whether a call of `key` runs on past its caller's deadline."""
+        return key in self._late
+
     async def settled(self, key: Hashable) -> None:
         """Wait until no call of `key` is late (every one returned)."""
         entry = self._late.get(key)

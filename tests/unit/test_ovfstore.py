@@ -300,6 +300,47 @@ async def test_a_late_write_of_hung_storage_never_lands_on_the_next_upload(
     pool.close()
 
 
+async def test_a_late_header_write_holds_the_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The header switch hung past its deadline: the upload failed (851),
+    but storage answering at last makes it current. Until then no upload
+    is taken: it would write the slot that header names, under another
+    tar's size and sha256."""
+    path = tmp_path / "ovfstore"
+    with open(path, "wb") as f:
+        f.truncate(volume_size(SLOT))
+    pool = IOPool("test", timeout=0.5)
+    store = OvfStore(path, SLOT, pool)
+    first = make_tar()
+    await store.write(chunks(first), len(first), member_limit=SLOT)
+    hang = threading.Event()
+    real_write = OvfStore._write_header_sync
+    hung_once: list[bool] = []
+
+    def late_header(self: OvfStore, header: Header) -> None:
+        if not hung_once:
+            hung_once.append(True)
+            hang.wait()
+        real_write(self, header)
+
+    monkeypatch.setattr(OvfStore, "_write_header_sync", late_header)
+    second = make_tar(2, 20_000)
+    try:
+        with pytest.raises(ResourceTimeout, match=r"did not finish in 0\.5 s"):
+            await store.write(chunks(second), len(second), member_limit=SLOT)
+        third = make_tar(1, 30_000)
+        with pytest.raises(ResourceTimeout, match="has not returned from storage"):
+            await store.write(chunks(third), len(third), member_limit=SLOT)
+    finally:
+        hang.set()
+    await pool.settled(f"the header of {path}")
+    assert (await store.header()).generation == 2 and await read_all(store) == second
+    fourth = make_tar(1, 40_000)
+    h, _ = await store.write(chunks(fourth), len(fourth), member_limit=SLOT)
+    assert h.generation == 3 and await read_all(store) == fourth
+    pool.close()
+
+
 async def test_slots_stay_where_they_are_when_the_volume_grows(store: OvfStore) -> None:
     """The slot size is the first upload's, recorded in the header: a store
     whose volume grew afterwards (its capacity says larger slots) still
