@@ -108,18 +108,20 @@ async def test_each_call_times_out_at_its_own_deadline():
         assert await longest is True
 
 
-async def test_a_cancelled_caller_s_queued_call_never_runs():
+@pytest.mark.parametrize("key", [None, "k"])
+async def test_a_cancelled_caller_s_queued_call_never_runs(key: str | None):
+    """... and a keyed one holds no key: it never ran, it cannot land."""
     ran: list[str] = []
     with hanging(workers=1, timeout=5) as (pool, hung):
         busy = asyncio.ensure_future(pool.call(hung.wait))
-        queued = asyncio.ensure_future(pool.call(ran.append, "late write"))
+        queued = asyncio.ensure_future(pool.call(ran.append, "late write", key=key))
         await asyncio.sleep(0)      # both queued
         queued.cancel()
         with pytest.raises(asyncio.CancelledError):
             await queued
         hung.set()
         assert await busy is True
-        assert await pool.call(lambda: "next") == "next"
+        assert await pool.call(lambda: "next", key=key) == "next"
         assert ran == []
 
 
@@ -137,8 +139,8 @@ async def test_no_write_of_a_record_while_an_earlier_one_is_late():
     """A keyed write that timed out while running may still land (storage
     answering at last). Until it returned, writes of its key are refused
     (851) and never run, so none lands before it and is undone by it;
-    other keys and unkeyed calls go on. A write whose caller gave up while
-    it was queued never runs, so it holds no key."""
+    other keys and unkeyed calls go on (a queued one given up holds no
+    key: test_a_cancelled_caller_s_queued_call_never_runs)."""
     writes: list[str] = []
 
     def write(value: str) -> None:
@@ -162,15 +164,3 @@ async def test_no_write_of_a_record_while_an_earlier_one_is_late():
         assert writes == ["other", "old", "new"]
         await pool.settled("vol.meta")      # none late: at once
 
-
-async def test_a_keyed_write_cancelled_while_queued_holds_no_key():
-    with hanging(workers=1, timeout=5) as (pool, hung):
-        busy = asyncio.ensure_future(pool.call(hung.wait))
-        queued = asyncio.ensure_future(pool.call(lambda: None, key="k"))
-        await asyncio.sleep(0)      # both queued
-        queued.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await queued
-        hung.set()
-        assert await busy is True
-        assert await pool.call(lambda: "next", key="k") == "next"

@@ -210,19 +210,26 @@ async def test_storage_write_error_is_an_upload_error(via: str) -> None:
         pool.close()
 
 
+async def hung_store(tmp_path: Path) -> tuple[Path, IOPool, OvfStore, bytes]:
+    """A store on a file with a tar in it, whose pool's deadline is short
+    (0.5 s): the tests of storage hanging under an upload."""
+    path = tmp_path / "ovfstore"
+    with open(path, "wb") as f:
+        f.truncate(volume_size(SLOT))
+    pool = IOPool("test", timeout=0.5)
+    store = OvfStore(path, SLOT, pool)
+    first = make_tar()
+    await store.write(chunks(first), len(first), member_limit=SLOT)
+    return path, pool, store, first
+
+
 @VIA
 async def test_hung_storage_write_times_out_and_keeps_old_tar(
         tmp_path: Path, via: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A write that never returns (hung storage) fails the upload within
     the domain's I/O deadline (851), the stored tar unchanged; the next
     upload is taken."""
-    path = tmp_path / "ovfstore"
-    with open(path, "wb") as f:
-        f.truncate(volume_size(SLOT))
-    pool = IOPool("test", timeout=0.5)
-    store = OvfStore(path, SLOT, pool)
-    old = make_tar()
-    await store.write(chunks(old), len(old), member_limit=SLOT)
+    path, pool, store, old = await hung_store(tmp_path)
     hang, gone = threading.Event(), threading.Event()
 
     def hung(fd: int, data: memoryview, offset: int) -> None:
@@ -255,13 +262,7 @@ async def test_a_late_write_of_hung_storage_never_lands_on_the_next_upload(
     store refuses uploads (851), and once it returned the next upload and
     the stored tar are whole. Before: the next upload was taken, made
     current, then overwritten by the late write."""
-    path = tmp_path / "ovfstore"
-    with open(path, "wb") as f:
-        f.truncate(volume_size(SLOT))
-    pool = IOPool("test", timeout=0.5)
-    store = OvfStore(path, SLOT, pool)
-    old = make_tar()
-    await store.write(chunks(old), len(old), member_limit=SLOT)
+    path, pool, store, old = await hung_store(tmp_path)
     hang, landed = threading.Event(), threading.Event()
     real_write = pipeline._pwrite_all
     calls = 0
@@ -306,13 +307,7 @@ async def test_a_late_header_write_holds_the_store(
     but storage answering at last makes it current. Until then no upload
     is taken: it would write the slot that header names, under another
     tar's size and sha256."""
-    path = tmp_path / "ovfstore"
-    with open(path, "wb") as f:
-        f.truncate(volume_size(SLOT))
-    pool = IOPool("test", timeout=0.5)
-    store = OvfStore(path, SLOT, pool)
-    first = make_tar()
-    await store.write(chunks(first), len(first), member_limit=SLOT)
+    path, pool, store, _ = await hung_store(tmp_path)
     hang = threading.Event()
     real_write = OvfStore._write_header_sync
     hung_once: list[bool] = []
