@@ -4,8 +4,10 @@
  *     hangfs BACKING_DIR MOUNTPOINT
  *
  * Runs in the foreground. SIGUSR1 makes every new operation block until
- * SIGUSR2 releases them. Prints "ready" once the kernel finished the FUSE
- * handshake, "hung" and "released" once a switch took effect (one line each,
+ * SIGUSR2 releases them; SIGHUP only those that change something (writes,
+ * syncs, creations, renames, removals, truncations), reads answering.
+ * Prints "ready" once the kernel finished the FUSE handshake, "hung",
+ * "hung writes" and "released" once a switch took effect (one line each,
  * flushed). SIGTERM unmounts and exits.
  *
  * Caches are off (entry, attr and negative timeouts 0, direct I/O), so every
@@ -32,7 +34,8 @@
 static int backing = -1;
 static pthread_mutex_t gate_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t gate_open = PTHREAD_COND_INITIALIZER;
-static int hung;
+enum { OPEN, HUNG, WRITES_HUNG };
+static int hung = OPEN;
 
 static void say(const char *word)
 {
@@ -40,13 +43,23 @@ static void say(const char *word)
     fflush(stdout);
 }
 
-/* Every operation passes here first. */
-static void gate(void)
+/* Every operation passes here first; `change`: one that changes something. */
+static void gate_for(int change)
 {
     pthread_mutex_lock(&gate_lock);
-    while (hung)
+    while (hung == HUNG || (change && hung == WRITES_HUNG))
         pthread_cond_wait(&gate_open, &gate_lock);
     pthread_mutex_unlock(&gate_lock);
+}
+
+static void gate(void)
+{
+    gate_for(0);
+}
+
+static void gate_write(void)
+{
+    gate_for(1);
 }
 
 static void *switcher(void *arg)
@@ -57,10 +70,10 @@ static void *switcher(void *arg)
         if (sigwait(set, &sig) != 0)
             continue;
         pthread_mutex_lock(&gate_lock);
-        hung = sig == SIGUSR1;
+        hung = sig == SIGUSR1 ? HUNG : sig == SIGHUP ? WRITES_HUNG : OPEN;
         pthread_cond_broadcast(&gate_open);
         pthread_mutex_unlock(&gate_lock);
-        say(sig == SIGUSR1 ? "hung" : "released");
+        say(sig == SIGUSR1 ? "hung" : sig == SIGHUP ? "hung writes" : "released");
     }
     return NULL;
 }
@@ -114,43 +127,43 @@ static int hf_readlink(const char *path, char *buf, size_t size)
 
 static int hf_mkdir(const char *path, mode_t mode)
 {
-    gate();
+    gate_write();
     RET(mkdirat(backing, rel(path), mode));
 }
 
 static int hf_unlink(const char *path)
 {
-    gate();
+    gate_write();
     RET(unlinkat(backing, rel(path), 0));
 }
 
 static int hf_rmdir(const char *path)
 {
-    gate();
+    gate_write();
     RET(unlinkat(backing, rel(path), AT_REMOVEDIR));
 }
 
 static int hf_symlink(const char *target, const char *path)
 {
-    gate();
+    gate_write();
     RET(symlinkat(target, backing, rel(path)));
 }
 
 static int hf_rename(const char *from, const char *to, unsigned int flags)
 {
-    gate();
+    gate_write();
     RET(renameat2(backing, rel(from), backing, rel(to), flags));
 }
 
 static int hf_link(const char *from, const char *to)
 {
-    gate();
+    gate_write();
     RET(linkat(backing, rel(from), backing, rel(to), 0));
 }
 
 static int hf_chmod(const char *path, mode_t mode, struct fuse_file_info *fi)
 {
-    gate();
+    gate_write();
     if (fi)
         RET(fchmod(fi->fh, mode));
     RET(fchmodat(backing, rel(path), mode, 0));
@@ -158,7 +171,7 @@ static int hf_chmod(const char *path, mode_t mode, struct fuse_file_info *fi)
 
 static int hf_chown(const char *path, uid_t uid, gid_t gid, struct fuse_file_info *fi)
 {
-    gate();
+    gate_write();
     if (fi)
         RET(fchown(fi->fh, uid, gid));
     RET(fchownat(backing, rel(path), uid, gid, AT_SYMLINK_NOFOLLOW));
@@ -166,7 +179,7 @@ static int hf_chown(const char *path, uid_t uid, gid_t gid, struct fuse_file_inf
 
 static int hf_truncate(const char *path, off_t size, struct fuse_file_info *fi)
 {
-    gate();
+    gate_write();
     if (fi)
         RET(ftruncate(fi->fh, size));
     int fd = openat(backing, rel(path), O_WRONLY);
@@ -179,7 +192,7 @@ static int hf_truncate(const char *path, off_t size, struct fuse_file_info *fi)
 
 static int hf_utimens(const char *path, const struct timespec tv[2], struct fuse_file_info *fi)
 {
-    gate();
+    gate_write();
     if (fi)
         RET(futimens(fi->fh, tv));
     RET(utimensat(backing, rel(path), tv, AT_SYMLINK_NOFOLLOW));
@@ -193,7 +206,7 @@ static int backing_flags(int flags)
 
 static int hf_open(const char *path, struct fuse_file_info *fi)
 {
-    gate();
+    gate_for(fi->flags & O_TRUNC);     /* opening for writing changes nothing yet */
     int fd = openat(backing, rel(path), backing_flags(fi->flags));
     if (fd < 0)
         return -errno;
@@ -203,7 +216,7 @@ static int hf_open(const char *path, struct fuse_file_info *fi)
 
 static int hf_create(const char *path, mode_t mode, struct fuse_file_info *fi)
 {
-    gate();
+    gate_write();
     int fd = openat(backing, rel(path), backing_flags(fi->flags) | O_CREAT, mode);
     if (fd < 0)
         return -errno;
@@ -224,7 +237,7 @@ static int hf_write(const char *path, const char *buf, size_t size, off_t off,
                     struct fuse_file_info *fi)
 {
     (void)path;
-    gate();
+    gate_write();
     ssize_t n = pwrite(fi->fh, buf, size, off);
     return n < 0 ? -errno : (int)n;
 }
@@ -255,7 +268,7 @@ static int hf_release(const char *path, struct fuse_file_info *fi)
 static int hf_fsync(const char *path, int datasync, struct fuse_file_info *fi)
 {
     (void)path;
-    gate();
+    gate_write();
     RET(datasync ? fdatasync(fi->fh) : fsync(fi->fh));
 }
 
@@ -304,7 +317,7 @@ static int hf_releasedir(const char *path, struct fuse_file_info *fi)
 static int hf_fsyncdir(const char *path, int datasync, struct fuse_file_info *fi)
 {
     (void)path;
-    gate();
+    gate_write();
     int fd = dirfd((DIR *)(uintptr_t)fi->fh);
     RET(datasync ? fdatasync(fd) : fsync(fd));
 }
@@ -313,7 +326,7 @@ static int hf_fallocate(const char *path, int mode, off_t off, off_t len,
                         struct fuse_file_info *fi)
 {
     (void)path;
-    gate();
+    gate_write();
     RET(fallocate(fi->fh, mode, off, len));
 }
 
@@ -372,6 +385,7 @@ int main(int argc, char *argv[])
     sigemptyset(&set);
     sigaddset(&set, SIGUSR1);
     sigaddset(&set, SIGUSR2);
+    sigaddset(&set, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     pthread_t tid;
     if (pthread_create(&tid, NULL, switcher, &set) != 0) {

@@ -3,10 +3,11 @@ tests of the agent on storage that stops answering.
 
 `build(dest)` compiles the helper (gcc and libfuse3-dev, in TEST_DEBS);
 `HangFs(workdir, binary)` mounts a passthrough of `workdir/hangfs-backing` on
-`workdir/hangfs`; `hang()` makes every new operation block, `release()` lets
-them all go on. `stop()` always leaves nothing behind: it releases first
-(callers blocked in the kernel finish), unmounts (lazily if busy) and ends
-the daemon; killing the daemon also fails whatever still waits on it.
+`workdir/hangfs`; `hang()` makes every new operation block (`hang_writes()`
+those that change something), `release()` lets them all go on. `stop()`
+always leaves nothing behind: it releases first (callers blocked in the
+kernel finish), unmounts (lazily if busy) and ends the daemon; killing the
+daemon also fails whatever still waits on it.
 """
 
 from __future__ import annotations
@@ -107,6 +108,12 @@ class HangFs:
     def hang(self) -> None:
         """From now on every operation on the mount blocks."""
         self._signal(signal.SIGUSR1, "hung")
+
+    def hang_writes(self) -> None:
+        """From now on every operation that changes something blocks (a
+        write, a sync, a create, a rename, a removal, a truncation); reads,
+        and opens for writing, are served."""
+        self._signal(signal.SIGHUP, "hung writes")
 
     def release(self) -> None:
         """Blocked operations go on; new ones are served again."""

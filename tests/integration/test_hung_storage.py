@@ -302,6 +302,51 @@ async def test_stop_while_hung(agent_on_hangfs: AgentProcess, hangfs: HangFs):
 
 
 
+async def test_a_late_metadata_write_is_never_overtaken(agent_on_hangfs: AgentProcess,
+                                                        hangfs: HangFs):
+    """Writes hang, reads answer. updateVolume's metadata write fails at its
+    deadline (851) and still lands once the storage answers: the kernel
+    completes it. Meanwhile another updateVolume of the volume is refused at
+    once, not written beside it (before, it waited its own deadline and the
+    two landed in either order: one reported done could be undone); once
+    the late write landed, the volume is updated again as usual."""
+    agent = agent_on_hangfs
+    (hangfs.mountpoint / "store").mkdir()
+    async with agent.client() as c:
+        d = Domain(c, hangfs.mountpoint / "store")
+        await d.setup("on hangfs")
+        ids = {"sdUUID": d.sd, "imgUUID": d.img, "volUUID": d.vol}
+        hangfs.hang_writes()
+        try:
+            _, code, took = await fails_in_time(
+                "updateVolume", c.call("updateVolume", **ids, description="first"))
+            assert code == 851 and took >= IO_TIMEOUT, (code, took)
+            start = time.monotonic()
+            with pytest.raises(RpcError) as e:
+                await c.call("updateVolume", **ids, description="second")
+            took = time.monotonic() - start
+            assert e.value.code == 851 and "has not returned" in e.value.message, e.value
+            assert took < IO_TIMEOUT, took
+            assert (await d.volume_info())["description"] == ""
+        finally:
+            hangfs.release()
+        # the late write lands (the agent reads it), then writes are taken again
+        deadline = time.monotonic() + 10
+        while (await d.volume_info())["description"] != "first":
+            assert time.monotonic() < deadline, "the late write did not land"
+            await asyncio.sleep(0.05)
+        while True:
+            try:
+                v = await c.call("updateVolume", **ids, description="third")
+                break
+            except RpcError as e:
+                # the late write's return not delivered yet: within moments
+                assert "has not returned" in e.message and time.monotonic() < deadline, e
+                await asyncio.sleep(0.05)
+        assert v["description"] == "third"
+        assert (await d.volume_info())["description"] == "third"
+
+
 # At start-up the agent waits this long for its connections, then answers.
 CONNECT_WAIT = 1.0
 
