@@ -97,6 +97,7 @@ class OvfService:
 
     async def issue(self, sd: str, size: int, sha256: str | None) -> Ticket:
         domain, _, store = await self.store_of(sd)
+        store.refuse_if_late()
         limit = store.layout(await store.header())
         if size > limit:
             raise InvalidParameter(field="size", reason=f"over the OVF store limit of "
@@ -140,6 +141,7 @@ class OvfService:
         try:
             async with self.locks.hold(request("ovfstore", ticket.sd), nowait=True):
                 domain, md, store = await self.store_of(ticket.sd)
+                store.refuse_if_late()
                 # again: the domain may have filled since the ticket
                 await self._check_space(domain, store, ticket.size)
                 # the store volume's lease: hosts sharing the domain upload in turn

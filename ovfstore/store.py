@@ -274,6 +274,20 @@ class OvfStore:
         return await self.receive(ChunkBody(chunks, size), size, member_limit=member_limit,
                                   sha256=sha256)
 
+    def refuse_if_late(self) -> None:
+        """851 while a write of an earlier upload runs on past its deadline
+        (`_LATE`; a late header write too: it names the slot the next upload
+        would write). Without I/O: on hung storage a read of the store may
+        wait behind that write."""
+        late = _LATE.get(self.path)
+        if late is not None and late.stopped.is_set():
+            del _LATE[self.path]
+            late = None
+        if late is not None or self.io.late(self._header_key):
+            raise ResourceTimeout(reason=(
+                f"a write of an earlier upload to the OVF store {self.path} has not "
+                f"returned from storage ({self.io.name}): no upload until it does"))
+
     async def receive(self, body: Body, size: int, *, member_limit: int,
                       sha256: str | None = None) -> tuple[Header, list[Member]]:
         """Stream `size` bytes of tar from `body` into the free slot and make
@@ -285,15 +299,7 @@ class OvfStore:
         if size > layout:
             raise UploadError(f"{size} bytes do not fit the store ({layout} max)")
         slot, base = self._free_slot(current)
-        late = _LATE.get(self.path)
-        if late is not None and late.stopped.is_set():
-            del _LATE[self.path]
-            late = None
-        # a late header write too: it names the slot this upload would write
-        if late is not None or self.io.late(self._header_key):
-            raise ResourceTimeout(reason=(
-                f"a write of an earlier upload to the OVF store {self.path} has not "
-                f"returned from storage ({self.io.name}): no upload until it does"))
+        self.refuse_if_late()
         checker = TarChecker(member_limit=member_limit, total_limit=layout)
         fd = await self.io.call(_open, self.path, os.O_WRONLY)
         sink = SlotWriter(fd, base, self.io.name, self.io.timeout, checker)

@@ -18,6 +18,8 @@ import pytest
 from rpc.client import Client, RpcError
 from tests.agentproc import AgentProcess
 from tests.integration.hangfs import HangFs, build
+from tests.integration.test_ovfstore import Domain as OvfDomain
+from tests.integration.test_ovfstore import get, make_tar, upload
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -345,6 +347,47 @@ async def test_a_late_metadata_write_is_never_overtaken(agent_on_hangfs: AgentPr
                 await asyncio.sleep(0.05)
         assert v["description"] == "third"
         assert (await d.volume_info())["description"] == "third"
+
+
+async def test_a_late_ovf_store_write_holds_the_store(agent_on_hangfs: AgentProcess,
+                                                      hangfs: HangFs):
+    """Writes hang, reads answer: an OVF upload fails at its deadline (851)
+    while its write goes on in the kernel, into the slot the next upload
+    writes. Meanwhile the next upload is refused at once; once the storage
+    answered, an upload is taken and reads back whole."""
+    agent = agent_on_hangfs
+    async with agent.client() as c:
+        d = await OvfDomain(c, hangfs.mountpoint / "ovf").create()
+        first = make_tar([(f"{new_id()}.ovf", b"1" * 5000)])
+        r = await upload(c, agent, d.sd, first)
+        assert r[0] == 200, r
+        hangfs.hang_writes()
+        try:
+            start = time.monotonic()
+            second = make_tar([(f"{new_id()}.ovf", b"2" * 300_000)])
+            status, reply = await upload(c, agent, d.sd, second)
+            assert status == 500 and reply["error"]["code"] == 851, (status, reply)
+            assert time.monotonic() - start >= IO_TIMEOUT
+            # refused at once, before any I/O: a read of the store waits
+            # behind the hung write here (the FUSE kernel locks the file)
+            start = time.monotonic()
+            with pytest.raises(RpcError) as e:
+                await upload(c, agent, d.sd, make_tar([(f"{new_id()}.ovf", b"3" * 9000)]))
+            assert e.value.code == 851 and "has not returned" in e.value.message, e.value
+            assert time.monotonic() - start < IO_TIMEOUT
+        finally:
+            hangfs.release()
+        fourth = make_tar([(f"{new_id()}.ovf", b"4" * 7000)])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert (await upload(c, agent, d.sd, fourth))[0] == 200
+                break
+            except RpcError as e:
+                # the late write's return reaches the agent within moments
+                assert "has not returned" in e.message and time.monotonic() < deadline, e
+                await asyncio.sleep(0.05)
+        assert await get(agent, d.sd) == (200, fourth)
 
 
 # At start-up the agent waits this long for its connections, then answers.
