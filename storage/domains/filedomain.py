@@ -361,6 +361,12 @@ class FileDomain(Domain):
             return ids
         return await _io(self.io, self.root, listing, timeout=max(self.io.timeout, 120))
 
+    async def has_volume(self, vol: str) -> bool:
+        """A stat per image, not a listing (every create asks, twice for a
+        snapshot): on NFS 4.2 in the lab guest, 405 images, a stat of each
+        image's VOL.meta 22-25 ms against 86-147 for a listing of each."""
+        return await self.image_of(vol) is not None
+
     async def image_of(self, vol: str) -> str | None:
         """In one trip to the I/O thread, a stat per image (the generic one
         listed each image in a trip of its own: a clone's prepare on a

@@ -583,7 +583,7 @@ class ImageOps:
         if await sdom.children(top):
             raise InvalidParameter(field=name("src.volUUID"),
                                    reason=f"volume {top.uuid} is not the disk's top volume")
-        if dst.vol in await ddom.all_volume_ids():
+        if await ddom.has_volume(dst.vol):
             raise VolumeAlreadyExists(volUUID=dst.vol)
         base = None
         if inc is not None:

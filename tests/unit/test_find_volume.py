@@ -42,3 +42,36 @@ async def test_a_volume_is_found_in_any_image(file_domain: FileDomain) -> None:
     assert (await domain.find_volume(base, prefer_image=clone)).image == template
     with pytest.raises(VolumeDoesNotExist):
         await domain.find_volume(new_id())
+
+
+async def test_a_volume_id_is_the_domain_s_own(file_domain: FileDomain,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new volume's id taken in another image is 212, for a base and for
+    a snapshot layer, asked with a stat per image (has_volume), not a
+    listing of each: the domain is never listed for it."""
+    from storage.domains.common import VolumeSpec
+    from storage.errors import VolumeAlreadyExists
+
+    domain = file_domain
+    img, vol = new_id(), new_id()
+    await domain.create_volume(VolumeSpec(img=img, vol=vol, size=1 << 20, format="raw",
+                                          preallocate="sparse"))
+    other, top = new_id(), new_id()
+    await domain.create_volume(VolumeSpec(img=other, vol=top, size=1 << 20, format="raw",
+                                          preallocate="sparse"))
+
+    async def no_listing(self: FileDomain) -> set[str]:
+        raise AssertionError("the domain listed for a new volume's id")
+
+    monkeypatch.setattr(FileDomain, "all_volume_ids", no_listing)
+    assert await domain.has_volume(vol) and not await domain.has_volume(new_id())
+    with pytest.raises(VolumeAlreadyExists):
+        await domain.create_volume(VolumeSpec(img=new_id(), vol=vol, size=1 << 20,
+                                              format="raw", preallocate="sparse"))
+    with pytest.raises(VolumeAlreadyExists):
+        await domain.create_volume(VolumeSpec(img=other, vol=vol, size=1 << 20, format="cow",
+                                              preallocate="sparse", parent=top))
+    snap = new_id()
+    md = await domain.create_volume(VolumeSpec(img=other, vol=snap, size=1 << 20,
+                                               format="cow", preallocate="sparse", parent=top))
+    assert md.parent == top and await domain.has_volume(snap)
