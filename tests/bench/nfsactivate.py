@@ -3,7 +3,10 @@
 metadata afresh over NFS, with no directory stamps to trust (another host
 may have written). Beside it, in the same run: getVolumesList (it reads
 every file too on NFS) and a bare Python pass that lists the images and
-reads every `.meta` through the same mount.
+reads every `.meta` through the same mount. Then createVolume, a base volume
+in a new image and a snapshot layer on an image's top, on that domain and
+on an empty one beside it on the same export, in turns: what a create
+costs for the domain's size (its new id is looked for in every image).
 
     python -m tests.bench nfsactivate              (2,000 volumes)
     BENCH_NFS_VOLUMES=5000 python -m tests.bench nfsactivate
@@ -40,10 +43,52 @@ def run(count: int | None = None) -> dict[str, Any]:
 def report(r: dict[str, Any]) -> str:
     rows = [[r["count"], r["activate_ms"], r["list_ms"], r["bare_read_ms"],
              r["activate_ms"] / r["bare_read_ms"]]]
+    creates = [[kind, r["create_ms"][kind]["full"], r["create_ms"][kind]["empty"],
+                r["create_ms"][kind]["full"] / r["create_ms"][kind]["empty"]]
+               for kind in ("base", "snapshot")]
     return (f"An NFS 4.2 domain of {r['count']} volumes in the lab guest, medians of "
             f"{RUNS - 1} (after a first run)\n"
             + table(rows, ["volumes", "activate ms", "getVolumesList ms",
-                           "bare read of every .meta ms", "activate / bare"]))
+                           "bare read of every .meta ms", "activate / bare"])
+            + f"\ncreateVolume (a job, polled every 5 ms), medians of {RUNS - 1}\n"
+            + table(creates, ["kind", f"{r['count']} volumes ms", "empty domain ms",
+                              "ratio"]))
+
+
+async def _create_ms(c: Any, sd: str, img: str, parent: str | None) -> tuple[float, str]:
+    """createVolume of 1 MiB: a snapshot layer on `parent` in `img`, or a
+    raw base volume (parent None); its ms and the new volume."""
+    vol, job = str(uuid.uuid4()), str(uuid.uuid4())
+    kind = (dict(format="cow", parentVolUUID=parent) if parent
+            else dict(format="raw"))
+    t = time.perf_counter()
+    await c.call("createVolume", jobUUID=job, sdUUID=sd, imgUUID=img, volUUID=vol,
+                 size=MiB, preallocate="sparse", **kind)
+    info = await c.wait_job(job, timeout=120, poll=0.005)
+    ms = 1000 * (time.perf_counter() - t)
+    assert info["status"] == "done", info
+    return ms, vol
+
+
+async def _creates(c: Any, doms: dict[str, str]) -> dict[str, Any]:
+    """Base volumes and snapshot layers on each domain ({"full": sd,
+    "empty": sd}), in turns."""
+    tops = {}
+    for name, sd in doms.items():
+        img = str(uuid.uuid4())
+        tops[name] = (img, (await _create_ms(c, sd, img, None))[1])
+    runs: dict[str, dict[str, list[float]]] = {
+        k: {"full": [], "empty": []} for k in ("base", "snapshot")}
+    for _ in range(RUNS):
+        for name, sd in doms.items():
+            img, top = tops[name]
+            ms, top = await _create_ms(c, sd, img, top)
+            tops[name] = (img, top)
+            runs["snapshot"][name].append(ms)
+            runs["base"][name].append((await _create_ms(c, sd, str(uuid.uuid4()), None))[0])
+    return {"create_ms": {k: {n: round(median(v[1:]), 1) for n, v in by.items()}
+                          for k, by in runs.items()},
+            "create_runs_ms": runs}
 
 
 async def _guest(count: int, work: Path) -> dict[str, Any]:
@@ -77,12 +122,18 @@ async def _guest(count: int, work: Path) -> dict[str, Any]:
                 t = time.perf_counter()
                 await asyncio.to_thread(bare_read, root / "images")
                 bare.append(1000 * (time.perf_counter() - t))
-            await c.call("formatStorageDomain", sdUUID=sd)
+            empty = str(uuid.uuid4())
+            await c.call("createStorageDomain", sdUUID=empty, domType="nfs", name="empty",
+                         connectionId=conn["id"])
+            creates = await _creates(c, {"full": sd, "empty": empty})
+            for domain in (sd, empty):
+                await c.call("formatStorageDomain", sdUUID=domain)
             await c.call("disconnectStorageServer", domType="nfs", connectionParams=[conn])
         return {"count": count, "activate_ms": round(median(activate[1:]), 1),
                 "list_ms": round(median(listing[1:]), 1),
                 "bare_read_ms": round(median(bare[1:]), 1),
-                "runs": {"activate_ms": activate, "list_ms": listing, "bare_read_ms": bare}}
+                "runs": {"activate_ms": activate, "list_ms": listing, "bare_read_ms": bare},
+                **creates}
     finally:
         steps.run()
 
