@@ -31,6 +31,8 @@ _L2_COVERS = CLUSTER * (CLUSTER // 8)  # bytes one L1 entry maps
 
 _EXT_BACKING_FORMAT = 0xE2792ACA
 _EXT_FEATURE_TABLE = 0x6803F857
+_EXT_BITMAPS = 0x23852875
+MAGIC = b"QFI\xfb"
 # qemu 7.2's feature name table: (type, bit, name); type 0 incompatible,
 # 1 compatible, 2 autoclear
 FEATURES = ((0, 0, "dirty bit"), (0, 1, "corrupt bit"), (0, 2, "external data file"),
@@ -99,3 +101,39 @@ def write_image(path: str, size: int, backing: str | None = None,
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def extensions(head: bytes) -> set[int] | None:
+    """The header extension types of the qcow2 image whose first bytes are
+    `head`; None when `head` is no version 2 or 3 qcow2 header, or ends
+    before the extensions do (the caller asks qemu-img then)."""
+    if len(head) < 104 or head[:4] != MAGIC:
+        return None
+    version = struct.unpack_from(">I", head, 4)[0]
+    if version == 2:
+        offset = 72
+    elif version == 3:
+        offset = struct.unpack_from(">I", head, 100)[0]
+    else:
+        return None
+    kinds: set[int] = set()
+    while offset + 8 <= len(head):
+        kind, length = struct.unpack_from(">II", head, offset)
+        if kind == 0:
+            return kinds
+        kinds.add(kind)
+        offset += 8 + length + (-length % 8)
+    return None
+
+
+# what has_bitmaps reads: the header and its extensions (they end before
+# the backing file name, in the first cluster)
+HEAD_READ = CLUSTER
+
+
+def has_bitmaps(head: bytes) -> bool | None:
+    """Whether the qcow2 image whose first HEAD_READ bytes are `head` may
+    hold persistent bitmaps (it has the bitmaps extension, valid or not);
+    None if its header cannot tell (ask qemu-img)."""
+    kinds = extensions(head)
+    return None if kinds is None else _EXT_BITMAPS in kinds

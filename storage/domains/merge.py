@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Protocol
 
-from storage import commands, qemuimg
+from storage import commands, qcow2, qemuimg
 from storage.domains.base import Domain, Fill, Progress, check_generation, volume_info
 from storage.domains.prepared import PreparedVolumes
 from storage.domains.registry import DomainRegistry
@@ -35,6 +36,7 @@ from storage.errors import (
     VolumeDoesNotExist,
     VolumeIsBusy,
 )
+from storage.fileio import read_direct
 from storage.locks import SHARED, LockManager, request
 from storage.metadata import ILLEGAL, LEGAL, READY, VolumeMetadata
 from storage.metadata import SHARED as SHARED_VOL
@@ -77,8 +79,14 @@ async def bitmap_names(dm: Pieces, domain: Domain,
     killed) no longer knows what changed: never carried nor merged."""
     if md.format != COW:
         return (), ()
-    [info] = await qemuimg.info(domain.volume_path(md.image, md.uuid), fmt="qcow2",
-                                runner=dm.runner)
+    path = domain.volume_path(md.image, md.uuid)
+    # Most volumes have none: its header says so in one read, where a
+    # qemu-img info (which opens the backing chain too) was most of a
+    # snapshot layer's create on NFS in the lab guest (208 of 700 ms).
+    head = await domain.io.call(read_direct, Path(path), qcow2.HEAD_READ)
+    if qcow2.has_bitmaps(head) is False:
+        return (), ()
+    [info] = await qemuimg.info(path, fmt="qcow2", runner=dm.runner)
     broken = info.inconsistent_bitmaps
     return tuple(b for b in info.bitmaps if b not in broken), broken
 

@@ -66,3 +66,40 @@ def test_sizes_it_does_not_make() -> None:
     for size in (0, 1000, qcow2.MAX_SIZE + 512):
         with pytest.raises(ValueError, match="not a positive multiple of 512"):
             qcow2.layout(size)
+
+
+def test_has_bitmaps_reads_what_qemu_img_wrote(tmp_path: Path) -> None:
+    """The header's extensions say whether an image may hold persistent
+    bitmaps (a snapshot layer's create asks of its parent, a merge of its
+    volumes): as qemu-img info reports them, for images qemu-img made, the
+    agent's own, and what no header can tell (None: ask qemu-img)."""
+    def head(path: Path) -> bytes:
+        with open(path, "rb") as f:
+            return f.read(qcow2.HEAD_READ)
+
+    def made(name: str, *args: str) -> Path:
+        path = tmp_path / name
+        qemu_img("create", "-q", "-f", "qcow2", *args, str(path), "1G")
+        return path
+
+    base = made("base", "-o", "compat=1.1")
+    layer = made("layer", "-o", "compat=1.1", "-b", "base", "-F", "qcow2")
+    old = made("old", "-o", "compat=0.10")
+    marked = made("marked", "-o", "compat=1.1", "-b", "base", "-F", "qcow2")
+    qemu_img("bitmap", "--add", str(marked), "b1")
+    removed = made("removed", "-o", "compat=1.1")     # its last bitmap removed
+    qemu_img("bitmap", "--add", str(removed), "b1")
+    qemu_img("bitmap", "--remove", str(removed), "b1")
+    ours = tmp_path / "ours"
+    ours.write_bytes(b"")
+    qcow2.write_image(str(ours), 1 << 30, "base", "qcow2")
+    for path, expect in ((base, False), (layer, False), (old, False), (marked, True),
+                         (removed, False), (ours, False)):
+        info = json.loads(qemu_img("info", "--output", "json", "-U", str(path)))
+        bitmaps = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+        assert qcow2.has_bitmaps(head(path)) is expect, (path.name, info)
+        assert bool(bitmaps) is expect, (path.name, info)
+    raw = tmp_path / "raw"
+    raw.write_bytes(os.urandom(4096))
+    assert qcow2.has_bitmaps(head(raw)) is None
+    assert qcow2.has_bitmaps(head(base)[:100]) is None          # cut before the extensions
