@@ -74,6 +74,12 @@ def report(r: dict[str, Any]) -> str:
              table(rows, ["kind", "agent", "lvcreate -an", "ratio", "agent, creates in a row",
                           "ratio", "lvcreate -ay + lvchange -an",
                           "ratio", "the pair --noudevsync"]), ""]
+    layers = [(key, r[key]["cow/sparse"]["layer_ms"])
+              for key in ("create", "create_before", "create_again", "create_before_again")
+              if "layer_ms" in r.get(key, {}).get("cow/sparse", {})]
+    if layers:
+        lines += ["createVolume of a snapshot layer on a cow top (its parent's bitmaps "
+                  "carried), ms: " + ", ".join(f"{k} {v}" for k, v in layers), ""]
     sizes = sorted(r["list"], key=int)
     rows = [[int(s), v["cold_ms"], v["warm_ms"], v["warm_ms"] / int(s) * 1000,
              v.get("before_cold_ms", "-"), v.get("before_warm_ms", "-"),
@@ -243,8 +249,9 @@ async def _guest(runs: int, sizes: list[int], work: Path) -> dict[str, Any]:
     try:
         server = g.iscsi_services(work, steps)
         # sparse: room for every measured volume and the largest domain
-        # (5 LVs per run: the agent's two, three bare ones; 4 rounds with a before tree)
-        lun_size = (len(KINDS) * (runs + 1) * 5 * 4 * (VOLUME_SIZE + 2 * EXTENT)
+        # (5 LVs per run: the agent's two, three bare ones; 4 rounds with a before tree;
+        # and the snapshot layers, runs + 2 a round)
+        lun_size = ((len(KINDS) * (runs + 1) * 5 + runs + 2) * 4 * (VOLUME_SIZE + 2 * EXTENT)
                     + max(sizes) * EXTENT + 4096 * MiB)
         target = server.create_target("benchblock", (lun_size,))
         steps.push("release target", lambda: [
@@ -372,6 +379,7 @@ async def _creates(c: Any, conf: str, sd: str, runs: int, result: dict[str, Any]
                                     volUUID=str(uuid.uuid4()), size=VOLUME_SIZE, format=fmt,
                                     preallocate=prealloc))
         row_s = row_s[1:]
+        layer_s = await _layers(c, sd, runs) if (fmt, prealloc) == ("cow", "sparse") else []
         result[f"{fmt}/{prealloc}"] = {
             "agent_ms": round(1000 * median(agent_s), 1),
             "agent_in_a_row_ms": round(1000 * median(row_s), 1),
@@ -379,7 +387,27 @@ async def _creates(c: Any, conf: str, sd: str, runs: int, result: dict[str, Any]
             "lvcreate_ay_an_ms": round(1000 * median(seq_s), 1),
             "lvcreate_ay_an_noudevsync_ms": round(1000 * median(nosync_s), 1),
             "runs": {"agent": agent_s, "agent_in_a_row": row_s, "lvcreate": bare_s,
-                     "lvcreate_ay_an": seq_s, "lvcreate_ay_an_noudevsync": nosync_s}}
+                     "lvcreate_ay_an": seq_s, "lvcreate_ay_an_noudevsync": nosync_s,
+                     "layer": layer_s}}
+        if layer_s:
+            result[f"{fmt}/{prealloc}"]["layer_ms"] = round(1000 * median(layer_s), 1)
+
+
+async def _layers(c: Any, sd: str, runs: int) -> list[float]:
+    """Snapshot layers (createVolume with a parent) in a row on an image's
+    top, a cow one: the create carries the parent's dirty bitmaps (it has
+    none here); the first is dropped."""
+    img, top = str(uuid.uuid4()), str(uuid.uuid4())
+    await _job(c, "createVolume", sdUUID=sd, imgUUID=img, volUUID=top, size=VOLUME_SIZE,
+               format="cow", preallocate="sparse")
+    times = []
+    for _ in range(runs + 1):
+        vol = str(uuid.uuid4())
+        times.append(await _job(c, "createVolume", sdUUID=sd, imgUUID=img, volUUID=vol,
+                                size=VOLUME_SIZE, format="cow", preallocate="sparse",
+                                parentVolUUID=top))
+        top = vol
+    return times[1:]
 
 
 async def _listings(state: Path, port: int, sd: str, size: int, runs: int,
