@@ -610,10 +610,7 @@ class ImageOps:
         if md.format != "COW":
             return (), ()
         async with self.prepared.using(domain, await domain.chain(md.image, md.uuid)):
-            [info] = await qemuimg.info(domain.volume_path(md.image, md.uuid), fmt="qcow2",
-                                        runner=self.runner)
-        broken = info.inconsistent_bitmaps
-        return tuple(b for b in info.bitmaps if b not in broken), broken
+            return await merge.bitmap_names(self, domain, md)
 
     async def _bitmaps(self, domain: Domain, md: VolumeMetadata) -> tuple[str, ...]:
         return (await self._bitmap_names(domain, md))[0]
