@@ -33,6 +33,7 @@ from typing import Any
 
 from ovfstore.tarcheck import TarChecker, TarRejected
 from storage.errors import ResourceTimeout
+from storage.fileio import IOPool
 
 # 8 MiB buffers rather than 4: half the hand-offs between the transport and
 # the stages per GiB; 3 of them: one filling while the one before is hashed
@@ -104,32 +105,34 @@ def _wake(fut: asyncio.Future[None]) -> None:
 
 class SlotWriter:
     """Write `fd` from `offset` on, checking the tar with `checker` and
-    hashing it; `name` (the domain's I/O pool) and `timeout` (its deadline
-    for a storage call) as the agent's other storage I/O has them."""
+    hashing it, with the deadline of the domain's I/O pool `io` for each
+    storage call; `key`: the record it writes, held in `io` while a write
+    runs on past its deadline (IOPool.hold)."""
 
-    def __init__(self, fd: int, offset: int, name: str, timeout: float,
+    def __init__(self, fd: int, offset: int, io: IOPool, key: str,
                  checker: TarChecker) -> None:
         self.fd = fd
         self.offset = offset
         self.checker = checker
         self.digest = hashlib.sha256()
-        self.name = name
-        self.timeout = timeout
+        self.io = io
+        self.key = key
+        self.name = io.name
+        self.timeout = io.timeout
         self._bufs = [_Buffer() for _ in range(PIPELINE)]
         self._cur = 0
         self._lock = threading.Lock()
         self._dropping = False      # failed: the stages skip what is still queued
-        # the write stage closes `fd` when it ends (close(): a write outlived
-        # its deadline) and sets `stopped`: nothing of this upload reaches
-        # storage after it
-        self._close_fd = False
-        self.stopped = threading.Event()
+        # close() found a write past its deadline: the write stage, when it
+        # ends, closes `fd` and lets the key go (nothing of this upload
+        # reaches storage after it)
+        self._returned: Callable[[], None] | None = None
         self._queues: list[_Queue] = []
         for stage in ("hash", "write"):
             q: _Queue = queue.SimpleQueue()
             self._queues.append(q)
             threading.Thread(target=self._stage, args=(q,), daemon=True,
-                             name=f"ovf-{stage}-{name}").start()
+                             name=f"ovf-{stage}-{self.name}").start()
 
     # ---- the stages' threads --------------------------------------------------------
 
@@ -145,11 +148,10 @@ class SlotWriter:
                     error = e
             del args      # the buffer's slices: unmapped buffers are not held
             self._done(buf, error)
-        if q is self._queues[1]:
-            if self._close_fd:
-                with contextlib.suppress(OSError):
-                    os.close(self.fd)
-            self.stopped.set()
+        if q is self._queues[1] and self._returned is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self._returned()
 
     def _done(self, buf: _Buffer, error: BaseException | None) -> None:
         with self._lock:
@@ -238,17 +240,18 @@ class SlotWriter:
         """Drop what is still queued, wait for what runs (each within the
         deadline), stop the threads, unmap the buffers. Whether the stages
         are done: if not, a write is still in a storage call past its
-        deadline, and hung storage may yet answer and complete it. The
-        write stage then closes `fd` itself once that call returns (closed
-        under it, the descriptor's number could go to another file before
-        the rest of the write), and the caller must neither close `fd` nor
-        let anything else write where this upload did until `stopped`."""
+        deadline, and hung storage may yet answer and complete it. The key
+        is then held in the pool (`io.late(key)`) and the write stage closes
+        `fd` itself once that call returns (closed under it, the
+        descriptor's number could go to another file before the rest of the
+        write), then lets the key go; the caller must not close `fd`."""
         self._dropping = True
         for buf in self._bufs:
             with contextlib.suppress(Exception):
                 await self._wait(buf)
         settled = all(buf.done.is_set() for buf in self._bufs)
-        self._close_fd = not settled    # before the stop below: the queue orders them
+        if not settled:     # before the stop below: the queue orders them
+            self._returned = self.io.hold(self.key)
         for q in self._queues:
             q.put(None)
         for buf in self._bufs:

@@ -18,8 +18,9 @@ The slot size S is fixed by the first upload and recorded in every header:
 the slots stay where they are if the volume's capacity changes later (a
 store written before the record takes S from its capacity). A failed upload
 gives back the space it took in its slot (a hole punched where it wrote);
-one whose write hung past its deadline holds the store until that write
-returns (`_LATE`).
+one whose write (of the slot, or the header switch) hung past its deadline
+holds the store until that write returns: storage that answers at last
+completes it, in the slot the next upload writes (IOPool's late keys).
 """
 
 from __future__ import annotations
@@ -48,12 +49,6 @@ from storage.fileio import IOPool
 from storage.metadata import MetadataError, decode, encode
 
 log = logging.getLogger("ovfstore")
-
-# Failed uploads whose write outlived its deadline, by store volume: the
-# slot it wrote is the next upload's, and storage that answers at last
-# would complete the write there, over the next upload's data (made
-# current by then). The store takes no upload until that write returns.
-_LATE: dict[Path, SlotWriter] = {}
 
 HEADER_SIZE = 4096
 DATA_OFFSET = 1 << 20
@@ -248,8 +243,9 @@ class OvfStore:
             os.close(fd)
 
     @property
-    def _header_key(self) -> str:
-        return f"the header of {self.path}"
+    def _key(self) -> str:
+        """The store's writes (its slots and its header) in the I/O pool."""
+        return f"the OVF store {self.path}"
 
     def _write_header_sync(self, header: Header) -> None:
         fd = _open(self.path, os.O_WRONLY)
@@ -276,14 +272,10 @@ class OvfStore:
 
     def refuse_if_late(self) -> None:
         """851 while a write of an earlier upload runs on past its deadline
-        (`_LATE`; a late header write too: it names the slot the next upload
-        would write). Without I/O: on hung storage a read of the store may
-        wait behind that write."""
-        late = _LATE.get(self.path)
-        if late is not None and late.stopped.is_set():
-            del _LATE[self.path]
-            late = None
-        if late is not None or self.io.late(self._header_key):
+        (of its slot, or its header switch: that names the slot the next
+        upload would write). Without I/O: on hung storage a read of the
+        store may wait behind that write."""
+        if self.io.late(self._key):
             raise ResourceTimeout(reason=(
                 f"a write of an earlier upload to the OVF store {self.path} has not "
                 f"returned from storage ({self.io.name}): no upload until it does"))
@@ -302,7 +294,7 @@ class OvfStore:
         self.refuse_if_late()
         checker = TarChecker(member_limit=member_limit, total_limit=layout)
         fd = await self.io.call(_open, self.path, os.O_WRONLY)
-        sink = SlotWriter(fd, base, self.io.name, self.io.timeout, checker)
+        sink = SlotWriter(fd, base, self.io, self._key, checker)
         done = False
         try:
             if isinstance(body, ThreadedBody):
@@ -329,14 +321,13 @@ class OvfStore:
             else:
                 # failed (a stage is still in its storage call): the writer
                 # closes fd when the call returns; nothing to give back yet
-                _LATE[self.path] = sink
                 log.warning("OVF store %s: a write of a failed upload is still in a "
                             "storage call past its deadline: no upload until it returns",
                             self.path)
         header = Header(generation=current.generation + 1, slot=slot, size=size,
                         sha256=digest, updated=time.time(), entries=len(members),
                         slot_size=layout)
-        await self.io.call(self._write_header_sync, header, key=self._header_key)
+        await self.io.call(self._write_header_sync, header, key=self._key)
         return header, members
 
     async def _end(self, fd: int, base: int, size: int, done: bool) -> None:

@@ -161,6 +161,20 @@ class IOPool:
                 if keyed is not None:
                     keyed.gave_up()
 
+    def hold(self, key: Hashable) -> Callable[[], None]:
+        """Mark `key` late for a write that runs on outside the pool (a
+        thread of its own, past its caller's deadline); the function
+        returned, called from any thread once that write returned, lets the
+        key go."""
+        keyed = _Keyed(self._late, key)
+        keyed.gave_up()
+        loop = asyncio.get_running_loop()
+
+        def returned() -> None:
+            with contextlib.suppress(RuntimeError):     # the loop is closed
+                loop.call_soon_threadsafe(keyed.returned, context=CALLBACK_CONTEXT)
+        return returned
+
     def late(self, key: Hashable) -> bool:
         """Whether a call of `key` runs on past its caller's deadline."""
         return key in self._late

@@ -164,3 +164,20 @@ async def test_no_write_of_a_record_while_an_earlier_one_is_late():
         assert writes == ["other", "old", "new"]
         await pool.settled("vol.meta")      # none late: at once
 
+
+
+async def test_a_write_outside_the_pool_holds_its_key():
+    """IOPool.hold: a write of a record that runs on in a thread of its own
+    (an OVF upload's writer) holds the key as a late call does, until the
+    function it got is called from that thread."""
+    with hanging(workers=1, timeout=5) as (pool, _):
+        returned = pool.hold("store")
+        assert pool.late("store") and not pool.late("other")
+        with pytest.raises(ResourceTimeout, match="earlier write of store"):
+            await pool.call(lambda: None, key="store")
+        thread = threading.Thread(target=returned)
+        thread.start()
+        await asyncio.wait_for(pool.settled("store"), 5)
+        thread.join()
+        assert not pool.late("store")
+        assert await pool.call(lambda: "next", key="store") == "next"

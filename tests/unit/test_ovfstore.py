@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from ovfstore import pipeline
-from ovfstore import store as ovf_store
 from ovfstore.pipeline import UploadError
 from ovfstore.store import DATA_OFFSET, HEADER_SIZE, Header, OvfStore, volume_size
 from ovfstore.tarcheck import Member
@@ -244,7 +243,7 @@ async def test_hung_storage_write_times_out_and_keeps_old_tar(
     finally:
         hang.set()
     assert await asyncio.to_thread(gone.wait, 10)
-    assert await asyncio.to_thread(ovf_store._LATE[path].stopped.wait, 10)
+    await asyncio.wait_for(pool.settled(f"the OVF store {path}"), 10)
     monkeypatch.undo()
     assert (await store.header()).generation == 1 and await read_all(store) == old
     again = make_tar(1, 100)
@@ -293,7 +292,7 @@ async def test_a_late_write_of_hung_storage_never_lands_on_the_next_upload(
         hang.set()
     assert await asyncio.to_thread(landed.wait, 10)
     # the writer's thread ends right after the write
-    assert await asyncio.to_thread(ovf_store._LATE[path].stopped.wait, 10)
+    await asyncio.wait_for(pool.settled(f"the OVF store {path}"), 10)
     again = make_tar(2, 200_000)
     h, _ = await upload(store, via, again, len(again), member_limit=SLOT)
     assert h.generation == 2 and await read_all(store) == again
@@ -328,7 +327,7 @@ async def test_a_late_header_write_holds_the_store(
             await store.write(chunks(third), len(third), member_limit=SLOT)
     finally:
         hang.set()
-    await pool.settled(f"the header of {path}")
+    await pool.settled(f"the OVF store {path}")
     assert (await store.header()).generation == 2 and await read_all(store) == second
     fourth = make_tar(1, 40_000)
     h, _ = await store.write(chunks(fourth), len(fourth), member_limit=SLOT)
